@@ -1,0 +1,95 @@
+"""Pure-PyTorch implementation of the LowRA kernels: the oracle every fast path is tested against.
+
+Written for clarity, not speed; it follows docs/format.md literally (float32 division for normalization,
+code = number of used thresholds strictly below the value, little-endian packing, float32 dequantize products
+rounded once to the output dtype). It is also registered as the fallback kernel for devices without a native one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..format import padded_cols
+
+
+def _rows_by_precision(bits: torch.Tensor):
+    for p in (1, 2, 4):
+        idx = (bits == p).nonzero().flatten()
+        if idx.numel():
+            yield p, idx
+
+
+def _byte_index(offsets: torch.Tensor, idx: torch.Tensor, row_bytes: int) -> torch.Tensor:
+    return offsets[idx][:, None] + torch.arange(row_bytes, device=offsets.device)[None, :]
+
+
+def quantize(
+    A: torch.Tensor, bits: torch.Tensor, thresholds: torch.Tensor, offsets: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = A.shape
+    pc = padded_cols(cols, blocksize)
+    nb = pc // blocksize
+    W = torch.zeros(rows, pc, dtype=torch.float32, device=A.device)
+    W[:, :cols] = A.float()
+    blocks = W.view(rows, nb, blocksize)
+    absmax = blocks.abs().amax(dim=-1)  # [rows, nb]
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    normed = torch.where(absmax[..., None] > 0, blocks / safe[..., None], torch.zeros_like(blocks)).view(rows, pc)
+    packed = torch.zeros(int(offsets[-1]), dtype=torch.uint8, device=A.device)
+    for p, idx in _rows_by_precision(bits):
+        t = thresholds[idx, : 2**p - 1].float().contiguous()
+        codes = torch.searchsorted(t, normed[idx].contiguous(), side="left")  # = #{t < v}
+        per_byte = 8 // p
+        shifts = torch.arange(per_byte, device=A.device) * p
+        byte_vals = (codes.view(idx.numel(), pc // per_byte, per_byte) << shifts).sum(-1).to(torch.uint8)
+        packed[_byte_index(offsets, idx, pc * p // 8)] = byte_vals
+    return packed, absmax.contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, rows: int, pc: int) -> torch.Tensor:
+    """int64 [rows, padded_cols] code indices."""
+    codes = torch.zeros(rows, pc, dtype=torch.int64, device=packed.device)
+    for p, idx in _rows_by_precision(bits):
+        per_byte = 8 // p
+        raw = packed[_byte_index(offsets, idx, pc * p // 8)].to(torch.int64)
+        shifts = torch.arange(per_byte, device=packed.device) * p
+        codes[idx] = ((raw[..., None] >> shifts) & (2**p - 1)).view(idx.numel(), pc)
+    return codes
+
+
+def dequantize(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    bits: torch.Tensor,
+    codebook: torch.Tensor,
+    offsets: torch.Tensor,
+    blocksize: int,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    rows, cols = shape
+    pc = padded_cols(cols, blocksize)
+    codes = unpack_codes(packed, bits, offsets, rows, pc)
+    values = torch.gather(codebook.float(), 1, codes)  # [rows, pc]
+    scale = absmax.reshape(rows, -1).repeat_interleave(blocksize, dim=1)
+    return (values * scale)[:, :cols].to(dtype)
+
+
+# Registered for every device type; native backends override cpu and cuda.
+@torch.library.register_kernel("lowra::quantize", "default")
+def _quantize_kernel(A, bits, thresholds, row_offsets, blocksize):
+    return quantize(A, bits, thresholds, row_offsets, blocksize)
+
+
+@torch.library.register_kernel("lowra::dequantize", "default")
+def _dequantize_kernel(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype):
+    return dequantize(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype)
+
+
+@torch.library.register_kernel("lowra::dequantize.out", "default")
+def _dequantize_out_kernel(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, *, out):
+    from .._ops import check_out
+
+    check_out(out, shape, dtype, packed.device)
+    out.copy_(dequantize(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype))
+    return out

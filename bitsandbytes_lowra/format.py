@@ -1,0 +1,127 @@
+"""The LowRA storage format: constants, row addressing and validation of stored metadata.
+
+One place for every fact about the byte layout (docs/format.md is the prose version). Kernels trust what passes
+`validate_layout`: nothing reaches native code before it has been checked here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ALLOWED_BITS = (1, 2, 4)
+CODEBOOK_SLOTS = 16  # codebook [rows, 16]: room for 2^4 codes whatever the row's precision
+THRESHOLD_SLOTS = 15  # thresholds [rows, 15]: 2^bits - 1 of them used
+DEFAULT_BLOCKSIZE = 64
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Codebooks and thresholds are stored as float16: values live in [-1, 1] where float16 keeps 11 bits of mantissa.
+META_DTYPE = torch.float16
+
+
+class LowRAFormatError(ValueError):
+    """Raised when a weight, a precision vector or stored LowRA metadata does not fit the format."""
+
+
+def check_blocksize(blocksize: int) -> None:
+    # A multiple of 8 keeps every 1-bit block byte-aligned, so rows never share a byte.
+    if not isinstance(blocksize, int) or blocksize < 8 or blocksize % 8 != 0 or blocksize > 4096:
+        raise LowRAFormatError(f"blocksize must be a multiple of 8 in [8, 4096], got {blocksize!r}")
+
+
+def padded_cols(cols: int, blocksize: int) -> int:
+    return -(-cols // blocksize) * blocksize
+
+
+def blocks_per_row(cols: int, blocksize: int) -> int:
+    return padded_cols(cols, blocksize) // blocksize
+
+
+def row_offsets(bits: torch.Tensor, cols: int, blocksize: int) -> torch.Tensor:
+    """Byte offset of every row in the packed buffer: int64 [rows + 1], last entry = total bytes."""
+    row_bytes = bits.to(torch.int64).cpu() * (padded_cols(cols, blocksize) // 8)
+    return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(row_bytes, 0)]).to(bits.device)
+
+
+def check_bits(bits: torch.Tensor, rows: int | None = None, allowed=ALLOWED_BITS) -> None:
+    if not isinstance(bits, torch.Tensor):
+        raise LowRAFormatError(f"bits must be a tensor, got {type(bits).__name__}")
+    if bits.dim() != 1:
+        raise LowRAFormatError(f"bits must be 1-D (one precision per output channel), got shape {tuple(bits.shape)}")
+    if bits.dtype.is_floating_point or bits.dtype == torch.bool or bits.dtype.is_complex:
+        raise LowRAFormatError(f"bits must be an integer tensor, got {bits.dtype}")
+    if rows is not None and bits.numel() != rows:
+        raise LowRAFormatError(f"bits has {bits.numel()} entries but the weight has {rows} output channels")
+    bad = ~torch.isin(bits.cpu().to(torch.int64), torch.tensor(allowed))
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise LowRAFormatError(f"bits[{i}] = {int(bits[i])} is not one of {allowed}")
+
+
+def check_weight(W: torch.Tensor, name: str = "weight") -> None:
+    if not isinstance(W, torch.Tensor):
+        raise LowRAFormatError(f"{name} must be a tensor, got {type(W).__name__}")
+    if W.dim() != 2:
+        raise LowRAFormatError(f"{name} must be 2-D [out_features, in_features], got shape {tuple(W.shape)}")
+    if W.dtype not in FLOAT_DTYPES:
+        raise LowRAFormatError(f"{name} must be float32, float16 or bfloat16, got {W.dtype}")
+    if W.shape[0] == 0 or W.shape[1] == 0:
+        raise LowRAFormatError(f"{name} is empty: shape {tuple(W.shape)}")
+    if not torch.isfinite(W).all():
+        n = int((~torch.isfinite(W)).sum())
+        raise LowRAFormatError(f"{name} contains {n} NaN/Inf values; refusing to quantize")
+
+
+def check_thresholds(thresholds: torch.Tensor, bits: torch.Tensor) -> None:
+    rows = bits.numel()
+    if thresholds.dim() != 2 or tuple(thresholds.shape) != (rows, THRESHOLD_SLOTS):
+        raise LowRAFormatError(f"thresholds must have shape ({rows}, {THRESHOLD_SLOTS}), got {tuple(thresholds.shape)}")
+    t = thresholds.float().cpu()
+    b = bits.cpu().to(torch.int64)
+    used = torch.arange(THRESHOLD_SLOTS)[None, :] < (2**b - 1)[:, None]
+    if not torch.isfinite(t[used]).all():
+        raise LowRAFormatError("thresholds contain NaN/Inf in slots used by the row's precision")
+    # used thresholds must be non-decreasing (sorted bin edges)
+    diffs = t[:, 1:] - t[:, :-1]
+    both_used = used[:, 1:]
+    if (diffs[both_used] < 0).any():
+        r = int((both_used & (diffs < 0)).any(1).nonzero()[0])
+        raise LowRAFormatError(f"thresholds of row {r} are not sorted ascending")
+
+
+def check_codebook(codebook: torch.Tensor, bits: torch.Tensor) -> None:
+    rows = bits.numel()
+    if codebook.dim() != 2 or tuple(codebook.shape) != (rows, CODEBOOK_SLOTS):
+        raise LowRAFormatError(f"codebook must have shape ({rows}, {CODEBOOK_SLOTS}), got {tuple(codebook.shape)}")
+    c = codebook.float().cpu()
+    used = torch.arange(CODEBOOK_SLOTS)[None, :] < (2 ** bits.cpu().to(torch.int64))[:, None]
+    if not torch.isfinite(c[used]).all():
+        raise LowRAFormatError("codebook contains NaN/Inf in slots used by the row's precision")
+
+
+def validate_layout(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    bits: torch.Tensor,
+    offsets: torch.Tensor,
+    shape: tuple[int, int],
+    blocksize: int,
+) -> None:
+    """Check that packed codes, absmax, bits and offsets describe one consistent [rows, cols] weight."""
+    check_blocksize(blocksize)
+    if len(shape) != 2 or shape[0] <= 0 or shape[1] <= 0:
+        raise LowRAFormatError(f"shape must be (rows, cols) with positive sizes, got {tuple(shape)}")
+    rows, cols = shape
+    check_bits(bits, rows)
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise LowRAFormatError(f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if offsets.dtype != torch.int64 or tuple(offsets.shape) != (rows + 1,):
+        raise LowRAFormatError(f"row offsets must be int64 of shape ({rows + 1},), got {offsets.dtype} {tuple(offsets.shape)}")
+    expected = row_offsets(bits.cpu(), cols, blocksize)
+    if not torch.equal(offsets.cpu(), expected):
+        raise LowRAFormatError("row offsets do not match the per-row bits (corrupt or mismatched state)")
+    if packed.numel() != int(expected[-1]):
+        raise LowRAFormatError(f"packed buffer has {packed.numel()} bytes, the layout needs {int(expected[-1])}")
+    nb = blocks_per_row(cols, blocksize)
+    if absmax.dtype != torch.float32 or absmax.numel() != rows * nb:
+        raise LowRAFormatError(f"absmax must be float32 with {rows}x{nb} entries, got {absmax.dtype} with {absmax.numel()}")
+    if not torch.isfinite(absmax).all() or (absmax < 0).any():
+        raise LowRAFormatError("absmax contains negative or non-finite values (corrupt state)")

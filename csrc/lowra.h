@@ -1,0 +1,63 @@
+// bitsandbytes-lowra native library: the C ABI loaded through ctypes (see bitsandbytes_lowra/_native.py).
+//
+// Storage format (docs/format.md is the normative description):
+//   W[rows, cols] -> each row r has bits[r] in {1, 2, 4}; the row is padded to `padded_cols` (a multiple of
+//   `blocksize`) and cut into blocks of `blocksize` elements; every block is normalized by its absmax
+//   (float32, absmax[r * nblocks + b]). The codes of a row are packed little-endian within bytes
+//   (element j lives in byte row_offsets[r] + (j * bits) / 8 at bit (j * bits) % 8), rows are stored in order,
+//   row r starts at byte row_offsets[r] (row_offsets[r + 1] - row_offsets[r] == padded_cols * bits[r] / 8).
+//   Codebooks are float16 [rows, 16] (slot c of row r is the value of code c), thresholds float16 [rows, 15];
+//   only the first 2^bits - 1 thresholds of a row are used, sorted ascending.
+//   code(v) = number of used thresholds t with v > t, where v = w / absmax (IEEE float32 division; v = 0 when
+//   absmax == 0). Dequantize: out = (T)(codebook[r][code] * absmax) computed in float32, rounded to nearest even.
+//
+// Every function validates what it can cheaply (sizes, bits values, offsets) and returns a LowraStatus; the
+// Python side validates everything before calling, so a non-zero status is a bug or a corrupt state.
+#pragma once
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+  LOWRA_OK = 0,
+  LOWRA_ERR_ARGUMENT = 1,     // null pointer, bad sizes, blocksize
+  LOWRA_ERR_BITS = 2,         // a row's bits is not 1, 2 or 4
+  LOWRA_ERR_OFFSETS = 3,      // row_offsets inconsistent with bits / buffer size
+  LOWRA_ERR_CUDA = 4,         // a CUDA call failed (lowra_last_cuda_error tells which)
+  LOWRA_ERR_NO_CUDA = 5,      // library built without CUDA
+} LowraStatus;
+
+// dtype codes shared with Python (bitsandbytes_lowra/_native.py)
+typedef enum { LOWRA_F32 = 0, LOWRA_F16 = 1, LOWRA_BF16 = 2 } LowraDtype;
+
+const char* lowra_version(void);
+int lowra_has_cuda(void);
+
+// ---- CPU (always built) ----
+// W: rows x cols of `dtype`, row-major contiguous. thresholds: uint16 (float16 bits) [rows, 15].
+// packed: row_offsets[rows] bytes. absmax: float32 [rows, padded_cols / blocksize].
+int lowra_quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize,
+                       const uint8_t* bits, const uint16_t* thresholds, const int64_t* row_offsets,
+                       uint8_t* packed, int64_t packed_bytes, float* absmax);
+
+// out: rows x cols of `dtype`. codebook: uint16 (float16 bits) [rows, 16].
+int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, const float* absmax,
+                         const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets,
+                         int64_t rows, int64_t cols, int64_t blocksize, int dtype, void* out);
+
+// ---- CUDA (built when nvcc is found; pointers are device pointers, `stream` a cudaStream_t) ----
+int lowra_quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize,
+                        const uint8_t* bits, const uint16_t* thresholds, const int64_t* row_offsets,
+                        uint8_t* packed, int64_t packed_bytes, float* absmax, void* stream);
+
+int lowra_dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const float* absmax,
+                          const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets,
+                          int64_t rows, int64_t cols, int64_t blocksize, int dtype, void* out, void* stream);
+
+const char* lowra_last_cuda_error(void);
+
+#ifdef __cplusplus
+}
+#endif
