@@ -2,7 +2,11 @@
 
 from . import _ops  # noqa: F401  (defines the lowra:: op schemas)
 from .backends import reference as _reference  # noqa: F401  (default kernels)
+from .backends import native as _native_backend
 from .format import LowRAFormatError
+
+# Native kernels override the reference for cpu (and cuda) when the library is built; see _native.py.
+NATIVE_DEVICES = _native_backend.register()
 
 __version__ = "0.1.0"
 __all__ = ["LowRAFormatError", "__version__"]

@@ -25,7 +25,7 @@ torch.library.define(
 torch.library.define(
     "lowra::dequantize.out",
     "(Tensor packed, Tensor absmax, Tensor bits, Tensor codebook, Tensor row_offsets, int blocksize, "
-    "SymInt[] shape, ScalarType dtype, *, Tensor(a!) out) -> Tensor(a!)",
+    "SymInt[] shape, ScalarType dtype, *, Tensor(a!) out) -> ()",  # out-variants return nothing (functionalization)
 )
 
 
@@ -73,7 +73,7 @@ def _(packed, absmax, bits, codebook, row_offsets, blocksize, shape: Sequence[in
 @torch.library.register_fake("lowra::dequantize.out")
 def _(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, *, out):
     check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype)
-    return out
+    check_out(out, shape, dtype, packed.device)
 
 
 def check_out(out: torch.Tensor, shape, dtype, device) -> None:

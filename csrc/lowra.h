@@ -16,6 +16,12 @@
 #pragma once
 #include <stdint.h>
 
+#if defined(_WIN32)
+#define LOWRA_API __declspec(dllexport)
+#else
+#define LOWRA_API __attribute__((visibility("default")))
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -32,31 +38,31 @@ typedef enum {
 // dtype codes shared with Python (bitsandbytes_lowra/_native.py)
 typedef enum { LOWRA_F32 = 0, LOWRA_F16 = 1, LOWRA_BF16 = 2 } LowraDtype;
 
-const char* lowra_version(void);
-int lowra_has_cuda(void);
+LOWRA_API const char* lowra_version(void);
+LOWRA_API int lowra_has_cuda(void);
 
 // ---- CPU (always built) ----
 // W: rows x cols of `dtype`, row-major contiguous. thresholds: uint16 (float16 bits) [rows, 15].
 // packed: row_offsets[rows] bytes. absmax: float32 [rows, padded_cols / blocksize].
-int lowra_quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize,
+LOWRA_API int lowra_quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize,
                        const uint8_t* bits, const uint16_t* thresholds, const int64_t* row_offsets,
                        uint8_t* packed, int64_t packed_bytes, float* absmax);
 
 // out: rows x cols of `dtype`. codebook: uint16 (float16 bits) [rows, 16].
-int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, const float* absmax,
+LOWRA_API int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, const float* absmax,
                          const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets,
                          int64_t rows, int64_t cols, int64_t blocksize, int dtype, void* out);
 
 // ---- CUDA (built when nvcc is found; pointers are device pointers, `stream` a cudaStream_t) ----
-int lowra_quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize,
+LOWRA_API int lowra_quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize,
                         const uint8_t* bits, const uint16_t* thresholds, const int64_t* row_offsets,
                         uint8_t* packed, int64_t packed_bytes, float* absmax, void* stream);
 
-int lowra_dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const float* absmax,
+LOWRA_API int lowra_dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const float* absmax,
                           const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets,
                           int64_t rows, int64_t cols, int64_t blocksize, int dtype, void* out, void* stream);
 
-const char* lowra_last_cuda_error(void);
+LOWRA_API const char* lowra_last_cuda_error(void);
 
 #ifdef __cplusplus
 }

@@ -92,4 +92,3 @@ def _dequantize_out_kernel(packed, absmax, bits, codebook, row_offsets, blocksiz
 
     check_out(out, shape, dtype, packed.device)
     out.copy_(dequantize(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype))
-    return out

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One-command GPU check, run on the GPU machine from the repository root (CI has no GPU):
+#   build with CUDA (sm_90) -> C++ CUDA tests -> Python CUDA tests -> kernel benchmarks.
+# Locally: ../shared/device/pack.sh, then device `run` with carry=[".device"] and command `bash .ci/gpu-check.sh`.
+# Logs and JSON land in $OUT (or ./gpu-out) when set.
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+[ -d .device/site ] && export PYTHONPATH=$PWD/.device/site:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1
+status=0
+step() { echo "== $1"; shift; "$@" 2>&1 | tee -a "$OUT/gpu-check.log"; local rc=${PIPESTATUS[0]}; [ $rc -eq 0 ] || { echo "!! step failed ($rc)"; status=1; }; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+step "build" bash -c "cmake -S . -B build-gpu -G Ninja -DLOWRA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build-gpu -j 16"
+step "ctest" bash -c "cd build-gpu && ctest --output-on-failure"
+step "pytest (cuda + kernels)" python3 -m pytest -q -m "cuda" tests ${LOWRA_PYTEST_ARGS:-}
+if [ -z "${LOWRA_SKIP_BENCH:-}" ]; then
+  step "bench" python3 -m bitsandbytes_lowra.bench --json "$OUT/bench.json" ${LOWRA_BENCH_ARGS:-}
+fi
+echo "gpu-check: $([ $status -eq 0 ] && echo PASSED || echo FAILED)"
+exit $status

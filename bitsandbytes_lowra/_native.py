@@ -1,0 +1,102 @@
+"""Find and load the native library (csrc/) with ctypes; one clear error when it is missing.
+
+Two builds exist: libbitsandbytes_lowra_cuda.so (CPU + CUDA kernels, built when nvcc was found) and
+libbitsandbytes_lowra_cpu.so (CPU kernels only). The CUDA one is preferred when torch sees a GPU.
+`LOWRA_LIBRARY=/path/to/lib.so` overrides the search.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+_DIR = Path(__file__).resolve().parent
+STATUS = {
+    0: "ok",
+    1: "invalid argument (null pointer, sizes or blocksize)",
+    2: "a row's bits is not 1, 2 or 4",
+    3: "row offsets inconsistent with bits or the packed buffer (corrupt or mismatched state)",
+    4: "CUDA error",
+    5: "the native library was built without CUDA",
+}
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class NativeLibraryError(RuntimeError):
+    """The native library is missing, lacks CUDA, or a kernel reported an error."""
+
+
+def _candidates() -> list[Path]:
+    override = os.environ.get("LOWRA_LIBRARY")
+    if override:
+        return [Path(override)]
+    names = ["libbitsandbytes_lowra_cpu.so"]
+    if torch.cuda.is_available():
+        names.insert(0, "libbitsandbytes_lowra_cuda.so")
+    return [_DIR / n for n in names]
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    quant = [p, i32, i64, i64, i64, p, p, p, p, i64, p]
+    dequant = [p, i64, p, p, p, p, i64, i64, i64, i32, p]
+    for name, args in (
+        ("lowra_quantize_cpu", quant),
+        ("lowra_dequantize_cpu", dequant),
+        ("lowra_quantize_cuda", quant + [p]),
+        ("lowra_dequantize_cuda", dequant + [p]),
+    ):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, i32
+    lib.lowra_version.restype = ctypes.c_char_p
+    lib.lowra_last_cuda_error.restype = ctypes.c_char_p
+    lib.lowra_has_cuda.restype = i32
+
+
+@lru_cache(maxsize=1)
+def load() -> ctypes.CDLL:
+    tried = []
+    for path in _candidates():
+        if not path.is_file():
+            tried.append(f"{path} (missing)")
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            tried.append(f"{path} ({e})")
+            continue
+        _declare(lib)
+        return lib
+    raise NativeLibraryError(
+        "bitsandbytes-lowra's native library could not be loaded; tried: " + "; ".join(tried)
+        + ". Build it with `pip install .` or `make build` (needs CMake and a C++ compiler; nvcc for CUDA)."
+    )
+
+
+def available() -> bool:
+    try:
+        load()
+        return True
+    except NativeLibraryError:
+        return False
+
+
+def has_cuda() -> bool:
+    return available() and bool(load().lowra_has_cuda())
+
+
+def check(status: int, what: str) -> None:
+    if status == 0:
+        return
+    msg = f"{what} failed: {STATUS.get(status, f'status {status}')}"
+    if status == 4:
+        msg += f" ({load().lowra_last_cuda_error().decode()})"
+    raise NativeLibraryError(msg)
+
+
+def ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())

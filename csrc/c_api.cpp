@@ -1,0 +1,82 @@
+// The C ABI (lowra.h): argument validation, then dispatch to the CPU or CUDA kernels.
+#include "common.h"
+#include "kernels.h"
+
+#ifndef LOWRA_VERSION
+#define LOWRA_VERSION "unknown"
+#endif
+
+extern "C" {
+
+const char* lowra_version(void) { return LOWRA_VERSION; }
+
+int lowra_has_cuda(void) {
+#ifdef LOWRA_WITH_CUDA
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+int lowra_quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
+                       const uint16_t* thresholds, const int64_t* row_offsets, uint8_t* packed, int64_t packed_bytes,
+                       float* absmax) {
+  if (!W || !bits || !thresholds || !row_offsets || !packed || !absmax || dtype < 0 || dtype > 2)
+    return LOWRA_ERR_ARGUMENT;
+  int st = lowra::check_layout_host(rows, cols, blocksize, bits, row_offsets, packed_bytes);
+  if (st != LOWRA_OK) return st;
+  return lowra::quantize_cpu(W, dtype, rows, cols, blocksize, bits, thresholds, row_offsets, packed, absmax);
+}
+
+int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, const float* absmax, const uint8_t* bits,
+                         const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
+                         int64_t blocksize, int dtype, void* out) {
+  if (!packed || !absmax || !bits || !codebook || !row_offsets || !out || dtype < 0 || dtype > 2)
+    return LOWRA_ERR_ARGUMENT;
+  int st = lowra::check_layout_host(rows, cols, blocksize, bits, row_offsets, packed_bytes);
+  if (st != LOWRA_OK) return st;
+  return lowra::dequantize_cpu(packed, absmax, bits, codebook, row_offsets, rows, cols, blocksize, dtype, out);
+}
+
+// Device pointers cannot be validated here; the CUDA kernels bound-check every row against packed_bytes.
+int lowra_quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
+                        const uint16_t* thresholds, const int64_t* row_offsets, uint8_t* packed, int64_t packed_bytes,
+                        float* absmax, void* stream) {
+#ifdef LOWRA_WITH_CUDA
+  if (!W || !bits || !thresholds || !row_offsets || !packed || !absmax || dtype < 0 || dtype > 2 || rows <= 0 ||
+      cols <= 0 || blocksize < 8 || blocksize % 8 != 0)
+    return LOWRA_ERR_ARGUMENT;
+  return lowra::quantize_cuda(W, dtype, rows, cols, blocksize, bits, thresholds, row_offsets, packed, packed_bytes,
+                              absmax, stream);
+#else
+  (void)W, (void)dtype, (void)rows, (void)cols, (void)blocksize, (void)bits, (void)thresholds, (void)row_offsets,
+      (void)packed, (void)packed_bytes, (void)absmax, (void)stream;
+  return LOWRA_ERR_NO_CUDA;
+#endif
+}
+
+int lowra_dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const float* absmax, const uint8_t* bits,
+                          const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
+                          int64_t blocksize, int dtype, void* out, void* stream) {
+#ifdef LOWRA_WITH_CUDA
+  if (!packed || !absmax || !bits || !codebook || !row_offsets || !out || dtype < 0 || dtype > 2 || rows <= 0 ||
+      cols <= 0 || blocksize < 8 || blocksize % 8 != 0)
+    return LOWRA_ERR_ARGUMENT;
+  return lowra::dequantize_cuda(packed, packed_bytes, absmax, bits, codebook, row_offsets, rows, cols, blocksize,
+                                dtype, out, stream);
+#else
+  (void)packed, (void)packed_bytes, (void)absmax, (void)bits, (void)codebook, (void)row_offsets, (void)rows,
+      (void)cols, (void)blocksize, (void)dtype, (void)out, (void)stream;
+  return LOWRA_ERR_NO_CUDA;
+#endif
+}
+
+const char* lowra_last_cuda_error(void) {
+#ifdef LOWRA_WITH_CUDA
+  return lowra::last_cuda_error();
+#else
+  return "bitsandbytes-lowra was built without CUDA";
+#endif
+}
+
+}  // extern "C"

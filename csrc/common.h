@@ -1,0 +1,72 @@
+// Helpers shared by the CPU and CUDA kernels: element conversion, layout arithmetic, argument validation.
+#pragma once
+#include <stdint.h>
+#include <string.h>
+
+#include "lowra.h"
+
+#if defined(__CUDACC__)
+#define LOWRA_HD __host__ __device__ __forceinline__
+#else
+#define LOWRA_HD inline
+#endif
+
+namespace lowra {
+
+constexpr int kCodebookSlots = 16;
+constexpr int kThresholdSlots = 15;
+
+LOWRA_HD int64_t padded_cols(int64_t cols, int64_t blocksize) { return (cols + blocksize - 1) / blocksize * blocksize; }
+LOWRA_HD bool valid_bits(int b) { return b == 1 || b == 2 || b == 4; }
+LOWRA_HD int64_t row_bytes(int64_t pc, int bits) { return pc * bits / 8; }
+
+// Host-side layout check shared by the C API entry points: O(rows), reads host memory only.
+inline int check_layout_host(int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
+                             const int64_t* row_offsets, int64_t packed_bytes) {
+  if (rows <= 0 || cols <= 0 || blocksize < 8 || blocksize % 8 != 0) return LOWRA_ERR_ARGUMENT;
+  const int64_t pc = padded_cols(cols, blocksize);
+  if (row_offsets[0] != 0) return LOWRA_ERR_OFFSETS;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (!valid_bits(bits[r])) return LOWRA_ERR_BITS;
+    if (row_offsets[r + 1] - row_offsets[r] != row_bytes(pc, bits[r])) return LOWRA_ERR_OFFSETS;
+  }
+  return row_offsets[rows] == packed_bytes ? LOWRA_OK : LOWRA_ERR_OFFSETS;
+}
+
+#if !defined(__CUDACC__)
+// float32 -> bfloat16 with round-to-nearest-even, NaN kept quiet (matches torch's .to(torch.bfloat16)).
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+// _Float16 (GCC >= 12, clang) converts with IEEE round-to-nearest-even.
+inline float half_to_float(uint16_t h) {
+  _Float16 x;
+  memcpy(&x, &h, 2);
+  return (float)x;
+}
+inline uint16_t float_to_half(float f) {
+  _Float16 x = (_Float16)f;
+  uint16_t h;
+  memcpy(&h, &x, 2);
+  return h;
+}
+inline float load_as_float(const void* p, int dtype, int64_t i) {
+  switch (dtype) {
+    case LOWRA_F16: return half_to_float(((const uint16_t*)p)[i]);
+    case LOWRA_BF16: return bf16_to_float(((const uint16_t*)p)[i]);
+    default: return ((const float*)p)[i];
+  }
+}
+#endif
+
+}  // namespace lowra

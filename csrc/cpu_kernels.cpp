@@ -1,0 +1,93 @@
+// CPU kernels: one output channel (row) per iteration, rows spread over OpenMP threads.
+#include <math.h>
+
+#include "common.h"
+
+namespace lowra {
+
+namespace {
+
+// code = number of used thresholds strictly below v (thresholds sorted ascending).
+inline uint32_t encode(float v, const float* t, int n) {
+  uint32_t c = 0;
+  for (int k = 0; k < n; ++k) c += v > t[k];
+  return c;
+}
+
+template <int BITS>
+void quantize_row(const void* W, int dtype, int64_t r, int64_t cols, int64_t blocksize, int64_t pc,
+                  const float* t, uint8_t* out, float* absmax_row) {
+  constexpr int n = (1 << BITS) - 1;
+  constexpr int per_byte = 8 / BITS;
+  const int64_t base = r * cols;
+  memset(out, 0, (size_t)row_bytes(pc, BITS));
+  for (int64_t b0 = 0; b0 < pc; b0 += blocksize) {
+    float amax = 0.0f;
+    for (int64_t j = b0; j < b0 + blocksize && j < cols; ++j) amax = fmaxf(amax, fabsf(load_as_float(W, dtype, base + j)));
+    absmax_row[b0 / blocksize] = amax;
+    for (int64_t j = b0; j < b0 + blocksize; ++j) {
+      float v = 0.0f;
+      if (j < cols && amax > 0.0f) v = load_as_float(W, dtype, base + j) / amax;
+      out[j / per_byte] |= (uint8_t)(encode(v, t, n) << ((j % per_byte) * BITS));
+    }
+  }
+}
+
+template <int BITS>
+void dequantize_row(const uint8_t* in, const float* absmax_row, const float* code, int64_t cols, int64_t blocksize,
+                    int dtype, void* out_row) {
+  constexpr int per_byte = 8 / BITS;
+  constexpr uint32_t mask = (1u << BITS) - 1;
+  for (int64_t j = 0; j < cols; ++j) {
+    const uint32_t c = (in[j / per_byte] >> ((j % per_byte) * BITS)) & mask;
+    const float v = code[c] * absmax_row[j / blocksize];
+    switch (dtype) {
+      case LOWRA_F16: ((uint16_t*)out_row)[j] = float_to_half(v); break;
+      case LOWRA_BF16: ((uint16_t*)out_row)[j] = float_to_bf16(v); break;
+      default: ((float*)out_row)[j] = v;
+    }
+  }
+}
+
+int elem_size(int dtype) { return dtype == LOWRA_F32 ? 4 : 2; }
+
+}  // namespace
+
+int quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
+                 const uint16_t* thresholds, const int64_t* row_offsets, uint8_t* packed, float* absmax) {
+  const int64_t pc = padded_cols(cols, blocksize);
+  const int64_t nb = pc / blocksize;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    float t[kThresholdSlots];
+    for (int k = 0; k < kThresholdSlots; ++k) t[k] = half_to_float(thresholds[r * kThresholdSlots + k]);
+    uint8_t* out = packed + row_offsets[r];
+    float* am = absmax + r * nb;
+    switch (bits[r]) {
+      case 1: quantize_row<1>(W, dtype, r, cols, blocksize, pc, t, out, am); break;
+      case 2: quantize_row<2>(W, dtype, r, cols, blocksize, pc, t, out, am); break;
+      default: quantize_row<4>(W, dtype, r, cols, blocksize, pc, t, out, am); break;
+    }
+  }
+  return LOWRA_OK;
+}
+
+int dequantize_cpu(const uint8_t* packed, const float* absmax, const uint8_t* bits, const uint16_t* codebook,
+                   const int64_t* row_offsets, int64_t rows, int64_t cols, int64_t blocksize, int dtype, void* out) {
+  const int64_t nb = padded_cols(cols, blocksize) / blocksize;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    float code[kCodebookSlots];
+    for (int k = 0; k < kCodebookSlots; ++k) code[k] = half_to_float(codebook[r * kCodebookSlots + k]);
+    const uint8_t* in = packed + row_offsets[r];
+    char* out_row = (char*)out + r * cols * elem_size(dtype);
+    switch (bits[r]) {
+      case 1: dequantize_row<1>(in, absmax + r * nb, code, cols, blocksize, dtype, out_row); break;
+      case 2: dequantize_row<2>(in, absmax + r * nb, code, cols, blocksize, dtype, out_row); break;
+      default: dequantize_row<4>(in, absmax + r * nb, code, cols, blocksize, dtype, out_row); break;
+    }
+  }
+  return LOWRA_OK;
+}
+
+}  // namespace lowra

@@ -1,0 +1,19 @@
+// Internal kernel entry points behind the C ABI (c_api.cpp validates before calling them).
+#pragma once
+#include <stdint.h>
+
+namespace lowra {
+int quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
+                 const uint16_t* thresholds, const int64_t* row_offsets, uint8_t* packed, float* absmax);
+int dequantize_cpu(const uint8_t* packed, const float* absmax, const uint8_t* bits, const uint16_t* codebook,
+                   const int64_t* row_offsets, int64_t rows, int64_t cols, int64_t blocksize, int dtype, void* out);
+#ifdef LOWRA_WITH_CUDA
+int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
+                  const uint16_t* thresholds, const int64_t* row_offsets, uint8_t* packed, int64_t packed_bytes,
+                  float* absmax, void* stream);
+int dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const float* absmax, const uint8_t* bits,
+                    const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
+                    int64_t blocksize, int dtype, void* out, void* stream);
+const char* last_cuda_error();
+#endif
+}  // namespace lowra

@@ -1,0 +1,156 @@
+// C++ unit tests of the CPU kernels against a scalar reference written from docs/format.md.
+#include <math.h>
+#include <stdio.h>
+
+#include <algorithm>
+#include <random>
+#include <vector>
+
+#include "common.h"
+
+using lowra::half_to_float;
+using lowra::float_to_half;
+
+static int failures = 0;
+#define CHECK(cond, ...)                         \
+  do {                                           \
+    if (!(cond)) {                               \
+      ++failures;                                \
+      fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+      fprintf(stderr, __VA_ARGS__);              \
+      fprintf(stderr, "\n");                     \
+    }                                            \
+  } while (0)
+
+struct Layout {
+  int64_t rows, cols, bs, pc;
+  std::vector<uint8_t> bits;
+  std::vector<int64_t> offsets;
+};
+
+static Layout make_layout(int64_t rows, int64_t cols, int64_t bs, std::mt19937& rng) {
+  Layout L{rows, cols, bs, lowra::padded_cols(cols, bs), {}, {0}};
+  const uint8_t choices[3] = {1, 2, 4};
+  for (int64_t r = 0; r < rows; ++r) {
+    L.bits.push_back(choices[rng() % 3]);
+    L.offsets.push_back(L.offsets.back() + L.pc * L.bits.back() / 8);
+  }
+  return L;
+}
+
+// Sorted random thresholds / codebook per row, stored as float16.
+static void make_tables(const Layout& L, std::mt19937& rng, std::vector<uint16_t>& thr, std::vector<uint16_t>& code) {
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  thr.assign(L.rows * 15, float_to_half(INFINITY));
+  code.assign(L.rows * 16, 0);
+  for (int64_t r = 0; r < L.rows; ++r) {
+    int n = (1 << L.bits[r]);
+    std::vector<float> c(n);
+    for (auto& x : c) x = u(rng);
+    std::sort(c.begin(), c.end());
+    for (int k = 0; k < n; ++k) code[r * 16 + k] = float_to_half(c[k]);
+    for (int k = 0; k + 1 < n; ++k) thr[r * 15 + k] = float_to_half((c[k] + c[k + 1]) / 2);
+  }
+}
+
+static void reference_quantize(const Layout& L, const std::vector<float>& W, const std::vector<uint16_t>& thr,
+                               std::vector<uint8_t>& packed, std::vector<float>& absmax) {
+  const int64_t nb = L.pc / L.bs;
+  packed.assign(L.offsets.back(), 0);
+  absmax.assign(L.rows * nb, 0.f);
+  for (int64_t r = 0; r < L.rows; ++r) {
+    int b = L.bits[r];
+    for (int64_t j = 0; j < L.pc; ++j) {
+      int64_t blk = j / L.bs;
+      float amax = 0.f;
+      for (int64_t i = blk * L.bs; i < (blk + 1) * L.bs && i < L.cols; ++i) amax = fmaxf(amax, fabsf(W[r * L.cols + i]));
+      absmax[r * nb + blk] = amax;
+      float v = (j < L.cols && amax > 0.f) ? W[r * L.cols + j] / amax : 0.f;
+      int c = 0;
+      for (int k = 0; k < (1 << b) - 1; ++k) c += v > half_to_float(thr[r * 15 + k]);
+      int64_t bit = j * b;
+      packed[L.offsets[r] + bit / 8] |= (uint8_t)(c << (bit % 8));
+    }
+  }
+}
+
+static void test_roundtrip(int64_t rows, int64_t cols, int64_t bs, uint32_t seed) {
+  std::mt19937 rng(seed);
+  Layout L = make_layout(rows, cols, bs, rng);
+  std::vector<uint16_t> thr, code;
+  make_tables(L, rng, thr, code);
+  std::normal_distribution<float> g(0.f, 1.f);
+  std::vector<float> W(rows * cols);
+  for (auto& x : W) x = g(rng);
+  if (rows > 1) for (int64_t j = 0; j < cols; ++j) W[j] = 0.f;  // an all-zero row: absmax 0 must not divide
+
+  std::vector<uint8_t> packed(L.offsets.back()), ref_packed;
+  std::vector<float> absmax(rows * (L.pc / bs)), ref_absmax;
+  int st = lowra_quantize_cpu(W.data(), LOWRA_F32, rows, cols, bs, L.bits.data(), thr.data(), L.offsets.data(),
+                              packed.data(), (int64_t)packed.size(), absmax.data());
+  CHECK(st == LOWRA_OK, "quantize status %d", st);
+  reference_quantize(L, W, thr, ref_packed, ref_absmax);
+  CHECK(packed == ref_packed, "packed codes differ (rows=%lld cols=%lld bs=%lld)", (long long)rows, (long long)cols, (long long)bs);
+  CHECK(absmax == ref_absmax, "absmax differs");
+
+  std::vector<float> out(rows * cols);
+  st = lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), absmax.data(), L.bits.data(), code.data(),
+                            L.offsets.data(), rows, cols, bs, LOWRA_F32, out.data());
+  CHECK(st == LOWRA_OK, "dequantize status %d", st);
+  const int64_t nb = L.pc / bs;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j) {
+      int b = L.bits[r];
+      int64_t bit = j * b;
+      int c = (ref_packed[L.offsets[r] + bit / 8] >> (bit % 8)) & ((1 << b) - 1);
+      float expect = half_to_float(code[r * 16 + c]) * ref_absmax[r * nb + j / bs];
+      if (out[r * cols + j] != expect) {
+        CHECK(false, "dequantized value differs at (%lld, %lld)", (long long)r, (long long)j);
+        return;
+      }
+    }
+  // bf16 / fp16 outputs are the float32 products rounded once
+  std::vector<uint16_t> out16(rows * cols);
+  st = lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), absmax.data(), L.bits.data(), code.data(),
+                            L.offsets.data(), rows, cols, bs, LOWRA_F16, out16.data());
+  CHECK(st == LOWRA_OK, "dequantize f16 status %d", st);
+  for (int64_t i = 0; i < rows * cols; ++i)
+    if (out16[i] != float_to_half(out[i])) { CHECK(false, "f16 output differs at %lld", (long long)i); break; }
+}
+
+static void test_rejects_bad_metadata() {
+  std::mt19937 rng(7);
+  Layout L = make_layout(4, 64, 64, rng);
+  std::vector<uint16_t> thr, code;
+  make_tables(L, rng, thr, code);
+  std::vector<float> W(4 * 64, 0.5f), absmax(4);
+  std::vector<uint8_t> packed(L.offsets.back());
+  auto bits = L.bits;
+  bits[2] = 3;
+  CHECK(lowra_quantize_cpu(W.data(), 0, 4, 64, 64, bits.data(), thr.data(), L.offsets.data(), packed.data(),
+                           (int64_t)packed.size(), absmax.data()) == LOWRA_ERR_BITS, "bits=3 accepted");
+  auto off = L.offsets;
+  off[4] += 8;
+  CHECK(lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), absmax.data(), L.bits.data(), code.data(),
+                             off.data(), 4, 64, 64, 0, W.data()) == LOWRA_ERR_OFFSETS, "offset beyond buffer accepted");
+  CHECK(lowra_quantize_cpu(W.data(), 0, 4, 64, 12, L.bits.data(), thr.data(), L.offsets.data(), packed.data(),
+                           (int64_t)packed.size(), absmax.data()) == LOWRA_ERR_ARGUMENT, "blocksize 12 accepted");
+  CHECK(lowra_quantize_cpu(W.data(), 7, 4, 64, 64, L.bits.data(), thr.data(), L.offsets.data(), packed.data(),
+                           (int64_t)packed.size(), absmax.data()) == LOWRA_ERR_ARGUMENT, "dtype 7 accepted");
+  CHECK(lowra_quantize_cuda(W.data(), 0, 4, 64, 64, L.bits.data(), thr.data(), L.offsets.data(), packed.data(),
+                            (int64_t)packed.size(), absmax.data(), nullptr) == LOWRA_ERR_NO_CUDA,
+        "CPU library claims CUDA");
+}
+
+int main() {
+  const int64_t shapes[][3] = {{1, 64, 64}, {3, 100, 64}, {17, 576, 64}, {33, 1536, 64}, {5, 8, 8}, {9, 130, 32}, {2, 4096, 128}};
+  uint32_t seed = 1;
+  for (auto& s : shapes) test_roundtrip(s[0], s[1], s[2], seed++);
+  test_rejects_bad_metadata();
+  if (failures) {
+    fprintf(stderr, "%d failures\n", failures);
+    return 1;
+  }
+  printf("test_kernels_cpu: all checks passed\n");
+  return 0;
+}
