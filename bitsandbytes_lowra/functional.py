@@ -628,3 +628,34 @@ def bits_report(states) -> dict[str, float]:
     params = sum(s.rows * s.cols for s in states)
     nominal = sum(float(s.bits.double().sum()) * s.cols for s in states) / params
     return {"parameters": params, "nominal_bits": nominal, "effective_bits": 8.0 * sum(s.nbytes for s in states) / params}
+
+
+def quantize_lowra_at_bits(
+    W: torch.Tensor,
+    bits: float = 1.75,
+    precisions=None,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    iterations: int = 2,
+    mode: str = "per_channel",
+    method: str = "greedy",
+    compress_statistics: bool = False,
+    **assign_kwargs,
+) -> tuple[torch.Tensor, QuantStateLowRA]:
+    """Learn tables (learner.learn_layer), assign per-row precisions for an average of `bits` code bits over this
+    one matrix (assigner.assign_precisions), then quantize. For a budget shared by many layers use
+    convert.convert_to_lowra. precisions defaults to assigner.default_precisions(bits): (1, 2, 4) below 2 bits,
+    (2, 4) from 2 bits on. The nominal bits of the result never exceed `bits`."""
+    import numpy as np
+
+    from .assigner import assign_precisions, default_precisions
+    from .learner import learn_layer, tables_for_bits
+
+    check_weight(W)
+    precisions = tuple(default_precisions(bits) if precisions is None else precisions)
+    fits = learn_layer(W, precisions, blocksize=blocksize, iterations=iterations, mode=mode)
+    errors = torch.stack([fits[p].error for p in precisions], dim=1).cpu().numpy()
+    sizes = np.full(W.shape[0], W.shape[1], dtype=np.int64)
+    assignment = assign_precisions(errors, sizes, bits, precisions, method=method, **assign_kwargs)
+    row_bits = torch.from_numpy(assignment.bits.astype(np.uint8)).to(W.device)
+    code, thr = tables_for_bits(fits, row_bits)
+    return quantize_lowra(W, row_bits, code, thr, blocksize=blocksize, compress_statistics=compress_statistics)

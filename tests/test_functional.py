@@ -19,6 +19,7 @@ from bitsandbytes_lowra.functional import (
     make_plan,
     matmul_lowra,
     quantize_lowra,
+    quantize_lowra_at_bits,
 )
 
 from .conftest import devices
@@ -364,3 +365,36 @@ def test_matmul_lowra_output_and_gradients(dtype, tol):
     assert not packed.requires_grad
     with pytest.raises(ValueError, match="expects 200"):
         matmul_lowra(x[..., :100], packed, state)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# learn + assign + quantize one real matrix
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def q_proj(smollm2_weights):
+    return smollm2_weights["model.layers.0.self_attn.q_proj"]  # [576, 576]
+
+
+def rel_error(W, packed, state):
+    return float((dequantize_lowra(packed, state) - W).norm() / W.norm())
+
+
+def test_quantize_lowra_at_bits_on_smollm2(q_proj):
+    W = q_proj
+    errors = {}
+    for budget in (1.75, 2, 4):
+        packed, state = quantize_lowra_at_bits(W, budget)
+        state.validate(packed)
+        assert state.nominal_bits <= budget and state.nominal_bits == pytest.approx(budget, abs=4 / W.shape[0])
+        errors[budget] = rel_error(W, packed, state)
+        # the learned tables beat the NormalFloat tables at the very same per-row precisions
+        nf_packed, nf_state = quantize_lowra(W, state.bits)
+        assert errors[budget] < rel_error(W, nf_packed, nf_state)
+        if budget >= 2:  # default precisions (2, 4) from 2 bits on
+            assert int(state.bits.min()) >= 2
+    assert errors[1.75] > errors[2] > errors[4]
+    # an explicit precision set, double-quantized statistics
+    packed, state = quantize_lowra_at_bits(W, 3.0, precisions=(2, 4), compress_statistics=True)
+    assert state.nested and set(state.bits.unique().tolist()) == {2, 4} and state.nominal_bits <= 3.0

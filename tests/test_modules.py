@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from bitsandbytes_lowra.convert import convert_to_lowra, linear_targets, model_bits_report
 from bitsandbytes_lowra.format import LowRAFormatError
-from bitsandbytes_lowra.functional import QuantStateLowRA, dequantize_lowra, quantize_lowra
+from bitsandbytes_lowra.functional import dequantize_lowra, quantize_lowra, quantize_lowra_at_bits
 from bitsandbytes_lowra.nn import LinearLowRA, ParamsLowRA
 
 from .conftest import devices
@@ -322,3 +323,96 @@ def test_from_linear_keeps_bias_and_training_mode():
         LinearLowRA.from_linear(q, 4)
     rel = (q.dequantize() - lin.weight).norm() / lin.weight.norm()
     assert rel < 0.12, rel
+
+
+# --------------------------------------------------------------------------------------------------------------
+# convert_to_lowra: every nn.Linear of a model under one budget
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 128), nn.LayerNorm(128))
+        self.attn = nn.MultiheadAttention(128, 4, batch_first=True)  # out_proj is an nn.Linear subclass
+        self.lm_head = nn.Linear(128, 10)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.lm_head(self.attn(h, h, h)[0])
+
+
+def test_convert_toy_model():
+    model = Toy()
+    assert linear_targets(model) == ["body.0", "body.2"]
+    assert linear_targets(model, skip=("body.*",)) == ["lm_head"]
+    convert_to_lowra(model, bits=2.5, skip=("lm_head",), compress_statistics=False)
+    assert isinstance(model.body[0], LinearLowRA) and isinstance(model.body[2], LinearLowRA)
+    assert type(model.lm_head) is nn.Linear and type(model.attn.out_proj) is not LinearLowRA
+    rep = model_bits_report(model)
+    assert rep["parameters"] == 2 * 128 * 64 and 2.4 < rep["nominal_bits"] <= 2.5
+    x = torch.randn(2, 5, 128)
+    y = model(x)  # the whole model still runs, gradients reach the input
+    x.requires_grad_()
+    model(x).sum().backward()
+    assert y.shape == (2, 5, 10) and x.grad is not None
+    # a bare nn.Linear is returned converted
+    single = convert_to_lowra(dense(), bits=4)
+    assert isinstance(single, LinearLowRA) and single.quant_state.nominal_bits == 4.0
+    with pytest.raises(ValueError, match="no nn.Linear to convert"):
+        convert_to_lowra(model, bits=2)  # nothing left to convert
+
+
+@pytest.fixture(scope="module")
+def smollm2_attention(smollm2_weights):
+    """The four attention projections of SmolLM2-135M's first decoder layer, as plain nn.Linear, plus a head."""
+    names = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+    def build():
+        model = nn.ModuleDict()
+        for n in names:
+            W = smollm2_weights[f"model.layers.0.self_attn.{n}"]
+            model[n] = nn.Linear(W.shape[1], W.shape[0], bias=False)
+            model[n].weight.data.copy_(W)
+        model["lm_head"] = nn.Linear(576, 16, bias=False)
+        return model
+
+    return build
+
+
+def weight_error(model, original) -> float:
+    return sum(float((model[n].dequantize() - original[n].weight.detach()).pow(2).sum()) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+@pytest.mark.parametrize("budget", [1.75, 2.0, 4.0])
+def test_convert_smollm2_layers(smollm2_attention, budget, tmp_path):
+    original = smollm2_attention()
+    model = convert_to_lowra(smollm2_attention(), bits=budget)
+    assert type(model["lm_head"]) is nn.Linear
+    rep = model_bits_report(model)
+    assert rep["parameters"] == 576 * 576 * 2 + 192 * 576 * 2
+    assert budget - 0.01 < rep["nominal_bits"] <= budget
+    assert rep["effective_bits"] > rep["nominal_bits"] + 0.5  # absmax and per-row tables at cols = 576
+    per_layer = [model[n].quant_state.nominal_bits for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    if budget < 2:  # one global budget over (1, 2, 4)-bit rows: layers get different shares
+        assert max(per_layer) - min(per_layer) > 0.1
+    else:  # default precisions (2, 4): at 2 and 4 bits every row has the budget's precision
+        assert per_layer == [budget] * 4
+    if budget < 2:  # the global assignment beats giving every layer the same budget (same learner, same stats)
+        per_layer_error = 0.0
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            W = original[n].weight.detach()
+            packed, state = quantize_lowra_at_bits(W, budget, compress_statistics=True)
+            per_layer_error += float((dequantize_lowra(packed, state) - W).pow(2).sum())
+        assert weight_error(model, original) < per_layer_error
+    # forward = the dense layers of the dequantized weights; state survives safetensors into a fresh model
+    x = torch.randn(3, 576)
+    for n in ("q_proj", "o_proj"):
+        torch.testing.assert_close(model[n](x), x @ model[n].dequantize().T, atol=1e-5, rtol=1e-5)
+    if budget == 1.75:
+        save_file(model.state_dict(), tmp_path / "model.safetensors")
+        fresh = nn.ModuleDict({n: LinearLowRA(576, m.out_features, bias=False) for n, m in model.items() if n != "lm_head"})
+        fresh["lm_head"] = nn.Linear(576, 16, bias=False)
+        fresh.load_state_dict(load_file(tmp_path / "model.safetensors"))
+        assert all(torch.equal(fresh[n](x), model[n](x)) for n in model)
