@@ -278,10 +278,9 @@ class QuantStateLowRA(QuantState):
             raise LowRAFormatError("lowra_row_offsets do not match the per-row bits (corrupt or mismatched state)")
         if self.nested:
             s2 = self.state2
-            groups = -(-rows * nb // s2.blocksize) if isinstance(s2.blocksize, int) and s2.blocksize > 0 else -1
-            if not isinstance(s2.blocksize, int) or s2.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+            if s2.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096) or isinstance(s2.blocksize, bool):
                 raise LowRAFormatError(f"nested_blocksize must be a power of two in [64, 4096], got {s2.blocksize!r}")
-            _check_tensor("nested_absmax", s2.absmax, torch.float32, (groups,))
+            _check_tensor("nested_absmax", s2.absmax, torch.float32, (-(-rows * nb // s2.blocksize),))
             _check_tensor("nested_quant_map", s2.code, torch.float32, (256,))
             if s2.dtype != torch.float32:
                 raise LowRAFormatError(f"nested_dtype must be float32, got {s2.dtype}")
@@ -520,13 +519,11 @@ def quantize_lowra(
     check_weight(W)
     check_blocksize(blocksize)
     rows, cols = W.shape
-    plan = bits if isinstance(bits, LowRAPlan) and codebooks is None and thresholds is None else None
-    if plan is None:
-        plan = make_plan(bits, codebooks, thresholds, rows=rows)
-    else:
-        check_bits(plan.bits, rows)
-        check_codebook(plan.codebook, plan.bits)
-        check_thresholds(plan.thresholds, plan.bits)
+    if isinstance(bits, LowRAPlan):  # e.g. a parameter's pending plan; normalized again (cheap, per-row tables)
+        if codebooks is not None or thresholds is not None:
+            raise LowRAFormatError("pass either a LowRAPlan or bits with codebooks/thresholds, not both")
+        bits, codebooks, thresholds = bits
+    plan = make_plan(bits, codebooks, thresholds, rows=rows)
     b, code, thr = (t.to(W.device).contiguous().clone() for t in plan)  # own copies: states never share storage
     offsets = row_offsets(b, cols, blocksize)
     packed, absmax = torch.ops.lowra.quantize(W.contiguous(), b, thr, offsets, blocksize)

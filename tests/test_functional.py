@@ -266,6 +266,7 @@ CORRUPTIONS = [
     ("dtype", lambda d: d.update({BLOB_KEY: blob_with(d, dtype="int8")}), "dtype must be one of"),
     ("blocksize", lambda d: d.update({BLOB_KEY: blob_with(d, blocksize=60)}), "blocksize must be a multiple of 8"),
     ("nested offset", lambda d: d.update({BLOB_KEY: blob_with(d, nested_offset="x")}), "nested_offset must be a number"),
+    ("nested blocksize", lambda d: d.update({BLOB_KEY: blob_with(d, nested_blocksize=100)}), "nested_blocksize must be"),
     ("nested blob only", lambda d: d.update({BLOB_KEY: blob_with(d, nested_offset=None)}), "missing LowRA state fields"),
     ("tensor in json", lambda d: d.update({BLOB_KEY: blob_with(d, absmax=[1.0])}), "holds tensor fields"),
 ]
