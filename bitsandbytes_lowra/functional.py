@@ -38,7 +38,6 @@ from .format import (
     check_codebook,
     check_thresholds,
     check_weight,
-    padded_cols,
     row_offsets,
     validate_layout,
 )
@@ -82,7 +81,10 @@ def _own(t: torch.Tensor) -> torch.Tensor:
 
 
 class LowRAPlan(NamedTuple):
-    """What quantization needs besides the weight: bits uint8 [rows], codebook fp16 [rows,16], thresholds fp16 [rows,15]."""
+    """What quantization needs besides the weight.
+
+    bits uint8 [rows], codebook float16 [rows, 16], thresholds float16 [rows, 15] (storage width, on the CPU).
+    """
 
     bits: torch.Tensor
     codebook: torch.Tensor
@@ -114,7 +116,8 @@ def _expand(tables, bits: torch.Tensor, slots: int, width, what: str) -> torch.T
             raise LowRAFormatError(f"{what} dict has keys {sorted(unknown)}; keys must be precisions in {ALLOWED_BITS}")
         for p in sorted(present):
             if p not in tables:
-                raise LowRAFormatError(f"{what} dict has no entry for precision {p}, which {int((bits == p).sum())} rows use")
+                n = int((bits == p).sum())
+                raise LowRAFormatError(f"{what} dict has no entry for precision {p}, which {n} rows use")
             t = tables[p]
             if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
                 raise LowRAFormatError(f"{what}[{p}] must be a float tensor, got {type(t).__name__}")
@@ -547,7 +550,9 @@ def quantize_lowra(
     return packed, state
 
 
-def dequantize_lowra(packed: torch.Tensor, quant_state: QuantStateLowRA, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_lowra(
+    packed: torch.Tensor, quant_state: QuantStateLowRA, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """The dense [rows, cols] weight, in `dtype` (default: the original dtype), each value rounded once from float32."""
     _check_pair(packed, quant_state)
     qs = quant_state
@@ -624,7 +629,8 @@ def bits_report(states) -> dict[str, float]:
         raise ValueError("bits_report needs at least one QuantStateLowRA")
     params = sum(s.rows * s.cols for s in states)
     nominal = sum(float(s.bits.double().sum()) * s.cols for s in states) / params
-    return {"parameters": params, "nominal_bits": nominal, "effective_bits": 8.0 * sum(s.nbytes for s in states) / params}
+    effective = 8.0 * sum(s.nbytes for s in states) / params
+    return {"parameters": params, "nominal_bits": nominal, "effective_bits": effective}
 
 
 def quantize_lowra_at_bits(

@@ -364,14 +364,16 @@ def test_convert_toy_model():
         convert_to_lowra(model, bits=2)  # nothing left to convert
 
 
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 @pytest.fixture(scope="module")
 def smollm2_attention(smollm2_weights):
     """The four attention projections of SmolLM2-135M's first decoder layer, as plain nn.Linear, plus a head."""
-    names = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
     def build():
         model = nn.ModuleDict()
-        for n in names:
+        for n in ATTENTION:
             W = smollm2_weights[f"model.layers.0.self_attn.{n}"]
             model[n] = nn.Linear(W.shape[1], W.shape[0], bias=False)
             model[n].weight.data.copy_(W)
@@ -382,7 +384,7 @@ def smollm2_attention(smollm2_weights):
 
 
 def weight_error(model, original) -> float:
-    return sum(float((model[n].dequantize() - original[n].weight.detach()).pow(2).sum()) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    return sum(float((model[n].dequantize() - original[n].weight.detach()).pow(2).sum()) for n in ATTENTION)
 
 
 @pytest.mark.parametrize("budget", [1.75, 2.0, 4.0])
@@ -394,14 +396,14 @@ def test_convert_smollm2_layers(smollm2_attention, budget, tmp_path):
     assert rep["parameters"] == 576 * 576 * 2 + 192 * 576 * 2
     assert budget - 0.01 < rep["nominal_bits"] <= budget
     assert rep["effective_bits"] > rep["nominal_bits"] + 0.5  # absmax and per-row tables at cols = 576
-    per_layer = [model[n].quant_state.nominal_bits for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    per_layer = [model[n].quant_state.nominal_bits for n in ATTENTION]
     if budget < 2:  # one global budget over (1, 2, 4)-bit rows: layers get different shares
         assert max(per_layer) - min(per_layer) > 0.1
     else:  # default precisions (2, 4): at 2 and 4 bits every row has the budget's precision
         assert per_layer == [budget] * 4
     if budget < 2:  # the global assignment beats giving every layer the same budget (same learner, same stats)
         per_layer_error = 0.0
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for n in ATTENTION:
             W = original[n].weight.detach()
             packed, state = quantize_lowra_at_bits(W, budget, compress_statistics=True)
             per_layer_error += float((dequantize_lowra(packed, state) - W).pow(2).sum())
@@ -412,7 +414,7 @@ def test_convert_smollm2_layers(smollm2_attention, budget, tmp_path):
         torch.testing.assert_close(model[n](x), x @ model[n].dequantize().T, atol=1e-5, rtol=1e-5)
     if budget == 1.75:
         save_file(model.state_dict(), tmp_path / "model.safetensors")
-        fresh = nn.ModuleDict({n: LinearLowRA(576, m.out_features, bias=False) for n, m in model.items() if n != "lm_head"})
+        fresh = nn.ModuleDict({n: LinearLowRA(576, model[n].out_features, bias=False) for n in ATTENTION})
         fresh["lm_head"] = nn.Linear(576, 16, bias=False)
         fresh.load_state_dict(load_file(tmp_path / "model.safetensors"))
         assert all(torch.equal(fresh[n](x), model[n](x)) for n in model)
