@@ -216,6 +216,7 @@ def _chunk_bounds(rows: int, cols: int, blocksize: int, chunk_rows: int | None, 
     return [(r0, min(rows, r0 + chunk_rows)) for r0 in range(0, rows, chunk_rows)]
 
 
+@torch.no_grad()  # weights may be nn.Parameters: no graph, whatever the caller's grad mode
 def learn_layer(
     W: torch.Tensor,
     precisions=(1, 2, 4),
