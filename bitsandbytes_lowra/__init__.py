@@ -10,3 +10,10 @@ NATIVE_DEVICES = _native_backend.register()
 
 __version__ = "0.1.0"
 __all__ = ["LowRAFormatError", "__version__"]
+
+# `import bitsandbytes_lowra` registers the "lowra" quantization method with transformers (idempotent).
+from .integrations import transformers as _transformers_integration  # noqa: E402
+from .integrations.transformers import LowRAConfig, write_plan  # noqa: E402
+
+_transformers_integration.register()
+__all__ += ["LowRAConfig", "write_plan"]
