@@ -1,0 +1,664 @@
+"""Functional API of LowRA quantization, mirroring bitsandbytes.functional (quantize_4bit / dequantize_4bit /
+QuantState / matmul_4bit).
+
+- `quantize_lowra(W, bits, codebooks, thresholds, blocksize=64, compress_statistics=False) -> (packed, state)`
+- `dequantize_lowra(packed, state, dtype=None) -> W`
+- `matmul_lowra(A, packed, state, bias=None)`: A @ W.T (+ bias), gradient w.r.t. A only (the base is frozen)
+- `QuantStateLowRA`: a bitsandbytes `QuantState` carrying the per-channel metadata (docs/format.md), serialized as
+  safetensors-safe tensors plus one small JSON blob and validated field by field on load.
+
+Codebooks and thresholds are accepted in two forms (see `make_plan`): at storage width (float tensors
+[rows, 16] / [rows, 15], slot c of row r used when c < 2^bits[r]) or compact per precision (a dict
+{bits: tensor [2^bits] shared by every row of that precision, or [rows, 2^bits] per row}). Thresholds default to the
+midpoints of the codebook (nearest-level encoding); codebooks default to the NormalFloat / Appendix F tables.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NamedTuple
+
+import torch
+from bitsandbytes import functional as bnbF
+from bitsandbytes.functional import QuantState
+from bitsandbytes.utils import pack_dict_to_tensor
+
+from . import codebooks as _codebooks
+from .format import (
+    ALLOWED_BITS,
+    CODEBOOK_SLOTS,
+    DEFAULT_BLOCKSIZE,
+    FLOAT_DTYPES,
+    META_DTYPE,
+    THRESHOLD_SLOTS,
+    LowRAFormatError,
+    blocks_per_row,
+    check_bits,
+    check_blocksize,
+    check_codebook,
+    check_thresholds,
+    check_weight,
+    row_offsets,
+    validate_layout,
+)
+
+QUANT_TYPE = "lowra"
+FORMAT_VERSION = 1
+BLOB_NAME = "bitsandbytes_lowra__mp"  # deliberately not bitsandbytes__nf4/fp4: bnb must never mistake it for its own
+BLOB_KEY = "quant_state." + BLOB_NAME
+NESTED_BLOCKSIZE = 256  # groups of absmax values in double quantization (as bitsandbytes' quantize_4bit)
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# name -> dtype of every tensor a state stores (as_dict / from_dict); "absmax" is uint8 when double-quantized.
+_TENSOR_FIELDS = {
+    "absmax": None,
+    "lowra_bits": torch.uint8,
+    "lowra_code": META_DTYPE,
+    "lowra_thresholds": META_DTYPE,
+    "lowra_row_offsets": torch.int64,
+    "nested_absmax": torch.float32,
+    "nested_quant_map": torch.float32,
+}
+_JSON_FIELDS = ("quant_type", "format_version", "blocksize", "dtype", "shape")
+_NESTED_JSON_FIELDS = ("nested_blocksize", "nested_dtype", "nested_offset")
+_NESTED_TENSORS = ("nested_absmax", "nested_quant_map")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """t itself when it owns exactly its storage, else a compact copy (safetensors rejects shared storage)."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size() and t.storage_offset() == 0:
+        return t
+    return t.contiguous().clone()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plans: bits + tables at storage width
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class LowRAPlan(NamedTuple):
+    """What quantization needs besides the weight.
+
+    bits uint8 [rows], codebook float16 [rows, 16], thresholds float16 [rows, 15] (storage width, on the CPU).
+    """
+
+    bits: torch.Tensor
+    codebook: torch.Tensor
+    thresholds: torch.Tensor
+
+    def to(self, device) -> "LowRAPlan":
+        return LowRAPlan(*(t.to(device) for t in self))
+
+
+def _as_bits(bits, rows: int) -> torch.Tensor:
+    if isinstance(bits, bool):
+        raise LowRAFormatError(f"bits must be an int or an integer tensor, got {bits!r}")
+    if isinstance(bits, int):
+        if bits not in ALLOWED_BITS:
+            raise LowRAFormatError(f"bits = {bits} is not one of {ALLOWED_BITS}")
+        return torch.full((rows,), bits, dtype=torch.uint8)
+    check_bits(bits, rows)
+    return bits.detach().cpu().to(torch.uint8)
+
+
+def _expand(tables, bits: torch.Tensor, slots: int, width, what: str) -> torch.Tensor:
+    """Tables in one of the accepted forms -> float32 [rows, slots] with unused slots zeroed."""
+    rows = bits.numel()
+    if isinstance(tables, dict):
+        out = torch.zeros(rows, slots)
+        present = set(int(b) for b in bits.unique().tolist())
+        unknown = set(tables) - set(ALLOWED_BITS)
+        if unknown:
+            raise LowRAFormatError(f"{what} dict has keys {sorted(unknown)}; keys must be precisions in {ALLOWED_BITS}")
+        for p in sorted(present):
+            if p not in tables:
+                n = int((bits == p).sum())
+                raise LowRAFormatError(f"{what} dict has no entry for precision {p}, which {n} rows use")
+            t = tables[p]
+            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+                raise LowRAFormatError(f"{what}[{p}] must be a float tensor, got {type(t).__name__}")
+            k = width(p)
+            t = t.detach().cpu().float()
+            sel = bits == p
+            if tuple(t.shape) == (k,):
+                out[sel, :k] = t
+            elif tuple(t.shape) == (rows, k):
+                out[sel, :k] = t[sel]
+            else:
+                raise LowRAFormatError(f"{what}[{p}] must have shape ({k},) or ({rows}, {k}), got {tuple(t.shape)}")
+        return out
+    if not isinstance(tables, torch.Tensor) or not tables.dtype.is_floating_point:
+        raise LowRAFormatError(f"{what} must be a float tensor [rows, {slots}] or a dict per precision")
+    if tuple(tables.shape) != (rows, slots):
+        raise LowRAFormatError(f"{what} must have shape ({rows}, {slots}) (storage width), got {tuple(tables.shape)}")
+    used = torch.arange(slots)[None, :] < torch.tensor([width(int(b)) for b in bits.tolist()])[:, None]
+    return torch.where(used, tables.detach().cpu().float(), torch.zeros(()))
+
+
+def make_plan(bits, codebooks=None, thresholds=None, rows: int | None = None) -> LowRAPlan:
+    """Validate and normalize bits and tables to storage width (float16, unused slots zero), on the CPU.
+
+    bits: int (every row) or integer tensor [rows] of values in {1, 2, 4}.
+    codebooks: None (NormalFloat / Appendix F tables), float [rows, 16], or {bits: [2^b] or [rows, 2^b]}.
+    thresholds: None (midpoints of the codebook), float [rows, 15], or {bits: [2^b - 1] or [rows, 2^b - 1]}.
+    """
+    if rows is None:
+        if not isinstance(bits, torch.Tensor):
+            raise LowRAFormatError("rows must be given when bits is a scalar")
+        rows = bits.numel()
+    b = _as_bits(bits, rows)
+    if codebooks is None and thresholds is None:
+        code16, thr16 = _codebooks.nf_tables(b)  # exactly the baseline tables of codebooks.py
+        return LowRAPlan(b, code16, thr16)
+    if codebooks is None:
+        code = _codebooks.nf_tables(b, dtype=torch.float32)[0]
+    else:
+        code = _expand(codebooks, b, CODEBOOK_SLOTS, lambda p: 2**p, "codebooks")
+    code16 = code.to(META_DTYPE)
+    if thresholds is None:
+        # Midpoints of the float16 levels, so encoding is nearest-level for the stored codebook.
+        n = 2 ** b.to(torch.int64)
+        mids = _codebooks.midpoints(code16.float())  # [rows, 15]
+        used = torch.arange(THRESHOLD_SLOTS)[None, :] < (n - 1)[:, None]
+        thr = torch.where(used, mids, torch.zeros(()))
+    else:
+        thr = _expand(thresholds, b, THRESHOLD_SLOTS, lambda p: 2**p - 1, "thresholds")
+    thr16 = thr.to(META_DTYPE)
+    check_codebook(code16, b)
+    check_thresholds(thr16, b)
+    return LowRAPlan(b, code16, thr16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantization state
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class QuantStateLowRA(QuantState):
+    """bitsandbytes QuantState of a LowRA weight: per-row bits, codebooks, thresholds and row offsets.
+
+    Inherited fields keep their bitsandbytes meaning: `absmax` (float32 [rows, nblocks], or uint8 of that shape when
+    double-quantized with `offset` and `state2`), `shape`, `dtype` (of the original weight), `blocksize`, and `code`
+    (here the per-row codebook float16 [rows, 16], also reachable as `codebook`). Construction validates everything
+    (docs/format.md "Validation"); `validate(packed)` also checks a packed buffer against it.
+    """
+
+    valid_quant_types = (QUANT_TYPE,)
+    valid_qs_type_keys = [BLOB_NAME]
+    valid_qs_keys = [*_TENSOR_FIELDS, "quant_state", *_JSON_FIELDS, *_NESTED_JSON_FIELDS]
+
+    def __init__(
+        self,
+        absmax: torch.Tensor,
+        shape,
+        bits: torch.Tensor,
+        codebook: torch.Tensor,
+        thresholds: torch.Tensor,
+        row_offsets: torch.Tensor,
+        blocksize: int = DEFAULT_BLOCKSIZE,
+        dtype: torch.dtype = torch.float32,
+        offset: torch.Tensor | None = None,
+        state2: QuantState | None = None,
+    ):
+        super().__init__(
+            absmax=absmax,
+            shape=torch.Size(shape),
+            code=codebook,
+            blocksize=blocksize,
+            quant_type=QUANT_TYPE,
+            dtype=dtype,
+            offset=offset,
+            state2=state2,
+        )
+        self.bits = bits
+        self.thresholds = thresholds
+        self.row_offsets = row_offsets
+        self._validate_metadata()
+        # Packed size as a Python int: forward passes compare against it without a device sync.
+        self.packed_nbytes = int(row_offsets[-1])
+
+    # -- accessors ------------------------------------------------------------------------------------------------
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.code
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.shape[1]
+
+    @property
+    def nominal_bits(self) -> float:
+        """Average code bits per parameter (the user's `bits=1.75`; padding not counted)."""
+        return float(self.bits.double().mean())
+
+    @property
+    def nbytes(self) -> int:
+        """Every stored byte: packed codes plus every tensor of as_dict(packed=True), JSON blob included."""
+        return self.packed_nbytes + sum(t.numel() * t.element_size() for t in self.as_dict(packed=True).values())
+
+    @property
+    def effective_bits(self) -> float:
+        """Every stored bit divided by the number of quantized parameters (docs/format.md "Bits accounting")."""
+        return 8.0 * self.nbytes / (self.rows * self.cols)
+
+    def absmax_fp32(self) -> torch.Tensor:
+        """float32 [rows, nblocks] block scales, decoded first when double-quantized (kernels take these)."""
+        if not self.nested:
+            return self.absmax
+        absmax = bnbF.dequantize_blockwise(self.absmax, self.state2) + self.offset
+        # A block of zeros can decode to a tiny negative scale; scales are non-negative by definition.
+        return absmax.float().clamp_min(0).reshape(self.rows, -1)
+
+    # -- validation -----------------------------------------------------------------------------------------------
+    def _validate_metadata(self) -> None:
+        check_blocksize(self.blocksize)
+        if len(self.shape) != 2 or self.shape[0] <= 0 or self.shape[1] <= 0:
+            raise LowRAFormatError(f"shape must be (rows, cols) with positive sizes, got {tuple(self.shape)}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise LowRAFormatError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        rows, cols = self.shape
+        nb = blocks_per_row(cols, self.blocksize)
+        for name, t, dtype, shape in (
+            ("lowra_bits", self.bits, torch.uint8, (rows,)),
+            ("lowra_code", self.code, META_DTYPE, (rows, CODEBOOK_SLOTS)),
+            ("lowra_thresholds", self.thresholds, META_DTYPE, (rows, THRESHOLD_SLOTS)),
+            ("lowra_row_offsets", self.row_offsets, torch.int64, (rows + 1,)),
+            ("absmax", self.absmax, torch.uint8 if self.nested else torch.float32, (rows, nb)),
+        ):
+            _check_tensor(name, t, dtype, shape)
+        check_bits(self.bits, rows)
+        check_codebook(self.code, self.bits)
+        check_thresholds(self.thresholds, self.bits)
+        if not torch.equal(self.row_offsets.cpu(), row_offsets(self.bits.cpu(), cols, self.blocksize)):
+            raise LowRAFormatError("lowra_row_offsets do not match the per-row bits (corrupt or mismatched state)")
+        if self.nested:
+            s2 = self.state2
+            if s2.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096) or isinstance(s2.blocksize, bool):
+                raise LowRAFormatError(f"nested_blocksize must be a power of two in [64, 4096], got {s2.blocksize!r}")
+            _check_tensor("nested_absmax", s2.absmax, torch.float32, (-(-rows * nb // s2.blocksize),))
+            _check_tensor("nested_quant_map", s2.code, torch.float32, (256,))
+            if s2.dtype != torch.float32:
+                raise LowRAFormatError(f"nested_dtype must be float32, got {s2.dtype}")
+            if not torch.isfinite(s2.absmax).all() or (s2.absmax < 0).any():
+                raise LowRAFormatError("nested_absmax contains negative or non-finite values (corrupt state)")
+            if not torch.isfinite(s2.code).all():
+                raise LowRAFormatError("nested_quant_map contains non-finite values (corrupt state)")
+            if not isinstance(self.offset, torch.Tensor) or self.offset.numel() != 1 or not torch.isfinite(self.offset):
+                raise LowRAFormatError(f"nested_offset must be one finite float, got {self.offset!r}")
+        elif not torch.isfinite(self.absmax).all() or (self.absmax < 0).any():
+            raise LowRAFormatError("absmax contains negative or non-finite values (corrupt state)")
+
+    def validate(self, packed: torch.Tensor) -> None:
+        """Check a packed buffer (and everything else, once more) against this state: format.validate_layout."""
+        if not isinstance(packed, torch.Tensor):
+            raise LowRAFormatError(f"packed codes must be a tensor, got {type(packed).__name__}")
+        validate_layout(packed, self.absmax_fp32(), self.bits, self.row_offsets, tuple(self.shape), self.blocksize)
+
+    # -- serialization --------------------------------------------------------------------------------------------
+    def as_dict(self, packed: bool = False) -> dict[str, Any]:
+        """Tensors and plain values of the state; packed=True: tensors only (own storage) plus the JSON blob,
+        ready for a state dict and safetensors."""
+        d: dict[str, Any] = {
+            "quant_type": QUANT_TYPE,
+            "format_version": FORMAT_VERSION,
+            "absmax": self.absmax,
+            "lowra_bits": self.bits,
+            "lowra_code": self.code,
+            "lowra_thresholds": self.thresholds,
+            "lowra_row_offsets": self.row_offsets,
+            "blocksize": self.blocksize,
+            "dtype": _dtype_name(self.dtype),
+            "shape": list(self.shape),
+        }
+        if self.nested:
+            d.update(
+                nested_absmax=self.state2.absmax,
+                nested_quant_map=self.state2.code,
+                nested_blocksize=self.state2.blocksize,
+                nested_dtype=_dtype_name(self.state2.dtype),
+                nested_offset=float(self.offset),
+            )
+        if not packed:
+            return d
+        out = {k: _own(v) for k, v in d.items() if isinstance(v, torch.Tensor)}
+        out[BLOB_KEY] = pack_dict_to_tensor({k: v for k, v in d.items() if not isinstance(v, torch.Tensor)})
+        return out
+
+    @classmethod
+    def from_dict(cls, qs_dict: dict[str, Any], device=None) -> "QuantStateLowRA":
+        """Rebuild a state from as_dict() output (packed or not; keys may carry a prefix such as "weight.").
+
+        Every field is validated; problems raise LowRAFormatError naming the field.
+        """
+        if not isinstance(qs_dict, dict):
+            raise LowRAFormatError(f"expected a dict of LowRA state entries, got {type(qs_dict).__name__}")
+        items = dict(qs_dict)
+        blobs = [k for k in items if "quant_state" in k.split(".")[:-1] or k == "quant_state"]
+        foreign = [k for k in blobs if k.split(".")[-1] != BLOB_NAME]
+        if foreign:
+            hint = " (a bitsandbytes nf4/fp4 state, not LowRA)" if any("bitsandbytes__" in k for k in foreign) else ""
+            raise LowRAFormatError(f"unexpected quant_state entries {sorted(foreign)}{hint}; expected {BLOB_KEY!r}")
+        if len(blobs) > 1:
+            raise LowRAFormatError(f"more than one quant_state blob: {sorted(blobs)}")
+        if blobs:
+            items.update(_unpack_blob(items.pop(blobs[0])))
+        elif "quant_type" not in items:
+            raise LowRAFormatError(f"missing the JSON blob {BLOB_KEY!r} (and no unpacked 'quant_type' field)")
+
+        fields: dict[str, Any] = {}
+        for k, v in items.items():
+            name = k.split(".")[-1]
+            if name in fields:
+                raise LowRAFormatError(f"field {name!r} given twice (key {k!r})")
+            fields[name] = v
+        unknown = sorted(n for n in fields if n not in cls.valid_qs_keys or n == "quant_state")
+        if unknown:
+            raise LowRAFormatError(f"unknown LowRA state fields {unknown}")
+        nested = "nested_absmax" in fields or "nested_offset" in fields
+        required = ["absmax", "lowra_bits", "lowra_code", "lowra_thresholds", "lowra_row_offsets", *_JSON_FIELDS]
+        if nested:
+            required += [*_NESTED_TENSORS, *_NESTED_JSON_FIELDS]
+        else:
+            stray = [n for n in (*_NESTED_TENSORS, *_NESTED_JSON_FIELDS) if n in fields]
+            if stray:
+                raise LowRAFormatError(f"nested fields {stray} given without nested_absmax/nested_offset")
+        missing = [n for n in required if n not in fields]
+        if missing:
+            raise LowRAFormatError(f"missing LowRA state fields {missing}")
+
+        if fields["quant_type"] != QUANT_TYPE:
+            raise LowRAFormatError(f"quant_type must be {QUANT_TYPE!r}, got {fields['quant_type']!r}")
+        if fields["format_version"] != FORMAT_VERSION:
+            raise LowRAFormatError(
+                f"format_version {fields['format_version']!r} is not supported (this version reads {FORMAT_VERSION})"
+            )
+        blocksize = fields["blocksize"]
+        if not isinstance(blocksize, int) or isinstance(blocksize, bool):
+            raise LowRAFormatError(f"blocksize must be an integer, got {blocksize!r}")
+        dtype = _DTYPE_NAMES.get(fields["dtype"]) if isinstance(fields["dtype"], str) else None
+        if dtype is None:
+            raise LowRAFormatError(f"dtype must be one of {sorted(_DTYPE_NAMES)}, got {fields['dtype']!r}")
+        shape = fields["shape"]
+        if (
+            not isinstance(shape, (list, tuple))
+            or len(shape) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+        ):
+            raise LowRAFormatError(f"shape must be [rows, cols] of positive integers, got {shape!r}")
+        for name in _TENSOR_FIELDS:
+            if name in fields and not isinstance(fields[name], torch.Tensor):
+                raise LowRAFormatError(f"{name} must be a tensor, got {type(fields[name]).__name__}")
+
+        offset = state2 = None
+        if nested:
+            nb_size, ndt, noff = fields["nested_blocksize"], fields["nested_dtype"], fields["nested_offset"]
+            if not isinstance(nb_size, int) or isinstance(nb_size, bool):
+                raise LowRAFormatError(f"nested_blocksize must be an integer, got {nb_size!r}")
+            if ndt != "float32":
+                raise LowRAFormatError(f"nested_dtype must be 'float32', got {ndt!r}")
+            if not isinstance(noff, (int, float)) or isinstance(noff, bool):
+                raise LowRAFormatError(f"nested_offset must be a number, got {noff!r}")
+            offset = torch.tensor(float(noff), dtype=torch.float32)
+            state2 = QuantState(
+                absmax=fields["nested_absmax"], code=fields["nested_quant_map"], blocksize=nb_size, dtype=torch.float32
+            )
+        state = cls(
+            absmax=fields["absmax"],
+            shape=tuple(shape),
+            bits=fields["lowra_bits"],
+            codebook=fields["lowra_code"],
+            thresholds=fields["lowra_thresholds"],
+            row_offsets=fields["lowra_row_offsets"],
+            blocksize=blocksize,
+            dtype=dtype,
+            offset=offset,
+            state2=state2,
+        )
+        if device is not None:
+            state.to(device)
+        return state
+
+    # -- device, equality -----------------------------------------------------------------------------------------
+    def to(self, device) -> "QuantStateLowRA":
+        """Move every tensor to `device` in place (as bitsandbytes does: modules and params share one state)."""
+        self.absmax = self.absmax.to(device)
+        self.code = self.code.to(device)
+        self.bits = self.bits.to(device)
+        self.thresholds = self.thresholds.to(device)
+        self.row_offsets = self.row_offsets.to(device)
+        if self.nested:
+            self.offset = self.offset.to(device)
+            self.state2.absmax = self.state2.absmax.to(device)
+            self.state2.code = self.state2.code.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.absmax.device
+
+    def __eq__(self, other) -> bool:
+        """Exact equality of every field (devices may differ)."""
+        if not isinstance(other, QuantStateLowRA):
+            return False
+        a, b = self.as_dict(), other.as_dict()
+        if a.keys() != b.keys():
+            return False
+        for k, v in a.items():
+            w = b[k]
+            if isinstance(v, torch.Tensor):
+                if not (isinstance(w, torch.Tensor) and v.dtype == w.dtype and torch.equal(v.cpu(), w.cpu())):
+                    return False
+            elif v != w:
+                return False
+        return True
+
+    __hash__ = None  # mutable container with value equality
+
+    def __getattr__(self, name):
+        # FSDP resolves the state-dict key "weight.quant_state.bitsandbytes_lowra__mp" attribute by attribute.
+        if name == BLOB_NAME:
+            return self.as_dict(packed=True)[BLOB_KEY]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def __repr__(self) -> str:
+        counts = {p: int((self.bits == p).sum()) for p in ALLOWED_BITS}
+        return (
+            f"QuantStateLowRA(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+            f"rows per bits={counts}, nominal_bits={self.nominal_bits:.3f}, nested={self.nested}, device={self.device})"
+        )
+
+
+def _check_tensor(name: str, t, dtype: torch.dtype, shape: tuple) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise LowRAFormatError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise LowRAFormatError(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise LowRAFormatError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _unpack_blob(blob) -> dict:
+    if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise LowRAFormatError(f"{BLOB_KEY} must be a 1-D uint8 tensor (packed JSON)")
+    try:
+        d = json.loads(bytes(blob.cpu().numpy()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LowRAFormatError(f"{BLOB_KEY} is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise LowRAFormatError(f"{BLOB_KEY} must hold a JSON object, got {type(d).__name__}")
+    tensors = sorted(k for k in d if k in _TENSOR_FIELDS)
+    if tensors:
+        raise LowRAFormatError(f"{BLOB_KEY} holds tensor fields {tensors}; they must be stored as tensors")
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantize / dequantize / matmul
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def quantize_lowra(
+    W: torch.Tensor,
+    bits,
+    codebooks=None,
+    thresholds=None,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    compress_statistics: bool = False,
+) -> tuple[torch.Tensor, QuantStateLowRA]:
+    """Quantize a [out_features, in_features] weight row by row at per-row precision.
+
+    Returns (packed uint8 [nbytes], QuantStateLowRA). The kernel runs on W's device. compress_statistics
+    double-quantizes absmax with bitsandbytes' 8-bit blockwise code (groups of 256), as bnb's quantize_4bit does.
+    See the module docstring and `make_plan` for the accepted forms of bits, codebooks and thresholds.
+    """
+    check_weight(W)
+    check_blocksize(blocksize)
+    rows, cols = W.shape
+    if isinstance(bits, LowRAPlan):  # e.g. a parameter's pending plan; normalized again (cheap, per-row tables)
+        if codebooks is not None or thresholds is not None:
+            raise LowRAFormatError("pass either a LowRAPlan or bits with codebooks/thresholds, not both")
+        bits, codebooks, thresholds = bits
+    plan = make_plan(bits, codebooks, thresholds, rows=rows)
+    b, code, thr = (t.to(W.device).contiguous().clone() for t in plan)  # own copies: states never share storage
+    offsets = row_offsets(b, cols, blocksize)
+    packed, absmax = torch.ops.lowra.quantize(W.contiguous(), b, thr, offsets, blocksize)
+    offset = state2 = None
+    if compress_statistics:
+        offset = absmax.mean()
+        qabsmax, state2 = bnbF.quantize_blockwise((absmax - offset).flatten(), blocksize=NESTED_BLOCKSIZE)
+        absmax = qabsmax.reshape(absmax.shape)
+    state = QuantStateLowRA(
+        absmax=absmax,
+        shape=(rows, cols),
+        bits=b,
+        codebook=code,
+        thresholds=thr,
+        row_offsets=offsets,
+        blocksize=blocksize,
+        dtype=W.dtype,
+        offset=offset,
+        state2=state2,
+    )
+    return packed, state
+
+
+def dequantize_lowra(
+    packed: torch.Tensor, quant_state: QuantStateLowRA, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The dense [rows, cols] weight, in `dtype` (default: the original dtype), each value rounded once from float32."""
+    _check_pair(packed, quant_state)
+    qs = quant_state
+    return torch.ops.lowra.dequantize(
+        packed, qs.absmax_fp32(), qs.bits, qs.code, qs.row_offsets, qs.blocksize, list(qs.shape),
+        qs.dtype if dtype is None else dtype,
+    )
+
+
+def _check_pair(packed, quant_state) -> None:
+    if not isinstance(quant_state, QuantStateLowRA):
+        raise LowRAFormatError(f"quant_state must be a QuantStateLowRA, got {type(quant_state).__name__}")
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise LowRAFormatError("packed codes must be a 1-D uint8 tensor")
+    if packed.numel() != quant_state.packed_nbytes:
+        raise LowRAFormatError(
+            f"packed buffer has {packed.numel()} bytes but the state describes {quant_state.packed_nbytes} "
+            "(mismatched weight and quant_state)"
+        )
+    if packed.device != quant_state.device:
+        raise LowRAFormatError(f"packed codes are on {packed.device} but the quant_state is on {quant_state.device}")
+
+
+def _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias):
+    # The single place the forward kernel is chosen: a fused dequantize-matmul op replaces these two lines.
+    W = torch.ops.lowra.dequantize(packed, absmax, bits, code, offsets, blocksize, shape, A.dtype)
+    return torch.nn.functional.linear(A, W, bias)
+
+
+class MatMulLowRA(torch.autograd.Function):
+    """A @ W.T + bias with W = dequantize(packed); gradients for A and bias only (the quantized base is frozen).
+
+    W is recomputed in backward rather than saved, so training holds only the packed weight (as bnb's MatMul4Bit).
+    """
+
+    @staticmethod
+    def forward(ctx, A, packed, absmax, bits, code, offsets, blocksize: int, shape: list[int], bias):
+        ctx.save_for_backward(packed, absmax, bits, code, offsets)
+        ctx.blocksize, ctx.shape = blocksize, shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_A = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            packed, absmax, bits, code, offsets = ctx.saved_tensors
+            W = torch.ops.lowra.dequantize(packed, absmax, bits, code, offsets, ctx.blocksize, ctx.shape, grad.dtype)
+            grad_A = torch.matmul(grad, W)
+        if ctx.needs_input_grad[8]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_A, None, None, None, None, None, None, None, grad_bias
+
+
+def matmul_lowra(
+    A: torch.Tensor, packed: torch.Tensor, quant_state: QuantStateLowRA, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A @ W.T (+ bias) computed in A's dtype, W the dequantized LowRA weight (cf. bitsandbytes.matmul_4bit)."""
+    _check_pair(packed, quant_state)
+    qs = quant_state
+    if A.shape[-1] != qs.cols:
+        raise ValueError(f"input has {A.shape[-1]} features, the quantized weight expects {qs.cols}")
+    if bias is not None and bias.dtype != A.dtype:
+        bias = bias.to(A.dtype)
+    return MatMulLowRA.apply(
+        A, packed, qs.absmax_fp32(), qs.bits, qs.code, qs.row_offsets, qs.blocksize, list(qs.shape), bias
+    )
+
+
+def bits_report(states) -> dict[str, float]:
+    """Nominal and effective bits over several quantized matrices (docs/format.md "Bits accounting")."""
+    states = list(states)
+    if not states:
+        raise ValueError("bits_report needs at least one QuantStateLowRA")
+    params = sum(s.rows * s.cols for s in states)
+    nominal = sum(float(s.bits.double().sum()) * s.cols for s in states) / params
+    effective = 8.0 * sum(s.nbytes for s in states) / params
+    return {"parameters": params, "nominal_bits": nominal, "effective_bits": effective}
+
+
+def quantize_lowra_at_bits(
+    W: torch.Tensor,
+    bits: float = 1.75,
+    precisions=None,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    iterations: int = 2,
+    mode: str = "per_channel",
+    method: str = "greedy",
+    compress_statistics: bool = False,
+    **assign_kwargs,
+) -> tuple[torch.Tensor, QuantStateLowRA]:
+    """Learn tables (learner.learn_layer), assign per-row precisions for an average of `bits` code bits over this
+    one matrix (assigner.assign_precisions), then quantize. For a budget shared by many layers use
+    convert.convert_to_lowra. precisions defaults to assigner.default_precisions(bits): (1, 2, 4) below 2 bits,
+    (2, 4) from 2 bits on. The nominal bits of the result never exceed `bits`."""
+    import numpy as np
+
+    from .assigner import assign_precisions, default_precisions
+    from .learner import learn_layer, tables_for_bits
+
+    check_weight(W)
+    precisions = tuple(default_precisions(bits) if precisions is None else precisions)
+    fits = learn_layer(W, precisions, blocksize=blocksize, iterations=iterations, mode=mode)
+    errors = torch.stack([fits[p].error for p in precisions], dim=1).cpu().numpy()
+    sizes = np.full(W.shape[0], W.shape[1], dtype=np.int64)
+    assignment = assign_precisions(errors, sizes, bits, precisions, method=method, **assign_kwargs)
+    row_bits = torch.from_numpy(assignment.bits.astype(np.uint8)).to(W.device)
+    code, thr = tables_for_bits(fits, row_bits)
+    return quantize_lowra(W, row_bits, code, thr, blocksize=blocksize, compress_statistics=compress_statistics)
