@@ -11,6 +11,35 @@ NATIVE_DEVICES = _native_backend.register()
 __version__ = "0.1.0"
 __all__ = ["LowRAFormatError", "__version__"]
 
+# The quantized layer (functional API, QuantStateLowRA, ParamsLowRA / LinearLowRA, module conversion).
+from .functional import (  # noqa: E402
+    QuantStateLowRA,
+    dequantize_lowra,
+    matmul_lowra,
+    quantize_lowra,
+    quantize_lowra_at_bits,
+)
+from .nn import LinearLowRA, ParamsLowRA  # noqa: E402
+from .convert import convert_to_lowra, model_bits_report  # noqa: E402
+
+__all__ += [
+    "QuantStateLowRA",
+    "quantize_lowra",
+    "dequantize_lowra",
+    "matmul_lowra",
+    "quantize_lowra_at_bits",
+    "ParamsLowRA",
+    "LinearLowRA",
+    "convert_to_lowra",
+    "model_bits_report",
+]
+
+# `import bitsandbytes_lowra` registers the "lowra" quantization method with transformers (idempotent).
+from .integrations import transformers as _transformers_integration  # noqa: E402
+from .integrations.transformers import LowRAConfig, write_plan  # noqa: E402
+
+_transformers_integration.register()
+__all__ += ["LowRAConfig", "write_plan"]
 
 def _load_peft_integration_with_peft() -> None:
     """peft dispatches LinearLowRA to our LoRA layer (integrations/peft.py). That module loads as soon as peft is

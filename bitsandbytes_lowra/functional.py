@@ -38,7 +38,6 @@ from .format import (
     check_codebook,
     check_thresholds,
     check_weight,
-    padded_cols,
     row_offsets,
     validate_layout,
 )
@@ -82,7 +81,10 @@ def _own(t: torch.Tensor) -> torch.Tensor:
 
 
 class LowRAPlan(NamedTuple):
-    """What quantization needs besides the weight: bits uint8 [rows], codebook fp16 [rows,16], thresholds fp16 [rows,15]."""
+    """What quantization needs besides the weight.
+
+    bits uint8 [rows], codebook float16 [rows, 16], thresholds float16 [rows, 15] (storage width, on the CPU).
+    """
 
     bits: torch.Tensor
     codebook: torch.Tensor
@@ -114,7 +116,8 @@ def _expand(tables, bits: torch.Tensor, slots: int, width, what: str) -> torch.T
             raise LowRAFormatError(f"{what} dict has keys {sorted(unknown)}; keys must be precisions in {ALLOWED_BITS}")
         for p in sorted(present):
             if p not in tables:
-                raise LowRAFormatError(f"{what} dict has no entry for precision {p}, which {int((bits == p).sum())} rows use")
+                n = int((bits == p).sum())
+                raise LowRAFormatError(f"{what} dict has no entry for precision {p}, which {n} rows use")
             t = tables[p]
             if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
                 raise LowRAFormatError(f"{what}[{p}] must be a float tensor, got {type(t).__name__}")
@@ -278,10 +281,9 @@ class QuantStateLowRA(QuantState):
             raise LowRAFormatError("lowra_row_offsets do not match the per-row bits (corrupt or mismatched state)")
         if self.nested:
             s2 = self.state2
-            groups = -(-rows * nb // s2.blocksize) if isinstance(s2.blocksize, int) and s2.blocksize > 0 else -1
-            if not isinstance(s2.blocksize, int) or s2.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+            if s2.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096) or isinstance(s2.blocksize, bool):
                 raise LowRAFormatError(f"nested_blocksize must be a power of two in [64, 4096], got {s2.blocksize!r}")
-            _check_tensor("nested_absmax", s2.absmax, torch.float32, (groups,))
+            _check_tensor("nested_absmax", s2.absmax, torch.float32, (-(-rows * nb // s2.blocksize),))
             _check_tensor("nested_quant_map", s2.code, torch.float32, (256,))
             if s2.dtype != torch.float32:
                 raise LowRAFormatError(f"nested_dtype must be float32, got {s2.dtype}")
@@ -520,13 +522,11 @@ def quantize_lowra(
     check_weight(W)
     check_blocksize(blocksize)
     rows, cols = W.shape
-    plan = bits if isinstance(bits, LowRAPlan) and codebooks is None and thresholds is None else None
-    if plan is None:
-        plan = make_plan(bits, codebooks, thresholds, rows=rows)
-    else:
-        check_bits(plan.bits, rows)
-        check_codebook(plan.codebook, plan.bits)
-        check_thresholds(plan.thresholds, plan.bits)
+    if isinstance(bits, LowRAPlan):  # e.g. a parameter's pending plan; normalized again (cheap, per-row tables)
+        if codebooks is not None or thresholds is not None:
+            raise LowRAFormatError("pass either a LowRAPlan or bits with codebooks/thresholds, not both")
+        bits, codebooks, thresholds = bits
+    plan = make_plan(bits, codebooks, thresholds, rows=rows)
     b, code, thr = (t.to(W.device).contiguous().clone() for t in plan)  # own copies: states never share storage
     offsets = row_offsets(b, cols, blocksize)
     packed, absmax = torch.ops.lowra.quantize(W.contiguous(), b, thr, offsets, blocksize)
@@ -550,7 +550,9 @@ def quantize_lowra(
     return packed, state
 
 
-def dequantize_lowra(packed: torch.Tensor, quant_state: QuantStateLowRA, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_lowra(
+    packed: torch.Tensor, quant_state: QuantStateLowRA, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """The dense [rows, cols] weight, in `dtype` (default: the original dtype), each value rounded once from float32."""
     _check_pair(packed, quant_state)
     qs = quant_state
@@ -627,4 +629,36 @@ def bits_report(states) -> dict[str, float]:
         raise ValueError("bits_report needs at least one QuantStateLowRA")
     params = sum(s.rows * s.cols for s in states)
     nominal = sum(float(s.bits.double().sum()) * s.cols for s in states) / params
-    return {"parameters": params, "nominal_bits": nominal, "effective_bits": 8.0 * sum(s.nbytes for s in states) / params}
+    effective = 8.0 * sum(s.nbytes for s in states) / params
+    return {"parameters": params, "nominal_bits": nominal, "effective_bits": effective}
+
+
+def quantize_lowra_at_bits(
+    W: torch.Tensor,
+    bits: float = 1.75,
+    precisions=None,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    iterations: int = 2,
+    mode: str = "per_channel",
+    method: str = "greedy",
+    compress_statistics: bool = False,
+    **assign_kwargs,
+) -> tuple[torch.Tensor, QuantStateLowRA]:
+    """Learn tables (learner.learn_layer), assign per-row precisions for an average of `bits` code bits over this
+    one matrix (assigner.assign_precisions), then quantize. For a budget shared by many layers use
+    convert.convert_to_lowra. precisions defaults to assigner.default_precisions(bits): (1, 2, 4) below 2 bits,
+    (2, 4) from 2 bits on. The nominal bits of the result never exceed `bits`."""
+    import numpy as np
+
+    from .assigner import assign_precisions, default_precisions
+    from .learner import learn_layer, tables_for_bits
+
+    check_weight(W)
+    precisions = tuple(default_precisions(bits) if precisions is None else precisions)
+    fits = learn_layer(W, precisions, blocksize=blocksize, iterations=iterations, mode=mode)
+    errors = torch.stack([fits[p].error for p in precisions], dim=1).cpu().numpy()
+    sizes = np.full(W.shape[0], W.shape[1], dtype=np.int64)
+    assignment = assign_precisions(errors, sizes, bits, precisions, method=method, **assign_kwargs)
+    row_bits = torch.from_numpy(assignment.bits.astype(np.uint8)).to(W.device)
+    code, thr = tables_for_bits(fits, row_bits)
+    return quantize_lowra(W, row_bits, code, thr, blocksize=blocksize, compress_statistics=compress_statistics)

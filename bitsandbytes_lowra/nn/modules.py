@@ -133,6 +133,8 @@ class ParamsLowRA(nn.Parameter):
                 "ParamsLowRA has no quantization plan: call weight.set_plan(bits, codebooks, thresholds) (or build the "
                 "layer with LinearLowRA.from_linear / convert_to_lowra) before moving it to a device"
             )
+        if self.is_meta:
+            raise LowRAFormatError("the dense weight is on the meta device: load its values before quantizing")
         w = self.data.contiguous().to(device)
         packed, state = quantize_lowra(
             w, self.lowra_plan, blocksize=self.blocksize, compress_statistics=self.compress_statistics

@@ -1,0 +1,420 @@
+"""ParamsLowRA and LinearLowRA, modelled on what bitsandbytes tests for Params4bit / Linear4bit."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bitsandbytes_lowra.convert import convert_to_lowra, linear_targets, model_bits_report
+from bitsandbytes_lowra.format import LowRAFormatError
+from bitsandbytes_lowra.functional import dequantize_lowra, quantize_lowra, quantize_lowra_at_bits
+from bitsandbytes_lowra.nn import LinearLowRA, ParamsLowRA
+
+from .conftest import devices
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def mixed_bits(rows: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.tensor([1, 2, 4], dtype=torch.uint8)[torch.randint(0, 3, (rows,), generator=g)]
+
+
+def dense(in_f=200, out_f=48, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f, bias=bias)
+
+
+def quantized(nested=True, bias=True, device="cpu", **kw):
+    lin = dense(bias=bias)
+    return LinearLowRA.from_linear(lin, mixed_bits(48), compress_statistics=nested, device=device, **kw)
+
+
+def reference_linear(q: LinearLowRA, dtype) -> nn.Linear:
+    """The dense layer built from the dequantized weight, in `dtype`."""
+    ref = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=q.bias.device, dtype=dtype)
+    with torch.no_grad():
+        ref.weight.copy_(q.dequantize(dtype))
+        if q.bias is not None:
+            ref.bias.copy_(q.bias)
+    return ref
+
+
+# --------------------------------------------------------------------------------------------------------------
+# quantize on first move, idempotent afterwards
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", devices())
+def test_quantizes_on_first_move_then_moves_only(device):
+    layer = LinearLowRA(200, 48, compress_statistics=False)
+    w = layer.weight.data.clone()
+    layer.weight.set_plan(mixed_bits(48))
+    assert not layer.is_quantized and layer.weight.dtype == torch.float32
+    layer.to(device)
+    assert layer.weight.dtype == torch.uint8 and layer.weight.lowra_quantized and layer.weight.device.type == device
+    assert layer.quant_state is layer.weight.quant_state and layer.weight.lowra_plan is None
+    packed, state = quantize_lowra(w.to(device), mixed_bits(48))
+    assert torch.equal(layer.weight.data, packed) and layer.quant_state == state
+    before = layer.weight.data.clone()
+    layer.to(device)  # idempotent: no re-quantization of packed codes
+    layer.to(torch.float16)  # float casts leave packed codes alone
+    assert torch.equal(layer.weight.data, before) and layer.weight.dtype == torch.uint8
+    assert layer.bias.dtype == torch.float16 and layer.quant_state == state
+
+
+def test_move_without_plan_is_a_clear_error():
+    layer = LinearLowRA(64, 16)
+    with pytest.raises(LowRAFormatError, match="no quantization plan"):
+        layer.to("cpu")
+    with pytest.raises(RuntimeError, match="not quantized yet"):
+        LinearLowRA(64, 16, device="meta").to("meta")(torch.randn(2, 64, device="meta"))
+    with pytest.raises(LowRAFormatError, match="already quantized"):
+        quantized().weight.set_plan(2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("nested", [False, True])
+def test_device_moves_cpu_cuda(nested):
+    q = quantized(nested=nested)
+    x = torch.randn(4, 200)
+    y_cpu = q(x)
+    packed, state = q.weight.data.clone(), copy.deepcopy(q.quant_state)
+    q.cuda()
+    assert q.weight.is_cuda and q.quant_state.device.type == "cuda" and q.weight.quant_state is q.quant_state
+    assert isinstance(q.weight, ParamsLowRA) and torch.equal(q.weight.data.cpu(), packed)
+    torch.testing.assert_close(q(x.cuda()).cpu(), y_cpu, atol=1e-5, rtol=1e-5)
+    q.cpu()
+    assert torch.equal(q.weight.data, packed) and q.quant_state == state and torch.equal(q(x), y_cpu)
+
+
+@pytest.mark.cuda
+def test_quantize_on_cuda_equals_cpu():
+    lin = dense()
+    a = LinearLowRA.from_linear(lin, mixed_bits(48), device="cuda", compress_statistics=False)
+    b = LinearLowRA.from_linear(lin, mixed_bits(48), device="cpu", compress_statistics=False)
+    assert torch.equal(a.weight.data.cpu(), b.weight.data) and a.quant_state == b.quant_state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# forward / backward equal the dense layer of the dequantized weight
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("nested", [False, True])
+def test_forward_backward_equal_dense(device, dtype, nested):
+    q = quantized(nested=nested, device=device)
+    q.bias.data = q.bias.data.to(dtype)
+    ref = reference_linear(q, dtype)
+    x = torch.randn(3, 5, 200, device=device, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = q(x), ref(x_ref)
+    assert y.dtype == dtype and y.shape == (3, 5, 48)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    tol = TOL[dtype]
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(q.bias.grad, ref.bias.grad, atol=tol, rtol=tol)
+    assert q.weight.grad is None and not q.weight.requires_grad
+
+
+def test_compute_dtype_and_no_grad():
+    q = quantized(compute_dtype=torch.bfloat16)
+    x = torch.randn(4, 200)
+    with torch.no_grad():
+        y = q(x)
+    assert y.dtype == torch.float32 and not y.requires_grad
+    ref = reference_linear(q, torch.bfloat16)
+    torch.testing.assert_close(y, ref(x.bfloat16()).float(), atol=0, rtol=0)
+    # no bias
+    q = quantized(bias=False)
+    torch.testing.assert_close(q(x), x @ q.dequantize().T)
+
+
+def test_autocast_behaves_like_nn_linear():
+    q = quantized()
+    ref = reference_linear(q, torch.float32)
+    x = torch.randn(4, 200, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = q(x), ref(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_torch_compile_fullgraph(nested):
+    """No graph break: the lowra ops have fake kernels and the autograd Function is traceable."""
+    torch._dynamo.reset()
+    q = quantized(nested=nested)
+    x = torch.randn(2, 7, 200, requires_grad=True)
+    compiled = torch.compile(q, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    y2 = q(x2)
+    y2.sum().backward()
+    assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# state dict, safetensors, pickle, deepcopy
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_state_dict_safetensors_round_trip(tmp_path, nested):
+    q = quantized(nested=nested)
+    sd = q.state_dict()
+    assert sd["weight"].dtype == torch.uint8 and type(sd["weight"]) is torch.Tensor
+    assert "weight.quant_state.bitsandbytes_lowra__mp" in sd and "weight.lowra_bits" in sd
+    assert ("weight.nested_absmax" in sd) == nested
+    save_file(sd, tmp_path / "layer.safetensors")
+    fresh = LinearLowRA(200, 48, compress_statistics=not nested)  # settings come from the file
+    result = fresh.load_state_dict(load_file(tmp_path / "layer.safetensors"))
+    assert not result.missing_keys and not result.unexpected_keys
+    assert isinstance(fresh.weight, ParamsLowRA) and fresh.weight.module is fresh
+    assert fresh.quant_state is fresh.weight.quant_state and fresh.quant_state == q.quant_state
+    assert fresh.compress_statistics == nested
+    x = torch.randn(6, 200)
+    assert torch.equal(fresh(x), q(x))
+    # and the fresh module saves the same dict again
+    again = fresh.state_dict()
+    assert again.keys() == sd.keys() and all(torch.equal(again[k], sd[k]) for k in sd)
+
+
+def test_load_into_meta_module_and_dense_round_trip():
+    q = quantized()
+    meta = LinearLowRA(200, 48, device="meta")
+    meta.load_state_dict(q.state_dict(), assign=True)
+    x = torch.randn(3, 200)
+    assert meta.weight.device.type == "cpu" and torch.equal(meta(x), q(x))
+    # an unquantized LinearLowRA loads a dense nn.Linear state dict like nn.Linear
+    lin = dense()
+    layer = LinearLowRA(200, 48)
+    layer.load_state_dict(lin.state_dict())
+    assert torch.equal(layer.weight.data, lin.weight.data)
+
+
+def corrupt_bits(sd):
+    sd["weight.lowra_bits"] = sd["weight.lowra_bits"].clone()
+    sd["weight.lowra_bits"][0] = 7
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (corrupt_bits, r"weight: .*bits\[0\] = 7 is not one of"),
+        (lambda sd: sd.update(weight=sd["weight"][:-3]), "weight: packed buffer has"),
+        (lambda sd: sd.pop("weight.quant_state.bitsandbytes_lowra__mp"), "weight: missing the JSON blob"),
+        (lambda sd: sd.update({"weight.lowra_extra": torch.ones(1)}), r"unknown LowRA state fields \['lowra_extra'\]"),
+        (lambda sd: sd.update({"weight.absmax": sd["weight.absmax"].float()}), "absmax must be torch.uint8"),
+    ],
+    ids=["bits", "truncated", "no blob", "extra key", "absmax dtype"],
+)
+def test_corrupt_state_dict_rejected(corrupt, match):
+    sd = dict(quantized().state_dict())
+    corrupt(sd)
+    with pytest.raises(LowRAFormatError, match=match):
+        LinearLowRA(200, 48).load_state_dict(sd)
+
+
+def test_mismatched_state_dict_rejected():
+    sd = quantized().state_dict()
+    with pytest.raises(LowRAFormatError, match=r"shape \(48, 200\), this layer is \(32, 200\)"):
+        LinearLowRA(200, 32).load_state_dict({k: v for k, v in sd.items() if k != "bias"}, strict=False)
+    with pytest.raises(LowRAFormatError, match="dense weight without LowRA state"):
+        quantized().load_state_dict(dense().state_dict())
+    missing = {k: v for k, v in sd.items() if k != "weight"}
+    result = LinearLowRA(200, 48).load_state_dict(missing, strict=False)
+    assert result.missing_keys == ["weight"]
+
+
+def test_pickle_and_deepcopy():
+    q = quantized()
+    x = torch.randn(3, 200)
+    y = q(x)
+    for clone in (pickle.loads(pickle.dumps(q)), copy.deepcopy(q)):
+        assert isinstance(clone.weight, ParamsLowRA) and clone.weight.module is clone
+        assert clone.quant_state is clone.weight.quant_state and clone.quant_state is not q.quant_state
+        assert clone.quant_state == q.quant_state and torch.equal(clone(x), y)
+    w = pickle.loads(pickle.dumps(q.weight))
+    assert isinstance(w, ParamsLowRA) and w.lowra_quantized and w.quant_state == q.quant_state and w.module is None
+    w = copy.deepcopy(q.weight)
+    assert isinstance(w, ParamsLowRA) and w.quant_state == q.quant_state and w.data_ptr() != q.weight.data_ptr()
+    assert copy.copy(q.weight).quant_state is q.quant_state
+    # a pending plan survives too
+    layer = LinearLowRA(200, 48)
+    layer.weight.set_plan(2)
+    clone = pickle.loads(pickle.dumps(layer)).to("cpu")
+    assert clone.quant_state.nominal_bits == 2.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ParamsLowRA rebuilt by wrappers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_params_rebuilt_without_metadata_recover_from_module():
+    """Wrappers (accelerate, FSDP) rebuild parameters as cls(data, requires_grad=...) or plain nn.Parameter."""
+    q = quantized()
+    x = torch.randn(3, 200)
+    y = q(x)
+    q.weight = ParamsLowRA(q.weight.data, requires_grad=False)
+    assert q.weight.lowra_quantized and q.weight.quant_state is None
+    assert torch.equal(q(x), y) and q.weight.quant_state is q.quant_state
+    q.weight = nn.Parameter(q.weight.data, requires_grad=False)
+    assert torch.equal(q(x), y) and isinstance(q.weight, ParamsLowRA)
+    q.weight = nn.Parameter(q.weight.data, requires_grad=False)
+    assert "weight.lowra_bits" in q.state_dict()
+    with pytest.raises(ValueError, match="frozen"):
+        ParamsLowRA(q.weight.data, requires_grad=True)
+
+
+def test_params_transformers_style_rebuild():
+    """transformers builds ParamsLowRA(value, requires_grad=False, **old.__dict__).to(value.device)."""
+    layer = LinearLowRA(200, 48, device="meta")
+    layer.weight.set_plan(mixed_bits(48))
+    old = layer.weight
+    value = dense().weight.detach()
+    new = ParamsLowRA(value, requires_grad=False, **old.__dict__, _is_hf_initialized=True).to(value.device)
+    layer.weight = new
+    assert layer.quant_state is new.quant_state and new.lowra_quantized
+    packed, state = quantize_lowra(value, mixed_bits(48), compress_statistics=True)
+    assert torch.equal(new.data, packed) and new.quant_state == state
+
+
+def test_from_prequantized_and_chunk():
+    q = quantized()
+    stats = q.quant_state.as_dict(packed=True)
+    layer = LinearLowRA(200, 48, device="meta")
+    w = ParamsLowRA.from_prequantized(q.weight.data, stats, device="cpu", module=layer)
+    assert layer.quant_state is w.quant_state and w.quant_state == q.quant_state and w.compress_statistics
+    layer.weight = w
+    layer.bias = q.bias
+    x = torch.randn(2, 200)
+    assert torch.equal(layer(x), q(x))
+    with pytest.raises(LowRAFormatError, match="packed buffer has"):
+        ParamsLowRA.from_prequantized(q.weight.data[:-1], stats)
+    parts = torch.chunk(q.weight, 2)
+    assert all(isinstance(p, ParamsLowRA) and p.quant_state is q.quant_state for p in parts)
+    assert sum(p.numel() for p in parts) == q.weight.numel()
+    parts = torch.split(q.weight, 100)
+    assert isinstance(parts[0], ParamsLowRA) and parts[0].lowra_quantized
+    # FSDP-style attribute access
+    assert q.weight.lowra_bits is q.quant_state.bits and q.weight.absmax is q.quant_state.absmax
+    assert torch.equal(q.quant_state.bitsandbytes_lowra__mp, stats["quant_state.bitsandbytes_lowra__mp"])
+
+
+def test_from_linear_keeps_bias_and_training_mode():
+    lin = dense().eval()
+    q = LinearLowRA.from_linear(lin, 4, compress_statistics=False)
+    assert not q.training and torch.equal(q.bias, lin.bias) and q.bias.data_ptr() != lin.bias.data_ptr()
+    assert q.quant_state.nominal_bits == 4.0 and "bits=4.000" in repr(q)
+    with pytest.raises(TypeError, match="already a LinearLowRA"):
+        LinearLowRA.from_linear(q, 4)
+    rel = (q.dequantize() - lin.weight).norm() / lin.weight.norm()
+    assert rel < 0.12, rel
+
+
+# --------------------------------------------------------------------------------------------------------------
+# convert_to_lowra: every nn.Linear of a model under one budget
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 128), nn.LayerNorm(128))
+        self.attn = nn.MultiheadAttention(128, 4, batch_first=True)  # out_proj is an nn.Linear subclass
+        self.lm_head = nn.Linear(128, 10)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.lm_head(self.attn(h, h, h)[0])
+
+
+def test_convert_toy_model():
+    model = Toy()
+    assert linear_targets(model) == ["body.0", "body.2"]
+    assert linear_targets(model, skip=("body.*",)) == ["lm_head"]
+    convert_to_lowra(model, bits=2.5, skip=("lm_head",), compress_statistics=False)
+    assert isinstance(model.body[0], LinearLowRA) and isinstance(model.body[2], LinearLowRA)
+    assert type(model.lm_head) is nn.Linear and type(model.attn.out_proj) is not LinearLowRA
+    rep = model_bits_report(model)
+    assert rep["parameters"] == 2 * 128 * 64 and 2.4 < rep["nominal_bits"] <= 2.5
+    x = torch.randn(2, 5, 128)
+    y = model(x)  # the whole model still runs, gradients reach the input
+    x.requires_grad_()
+    model(x).sum().backward()
+    assert y.shape == (2, 5, 10) and x.grad is not None
+    # a bare nn.Linear is returned converted
+    single = convert_to_lowra(dense(), bits=4)
+    assert isinstance(single, LinearLowRA) and single.quant_state.nominal_bits == 4.0
+    with pytest.raises(ValueError, match="no nn.Linear to convert"):
+        convert_to_lowra(model, bits=2)  # nothing left to convert
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@pytest.fixture(scope="module")
+def smollm2_attention(smollm2_weights):
+    """The four attention projections of SmolLM2-135M's first decoder layer, as plain nn.Linear, plus a head."""
+
+    def build():
+        model = nn.ModuleDict()
+        for n in ATTENTION:
+            W = smollm2_weights[f"model.layers.0.self_attn.{n}"]
+            model[n] = nn.Linear(W.shape[1], W.shape[0], bias=False)
+            model[n].weight.data.copy_(W)
+        model["lm_head"] = nn.Linear(576, 16, bias=False)
+        return model
+
+    return build
+
+
+def weight_error(model, original) -> float:
+    return sum(float((model[n].dequantize() - original[n].weight.detach()).pow(2).sum()) for n in ATTENTION)
+
+
+@pytest.mark.parametrize("budget", [1.75, 2.0, 4.0])
+def test_convert_smollm2_layers(smollm2_attention, budget, tmp_path):
+    original = smollm2_attention()
+    model = convert_to_lowra(smollm2_attention(), bits=budget)
+    assert type(model["lm_head"]) is nn.Linear
+    rep = model_bits_report(model)
+    assert rep["parameters"] == 576 * 576 * 2 + 192 * 576 * 2
+    assert budget - 0.01 < rep["nominal_bits"] <= budget
+    assert rep["effective_bits"] > rep["nominal_bits"] + 0.5  # absmax and per-row tables at cols = 576
+    per_layer = [model[n].quant_state.nominal_bits for n in ATTENTION]
+    if budget < 2:  # one global budget over (1, 2, 4)-bit rows: layers get different shares
+        assert max(per_layer) - min(per_layer) > 0.1
+    else:  # default precisions (2, 4): at 2 and 4 bits every row has the budget's precision
+        assert per_layer == [budget] * 4
+    if budget < 2:  # the global assignment beats giving every layer the same budget (same learner, same stats)
+        per_layer_error = 0.0
+        for n in ATTENTION:
+            W = original[n].weight.detach()
+            packed, state = quantize_lowra_at_bits(W, budget, compress_statistics=True)
+            per_layer_error += float((dequantize_lowra(packed, state) - W).pow(2).sum())
+        assert weight_error(model, original) < per_layer_error
+    # forward = the dense layers of the dequantized weights; state survives safetensors into a fresh model
+    x = torch.randn(3, 576)
+    for n in ("q_proj", "o_proj"):
+        torch.testing.assert_close(model[n](x), x @ model[n].dequantize().T, atol=1e-5, rtol=1e-5)
+    if budget == 1.75:
+        save_file(model.state_dict(), tmp_path / "model.safetensors")
+        fresh = nn.ModuleDict({n: LinearLowRA(576, model[n].out_features, bias=False) for n in ATTENTION})
+        fresh["lm_head"] = nn.Linear(576, 16, bias=False)
+        fresh.load_state_dict(load_file(tmp_path / "model.safetensors"))
+        assert all(torch.equal(fresh[n](x), model[n](x)) for n in model)
