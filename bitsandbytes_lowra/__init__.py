@@ -41,6 +41,7 @@ from .integrations.transformers import LowRAConfig, write_plan  # noqa: E402
 _transformers_integration.register()
 __all__ += ["LowRAConfig", "write_plan"]
 
+
 def _load_peft_integration_with_peft() -> None:
     """peft dispatches LinearLowRA to our LoRA layer (integrations/peft.py). That module loads as soon as peft is
     imported, before or after us, so `import bitsandbytes_lowra` alone never pays for importing peft."""

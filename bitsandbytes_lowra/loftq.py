@@ -246,14 +246,20 @@ def loftq_linear(
     iterations: int = DEFAULT_ITERATIONS,
     init: str = "loftq",
     svd_niter: int | None = None,
+    plan: LowRAPlan | None = None,
 ) -> LoftQResult:
     """Quantize the dense weight W into `layer` (a LinearLowRA) with LoftQ / PiSSA under the layer's plan.
 
     The layer gets the quantized residual as its weight (on W's device) and stores the scale-free adapter
     initialization (`store_init`), which the peft integration applies to every adapter created on this layer.
-    This is the hook the transformers quantizer calls when LowRAConfig asks for LoftQ.
+    `plan` overrides the layer's own (a layer still on meta, as in from_pretrained, has none); blocksize and
+    compress_statistics then come from the layer's attributes. This is the hook for the transformers quantizer when
+    LowRAConfig asks for LoftQ: it returns `layer.weight` as the loaded parameter.
     """
-    plan, blocksize, compress = layer_plan(layer)
+    if plan is None:
+        plan, blocksize, compress = layer_plan(layer)
+    else:
+        blocksize, compress = layer.blocksize, layer.compress_statistics
     if tuple(W.shape) != (layer.out_features, layer.in_features):
         raise ValueError(f"W has shape {tuple(W.shape)}, the layer is ({layer.out_features}, {layer.in_features})")
     res = lowra_loftq(

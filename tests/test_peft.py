@@ -1,9 +1,10 @@
 """peft LoRA on LinearLowRA: dispatch, forward, training, merge, adapters, save/load, LoftQ through peft.
 
-The model is SmolLM2-135M cut to its first two decoder layers (real weights), with every decoder linear replaced by
-a LinearLowRA at mixed 1/2/4-bit precision per output channel.
+The model is SmolLM2-135M cut to its first two decoder layers (real weights), every decoder linear converted to a
+LinearLowRA by convert_to_lowra at 1.75 bits (1/2/4 bits per output channel, learned codebooks).
 """
 
+import contextlib
 import copy
 import warnings
 
@@ -14,10 +15,21 @@ from torch import nn
 
 import bitsandbytes_lowra  # noqa: F401  (dispatch registration)
 from bitsandbytes_lowra import data, loftq
+from bitsandbytes_lowra.convert import convert_to_lowra
 from bitsandbytes_lowra.functional import QuantStateLowRA
 from bitsandbytes_lowra.integrations import peft as lowra_peft
 from bitsandbytes_lowra.integrations.peft import LowRALoraLinear, encode_with_scales
 from bitsandbytes_lowra.nn import LinearLowRA
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These matrices are small: one thread is as fast, and on a loaded shared CI machine OpenMP threads spin-waiting
+    on each other made LAPACK's SVD 10-50x slower (measured on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 LAYERS = 2
 TEXTS = [
@@ -32,17 +44,26 @@ def _row_bits(rows: int, seed: int) -> torch.Tensor:
 
 
 def _quantize_decoder(model) -> dict[str, torch.Tensor]:
-    """LinearLowRA (mixed 1/2/4 bits, NF tables) for every decoder linear; returns the dense weights by key."""
-    dense = {}
-    for i, layer in enumerate(model.model.layers):
-        for parent_name, parent in layer.named_children():
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    key = f"model.layers.{i}.{parent_name}.{name}.weight"
-                    dense[key] = child.weight.detach().clone()
-                    setattr(parent, name, LinearLowRA.from_linear(child, _row_bits(child.out_features, i)))
+    """The paper's pipeline on the decoder linears (learned tables, precisions assigned for 1.75 bits on average);
+    returns their dense weights by checkpoint key."""
+    dense = {f"{n}.weight": m.weight.detach().clone() for n, m in model.named_modules() if type(m) is nn.Linear
+             and ".layers." in n}
+    convert_to_lowra(model, bits=1.75, skip=("lm_head",))
     model.is_loaded_in_4bit = True  # what the LowRA HfQuantizer sets (prepare_model_for_kbit_training reads it)
     return dense
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Loading LAYERS of the 30 layers: transformers reports the others as unexpected keys."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +72,8 @@ def smol():
 
     torch.manual_seed(0)
     path = data.smollm2_checkpoint()
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the unused layers 2..29 of the checkpoint are reported as unexpected
-    try:
+    with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(path, num_hidden_layers=LAYERS, dtype=torch.float32)
-    finally:
-        logging.set_verbosity(verbosity)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -217,9 +232,38 @@ def _level_step(state: QuantStateLowRA) -> torch.Tensor:
     return gaps.amax(1)[:, None] * scale
 
 
+def test_merge_then_unmerge_is_exact_while_the_adapters_are_unchanged(model, batch):
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"],
+                                          task_type="CAUSAL_LM"))
+    _randomize_lora(pm, std=0.05)
+    before = _packed_snapshot(pm)
+    y_lora = _logits(pm, batch)
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        pm.merge_adapter()
+    assert any(not torch.equal(_packed_snapshot(pm)[n][0], p) for n, (p, _) in before.items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no rounding on the way back: no warning
+        pm.unmerge_adapter()
+    assert all(torch.equal(_packed_snapshot(pm)[n][0], p) for n, (p, _) in before.items())
+    assert torch.equal(_logits(pm, batch), y_lora)
+
+    # an adapter changed while merged (e.g. trained on): the codes cannot simply be put back, so re-quantize
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.merge_adapter()
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.mul_(0.5)
+    with pytest.warns(UserWarning, match="Unmerging LoRA.*re-quantizes"):
+        pm.unmerge_adapter()
+
+
 def test_merge_then_unmerge_restores_within_requantization_tolerance(model, smol, batch):
+    """Without the stored codes (keep_premerge_codes=False, e.g. to save memory) unmerge re-quantizes."""
     targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
     pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
+    for layer in lowra_peft.lowra_lora_layers(pm).values():
+        layer.keep_premerge_codes = False
     _randomize_lora(pm, std=0.01)
     y_lora = _logits(pm, batch)
     with pm.disable_adapter():
@@ -254,7 +298,7 @@ def test_merge_then_unmerge_restores_within_requantization_tolerance(model, smol
 
 def test_merge_keeps_scales_tables_and_format(model):
     pm = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj"]))
-    _randomize_lora(pm, std=0.05)
+    _randomize_lora(pm, std=2.0)  # a delta of the order of a quantization step: smaller ones rarely move a code
     layer = pm.base_model.model.model.layers[0].mlp.gate_proj
     state = copy.deepcopy(layer.get_base_layer().weight.quant_state)
     packed = layer.get_base_layer().weight.data.clone()
@@ -412,7 +456,7 @@ def test_replace_lora_weights_lowra_loftq(model, smol, batch):
     # base kept (peft's one-step variant), and a callback that rejects everything rolls back
     pm2 = get_peft_model(copy.deepcopy(smol[0]), LoraConfig(r=8, target_modules=["k_proj"]))
     packed = _packed_snapshot(pm2)
-    report = lowra_peft.replace_lora_weights_lowra_loftq(pm2, dense, requantize_base=False)
+    report = lowra_peft.replace_lora_weights_lowra_loftq(pm2, requantize_base=False)  # reads the checkpoint dir
     assert all(after < before for before, after in report.values())
     assert all(torch.equal(_packed_snapshot(pm2)[n][0], p) for n, (p, _) in packed.items())
     pm3 = get_peft_model(copy.deepcopy(smol[0]), LoraConfig(r=8, target_modules=["k_proj"]))
@@ -422,3 +466,59 @@ def test_replace_lora_weights_lowra_loftq(model, smol, batch):
     assert torch.equal(_logits(pm3, batch), y)
     with pytest.raises(KeyError, match="no dense weight"):
         lowra_peft.replace_lora_weights_lowra_loftq(pm3, {})
+    with pytest.raises(ValueError, match="dense float weight"):
+        lowra_peft.replace_lora_weights_lowra_loftq(pm3, lambda key: torch.zeros(10, dtype=torch.uint8))
+
+
+def test_dispatch_is_registered_when_peft_is_imported_after_us():
+    """`import bitsandbytes_lowra` does not import peft; peft imported later (after a find_spec probe, as
+    transformers' is_peft_available does) gets the LowRA dispatch. A fresh interpreter: this session has both."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.util; import bitsandbytes_lowra; assert 'peft' not in sys.modules; "
+        "assert importlib.util.find_spec('peft'); import peft; "
+        "from peft.tuners.lora.model import LoraModel; assert LoraModel._create_new_module._lowra_dispatch"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_qlora_script_through_from_pretrained(smol, tmp_path, monkeypatch):
+    """The QLoRA user's script, unchanged but for the quantization config: from_pretrained(LowRAConfig),
+    prepare_model_for_kbit_training, get_peft_model("all-linear"), Trainer, save_pretrained of the adapter,
+    PeftModel.from_pretrained on a freshly loaded base, merge_and_unload, save and reload of the merged model."""
+    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from bitsandbytes_lowra import LowRAConfig
+
+    monkeypatch.setenv("LOWRA_PLAN_CACHE", str(tmp_path / "plans"))
+    tok, path = smol[1], data.smollm2_checkpoint()
+
+    def load():
+        with _quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(path, quantization_config=LowRAConfig(bits=1.75),
+                                                        num_hidden_layers=LAYERS, dtype=torch.float32)
+
+    model = prepare_model_for_kbit_training(load())
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert sum(isinstance(m, LowRALoraLinear) for m in pm.modules()) == 7 * LAYERS
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+                             learning_rate=1e-3, use_cpu=True, report_to=[], save_strategy="no",
+                             logging_strategy="no", seed=0)
+    Trainer(model=pm, args=args, train_dataset=[dict(tok(t)) for t in TEXTS],
+            data_collator=DataCollatorForLanguageModeling(tok, mlm=False)).train()
+    pm.save_pretrained(tmp_path / "adapter")
+    batch = tok(TEXTS, return_tensors="pt", padding=True)
+    y = _logits(pm.eval(), batch)
+
+    reloaded = PeftModel.from_pretrained(load(), tmp_path / "adapter")
+    assert torch.equal(_logits(reloaded, batch), y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = reloaded.merge_and_unload()
+    assert isinstance(merged.model.layers[0].mlp.up_proj, LinearLowRA)
+    merged.save_pretrained(tmp_path / "merged")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.equal(_logits(again, batch), _logits(merged, batch))

@@ -136,6 +136,10 @@ class LowRALoraLinear(nn.Module, LoraLayer):
         self.fan_in_fan_out = False
         self.quantization_backend = LowRABackend()
         self._dense_unload = False  # set by merge_and_unload(dense=True)
+        # Codes (on the CPU) and bias from before the first merge, with the merged adapters' weights: an unmerge
+        # with those adapters unchanged restores them exactly instead of re-quantizing (see `unmerge`).
+        self.keep_premerge_codes = True
+        self._premerge: dict | None = None
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
@@ -230,6 +234,7 @@ class LowRALoraLinear(nn.Module, LoraLayer):
             W = self.quantization_backend.get_base_weight(base) + self._delta_sum(adapter_names)
             if safe_merge and not torch.isfinite(W).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapters {adapter_names} seem to be broken")
+            self._snapshot(base, adapter_names)
             requantize_in_place(base, W)
         else:  # a dense base (merge_and_unload(dense=True)): exact
             W = base.weight.data.float() + self._delta_sum(adapter_names)
@@ -243,20 +248,60 @@ class LowRALoraLinear(nn.Module, LoraLayer):
             base.bias.data += bias.to(base.bias.dtype)
         self.merged_adapters.extend(adapter_names)
 
+    def _adapter_snapshot(self, name: str):
+        B = self.lora_B[name]
+        return (self.lora_A[name].weight.detach().clone(), B.weight.detach().clone(),
+                None if B.bias is None else B.bias.detach().clone(), self.scaling[name])
+
+    def _snapshot(self, base: LinearLowRA, adapter_names) -> None:
+        if not self.keep_premerge_codes:
+            self._premerge = None
+            return
+        if self._premerge is None:
+            if self.merged:  # merged before without a snapshot: nothing exact to go back to
+                return
+            self._premerge = {
+                "packed": base.weight.data.detach().to("cpu", copy=True),
+                "bias": None if base.bias is None else base.bias.detach().clone(),
+                "adapters": {},
+            }
+        self._premerge["adapters"].update({a: self._adapter_snapshot(a) for a in adapter_names})
+
+    def _premerge_matches(self, adapters) -> bool:
+        snap = self._premerge
+        if snap is None or set(snap["adapters"]) != set(adapters):
+            return False
+        for name in adapters:
+            now = self._adapter_snapshot(name)
+            for old, new in zip(snap["adapters"][name], now):
+                if isinstance(old, torch.Tensor) or isinstance(new, torch.Tensor):
+                    if old is None or new is None or not torch.equal(old, new):
+                        return False
+                elif old != new:
+                    return False
+        return True
+
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
         adapters = [a for a in self.merged_adapters if a in self.lora_A]
         base = self.get_base_layer()
-        if isinstance(base, LinearLowRA):
-            warnings.warn(_ROUNDING_WARNING.format("Unmerging"))
-            requantize_in_place(base, self.quantization_backend.get_base_weight(base) - self._delta_sum(adapters))
+        if isinstance(base, LinearLowRA) and self._premerge_matches(adapters):
+            # The adapters did not change since they were merged: put the codes and bias back, bit for bit.
+            base.weight.data.copy_(self._premerge["packed"])
+            if self._premerge["bias"] is not None:
+                base.bias.data.copy_(self._premerge["bias"])
         else:
-            base.weight.data = (base.weight.data.float() - self._delta_sum(adapters)).to(base.weight.dtype)
-        bias = self._bias_delta(adapters)
-        if bias is not None:
-            base.bias.data -= bias.to(base.bias.dtype)
+            if isinstance(base, LinearLowRA):
+                warnings.warn(_ROUNDING_WARNING.format("Unmerging"))
+                requantize_in_place(base, self.quantization_backend.get_base_weight(base) - self._delta_sum(adapters))
+            else:
+                base.weight.data = (base.weight.data.float() - self._delta_sum(adapters)).to(base.weight.dtype)
+            bias = self._bias_delta(adapters)
+            if bias is not None:
+                base.bias.data -= bias.to(base.bias.dtype)
+        self._premerge = None
         self.merged_adapters.clear()
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names):
@@ -264,11 +309,16 @@ class LowRALoraLinear(nn.Module, LoraLayer):
         if self._dense_unload:
             self._dequantize_base()
         if merge:
-            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            keep, self.keep_premerge_codes = self.keep_premerge_codes, False  # the layer is discarded: no snapshot
+            try:
+                self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            finally:
+                self.keep_premerge_codes = keep
         base = self.get_base_layer()
         if self.merged and isinstance(base, LinearLowRA):
             # the base now contains an adapter: it is no longer the residual LoftQ's initialization was made for
             _loftq.drop_init(base)
+        self._premerge = None
         return base
 
     def _dequantize_base(self) -> None:
@@ -425,7 +475,7 @@ def _weight_source(weights) -> Callable[[str], torch.Tensor]:
 @torch.no_grad()
 def replace_lora_weights_lowra_loftq(
     peft_model,
-    weights,
+    weights=None,
     adapter_name: str = "default",
     iterations: int = _loftq.DEFAULT_ITERATIONS,
     requantize_base: bool = True,
@@ -436,8 +486,9 @@ def replace_lora_weights_lowra_loftq(
 ) -> dict[str, tuple[float, float]]:
     """LoftQ for a PeftModel whose LoRA layers sit on LinearLowRA bases, given the dense weights.
 
-    weights: {checkpoint key: tensor}, a callable key -> tensor, or a safetensors file / checkpoint directory; the
-    key of a layer is its module name without `prefix` plus ".weight".
+    weights: {checkpoint key: tensor}, a callable key -> tensor, or a safetensors file / checkpoint directory (default:
+    the directory the base model was loaded from, if it holds the dense weights); the key of a layer is its module
+    name without `prefix` plus ".weight".
     requantize_base=True runs the full alternation (`iterations` steps, the layer's plan kept) and replaces the
     base with the quantized residual, storing the initialization for later adapters; this changes the base under
     every other adapter of the layer. False keeps the base and sets the adapter to the rank-r SVD of W - Q (one
@@ -445,6 +496,11 @@ def replace_lora_weights_lowra_loftq(
     callback(model, name) -> bool may reject a layer's replacement (it is rolled back), as in peft.
     Returns {name: (error with zero-initialized LoRA, error after)} in Frobenius norm.
     """
+    if weights is None:
+        weights = getattr(getattr(peft_model.get_base_model(), "config", None), "_name_or_path", None)
+        if not weights or not os.path.exists(weights):
+            raise ValueError("pass the dense weights (mapping, callable or safetensors path): the model does not say "
+                             f"where its checkpoint is (name_or_path={weights!r})")
     get = _weight_source(weights)
     layers = lowra_lora_layers(peft_model)
     if not layers:
@@ -459,7 +515,13 @@ def replace_lora_weights_lowra_loftq(
         if not isinstance(base, LinearLowRA):
             continue
         key = (name[len(prefix):] if name.startswith(prefix) else name) + ".weight"
-        W = get(key).to(base.weight.device)
+        W = get(key)
+        if not W.is_floating_point() or tuple(W.shape) != (base.out_features, base.in_features):
+            raise ValueError(
+                f"{key}: expected the dense float weight of shape {(base.out_features, base.in_features)}, got "
+                f"{W.dtype} {tuple(W.shape)} (a quantized checkpoint? LoftQ needs the original weights)"
+            )
+        W = W.to(base.weight.device)
         r, s = module.r[adapter_name], module.scaling[adapter_name]
         lora_A, lora_B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
         saved = (lora_A.detach().clone(), lora_B.detach().clone(), base.weight, base.quant_state,
