@@ -197,7 +197,9 @@ def set_quantized_weight(layer, packed: torch.Tensor, state: QuantStateLowRA) ->
     from .nn import ParamsLowRA
 
     if tuple(state.shape) != (layer.out_features, layer.in_features):
-        raise ValueError(f"state has shape {tuple(state.shape)}, the layer is ({layer.out_features}, {layer.in_features})")
+        raise ValueError(
+            f"state has shape {tuple(state.shape)}, the layer is ({layer.out_features}, {layer.in_features})"
+        )
     layer.weight = ParamsLowRA(
         packed, requires_grad=False, quant_state=state, blocksize=state.blocksize, compress_statistics=state.nested,
         module=layer, lowra_quantized=True,

@@ -134,10 +134,25 @@ def test_user_custom_module_mapping_takes_precedence(model):
 def test_dora_and_base_rewriting_inits_are_refused(model):
     with pytest.raises(ValueError, match="use_dora.*not supported on LowRA"):
         get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    with pytest.raises(ValueError, match="init_lora_weights='pissa' is not supported.*loftq_init='pissa'"):
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' is not supported.*init='pissa'"):
         get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
     with pytest.raises(ValueError, match="'olora' is not supported"):
         get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="olora"))
+
+
+def test_eva_initialization_works_on_lowra_layers(model, smol):
+    """EVA only reads the layer inputs: it sets A from their SVD and keeps B at zero."""
+    from peft.tuners.lora import EvaConfig, initialize_lora_eva_weights
+
+    tok = smol[1]
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="eva",
+                                          eva_config=EvaConfig(rho=1.0)))
+    batches = [dict(tok(TEXTS, return_tensors="pt", padding=True)) for _ in range(3)]
+    initialize_lora_eva_weights(pm, batches, show_progress_bar=False)
+    for layer in lowra_peft.lowra_lora_layers(pm).values():
+        A = layer.lora_A["default"].weight.detach()
+        torch.testing.assert_close(A @ A.T, torch.eye(A.shape[0]), rtol=1e-4, atol=1e-4)  # singular vectors
+        assert not layer.lora_B["default"].weight.any()
 
 
 # -- forward, training ----------------------------------------------------------------------------------------------
@@ -354,6 +369,14 @@ def test_several_adapters_on_one_base_and_disable(model, batch):
     mixed = pm(**batch, adapter_names=["default", "second"]).logits.detach()
     torch.testing.assert_close(mixed[0], y_first[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mixed[1], y_second[1], rtol=1e-4, atol=1e-4)
+    # both merged into the base in one re-quantization, then back exactly
+    before = _packed_snapshot(pm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.base_model.merge_adapter(["default", "second"])
+    assert q.merged_adapters == ["default", "second"]
+    pm.base_model.unmerge_adapter()
+    assert not q.merged and all(torch.equal(_packed_snapshot(pm)[n][0], p) for n, (p, _) in before.items())
 
 
 def test_adapter_save_and_load_give_identical_outputs(model, smol, batch, tmp_path):

@@ -150,8 +150,8 @@ class LowRALoraLinear(nn.Module, LoraLayer):
             raise ValueError(
                 f"LoRA variants {requested} are not supported on LowRA-quantized layers: only plain LoRA is. DoRA and "
                 "the weight-dependent variants read or rewrite the dense base weight, which a LinearLowRA keeps packed "
-                "(1-4 bits per channel); dequantize the model first (merge_and_unload(dense=True) or model.dequantize())"
-                " to use them."
+                "(1-4 bits per channel); dequantize the model first (merge_and_unload(dense=True) or "
+                "model.dequantize()) to use them."
             )
         return None
 
@@ -161,13 +161,13 @@ class LowRALoraLinear(nn.Module, LoraLayer):
             hint = ""
             if isinstance(init, str) and init.startswith("pissa"):
                 hint = (
-                    " For PiSSA on LowRA, quantize with it: LowRAConfig(loftq_rank=r, loftq_init='pissa') in "
-                    "from_pretrained, or bitsandbytes_lowra.loftq.loftq_linear(..., init='pissa'); then use "
-                    "init_lora_weights=True."
+                    " For PiSSA on LowRA, quantize with it, given the dense weights: "
+                    "replace_lora_weights_lowra_loftq(peft_model, weights, init='pissa') or "
+                    "bitsandbytes_lowra.loftq.loftq_linear(layer, W, r, init='pissa') before get_peft_model."
                 )
             raise ValueError(
-                f"init_lora_weights={init!r} is not supported on LowRA-quantized layers: it reads or rewrites the dense "
-                f"base weight, which is packed. Supported: {list(_SUPPORTED_INITS)}.{hint}"
+                f"init_lora_weights={init!r} is not supported on LowRA-quantized layers: it reads or rewrites the "
+                f"dense base weight, which is packed. Supported: {list(_SUPPORTED_INITS)}.{hint}"
             )
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
