@@ -1,0 +1,1 @@
+"""Integrations with transformers (`integrations.transformers`: LowRAConfig and the "lowra" quantizer) and peft."""

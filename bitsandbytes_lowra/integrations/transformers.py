@@ -1,0 +1,649 @@
+"""transformers integration: `LowRAConfig` and the "lowra" HfQuantizer.
+
+    import bitsandbytes_lowra  # registers "lowra" with transformers
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=LowRAConfig(bits=1.75), device_map="auto")
+
+Loading a full-precision checkpoint:
+1. `_process_model_before_weight_loading` (model on meta) swaps every nn.Linear / Conv1D that is not skipped for a
+   LinearLowRA, then gets the plan: `plan_path` if given, else `plan.make_plan` (a streaming pass over the
+   checkpoint's safetensors files, cached on disk). The budget is global, so the plan exists before any weight is
+   quantized.
+2. transformers streams the weights; `LowRAQuantize` quantizes each LinearLowRA weight on the device it was loaded
+   to, with the plan's bits, codebooks and thresholds.
+3. `_process_model_after_weight_loading` checks that every LowRA layer was quantized (transformers only logs errors
+   raised inside conversion ops) and sets the flags peft and Trainer look at.
+
+Loading a LowRA checkpoint (config.json has a "lowra" quantization_config): the layers holding LowRA state in the
+checkpoint become LinearLowRA, and `LowRADeserialize` rebuilds each weight from its saved state (validated); no
+planning. Works with transformers 5.17 to 5.2x: the hooks that differ are noted where they are used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps, WeightConverter
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .. import plan as _plan
+from ..format import LowRAFormatError
+from ..functional import _TENSOR_FIELDS, BLOB_KEY
+from ..nn.modules import LinearLowRA, ParamsLowRA
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "lowra"
+# Every tensor a LinearLowRA saves for its weight (its state dict: "weight" + "weight.<QuantStateLowRA field>").
+# Longest first: 5.17 matches converter patterns in list order without a name boundary, so "weight" must come last.
+SERIALIZED_WEIGHT_NAMES = sorted(
+    ["weight", *(f"weight.{k}" for k in _TENSOR_FIELDS), f"weight.{BLOB_KEY}"], key=lambda n: (-len(n), n)
+)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------------ config
+
+
+class LowRAConfig(QuantizationConfigMixin):
+    """Quantization config of LowRA (arXiv 2502.08141): per-output-channel 1/2/4-bit precision under a global budget.
+
+    Args:
+        bits: the global budget, average code bits per quantized parameter over the whole model (e.g. 1.75).
+        precisions: allowed per-channel precisions, a subset of (1, 2, 4); None: (1, 2, 4) below 2 bits, else (2, 4).
+        blocksize: elements per absmax block, within a row (default 64).
+        compress_statistics: double-quantize absmax to 8 bits (as bitsandbytes' double quantization).
+        compute_dtype: dtype of the matmul (default: the input's dtype).
+        learner_mode: "per_channel" (the paper), "shared" (one codebook per layer and precision) or "fixed_mapping"
+            (NormalFloat levels, no learning). learner_iterations: Lloyd-Max iterations. weight_power: block weight
+            absmax**weight_power in the fit.
+        assigner_method: "greedy" (exact LP + repair) or "ilp" (the paper's K-Means + two-level ILP); clusters,
+            solver ("highs" or "cbc"), time_limit (seconds per ILP) and seed apply to "ilp".
+        loftq_rank, loftq_iterations: LoftQ initialization of LoRA adapters (0 = off); used by the peft integration.
+        modules_to_not_convert: module names or patterns kept in full precision (the output head and tied
+            embeddings always are).
+        plan_path: a plan saved by `write_plan` / `Plan.save`: used instead of planning.
+        plan_cache: cache learned fits and plans on disk ($LOWRA_PLAN_CACHE, default ~/.cache/bitsandbytes_lowra/plans).
+    """
+
+    _FIELDS = (
+        "bits", "precisions", "blocksize", "compress_statistics", "compute_dtype", "learner_mode",
+        "learner_iterations", "weight_power", "assigner_method", "clusters", "solver", "time_limit", "seed",
+        "loftq_rank", "loftq_iterations", "modules_to_not_convert", "plan_path", "plan_cache",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        bits: float | None = None,
+        precisions=None,
+        blocksize: int = 64,
+        compress_statistics: bool = True,
+        compute_dtype=None,
+        learner_mode: str = "per_channel",
+        learner_iterations: int = 2,
+        weight_power: float = 1.0,
+        assigner_method: str = "greedy",
+        clusters: int = 128,
+        solver: str = "highs",
+        time_limit: float | None = None,
+        seed: int = 0,
+        loftq_rank: int = 0,
+        loftq_iterations: int = 1,
+        modules_to_not_convert: list[str] | None = None,
+        plan_path: str | None = None,
+        plan_cache: bool = True,
+        **kwargs,
+    ):
+        kwargs.pop("quant_method", None)  # from_dict passes the stored dict back, quant_method included
+        if kwargs:
+            raise ValueError(f"LowRAConfig got unknown options {sorted(kwargs)}")
+        if bits is None:
+            raise ValueError("LowRAConfig needs the bit budget: LowRAConfig(bits=1.75) (average bits per parameter)")
+        self.quant_method = QUANT_METHOD
+        self.bits = float(bits) if isinstance(bits, int) and not isinstance(bits, bool) else bits
+        self.precisions = None if precisions is None else sorted({int(p) for p in precisions})
+        self.blocksize = blocksize
+        self.compress_statistics = compress_statistics
+        self.compute_dtype = compute_dtype
+        self.learner_mode = learner_mode
+        self.learner_iterations = learner_iterations
+        self.weight_power = weight_power
+        self.assigner_method = assigner_method
+        self.clusters = clusters
+        self.solver = solver
+        self.time_limit = time_limit
+        self.seed = seed
+        self.loftq_rank = loftq_rank
+        self.loftq_iterations = loftq_iterations
+        self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
+        self.plan_path = None if plan_path is None else os.fspath(plan_path)
+        self.plan_cache = plan_cache
+        self.post_init()
+
+    def post_init(self):
+        _plan.PlanSettings.from_config(self)  # validates every planning option with one message per problem
+        if isinstance(self.compute_dtype, str):
+            if self.compute_dtype.removeprefix("torch.") not in _DTYPES:
+                raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {self.compute_dtype!r}")
+            self.compute_dtype = _DTYPES[self.compute_dtype.removeprefix("torch.")]
+        if self.compute_dtype is not None and self.compute_dtype not in _DTYPES.values():
+            raise ValueError(f"compute_dtype must be None or one of {sorted(_DTYPES)}, got {self.compute_dtype!r}")
+        if not isinstance(self.compress_statistics, bool):
+            raise ValueError(f"compress_statistics must be a bool, got {self.compress_statistics!r}")
+        if not isinstance(self.plan_cache, bool):
+            raise ValueError(f"plan_cache must be a bool, got {self.plan_cache!r}")
+        for name, low in (("loftq_rank", 0), ("loftq_iterations", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        m = self.modules_to_not_convert
+        if m is not None and not all(isinstance(x, str) for x in m):
+            raise ValueError(f"modules_to_not_convert must be a list of module names, got {m!r}")
+
+    def plan_settings(self) -> _plan.PlanSettings:
+        return _plan.PlanSettings.from_config(self)
+
+    def to_dict(self) -> dict:
+        d = {"quant_method": QUANT_METHOD}
+        for k in self._FIELDS:
+            d[k] = getattr(self, k)
+        if d["compute_dtype"] is not None:
+            d["compute_dtype"] = str(d["compute_dtype"]).removeprefix("torch.")
+        return d
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, LowRAConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None
+
+
+# ------------------------------------------------------------------------------------------------------ conversion ops
+
+
+class _Identity(ConversionOps):
+    """Saving reverses the loading converters: LowRA tensors are saved as they are."""
+
+    def convert(self, input_dict, **kwargs):
+        return input_dict
+
+
+class LowRAQuantize(ConversionOps):
+    """Quantize one LinearLowRA weight, on the device it was loaded to, with the plan's bits and tables."""
+
+    def __init__(self, hf_quantizer: "LowRAHfQuantizer"):
+        self.hf_quantizer = hf_quantizer  # 5.23+: an op with `hf_quantizer` keeps checkpoint dtypes (get_new_dtype)
+
+    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        result = {}
+        for param_name, value in input_dict.items():
+            value = value[0] if isinstance(value, list) else value
+            layer = param_name.rsplit(".", 1)[0]
+            try:
+                result[param_name] = self.hf_quantizer._quantize_weight(model, layer, value)
+            except Exception as e:  # transformers only logs op errors: keep them for the after-load check
+                self.hf_quantizer._errors[layer] = f"{type(e).__name__}: {e}"
+                raise
+        return result
+
+
+class LowRADeserialize(ConversionOps):
+    """Rebuild a LinearLowRA weight from its saved tensors; pass every other tensor matched by "weight" through."""
+
+    def __init__(self, hf_quantizer: "LowRAHfQuantizer"):
+        self.hf_quantizer = hf_quantizer
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _Identity()
+
+    def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
+        tensors = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
+        module, _ = get_module_from_name(model, full_layer_name)
+        layer = full_layer_name.rsplit(".", 1)[0]
+        if not isinstance(module, LinearLowRA):
+            if set(tensors) != {"weight"}:
+                raise LowRAFormatError(f"{layer}: the checkpoint holds LowRA state but the model keeps it dense")
+            weight = tensors["weight"]
+            # 5.23+ leaves tensors of converters with a quantizer op in the checkpoint dtype: cast plain weights
+            # (norms, embeddings) to the dtype the model asked for, as any other parameter.
+            target = model.get_parameter_or_buffer(full_layer_name)
+            if weight.is_floating_point() and target.is_floating_point() and weight.dtype != target.dtype:
+                weight = weight.to(target.dtype)
+            return {"weight": weight}
+        try:
+            if "weight" not in tensors or len(tensors) == 1:
+                raise LowRAFormatError(f"{layer}: the LowRA state of the weight is missing from the checkpoint")
+            stats = {k.removeprefix("weight."): v for k, v in tensors.items() if k != "weight"}
+            weight = tensors["weight"]
+            param = ParamsLowRA.from_prequantized(weight, stats, requires_grad=False, device=weight.device, module=module)
+            state = param.quant_state
+            if tuple(state.shape) != (module.out_features, module.in_features):
+                raise LowRAFormatError(
+                    f"{layer}: saved weight has shape {tuple(state.shape)}, the model's layer is "
+                    f"({module.out_features}, {module.in_features})"
+                )
+        except Exception as e:
+            self.hf_quantizer._errors[layer] = f"{type(e).__name__}: {e}"
+            raise
+        module.blocksize, module.compress_statistics = state.blocksize, state.nested
+        module._is_hf_initialized = True
+        return {"weight": param}
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def _plan_cache_dir() -> Path:
+    env = os.environ.get("LOWRA_PLAN_CACHE")
+    return Path(env) if env else _plan.default_cache_dir()
+
+
+def _checkpoint_key(name: str, keys, prefix: str) -> str | None:
+    """The checkpoint tensor holding model parameter `name` (same name, or with/without the base model prefix)."""
+    candidates = [name, f"{prefix}.{name}" if prefix else None, name.removeprefix(f"{prefix}.") if prefix else None]
+    return next((c for c in candidates if c and c in keys), None)
+
+
+def _is_target(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or isinstance(module, Conv1D)
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    """[out_features, in_features] of an nn.Linear / Conv1D (Conv1D stores its weight [in, out])."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[1], module.weight.shape[0]
+    return module.out_features, module.in_features
+
+
+def select_targets(model, config: LowRAConfig) -> dict[str, nn.Module]:
+    """{name: module} of the layers LowRA quantizes: every nn.Linear / Conv1D not skipped by the config or by
+    transformers' defaults (output head, tied weights, keep-in-fp32 modules)."""
+    skip = HfQuantizer.get_modules_to_not_convert(
+        model, config.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None), add_default_skips=True
+    )
+    return {n: m for n, m in model.named_modules() if _is_target(m) and should_convert_module(n, skip)}
+
+
+def _replace(model, names, config: LowRAConfig, blocksize=None, compress_statistics=None) -> None:
+    for name in names:
+        old = model.get_submodule(name)
+        out_features, in_features = _shape(old)
+        with torch.device("meta"):
+            new = LinearLowRA(
+                in_features,
+                out_features,
+                old.bias is not None,
+                compute_dtype=config.compute_dtype,
+                compress_statistics=config.compress_statistics if compress_statistics is None else compress_statistics,
+                blocksize=config.blocksize if blocksize is None else blocksize,
+            )
+        new.source_cls = type(old)
+        new.requires_grad_(False)
+        parent, child = get_module_from_name(model, name)
+        parent._modules[child] = new
+
+
+class _PlainTorch:
+    """Planning runs inside from_pretrained's model-init context (default device meta, default dtype = the load
+    dtype): restore cpu / float32 defaults so the learner's own tensors are real."""
+
+    def __enter__(self):
+        self._dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        self._device = torch.device("cpu")
+        self._device.__enter__()
+
+    def __exit__(self, *exc):
+        self._device.__exit__(*exc)
+        torch.set_default_dtype(self._dtype)
+
+
+def _progress() -> bool:
+    from transformers.utils.logging import is_progress_bar_enabled
+
+    return is_progress_bar_enabled()
+
+
+def _planning_device(device_map):
+    if isinstance(device_map, dict):
+        for d in device_map.values():
+            d = torch.device(f"cuda:{d}" if isinstance(d, int) else d) if d not in ("cpu", "disk") else None
+            if d is not None and d.type == "cuda":
+                return d
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------------ quantizer
+
+
+class LowRAHfQuantizer(HfQuantizer):
+    """transformers quantizer of LowRA: plans the whole model, then quantizes each weight as it loads."""
+
+    requires_calibration = False
+    # 5.23+ reads this (tensor-parallel plans, default converters); the converters themselves are built by
+    # get_weight_conversions below, which both 5.17 and 5.23+ call.
+    serialized_names = {"weight": SERIALIZED_WEIGHT_NAMES}
+
+    def __init__(self, quantization_config: LowRAConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.plan: _plan.Plan | None = None
+        self.lowra_modules: list[str] = []
+        self._errors: dict[str, str] = {}
+
+    # -- environment ----------------------------------------------------------------------------------------------
+
+    def validate_environment(self, *args, **kwargs):
+        # Called with the user's device_map and again with the resolved one (device_map="auto").
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict):
+            values = {str(v) for v in device_map.values()}
+            if "disk" in values or ("cpu" in values and values != {"cpu"}):
+                raise ValueError(
+                    "LowRA does not support CPU or disk offload: the device map puts some modules on "
+                    f"{sorted(values & {'cpu', 'disk'})} and others on an accelerator (accelerate's offload hooks "
+                    "rebuild parameters without their quantization state). Load the whole model on the accelerator(s) "
+                    "(reduce max_memory elsewhere or use more GPUs), or entirely on the CPU with device_map='cpu'."
+                )
+
+    def update_device_map(self, device_map):
+        if device_map is None:
+            device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+        return device_map
+
+    def adjust_max_memory(self, max_memory):
+        # Room for one full-precision weight being quantized and the learner's buffers.
+        return {k: v * 0.90 for k, v in max_memory.items()}
+
+    def param_element_size(self, model, param_name: str, param) -> float:
+        # Overridden directly (5.23+ adds `quantized_element_size`, 5.17 lacks it). Codes plus per-row tables and
+        # absmax: about one bit per parameter on top of the budget for wide layers.
+        if self.param_needs_quantization(model, param_name):
+            return (self.quantization_config.bits + 1.0) / 8
+        return param.element_size()
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        # True for pre-quantized weights too: 5.23+ accepts their packed shape only then.
+        module, name = get_module_from_name(model, param_name)
+        return isinstance(module, LinearLowRA) and name == "weight"
+
+    # -- before loading -------------------------------------------------------------------------------------------
+
+    def _process_model_before_weight_loading(self, model, device_map=None, checkpoint_files=None, **kwargs):
+        config: LowRAConfig = self.quantization_config
+        files = [Path(f) for f in checkpoint_files or [] if str(f).endswith(".safetensors")]
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        if self.pre_quantized:
+            self._prepare_prequantized(model, files, prefix)
+            return model
+
+        targets = select_targets(model, config)
+        if not targets:
+            raise ValueError("LowRA found no nn.Linear / Conv1D layer to quantize in this model")
+        shapes = {n: _shape(m) for n, m in targets.items()}
+        if config.plan_path is not None:
+            plan = _plan.Plan.load(config.plan_path)
+            if float(plan.settings.get("bits", float("nan"))) != float(config.bits):
+                raise ValueError(
+                    f"the plan {config.plan_path} was made for bits={plan.settings.get('bits')}, the config asks for "
+                    f"bits={config.bits}"
+                )
+        else:
+            if not files:
+                raise ValueError(
+                    "LowRA plans from the checkpoint's safetensors files, and this load has none (a .bin, GGUF or "
+                    "state_dict load): convert the checkpoint to safetensors or pass LowRAConfig(plan_path=...)"
+                )
+            keys = _plan.checkpoint_keys(files)
+            plan_targets = []
+            for n, m in targets.items():
+                key = _checkpoint_key(f"{n}.weight", keys, prefix)
+                if key is None:
+                    raise ValueError(f"LowRA planning found no checkpoint tensor for {n}.weight")
+                plan_targets.append(_plan.Target(layer=n, key=key, transpose=isinstance(m, Conv1D)))
+            with _PlainTorch():
+                plan = _plan.make_plan(
+                    files,
+                    config,
+                    modules=plan_targets,
+                    progress=_progress(),
+                    cache=config.plan_cache,
+                    cache_dir=_plan_cache_dir(),
+                    device=_planning_device(device_map),
+                )
+        plan.check_targets(shapes)
+        if plan.blocksize != config.blocksize:
+            raise ValueError(f"the plan uses blocksize {plan.blocksize}, the config {config.blocksize}")
+        self.plan = plan
+        logger.info("LowRA plan (%s): %.4f nominal bits over %d layers", plan.origin, plan.nominal_bits(), len(plan))
+        _replace(model, targets, config)
+        self.lowra_modules = sorted(targets)
+        return model
+
+    def _prepare_prequantized(self, model, files, prefix) -> None:
+        """The layers with LowRA state in the checkpoint become LinearLowRA; unknown state tensors fail here."""
+        if not files:
+            raise ValueError("a LowRA checkpoint must be loaded from its safetensors files")
+        keys = _plan.checkpoint_keys(files)
+        marker = f".weight.{BLOB_KEY}"
+        names = {m.removesuffix(".weight") for m, _ in model.named_parameters()}
+        known = set(SERIALIZED_WEIGHT_NAMES)
+        lowra = {}
+        for key in keys:
+            if not key.endswith(marker):
+                continue
+            ckpt_layer = key[: -len(marker)]
+            layer = next(
+                (c for c in (ckpt_layer, f"{prefix}.{ckpt_layer}", ckpt_layer.removeprefix(f"{prefix}.")) if c in names),
+                None,
+            )
+            if layer is None:
+                raise LowRAFormatError(f"the checkpoint holds LowRA state for {ckpt_layer}, which this model lacks")
+            module = model.get_submodule(layer)
+            if not _is_target(module):
+                raise LowRAFormatError(f"{layer} holds LowRA state but is a {type(module).__name__}, not a linear layer")
+            lowra[layer] = ckpt_layer
+        if not lowra:
+            raise LowRAFormatError("config.json says LowRA but the checkpoint holds no LowRA layer state")
+        for layer, ckpt_layer in lowra.items():
+            extra = [
+                k for k in keys
+                if k.startswith(f"{ckpt_layer}.weight.") and k.removeprefix(f"{ckpt_layer}.") not in known
+            ]  # fmt: skip
+            if extra:
+                raise LowRAFormatError(f"unknown LowRA state tensors {extra} (written by a newer version?)")
+        _replace(model, sorted(lowra), self.quantization_config)
+        self.lowra_modules = sorted(lowra)
+
+    # -- loading --------------------------------------------------------------------------------------------------
+
+    def _quantize_weight(self, model, layer: str, value: torch.Tensor) -> ParamsLowRA:
+        module = model.get_submodule(layer)
+        if self.plan is None or layer not in self.plan:
+            raise LowRAFormatError(f"no LowRA plan for {layer}")
+        if issubclass(getattr(module, "source_cls", nn.Linear), Conv1D):
+            value = value.t()
+        lp = self.plan[layer]
+        param = ParamsLowRA(
+            value,
+            requires_grad=False,
+            blocksize=module.blocksize,
+            compress_statistics=module.compress_statistics,
+            module=module,
+        )
+        param.set_plan(lp.bits, lp.codebook, lp.thresholds)
+        param = param.to(value.device)  # quantizes where the weight was loaded (its device_map device)
+        module._is_hf_initialized = True
+        return param
+
+    def get_quantize_ops(self):
+        return LowRAQuantize(self)
+
+    def get_weight_conversions(self):
+        # Both 5.17 and 5.23+ append these to the model's converters (update_weight_conversions, not overridden).
+        if not self.pre_quantized:
+            return []
+        return [WeightConverter(list(SERIALIZED_WEIGHT_NAMES), "weight", [LowRADeserialize(self)])]
+
+    # -- after loading --------------------------------------------------------------------------------------------
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        failed = []
+        for name in self.lowra_modules:
+            module = model.get_submodule(name)
+            w = module.weight
+            if not isinstance(module, LinearLowRA) or getattr(w, "quant_state", None) is None or w.device.type == "meta":
+                failed.append(name)
+        if failed:
+            reasons = [f"  {n}: {self._errors[n]}" for n in failed if n in self._errors][:5]
+            raise LowRAFormatError(
+                f"LowRA could not load {len(failed)} of {len(self.lowra_modules)} quantized layers "
+                f"(first: {failed[:3]})" + ("\n" + "\n".join(reasons) if reasons else "")
+            )
+        # peft's prepare_model_for_kbit_training enables input grads / checkpointing only for these flags, and
+        # Trainer skips DataParallel for them. LowRA is a 1-4-bit weight format, so "4bit" is accurate enough.
+        model.is_loaded_in_4bit = True
+        model.is_lowra_quantized = True
+        _guard_dtype_casts(model)
+        return model
+
+    # -- capabilities ---------------------------------------------------------------------------------------------
+
+    def is_serializable(self, safe_serialization=None):  # a method: transformers calls is_serializable()
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return False
+
+    def _dequantize(self, model, dtype=None):
+        for name in self.lowra_modules:
+            module = model.get_submodule(name)
+            if not isinstance(module, LinearLowRA):
+                continue
+            weight = module.dequantize(dtype)
+            dense = nn.Linear(module.in_features, module.out_features, module.bias is not None, device=weight.device,
+                              dtype=weight.dtype)  # fmt: skip
+            with torch.no_grad():
+                dense.weight.copy_(weight)
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+            parent, child = get_module_from_name(model, name)
+            parent._modules[child] = dense
+        for attr in ("is_loaded_in_4bit", "is_lowra_quantized", "to", "bfloat16"):
+            model.__dict__.pop(attr, None)
+        return model
+
+
+def _guard_dtype_casts(model) -> None:
+    """`model.to(dtype)` / `.bfloat16()` would recast norms around frozen packed codes: refuse, as transformers
+    does for bitsandbytes (its guard only knows bitsandbytes; `.half()` / `.float()` are already refused)."""
+    cls = type(model)
+
+    def to(self, *args, **kwargs):
+        _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None:
+            raise ValueError(
+                "You cannot cast a LowRA-quantized model to a new dtype: load it with the dtype you want "
+                "(from_pretrained(..., dtype=...)); moving it to a device is fine."
+            )
+        return cls.to(self, *args, **kwargs)
+
+    def bfloat16(self):
+        raise ValueError("`.bfloat16()` is not supported for a LowRA-quantized model: load it with dtype=torch.bfloat16")
+
+    # Bound per instance (deepcopy rebinds bound methods to the copy).
+    model.to = types.MethodType(to, model)
+    model.bfloat16 = types.MethodType(bfloat16, model)
+
+
+# ------------------------------------------------------------------------------------------------------ plans
+
+
+def lowra_bits(model) -> dict:
+    """Nominal and effective bits actually stored by the model's LinearLowRA layers (docs/format.md)."""
+    states = [m.weight.quant_state for m in model.modules() if isinstance(m, LinearLowRA)]
+    if not states:
+        raise ValueError("the model has no LowRA layer")
+    params = sum(s.rows * s.cols for s in states)
+    code_bits = sum(int(s.bits.to(torch.int64).sum()) * s.cols for s in states)
+    stored = sum(s.nbytes for s in states)
+    return {"layers": len(states), "parameters": params, "nominal_bits": code_bits / params,
+            "effective_bits": 8.0 * stored / params}  # fmt: skip
+
+
+def write_plan(checkpoint, config: LowRAConfig, output=None, model_class=None, progress: bool = True) -> _plan.Plan:
+    """Plan a safetensors checkpoint directory for `config` without loading it, and save it to `output` (default
+    <checkpoint>/lowra-plan-<bits>.safetensors). Pass the saved path as LowRAConfig(plan_path=...) to use it."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    checkpoint = Path(checkpoint)
+    model_config = AutoConfig.from_pretrained(checkpoint)
+    classes = [model_class] if model_class is not None else [AutoModelForCausalLM, AutoModel]
+    model = None
+    with torch.device("meta"):
+        for cls in classes:
+            try:
+                model = cls.from_config(model_config)
+                break
+            except ValueError:
+                continue
+    if model is None:
+        raise ValueError(f"no transformers model class instantiates {checkpoint}'s config; pass model_class=")
+    targets = select_targets(model, config)
+    files = _plan.checkpoint_files(checkpoint)
+    keys = _plan.checkpoint_keys(files)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    plan_targets = []
+    for n, m in targets.items():
+        key = _checkpoint_key(f"{n}.weight", keys, prefix)
+        if key is None:
+            raise ValueError(f"no checkpoint tensor for {n}.weight")
+        plan_targets.append(_plan.Target(layer=n, key=key, transpose=isinstance(m, Conv1D)))
+    plan = _plan.make_plan(files, config, modules=plan_targets, progress=progress, cache=config.plan_cache,
+                           cache_dir=_plan_cache_dir())  # fmt: skip
+    plan.check_targets({n: _shape(m) for n, m in targets.items()})
+    output = Path(output) if output is not None else checkpoint / f"lowra-plan-{config.bits:g}.safetensors"
+    plan.save(output)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------------ registration
+
+
+def register() -> None:
+    """Register "lowra" with transformers (idempotent: transformers raises on a second registration)."""
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(LowRAConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(LowRAHfQuantizer)
+
+
+__all__ = [
+    "LowRAConfig",
+    "LowRAHfQuantizer",
+    "LowRAQuantize",
+    "LowRADeserialize",
+    "lowra_bits",
+    "register",
+    "select_targets",
+    "write_plan",
+]
