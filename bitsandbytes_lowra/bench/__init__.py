@@ -1,0 +1,1 @@
+"""Benchmarks of bitsandbytes-lowra against bitsandbytes and dense bf16 (`python -m bitsandbytes_lowra.bench`)."""
