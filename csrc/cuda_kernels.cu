@@ -3,7 +3,7 @@
 // Fast paths (the common layouts): one warp owns a segment of one row, so the row's precision is uniform across
 // the warp; every lane handles chunks of 8 consecutive elements, which never cross a block (blocksize is a
 // multiple of 8) and map to whole packed bytes (8 * bits / 8 = bits bytes), so loads and stores are wide.
-// Dequantize looks codebook entries up with warp shuffles; quantize reduces block absmax with shuffles inside the
+// Dequantize looks codebook entries up in a per-warp shared table and streams its output; quantize reduces block absmax with shuffles inside the
 // lanes of one block and encodes with a branch-free search over the row's sorted thresholds.
 // Dequantize has no other path (chunks of 8 fit every layout; unaligned rows fall back to byte loads and scalar
 // stores); quantize keeps a simple one-row-per-CTA kernel for blocksizes the shuffle reduction cannot cover.
@@ -80,8 +80,8 @@ struct Out8;  // 8 output elements as one or two 16-byte stores
 template <>
 struct Out8<float> {
   static __device__ __forceinline__ void store(float* p, const float v[8]) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    __stcs(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+    __stcs(reinterpret_cast<float4*>(p) + 1, make_float4(v[4], v[5], v[6], v[7]));
   }
   static __device__ __forceinline__ float cvt(float v) { return v; }
 };
@@ -92,7 +92,7 @@ struct Out8<__half> {
     __half2 h[4] = {__floats2half2_rn(v[0], v[1]), __floats2half2_rn(v[2], v[3]), __floats2half2_rn(v[4], v[5]),
                     __floats2half2_rn(v[6], v[7])};
     memcpy(&u, h, 16);
-    *reinterpret_cast<uint4*>(p) = u;
+    __stcs(reinterpret_cast<uint4*>(p), u);
   }
   static __device__ __forceinline__ __half cvt(float v) { return __float2half_rn(v); }
 };
@@ -103,22 +103,62 @@ struct Out8<__nv_bfloat16> {
     __nv_bfloat162 h[4] = {__floats2bfloat162_rn(v[0], v[1]), __floats2bfloat162_rn(v[2], v[3]),
                            __floats2bfloat162_rn(v[4], v[5]), __floats2bfloat162_rn(v[6], v[7])};
     memcpy(&u, h, 16);
-    *reinterpret_cast<uint4*>(p) = u;
+    __stcs(reinterpret_cast<uint4*>(p), u);
   }
   static __device__ __forceinline__ __nv_bfloat16 cvt(float v) { return __float2bfloat16_rn(v); }
 };
 
 // bits * 8 / 8 = bits bytes of packed codes for chunk index ch of a row (aligned loads when the row start is).
-__device__ __forceinline__ uint32_t load_chunk_codes(const uint8_t* row, int64_t ch, int b, bool al) {
-  const uint8_t* p = row + ch * b;
+template <int B>
+__device__ __forceinline__ uint32_t load_chunk_codes(const uint8_t* row, int64_t ch, bool al) {
+  const uint8_t* p = row + ch * B;
   if (al) {
-    if (b == 4) return __ldg(reinterpret_cast<const uint32_t*>(p));
-    if (b == 2) return __ldg(reinterpret_cast<const uint16_t*>(p));
+    if (B == 4) return __ldg(reinterpret_cast<const uint32_t*>(p));
+    if (B == 2) return __ldg(reinterpret_cast<const uint16_t*>(p));
     return __ldg(p);
   }
   uint32_t w = 0;
-  for (int i = 0; i < b; ++i) w |= (uint32_t)__ldg(p + i) << (8 * i);
+#pragma unroll
+  for (int i = 0; i < B; ++i) w |= (uint32_t)__ldg(p + i) << (8 * i);
   return w;
+}
+
+// One warp task of precision B: codebook from the warp's 16-float shared table `cb` (filled by the caller).
+// Block of element j: a shift for power-of-two blocksizes (bs_shift >= 0), else a 32-bit division (j < 2^31).
+__device__ __forceinline__ uint32_t block_of(int64_t j, int bs_shift, uint32_t blocksize) {
+  return bs_shift >= 0 ? (uint32_t)(j >> bs_shift) : (uint32_t)j / blocksize;
+}
+
+template <typename T, int B>
+__device__ __forceinline__ void dequantize_task(const uint8_t* __restrict__ row, bool al, const float* __restrict__ am_row,
+                                                const float* cb, int64_t r, int64_t seg, int lane, int64_t cols,
+                                                int bs_shift, uint32_t blocksize, bool vec_out, T* __restrict__ out) {
+  uint32_t w[kSegChunks];
+  float am[kSegChunks];
+#pragma unroll
+  for (int q = 0; q < kSegChunks; ++q) {  // all loads first
+    const int64_t j0 = seg * kSegElems + q * 256 + 8 * lane;
+    w[q] = 0;
+    am[q] = 0.0f;
+    if (j0 < cols) {
+      w[q] = load_chunk_codes<B>(row, j0 >> 3, al);
+      am[q] = __ldg(am_row + block_of(j0, bs_shift, blocksize));
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < kSegChunks; ++q) {
+    const int64_t j0 = seg * kSegElems + q * 256 + 8 * lane;
+    if (j0 >= cols) break;
+    float v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = cb[(w[q] >> (e * B)) & ((1u << B) - 1)] * am[q];
+    T* o = out + r * cols + j0;
+    if (vec_out) {
+      Out8<T>::store(o, v);
+    } else {
+      for (int e = 0; e < 8 && j0 + e < cols; ++e) o[e] = Out8<T>::cvt(v[e]);
+    }
+  }
 }
 
 template <typename T>
@@ -126,12 +166,14 @@ __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict
                                                        const float* __restrict__ absmax, const uint8_t* __restrict__ bits,
                                                        const uint16_t* __restrict__ codebook,
                                                        const int64_t* __restrict__ row_offsets, int64_t rows,
-                                                       int64_t cols, int64_t blocksize, int64_t pc, int64_t segs,
-                                                       bool vec_out, T* __restrict__ out) {
-  const int lane = threadIdx.x & 31;
+                                                       int64_t cols, int64_t blocksize, int bs_shift, int64_t pc,
+                                                       int64_t segs, bool vec_out, T* __restrict__ out) {
+  __shared__ float table[8][kCodebookSlots];  // the codebook of each warp's current row (no bank conflicts)
+  const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
+  float* cb = table[wib];
   const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
   const int64_t nb = pc / blocksize;
-  for (int64_t task = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); task < rows * segs; task += warps) {
+  for (int64_t task = (int64_t)blockIdx.x * (blockDim.x >> 5) + wib; task < rows * segs; task += warps) {
     const int64_t r = task / segs, seg = task % segs;
     const int b = bits[r];
     const int64_t start = row_offsets[r];
@@ -140,50 +182,21 @@ __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict
       continue;
     }
     const uint8_t* row = packed + start;
-    const bool al = ((uintptr_t)(packed + start) & (b - 1)) == 0;
-    const float cb = half_bits_to_float(__ldg(codebook + r * kCodebookSlots + (lane & 15)));
-    uint32_t w[kSegChunks];
-    float am[kSegChunks];
-#pragma unroll
-    for (int q = 0; q < kSegChunks; ++q) {
-      const int64_t j0 = seg * kSegElems + q * 256 + 8 * lane;
-      w[q] = 0;
-      am[q] = 0.0f;
-      if (j0 < cols) {
-        w[q] = load_chunk_codes(row, j0 >> 3, b, al);
-        am[q] = __ldg(absmax + r * nb + j0 / blocksize);
-      }
-    }
-    const float v0 = __shfl_sync(kFull, cb, 0), v1 = __shfl_sync(kFull, cb, 1);
-    const float v2 = __shfl_sync(kFull, cb, 2), v3 = __shfl_sync(kFull, cb, 3);
-    const uint32_t mask = (1u << b) - 1;
-#pragma unroll
-    for (int q = 0; q < kSegChunks; ++q) {
-      float v[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const uint32_t c = (w[q] >> (e * b)) & mask;
-        float x;
-        if (b == 4) x = __shfl_sync(kFull, cb, (int)c);  // every lane takes part in the shuffle
-        else x = (c & 2) ? ((c & 1) ? v3 : v2) : ((c & 1) ? v1 : v0);
-        v[e] = x * am[q];
-      }
-      const int64_t j0 = seg * kSegElems + q * 256 + 8 * lane;
-      if (j0 < cols) {
-        T* o = out + r * cols + j0;
-        if (vec_out) {
-          Out8<T>::store(o, v);
-        } else {
-          for (int e = 0; e < 8 && j0 + e < cols; ++e) o[e] = Out8<T>::cvt(v[e]);
-        }
-      }
-    }
+    const bool al = ((uintptr_t)row & (b - 1)) == 0;
+    __syncwarp();  // the previous task's lookups are done
+    if (lane < kCodebookSlots) cb[lane] = half_bits_to_float(__ldg(codebook + r * kCodebookSlots + lane));
+    __syncwarp();
+    const float* am_row = absmax + r * nb;
+    const uint32_t bs = (uint32_t)blocksize;
+    if (b == 1) dequantize_task<T, 1>(row, al, am_row, cb, r, seg, lane, cols, bs_shift, bs, vec_out, out);
+    else if (b == 2) dequantize_task<T, 2>(row, al, am_row, cb, r, seg, lane, cols, bs_shift, bs, vec_out, out);
+    else dequantize_task<T, 4>(row, al, am_row, cb, r, seg, lane, cols, bs_shift, bs, vec_out, out);
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Fast quantize: blocksize a power of two in [8, 256] (a block is blocksize / 8 consecutive lanes of a warp), cols
-// a multiple of 8 and a 16-byte aligned weight. Warp task = (row, segment of 256 elements).
+// a multiple of 8 and a 16-byte aligned weight.
 
 template <typename T>
 __device__ __forceinline__ void load8(const T* p, float x[8]);
@@ -231,40 +244,52 @@ __device__ __forceinline__ uint32_t encode(float v, const float t[15]) {
   return 8u * b3 + 4u * b2 + 2u * b1 + (v > t0);
 }
 
+// Warp task = (row, segment of kQChunks * 256 elements): lane l quantizes the 8-element chunks
+// seg * kQChunks * 256 + q * 256 + 8 l, loading all of them before any use.
+constexpr int kQChunks = 2;
+
 template <typename T, int B>
 __device__ __forceinline__ void quantize_task(const T* __restrict__ W, int64_t r, int64_t seg, int64_t cols,
                                               int64_t blocksize, int64_t nb, int lane, const float t[15],
                                               uint8_t* __restrict__ row, bool al, float* __restrict__ absmax,
                                               int64_t pc) {
-  const int64_t j0 = seg * 256 + 8 * lane;
-  float x[8];
-  if (j0 < cols) {
-    load8<T>(W + r * cols + j0, x);
-  } else {
+  float x[kQChunks][8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) x[e] = 0.0f;
+  for (int q = 0; q < kQChunks; ++q) {
+    const int64_t j0 = seg * (kQChunks * 256) + q * 256 + 8 * lane;
+    if (j0 < cols) {
+      load8<T>(W + r * cols + j0, x[q]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[q][e] = 0.0f;
+    }
   }
-  float amax = 0.0f;
-#pragma unroll
-  for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x[e]));
   const int group = (int)(blocksize >> 3);  // lanes per block, a power of two <= 32
-  for (int o = 1; o < group; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, o));
-  if (j0 >= pc) return;
-  if ((lane & (group - 1)) == 0) absmax[r * nb + j0 / blocksize] = amax;
-  uint32_t word = 0;
 #pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const float v = amax > 0.0f ? __fdiv_rn(x[e], amax) : 0.0f;
-    word |= encode<B>(v, t) << (e * B);
-  }
-  uint8_t* p = row + (j0 >> 3) * B;
-  if (al) {
-    if (B == 4) *reinterpret_cast<uint32_t*>(p) = word;
-    else if (B == 2) *reinterpret_cast<uint16_t*>(p) = (uint16_t)word;
-    else *p = (uint8_t)word;
-  } else {
+  for (int q = 0; q < kQChunks; ++q) {
+    const int64_t j0 = seg * (kQChunks * 256) + q * 256 + 8 * lane;
+    float amax = 0.0f;
 #pragma unroll
-    for (int i = 0; i < B; ++i) p[i] = (uint8_t)(word >> (8 * i));
+    for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x[q][e]));
+    for (int o = 1; o < group; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, o));
+    if (j0 < pc) {
+      if ((lane & (group - 1)) == 0) absmax[r * nb + (j0 >> (31 - __clz(group) + 3))] = amax;  // j0 / blocksize
+      uint32_t word = 0;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float v = amax > 0.0f ? __fdiv_rn(x[q][e], amax) : 0.0f;
+        word |= encode<B>(v, t) << (e * B);
+      }
+      uint8_t* p = row + (j0 >> 3) * B;
+      if (al) {
+        if (B == 4) *reinterpret_cast<uint32_t*>(p) = word;
+        else if (B == 2) *reinterpret_cast<uint16_t*>(p) = (uint16_t)word;
+        else *p = (uint8_t)word;
+      } else {
+#pragma unroll
+        for (int i = 0; i < B; ++i) p[i] = (uint8_t)(word >> (8 * i));
+      }
+    }
   }
 }
 
@@ -341,7 +366,7 @@ int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t 
   const int64_t pc = padded_cols(cols, blocksize);
   const bool pow2 = (blocksize & (blocksize - 1)) == 0;
   if (pow2 && blocksize <= 256 && cols % 8 == 0 && aligned(W, 16)) {
-    const int64_t segs = (pc + 255) / 256;
+    const int64_t segs = (pc + kQChunks * 256 - 1) / (kQChunks * 256);
     const int grid = grid_for(rows * segs, 8);
 #define LOWRA_QF(T) quantize_fast<T><<<grid, 256, 0, stream>>>((const T*)W, rows, cols, blocksize, pc, segs, bits, \
                                                                thresholds, row_offsets, packed, packed_bytes, absmax)
@@ -364,8 +389,12 @@ int dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const float* ab
   const int64_t segs = (cols + kSegElems - 1) / kSegElems;
   const int grid = grid_for(rows * segs, 8);
   const bool vec = cols % 8 == 0 && aligned(out, 16);
+  int bs_shift = -1;
+  for (int k = 3; k < 13; ++k)
+    if (blocksize == (int64_t)1 << k) bs_shift = k;
 #define LOWRA_DF(T) dequantize_fast<T><<<grid, 256, 0, stream>>>(packed, packed_bytes, absmax, bits, codebook, \
-                                                                 row_offsets, rows, cols, blocksize, pc, segs, vec, (T*)out)
+                                                                 row_offsets, rows, cols, blocksize, bs_shift, pc, segs, \
+                                                                 vec, (T*)out)
   if (dtype == LOWRA_F16) LOWRA_DF(__half);
   else if (dtype == LOWRA_BF16) LOWRA_DF(__nv_bfloat16);
   else LOWRA_DF(float);

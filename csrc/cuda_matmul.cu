@@ -30,14 +30,14 @@ using namespace mm;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kSegTiles = 8;  // tiles whose row metadata is staged at once
-constexpr int kSegRows = kSegTiles * kTileRows;
+constexpr int kSegQuads = 4;  // groups of 4 tiles (one per warp) whose row metadata is staged at once
+constexpr int kSegRows = kSegQuads * 4 * kTileRows;
 constexpr int kSmemBudget = 74 * 1024;  // 3 CTAs (12 warps) per H100/H200 multiprocessor
 constexpr unsigned kFull = 0xffffffffu;
 
 struct RowInfo {
   int64_t off;  // byte offset of the row in `packed` (0 when !ok)
-  int32_t row;  // output channel (-1 when !ok)
+  int32_t row;  // output channel (0 when !ok: a safe index)
   uint32_t ok;
   float c0, dl;  // 1 bit: codebook entry 0 and entry 1 - entry 0
   uint32_t L, H; // 2 bit: byte tables of the four entries in the mma type
@@ -60,7 +60,7 @@ struct MatmulArgs {
   const void* bias;
   void* out;
   float* ws;
-  int sm_bs, sm_ss, sm_ri, sm_red, sm_cb, sm_lut;  // shared-memory offsets in bytes
+  int sm_bs, sm_ss, sm_ri, sm_cb, sm_lut;  // shared-memory offsets in bytes
 };
 
 template <typename T>
@@ -100,6 +100,30 @@ struct MmaType<__nv_bfloat16> {
   }
 };
 
+// Loads of the packed weight and its absmax. Every warp reads only 16-32 bytes per row per stage, from rows far
+// apart; each miss therefore asks L2 for 256 bytes, so the row's next stages hit L2 and DRAM sees whole bursts
+// instead of scattered sectors.
+__device__ __forceinline__ uint4 ld_w16(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 ld_w8(const void* p) {
+  uint2 v;
+  asm("ld.global.nc.L2::256B.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint32_t ld_w4(const void* p) {
+  uint32_t v;
+  asm("ld.global.nc.L2::256B.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ float4 ld_f16B(const float* p) {
+  float4 v;
+  asm("ld.global.nc.L2::256B.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
+  return v;
+}
+
 // Packed codes of one stage (16 rows x 256 columns, this lane's rows g and g + 8) and their absmax.
 template <int P>
 struct Stage;
@@ -122,7 +146,6 @@ struct Stage<4> {
 template <typename T, int NT, int D, int P>
 struct Fast {
   using M = MmaType<T>;
-  static constexpr int kNpad = 8 * NT;
 
   const MatmulArgs& a;
   unsigned char* smem;
@@ -139,67 +162,78 @@ struct Fast {
   __device__ uint16_t* bs() const { return (uint16_t*)(smem + a.sm_bs); }
   __device__ float2* ss() const { return (float2*)(smem + a.sm_ss); }
   __device__ RowInfo* ri() const { return (RowInfo*)(smem + a.sm_ri); }
-  __device__ float* red(int par) const { return (float*)(smem + a.sm_red) + par * (kWarps * kTileRows * kNpad); }
   __device__ uint16_t* cbs() const { return (uint16_t*)(smem + a.sm_cb); }
-  __device__ uint32_t* lut(int par) const { return (uint32_t*)(smem + a.sm_lut) + par * (kTileRows * 256); }
+  __device__ uint32_t* lut() const { return (uint32_t*)(smem + a.sm_lut) + warp * (kTileRows * 256); }
 
   // Activations of K split s in the column order of precision P, plus per-unit sums S, S2 for 1-bit tiles.
   __device__ void stage_activations(int64_t s) {
     const int64_t k0 = s * a.krange;
-    const int64_t klen = min(a.cols - k0, a.krange);
-    const int64_t c8n = klen >> 3;  // 8-column chunks per activation row, a multiple of 32
+    const int klen = (int)min(a.cols - k0, a.krange);
+    const int c8n = klen >> 3;  // 8-column chunks per activation row, a multiple of 32
     const int m = a.m;
     uint16_t* B = bs();
     if constexpr (P == 1) {
       float2* S = ss();
-      for (int64_t i = tid; i < (klen >> 6) * kNpad; i += kThreads) S[i] = make_float2(0.f, 0.f);
+      for (int i = tid; i < (klen >> 6) * (8 * NT); i += kThreads) S[i] = make_float2(0.f, 0.f);
       __syncthreads();
     }
-    for (int64_t ci = tid; ci < m * c8n; ci += kThreads) {  // whole warps: m * c8n is a multiple of 32
-      const int n = (int)(ci / c8n);
-      const int64_t c8 = ci % c8n;
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>((const T*)a.A + n * a.cols + k0 + 8 * c8));
-      const uint16_t* v = reinterpret_cast<const uint16_t*>(&raw);
-      float s1 = 0.f, s2 = 0.f;
+    const uint4* src = reinterpret_cast<const uint4*>((const T*)a.A + k0);
+    const int64_t row_stride = a.cols >> 3;  // in uint4
+    constexpr int kU = 4;  // chunks in flight per thread
+    for (int c0 = tid; c0 < m * c8n; c0 += kU * kThreads) {  // whole warps: m * c8n is a multiple of 32
+      uint4 raw[kU];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int64_t col = 8 * c8 + e;
-        const int64_t ul = col >> 6;
-        const int cu = (int)(col & 63);
-        const int slot = stage_slot(P, cu);
-        B[((ul * m + n) * 32 + stage_word(n, slot >> 4, (slot >> 1) & 7)) * 2 + (slot & 1)] = v[e];
-        if constexpr (P == 1) {
-          const float x = M::to_float(v[e]);
-          s1 += x;
-          s2 += s2_weight(cu) * x;
-        }
+      for (int q = 0; q < kU; ++q) {
+        const int ci = c0 + q * kThreads;
+        if (ci < m * c8n) raw[q] = __ldg(src + (ci / c8n) * row_stride + ci % c8n);
       }
-      if constexpr (P == 1) {
 #pragma unroll
-        for (int o = 1; o < 8; o <<= 1) {
-          s1 += __shfl_xor_sync(kFull, s1, o);
-          s2 += __shfl_xor_sync(kFull, s2, o);
+      for (int q = 0; q < kU; ++q) {
+        const int ci = c0 + q * kThreads;
+        if (ci >= m * c8n) break;  // warp-uniform
+        const int n = ci / c8n, c8 = ci % c8n;
+        const uint16_t* v = reinterpret_cast<const uint16_t*>(&raw[q]);
+        const int ul = c8 >> 3, cb = (c8 & 7) * 8;  // unit and first column in it
+        uint16_t* dst = B + (ul * m + n) * 64;
+        float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int slot = stage_slot(P, cb + e);
+          dst[stage_word(n, slot >> 4, (slot >> 1) & 7) * 2 + (slot & 1)] = v[e];
+          if constexpr (P == 1) {
+            const float x = M::to_float(v[e]);
+            s1 += x;
+            s2 += s2_weight(cb + e) * x;
+          }
         }
-        if ((c8 & 7) == 0) ss()[(c8 >> 3) * kNpad + n] = make_float2(s1, s2);
+        if constexpr (P == 1) {
+#pragma unroll
+          for (int o = 1; o < 8; o <<= 1) {
+            s1 += __shfl_xor_sync(kFull, s1, o);
+            s2 += __shfl_xor_sync(kFull, s2, o);
+          }
+          if ((c8 & 7) == 0) ss()[ul * (8 * NT) + n] = make_float2(s1, s2);
+        }
       }
     }
   }
 
-  // Row metadata (bound-checked) of tiles [tile0, tile0 + ntl) of precision group p.
-  __device__ void load_rows(int64_t tile0, int ntl) {
+  // Row metadata (bound-checked) of the segment's tiles: local tile lt is tile 4 * q0 + lt of the group.
+  __device__ void load_rows(int64_t q0, int ntl) {
     const int64_t pc = a.cols;
     for (int lr = tid; lr < ntl * kTileRows; lr += kThreads) {
-      const int64_t local = tile0 * kTileRows + lr;
-      RowInfo x = {0, -1, 0u, 0.f, 0.f, 0u, 0u};
+      const int64_t local = q0 * 4 * kTileRows + lr;
+      RowInfo x = {0, 0, 0u, 0.f, 0.f, 0u, 0u};
       if (local < a.grp_rows) {
         const int64_t r = a.row_order[a.grp_start + local];
         bool ok = r >= 0 && r < a.rows && a.bits[r] == P;
+        int64_t off = 0;
         if (ok) {
-          const int64_t off = a.row_offsets[r];
+          off = a.row_offsets[r];
           ok = row_ok(P, off, pc, a.packed_bytes) && ((uintptr_t)(a.packed + off) & 15) == 0;
-          x.off = ok ? off : 0;
         }
         if (ok) {
+          x.off = off;
           x.row = (int32_t)r;
           x.ok = 1u;
           const uint16_t* cb = a.codebook + r * kCodebookSlots;
@@ -226,79 +260,95 @@ struct Fast {
     }
   }
 
-  // 4 bit: lookup tables of tile ti (16 rows x 256 packed-byte entries); 8 threads per row, 32 entries each.
-  __device__ void build_lut(int par, int ti) {
-    const int lr = tid >> 3, part = tid & 7;
-    const uint16_t* v = cbs() + (ti * kTileRows + lr) * 16;
-    uint16_t c[16];
+  // 4 bit: this warp's lookup table for local tile lt (16 rows x 256 packed-byte entries). Lane l writes entries
+  // 4l..4l+3 and 128+4l.. of each row: consecutive 16-byte stores, no bank conflicts.
+  __device__ void build_lut(int lt) {
+    uint32_t* L = lut();
+    const int lo = 4 * (lane & 3), hi = lane >> 2;
+#pragma unroll 4
+    for (int r = 0; r < kTileRows; ++r) {
+      const uint16_t* v = cbs() + (lt * kTileRows + r) * 16;
+      const uint2 q = *reinterpret_cast<const uint2*>(v + lo);
+      const uint32_t l0 = q.x & 0xffffu, l1 = q.x >> 16, l2 = q.y & 0xffffu, l3 = q.y >> 16;
 #pragma unroll
-    for (int i = 0; i < 16; ++i) c[i] = v[i];
-    const uint32_t h0 = (uint32_t)v[2 * part] << 16, h1 = (uint32_t)v[2 * part + 1] << 16;
-    uint4* dst = reinterpret_cast<uint4*>(lut(par) + lr * 256 + 32 * part);
-#pragma unroll
-    for (int x = 0; x < 32; x += 4) {
-      const uint32_t h = x < 16 ? h0 : h1;
-      dst[x >> 2] = make_uint4(c[x & 15] | h, c[(x + 1) & 15] | h, c[(x + 2) & 15] | h, c[(x + 3) & 15] | h);
+      for (int k = 0; k < 2; ++k) {
+        const uint32_t h = (uint32_t)v[8 * k + hi] << 16;
+        reinterpret_cast<uint4*>(L + r * 256 + 128 * k)[lane] = make_uint4(l0 | h, l1 | h, l2 | h, l3 | h);
+      }
     }
   }
 
-  __device__ __forceinline__ void load_stage(Stage<P>& S, int ti, int64_t col0) {
+  // Where the prefetcher reads: this lane's two rows of a tile, at the start of the K split.
+  struct Ptrs {
+    const uint8_t* code[2];
+    const float* am[2];
+    bool ok[2];
+  };
+
+  __device__ __forceinline__ void tile_ptrs(int lt, int64_t k0, Ptrs& p) const {
 #pragma unroll
     for (int R = 0; R < 2; ++R) {
-      const RowInfo& x = ri()[ti * kTileRows + g + 8 * R];
-      const bool ok = x.ok != 0u;
-      const uint8_t* base = a.packed + x.off;
+      const RowInfo& x = ri()[lt * kTileRows + g + 8 * R];
+      p.ok[R] = x.ok != 0u;
+      p.code[R] = a.packed + x.off + (k0 * P >> 3);
+      p.am[R] = a.absmax + (int64_t)x.row * a.nb;
+    }
+  }
+
+  __device__ __forceinline__ void load_stage(Stage<P>& S, const Ptrs& p, int st, int64_t k0) const {
+#pragma unroll
+    for (int R = 0; R < 2; ++R) {
       // rows that failed their checks load nothing (zeros): their results are never stored
       if constexpr (P == 1) {
-        const uint4* p = reinterpret_cast<const uint4*>(base + (col0 >> 3));
+        const uint4* q = reinterpret_cast<const uint4*>(p.code[R] + st * 32);
         S.q[R][0] = S.q[R][1] = make_uint4(0, 0, 0, 0);
-        if (ok) {
-          S.q[R][0] = __ldg(p);
-          S.q[R][1] = __ldg(p + 1);
+        if (p.ok[R]) {
+          S.q[R][0] = ld_w16(q);
+          S.q[R][1] = ld_w16(q + 1);
         }
       } else if constexpr (P == 2) {
-        const uint32_t* p = reinterpret_cast<const uint32_t*>(base + (col0 >> 2) + 4 * t);
+        const uint32_t* q = reinterpret_cast<const uint32_t*>(p.code[R] + st * 64 + 4 * t);
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           S.q[R][u] = 0u;
-          if (ok) S.q[R][u] = __ldg(p + 4 * u);
+          if (p.ok[R]) S.q[R][u] = ld_w4(q + 4 * u);
         }
       } else {
-        const uint2* p = reinterpret_cast<const uint2*>(base + (col0 >> 1) + 8 * t);
+        const uint2* q = reinterpret_cast<const uint2*>(p.code[R] + st * 128 + 8 * t);
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           S.q[R][u] = make_uint2(0, 0);
-          if (ok) S.q[R][u] = __ldg(p + 4 * u);
+          if (p.ok[R]) S.q[R][u] = ld_w8(q + 4 * u);
         }
       }
-      const float* am = a.absmax + (int64_t)x.row * a.nb;
 #pragma unroll
       for (int u = 0; u < 4; ++u) S.am[R][u] = 0.f;
-      if (ok) {
+      if (p.ok[R]) {
+        const int64_t col0 = k0 + (int64_t)st * kStageCols;
         if (a.blocksize == kUnitCols) {
-          const float4 v = __ldg(reinterpret_cast<const float4*>(am + (col0 >> 6)));
+          const float4 v = ld_f16B(p.am[R] + (col0 >> 6));
           S.am[R][0] = v.x, S.am[R][1] = v.y, S.am[R][2] = v.z, S.am[R][3] = v.w;
         } else {
 #pragma unroll
-          for (int u = 0; u < 4; ++u) S.am[R][u] = __ldg(am + (col0 + kUnitCols * u) / a.blocksize);
+          for (int u = 0; u < 4; ++u) S.am[R][u] = __ldg(p.am[R] + (col0 + kUnitCols * u) / a.blocksize);
         }
       }
     }
   }
 
   // k0[R], k1[R]: per-row constants of the tile (1 bit: c0, dl as float bits; 2 bit: L, H; 4 bit: lut offsets)
-  __device__ __forceinline__ void compute_stage(const Stage<P>& S, int64_t ul0, const uint32_t k0[2],
-                                                const uint32_t k1[2], float tot[NT][4]) {
-    const uint16_t* B = bs();
+  __device__ __forceinline__ void compute_stage(const Stage<P>& S, int st, const uint32_t k0[2],
+                                                const uint32_t k1[2], float tot[NT][4]) const {
+    const int m = a.m;
+    const uint16_t* Bst = bs() + (st * kStageUnits * m) * 64 + t * 16;
 #pragma unroll
     for (int u = 0; u < kStageUnits; ++u) {
-      const int64_t ul = ul0 + u;
       uint32_t bf[NT][8];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int n = g + 8 * nt;
-        if (n < a.m) {
-          const uint4* src = reinterpret_cast<const uint4*>(B + (ul * a.m + n) * 64 + t * 16);
+        if (n < m) {
+          const uint4* src = reinterpret_cast<const uint4*>(Bst + (u * m + n) * 64);
           const int sw = n & 1;  // stage_word: halves swapped on odd rows
           const uint4 lo = src[sw], hi = src[sw ^ 1];
           bf[nt][0] = lo.x, bf[nt][1] = lo.y, bf[nt][2] = lo.z, bf[nt][3] = lo.w;
@@ -317,157 +367,188 @@ struct Fast {
         } else if constexpr (P == 2) {
           decode2(S.q[R][u], k0[R], k1[R], f[R]);
         } else {
-          const uint32_t* L = lut(0) + k0[R];
+          const uint32_t* L = lut() + k0[R];
           const uint2 q = S.q[R][u];
 #pragma unroll
           for (int pi = 0; pi < 8; ++pi) f[R][pi] = L[((pi < 4 ? q.x : q.y) >> (8 * (pi & 3))) & 0xffu];
         }
       }
-      float acc[NT][4];
+      // with one activation tile, two accumulator chains (k steps 0,2 and 1,3) halve the dependent mma latency
+      constexpr int kChains = NT == 1 ? 2 : 1;
+      float acc[kChains][NT][4];
+      float4 s[NT];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+      for (int nt = 0; nt < NT; ++nt) {
+        if constexpr (P == 1) s[nt] = *reinterpret_cast<const float4*>(ss() + (st * kStageUnits + u) * (8 * NT) + 8 * nt + 2 * t);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+        for (int c = 0; c < kChains; ++c)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[c][nt][i] = 0.f;
+        if constexpr (P == 1) {  // start from -S2 (the magic offsets' share) of columns n, n + 1
+          acc[0][nt][0] = acc[0][nt][2] = -s[nt].y;
+          acc[0][nt][1] = acc[0][nt][3] = -s[nt].w;
+        }
+      }
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
-          M::mma(acc[nt], f[0][2 * j], f[1][2 * j], f[0][2 * j + 1], f[1][2 * j + 1], bf[nt][2 * j], bf[nt][2 * j + 1]);
+          M::mma(acc[j % kChains][nt], f[0][2 * j], f[1][2 * j], f[0][2 * j + 1], f[1][2 * j + 1], bf[nt][2 * j],
+                 bf[nt][2 * j + 1]);
       const float am0 = S.am[0][u], am1 = S.am[1][u];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        if constexpr (P == 1) {
-          const float4 s = *reinterpret_cast<const float4*>(ss() + ul * kNpad + 8 * nt + 2 * t);  // S, S2 of n, n+1
+        float x[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) x[i] = kChains == 2 ? acc[0][nt][i] + acc[kChains - 1][nt][i] : acc[0][nt][i];
+        if constexpr (P == 1) {  // row value = c0 * S + (c1 - c0) * (acc - S2), scaled by the block's absmax
           const float c00 = __uint_as_float(k0[0]), dl0 = __uint_as_float(k1[0]);
           const float c01 = __uint_as_float(k0[1]), dl1 = __uint_as_float(k1[1]);
-          tot[nt][0] += am0 * (dl0 * (acc[nt][0] - s.y) + c00 * s.x);
-          tot[nt][1] += am0 * (dl0 * (acc[nt][1] - s.w) + c00 * s.z);
-          tot[nt][2] += am1 * (dl1 * (acc[nt][2] - s.y) + c01 * s.x);
-          tot[nt][3] += am1 * (dl1 * (acc[nt][3] - s.w) + c01 * s.z);
+          tot[nt][0] += am0 * fmaf(dl0, x[0], c00 * s[nt].x);
+          tot[nt][1] += am0 * fmaf(dl0, x[1], c00 * s[nt].z);
+          tot[nt][2] += am1 * fmaf(dl1, x[2], c01 * s[nt].x);
+          tot[nt][3] += am1 * fmaf(dl1, x[3], c01 * s[nt].z);
         } else {
-          tot[nt][0] += am0 * acc[nt][0];
-          tot[nt][1] += am0 * acc[nt][1];
-          tot[nt][2] += am1 * acc[nt][2];
-          tot[nt][3] += am1 * acc[nt][3];
+          tot[nt][0] = fmaf(am0, x[0], tot[nt][0]);
+          tot[nt][1] = fmaf(am0, x[1], tot[nt][1]);
+          tot[nt][2] = fmaf(am1, x[2], tot[nt][2]);
+          tot[nt][3] = fmaf(am1, x[3], tot[nt][3]);
         }
       }
     }
   }
 
-  // End of tile ti: the 4 warps' partial sums meet in shared memory, one thread per output finishes it.
-  __device__ void tile_end(int ti, int ntl, int64_t s, float tot[NT][4]) {
-    float* rd = red(ti & 1);
+  // Outputs of this lane's rows (row[R], ok[R]) for activation rows n = 8 nt + 2t (+1).
+  __device__ __forceinline__ void store_tile(int64_t s, const int32_t row[2], const bool ok[2], float tot[NT][4]) const {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        rd[(warp * kTileRows + g + 8 * (e >> 1)) * kNpad + 8 * nt + 2 * t + (e & 1)] = tot[nt][e];
+        const int R = e >> 1, n = 8 * nt + 2 * t + (e & 1);
+        if (ok[R] && n < a.m) {
+          float v = tot[nt][e];
+          if (a.ks == 1) {
+            if (a.bias) v += M::to_float(((const uint16_t*)a.bias)[row[R]]);
+            M::store(a.out, (int64_t)n * a.rows + row[R], v);
+          } else {
+            a.ws[(s * a.m + n) * a.rows + row[R]] = v;
+          }
+        }
         tot[nt][e] = 0.f;
       }
-    if constexpr (P == 4) {
-      if (ti + 1 < ntl) build_lut((ti + 1) & 1, ti + 1);
-    }
-    __syncthreads();
-    for (int idx = tid; idx < kTileRows * a.m; idx += kThreads) {
-      const int lr = idx & 15, n = idx >> 4;
-      float sum = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) sum += rd[(w * kTileRows + lr) * kNpad + n];
-      const RowInfo& x = ri()[ti * kTileRows + lr];
-      if (x.ok) {
-        if (a.ks == 1) {
-          if (a.bias) sum += M::to_float(((const uint16_t*)a.bias)[x.row]);
-          M::store(a.out, (int64_t)n * a.rows + x.row, sum);
-        } else {
-          a.ws[(s * a.m + n) * a.rows + x.row] = sum;
-        }
-      }
-    }
   }
 
-  // Tiles [0, ntl) of the staged segment, K split s.
+  // This warp's tiles of the segment (local tiles warp, warp + 4, ...), all stages of K split s, with a D-deep
+  // register prefetch ring that runs across tile boundaries. No CTA barrier inside.
   __device__ void run(int64_t s, int ntl) {
     const int64_t k0 = s * a.krange;
     const int nst = (int)(min(a.cols - k0, a.krange) / kStageCols);
-    const int my_n = nst > warp ? (nst - warp + kWarps - 1) / kWarps : 0;
-    const int total = ntl * my_n;
+    const int ntw = ntl > warp ? (ntl - warp + 3) / 4 : 0;
+    const int total = ntw * nst;
+    if (total == 0) return;
     float tot[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) tot[nt][i] = 0.f;
-    if (my_n == 0) {  // this warp has no stage of this split: it only takes part in the reductions
-      for (int ti = 0; ti < ntl; ++ti) tile_end(ti, ntl, s, tot);
-      return;
-    }
+    // prefetch cursor
+    int pti = 0, pj = 0;
+    Ptrs pp;
+    tile_ptrs(warp, k0, pp);
     Stage<P> ring[D];
 #pragma unroll
-    for (int k = 0; k < D; ++k)
-      if (k < total) load_stage(ring[k], k / my_n, k0 + (int64_t)(warp + kWarps * (k % my_n)) * kStageCols);
-    uint32_t kc0[2] = {0u, 0u}, kc1[2] = {0u, 0u};
+    for (int k = 0; k < D; ++k) {
+      if (k < total) {
+        load_stage(ring[k], pp, pj, k0);
+        if (++pj == nst) {
+          pj = 0;
+          if (++pti < ntw) tile_ptrs(warp + 4 * pti, k0, pp);
+        }
+      }
+    }
+    // compute cursor and the current tile's constants
+    int ti = 0, j = 0;
+    uint32_t kc0[2], kc1[2];
+    int32_t row[2];
+    bool ok[2];
+    auto tile_consts = [&](int i) {
+      const int lt = warp + 4 * i;
+#pragma unroll
+      for (int R = 0; R < 2; ++R) {
+        const RowInfo& x = ri()[lt * kTileRows + g + 8 * R];
+        row[R] = x.row;
+        ok[R] = x.ok != 0u;
+        if constexpr (P == 1) {
+          kc0[R] = __float_as_uint(x.c0);
+          kc1[R] = __float_as_uint(x.dl);
+        } else if constexpr (P == 2) {
+          kc0[R] = x.L;
+          kc1[R] = x.H;
+        } else {
+          kc0[R] = (uint32_t)((g + 8 * R) * 256);
+          kc1[R] = 0u;
+        }
+      }
+      if constexpr (P == 4) {
+        __syncwarp();  // every lane is done with the previous tile's table
+        build_lut(lt);
+        __syncwarp();
+      }
+    };
+    tile_consts(0);
     for (int base = 0; base < total; base += D) {
 #pragma unroll
       for (int k = 0; k < D; ++k) {
-        const int it = base + k;
-        if (it < total) {
-          const int ti = it / my_n, j = it % my_n;
-          if (j == 0) {
-#pragma unroll
-            for (int R = 0; R < 2; ++R) {
-              const RowInfo& x = ri()[ti * kTileRows + g + 8 * R];
-              if constexpr (P == 1) {
-                kc0[R] = __float_as_uint(x.c0);
-                kc1[R] = __float_as_uint(x.dl);
-              } else if constexpr (P == 2) {
-                kc0[R] = x.L;
-                kc1[R] = x.H;
-              } else {
-                kc0[R] = (uint32_t)((ti & 1) * (kTileRows * 256) + (g + 8 * R) * 256);
-              }
+        if (base + k < total) {
+          compute_stage(ring[k], j, kc0, kc1, tot);
+          if (base + k + D < total) {
+            load_stage(ring[k], pp, pj, k0);
+            if (++pj == nst) {
+              pj = 0;
+              if (++pti < ntw) tile_ptrs(warp + 4 * pti, k0, pp);
             }
           }
-          const int st = warp + kWarps * j;
-          compute_stage(ring[k], (int64_t)st * kStageUnits, kc0, kc1, tot);
-          const int nx = it + D;
-          if (nx < total) load_stage(ring[k], nx / my_n, k0 + (int64_t)(warp + kWarps * (nx % my_n)) * kStageCols);
-          if (j == my_n - 1) tile_end(ti, ntl, s, tot);
+          if (++j == nst) {
+            store_tile(s, row, ok, tot);
+            j = 0;
+            if (++ti < ntw) tile_consts(ti);
+          }
         }
       }
     }
   }
 
-  __device__ void segment(int64_t s, int64_t tile0, int ntl, int64_t& staged_s) {
+  __device__ void segment(int64_t s, int64_t q0, int ntl, int64_t& staged_s) {
     __syncthreads();  // the previous segment is done with shared memory
     if (staged_s != s) {
       stage_activations(s);
       staged_s = s;
     }
-    load_rows(tile0, ntl);
+    load_rows(q0, ntl);
     __syncthreads();
-    if constexpr (P == 4) {
-      build_lut(0, 0);
-      __syncthreads();
-    }
     run(s, ntl);
   }
 
-  // This CTA's contiguous share of the units (K split s, tile), split outermost so that the staged activations
-  // change rarely.
+  // This CTA's contiguous share of the items (K split s, group of 4 tiles), split outermost so that the staged
+  // activations change rarely; each warp owns one tile of an item.
   __device__ void operator()() {
-    const int64_t tiles = a.grp_tiles, units = tiles * a.ks, C = gridDim.x, c = blockIdx.x;
-    const int64_t lo = units * c / C, hi = units * (c + 1) / C;
+    const int64_t quads = (a.grp_tiles + 3) / 4, items = quads * a.ks, C = gridDim.x, c = blockIdx.x;
+    const int64_t lo = items * c / C, hi = items * (c + 1) / C;
     int64_t staged_s = -1;
     for (int64_t l = lo; l < hi;) {
-      const int64_t s = l / tiles, tile0 = l % tiles;
-      const int ntl = (int)min(min(hi - l, tiles - tile0), (int64_t)kSegTiles);
-      segment(s, tile0, ntl, staged_s);
-      l += ntl;
+      const int64_t s = l / quads, q0 = l % quads;
+      const int nq = (int)min(min(hi - l, quads - q0), (int64_t)kSegQuads);
+      const int ntl = (int)min((int64_t)nq * 4, a.grp_tiles - q0 * 4);
+      segment(s, q0, ntl, staged_s);
+      l += nq;
     }
   }
 };
 
+// 1 and 2 bit: 3 CTAs (12 warps) per SM with a 3-deep prefetch ring, 4 (16 warps) with a 2-deep one; 4 bit is
+// held to 2 by its per-warp lookup tables anyway
 template <typename T, int NT, int D, int P>
-__global__ void __launch_bounds__(kThreads, 3) matmul_fast_kernel(const __grid_constant__ MatmulArgs args) {
+__global__ void __launch_bounds__(kThreads, P == 4 ? 2 : (D == 2 ? 4 : 3)) matmul_fast_kernel(const __grid_constant__ MatmulArgs args) {
   extern __shared__ __align__(16) unsigned char smem[];
   Fast<T, NT, D, P>(args, smem)();
 }
@@ -582,8 +663,9 @@ KernelFn pick_kernel(int p, int nt, int depth) {
   return p == 0 ? pick_kernel<T, 1>(nt, depth) : p == 1 ? pick_kernel<T, 2>(nt, depth) : pick_kernel<T, 4>(nt, depth);
 }
 
-// Resident CTAs per SM of a kernel at a shared-memory size (cached: the query is not free). The kernel's dynamic
-// shared-memory limit is raised once to the most any plan may ask for (make_plan refuses more).
+// Resident CTAs per SM of a kernel at a shared-memory size (cached: the query is not free; 0 when it cannot run).
+// The kernel's dynamic shared-memory limit is raised once to the most any plan may ask for (make_plan refuses
+// more), or to what the device allows.
 constexpr int kMaxSmem = 200 * 1024;
 
 int occupancy(KernelFn fn, size_t smem) {
@@ -599,7 +681,10 @@ int occupancy(KernelFn fn, size_t smem) {
   bool done = false;
   for (auto& e : raised) done = done || (e.first == fn && e.second == dev);
   if (!done) {
-    if (cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem) != cudaSuccess) {
+    int optin = 0;  // 227 KB on H100/H200 and A100, ~99 KB on sm_86 / sm_89
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    const int limit = optin > 0 && optin < kMaxSmem ? optin : kMaxSmem;
+    if (cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, limit) != cudaSuccess) {
       cudaGetLastError();  // a failed attribute call must not leak into the next launch check
       return 0;
     }
@@ -651,44 +736,44 @@ bool make_plan(const void* A, int dtype, int64_t m, const uint8_t* packed, const
     a.grp_tiles = (group_rows[p] + kTileRows - 1) / kTileRows;
     start += group_rows[p];
     if (a.grp_tiles == 0) continue;
-    // fixed shared memory: row metadata, reduction buffers (double), 4-bit codebooks and lookup tables (double)
+    // fixed shared memory: row metadata; 4 bit: codebooks and one lookup table per warp
     const int ri_bytes = kSegRows * (int)sizeof(RowInfo);
-    const int red_bytes = 2 * kWarps * kTileRows * npad * 4;
     const int cb_bytes = p == 2 ? kSegRows * 16 * 2 : 0;
-    const int lut_bytes = p == 2 ? 2 * kTileRows * 256 * 4 : 0;
-    const int64_t fixed = ri_bytes + red_bytes + cb_bytes + lut_bytes;
+    const int lut_bytes = p == 2 ? kWarps * kTileRows * 256 * 4 : 0;
+    const int64_t fixed = ri_bytes + cb_bytes + lut_bytes;
     const int64_t per64 = 2 * m * 64 + (p == 0 ? npad * 8 : 0);  // per 64 staged columns: activations + S/S2
-    int64_t kmax = (kSmemBudget - fixed) / per64 * 64 / kStageCols * kStageCols;
+    int64_t kmax = (kSmemBudget + lut_bytes - fixed) / per64 * 64 / kStageCols * kStageCols;
     if (kmax < kStageCols) kmax = kStageCols;
+    gp.fn = dtype == LOWRA_F16 ? pick_kernel<__half>(p, nt, depth) : pick_kernel<__nv_bfloat16>(p, nt, depth);
+    const int64_t quads = (a.grp_tiles + 3) / 4;
     int ks = (int)((cols + kmax - 1) / kmax);
     if (g_tuning.ks > 0) {
       ks = g_tuning.ks;
     } else {
-      // enough units to spread evenly over ~3 resident CTAs per SM, keeping >= 1024 columns (4 stages) per split
-      const int64_t want = (int64_t)4 * 3 * sms;
-      while ((int64_t)ks * a.grp_tiles < want && cols / (ks + 1) >= 4 * kStageCols) ++ks;
+      // enough items (4 tiles x one K split) for ~4 per resident CTA, keeping >= 512 columns per split
+      const int occ0 = occupancy(gp.fn, (size_t)(fixed + (cols < kmax ? cols : kmax) / 64 * per64));
+      const int64_t want = (int64_t)4 * sms * (occ0 > 0 ? occ0 : 1);
+      while ((int64_t)ks * quads < want && cols / (ks + 1) >= 2 * kStageCols) ++ks;
     }
     int64_t krange = ((cols + ks - 1) / ks + kStageCols - 1) / kStageCols * kStageCols;
     ks = (int)((cols + krange - 1) / krange);
     const size_t smem = (size_t)(fixed + krange / 64 * per64);
     if (smem > (size_t)kMaxSmem) return false;
-    gp.fn = dtype == LOWRA_F16 ? pick_kernel<__half>(p, nt, depth) : pick_kernel<__nv_bfloat16>(p, nt, depth);
     int occ = occupancy(gp.fn, smem);
     if (occ < 1) return false;
     if (g_tuning.ctas_per_sm > 0 && g_tuning.ctas_per_sm < occ) occ = g_tuning.ctas_per_sm;
-    const int64_t units = a.grp_tiles * ks;
+    const int64_t items = quads * ks;
     gp.ks = ks;
     gp.krange = krange;
     gp.smem = smem;
-    gp.nctas = (int)(units < (int64_t)sms * occ ? units : (int64_t)sms * occ);
+    gp.nctas = (int)(items < (int64_t)sms * occ ? items : (int64_t)sms * occ);
     a.m = (int)m;
     a.ks = ks;
     a.krange = krange;
     a.sm_bs = 0;
     a.sm_ss = (int)(krange * 2 * m);
     a.sm_ri = a.sm_ss + (int)(p == 0 ? krange / 64 * npad * 8 : 0);
-    a.sm_red = a.sm_ri + ri_bytes;
-    a.sm_cb = a.sm_red + red_bytes;
+    a.sm_cb = a.sm_ri + ri_bytes;
     a.sm_lut = a.sm_cb + cb_bytes;
     if (ks > plan->ks_max) plan->ks_max = ks;
   }

@@ -209,7 +209,6 @@ static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64
   const int st = lowra_matmul_cuda(dA, dtype, m, dpacked, nbytes, dabsmax, dbits, dcode, doff, rows, cols, bs,
                                    plan ? dorder : nullptr, plan ? groups : nullptr, dbias, dout, dws, ws_bytes,
                                    nullptr);
-  lowra_matmul_cuda_set_tuning(0, 0, 0);
   CHECK(st == LOWRA_OK, "cuda matmul status %d (%s)", st, lowra_last_cuda_error());
   const std::vector<uint8_t> out = to_host(dout, m * rows * esz);
   for (int64_t i = 0; i < m * rows; ++i) {
@@ -221,7 +220,7 @@ static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64
   CHECK(rel < tol, "matmul rows=%lld cols=%lld bs=%lld dtype=%d m=%lld ks=%d depth=%d plan=%d: rel err %g",
         (long long)rows, (long long)cols, (long long)bs, dtype, (long long)m, ks, depth, (int)plan, rel);
   CHECK(lowra_cuda_take_skipped_rows() == 0, "valid metadata reported as skipped");
-  if (plan && m <= 16 && dtype != LOWRA_F32) {
+  if (plan && m <= 16 && dtype != LOWRA_F32 && cols % 256 == 0 && bs % 64 == 0) {  // the fast path reads row_order
     // a row_order naming an out-of-range row and a row of the wrong precision: skipped, counted, in bounds
     std::vector<int32_t> bad = order;
     bad[0] = (int32_t)(rows + 7);
@@ -233,6 +232,7 @@ static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64
     CHECK(lowra_cuda_take_skipped_rows() >= 1, "corrupt row order not counted");
     CUDA_OK(cudaFree(dbad));
   }
+  lowra_matmul_cuda_set_tuning(0, 0, 0);  // after the last call sized by this tuning's workspace
   for (void* p : {(void*)dA, (void*)dbias, (void*)dpacked, (void*)dabsmax, (void*)dbits, (void*)dcode, (void*)doff,
                   (void*)dorder, (void*)dout, (void*)dws})
     CUDA_OK(cudaFree(p));
