@@ -81,3 +81,84 @@ def check_out(out: torch.Tensor, shape, dtype, device) -> None:
     torch._check(out.dtype == dtype, lambda: f"out has dtype {out.dtype}, expected {dtype}")
     torch._check(out.device == device, lambda: f"out is on {out.device}, expected {device}")
     torch._check(out.is_contiguous(), lambda: "out must be contiguous")
+
+
+# ---- fused matmul (decode regime) and quantize.out ----
+# y = A @ W^T (+ bias) with W given by its packed LowRA state, never materialized on the fast CUDA path.
+# row_order / group_rows come from matmul_plan(bits): derived from the stored state, computed once and cached by the
+# caller; without them the op derives them itself (a host sync, so not inside CUDA graph capture).
+torch.library.define(
+    "lowra::matmul",
+    "(Tensor A, Tensor packed, Tensor absmax, Tensor bits, Tensor codebook, Tensor row_offsets, int blocksize, "
+    "SymInt[] shape, Tensor? bias=None, Tensor? row_order=None, int[]? group_rows=None) -> Tensor",
+)
+torch.library.define(
+    "lowra::matmul.out",
+    "(Tensor A, Tensor packed, Tensor absmax, Tensor bits, Tensor codebook, Tensor row_offsets, int blocksize, "
+    "SymInt[] shape, Tensor? bias=None, Tensor? row_order=None, int[]? group_rows=None, *, Tensor(a!) out) -> ()",
+)
+torch.library.define(
+    "lowra::quantize.out",
+    "(Tensor A, Tensor bits, Tensor thresholds, Tensor row_offsets, int blocksize, *, Tensor(a!) packed, "
+    "Tensor(b!) absmax) -> ()",
+)
+
+
+def matmul_plan(bits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Per-precision row grouping for lowra::matmul: (row_order, group_rows).
+
+    row_order: int32 [rows] on bits' device, the output channels with 1 bit, then 2, then 4 (original order inside
+    a group); group_rows: [#1-bit, #2-bit, #4-bit] rows. Derived from `bits` alone (no format change); reading
+    the counts synchronizes once, so build it with the quantized state, not per call.
+    """
+    b = bits.to(torch.int64)
+    order = torch.argsort(b, stable=True).to(torch.int32)
+    counts = torch.stack([(b == p).sum() for p in (1, 2, 4)]).tolist()
+    return order, [int(c) for c in counts]
+
+
+def check_matmul_args(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order,
+                      group_rows) -> None:
+    torch._check(len(shape) == 2, lambda: f"shape must be [rows, cols], got {shape}")
+    rows, cols = shape
+    torch._check(A.dim() >= 1, lambda: "A must have at least one dimension")
+    torch._check(A.dtype in FLOAT_DTYPES, lambda: f"A must be float32/float16/bfloat16, got {A.dtype}")
+    torch._check(A.shape[-1] == cols, lambda: f"A has {A.shape[-1]} features, the weight has {cols} columns")
+    check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, A.dtype)
+    if bias is not None:
+        torch._check(bias.dtype == A.dtype, lambda: f"bias must have A's dtype {A.dtype}, got {bias.dtype}")
+        torch._check(tuple(bias.shape) == (rows,), lambda: f"bias must have shape ({rows},), got {tuple(bias.shape)}")
+    torch._check((row_order is None) == (group_rows is None), lambda: "pass row_order and group_rows together")
+    if row_order is not None:
+        torch._check(row_order.dtype == torch.int32 and tuple(row_order.shape) == (rows,),
+                     lambda: "row_order must be int32 [rows] (see matmul_plan)")
+        torch._check(len(group_rows) == 3 and all(g >= 0 for g in group_rows) and sum(group_rows) == rows,
+                     lambda: f"group_rows must be 3 non-negative counts summing to {rows}, got {group_rows}")
+
+
+@torch.library.register_fake("lowra::matmul")
+def _(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias=None, row_order=None, group_rows=None):
+    check_matmul_args(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows)
+    return A.new_empty((*A.shape[:-1], shape[0]))
+
+
+@torch.library.register_fake("lowra::matmul.out")
+def _(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias=None, row_order=None, group_rows=None,
+      *, out):
+    check_matmul_args(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows)
+    check_out(out, (*A.shape[:-1], shape[0]), A.dtype, A.device)
+
+
+def check_quantize_out(A, blocksize, packed, absmax) -> None:
+    torch._check(packed.dtype == torch.uint8 and packed.dim() == 1, lambda: "packed must be a 1-D uint8 tensor")
+    torch._check(packed.is_contiguous() and absmax.is_contiguous(), lambda: "packed and absmax must be contiguous")
+    nb = blocks_per_row(A.shape[1], blocksize)
+    torch._check(absmax.dtype == torch.float32 and tuple(absmax.shape) == (A.shape[0], nb),
+                 lambda: f"absmax must be float32 [{A.shape[0]}, {nb}]")
+    torch._check(packed.device == A.device and absmax.device == A.device, lambda: "outputs must be on A's device")
+
+
+@torch.library.register_fake("lowra::quantize.out")
+def _(A, bits, thresholds, row_offsets, blocksize, *, packed, absmax):
+    check_quantize_args(A, bits, thresholds, row_offsets, blocksize)
+    check_quantize_out(A, blocksize, packed, absmax)

@@ -15,5 +15,14 @@ int dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const float* ab
                     const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
                     int64_t blocksize, int dtype, void* out, void* stream);
 const char* last_cuda_error();
+int64_t take_skipped_rows();
+int64_t take_matmul_skipped_rows();  // cuda_matmul.cu's share (after a device synchronize)
+int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes, const float* absmax,
+                const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
+                int64_t blocksize, const int32_t* row_order, const int64_t* group_rows, const void* bias, void* out,
+                void* workspace, int64_t workspace_bytes, void* stream);
+int64_t matmul_cuda_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize,
+                                   const int64_t* group_rows);
+void matmul_cuda_set_tuning(int ks, int ctas_per_sm, int depth);
 #endif
 }  // namespace lowra

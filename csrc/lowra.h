@@ -64,6 +64,30 @@ LOWRA_API int lowra_dequantize_cuda(const uint8_t* packed, int64_t packed_bytes,
 
 LOWRA_API const char* lowra_last_cuda_error(void);
 
+// The CUDA kernels never synchronize the host: a row whose metadata would leave the packed buffer (or, for the
+// fused matmul, does not match its precision group) is skipped and counted. This synchronizes the device, returns
+// the number of skips since the last call and resets it (-1 on a CUDA error; 0 without CUDA).
+LOWRA_API int64_t lowra_cuda_take_skipped_rows(void);
+
+// Fused y = A W^T (+ bias) without materializing W (the decode regime: few activation rows).
+// A: [m, cols] of `dtype`, contiguous; out: [m, rows] of `dtype`; bias: [rows] of `dtype` or NULL.
+// row_order: device int32 [rows], the output channels sorted by precision (all 1-bit rows, then 2-bit, then 4-bit;
+// any order inside a group), and group_rows: HOST int64[3], the number of 1-, 2- and 4-bit rows. Both are derived
+// from `bits` (bitsandbytes_lowra._ops.matmul_plan); with row_order == NULL the generic kernel runs.
+// workspace: device scratch of at least lowra_matmul_cuda_workspace_size(...) bytes (NULL when that is 0).
+// Fast path: fp16/bf16, 1 <= m <= 16, blocksize a multiple of 64, cols a multiple of 256 and of blocksize,
+// 16-byte aligned A / packed / absmax; otherwise a generic kernel (any dtype, m, shape) computes the same product.
+LOWRA_API int lowra_matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes,
+                                const float* absmax, const uint8_t* bits, const uint16_t* codebook,
+                                const int64_t* row_offsets, int64_t rows, int64_t cols, int64_t blocksize,
+                                const int32_t* row_order, const int64_t* group_rows, const void* bias, void* out,
+                                void* workspace, int64_t workspace_bytes, void* stream);
+LOWRA_API int64_t lowra_matmul_cuda_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols,
+                                                   int64_t blocksize, const int64_t* group_rows);
+// Benchmark knobs of the fused matmul's fast path (0 = automatic): K splits, resident CTAs per SM, prefetch depth
+// (2 or 3 stages). Process-wide; not for production use.
+LOWRA_API void lowra_matmul_cuda_set_tuning(int ksplit, int ctas_per_sm, int depth);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,7 +1,9 @@
 """Kernels of the native library (csrc/) registered for "cpu" and, when the library has CUDA, "cuda".
 
 Host-side metadata (bits, offsets) is read by the CPU entry points to validate; the CUDA entry points take device
-pointers and bound-check inside the kernels. Both are fed contiguous tensors of the documented dtypes.
+pointers and bound-check inside the kernels (rows that do not fit are skipped and counted, never followed: see
+skipped_rows). The CUDA paths never synchronize the host, so they can be captured in CUDA graphs. Both are fed
+contiguous tensors of the documented dtypes.
 """
 
 from __future__ import annotations
@@ -9,8 +11,19 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from .._ops import check_dequantize_args, check_out, check_quantize_args
+from .._ops import (
+    check_dequantize_args,
+    check_matmul_args,
+    check_out,
+    check_quantize_args,
+    check_quantize_out,
+    matmul_plan,
+)
 from ..format import padded_cols
+
+# The fused matmul streams the packed weight once per call; above this many activation rows, dequantizing once and
+# using the dense GEMM is faster (training, prefill).
+MAX_FUSED_ROWS = 16
 
 
 def _stream_args(device: torch.device) -> list:
@@ -23,22 +36,60 @@ def _entry(name: str, device: torch.device):
     return getattr(_native.load(), f"lowra_{name}_{device.type}")
 
 
+def _fn(name: str, argtypes: list, restype):
+    """An entry point added after the loader's declarations (declared here on first use)."""
+    fn = getattr(_native.load(), name)
+    if fn.argtypes is None:
+        fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
+def skipped_rows() -> int:
+    """Rows the CUDA kernels skipped because their metadata did not fit, since the last call (synchronizes)."""
+    if not _native.has_cuda():
+        return 0
+    n = _fn("lowra_cuda_take_skipped_rows", [], _native.ctypes.c_int64)()
+    if n < 0:
+        _native.check(4, "reading the skipped-row count")
+    return int(n)
+
+
+def set_matmul_tuning(ksplit: int = 0, ctas_per_sm: int = 0, depth: int = 0) -> None:
+    """Benchmark knobs of the fused CUDA matmul (0 = automatic): K splits, resident CTAs per SM, prefetch depth 2/3.
+    Process-wide; called without arguments it restores the automatic choice."""
+    if _native.has_cuda():
+        i32 = _native.ctypes.c_int
+        _fn("lowra_matmul_cuda_set_tuning", [i32, i32, i32], None)(ksplit, ctas_per_sm, depth)
+
+
+def _quantize_into(A, bits, thresholds, row_offsets, blocksize, packed, absmax):
+    rows, cols = A.shape
+    with torch.cuda.device(A.device) if A.device.type == "cuda" else _nullctx():
+        status = _entry("quantize", A.device)(
+            _native.ptr(A), _native.DTYPE_CODE[A.dtype], rows, cols, blocksize, _native.ptr(bits),
+            _native.ptr(thresholds), _native.ptr(row_offsets), _native.ptr(packed), packed.numel(),
+            _native.ptr(absmax), *_stream_args(A.device),
+        )
+    _native.check(status, "lowra quantize")
+
+
 def quantize(A, bits, thresholds, row_offsets, blocksize):
     check_quantize_args(A, bits, thresholds, row_offsets, blocksize)
     A, bits, thresholds, row_offsets = (t.contiguous() for t in (A, bits, thresholds, row_offsets))
     rows, cols = A.shape
-    # The buffer size comes from the offsets' last entry: the only host sync of this op.
+    # The buffer size comes from the offsets' last entry: the only host sync of this op (quantize.out has none).
     nbytes = int(row_offsets[-1])
     packed = torch.empty(nbytes, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(rows, padded_cols(cols, blocksize) // blocksize, dtype=torch.float32, device=A.device)
-    with torch.cuda.device(A.device) if A.device.type == "cuda" else _nullctx():
-        status = _entry("quantize", A.device)(
-            _native.ptr(A), _native.DTYPE_CODE[A.dtype], rows, cols, blocksize, _native.ptr(bits),
-            _native.ptr(thresholds), _native.ptr(row_offsets), _native.ptr(packed), nbytes, _native.ptr(absmax),
-            *_stream_args(A.device),
-        )
-    _native.check(status, "lowra quantize")
+    _quantize_into(A, bits, thresholds, row_offsets, blocksize, packed, absmax)
     return packed, absmax
+
+
+def quantize_out(A, bits, thresholds, row_offsets, blocksize, *, packed, absmax):
+    check_quantize_args(A, bits, thresholds, row_offsets, blocksize)
+    check_quantize_out(A, blocksize, packed, absmax)
+    A, bits, thresholds, row_offsets = (t.contiguous() for t in (A, bits, thresholds, row_offsets))
+    _quantize_into(A, bits, thresholds, row_offsets, blocksize, packed, absmax)
 
 
 def dequantize_into(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, out):
@@ -64,6 +115,63 @@ def dequantize_out(packed, absmax, bits, codebook, row_offsets, blocksize, shape
     dequantize_into(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, out)
 
 
+def _matmul_cuda(A2, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out2):
+    rows, cols = shape
+    m = A2.shape[0]
+    if row_order is None:
+        row_order, group_rows = matmul_plan(bits)
+    p, i32, i64 = _native.ctypes.c_void_p, _native.ctypes.c_int, _native.ctypes.c_int64
+    groups = (i64 * 3)(*group_rows)
+    dtype = _native.DTYPE_CODE[A2.dtype]
+    ws_bytes = _fn("lowra_matmul_cuda_workspace_size", [i32, i64, i64, i64, i64, p], i64)(
+        dtype, m, rows, cols, blocksize, groups)
+    ws = torch.empty(max(ws_bytes, 0) // 4, dtype=torch.float32, device=A2.device)
+    fn = _fn("lowra_matmul_cuda", [p, i32, i64, p, i64, p, p, p, p, i64, i64, i64, p, p, p, p, p, i64, p], i32)
+    status = fn(
+        _native.ptr(A2), dtype, m, _native.ptr(packed), packed.numel(), _native.ptr(absmax), _native.ptr(bits),
+        _native.ptr(codebook), _native.ptr(row_offsets), rows, cols, blocksize, _native.ptr(row_order.contiguous()),
+        groups, None if bias is None else _native.ptr(bias), _native.ptr(out2),
+        _native.ptr(ws) if ws.numel() else None, ws.numel() * 4, *_stream_args(A2.device),
+    )
+    _native.check(status, "lowra matmul")
+
+
+def matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out):
+    check_matmul_args(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows)
+    check_out(out, (*A.shape[:-1], shape[0]), A.dtype, A.device)
+    rows, cols = shape
+    A2 = A.reshape(-1, cols).contiguous()
+    packed, absmax, bits, codebook, row_offsets = (t.contiguous() for t in (packed, absmax, bits, codebook, row_offsets))
+    bias = None if bias is None else bias.contiguous()
+    out2 = out.view(-1, rows)
+    if A2.shape[0] == 0:
+        return out
+    fused = A.device.type == "cuda" and A.dtype != torch.float32 and A2.shape[0] <= MAX_FUSED_ROWS
+    if not fused:
+        # Dense path: dequantize once into the GEMM's dtype (float32 on the CPU, A's dtype on the GPU).
+        wdtype = torch.float32 if A.device.type == "cpu" else A.dtype
+        W = dequantize(packed, absmax, bits, codebook, row_offsets, blocksize, shape, wdtype)
+        y = torch.nn.functional.linear(A2.to(wdtype), W, None if bias is None else bias.to(wdtype))
+        out2.copy_(y)
+        return out
+    with torch.cuda.device(A.device):
+        _matmul_cuda(A2, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows,
+                     out2)
+    return out
+
+
+def matmul(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias=None, row_order=None,
+           group_rows=None):
+    out = torch.empty((*A.shape[:-1], shape[0]), dtype=A.dtype, device=A.device)
+    return matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows,
+                       out)
+
+
+def matmul_out(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias=None, row_order=None,
+               group_rows=None, *, out):
+    matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out)
+
+
 class _nullctx:
     def __enter__(self):
         return self
@@ -81,4 +189,7 @@ def register() -> list[str]:
         torch.library.register_kernel("lowra::quantize", device, quantize)
         torch.library.register_kernel("lowra::dequantize", device, dequantize)
         torch.library.register_kernel("lowra::dequantize.out", device, dequantize_out)
+        torch.library.register_kernel("lowra::quantize.out", device, quantize_out)
+        torch.library.register_kernel("lowra::matmul", device, matmul)
+        torch.library.register_kernel("lowra::matmul.out", device, matmul_out)
     return devices

@@ -92,3 +92,36 @@ def _dequantize_out_kernel(packed, absmax, bits, codebook, row_offsets, blocksiz
 
     check_out(out, shape, dtype, packed.device)
     out.copy_(dequantize(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype))
+
+
+def matmul(A, packed, absmax, bits, codebook, offsets, blocksize, shape, bias=None) -> torch.Tensor:
+    """y = A @ W^T (+ bias): W dequantized to float32, float32 products and accumulation, rounded once to A's dtype."""
+    W = dequantize(packed, absmax, bits, codebook, offsets, blocksize, list(shape), torch.float32)
+    y = torch.nn.functional.linear(A.float(), W, None if bias is None else bias.float())
+    return y.to(A.dtype)
+
+
+@torch.library.register_kernel("lowra::matmul", "default")
+def _matmul_kernel(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias=None, row_order=None,
+                   group_rows=None):
+    return matmul(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias)
+
+
+@torch.library.register_kernel("lowra::matmul.out", "default")
+def _matmul_out_kernel(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias=None, row_order=None,
+                       group_rows=None, *, out):
+    from .._ops import check_out
+
+    check_out(out, (*A.shape[:-1], shape[0]), A.dtype, A.device)
+    out.copy_(matmul(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias))
+
+
+@torch.library.register_kernel("lowra::quantize.out", "default")
+def _quantize_out_kernel(A, bits, thresholds, row_offsets, blocksize, *, packed, absmax):
+    from .._ops import check_quantize_out
+
+    check_quantize_out(A, blocksize, packed, absmax)
+    p, a = quantize(A, bits, thresholds, row_offsets, blocksize)
+    torch._check(packed.numel() == p.numel(), lambda: f"packed has {packed.numel()} bytes, the layout needs {p.numel()}")
+    packed.copy_(p)
+    absmax.copy_(a)

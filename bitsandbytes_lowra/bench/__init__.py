@@ -1,1 +1,2 @@
-"""Benchmarks, run as modules (``python -m bitsandbytes_lowra.bench.<name>``); not part of the test suite."""
+"""Benchmarks (not tests): `python -m bitsandbytes_lowra.bench` runs the kernel comparisons against bitsandbytes and
+bf16 in one process; `python -m bitsandbytes_lowra.bench.<name>` runs one (assigner, learner, kernels)."""

@@ -1,0 +1,363 @@
+"""Kernel benchmarks: LowRA quantize / dequantize / fused decode matmul against bitsandbytes NF4 and dense bf16.
+
+Method (docs/benchmarks.md): every operation is timed as device time, by replaying a CUDA graph of many calls
+between two CUDA events (median over replays; so Python and launch overheads are out, for every contender alike).
+An operation that cannot be captured (bitsandbytes' quantize launches on the legacy default stream) is timed the
+same way without a graph, back to back on the default stream; the JSON says which. Calls rotate over enough copies
+of the weights that they do not sit in the 60 MB L2 cache. Bandwidth figures count bytes read plus bytes written
+and are compared with a measured device-to-device copy.
+
+Weights are synthetic (normal, std 0.02, bf16) at real layer shapes; LowRA codebooks are the NormalFloat initial
+tables (codebooks.nf_tables), mixed precision at 1.75 average bits = 50% 1-bit, 37.5% 2-bit, 12.5% 4-bit rows
+placed at random, blocksize 64 everywhere (as bitsandbytes' default).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import platform
+import statistics
+
+import torch
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672)]
+BATCHES = [1, 4, 8, 16]
+BLOCKSIZE = 64
+MIX_175 = (0.5, 0.375, 0.125)  # fractions of 1-, 2-, 4-bit rows: 0.5 + 0.75 + 0.5 = 1.75 bits
+L2_BYTES = 60 * 2**20
+
+
+class BenchUnavailable(RuntimeError):
+    """No GPU, no CUDA build of the native library, or no bitsandbytes."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timing
+
+def _median_ms(run, calls: int, replays: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def time_calls(fns, replays: int, graph: bool = True) -> tuple[float, str]:
+    """Median device time (ms) of one call of the list `fns` (run in order), captured in a CUDA graph unless
+    graph=False or the capture fails."""
+    cur = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(cur)
+    try:
+        if not graph:
+            raise RuntimeError("eager timing requested")
+        with torch.cuda.stream(side):
+            for f in fns:  # warm-up outside the graph
+                f()
+        cur.wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for f in fns:
+                f()
+        graph.replay()
+        torch.cuda.synchronize()
+        ms = _median_ms(graph.replay, len(fns), replays)
+        del graph
+        return ms, "cuda-graph"
+    except Exception:  # noqa: BLE001  (not capturable: fall back to back-to-back eager calls)
+        torch.cuda.synchronize()
+
+    def loop():
+        for f in fns:
+            f()
+
+    loop()
+    torch.cuda.synchronize()
+    return _median_ms(loop, len(fns), replays), "eager"
+
+
+def copies_for(nbytes: int) -> int:
+    """Rotating copies so that one pass over them is several times the L2."""
+    return max(1, min(32, math.ceil(4 * L2_BYTES / max(nbytes, 1))))
+
+
+def rotate(make, nbytes: int, min_calls: int):
+    """[make(i) for i in copies] repeated to at least min_calls calls; make(i) returns a zero-argument callable."""
+    n = copies_for(nbytes)
+    fns = [make(i) for i in range(n)]
+    reps = max(1, math.ceil(min_calls / n))
+    return fns * reps
+
+
+def copy_bandwidth(replays: int) -> dict:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written) of 2 GiB buffers, after ~0.5 s of warm-up
+    that brings the clocks up (an idle H200 starts at 345 MHz). Two copies: torch's copy_ timed eagerly
+    (cudaMemcpyAsync) and an elementwise kernel (x * 1) in a CUDA graph; the higher one is the ceiling."""
+    n = 2**31
+    src = torch.randn(n // 4, device="cuda")
+    dst = torch.empty_like(src)
+    t0, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    while True:
+        for _ in range(20):
+            dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if t0.elapsed_time(end) > 500:
+            break
+    memcpy_ms, _ = time_calls([lambda: dst.copy_(src)] * 5, replays, graph=False)
+    kernel_ms, _ = time_calls([lambda: torch.mul(src, 1.0, out=dst)] * 5, replays)
+    del src, dst
+    res = dict(memcpy=2 * n / (memcpy_ms * 1e-3), kernel=2 * n / (kernel_ms * 1e-3))
+    res["ceiling"] = max(res.values())
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# states
+
+def mixed_bits(rows: int, gen: torch.Generator) -> torch.Tensor:
+    n1, n4 = round(MIX_175[0] * rows), round(MIX_175[2] * rows)
+    bits = torch.tensor([1] * n1 + [2] * (rows - n1 - n4) + [4] * n4, dtype=torch.uint8)
+    return bits[torch.randperm(rows, generator=gen)]
+
+
+def lowra_state(W: torch.Tensor, bits: torch.Tensor) -> dict:
+    from .. import _ops
+    from ..codebooks import nf_tables
+    from ..format import row_offsets
+
+    rows, cols = W.shape
+    code, thr = nf_tables(bits)
+    bits, code, thr = bits.cuda(), code.cuda(), thr.cuda()
+    off = row_offsets(bits, cols, BLOCKSIZE)
+    packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, BLOCKSIZE)
+    order, groups = _ops.matmul_plan(bits)
+    return dict(packed=packed, absmax=absmax, bits=bits, code=code, thr=thr, off=off, order=order, groups=groups,
+                shape=[rows, cols], avg_bits=float(bits.float().mean()))
+
+
+def state_bytes(s: dict) -> dict:
+    """Bytes of the stored state the kernels read: codes, absmax, codebooks (+ bits, offsets)."""
+    codes = s["packed"].numel()
+    meta = s["absmax"].numel() * 4 + s["code"].numel() * 2 + s["bits"].numel() + s["off"].numel() * 8
+    return dict(codes=codes, meta=meta, total=codes + meta)
+
+
+def clone_state(s: dict) -> dict:
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measurements
+
+def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min_calls: int, bnb) -> dict:
+    gen = torch.Generator().manual_seed(rows * 31 + cols)
+    W = (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16).cuda()
+    res: dict = {"shape": [rows, cols]}
+    states = {
+        "lowra_4bit": lowra_state(W, torch.full((rows,), 4, dtype=torch.uint8)),
+        "lowra_1.75bit": lowra_state(W, mixed_bits(rows, gen)),
+    }
+    bnb_packed, bnb_qs = bnb.functional.quantize_4bit(W, blocksize=BLOCKSIZE, quant_type="nf4")
+    bnb_bytes = bnb_packed.numel() + bnb_qs.absmax.numel() * 4
+    w_bytes = W.numel() * 2
+
+    # quantize (bf16 weight in, packed codes + absmax out)
+    q = {}
+    for name, s in states.items():
+        sb = state_bytes(s)
+        ins = [W.clone() for _ in range(copies_for(w_bytes + sb["total"]))]
+        outs = [(torch.empty_like(s["packed"]), torch.empty_like(s["absmax"])) for _ in ins]
+
+        def make(i, s=s, ins=ins, outs=outs):
+            return lambda: torch.ops.lowra.quantize.out(ins[i], s["bits"], s["thr"], s["off"], BLOCKSIZE,
+                                                        packed=outs[i][0], absmax=outs[i][1])
+
+        fns = [make(i) for i in range(len(ins))] * max(1, math.ceil(min_calls / len(ins)))
+        ms, how = time_calls(fns, replays)
+        nbytes = w_bytes + sb["codes"] + s["absmax"].numel() * 4 + s["thr"].numel() * 2
+        q[name] = dict(ms=ms, tb_s=nbytes / (ms * 1e-3) / 1e12, timing=how)
+        del ins, outs
+    ins = [W.clone() for _ in range(copies_for(w_bytes + bnb_bytes))]
+    fns = [(lambda i=i: torch.ops.bitsandbytes.quantize_4bit.default(ins[i], BLOCKSIZE, "nf4", torch.uint8))
+           for i in range(len(ins))] * max(1, math.ceil(min_calls / len(ins)))
+    # bitsandbytes launches its quantize kernel on the legacy default stream, which a graph capture forbids
+    ms, how = time_calls(fns, replays, graph=False)
+    q["bnb_nf4"] = dict(ms=ms, tb_s=(w_bytes + bnb_bytes) / (ms * 1e-3) / 1e12, timing=how)
+    del ins
+    q["speedup_4bit_vs_bnb"] = q["bnb_nf4"]["ms"] / q["lowra_4bit"]["ms"]
+    res["quantize"] = q
+
+    # dequantize to bf16
+    d = {}
+    out_bytes = rows * cols * 2
+    for name, s in states.items():
+        sb = state_bytes(s)
+        reps = [clone_state(s) for _ in range(copies_for(sb["total"] + out_bytes))]
+        outs = [torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda") for _ in reps]
+
+        def make(i, reps=reps, outs=outs):
+            r = reps[i]
+            return lambda: torch.ops.lowra.dequantize.out(r["packed"], r["absmax"], r["bits"], r["code"], r["off"],
+                                                          BLOCKSIZE, r["shape"], torch.bfloat16, out=outs[i])
+
+        fns = [make(i) for i in range(len(reps))] * max(1, math.ceil(min_calls / len(reps)))
+        ms, how = time_calls(fns, replays)
+        bw = (sb["total"] + out_bytes) / (ms * 1e-3)
+        d[name] = dict(ms=ms, tb_s=bw / 1e12, frac_of_copy=bw / copy_bw, timing=how)
+        del reps, outs
+    pk = [(bnb_packed.clone(), bnb_qs.absmax.clone()) for _ in range(copies_for(bnb_bytes + out_bytes))]
+    outs = [torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda") for _ in pk]
+    fns = [(lambda i=i: torch.ops.bitsandbytes.dequantize_4bit.out(pk[i][0], pk[i][1], BLOCKSIZE, "nf4", [rows, cols],
+                                                                  torch.bfloat16, out=outs[i]))
+           for i in range(len(pk))] * max(1, math.ceil(min_calls / len(pk)))
+    ms, how = time_calls(fns, replays)
+    bw = (bnb_bytes + out_bytes) / (ms * 1e-3)
+    d["bnb_nf4"] = dict(ms=ms, tb_s=bw / 1e12, frac_of_copy=bw / copy_bw, timing=how)
+    del pk, outs
+    d["speedup_4bit_vs_bnb"] = d["bnb_nf4"]["ms"] / d["lowra_4bit"]["ms"]
+    res["dequantize"] = d
+
+    # fused decode matmul
+    mm = {}
+    reps = {name: [clone_state(s) for _ in range(copies_for(state_bytes(s)["total"]))] for name, s in states.items()}
+    bnb_reps = [(bnb_packed.clone(), bnb_qs) for _ in range(copies_for(bnb_bytes))]
+    dense = [W.clone() for _ in range(copies_for(w_bytes))]
+    for m in batches:
+        A = (torch.randn(m, cols, generator=gen)).to(torch.bfloat16).cuda()
+        row = {}
+        for name, rs in reps.items():
+            def make(r):
+                return lambda: torch.ops.lowra.matmul(A, r["packed"], r["absmax"], r["bits"], r["code"], r["off"],
+                                                      BLOCKSIZE, r["shape"], None, r["order"], r["groups"])
+
+            fns = [make(r) for r in rs] * max(1, math.ceil(min_calls / len(rs)))
+            ms, how = time_calls(fns, replays)
+            sb = state_bytes(states[name])
+            row[name] = dict(ms=ms, timing=how,
+                             frac_of_bound_codes=sb["codes"] / copy_bw / (ms * 1e-3),
+                             frac_of_bound_all=sb["total"] / copy_bw / (ms * 1e-3))
+        with torch.no_grad():
+            fns = [(lambda p=p, qs=qs: bnb.matmul_4bit(A, p.t(), quant_state=qs)) for p, qs in bnb_reps]
+            ms, how = time_calls(fns * max(1, math.ceil(min_calls / len(fns))), replays)
+            row["bnb_nf4"] = dict(ms=ms, timing=how)
+            fns = [(lambda w=w: torch.nn.functional.linear(A, w)) for w in dense]
+            ms, how = time_calls(fns * max(1, math.ceil(min_calls / len(fns))), replays)
+            row["bf16"] = dict(ms=ms, timing=how)
+        ours = row["lowra_1.75bit"]["ms"]
+        row["speedup_1.75bit_vs_bnb"] = row["bnb_nf4"]["ms"] / ours
+        row["speedup_1.75bit_vs_bf16"] = row["bf16"]["ms"] / ours
+        row["speedup_4bit_vs_bnb"] = row["bnb_nf4"]["ms"] / row["lowra_4bit"]["ms"]
+        mm[str(m)] = row
+    res["matmul"] = mm
+
+    # the numbers above are of a correct product
+    s = states["lowra_1.75bit"]
+    from ..backends import reference
+
+    A = torch.randn(4, cols, generator=gen).to(torch.bfloat16).cuda()
+    y = torch.ops.lowra.matmul(A, s["packed"], s["absmax"], s["bits"], s["code"], s["off"], BLOCKSIZE, s["shape"],
+                               None, s["order"], s["groups"])
+    ref = reference.matmul(A, s["packed"], s["absmax"], s["bits"], s["code"], s["off"], BLOCKSIZE, s["shape"])
+    res["check"] = dict(matmul_rel_err=float((y.double() - ref.double()).norm() / ref.double().norm()),
+                        avg_bits={k: v["avg_bits"] for k, v in states.items()},
+                        bytes={k: state_bytes(v) for k, v in states.items()}, bnb_bytes=bnb_bytes)
+    del reps, bnb_reps, dense, states, W
+    torch.cuda.empty_cache()
+    return res
+
+
+def matmul_sweep(rows: int, cols: int, replays: int, min_calls: int, batches=(1, 16)) -> list:
+    """Launch shapes of the fused matmul (K splits, CTAs per SM, prefetch depth) on one layer."""
+    from ..backends import native
+
+    gen = torch.Generator().manual_seed(5)
+    W = (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16).cuda()
+    s = lowra_state(W, mixed_bits(rows, gen))
+    rs = [clone_state(s) for _ in range(copies_for(state_bytes(s)["total"]))]
+    out = []
+    for m in batches:
+        A = torch.randn(m, cols, generator=gen).to(torch.bfloat16).cuda()
+        for ks, ctas, depth in [(0, 0, 0), (1, 0, 0), (2, 0, 0), (4, 0, 0), (8, 0, 0), (0, 2, 0), (0, 0, 2)]:
+            native.set_matmul_tuning(ks, ctas, depth)
+            try:
+                fns = [(lambda r=r: torch.ops.lowra.matmul(A, r["packed"], r["absmax"], r["bits"], r["code"], r["off"],
+                                                           BLOCKSIZE, r["shape"], None, r["order"], r["groups"]))
+                       for r in rs]
+                ms, _ = time_calls(fns * max(1, math.ceil(min_calls / len(fns))), replays)
+            finally:
+                native.set_matmul_tuning()
+            out.append(dict(shape=[rows, cols], m=m, ksplit=ks, ctas_per_sm=ctas, depth=depth, ms=ms))
+    return out
+
+
+def environment() -> dict:
+    import bitsandbytes
+
+    from .. import __version__
+
+    p = torch.cuda.get_device_properties(0)
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                gpu=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
+                torch=torch.__version__, cuda=torch.version.cuda, bitsandbytes=bitsandbytes.__version__,
+                bitsandbytes_lowra=__version__, python=platform.python_version())
+
+
+def run(shapes, batches, quick: bool = False, sweep: bool = True) -> dict:
+    if not torch.cuda.is_available():
+        raise BenchUnavailable("needs a CUDA GPU")
+    from .. import _native
+
+    if not _native.has_cuda():
+        raise BenchUnavailable("the native library was built without CUDA")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise BenchUnavailable(f"bitsandbytes is not importable: {e}") from e
+    torch.manual_seed(0)
+    replays, min_calls = (3, 8) if quick else (10, 24)
+    res = dict(environment=environment(), method=__doc__.split("\n\n")[1].replace("\n", " "), blocksize=BLOCKSIZE)
+    bw = copy_bandwidth(replays)
+    res["copy_bandwidth_tb_s"] = bw["ceiling"] / 1e12
+    res["copy_bandwidth_detail_tb_s"] = {k: v / 1e12 for k, v in bw.items()}
+    copy_bw = bw["ceiling"]
+    res["shapes"] = []
+    for rows, cols in shapes:
+        res["shapes"].append(bench_shape(rows, cols, batches, copy_bw, replays, min_calls, bnb))
+        print(f"bench: {rows}x{cols} done", flush=True)
+    if sweep:
+        big = max(shapes, key=lambda s: s[0] * s[1])
+        res["matmul_sweep"] = matmul_sweep(big[0], big[1], replays, min_calls)
+    return res
+
+
+def table(res: dict) -> str:
+    env = res["environment"]
+    lines = [f"{env['gpu']}  torch {env['torch']}  CUDA {env['cuda']}  bitsandbytes {env['bitsandbytes']}  "
+             f"{env['date']}   copy {res['copy_bandwidth_tb_s']:.2f} TB/s"]
+    lines.append(f"{'shape':>12} | {'quantize TB/s (lowra4 / bnb)':>28} | {'dequant %copy (lowra4 / 1.75 / bnb)':>36}")
+    for s in res["shapes"]:
+        q, d = s["quantize"], s["dequantize"]
+        lines.append(f"{s['shape'][0]:>5}x{s['shape'][1]:<6} | {q['lowra_4bit']['tb_s']:>9.2f} / {q['bnb_nf4']['tb_s']:<5.2f}"
+                     f" ({q['speedup_4bit_vs_bnb']:>4.1f}x)    | {d['lowra_4bit']['frac_of_copy']:>9.0%} / "
+                     f"{d['lowra_1.75bit']['frac_of_copy']:>4.0%} / {d['bnb_nf4']['frac_of_copy']:>4.0%} "
+                     f"({d['speedup_4bit_vs_bnb']:.2f}x)")
+    lines.append(f"{'shape':>12} {'m':>3} | {'lowra1.75 us':>12} {'%bound codes':>12} {'lowra4 us':>10} "
+                 f"{'bnb us':>8} {'bf16 us':>8} | {'x bnb':>6} {'x bf16':>6}")
+    for s in res["shapes"]:
+        for m, r in s["matmul"].items():
+            lines.append(f"{s['shape'][0]:>5}x{s['shape'][1]:<6} {m:>3} | {r['lowra_1.75bit']['ms'] * 1e3:>12.1f} "
+                         f"{r['lowra_1.75bit']['frac_of_bound_codes']:>12.0%} {r['lowra_4bit']['ms'] * 1e3:>10.1f} "
+                         f"{r['bnb_nf4']['ms'] * 1e3:>8.1f} {r['bf16']['ms'] * 1e3:>8.1f} | "
+                         f"{r['speedup_1.75bit_vs_bnb']:>6.2f} {r['speedup_1.75bit_vs_bf16']:>6.2f}")
+    for sw in res.get("matmul_sweep", []):
+        lines.append(f"sweep {sw['shape'][0]}x{sw['shape'][1]} m={sw['m']:<2} ksplit={sw['ksplit']} "
+                     f"ctas/SM={sw['ctas_per_sm']} depth={sw['depth']}: {sw['ms'] * 1e3:.1f} us")
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+// Device helpers shared by the CUDA kernel files: element conversion, row bound checks, asynchronous error
+// reporting and launch-error recording.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "common.h"
+
+namespace lowra {
+
+int record_cuda(cudaError_t e, const char* what);  // LOWRA_OK or LOWRA_ERR_CUDA (message kept for the C API)
+int launch_status(const char* what);                // record_cuda(cudaGetLastError(), what)
+int sm_count();                                     // multiprocessors of the current device (cached per device)
+
+// Rows whose metadata does not fit the buffer are skipped, never followed; the kernels count them here instead of
+// synchronizing (lowra_cuda_take_skipped_rows reads and resets the count). Without relocatable device code every
+// kernel file has its own counter; take_local_skipped_rows (called after a device synchronize) drains this file's.
+static __device__ unsigned long long g_skipped_rows = 0;
+
+__device__ __forceinline__ void count_skipped_row() { atomicAdd(&g_skipped_rows, 1ull); }
+
+static inline int64_t take_local_skipped_rows() {
+  unsigned long long n = 0, zero = 0;
+  if (record_cuda(cudaMemcpyFromSymbol(&n, g_skipped_rows, sizeof(n)), "read skipped-row count") != LOWRA_OK) return -1;
+  if (record_cuda(cudaMemcpyToSymbol(g_skipped_rows, &zero, sizeof(zero)), "reset skipped-row count") != LOWRA_OK)
+    return -1;
+  return (int64_t)n;
+}
+
+__device__ __forceinline__ float load_elem(const void* p, int dtype, int64_t i) {
+  if (dtype == LOWRA_F16) return __half2float(((const __half*)p)[i]);
+  if (dtype == LOWRA_BF16) return __bfloat162float(((const __nv_bfloat16*)p)[i]);
+  return ((const float*)p)[i];
+}
+
+__device__ __forceinline__ void store_elem(void* p, int dtype, int64_t i, float v) {
+  if (dtype == LOWRA_F16) ((__half*)p)[i] = __float2half_rn(v);
+  else if (dtype == LOWRA_BF16) ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn(v);
+  else ((float*)p)[i] = v;
+}
+
+__device__ __forceinline__ float half_bits_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+
+// Row r's bytes are [row_offsets[r], row_offsets[r] + pc * bits / 8) and must lie inside the buffer.
+__device__ __forceinline__ bool row_ok(int b, int64_t start, int64_t pc, int64_t packed_bytes) {
+  return valid_bits(b) && start >= 0 && start <= packed_bytes - row_bytes(pc, b);
+}
+
+inline bool aligned(const void* p, unsigned a) { return ((uintptr_t)p & (a - 1)) == 0; }
+
+}  // namespace lowra

@@ -1,0 +1,297 @@
+"""CUDA kernels (quantize, dequantize: bit-identical to the reference; fused matmul: within float tolerance) and the
+lowra::matmul / lowra::quantize.out ops. Tests marked `cuda` need a GPU (`make gpu-check`); the rest run in CI."""
+
+import pytest
+import torch
+
+import bitsandbytes_lowra  # noqa: F401  (registers the ops)
+from bitsandbytes_lowra import _native
+from bitsandbytes_lowra._ops import matmul_plan
+from bitsandbytes_lowra.backends import native, reference
+
+from .test_ops import DTYPES, make_case
+
+cuda = pytest.mark.cuda
+MIXES = [(1,), (2,), (4,), (1, 2), (2, 4), (1, 4), (1, 2, 4)]
+
+
+def state(W, bits, thr, off, bs):
+    packed, absmax = reference.quantize(W, bits, thr, off, bs)
+    return packed, absmax
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+TOL = {torch.bfloat16: 8e-3, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU: the new ops against the reference (these run in CI)
+
+def test_matmul_plan_groups_rows_by_precision():
+    bits = torch.tensor([4, 1, 2, 1, 4, 2, 2], dtype=torch.uint8)
+    order, groups = matmul_plan(bits)
+    assert order.dtype == torch.int32 and groups == [2, 3, 2]
+    assert order.tolist() == [1, 3, 2, 5, 6, 0, 4]  # stable inside a group
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul_cpu_matches_reference(dtype, with_bias):
+    W, bits, code, thr, off = make_case(24, 200, 64, dtype, seed=7)
+    packed, absmax = state(W, bits, thr, off, 64)
+    gen = torch.Generator().manual_seed(1)
+    A = torch.randn(2, 3, 200, generator=gen).to(dtype)
+    bias = torch.randn(24, generator=gen).to(dtype) if with_bias else None
+    out = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [24, 200], bias)
+    ref = reference.matmul(A, packed, absmax, bits, code, off, 64, [24, 200], bias)
+    assert out.shape == (2, 3, 24) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    # the reference is what dequantize + linear gives in float32
+    Wd = torch.ops.lowra.dequantize(packed, absmax, bits, code, off, 64, [24, 200], torch.float32)
+    dense = torch.nn.functional.linear(A.float(), Wd, None if bias is None else bias.float()).to(dtype)
+    assert torch.equal(ref, dense)
+
+
+def test_matmul_out_and_plan_arguments_cpu():
+    W, bits, code, thr, off = make_case(8, 64, 32, torch.float32, seed=2)
+    packed, absmax = state(W, bits, thr, off, 32)
+    A = torch.randn(3, 64)
+    order, groups = matmul_plan(bits)
+    out = torch.full((3, 8), float("nan"))
+    torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, 32, [8, 64], None, order, groups, out=out)
+    assert torch.allclose(out, reference.matmul(A, packed, absmax, bits, code, off, 32, [8, 64]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="together"):
+        torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 32, [8, 64], None, order, None)
+    with pytest.raises(RuntimeError, match="summing to 8"):
+        torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 32, [8, 64], None, order, [1, 2, 3])
+    with pytest.raises(RuntimeError, match="features"):
+        torch.ops.lowra.matmul(A[:, :32], packed, absmax, bits, code, off, 32, [8, 64])
+    with pytest.raises(RuntimeError, match="bias must have"):
+        torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 32, [8, 64], torch.zeros(8, dtype=torch.float16))
+
+
+def test_quantize_out_matches_quantize_cpu():
+    W, bits, code, thr, off = make_case(5, 130, 64, torch.bfloat16, seed=4)
+    packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, 64)
+    p2 = torch.empty_like(packed)
+    a2 = torch.empty_like(absmax)
+    torch.ops.lowra.quantize.out(W, bits, thr, off, 64, packed=p2, absmax=a2)
+    assert torch.equal(p2, packed) and torch.equal(a2, absmax)
+    with pytest.raises(RuntimeError, match="absmax must be"):
+        torch.ops.lowra.quantize.out(W, bits, thr, off, 64, packed=p2, absmax=a2[:, :1])
+
+
+def test_opcheck_new_ops():
+    W, bits, code, thr, off = make_case(6, 96, 32, torch.float16, seed=9)
+    packed, absmax = state(W, bits, thr, off, 32)
+    A = torch.randn(2, 96).half()
+    order, groups = matmul_plan(bits)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.lowra.matmul.default, (A, packed, absmax, bits, code, off, 32, [6, 96]),
+                          test_utils=utils)
+    torch.library.opcheck(torch.ops.lowra.matmul.default,
+                          (A, packed, absmax, bits, code, off, 32, [6, 96], None, order, groups), test_utils=utils)
+    torch.library.opcheck(torch.ops.lowra.matmul.out, (A, packed, absmax, bits, code, off, 32, [6, 96]),
+                          {"out": torch.empty(2, 6, dtype=torch.float16)}, test_utils=utils)
+    torch.library.opcheck(torch.ops.lowra.quantize.out, (W, bits, thr, off, 32),
+                          {"packed": torch.empty_like(packed), "absmax": torch.empty_like(absmax)}, test_utils=utils)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA: quantize / dequantize bit-identical to the reference
+
+# (rows, cols, blocksize): fast paths (power-of-two blocksize <= 256, cols % 8 == 0), the generic quantize
+# (blocksize 24, 512, 4096, odd cols), tiny rows (1 column, 1 byte per 1-bit row) and a huge row.
+QD_SHAPES = [
+    (1, 1, 8), (3, 7, 8), (5, 8, 8), (33, 100, 64), (16, 576, 64), (9, 130, 32), (7, 1536, 64), (4, 4100, 128),
+    (6, 200, 24), (3, 1000, 512), (2, 4096, 4096), (64, 4096, 64), (2, 65536, 256), (130, 264, 8),
+]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", QD_SHAPES)
+def test_cuda_quantize_dequantize_bit_identical(shape, dtype):
+    rows, cols, bs = shape
+    for mix in MIXES:
+        W, bits, code, thr, off = make_case(rows, cols, bs, dtype, seed=rows * 7919 + cols + len(mix), mix=mix)
+        ref_packed, ref_absmax = reference.quantize(W, bits, thr, off, bs)
+        ref_out = reference.dequantize(ref_packed, ref_absmax, bits, code, off, bs, [rows, cols], dtype)
+        d = [t.cuda() for t in (W, bits, code, thr, off)]
+        packed, absmax = torch.ops.lowra.quantize(d[0], d[1], d[3], d[4], bs)
+        out = torch.ops.lowra.dequantize(packed, absmax, d[1], d[2], d[4], bs, [rows, cols], dtype)
+        assert torch.equal(packed.cpu(), ref_packed), f"packed differs, mix {mix}"
+        assert torch.equal(absmax.cpu(), ref_absmax), f"absmax differs, mix {mix}"
+        assert torch.equal(out.cpu(), ref_out), f"dequantized differs, mix {mix}"
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_unaligned_views_take_the_safe_paths(dtype):
+    """A weight view starting one element in, and an output view likewise: byte-wise and scalar paths."""
+    rows, cols, bs = 12, 256, 64
+    W, bits, code, thr, off = make_case(rows, cols, bs, dtype, seed=3)
+    base = torch.cat([torch.zeros(1, dtype=dtype), W.flatten()]).cuda()
+    Wv = base[1:].view(rows, cols)
+    ref_packed, ref_absmax = reference.quantize(W, bits, thr, off, bs)
+    packed, absmax = torch.ops.lowra.quantize(Wv, bits.cuda(), thr.cuda(), off.cuda(), bs)
+    assert torch.equal(packed.cpu(), ref_packed) and torch.equal(absmax.cpu(), ref_absmax)
+    buf = torch.full((rows * cols + 1,), float("nan"), dtype=dtype, device="cuda")
+    out = buf[1:].view(rows, cols)
+    torch.ops.lowra.dequantize.out(packed, absmax, bits.cuda(), code.cuda(), off.cuda(), bs, [rows, cols], dtype, out=out)
+    assert torch.equal(out.cpu(), reference.dequantize(ref_packed, ref_absmax, bits, code, off, bs, [rows, cols], dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA: fused matmul against the reference
+
+def matmul_case(rows, cols, bs, dtype, seed, mix=(1, 2, 4), m=1, lead=()):
+    """A quantized weight (by the CUDA quantize op, itself checked bit-identical above), activations and a bias."""
+    W, bits, code, thr, off = (t.cuda() for t in make_case(rows, cols, bs, torch.float32, seed=seed, mix=mix))
+    packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, bs)
+    gen = torch.Generator().manual_seed(seed + 1)
+    A = (torch.randn(*lead, m, cols, generator=gen) * 2).to(dtype).cuda()
+    bias = torch.randn(rows, generator=gen).to(dtype).cuda()
+    return A, packed, absmax, bits, code, off, bias
+
+
+# fast path: cols % 256 == 0, blocksize % 64 == 0; rows not a multiple of 16 leave partial tiles
+FAST_SHAPES = [(16, 1024, 64), (40, 1024, 64), (100, 2304, 128), (257, 4096, 64), (48, 8192, 256)]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", FAST_SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+def test_cuda_matmul_fast_path(shape, m, dtype):
+    rows, cols, bs = shape
+    for i, mix in enumerate(MIXES):
+        A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, bs, dtype, seed=rows + m + i, mix=mix, m=m)
+        b = bias if i % 2 else None
+        ref = reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], b)
+        order, groups = matmul_plan(bits)
+        out = torch.full_like(ref, float("nan"))
+        torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], b, order, groups, out=out)
+        assert rel_err(out, ref) < TOL[dtype], f"mix {mix}: {rel_err(out, ref)}"
+        # without a plan the op derives it (same kernels)
+        out2 = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], b)
+        assert torch.equal(out2, out)
+
+
+@cuda
+@pytest.mark.parametrize("ks", [1, 3])
+@pytest.mark.parametrize("depth", [2, 3])
+def test_cuda_matmul_launch_shapes(ks, depth):
+    """Forced K splits (one split writes the output directly, several go through the workspace) and both
+    prefetch depths compute the same product."""
+    A, packed, absmax, bits, code, off, bias = matmul_case(200, 2048, 64, torch.bfloat16, seed=5, m=4)
+    ref = reference.matmul(A, packed, absmax, bits, code, off, 64, [200, 2048], bias)
+    order, groups = matmul_plan(bits)
+    native.set_matmul_tuning(ksplit=ks, depth=depth)
+    try:
+        out = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [200, 2048], bias, order, groups)
+    finally:
+        native.set_matmul_tuning()
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,m", [((24, 576, 64), 2), ((33, 100, 32), 5), ((16, 1024, 64), 40), ((7, 264, 8), 16)])
+def test_cuda_matmul_generic_and_dense_paths(shape, m, dtype):
+    """Odd shapes (generic kernel), float32 and many rows (dequantize + dense GEMM); leading batch dims."""
+    rows, cols, bs = shape
+    A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, bs, dtype, seed=m, m=m, lead=(2,))
+    ref = reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], bias)
+    out = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], bias)
+    assert out.shape == (2, m, rows)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@cuda
+def test_cuda_matmul_large_layer_single_split():
+    """A layer with enough tiles that the automatic plan keeps one K split (output written by the main kernel)."""
+    A, packed, absmax, bits, code, off, bias = matmul_case(28672, 1024, 64, torch.bfloat16, seed=11, m=2)
+    ref = reference.matmul(A, packed, absmax, bits, code, off, 64, [28672, 1024], bias)
+    order, groups = matmul_plan(bits)
+    out = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [28672, 1024], bias, order, groups)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA: graph capture, out=, corrupt metadata
+
+@cuda
+def test_cuda_ops_capture_in_cuda_graph():
+    rows, cols, bs = 64, 1024, 64
+    W, bits, code, thr, off = (t.cuda() for t in make_case(rows, cols, bs, torch.bfloat16, seed=1))
+    packed = torch.empty(int(off[-1]), dtype=torch.uint8, device="cuda")
+    absmax = torch.empty(rows, cols // bs, device="cuda")
+    deq = torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda")
+    A = torch.randn(4, cols, device="cuda").bfloat16()
+    y = torch.empty(4, rows, dtype=torch.bfloat16, device="cuda")
+    order, groups = matmul_plan(bits)
+
+    def step():
+        torch.ops.lowra.quantize.out(W, bits, thr, off, bs, packed=packed, absmax=absmax)
+        torch.ops.lowra.dequantize.out(packed, absmax, bits, code, off, bs, [rows, cols], torch.bfloat16, out=deq)
+        torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], None, order, groups, out=y)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the graph (plans, occupancy queries, allocations)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    W.copy_(torch.randn_like(W))  # new weights and activations, then replay
+    A.copy_(torch.randn_like(A))
+    packed.zero_()
+    y.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_packed, ref_absmax = reference.quantize(W, bits, thr, off, bs)
+    assert torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax)
+    assert torch.equal(deq, reference.dequantize(ref_packed, ref_absmax, bits, code, off, bs, [rows, cols],
+                                                 torch.bfloat16))
+    assert rel_err(y, reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols])) < TOL[torch.bfloat16]
+
+
+@cuda
+def test_cuda_corrupt_metadata_is_skipped_not_followed():
+    """Offsets pointing outside the buffer, bits that are not 1/2/4 and a row_order naming rows of another precision
+    or out of range: those rows are skipped and counted, the others are still right, nothing faults (the
+    compute-sanitizer run of the suite checks that nothing is read or written out of bounds)."""
+    rows, cols, bs = 48, 1024, 64
+    A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, bs, torch.bfloat16, seed=3, m=2)
+    native.skipped_rows()  # drain earlier counts
+    bad_off = off.clone()
+    bad_off[5] = packed.numel() - 1  # row 5 would run past the end
+    bad_bits = bits.clone()
+    bad_bits[7] = 3
+    deq = torch.ops.lowra.dequantize(packed, absmax, bad_bits, code, bad_off, bs, [rows, cols], torch.float32)
+    assert native.skipped_rows() == 2
+    ref = reference.dequantize(packed.cpu(), absmax.cpu(), bits.cpu(), code.cpu(), off.cpu(), bs, [rows, cols],
+                               torch.float32)
+    keep = [r for r in range(rows) if r not in (5, 7)]
+    assert torch.equal(deq.cpu()[keep], ref[keep])
+    order, groups = matmul_plan(bits)
+    bad_order = order.clone()
+    bad_order[0] = rows + 100  # out of range
+    bad_order[-1] = bad_order[0 + groups[0]]  # a 2-bit row in the 4-bit group
+    y = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], None, bad_order, groups)
+    assert native.skipped_rows() >= 2
+    yref = reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols])
+    good = sorted(set(range(rows)) - {int(order[0]), int(order[-1]), int(order[groups[0]])})
+    assert rel_err(y[:, good], yref[:, good]) < TOL[torch.bfloat16]
+
+
+@cuda
+def test_cuda_library_is_loaded():
+    assert _native.has_cuda(), "the CUDA library must be built for the GPU tests (make gpu-check)"
+    assert "cuda" in bitsandbytes_lowra.NATIVE_DEVICES
