@@ -249,6 +249,16 @@ class QuantStateLowRA(QuantState):
         """Every stored bit divided by the number of quantized parameters (docs/format.md "Bits accounting")."""
         return 8.0 * self.nbytes / (self.rows * self.cols)
 
+    def matmul_plan(self) -> tuple[torch.Tensor, list[int]]:
+        """Per-precision row grouping for the fused matmul, derived from `bits` once and cached (one host sync)."""
+        cached = self.__dict__.get("_matmul_plan")
+        if cached is None or cached[0].device != self.bits.device:
+            from ._ops import matmul_plan
+
+            cached = matmul_plan(self.bits)
+            self.__dict__["_matmul_plan"] = cached
+        return cached
+
     def absmax_fp32(self) -> torch.Tensor:
         """float32 [rows, nblocks] block scales, decoded first when double-quantized (kernels take these)."""
         if not self.nested:
@@ -576,6 +586,21 @@ def _check_pair(packed, quant_state) -> None:
         raise LowRAFormatError(f"packed codes are on {packed.device} but the quant_state is on {quant_state.device}")
 
 
+# The fused CUDA decode kernel (lowra::matmul) never materializes W; it pays off for a few tokens at a time
+# (docs/benchmarks.md). Training (input gradients) and long prompts take dequantize + matmul.
+FUSED_DECODE_MAX_TOKENS = 16
+
+
+def _use_fused_decode(A: torch.Tensor, bias) -> bool:
+    needs_grad = torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
+    return (
+        A.is_cuda
+        and not needs_grad
+        and A.dtype in (torch.float16, torch.bfloat16)
+        and A.numel() // max(A.shape[-1], 1) <= FUSED_DECODE_MAX_TOKENS
+    )
+
+
 def _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias):
     # The single place the forward kernel is chosen: a fused dequantize-matmul op replaces these two lines.
     W = torch.ops.lowra.dequantize(packed, absmax, bits, code, offsets, blocksize, shape, A.dtype)
@@ -617,6 +642,12 @@ def matmul_lowra(
         raise ValueError(f"input has {A.shape[-1]} features, the quantized weight expects {qs.cols}")
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
+    if _use_fused_decode(A, bias):
+        row_order, group_rows = qs.matmul_plan()
+        return torch.ops.lowra.matmul(
+            A, packed, qs.absmax_fp32(), qs.bits, qs.code, qs.row_offsets, qs.blocksize, list(qs.shape), bias,
+            row_order, group_rows,
+        )
     return MatMulLowRA.apply(
         A, packed, qs.absmax_fp32(), qs.bits, qs.code, qs.row_offsets, qs.blocksize, list(qs.shape), bias
     )

@@ -418,3 +418,21 @@ def test_convert_smollm2_layers(smollm2_attention, budget, tmp_path):
         fresh["lm_head"] = nn.Linear(576, 16, bias=False)
         fresh.load_state_dict(load_file(tmp_path / "model.safetensors"))
         assert all(torch.equal(fresh[n](x), model[n](x)) for n in model)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 7, 16, 17])
+def test_inference_fused_decode_path_equals_dense(dtype, tokens):
+    """Under no_grad on CUDA with <= 16 tokens the forward takes the fused lowra::matmul kernel; same result."""
+    from bitsandbytes_lowra import functional as LF
+
+    q = LinearLowRA.from_linear(nn.Linear(512, 96), mixed_bits(96), device="cuda", compress_statistics=True)
+    q.bias.data = q.bias.data.to(dtype)
+    ref = reference_linear(q, dtype)
+    x = torch.randn(tokens, 512, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        assert LF._use_fused_decode(x, q.bias) == (tokens <= LF.FUSED_DECODE_MAX_TOKENS)
+        y, y_ref = q(x), ref(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
