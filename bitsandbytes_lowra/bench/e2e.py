@@ -1,0 +1,202 @@
+"""End-to-end and training benchmarks on a GPU: LowRA vs bitsandbytes NF4 vs bf16, side by side in one process.
+
+    python -m bitsandbytes_lowra.bench.e2e --json out.json [--skip-model] [--bits 4 2 1.75]
+
+1. Training step of one layer: base + LoRA (r=64) forward + backward at 512 tokens, base frozen, for LinearLowRA
+   (1.75 and 4 bits), bnb.nn.Linear4bit (NF4) and a bf16 nn.Linear, on Llama-2-7B / 70B layer shapes.
+2. A Llama-2-7B-shaped model from its config with random weights (synthetic: speed and memory only), saved once as a
+   bf16 safetensors checkpoint, then loaded with from_pretrained as bf16, bnb NF4 and LowRA at each budget:
+   load time (LowRA: the first load plans, later budgets reuse the cached fits), peak GPU memory, batch-1 greedy
+   decode tokens/s (eager), and for LowRA a save_pretrained + reload of the pre-quantized checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+LLAMA2_7B = dict(
+    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+    vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, model_type="llama",
+)
+
+
+def cuda_time(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of fn() between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+class LoRA(torch.nn.Module):
+    """The same plain LoRA branch on every base, so only the base differs between contenders."""
+
+    def __init__(self, base: torch.nn.Module, n_in: int, n_out: int, r: int = 64):
+        super().__init__()
+        self.base = base
+        self.A = torch.nn.Parameter(torch.randn(r, n_in, device="cuda", dtype=torch.bfloat16) * 0.01)
+        self.B = torch.nn.Parameter(torch.randn(n_out, r, device="cuda", dtype=torch.bfloat16) * 0.01)
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t()) @ self.B.t()
+
+
+def training_layer_bench(shapes, tokens: int = 512) -> list[dict]:
+    import bitsandbytes as bnb
+
+    from bitsandbytes_lowra.functional import quantize_lowra_at_bits
+    from bitsandbytes_lowra.nn import LinearLowRA
+
+    rows = []
+    for n_out, n_in in shapes:
+        torch.manual_seed(0)
+        dense = torch.nn.Linear(n_in, n_out, bias=False, device="cuda", dtype=torch.bfloat16)
+        dense.weight.data.normal_(0, 0.02)
+        dense.weight.requires_grad_(False)
+        x = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        bases = {"bf16": dense}
+        nf4 = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        nf4.weight = bnb.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+        bases["bnb-nf4"] = nf4.cuda()
+        for bits in (4.0, 1.75):
+            # learned tables + per-row bits for this budget, then the layer quantized with them
+            _, state = quantize_lowra_at_bits(dense.weight.data, bits=bits)
+            bases[f"lowra-{bits:g}"] = LinearLowRA.from_linear(
+                dense, state.bits, state.code, state.thresholds, compute_dtype=torch.bfloat16, device="cuda"
+            )
+        for name, base in bases.items():
+            model = LoRA(base, n_in, n_out)
+
+            def step():
+                y = model(x)
+                y.float().pow(2).mean().backward()
+
+            ms = cuda_time(step)
+            rows.append({"shape": f"{n_out}x{n_in}", "tokens": tokens, "base": name, "fwd_bwd_ms": ms})
+        ref = next(r["fwd_bwd_ms"] for r in rows if r["shape"] == f"{n_out}x{n_in}" and r["base"] == "bf16")
+        for r in rows:
+            if r["shape"] == f"{n_out}x{n_in}":
+                r["vs_bf16"] = r["fwd_bwd_ms"] / ref
+        del bases, dense
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def decode_tokens_per_s(model, new_tokens: int = 64) -> float:
+    ids = torch.tensor([[1, 450, 4996, 17354, 1701, 29916]], device="cuda")
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(ids, **kw)
+    torch.cuda.synchronize()
+    return new_tokens / (time.perf_counter() - t0)
+
+
+def model_bench(bits_list, workdir: str) -> list[dict]:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+    from bitsandbytes_lowra import LowRAConfig
+
+    ckpt = os.path.join(workdir, "llama2-7b-random")
+    config = LlamaConfig(**{k: v for k, v in LLAMA2_7B.items() if k != "model_type"})
+    t0 = time.perf_counter()
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(ckpt)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(f"random Llama-2-7B checkpoint written in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    rows = []
+
+    def measure(name, **kw):
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        m = AutoModelForCausalLM.from_pretrained(kw.pop("path", ckpt), device_map="cuda", **kw)
+        load_s = time.perf_counter() - t
+        row = {"model": name, "load_s": load_s, "peak_load_gib": torch.cuda.max_memory_allocated() / 2**30,
+               "weights_gib": torch.cuda.memory_allocated() / 2**30}
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            row["decode_tok_s"] = decode_tokens_per_s(m)
+        row["peak_decode_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        return m
+
+    def free():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    measure("bf16", dtype=torch.bfloat16)  # the model is dropped on return
+    free()
+    m = measure("bnb-nf4", dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True))
+    m = None
+    free()
+    for bits in bits_list:
+        m = measure(f"lowra-{bits:g}", dtype=torch.bfloat16, quantization_config=LowRAConfig(bits=bits))
+        if bits == bits_list[-1]:
+            saved = os.path.join(workdir, f"lowra-{bits:g}")
+            m.save_pretrained(saved)
+            m = None
+            free()
+            m = measure(f"lowra-{bits:g} (pre-quantized reload)", path=saved, dtype=torch.bfloat16)
+        m = None
+        free()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--skip-model", action="store_true", help="only the one-layer training benchmark")
+    ap.add_argument("--bits", type=float, nargs="+", default=[4.0, 2.0, 1.75])
+    ap.add_argument("--workdir", default=None, help="where the random checkpoint is written (default: a temp dir)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    try:
+        import transformers
+
+        results["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    results["training"] = training_layer_bench([(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)])
+    for r in results["training"]:
+        print(f"train {r['shape']:>11} {r['base']:>10}: {r['fwd_bwd_ms']:.3f} ms  ({r['vs_bf16']:.2f}x bf16)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    if not args.skip_model:
+        with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+            results["model"] = model_bench(sorted(args.bits, reverse=True), workdir)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
