@@ -167,13 +167,6 @@ class LowRAConfig(QuantizationConfigMixin):
 # ------------------------------------------------------------------------------------------------------ conversion ops
 
 
-class _Identity(ConversionOps):
-    """Saving reverses the loading converters: LowRA tensors are saved as they are."""
-
-    def convert(self, input_dict, **kwargs):
-        return input_dict
-
-
 class LowRAQuantize(ConversionOps):
     """Quantize one LinearLowRA weight, on the device it was loaded to, with the plan's bits and tables."""
 
@@ -198,10 +191,6 @@ class LowRADeserialize(ConversionOps):
 
     def __init__(self, hf_quantizer: "LowRAHfQuantizer"):
         self.hf_quantizer = hf_quantizer
-
-    @property
-    def reverse_op(self) -> ConversionOps:
-        return _Identity()
 
     def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
         tensors = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
@@ -229,6 +218,9 @@ class LowRADeserialize(ConversionOps):
                     f"{layer}: saved weight has shape {tuple(state.shape)}, the model's layer is "
                     f"({module.out_features}, {module.in_features})"
                 )
+        except LowRAFormatError as e:
+            self.hf_quantizer._errors[layer] = str(e)
+            raise LowRAFormatError(f"{layer}: {e}" if not str(e).startswith(layer) else str(e)) from None
         except Exception as e:
             self.hf_quantizer._errors[layer] = f"{type(e).__name__}: {e}"
             raise
@@ -387,6 +379,16 @@ class LowRAHfQuantizer(HfQuantizer):
         targets = select_targets(model, config)
         if not targets:
             raise ValueError("LowRA found no nn.Linear / Conv1D layer to quantize in this model")
+        with _PlainTorch():
+            self.plan = self._get_plan(targets, files, prefix, device_map)
+        logger.info("LowRA plan (%s): %.4f nominal bits over %d layers", self.plan.origin, self.plan.nominal_bits(),
+                    len(self.plan))  # fmt: skip
+        _replace(model, targets, config)
+        self.lowra_modules = sorted(targets)
+        return model
+
+    def _get_plan(self, targets, files, prefix, device_map) -> _plan.Plan:
+        config: LowRAConfig = self.quantization_config
         shapes = {n: _shape(m) for n, m in targets.items()}
         if config.plan_path is not None:
             plan = _plan.Plan.load(config.plan_path)
@@ -408,24 +410,19 @@ class LowRAHfQuantizer(HfQuantizer):
                 if key is None:
                     raise ValueError(f"LowRA planning found no checkpoint tensor for {n}.weight")
                 plan_targets.append(_plan.Target(layer=n, key=key, transpose=isinstance(m, Conv1D)))
-            with _PlainTorch():
-                plan = _plan.make_plan(
-                    files,
-                    config,
-                    modules=plan_targets,
-                    progress=_progress(),
-                    cache=config.plan_cache,
-                    cache_dir=_plan_cache_dir(),
-                    device=_planning_device(device_map),
-                )
+            plan = _plan.make_plan(
+                files,
+                config,
+                modules=plan_targets,
+                progress=_progress(),
+                cache=config.plan_cache,
+                cache_dir=_plan_cache_dir(),
+                device=_planning_device(device_map),
+            )
         plan.check_targets(shapes)
         if plan.blocksize != config.blocksize:
             raise ValueError(f"the plan uses blocksize {plan.blocksize}, the config {config.blocksize}")
-        self.plan = plan
-        logger.info("LowRA plan (%s): %.4f nominal bits over %d layers", plan.origin, plan.nominal_bits(), len(plan))
-        _replace(model, targets, config)
-        self.lowra_modules = sorted(targets)
-        return model
+        return plan
 
     def _prepare_prequantized(self, model, files, prefix) -> None:
         """The layers with LowRA state in the checkpoint become LinearLowRA; unknown state tensors fail here."""
@@ -511,6 +508,13 @@ class LowRAHfQuantizer(HfQuantizer):
         # Trainer skips DataParallel for them. LowRA is a 1-4-bit weight format, so "4bit" is accurate enough.
         model.is_loaded_in_4bit = True
         model.is_lowra_quantized = True
+        # Our converter only gathers a layer's saved tensors; its names are the state dict's, so saving must not
+        # try to reverse it (the reverse of a many-to-one converter renames keys).
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [
+                c for c in conversions if not any(isinstance(op, LowRADeserialize) for op in getattr(c, "operations", ()))
+            ]
         _guard_dtype_casts(model)
         return model
 
@@ -569,18 +573,6 @@ def _guard_dtype_casts(model) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ plans
-
-
-def lowra_bits(model) -> dict:
-    """Nominal and effective bits actually stored by the model's LinearLowRA layers (docs/format.md)."""
-    states = [m.weight.quant_state for m in model.modules() if isinstance(m, LinearLowRA)]
-    if not states:
-        raise ValueError("the model has no LowRA layer")
-    params = sum(s.rows * s.cols for s in states)
-    code_bits = sum(int(s.bits.to(torch.int64).sum()) * s.cols for s in states)
-    stored = sum(s.nbytes for s in states)
-    return {"layers": len(states), "parameters": params, "nominal_bits": code_bits / params,
-            "effective_bits": 8.0 * stored / params}  # fmt: skip
 
 
 def write_plan(checkpoint, config: LowRAConfig, output=None, model_class=None, progress: bool = True) -> _plan.Plan:
@@ -642,7 +634,6 @@ __all__ = [
     "LowRAHfQuantizer",
     "LowRAQuantize",
     "LowRADeserialize",
-    "lowra_bits",
     "register",
     "select_targets",
     "write_plan",
