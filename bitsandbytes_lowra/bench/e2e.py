@@ -72,7 +72,7 @@ def training_layer_bench(shapes, tokens: int = 512) -> list[dict]:
         bases = {"bf16": dense}
         nf4 = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
         nf4.weight = bnb.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-        bases["bnb-nf4"] = nf4.cuda()
+        bases["bnb-nf4"] = nf4.to("cuda")
         for bits in (4.0, 1.75):
             # learned tables + per-row bits for this budget, then the layer quantized with them
             _, state = quantize_lowra_at_bits(dense.weight.data, bits=bits)
