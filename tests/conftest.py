@@ -20,6 +20,15 @@ def devices():
 
 @pytest.fixture(scope="session")
 def smollm2_weights():
+    import os
+
     from bitsandbytes_lowra import data
 
-    return data.smollm2_linear_weights()
+    try:
+        return data.smollm2_linear_weights()
+    except data.MissingDataError as e:
+        # The GPU machine cannot carry the 98 MB GGUF (shared/gpu-machine.md). In CI the package is installed by
+        # `make test`, so a missing model there is a failure, never a skip.
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"real SmolLM2 weights unavailable here: {e}")
