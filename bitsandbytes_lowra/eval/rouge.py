@@ -10,6 +10,7 @@ Protocol (docs/evaluation.md):
 - Prompt: an instruction asking for that three-part summary, wrapped in the tokenizer's chat template when it has one
   (SmolLM2 is an instruct model), else a plain "Abstract: ... Summary:" completion prompt.
 - Decoding: greedy (do_sample=False), at most `max_new_tokens` new tokens, stop at EOS; special tokens are dropped.
+  Prompts go `batch_size` at a time, left-padded (the attention mask hides the padding).
 - Scoring: `rouge_score` F-measures for rouge1, rouge2, rougeL with the Porter stemmer, averaged over examples.
 """
 
@@ -70,22 +71,39 @@ def build_prompt(tokenizer, source: str) -> str:
 
 
 @torch.no_grad()
-def generate_summary(model, tokenizer, source: str, max_new_tokens: int = 128) -> str:
+def generate_summaries(
+    model, tokenizer, sources: list[str], max_new_tokens: int = 128, batch_size: int = 4
+) -> list[str]:
+    """Greedy summaries, `batch_size` prompts at a time, left-padded so every prompt ends where generation starts."""
     from transformers import GenerationConfig
 
-    prompt = build_prompt(tokenizer, source)
-    # The chat template already holds any special tokens the model expects.
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None))
-    enc = {k: v.to(model_device(model)) for k, v in enc.items()}
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; cannot batch or stop generation")
     # An explicit GenerationConfig so the checkpoint's own sampling defaults cannot leak in.
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad
     )
-    out = model.generate(**enc, generation_config=gen)
-    new = out[0, enc["input_ids"].shape[1] :]
-    return tokenizer.decode(new, skip_special_tokens=True).strip()
+    # The chat template already holds any special tokens the model expects.
+    add_special = not getattr(tokenizer, "chat_template", None)
+    device = model_device(model)
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    out: list[str] = []
+    try:
+        for start in range(0, len(sources), batch_size):
+            prompts = [build_prompt(tokenizer, s) for s in sources[start : start + batch_size]]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            ids = model.generate(**enc, generation_config=gen)
+            new = ids[:, enc["input_ids"].shape[1] :]
+            out.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = old_side
+    return out
 
 
 def rouge_scores(predictions: list[str], references: list[str]) -> dict:
@@ -112,27 +130,31 @@ def rouge_eval(
     n_examples: int | None = 20,
     split: str = "test",
     max_new_tokens: int = 128,
+    batch_size: int = 4,
     progress: bool = True,
 ) -> dict:
     """Generate summaries for the first n_examples ACLSum records and score them.
 
-    Returns {rouge1, rouge2, rougeL, n_examples, seconds, examples: [{id, prediction, reference, rouge1, ...}]}.
+    Returns {rouge1, rouge2, rougeL, n_examples, split, seconds, examples: [{id, prediction, reference, rouge1, ...}]}.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     examples = aclsum_examples(split, n_examples)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    predictions = []
+    predictions: list[str] = []
     try:
-        it = examples
+        chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(examples, desc="aclsum generation", unit="example")
-        for ex in it:
-            predictions.append(generate_summary(model, tokenizer, ex["source"], max_new_tokens))
+            chunks = tqdm(chunks, desc="aclsum generation", unit="batch")
+        for chunk in chunks:
+            sources = [e["source"] for e in chunk]
+            predictions += generate_summaries(model, tokenizer, sources, max_new_tokens, batch_size)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
@@ -158,10 +180,13 @@ def main(argv=None) -> None:
     p.add_argument("--n-examples", type=int, default=20)
     p.add_argument("--split", default="test")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--show", type=int, default=2, help="print this many predictions")
     args = p.parse_args(argv)
     model, tokenizer = data.load_smollm2()
-    result = rouge_eval(model, tokenizer, args.n_examples, args.split, args.max_new_tokens, progress=False)
+    result = rouge_eval(
+        model, tokenizer, args.n_examples, args.split, args.max_new_tokens, args.batch_size, progress=False
+    )
     shown = result.pop("examples")[: args.show]
     print(json.dumps(result, indent=2))
     for ex in shown:
