@@ -679,6 +679,9 @@ def _save(path, tensors: dict, fmt: str, meta: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600; plans are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
