@@ -30,6 +30,7 @@ chunk are processed at once; chunks of rows bound the memory.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,7 @@ class _Rows:
     v: torch.Tensor  # float32 [r, n] normalized values (the kernel's float32 division), ascending per row
     x: torch.Tensor  # float64 [r, n] original values, same order
     a: torch.Tensor  # float32 [r, n] absmax of each element's block, same order
-    prefix: torch.Tensor  # int64 [r, n + 1, 3] prefix sums of (w, w*v, w*v^2), fixed point
+    prefix: torch.Tensor  # int64 [3, r, n + 1] prefix sums of (w, w*v, w*v^2), fixed point
     unit: torch.Tensor  # float64 [r]: prefix differences * unit = sums with w = absmax**weight_power
 
 
@@ -111,14 +112,18 @@ def _prepare(W: torch.Tensor, blocksize: int, weight_power: float, device: torch
     k = _fixed_point_bits(cols)
     row_max = absmax.amax(dim=1, keepdim=True)  # [r, 1]
     rel = absmax / torch.where(row_max > 0, row_max, torch.ones_like(row_max))
-    wb = torch.where(rel > 0, rel.pow(weight_power), torch.zeros_like(rel)) * 2.0**k  # [r, nb]
-    st = torch.empty(rows, cols, 3, dtype=torch.float32, device=device)
-    torch.gather(wb, 1, block, out=st[..., 0])
+    # Exact powers for the usual cases, so that CPU and CUDA agree bit for bit (their pow() may differ by an ulp).
+    w = rel if weight_power == 1 else rel * rel if weight_power == 2 else rel.pow(weight_power)
+    wb = torch.where(rel > 0, w, torch.zeros_like(rel)) * 2.0**k  # [r, nb]
+    st = torch.empty(3, rows, cols, dtype=torch.float32, device=device)
+    torch.gather(wb, 1, block, out=st[0])
     del block
-    torch.mul(st[..., 0], v, out=st[..., 1])
-    torch.mul(st[..., 1], v, out=st[..., 2])
-    prefix = torch.zeros(rows, cols + 1, 3, dtype=torch.int64, device=device)
-    torch.cumsum(st, dim=1, dtype=torch.int64, out=prefix[:, 1:])
+    torch.mul(st[0], v, out=st[1])
+    torch.mul(st[1], v, out=st[2])
+    prefix = torch.empty(3, rows, cols + 1, dtype=torch.int64, device=device)
+    prefix[..., 0] = 0
+    # The cast drops less than 2**-k of the row's largest weight per element; the integer sums are exact (< 2**62).
+    torch.cumsum(st.to(torch.int64), dim=2, out=prefix[..., 1:])
     unit = row_max.squeeze(1).double().pow(weight_power) * 2.0**-k
     return _Rows(v=v, x=x, a=a, prefix=prefix, unit=unit)
 
@@ -139,8 +144,8 @@ def _bin_edges(rows: _Rows, thresholds: torch.Tensor) -> torch.Tensor:
 def _bin_sums(rows: _Rows, thresholds: torch.Tensor) -> torch.Tensor:
     """float64 [r, k, 3]: per bin, sums of (w, w*v, w*v^2) in absolute units."""
     edges = _bin_edges(rows, thresholds)
-    at = torch.gather(rows.prefix, 1, edges[..., None].expand(-1, -1, 3))
-    return (at[:, 1:] - at[:, :-1]).double() * rows.unit[:, None, None]
+    at = torch.gather(rows.prefix, 2, edges.expand(3, -1, -1))  # [3, r, k + 1]
+    return (at[..., 1:] - at[..., :-1]).permute(1, 2, 0).double() * rows.unit[:, None, None]
 
 
 def _objective(sums: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -185,12 +190,13 @@ def _initial_tables(bits: int, device, mode: str) -> tuple[torch.Tensor, torch.T
 def _check_args(W, precisions, blocksize, iterations, mode, weight_power, chunk_rows) -> tuple[int, ...]:
     check_weight(W, "W")
     check_blocksize(blocksize)
-    try:
-        precs = tuple(precisions)
+    try:  # any integer type (numpy, 0-d tensors), never floats or bools
+        items = tuple(precisions)
+        precs = tuple(operator.index(p) for p in items if not isinstance(p, bool))
+        ok = len(precs) == len(items)
     except TypeError as e:
         raise ValueError(f"precisions must be an iterable of bit widths, got {precisions!r}") from e
-    ok = all(isinstance(p, int) and not isinstance(p, bool) and p in ALLOWED_BITS for p in precs)
-    if not precs or not ok or len(set(precs)) != len(precs):
+    if not precs or not ok or len(set(precs)) != len(precs) or any(p not in ALLOWED_BITS for p in precs):
         raise ValueError(f"precisions must be distinct values from {ALLOWED_BITS}, got {precisions!r}")
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
@@ -210,6 +216,7 @@ def _chunk_bounds(rows: int, cols: int, blocksize: int, chunk_rows: int | None, 
     return [(r0, min(rows, r0 + chunk_rows)) for r0 in range(0, rows, chunk_rows)]
 
 
+@torch.no_grad()  # weights may be nn.Parameters: no graph, whatever the caller's grad mode
 def learn_layer(
     W: torch.Tensor,
     precisions=(1, 2, 4),

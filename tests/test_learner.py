@@ -501,6 +501,18 @@ def test_bad_arguments(kwargs, match):
         learn_layer(_weights(rows=4, cols=64), **kwargs)
 
 
+def test_accepts_parameters_numpy_precisions_and_non_contiguous_weights():
+    import numpy as np
+
+    W = _weights(rows=12, cols=128)
+    ref = learn_layer(W, (1, 4))
+    param = learn_layer(torch.nn.Parameter(W.clone()), np.array([1, 4]))
+    transposed = learn_layer(W.t().contiguous().t(), (p for p in (1, 4)))
+    for p in (1, 4):
+        assert not param[p].error.requires_grad
+        assert torch.equal(param[p].codebook, ref[p].codebook) and torch.equal(transposed[p].error, ref[p].error)
+
+
 def test_bad_weights():
     with pytest.raises(LowRAFormatError, match="2-D"):
         learn_layer(torch.zeros(64))
