@@ -11,8 +11,8 @@ every precision must be known before any weight is quantized. Planning has two s
    its precision. Cheap (about a second for a 7B model with the greedy method), so a new budget reuses the fits.
 
 `make_plan` runs both with an on-disk cache keyed by the checkpoint files (names, sizes, modification times,
-safetensors headers, sampled content), the target layers, the options that affect each stage and the package
-version. Plans and fits are stored as safetensors plus JSON metadata (never pickle) and validated on load.
+safetensors headers, sampled content), the target layers, the options that affect each stage, the package
+version and the source of learner.py (fits) / assigner.py (plans). Plans and fits are stored as safetensors plus JSON metadata (never pickle) and validated on load.
 """
 
 from __future__ import annotations
@@ -723,6 +723,13 @@ def default_cache_dir() -> Path:
     return cache_dir() / "plans"
 
 
+def _source_digest(module_name: str) -> str:
+    """Hash of a module's source: fits and plans made by other learner / assigner code are not reused."""
+    import importlib
+
+    return hashlib.sha256(Path(importlib.import_module(module_name).__file__).read_bytes()).hexdigest()
+
+
 def _digest(obj) -> str:
     from . import __version__
 
@@ -781,9 +788,12 @@ def make_plan(
             "checkpoint": fingerprint(files),
             "targets": [[t.layer, t.key, t.transpose] for t in targets],
             "fit": settings.fit_fields(),
+            "learner": _source_digest(f"{__package__}.learner"),
         }
     )
-    plan_key = _digest({"fits": fits_key, "assign": settings.assign_fields()})
+    plan_key = _digest(
+        {"fits": fits_key, "assign": settings.assign_fields(), "assigner": _source_digest(f"{__package__}.assigner")}
+    )
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     plan_path, fits_path = root / f"plan-{plan_key[:32]}.safetensors", root / f"fits-{fits_key[:32]}.safetensors"
 
