@@ -11,8 +11,8 @@ every precision must be known before any weight is quantized. Planning has two s
    its precision. Cheap (about a second for a 7B model with the greedy method), so a new budget reuses the fits.
 
 `make_plan` runs both with an on-disk cache keyed by the checkpoint files (names, sizes, modification times,
-safetensors headers, sampled content), the target layers, the options that affect each stage and the package
-version. Plans and fits are stored as safetensors plus JSON metadata (never pickle) and validated on load.
+safetensors headers, sampled content), the target layers, the options that affect each stage, the package
+version and the source of learner.py (fits) / assigner.py (plans). Plans and fits are stored as safetensors plus JSON metadata (never pickle) and validated on load.
 """
 
 from __future__ import annotations
@@ -93,9 +93,11 @@ class PlanSettings:
         check_blocksize(self.blocksize)
         if self.learner_mode not in LEARNER_MODES:
             raise ValueError(f"learner_mode must be one of {LEARNER_MODES}, got {self.learner_mode!r}")
-        if isinstance(self.learner_iterations, bool) or not isinstance(self.learner_iterations, int) or self.learner_iterations < 0:
+        it = self.learner_iterations
+        if isinstance(it, bool) or not isinstance(it, int) or it < 0:
             raise ValueError(f"learner_iterations must be a non-negative integer, got {self.learner_iterations!r}")
-        if not (isinstance(self.weight_power, (int, float)) and math.isfinite(self.weight_power) and self.weight_power >= 0):
+        wp = self.weight_power
+        if isinstance(wp, bool) or not isinstance(wp, (int, float)) or not math.isfinite(wp) or wp < 0:
             raise ValueError(f"weight_power must be a finite number >= 0, got {self.weight_power!r}")
         if self.assigner_method not in ASSIGNER_METHODS:
             raise ValueError(f"assigner_method must be one of {ASSIGNER_METHODS}, got {self.assigner_method!r}")
@@ -136,7 +138,11 @@ class PlanSettings:
 
     def assign_fields(self) -> dict:
         """The options the assignment depends on (with the fits key, the plan's cache key)."""
-        fields = {"bits": float(self.bits), "precisions": list(self.allowed_precisions()), "assigner_method": self.assigner_method}
+        fields = {
+            "bits": float(self.bits),
+            "precisions": list(self.allowed_precisions()),
+            "assigner_method": self.assigner_method,
+        }
         if self.assigner_method == "ilp":
             fields.update(clusters=self.clusters, solver=self.solver, time_limit=self.time_limit, seed=self.seed)
         return fields
@@ -290,7 +296,8 @@ class ModelFits:
 
         settings = PlanSettings.from_config(settings)
         if settings.blocksize != self.fit_settings["blocksize"]:
-            raise ValueError(f"fits were learned with blocksize {self.fit_settings['blocksize']}, not {settings.blocksize}")
+            learned = self.fit_settings["blocksize"]
+            raise ValueError(f"fits were learned with blocksize {learned}, not {settings.blocksize}")
         allowed = settings.allowed_precisions()
         missing = [p for p in allowed if p not in self.precisions]
         if missing:
@@ -349,7 +356,12 @@ class ModelFits:
             for p in self.precisions:
                 tensors[f"{n}:codebook{p}"] = lf.codebooks[p].contiguous()
                 tensors[f"{n}:thresholds{p}"] = lf.thresholds[p].contiguous()
-        meta = {"precisions": list(self.precisions), "fit_settings": self.fit_settings, "key": self.key, "layers": layers_meta}
+        meta = {
+            "precisions": list(self.precisions),
+            "fit_settings": self.fit_settings,
+            "key": self.key,
+            "layers": layers_meta,
+        }
         _save(path, tensors, FITS_FORMAT, meta)
 
     @classmethod
@@ -626,9 +638,12 @@ class Plan:
             raise LowRAFormatError(f"{path}: unexpected tensors {sorted(extra)[:5]}")
         if not layers:
             raise LowRAFormatError(f"{path}: the plan has no layers")
-        plan = cls(layers=layers, settings=settings, assignment=dict(meta.get("assignment") or {}), key=meta.get("key"), origin="file")
+        assignment = dict(meta.get("assignment") or {})
+        plan = cls(layers=layers, settings=settings, assignment=assignment, key=meta.get("key"), origin="file")
         if plan.nominal_bits_exact() != Fraction(int(num), int(den)):
-            raise LowRAFormatError(f"{path}: bits do not add up to the recorded {num}/{den} nominal bits (corrupt plan)")
+            raise LowRAFormatError(
+                f"{path}: bits do not add up to the recorded {num}/{den} nominal bits (corrupt plan)"
+            )
         return plan
 
 
@@ -654,11 +669,19 @@ def _save(path, tensors: dict, fmt: str, meta: dict) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": fmt, "format_version": FORMAT_VERSION, "package_version": __version__, "meta": json.dumps(meta)}
+    metadata = {
+        "format": fmt,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "meta": json.dumps(meta),
+    }
     # Write then rename: a reader (or a crash) never sees half a file.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600; plans are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -700,10 +723,18 @@ def default_cache_dir() -> Path:
     return cache_dir() / "plans"
 
 
+def _source_digest(module_name: str) -> str:
+    """Hash of a module's source: fits and plans made by other learner / assigner code are not reused."""
+    import importlib
+
+    return hashlib.sha256(Path(importlib.import_module(module_name).__file__).read_bytes()).hexdigest()
+
+
 def _digest(obj) -> str:
     from . import __version__
 
-    return hashlib.sha256(json.dumps({"v": __version__, "fmt": FORMAT_VERSION, **obj}, sort_keys=True).encode()).hexdigest()
+    text = json.dumps({"v": __version__, "fmt": FORMAT_VERSION, **obj}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def make_plan(
@@ -757,9 +788,12 @@ def make_plan(
             "checkpoint": fingerprint(files),
             "targets": [[t.layer, t.key, t.transpose] for t in targets],
             "fit": settings.fit_fields(),
+            "learner": _source_digest(f"{__package__}.learner"),
         }
     )
-    plan_key = _digest({"fits": fits_key, "assign": settings.assign_fields()})
+    plan_key = _digest(
+        {"fits": fits_key, "assign": settings.assign_fields(), "assigner": _source_digest(f"{__package__}.assigner")}
+    )
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     plan_path, fits_path = root / f"plan-{plan_key[:32]}.safetensors", root / f"fits-{fits_key[:32]}.safetensors"
 

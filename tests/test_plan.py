@@ -335,3 +335,9 @@ def test_assign_matches_assigner_on_concatenated_errors(checkpoint, tmp_path):
     a = assign_precisions(errors, sizes, 1.75, precisions=(1, 2, 4))
     assert np.array_equal(np.concatenate([plan[n].bits.numpy() for n in fits.layers]), a.bits)
     assert plan.assignment["total_error"] == pytest.approx(a.total_error)
+
+
+def test_progress_bar(checkpoint, capsys):
+    P.make_plan(checkpoint, {"bits": 2.0}, progress=True, cache=False)
+    err = capsys.readouterr().err
+    assert "LowRA planning" in err and "4/4" in err

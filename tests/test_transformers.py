@@ -15,7 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoQuantizationConfig
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    AutoQuantizationConfig,
+)
 from transformers.utils import logging as hf_logging
 
 from bitsandbytes_lowra import LinearLowRA, LowRAConfig, learner, model_bits_report
@@ -31,7 +35,8 @@ def _tiny(kind: str):
         cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
     elif kind == "gpt2":
-        cfg = GPT2Config(vocab_size=256, n_embd=128, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+        cfg = GPT2Config(vocab_size=256, n_embd=128, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                         eos_token_id=0)  # fmt: skip
     else:
         cfg = OPTConfig(vocab_size=256, hidden_size=128, ffn_dim=192, num_hidden_layers=2, num_attention_heads=4,
                         max_position_embeddings=64, word_embed_proj_dim=128, pad_token_id=1, bos_token_id=0,
@@ -169,7 +174,8 @@ def test_quantize_save_reload_bit_identical(tiny_dir, tmp_path, plan_cache, kind
     assert sd_q.keys() == sd_r.keys()
     assert all(torch.equal(sd_q[k], sd_r[k]) for k in sd_q)
     r.save_pretrained(tmp_path / "again")  # a reloaded model saves again
-    assert load_file(str(tmp_path / "again" / "model.safetensors")).keys() == load_file(str(out / "model.safetensors")).keys()
+    resaved = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert resaved.keys() == load_file(str(out / "model.safetensors")).keys()
 
 
 def test_dtype_on_load_and_reload(tiny_dir, tmp_path, plan_cache):
@@ -219,12 +225,13 @@ def test_precomputed_plan(tiny_dir, tmp_path, plan_cache, learn_calls):
         _load(path, quantization_config=LowRAConfig(bits=3.0, plan_path=str(tmp_path / "plan.safetensors")))
     # A plan for another model fails before any weight is quantized.
     with pytest.raises(ValueError, match="does not match the model"):
-        _load(tiny_dir["opt"][0], quantization_config=LowRAConfig(bits=2.0, plan_path=str(tmp_path / "plan.safetensors")))
+        _load(tiny_dir["opt"][0], quantization_config=LowRAConfig(bits=2.0, plan_path=tmp_path / "plan.safetensors"))
 
 
 def test_modules_to_not_convert(tiny_dir, plan_cache):
     path, _ = tiny_dir["llama"]
-    q = _load(path, quantization_config=LowRAConfig(bits=2.0, modules_to_not_convert=["mlp.down_proj", "model.layers.1"]))
+    skip = ["mlp.down_proj", "model.layers.1"]
+    q = _load(path, quantization_config=LowRAConfig(bits=2.0, modules_to_not_convert=skip))
     names = q.hf_quantizer.lowra_modules
     assert names and not any("down_proj" in n or ".layers.1." in n for n in names)
     assert type(q.get_submodule("model.layers.0.mlp.down_proj")) is torch.nn.Linear
@@ -352,8 +359,9 @@ def test_model_flags_and_dtype_guard(tiny_dir, plan_cache):
     q = _load(path, quantization_config=LowRAConfig(bits=2.0))
     assert q.is_quantized and q.is_loaded_in_4bit and q.quantization_method == "lowra"
     assert q.hf_quantizer.is_trainable and q.hf_quantizer.is_serializable()
-    for cast in (lambda m: m.to(torch.float16), lambda m: m.to("cpu", torch.bfloat16), lambda m: m.to(dtype=torch.float16),
-                 lambda m: m.half(), lambda m: m.float(), lambda m: m.bfloat16()):  # fmt: skip
+    casts = (lambda m: m.to(torch.float16), lambda m: m.to("cpu", torch.bfloat16), lambda m: m.to(dtype=torch.float16),
+             lambda m: m.half(), lambda m: m.float(), lambda m: m.bfloat16())  # fmt: skip
+    for cast in casts:
         with pytest.raises(ValueError):
             cast(q)
     assert q.to("cpu") is q and q.to(torch.device("cpu")) is q  # device moves are fine (Trainer does them)
@@ -379,6 +387,23 @@ def test_prepare_model_for_kbit_training(tiny_dir, plan_cache):
     assert not any(p.requires_grad for p in q.parameters())
     emb_out = q.get_input_embeddings()(torch.tensor([[1, 2]]))
     assert emb_out.requires_grad  # enable_input_require_grads ran: it only does for k-bit flagged models
+
+
+def test_trainer_accepts_lowra_with_adapters_only(tiny_dir, plan_cache):
+    from peft import LoraConfig, get_peft_model
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    path, _ = tiny_dir["llama"]
+    q = _load(path, quantization_config=LowRAConfig(bits=2.0))
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(q)  # Trainer sees a quantized base model ...
+    peft_model = get_peft_model(q, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    validate_quantization_for_training(peft_model)  # ... and trains it once adapters are attached
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    loss = peft_model(_x(), labels=_x()).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
 
 
 def test_dequantize(tiny_dir, plan_cache):

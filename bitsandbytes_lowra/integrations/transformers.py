@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -180,7 +181,7 @@ class LowRAQuantize(ConversionOps):
             layer = param_name.rsplit(".", 1)[0]
             try:
                 result[param_name] = self.hf_quantizer._quantize_weight(model, layer, value)
-            except Exception as e:  # transformers only logs op errors: keep them for the after-load check
+            except Exception as e:  # transformers reports op errors after loading; keep them for our own check too
                 self.hf_quantizer._errors[layer] = f"{type(e).__name__}: {e}"
                 raise
         return result
@@ -208,19 +209,21 @@ class LowRADeserialize(ConversionOps):
             return {"weight": weight}
         try:
             if "weight" not in tensors or len(tensors) == 1:
-                raise LowRAFormatError(f"{layer}: the LowRA state of the weight is missing from the checkpoint")
+                raise LowRAFormatError("the LowRA state of the weight is missing from the checkpoint")
             stats = {k.removeprefix("weight."): v for k, v in tensors.items() if k != "weight"}
             weight = tensors["weight"]
-            param = ParamsLowRA.from_prequantized(weight, stats, requires_grad=False, device=weight.device, module=module)
+            param = ParamsLowRA.from_prequantized(
+                weight, stats, requires_grad=False, device=weight.device, module=module
+            )
             state = param.quant_state
             if tuple(state.shape) != (module.out_features, module.in_features):
                 raise LowRAFormatError(
-                    f"{layer}: saved weight has shape {tuple(state.shape)}, the model's layer is "
+                    f"saved weight has shape {tuple(state.shape)}, the model's layer is "
                     f"({module.out_features}, {module.in_features})"
                 )
-        except LowRAFormatError as e:
+        except LowRAFormatError as e:  # name the layer: the state's own messages only name the field
             self.hf_quantizer._errors[layer] = str(e)
-            raise LowRAFormatError(f"{layer}: {e}" if not str(e).startswith(layer) else str(e)) from None
+            raise LowRAFormatError(f"{layer}: {e}") from None
         except Exception as e:
             self.hf_quantizer._errors[layer] = f"{type(e).__name__}: {e}"
             raise
@@ -282,19 +285,17 @@ def _replace(model, names, config: LowRAConfig, blocksize=None, compress_statist
         parent._modules[child] = new
 
 
-class _PlainTorch:
+@contextmanager
+def _plain_torch():
     """Planning runs inside from_pretrained's model-init context (default device meta, default dtype = the load
-    dtype): restore cpu / float32 defaults so the learner's own tensors are real."""
-
-    def __enter__(self):
-        self._dtype = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float32)
-        self._device = torch.device("cpu")
-        self._device.__enter__()
-
-    def __exit__(self, *exc):
-        self._device.__exit__(*exc)
-        torch.set_default_dtype(self._dtype)
+    dtype): restore cpu / float32 defaults so the planner's own tensors are real."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"):
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
 
 
 def _progress() -> bool:
@@ -379,7 +380,7 @@ class LowRAHfQuantizer(HfQuantizer):
         targets = select_targets(model, config)
         if not targets:
             raise ValueError("LowRA found no nn.Linear / Conv1D layer to quantize in this model")
-        with _PlainTorch():
+        with _plain_torch():
             self.plan = self._get_plan(targets, files, prefix, device_map)
         logger.info("LowRA plan (%s): %.4f nominal bits over %d layers", self.plan.origin, self.plan.nominal_bits(),
                     len(self.plan))  # fmt: skip
@@ -437,15 +438,14 @@ class LowRAHfQuantizer(HfQuantizer):
             if not key.endswith(marker):
                 continue
             ckpt_layer = key[: -len(marker)]
-            layer = next(
-                (c for c in (ckpt_layer, f"{prefix}.{ckpt_layer}", ckpt_layer.removeprefix(f"{prefix}.")) if c in names),
-                None,
-            )
+            candidates = (ckpt_layer, f"{prefix}.{ckpt_layer}", ckpt_layer.removeprefix(f"{prefix}."))
+            layer = next((c for c in candidates if c in names), None)
             if layer is None:
                 raise LowRAFormatError(f"the checkpoint holds LowRA state for {ckpt_layer}, which this model lacks")
             module = model.get_submodule(layer)
             if not _is_target(module):
-                raise LowRAFormatError(f"{layer} holds LowRA state but is a {type(module).__name__}, not a linear layer")
+                kind = type(module).__name__
+                raise LowRAFormatError(f"{layer} holds LowRA state but is a {kind}, not a linear layer")
             lowra[layer] = ckpt_layer
         if not lowra:
             raise LowRAFormatError("config.json says LowRA but the checkpoint holds no LowRA layer state")
@@ -496,7 +496,8 @@ class LowRAHfQuantizer(HfQuantizer):
         for name in self.lowra_modules:
             module = model.get_submodule(name)
             w = module.weight
-            if not isinstance(module, LinearLowRA) or getattr(w, "quant_state", None) is None or w.device.type == "meta":
+            quantized = getattr(w, "quant_state", None) is not None and w.device.type != "meta"
+            if not isinstance(module, LinearLowRA) or not quantized:
                 failed.append(name)
         if failed:
             reasons = [f"  {n}: {self._errors[n]}" for n in failed if n in self._errors][:5]
@@ -512,9 +513,7 @@ class LowRAHfQuantizer(HfQuantizer):
         # try to reverse it (the reverse of a many-to-one converter renames keys).
         conversions = getattr(model, "_weight_conversions", None)
         if conversions:
-            model._weight_conversions = [
-                c for c in conversions if not any(isinstance(op, LowRADeserialize) for op in getattr(c, "operations", ()))
-            ]
+            model._weight_conversions = [c for c in conversions if not _is_ours(c)]
         _guard_dtype_casts(model)
         return model
 
@@ -550,6 +549,10 @@ class LowRAHfQuantizer(HfQuantizer):
         return model
 
 
+def _is_ours(conversion) -> bool:
+    return any(isinstance(op, LowRADeserialize) for op in getattr(conversion, "operations", []))
+
+
 def _guard_dtype_casts(model) -> None:
     """`model.to(dtype)` / `.bfloat16()` would recast norms around frozen packed codes: refuse, as transformers
     does for bitsandbytes (its guard only knows bitsandbytes; `.half()` / `.float()` are already refused)."""
@@ -565,7 +568,9 @@ def _guard_dtype_casts(model) -> None:
         return cls.to(self, *args, **kwargs)
 
     def bfloat16(self):
-        raise ValueError("`.bfloat16()` is not supported for a LowRA-quantized model: load it with dtype=torch.bfloat16")
+        raise ValueError(
+            "`.bfloat16()` is not supported for a LowRA-quantized model: load it with dtype=torch.bfloat16"
+        )
 
     # Bound per instance (deepcopy rebinds bound methods to the copy).
     model.to = types.MethodType(to, model)
