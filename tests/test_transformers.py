@@ -515,3 +515,43 @@ def test_smollm2_save_reload_bit_identical(smollm2_quantized, eval_chunks, tmp_p
     chunk = eval_chunks[:1]
     with torch.no_grad():
         assert torch.equal(model(chunk).logits, reloaded(chunk).logits)
+
+
+def test_loftq_through_from_pretrained_save_reload_and_peft(tiny_dir, tmp_path, plan_cache):
+    """LowRAConfig(loftq_rank=r): from_pretrained quantizes the LoftQ residual and stores the rank-r init on each
+    layer; it survives save/reload and get_peft_model starts from it (base + init approximates W better)."""
+    from peft import LoraConfig, get_peft_model
+
+    from bitsandbytes_lowra import loftq
+
+    path, ref = tiny_dir["llama"]
+    plain = _load(path, quantization_config=LowRAConfig(bits=2.0))
+    q = _load(path, quantization_config=LowRAConfig(bits=2.0, loftq_rank=4, loftq_iterations=3))
+    ref_params = dict(ref.named_parameters())
+    names = q.hf_quantizer.lowra_modules
+    better = 0
+    for n in names:
+        layer, w = q.get_submodule(n), ref_params[n + ".weight"].detach()
+        A0, B0 = loftq.stored_init(layer)
+        assert A0.shape == (4, layer.in_features) and B0.shape == (layer.out_features, 4)
+        err_loftq = (w - layer.dequantize(torch.float32) - B0.float() @ A0.float()).norm()
+        err_plain = (w - plain.get_submodule(n).dequantize(torch.float32)).norm()
+        better += bool(err_loftq < err_plain)
+    assert better == len(names)
+
+    out = tmp_path / "loftq"
+    q.save_pretrained(out)
+    r = _load(out)
+    for n in names:
+        a, b = loftq.stored_init(q.get_submodule(n)), loftq.stored_init(r.get_submodule(n))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    x = _x()
+    with torch.no_grad():
+        base_logits = r(x).logits
+    pm = get_peft_model(r, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        lora_logits = pm(x).logits
+    # the adapter starts from the stored init, not from B = 0
+    assert not torch.allclose(lora_logits, base_logits)
+    with pytest.raises(ValueError, match="rank"):
+        get_peft_model(_load(out), LoraConfig(r=8, target_modules="all-linear"))

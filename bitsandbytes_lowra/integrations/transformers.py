@@ -67,7 +67,10 @@ class LowRAConfig(QuantizationConfigMixin):
             absmax**weight_power in the fit.
         assigner_method: "greedy" (exact LP + repair) or "ilp" (the paper's K-Means + two-level ILP); clusters,
             solver ("highs" or "cbc"), time_limit (seconds per ILP) and seed apply to "ilp".
-        loftq_rank, loftq_iterations: LoftQ initialization of LoRA adapters (0 = off); used by the peft integration.
+        loftq_rank, loftq_iterations, loftq_init: with loftq_rank > 0 every weight is quantized with LoftQ ("loftq",
+            5 alternating steps by default, as the paper) or PiSSA ("pissa") against the plan; the quantized residual
+            becomes the base and the rank-r initialization is stored on the layer (saved with the model), where
+            get_peft_model picks it up (matching rank required).
         modules_to_not_convert: module names or patterns kept in full precision (the output head and tied
             embeddings always are).
         plan_path: a plan saved by `write_plan` / `Plan.save`: used instead of planning.
@@ -77,7 +80,7 @@ class LowRAConfig(QuantizationConfigMixin):
     _FIELDS = (
         "bits", "precisions", "blocksize", "compress_statistics", "compute_dtype", "learner_mode",
         "learner_iterations", "weight_power", "assigner_method", "clusters", "solver", "time_limit", "seed",
-        "loftq_rank", "loftq_iterations", "modules_to_not_convert", "plan_path", "plan_cache",
+        "loftq_rank", "loftq_iterations", "loftq_init", "modules_to_not_convert", "plan_path", "plan_cache",
     )  # fmt: skip
 
     def __init__(
@@ -96,7 +99,8 @@ class LowRAConfig(QuantizationConfigMixin):
         time_limit: float | None = None,
         seed: int = 0,
         loftq_rank: int = 0,
-        loftq_iterations: int = 1,
+        loftq_iterations: int = 5,
+        loftq_init: str = "loftq",
         modules_to_not_convert: list[str] | None = None,
         plan_path: str | None = None,
         plan_cache: bool = True,
@@ -123,6 +127,7 @@ class LowRAConfig(QuantizationConfigMixin):
         self.seed = seed
         self.loftq_rank = loftq_rank
         self.loftq_iterations = loftq_iterations
+        self.loftq_init = loftq_init
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
         self.plan_path = None if plan_path is None else os.fspath(plan_path)
         self.plan_cache = plan_cache
@@ -144,6 +149,8 @@ class LowRAConfig(QuantizationConfigMixin):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.loftq_init not in ("loftq", "pissa"):
+            raise ValueError(f"loftq_init must be 'loftq' or 'pissa', got {self.loftq_init!r}")
         m = self.modules_to_not_convert
         if m is not None and not all(isinstance(x, str) for x in m):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {m!r}")
@@ -458,6 +465,24 @@ class LowRAHfQuantizer(HfQuantizer):
                 raise LowRAFormatError(f"unknown LowRA state tensors {extra} (written by a newer version?)")
         _replace(model, sorted(lowra), self.quantization_config)
         self.lowra_modules = sorted(lowra)
+        self._register_saved_loftq_init(model, files, keys, lowra)
+
+    @staticmethod
+    def _register_saved_loftq_init(model, files, keys, lowra) -> None:
+        """A checkpoint saved after LoftQ holds each layer's adapter initialization: give the fresh layers the
+        buffers to load it into (shapes read from the file header)."""
+        from safetensors import safe_open
+
+        from .. import loftq as _loftq
+
+        for layer, ckpt_layer in lowra.items():
+            key = f"{ckpt_layer}.{_loftq.INIT_A}"
+            if key not in keys or f"{ckpt_layer}.{_loftq.INIT_B}" not in keys:
+                continue
+            with safe_open(str(keys[key]), framework="pt") as f:
+                rank = f.get_slice(key).get_shape()[0]
+            module = model.get_submodule(layer)
+            _loftq.register_init_buffers(module, int(rank), device=module.weight.device)
 
     # -- loading --------------------------------------------------------------------------------------------------
 
@@ -468,6 +493,18 @@ class LowRAHfQuantizer(HfQuantizer):
         if issubclass(getattr(module, "source_cls", nn.Linear), Conv1D):
             value = value.t()
         lp = self.plan[layer]
+        config: LowRAConfig = self.quantization_config
+        if config.loftq_rank > 0:
+            # The plan (bits, tables) was made for W and stays fixed; LoftQ alternates quantize(W - BA) / SVD(W - Q).
+            from .. import loftq as _loftq
+            from ..functional import LowRAPlan
+
+            _loftq.loftq_linear(
+                module, value, config.loftq_rank, iterations=config.loftq_iterations, init=config.loftq_init,
+                plan=LowRAPlan(lp.bits, lp.codebook, lp.thresholds),
+            )
+            module._is_hf_initialized = True
+            return module.weight
         param = ParamsLowRA(
             value,
             requires_grad=False,
