@@ -32,3 +32,35 @@ def smollm2_weights():
         if os.environ.get("CI"):
             raise
         pytest.skip(f"real SmolLM2 weights unavailable here: {e}")
+
+
+def mixed_bits(rows: int, seed: int = 0) -> torch.Tensor:
+    """A seeded random mix of 1/2/4-bit rows."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.tensor([1, 2, 4], dtype=torch.uint8)[torch.randint(0, 3, (rows,), generator=g)]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small matrices: one thread is as fast, and on a loaded 2-core machine OpenMP threads spin-waiting on each
+    other made LAPACK's SVD 10-50x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def learn_calls(monkeypatch):
+    """Records the shape of every learner.learn_layer call (to see whether planning re-learned)."""
+    from bitsandbytes_lowra import learner
+
+    calls = []
+    real = learner.learn_layer
+
+    def counting(W, *args, **kwargs):
+        calls.append(tuple(W.shape))
+        return real(W, *args, **kwargs)
+
+    monkeypatch.setattr(learner, "learn_layer", counting)
+    return calls

@@ -22,14 +22,11 @@ from bitsandbytes_lowra.functional import (
     quantize_lowra_at_bits,
 )
 
-from .conftest import devices
+from .conftest import devices, mixed_bits
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def mixed_bits(rows: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.tensor([1, 2, 4], dtype=torch.uint8)[torch.randint(0, 3, (rows,), generator=g)]
 
 
 def random_tables(bits: torch.Tensor, seed: int = 0):

@@ -13,14 +13,11 @@ from bitsandbytes_lowra.format import LowRAFormatError
 from bitsandbytes_lowra.functional import dequantize_lowra, quantize_lowra, quantize_lowra_at_bits
 from bitsandbytes_lowra.nn import LinearLowRA, ParamsLowRA
 
-from .conftest import devices
+from .conftest import devices, mixed_bits
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-def mixed_bits(rows: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.tensor([1, 2, 4], dtype=torch.uint8)[torch.randint(0, 3, (rows,), generator=g)]
 
 
 def dense(in_f=200, out_f=48, bias=True, seed=0):

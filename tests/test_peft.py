@@ -21,14 +21,7 @@ from bitsandbytes_lowra.integrations import peft as lowra_peft
 from bitsandbytes_lowra.integrations.peft import LowRALoraLinear, encode_with_scales
 from bitsandbytes_lowra.nn import LinearLowRA
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These matrices are small: one thread is as fast, and on a loaded shared CI machine OpenMP threads spin-waiting
-    on each other made LAPACK's SVD 10-50x slower (measured on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LAYERS = 2

@@ -41,17 +41,6 @@ def checkpoint(tmp_path):
     return d
 
 
-@pytest.fixture
-def count_learn(monkeypatch):
-    calls = []
-    real = learner.learn_layer
-
-    def counting(W, *args, **kwargs):
-        calls.append(tuple(W.shape))
-        return real(W, *args, **kwargs)
-
-    monkeypatch.setattr(learner, "learn_layer", counting)
-    return calls
 
 
 @pytest.fixture(scope="module")
@@ -113,42 +102,42 @@ def test_summary_and_precision_mix(checkpoint, tmp_path):
     assert s["assignment"]["method"] == "greedy" and s["assignment"]["gap"] >= 0
 
 
-def test_cache_reuses_fits_across_budgets(checkpoint, tmp_path, count_learn):
+def test_cache_reuses_fits_across_budgets(checkpoint, tmp_path, learn_calls):
     cache = tmp_path / "cache"
     p1 = P.make_plan(checkpoint, {"bits": 1.75}, progress=False, cache_dir=cache)
-    assert p1.origin == "computed" and len(count_learn) == 4
+    assert p1.origin == "computed" and len(learn_calls) == 4
     p2 = P.make_plan(checkpoint, {"bits": 1.75}, progress=False, cache_dir=cache)
-    assert p2.origin == "plan-cache" and len(count_learn) == 4
+    assert p2.origin == "plan-cache" and len(learn_calls) == 4
     p3 = P.make_plan(checkpoint, {"bits": 3.0}, progress=False, cache_dir=cache)
-    assert p3.origin == "fits-cache" and len(count_learn) == 4  # new budget: assignment only
+    assert p3.origin == "fits-cache" and len(learn_calls) == 4  # new budget: assignment only
     for name in p1:
         assert torch.equal(p1[name].bits, p2[name].bits)
         assert torch.equal(p1[name].codebook, p2[name].codebook)
     # Options that change the fits invalidate them.
     p4 = P.make_plan(checkpoint, {"bits": 1.75, "learner_iterations": 1}, progress=False, cache_dir=cache)
-    assert p4.origin == "computed" and len(count_learn) == 8
+    assert p4.origin == "computed" and len(learn_calls) == 8
     # cache=False neither reads nor writes.
     P.make_plan(checkpoint, {"bits": 1.75}, progress=False, cache=False, cache_dir=cache)
-    assert len(count_learn) == 12
+    assert len(learn_calls) == 12
 
 
-def test_cache_key_follows_checkpoint_content(checkpoint, tmp_path, count_learn):
+def test_cache_key_follows_checkpoint_content(checkpoint, tmp_path, learn_calls):
     cache = tmp_path / "cache"
     P.make_plan(checkpoint, {"bits": 2.0}, progress=False, cache_dir=cache)
     w = _weights()
     w["a.q_proj.weight"] = w["a.q_proj.weight"] * 2
     save_file(w, str(checkpoint / "model.safetensors"))
     p = P.make_plan(checkpoint, {"bits": 2.0}, progress=False, cache_dir=cache)
-    assert p.origin == "computed" and len(count_learn) == 8
+    assert p.origin == "computed" and len(learn_calls) == 8
 
 
-def test_corrupt_cache_entry_is_recomputed(checkpoint, tmp_path, count_learn):
+def test_corrupt_cache_entry_is_recomputed(checkpoint, tmp_path, learn_calls):
     cache = tmp_path / "cache"
     P.make_plan(checkpoint, {"bits": 2.0}, progress=False, cache_dir=cache)
     for f in cache.glob("*.safetensors"):
         f.write_bytes(f.read_bytes()[:100])
     p = P.make_plan(checkpoint, {"bits": 2.0}, progress=False, cache_dir=cache)
-    assert p.origin == "computed" and len(count_learn) == 8
+    assert p.origin == "computed" and len(learn_calls) == 8
 
 
 def test_streams_one_tensor_at_a_time(checkpoint, tmp_path, monkeypatch):

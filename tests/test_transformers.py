@@ -64,17 +64,6 @@ def plan_cache(tmp_path, monkeypatch):
     return d
 
 
-@pytest.fixture
-def learn_calls(monkeypatch):
-    calls = []
-    real = learner.learn_layer
-
-    def counting(W, *args, **kwargs):
-        calls.append(tuple(W.shape))
-        return real(W, *args, **kwargs)
-
-    monkeypatch.setattr(learner, "learn_layer", counting)
-    return calls
 
 
 def _load(path, **kwargs):
