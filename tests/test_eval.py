@@ -20,8 +20,15 @@ from bitsandbytes_lowra.eval.perplexity import (
 
 @pytest.fixture(scope="module")
 def smollm2():
+    # One intra-op thread for this module: the forwards here are tiny, and on the shared 2-core machine two OpenMP
+    # threads waiting on each other made them 3-5x slower (measured); restored for the other test files.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
-    return data.load_smollm2()
+    try:
+        yield data.load_smollm2()
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- perplexity
