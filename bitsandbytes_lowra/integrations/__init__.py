@@ -1,3 +1,5 @@
+"""Integrations with transformers (`integrations.transformers`: LowRAConfig and the "lowra" quantizer) and peft
+(`integrations.peft`: the LoRA layer for LinearLowRA, loaded when peft is imported)."""
 
 
 def install_peft_hook() -> None:
