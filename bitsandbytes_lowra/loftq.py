@@ -28,16 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .format import (
-    DEFAULT_BLOCKSIZE,
-    LowRAFormatError,
-    check_bits,
-    check_blocksize,
-    check_codebook,
-    check_thresholds,
-    check_weight,
-    row_offsets,
-)
+from .format import DEFAULT_BLOCKSIZE, check_blocksize, check_weight
+from .functional import LowRAPlan, QuantStateLowRA, dequantize_lowra, make_plan, quantize_lowra
 
 INITS = ("loftq", "pissa")
 DEFAULT_ITERATIONS = 5  # the paper follows LoftQ's recommendation of five alternating steps
@@ -53,14 +45,8 @@ class LoftQResult:
     for plain quantization with zero-initialized LoRA (B = 0).
     """
 
-    packed: torch.Tensor  # uint8 [row_offsets[-1]]
-    absmax: torch.Tensor  # float32 [rows, blocks]
-    bits: torch.Tensor
-    codebook: torch.Tensor
-    thresholds: torch.Tensor
-    row_offsets: torch.Tensor
-    blocksize: int
-    shape: tuple[int, int]
+    packed: torch.Tensor  # uint8 codes
+    state: QuantStateLowRA
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     scaling: float
@@ -70,16 +56,11 @@ class LoftQResult:
     baseline_error: float = float("nan")
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return _dequantize(self.packed, self.absmax, self.bits, self.codebook, self.row_offsets, self.blocksize,
-                           self.shape, dtype)
+        return dequantize_lowra(self.packed, self.state, dtype)
 
     def low_rank(self) -> torch.Tensor:
         """scaling * B @ A, float32 [out, in]."""
         return self.scaling * (self.lora_B @ self.lora_A)
-
-
-def _dequantize(packed, absmax, bits, codebook, offsets, blocksize, shape, dtype=torch.float32) -> torch.Tensor:
-    return torch.ops.lowra.dequantize(packed, absmax, bits, codebook, offsets, blocksize, list(shape), dtype)
 
 
 def low_rank_factors(R: torch.Tensor, rank: int, scaling: float, svd_niter: int | None = None):
@@ -118,74 +99,167 @@ def check_loftq_args(W, rank, iterations, scaling, init, svd_niter=None) -> None
 @torch.no_grad()
 def lowra_loftq(
     W: torch.Tensor,
-    bits: torch.Tensor,
-    codebook: torch.Tensor,
-    thresholds: torch.Tensor,
+    bits,
+    codebooks=None,
+    thresholds=None,
+    *,
     rank: int,
     iterations: int = DEFAULT_ITERATIONS,
     scaling: float = 1.0,
     blocksize: int = DEFAULT_BLOCKSIZE,
+    compress_statistics: bool = False,
     init: str = "loftq",
     svd_niter: int | None = None,
 ) -> LoftQResult:
-    """LoftQ (or PiSSA) for one weight W [out, in] with a fixed plan (bits, codebook, thresholds per row).
+    """LoftQ (or PiSSA) for one weight W [out, in] with a fixed plan.
 
-    Runs on W's device (CPU or CUDA: the lowra:: ops dispatch there); the arithmetic is float32 whatever W's dtype.
+    bits / codebooks / thresholds: a functional.LowRAPlan, or any form functional.make_plan accepts. Every step
+    quantizes with functional.quantize_lowra (compress_statistics as the layer will store it, so the error seen here
+    is the stored model's) and dequantizes with dequantize_lowra. Runs on W's device (CPU or CUDA: the lowra:: ops
+    dispatch there); the arithmetic is float32 whatever W's dtype; the state records W's dtype.
     The alternation is not guaranteed to descend: the SVD step is optimal for a fixed Q, but quantizing with fixed
     tables and fresh block scales is not a projection (with codebooks that overshoot, e.g. the unlearned 1-bit
     {-1, +1}, the error can grow from step to step). So the lowest-error step is returned, never a worse one.
     """
     check_weight(W)
     check_blocksize(blocksize)
-    rows = W.shape[0]
-    check_bits(bits, rows)
-    check_codebook(codebook, bits)
-    check_thresholds(thresholds, bits)
-    if codebook.dtype != torch.float16 or thresholds.dtype != torch.float16:
-        raise LowRAFormatError(f"codebook and thresholds must be float16, got {codebook.dtype} / {thresholds.dtype}")
     check_loftq_args(W, rank, iterations, scaling, init, svd_niter)
-
-    dev = W.device
+    if isinstance(bits, LowRAPlan) and codebooks is None and thresholds is None:
+        plan = make_plan(bits.bits, bits.codebook, bits.thresholds, rows=W.shape[0])
+    else:
+        plan = make_plan(bits, codebooks, thresholds, rows=W.shape[0])
     Wf = W.float()
-    bits = bits.to(device=dev, dtype=torch.uint8)
-    codebook, thresholds = codebook.to(dev), thresholds.to(dev)
-    offsets = row_offsets(bits, W.shape[1], blocksize).to(dev)
-    shape = tuple(W.shape)
 
     def quantize(target):
-        packed, absmax = torch.ops.lowra.quantize(target.contiguous(), bits, thresholds, offsets, blocksize)
-        return packed, absmax, _dequantize(packed, absmax, bits, codebook, offsets, blocksize, shape)
+        packed, state = quantize_lowra(target, plan, blocksize=blocksize, compress_statistics=compress_statistics)
+        state.dtype = W.dtype  # the weight's dtype, not the float32 residual's (what dequantize returns by default)
+        return packed, state, dequantize_lowra(packed, state, torch.float32)
 
     def err(deq, low):
         return float(torch.linalg.norm(Wf - deq - low))
 
-    packed, absmax, deq = quantize(Wf)
+    packed, state, deq = quantize(Wf)
     baseline = err(deq, 0.0)
     errors, best = [], None
 
-    def record(packed, absmax, deq, B, A):
+    def record(packed, state, deq, B, A):
         nonlocal best
         errors.append(err(deq, scaling * (B @ A)))
         if best is None or errors[-1] < errors[best[0]]:
-            best = (len(errors) - 1, packed, absmax, B, A)
+            best = (len(errors) - 1, packed, state, B, A)
 
     if init == "loftq":
         # step t: Q_t = quantize(W - low_{t-1}) (low_0 = 0), then low_t = SVD_r(W - Q_t)
         for t in range(iterations):
             if t:
-                packed, absmax, deq = quantize(Wf - scaling * (B @ A))
+                packed, state, deq = quantize(Wf - scaling * (B @ A))
             B, A = low_rank_factors(Wf - deq, rank, scaling, svd_niter)
-            record(packed, absmax, deq, B, A)
+            record(packed, state, deq, B, A)
     else:
         # step t: low_t = SVD_r(W - Q_{t-1}) (Q_0 = 0, so low_1 = SVD_r(W)), then Q_t = quantize(W - low_t)
         deq = torch.zeros_like(Wf)
         for _ in range(iterations):
             B, A = low_rank_factors(Wf - deq, rank, scaling, svd_niter)
-            packed, absmax, deq = quantize(Wf - scaling * (B @ A))
-            record(packed, absmax, deq, B, A)
-    step, packed, absmax, B, A = best
+            packed, state, deq = quantize(Wf - scaling * (B @ A))
+            record(packed, state, deq, B, A)
+    step, packed, state, B, A = best
     return LoftQResult(
-        packed=packed, absmax=absmax, bits=bits, codebook=codebook, thresholds=thresholds, row_offsets=offsets,
-        blocksize=blocksize, shape=shape, lora_A=A, lora_B=B, scaling=float(scaling), init=init, errors=errors,
+        packed=packed, state=state, lora_A=A, lora_B=B, scaling=float(scaling), init=init, errors=errors,
         best_step=step, baseline_error=baseline,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer level: LoftQ on a LinearLowRA, and the adapter initialization it stores for peft
+# ---------------------------------------------------------------------------------------------------------------
+
+# Buffer names of the stored initialization. Deliberately free of "lora_": nothing may mistake them for adapter weights.
+INIT_A, INIT_B = "lowra_init_A", "lowra_init_B"
+
+
+def layer_plan(layer) -> tuple[LowRAPlan, int, bool]:
+    """(plan, blocksize, compress_statistics) of a LinearLowRA: from its state when quantized, else its pending plan."""
+    from .nn import LinearLowRA
+
+    if not isinstance(layer, LinearLowRA):
+        raise TypeError(f"expected a LinearLowRA, got {type(layer).__name__}")
+    state = layer.quant_state or getattr(layer.weight, "quant_state", None)
+    if state is not None:
+        return LowRAPlan(state.bits.cpu(), state.code.cpu(), state.thresholds.cpu()), state.blocksize, state.nested
+    plan = getattr(layer.weight, "lowra_plan", None)
+    if plan is None:
+        raise ValueError("the LinearLowRA has neither a quantized weight nor a plan: nothing says how to quantize it")
+    return plan, layer.blocksize, layer.compress_statistics
+
+
+def set_quantized_weight(layer, packed: torch.Tensor, state: QuantStateLowRA) -> None:
+    """Install packed codes + state as the layer's weight (as a pre-quantized load would)."""
+    from .nn import ParamsLowRA
+
+    if tuple(state.shape) != (layer.out_features, layer.in_features):
+        raise ValueError(f"state has shape {tuple(state.shape)}, the layer is ({layer.out_features}, {layer.in_features})")
+    layer.weight = ParamsLowRA(
+        packed, requires_grad=False, quant_state=state, blocksize=state.blocksize, compress_statistics=state.nested,
+        module=layer, lowra_quantized=True,
+    )
+    layer.quant_state = state
+    layer.blocksize, layer.compress_statistics = state.blocksize, state.nested
+
+
+def store_init(layer, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float = 1.0, dtype=None) -> None:
+    """Record the adapter initialization on the base layer, free of peft's scaling: A0, B0 with B0 @ A0 = the
+    low-rank part (= scaling * B @ A). Persistent buffers, so save_pretrained of the quantized model keeps them."""
+    root = math.sqrt(scaling)
+    dtype = dtype or (layer.quant_state.dtype if layer.quant_state is not None else torch.float32)
+    layer.register_buffer(INIT_A, (lora_A.float() * root).to(dtype).contiguous())
+    layer.register_buffer(INIT_B, (lora_B.float() * root).to(dtype).contiguous())
+
+
+def register_init_buffers(layer, rank: int, dtype: torch.dtype = torch.float32, device=None) -> None:
+    """Empty init buffers of the right shapes, for loading a LoftQ-quantized checkpoint into a fresh LinearLowRA."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    device = device if device is not None else layer.weight.device
+    layer.register_buffer(INIT_A, torch.empty(rank, layer.in_features, dtype=dtype, device=device))
+    layer.register_buffer(INIT_B, torch.empty(layer.out_features, rank, dtype=dtype, device=device))
+
+
+def stored_init(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A0 [r, in], B0 [out, r]) stored by `store_init`, or None."""
+    a, b = getattr(layer, INIT_A, None), getattr(layer, INIT_B, None)
+    if a is None or b is None:
+        return None
+    return a, b
+
+
+def drop_init(layer) -> None:
+    """Forget the stored initialization (the base no longer is the residual it was computed for, e.g. after a merge)."""
+    for name in (INIT_A, INIT_B):
+        layer._buffers.pop(name, None)
+
+
+@torch.no_grad()
+def loftq_linear(
+    layer,
+    W: torch.Tensor,
+    rank: int,
+    iterations: int = DEFAULT_ITERATIONS,
+    init: str = "loftq",
+    svd_niter: int | None = None,
+) -> LoftQResult:
+    """Quantize the dense weight W into `layer` (a LinearLowRA) with LoftQ / PiSSA under the layer's plan.
+
+    The layer gets the quantized residual as its weight (on W's device) and stores the scale-free adapter
+    initialization (`store_init`), which the peft integration applies to every adapter created on this layer.
+    This is the hook the transformers quantizer calls when LowRAConfig asks for LoftQ.
+    """
+    plan, blocksize, compress = layer_plan(layer)
+    if tuple(W.shape) != (layer.out_features, layer.in_features):
+        raise ValueError(f"W has shape {tuple(W.shape)}, the layer is ({layer.out_features}, {layer.in_features})")
+    res = lowra_loftq(
+        W, plan, rank=rank, iterations=iterations, scaling=1.0, blocksize=blocksize, compress_statistics=compress,
+        init=init, svd_niter=svd_niter,
+    )
+    set_quantized_weight(layer, res.packed, res.state)
+    store_init(layer, res.lora_A, res.lora_B, scaling=1.0, dtype=W.dtype)
+    return res

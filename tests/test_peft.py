@@ -1,0 +1,424 @@
+"""peft LoRA on LinearLowRA: dispatch, forward, training, merge, adapters, save/load, LoftQ through peft.
+
+The model is SmolLM2-135M cut to its first two decoder layers (real weights), with every decoder linear replaced by
+a LinearLowRA at mixed 1/2/4-bit precision per output channel.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
+
+import bitsandbytes_lowra  # noqa: F401  (dispatch registration)
+from bitsandbytes_lowra import data, loftq
+from bitsandbytes_lowra.functional import QuantStateLowRA
+from bitsandbytes_lowra.integrations import peft as lowra_peft
+from bitsandbytes_lowra.integrations.peft import LowRALoraLinear, encode_with_scales
+from bitsandbytes_lowra.nn import LinearLowRA
+
+LAYERS = 2
+TEXTS = [
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France.",
+    "Photosynthesis is the process by which plants use sunlight, water and carbon dioxide to make sugar.",
+]
+
+
+def _row_bits(rows: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.tensor([1, 2, 4], dtype=torch.uint8)[torch.randint(0, 3, (rows,), generator=g)]
+
+
+def _quantize_decoder(model) -> dict[str, torch.Tensor]:
+    """LinearLowRA (mixed 1/2/4 bits, NF tables) for every decoder linear; returns the dense weights by key."""
+    dense = {}
+    for i, layer in enumerate(model.model.layers):
+        for parent_name, parent in layer.named_children():
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    key = f"model.layers.{i}.{parent_name}.{name}.weight"
+                    dense[key] = child.weight.detach().clone()
+                    setattr(parent, name, LinearLowRA.from_linear(child, _row_bits(child.out_features, i)))
+    model.is_loaded_in_4bit = True  # what the LowRA HfQuantizer sets (prepare_model_for_kbit_training reads it)
+    return dense
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    path = data.smollm2_checkpoint()
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the unused layers 2..29 of the checkpoint are reported as unexpected
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, num_hidden_layers=LAYERS, dtype=torch.float32)
+    finally:
+        logging.set_verbosity(verbosity)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    dense = _quantize_decoder(model)
+    return model.eval(), tok, dense
+
+
+@pytest.fixture
+def model(smol):
+    return copy.deepcopy(smol[0])
+
+
+@pytest.fixture
+def batch(smol):
+    return smol[1](TEXTS, return_tensors="pt", padding=True)
+
+
+def _packed_snapshot(model):
+    return {n: (m.weight.data.clone(), copy.deepcopy(m.weight.quant_state))
+            for n, m in model.named_modules() if isinstance(m, LinearLowRA)}
+
+
+def _randomize_lora(pm, std=0.02, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _logits(m, batch):
+    with torch.no_grad():
+        return m(**batch).logits
+
+
+# -- dispatch -------------------------------------------------------------------------------------------------------
+
+
+def test_all_linear_dispatches_every_lowra_layer(model):
+    pm = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    lora_layers = {n: type(m) for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+    assert len(lora_layers) == 7 * LAYERS
+    assert set(lora_layers.values()) == {LowRALoraLinear}
+    assert all(isinstance(m.get_base_layer(), LinearLowRA) for m in lowra_peft.lowra_lora_layers(pm).values())
+    assert not isinstance(pm.base_model.model.lm_head, LowRALoraLinear)  # output layer excluded, as for nn.Linear
+
+
+def test_user_custom_module_mapping_takes_precedence(model):
+    class Mine(LowRALoraLinear):
+        pass
+
+    cfg = LoraConfig(r=4, target_modules=["q_proj"])
+    cfg._register_custom_module({LinearLowRA: Mine})
+    pm = get_peft_model(model, cfg)
+    assert type(pm.base_model.model.model.layers[0].self_attn.q_proj) is Mine
+
+
+def test_dora_and_base_rewriting_inits_are_refused(model):
+    with pytest.raises(ValueError, match="use_dora.*not supported on LowRA"):
+        get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' is not supported.*loftq_init='pissa'"):
+        get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+    with pytest.raises(ValueError, match="'olora' is not supported"):
+        get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="olora"))
+
+
+# -- forward, training ----------------------------------------------------------------------------------------------
+
+
+def test_forward_is_base_plus_scaled_lora(model):
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=["v_proj"]))
+    _randomize_lora(pm)
+    layer = pm.base_model.model.model.layers[1].self_attn.v_proj
+    x = torch.randn(3, 5, layer.in_features)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = layer.get_base_layer()(x) + 4.0 * (x @ A.T @ B.T)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(layer(x), layer.get_base_layer()(x))
+
+
+def test_prepare_model_for_kbit_training_leaves_packed_weights_untouched(model):
+    model = model.to(torch.bfloat16)  # so that the fp32 upcast of the other parameters actually runs
+    before = _packed_snapshot(model)
+    prepared = prepare_model_for_kbit_training(model)
+    after = _packed_snapshot(prepared)
+    assert before.keys() == after.keys() and len(before) == 7 * LAYERS
+    for name, (packed, state) in before.items():
+        assert after[name][0].dtype == torch.uint8
+        assert torch.equal(after[name][0], packed), name
+        assert after[name][1] == state, name
+    assert prepared.model.norm.weight.dtype == torch.float32  # the non-quantized bf16 parameters were upcast
+    assert not any(p.requires_grad for p in prepared.parameters())
+
+
+def test_one_training_step_on_cpu_moves_only_lora(model, smol, tmp_path):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    tok = smol[1]
+    model = prepare_model_for_kbit_training(model)
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    packed_before = _packed_snapshot(pm)
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+
+    # gradients: on LoRA parameters only (every one of them), none on the frozen base
+    batch = tok(TEXTS, return_tensors="pt", padding=True)
+    pm.train()
+    pm(**batch, labels=batch["input_ids"]).loss.backward()
+    with_grad = {n for n, p in pm.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+    assert all(torch.isfinite(p.grad).all() for n, p in pm.named_parameters() if n in with_grad)
+    # B starts at zero, so only B gets a non-zero gradient on the first step
+    assert all(p.grad.abs().sum() > 0 for n, p in pm.named_parameters() if ".lora_B." in n)
+    pm.zero_grad(set_to_none=True)
+
+    # and the QLoRA script: Trainer, one step
+    lora_before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    dataset = [dict(tok(t)) for t in TEXTS]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, learning_rate=1e-3, use_cpu=True,
+        report_to=[], save_strategy="no", logging_strategy="no", seed=0,
+    )
+    trainer = Trainer(model=pm, args=args, train_dataset=dataset,
+                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    trainer.train()
+    changed = [n for n, p in pm.named_parameters() if n in lora_before and not torch.equal(p, lora_before[n])]
+    assert any(".lora_B." in n for n in changed)
+    after = _packed_snapshot(pm)
+    for name, (packed, state) in packed_before.items():
+        assert torch.equal(after[name][0], packed) and after[name][1] == state
+
+
+# -- merging --------------------------------------------------------------------------------------------------------
+
+
+def test_encode_with_scales_matches_the_quantize_kernel(smol):
+    """Re-encoding a weight with the scales its own quantization produced gives the kernel's codes, bit for bit;
+    re-encoding the dequantized weight gives them back too (re-quantization with fixed scales is idempotent)."""
+    from bitsandbytes_lowra.functional import quantize_lowra
+
+    W = smol[2]["model.layers.0.self_attn.o_proj.weight"]
+    packed, state = quantize_lowra(W, _row_bits(W.shape[0], 3), compress_statistics=False)
+    assert torch.equal(encode_with_scales(W, state), packed)
+    layer = smol[0].model.layers[0].self_attn.o_proj  # double-quantized scales
+    lp, ls = layer._packed_and_state()
+    assert ls.nested
+    assert torch.equal(encode_with_scales(layer.dequantize(torch.float32), ls), lp)
+
+
+def _level_step(state: QuantStateLowRA) -> torch.Tensor:
+    """Per element, the largest gap between adjacent levels of its row times its block scale: one quantization step."""
+    n = 2 ** state.bits.long()
+    code = state.code.float()
+    gaps = (code[:, 1:] - code[:, :-1]).where(torch.arange(15)[None, :] < (n - 1)[:, None], torch.zeros(()))
+    scale = state.absmax_fp32().repeat_interleave(state.blocksize, dim=1)[:, : state.shape[1]]
+    return gaps.amax(1)[:, None] * scale
+
+
+def test_merge_then_unmerge_restores_within_requantization_tolerance(model, smol, batch):
+    targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
+    _randomize_lora(pm, std=0.01)
+    y_lora = _logits(pm, batch)
+    with pm.disable_adapter():
+        y_base = _logits(pm, batch)
+    base_before = {n: m.get_base_layer().dequantize(torch.float32) for n, m in lowra_peft.lowra_lora_layers(pm).items()}
+
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        pm.merge_adapter()
+    layers = lowra_peft.lowra_lora_layers(pm)
+    for name, m in layers.items():  # merged weight = nearest representable to Q + delta: within one level step
+        state = m.get_base_layer().weight.quant_state
+        target = base_before[name] + m.get_delta_weight("default")
+        assert ((m.get_base_layer().dequantize(torch.float32) - target).abs() <= _level_step(state) + 1e-6).all()
+    y_merged = _logits(pm, batch)
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        pm.unmerge_adapter()
+    y_restored = _logits(pm, batch)  # adapter active again, on the restored base
+
+    changed = total = 0
+    for name, m in layers.items():
+        after = m.get_base_layer().dequantize(torch.float32)
+        state = m.get_base_layer().weight.quant_state
+        diff = (after - base_before[name]).abs()
+        assert (diff <= _level_step(state) + 1e-6).all(), name  # no element moved by more than one level
+        changed += int((diff > 0).sum())
+        total += diff.numel()
+    assert changed / total < 0.02  # and almost none moved at all
+    # output error of the round trip, against the output effect of the adapter itself
+    assert (y_restored - y_lora).norm() < 0.05 * (y_lora - y_base).norm()
+    assert torch.isfinite(y_merged).all()
+
+
+def test_merge_keeps_scales_tables_and_format(model):
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj"]))
+    _randomize_lora(pm, std=0.05)
+    layer = pm.base_model.model.model.layers[0].mlp.gate_proj
+    state = copy.deepcopy(layer.get_base_layer().weight.quant_state)
+    packed = layer.get_base_layer().weight.data.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer.merge()
+    assert layer.merged and layer.merged_adapters == ["default"]
+    assert layer.get_base_layer().weight.quant_state == state
+    assert layer.get_base_layer().weight.data.shape == packed.shape
+    assert not torch.equal(layer.get_base_layer().weight.data, packed)  # a delta this large moves codes
+
+
+def test_merge_and_unload_gives_lowra_or_dense(model, batch):
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    _randomize_lora(pm, std=0.01)
+    y_lora = _logits(pm, batch)
+    pm_dense = copy.deepcopy(pm)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = lowra_peft.merge_and_unload(pm)
+    kinds = {type(m) for n, m in merged.model.layers.named_modules() if isinstance(m, nn.Linear)}
+    assert kinds == {LinearLowRA}
+    assert not any(hasattr(m, "lora_A") for m in merged.modules())
+
+    dense = lowra_peft.merge_and_unload(pm_dense, dense=True)
+    kinds = {type(m) for n, m in dense.model.layers.named_modules() if isinstance(m, nn.Linear)}
+    assert kinds == {nn.Linear}
+    torch.testing.assert_close(_logits(dense, batch), y_lora, rtol=1e-4, atol=1e-4)  # exact merge, fp32 rounding
+    assert (_logits(merged, batch) - y_lora).norm() > (_logits(dense, batch) - y_lora).norm()
+
+
+# -- several adapters, save / load ---------------------------------------------------------------------------------
+
+
+def test_several_adapters_on_one_base_and_disable(model, batch):
+    with torch.no_grad():
+        y_base = model(**batch).logits
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    pm.add_adapter("second", LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    _randomize_lora(pm)
+    y_first = _logits(pm, batch)
+    pm.set_adapter("second")
+    y_second = _logits(pm, batch)
+    assert not torch.allclose(y_first, y_second)
+    assert not torch.allclose(y_second, y_base)
+    q = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, LowRALoraLinear) and set(q.lora_A) == {"default", "second"}
+    with pm.disable_adapter():
+        assert torch.equal(_logits(pm, batch), y_base)
+    # mixed batch: each row with its own adapter
+    pm.eval()
+    mixed = pm(**batch, adapter_names=["default", "second"]).logits.detach()
+    torch.testing.assert_close(mixed[0], y_first[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed[1], y_second[1], rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_save_and_load_give_identical_outputs(model, smol, batch, tmp_path):
+    base_copy = copy.deepcopy(model)
+    base_copy2 = copy.deepcopy(model)
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    _randomize_lora(pm)
+    y = _logits(pm, batch)
+    pm.save_pretrained(tmp_path / "adapter")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(saved) == 2 * 7 * LAYERS and all(".lora_A." in k or ".lora_B." in k for k in saved)
+
+    loaded = PeftModel.from_pretrained(base_copy, tmp_path / "adapter")
+    assert {type(m) for m in loaded.modules() if hasattr(m, "lora_A")} == {LowRALoraLinear}
+    assert torch.equal(_logits(loaded, batch), y)
+
+    # transformers' own adapter loading (inject_adapter_in_model) dispatches the same way
+    base_copy2.load_adapter(str(tmp_path / "adapter"))
+    assert {type(m) for m in base_copy2.modules() if hasattr(m, "lora_A")} == {LowRALoraLinear}
+    assert torch.equal(_logits(base_copy2, batch), y)
+
+
+# -- LoftQ through peft ---------------------------------------------------------------------------------------------
+
+
+def _loftq_model(model, dense, rank, init="loftq", names=("k_proj", "v_proj")):
+    results = {}
+    for n, m in model.named_modules():
+        if isinstance(m, LinearLowRA) and n.rsplit(".", 1)[-1] in names:
+            results[n] = loftq.loftq_linear(m, dense[n + ".weight"], rank, iterations=3, init=init)
+    return results
+
+
+def test_get_peft_model_picks_up_stored_loftq_init(model, smol):
+    dense = smol[2]
+    results = _loftq_model(model, dense, rank=8)
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=["k_proj", "v_proj"]))
+    for name, res in results.items():
+        layer = pm.base_model.model.get_submodule(name)
+        assert isinstance(layer, LowRALoraLinear)
+        W = dense[name + ".weight"]
+        effective = layer.get_base_layer().dequantize(torch.float32) + layer.get_delta_weight("default").detach()
+        err = float(torch.linalg.norm(W - effective))
+        assert err == pytest.approx(res.errors[res.best_step], rel=1e-4)
+        assert err < res.baseline_error  # better than the zero-initialized adapter on a plainly quantized base
+        # independent of lora_alpha: the stored factors are scale-free
+        torch.testing.assert_close(layer.get_delta_weight("default"), res.lora_B @ res.lora_A, rtol=1e-4, atol=1e-6)
+
+
+def test_stored_init_survives_save_pretrained_of_the_base(model, smol, tmp_path):
+    dense = smol[2]
+    results = _loftq_model(model, dense, rank=4, names=("k_proj",))
+    sd = model.state_dict()
+    keys = [k for k in sd if k.endswith(loftq.INIT_A) or k.endswith(loftq.INIT_B)]
+    assert len(keys) == 2 * LAYERS
+    fresh = copy.deepcopy(smol[0])
+    for n, m in fresh.named_modules():
+        if n in results:
+            loftq.register_init_buffers(m, 4)
+    fresh.load_state_dict(sd)
+    for n in results:
+        a, b = loftq.stored_init(fresh.get_submodule(n))
+        assert torch.equal(a, results[n].lora_A) and torch.equal(b, results[n].lora_B)
+
+
+def test_loftq_rank_mismatch_and_missing_init_are_clear_errors(model, smol):
+    _loftq_model(model, smol[2], rank=8, names=("v_proj",))
+    with pytest.raises(ValueError, match="rank 8.*r=4.*LoraConfig\\(r=8\\)"):
+        get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["v_proj"]))
+    with pytest.warns(UserWarning, match="ignores its stored initialization"):
+        get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights="gaussian"))
+    with pytest.raises(ValueError, match="has none"):
+        get_peft_model(model, LoraConfig(r=4, target_modules=["k_proj"], init_lora_weights="loftq",
+                                         loftq_config={"loftq_bits": 4}))
+
+
+def test_merge_and_unload_drops_the_stale_init(model, smol):
+    _loftq_model(model, smol[2], rank=4, names=("v_proj",))
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["v_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = pm.merge_and_unload()
+    assert loftq.stored_init(merged.model.layers[0].self_attn.v_proj) is None
+
+
+def test_replace_lora_weights_lowra_loftq(model, smol, batch):
+    dense = smol[2]
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["k_proj"]))
+    report = lowra_peft.replace_lora_weights_lowra_loftq(pm, dense, iterations=2)
+    assert len(report) == LAYERS
+    for name, (before, after) in report.items():
+        assert after < before
+        layer = pm.base_model.model.get_submodule(name[len("base_model.model."):])
+        W = dense[name[len("base_model.model."):] + ".weight"]
+        eff = layer.get_base_layer().dequantize(torch.float32) + layer.get_delta_weight("default").detach()
+        assert float(torch.linalg.norm(W - eff)) == pytest.approx(after, rel=1e-4)
+
+    # base kept (peft's one-step variant), and a callback that rejects everything rolls back
+    pm2 = get_peft_model(copy.deepcopy(smol[0]), LoraConfig(r=8, target_modules=["k_proj"]))
+    packed = _packed_snapshot(pm2)
+    report = lowra_peft.replace_lora_weights_lowra_loftq(pm2, dense, requantize_base=False)
+    assert all(after < before for before, after in report.values())
+    assert all(torch.equal(_packed_snapshot(pm2)[n][0], p) for n, (p, _) in packed.items())
+    pm3 = get_peft_model(copy.deepcopy(smol[0]), LoraConfig(r=8, target_modules=["k_proj"]))
+    y = _logits(pm3, batch)
+    report = lowra_peft.replace_lora_weights_lowra_loftq(pm3, dense, iterations=1, callback=lambda m, n: False)
+    assert report == {}
+    assert torch.equal(_logits(pm3, batch), y)
+    with pytest.raises(KeyError, match="no dense weight"):
+        lowra_peft.replace_lora_weights_lowra_loftq(pm3, {})
