@@ -97,7 +97,9 @@ def assign_precisions(
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if isinstance(clusters, bool) or not isinstance(clusters, (int, np.integer)) or clusters < 1:
         raise ValueError(f"clusters must be a positive integer, got {clusters!r}")
-    if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
+    if time_limit is not None and (
+        isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not time_limit > 0
+    ):
         raise ValueError(f"time_limit must be None or a positive number of seconds, got {time_limit!r}")
     E, sizes, prec, cap = _validate(errors, sizes, budget, precisions)
 
@@ -221,7 +223,7 @@ def _lower_hull(E: np.ndarray, prec: np.ndarray) -> tuple[np.ndarray, np.ndarray
         ej = E[:, j]
         # Dominated points never enter (more bits, no less error than the current end of the frontier).
         active = np.flatnonzero(ej < last_e)
-        while len(active):  # pop the end while it lies on or above the segment from the point before it to j
+        while len(active):  # pop the end while it lies strictly above the segment from the point before it to j
             rows = active[n[active] >= 2]
             if not len(rows):
                 break
@@ -317,16 +319,33 @@ def _repair(lp: _LP) -> np.ndarray:
 def _two_level(E, sizes, prec, budget, clusters, solver, time_limit, seed, progress) -> np.ndarray:
     """Algorithm 1: per size group, budget share, K-Means, cluster-level ILP, intra-cluster assignment."""
     choice = np.empty(E.shape[0], dtype=np.int64)
-    for w in np.unique(sizes):  # Step 1: split channels by parameter count
+    groups = np.unique(sizes)  # Step 1: split channels by parameter count
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=3 * len(groups), desc="two-level ILP")
+    for w in groups:
         idx = np.flatnonzero(sizes == w)
         # Step 2: B_k = B * W_k / W_sum, in units of w bits: sum_p p * y_p <= floor(budget * n_k). Summed over the
         # groups this never exceeds the global capacity.
         units = math.floor(Fraction(budget) * len(idx))
         Eg = E[idx]
         labels = _cluster(Eg, clusters, seed)  # Step 3
+        _tick(bar, f"{int(w)}-parameter channels: K-Means done")
         counts = _cluster_ilp(Eg, labels, prec, units, solver, time_limit)  # Step 4
-        choice[idx] = _intra_cluster(Eg, labels, counts, solver, time_limit, progress, f"{int(w)}-param channels")
-    return choice
+        _tick(bar, f"{int(w)}-parameter channels: cluster-level ILP done")
+        choice[idx] = _intra_cluster(Eg, labels, counts, solver, time_limit)  # Step 5
+        _tick(bar, f"{int(w)}-parameter channels: intra-cluster done")
+    if bar is not None:
+        bar.close()
+    return choice  # Step 6
+
+
+def _tick(bar, text: str) -> None:
+    if bar is not None:
+        bar.set_postfix_str(text)
+        bar.update()
 
 
 def _cluster(Eg: np.ndarray, clusters: int, seed: int) -> np.ndarray:
@@ -397,7 +416,7 @@ def _cluster_ilp(Eg, labels, prec, units, solver, time_limit) -> np.ndarray:
     return counts
 
 
-def _intra_cluster(Eg, labels, counts, solver, time_limit, progress, desc) -> np.ndarray:
+def _intra_cluster(Eg, labels, counts, solver, time_limit) -> np.ndarray:
     """Step 5: within each cluster, which channels get which precision (exactly the paper's intra-cluster ILP).
 
     With one precision used the answer is forced; with two it is exact by sorting on the error difference; only
@@ -406,12 +425,7 @@ def _intra_cluster(Eg, labels, counts, solver, time_limit, progress, desc) -> np
     choice = np.empty(Eg.shape[0], dtype=np.int64)
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], np.arange(counts.shape[0] + 1))
-    it = range(counts.shape[0])
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc=f"intra-cluster ({desc})")
-    for c in it:
+    for c in range(counts.shape[0]):
         members = order[bounds[c] : bounds[c + 1]]
         used = np.flatnonzero(counts[c])
         if len(used) == 1:
