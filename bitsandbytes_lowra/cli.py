@@ -314,13 +314,14 @@ def _report(args, records, output_json, plot_path, stages) -> str:
 def _cmd_sweep(args) -> int:
     from .sweep import run_sweep
 
-    steps = 0 if args.no_finetune else args.steps
+    steps = 0 if (args.no_finetune or args.no_init) else args.steps
     protocol = _protocol(args, steps)
+    protocol.with_init = not args.no_init
     t0 = time.perf_counter()
     records = run_sweep(args.methods, args.bits, protocol, output=args.output, resume=args.resume,
                         include_dense=not args.no_dense, progress=_progress(args),
                         command=" ".join(["lowra", *sys.argv[1:]]), log=lambda s: _log(args, s))  # fmt: skip
-    stages = ["ppl_quantized", "ppl_init"] + (["ppl_finetuned"] if steps else [])
+    stages = ["ppl_quantized"] + ([] if args.no_init else ["ppl_init"]) + (["ppl_finetuned"] if steps else [])
     text = _report(args, records, args.output, args.plot, stages)
     _emit(args, {"records": records, "seconds": time.perf_counter() - t0}, text)
     return 0
@@ -331,6 +332,7 @@ def _cmd_demo(args) -> int:
 
     out = Path(args.output_dir)
     protocol = _protocol(args, 0)
+    protocol.with_init = False
     t0 = time.perf_counter()
     _log(args, f"lowra demo: {', '.join(DEMO_METHODS)} at {', '.join(f'{b:g}' for b in DEMO_BITS)} bits on "
                f"{args.model}, perplexity on {args.eval_tokens:,} held-out Wikipedia tokens")  # fmt: skip
@@ -390,7 +392,7 @@ def _add_lora_flags(p, steps_default: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .sweep import DEFAULT_BITS, DEFAULT_EVAL_TOKENS, DEFAULT_MODEL
+    from .sweep import DEFAULT_BITS, DEFAULT_EVAL_TOKENS, DEFAULT_MODEL, DEMO_EVAL_TOKENS
 
     parser = argparse.ArgumentParser(prog="lowra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -402,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "table and write the plot.")  # fmt: skip
     demo.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)
     demo.add_argument("-o", "--output-dir", default="lowra-demo", help="where demo.json and demo.png go (default ./lowra-demo)")
-    _add_eval_flags(demo, DEFAULT_EVAL_TOKENS)
+    _add_eval_flags(demo, DEMO_EVAL_TOKENS)
     _add_common(demo)
     demo.set_defaults(func=_cmd_demo, lora_r=16, lora_alpha=16, lr=3e-4, batch_size=4, seq_len=256, seed=0)
 
@@ -466,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--methods", nargs="+", type=_method, default=list(baselines.METHODS), help=METHOD_HELP)
     sw.add_argument("--bits", nargs="+", type=_bits, default=list(DEFAULT_BITS),
                     help="bit budgets (default " + " ".join(f"{b:g}" for b in DEFAULT_BITS) + ")")
-    sw.add_argument("--no-finetune", action="store_true", help="quantization + initialization only (minutes)")
+    sw.add_argument("--no-finetune", action="store_true", help="quantization + LoRA initialization only")
+    sw.add_argument("--no-init", action="store_true", help="quantization only (implies --no-finetune; the fastest)")
     _add_lora_flags(sw, 40)
     _add_eval_flags(sw, DEFAULT_EVAL_TOKENS)
     sw.add_argument("-o", "--output", default="lowra-sweep.json", help="records JSON (default lowra-sweep.json)")
@@ -497,7 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

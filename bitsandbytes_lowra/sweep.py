@@ -36,7 +36,8 @@ from . import baselines
 DEFAULT_BITS = (4.0, 3.0, 2.5, 2.25, 2.0, 1.9, 1.8, 1.75, 1.5, 1.25)
 DEMO_BITS = (4.0, 2.5, 2.0, 1.75)
 DEMO_METHODS = ("qlora", "lowra")
-DEFAULT_EVAL_TOKENS = 16384
+DEFAULT_EVAL_TOKENS = 4096  # 8 windows of 512: every method scores the same tokens; see docs/results.md
+DEMO_EVAL_TOKENS = 4096
 DEFAULT_CONTEXT = 512
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -136,13 +137,16 @@ class Protocol:
     eval_batch_size: int = 4
     finetune_steps: int = 0
     loftq_iterations: int = baselines.LOFTQ_ITERATIONS
+    with_init: bool = True  # False: no LoRA initialization step (the demo: quantization only)
+    svd_niter: int | None = 4  # LoftQ's SVD by torch.svd_lowrank (None: exact; far slower on a CPU)
     finetune: dict = field(default_factory=dict)  # FinetuneArgs fields (lora_r, lr, ...)
     seed: int = 0
 
     def key(self) -> dict:
         return {
             "model": self.model, "eval_tokens": self.eval_tokens, "context": self.context,
-            "finetune_steps": self.finetune_steps, "loftq_iterations": self.loftq_iterations, "seed": self.seed,
+            "finetune_steps": self.finetune_steps, "with_init": self.with_init,
+            "loftq_iterations": self.loftq_iterations, "svd_niter": self.svd_niter, "seed": self.seed,
             "finetune": {k: v for k, v in sorted(self.finetune.items()) if k != "logging_steps"},
         }  # fmt: skip
 
@@ -184,60 +188,67 @@ def run_dense(checkpoint, protocol: Protocol, progress: bool = True) -> dict:
     return rec
 
 
-def run_one(method: str, bits: float, checkpoint, protocol: Protocol, progress: bool = True, workdir=None) -> dict:
+def run_one(method: str, bits: float, checkpoint, protocol: Protocol, progress: bool = True) -> dict:
     """One record: plan, quantize, evaluate (after quantization / initialization / fine-tuning)."""
+    return run_group([method], bits, checkpoint, protocol, progress)[0]
+
+
+def run_group(methods, bits: float, checkpoint, protocol: Protocol, progress: bool = True) -> list[dict]:
+    """Records of methods that share one plan (qlora and loftq: the same NormalFloat layer-wise mix). The model is
+    quantized and evaluated once; each method then gets its own copy for its LoRA initialization and training."""
+    import copy
+
     from .finetune import add_lora, load_quantized, train
 
-    m = baselines.get_method(method)
-    baselines.check_bits(m, bits)
-    times = {}
+    ms = [baselines.get_method(name) for name in methods]
+    if len({m.quantization for m in ms}) != 1:
+        raise ValueError(f"methods {list(methods)} do not share a plan")
+    for m in ms:
+        baselines.check_bits(m, bits)
     t0 = time.perf_counter()
-    plan = baselines.method_plan(method, checkpoint, bits, progress=progress)
-    times["plan"] = time.perf_counter() - t0
-    rec = {"method": method, "label": m.label, "bits": float(bits), "init": m.init, **plan_record(plan),
-           "plan_origin": plan.origin}  # fmt: skip
-
+    plan = baselines.method_plan(ms[0].name, checkpoint, bits, progress=progress)
+    t_plan = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plan_path = None
-    if workdir is not None:
-        plan_path = Path(workdir) / f"plan-{method}-{bits:g}.safetensors"
-        plan_path.parent.mkdir(parents=True, exist_ok=True)
-    model, tok = load_quantized(checkpoint, plan, plan_path=plan_path)
-    times["quantize"] = time.perf_counter() - t0
-    rec["memory_bytes"] = model_memory_bytes(model)
+    model, tok = load_quantized(checkpoint, plan)
+    t_quant = time.perf_counter() - t0
+    memory = model_memory_bytes(model)
     tokens = eval_tokens(tok, protocol)
-
     q = _ppl(model, tokens, protocol, progress)
-    rec["ppl_quantized"] = q["ppl"]
-    rec["eval"] = {"tokens": q["tokens"], "context": protocol.context}
-    times["eval_quantized"] = q["seconds"]
-
-    need_lora = protocol.finetune_steps > 0 or m.init == "loftq"
-    rec["ppl_init"] = rec["ppl_finetuned"] = None
-    if need_lora:
-        args = protocol.finetune_args()
-        t0 = time.perf_counter()
-        pm, report = add_lora(model, checkpoint, m.init, args, loftq_iterations=protocol.loftq_iterations)
-        times["init"] = time.perf_counter() - t0
-        rec["init_report"] = report
-        if m.init == "zero":
-            rec["ppl_init"] = rec["ppl_quantized"]  # B = 0: the adapters add exactly nothing
-        else:
-            r = _ppl(pm, tokens, protocol, progress)
-            rec["ppl_init"] = r["ppl"]
-            times["eval_init"] = r["seconds"]
-        if protocol.finetune_steps > 0:
-            metrics = train(pm, tok, args, progress=progress)
-            times["finetune"] = metrics["seconds"]
-            rec["finetune"] = {k: v for k, v in metrics.items() if k != "seconds"}
-            r = _ppl(pm, tokens, protocol, progress)
-            rec["ppl_finetuned"] = r["ppl"]
-            times["eval_finetuned"] = r["seconds"]
-        del pm
-    rec["seconds"] = times
+    base = {"bits": float(bits), **plan_record(plan), "plan_origin": plan.origin, "memory_bytes": memory,
+            "ppl_quantized": q["ppl"], "eval": {"tokens": q["tokens"], "context": protocol.context}}  # fmt: skip
+    records = []
+    for i, m in enumerate(ms):
+        times = {"plan": t_plan, "quantize": t_quant, "eval_quantized": q["seconds"]}
+        rec = {"method": m.name, "label": m.label, "init": m.init, **base, "ppl_init": None, "ppl_finetuned": None}
+        need_lora = protocol.finetune_steps > 0 or (m.init == "loftq" and protocol.with_init)
+        if need_lora:
+            # LoftQ re-quantizes the base in place: later methods of the group start from a pristine copy.
+            work = copy.deepcopy(model) if i < len(ms) - 1 else model
+            args = protocol.finetune_args()
+            t0 = time.perf_counter()
+            pm, report = add_lora(work, checkpoint, m.init, args, loftq_iterations=protocol.loftq_iterations,
+                                  svd_niter=protocol.svd_niter)
+            times["init"] = time.perf_counter() - t0
+            rec["init_report"] = report
+            if m.init == "zero":
+                rec["ppl_init"] = rec["ppl_quantized"]  # B = 0: the adapters add exactly nothing
+            else:
+                r = _ppl(pm, tokens, protocol, progress)
+                rec["ppl_init"] = r["ppl"]
+                times["eval_init"] = r["seconds"]
+            if protocol.finetune_steps > 0:
+                metrics = train(pm, tok, args, progress=progress)
+                times["finetune"] = metrics["seconds"]
+                rec["finetune"] = {k: v for k, v in metrics.items() if k != "seconds"}
+                r = _ppl(pm, tokens, protocol, progress)
+                rec["ppl_finetuned"] = r["ppl"]
+                times["eval_finetuned"] = r["seconds"]
+            del pm, work
+        rec["seconds"] = times
+        records.append(rec)
     del model
     gc.collect()
-    return rec
+    return records
 
 
 # ------------------------------------------------------------------------------------------------------ sweep
@@ -299,24 +310,41 @@ def run_sweep(
     )
     common = {"protocol": key, "seed": protocol.seed, "steps": protocol.finetune_steps,
               "command": doc["command"], "versions": doc["versions"]}  # fmt: skip
-    todo = ([("fp32", 32.0)] if include_dense else []) + grid
+    # Methods sharing a plan at a bit width run as one group (quantized and evaluated once).
+    groups: list[tuple[float, list[str]]] = [(32.0, ["fp32"])] if include_dense else []
+    for method, bits in grid:
+        kind = baselines.METHODS[method].quantization
+        for b, ms in groups:
+            if b == bits and ms[0] != "fp32" and baselines.METHODS[ms[0]].quantization == kind:
+                ms.append(method)
+                break
+        else:
+            groups.append((bits, [method]))
+    total = sum(len(ms) for _, ms in groups)
     sweep_start = time.perf_counter()
-    for i, (method, bits) in enumerate(todo):
-        if (method, bits) in done:
-            log(f"[{i + 1}/{len(todo)}] {method} {bits:g} bits: already in {output}, skipped")
+    n = 0
+    for bits, ms in groups:
+        todo = [m for m in ms if (m, bits) not in done]
+        n += len(ms) - len(todo)
+        for m in ms:
+            if m not in todo:
+                log(f"{m} {bits:g} bits: already in {output}, skipped")
+        if not todo:
             continue
         t0 = time.perf_counter()
-        if method == "fp32":
-            rec = run_dense(checkpoint, protocol, progress)
+        if todo == ["fp32"]:
+            recs = [run_dense(checkpoint, protocol, progress)]
         else:
-            rec = run_one(method, bits, checkpoint, protocol, progress)
-        rec.update(common)
-        rec["wall_seconds"] = time.perf_counter() - t0
-        doc["records"].append(rec)
+            recs = run_group(todo, bits, checkpoint, protocol, progress)
+        for rec in recs:
+            rec.update(common)
+            rec["group_wall_seconds"] = time.perf_counter() - t0
+            doc["records"].append(rec)
+            n += 1
+            log(f"[{n}/{total}] {describe(rec)}  ({rec['group_wall_seconds']:.0f} s)")
         doc["sweep_wall_seconds"] = time.perf_counter() - sweep_start
         if output:
             _save(output, doc)
-        log(f"[{i + 1}/{len(todo)}] {describe(rec)}  ({rec['wall_seconds']:.0f} s)")
     return doc["records"]
 
 
@@ -424,6 +452,7 @@ __all__ = [
     "resolve_checkpoint",
     "results_table",
     "run_dense",
+    "run_group",
     "run_one",
     "run_sweep",
 ]
