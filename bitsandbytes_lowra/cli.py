@@ -323,6 +323,14 @@ def _cmd_sweep(args) -> int:
                         command=" ".join(["lowra", *sys.argv[1:]]), log=lambda s: _log(args, s))  # fmt: skip
     stages = ["ppl_quantized"] + ([] if args.no_init else ["ppl_init"]) + (["ppl_finetuned"] if steps else [])
     text = _report(args, records, args.output, args.plot, stages)
+    if args.markdown:
+        from .sweep import markdown_report
+
+        md = Path(args.markdown)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        rel = os.path.relpath(args.plot, md.parent) if args.plot else None
+        md.write_text(markdown_report(records, rel) + "\n")
+        text += f"\nmarkdown tables: {md}"
     _emit(args, {"records": records, "seconds": time.perf_counter() - t0}, text)
     return 0
 
@@ -474,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(sw, DEFAULT_EVAL_TOKENS)
     sw.add_argument("-o", "--output", default="lowra-sweep.json", help="records JSON (default lowra-sweep.json)")
     sw.add_argument("--plot", default="lowra-sweep.png", help="PNG plot path (default lowra-sweep.png)")
+    sw.add_argument("--markdown", default=None, help="also write the tables as markdown to this file")
     sw.add_argument("--resume", action="store_true", help="keep records of the same protocol already in --output")
     sw.add_argument("--no-dense", action="store_true", help="skip the fp32 reference")
     _add_common(sw)

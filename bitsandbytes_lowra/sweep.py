@@ -435,6 +435,28 @@ def plot(records, path, stage: str = "ppl_quantized", title: str | None = None) 
     return path
 
 
+def markdown_report(records, plot_name: str | None = None) -> str:
+    """Generated tables (one per stage that has numbers) for docs/results: cells are perplexity (nominal bits)."""
+    lines = []
+    dense = [r for r in records if r["method"] == "fp32"]
+    if dense:
+        lines.append(f"Full precision (fp32) perplexity: **{dense[0]['ppl_quantized']:.2f}**\n")
+    for stage, title in STAGES.items():
+        if any(r.get(stage) is not None for r in records if r["method"] != "fp32"):
+            lines += [f"### {title[0].upper() + title[1:]}", "", "Cell: perplexity (nominal bits); '-': not supported.",
+                      "", results_table(records, stage, markdown=True), ""]  # fmt: skip
+    eff = [r for r in records if r["method"] != "fp32"]
+    if eff:
+        header = ["method", "bits", "nominal", "effective", "mix (share of parameters at 1/2/4 bits)"]
+        rows = [[r["method"], f"{r['bits']:g}", f"{r['nominal_bits']:.3f}", f"{r['effective_bits']:.3f}",
+                 " / ".join(f"{100 * float(r['precision_mix'].get(str(b), 0)):.1f}%" for b in (1, 2, 4))]
+                for r in sorted(eff, key=lambda r: (-r["bits"], r["method"]))]  # fmt: skip
+        lines += ["### Bits", "", format_table(header, rows, markdown=True), ""]
+    if plot_name:
+        lines += [f"![perplexity against bits]({plot_name})", ""]
+    return "\n".join(lines)
+
+
 STAGES = {
     "ppl_quantized": "perplexity after quantization",
     "ppl_init": "perplexity after LoRA initialization",

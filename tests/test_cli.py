@@ -99,7 +99,8 @@ def _records():
     recs = [{"method": "fp32", "bits": 32.0, "nominal_bits": 32.0, "ppl_quantized": 12.0}]
     for m, b, nb, p in [("qlora", 4.0, 4.0, 15.0), ("lowra", 4.0, 4.0, 14.0), ("qlora", 2.5, 2.467, 1e9),
                         ("lowra", 2.5, 2.5, 5e4), ("lowra", 1.75, 1.75, 1e5)]:
-        recs.append({"method": m, "bits": b, "nominal_bits": nb, "ppl_quantized": p, "ppl_init": p / 2})
+        recs.append({"method": m, "bits": b, "nominal_bits": nb, "effective_bits": nb + 0.9, "ppl_quantized": p,
+                     "ppl_init": p / 2, "precision_mix": {"2": 0.5, "4": 0.5}})
     return recs
 
 
@@ -119,3 +120,27 @@ def test_grid_skips_unsupported_pairs():
     assert grid == [("qlora", 4.0), ("lowra", 4.0), ("qlora", 2.0), ("lowra", 2.0), ("lowra", 1.75)]
     with pytest.raises(ValueError, match="unknown method"):
         sweep.plan_grid(["nf4"], [4])
+
+
+def test_markdown_report_has_tables_and_bits():
+    md = sweep.markdown_report(_records(), "p.png")
+    assert "Full precision (fp32) perplexity: **12.00**" in md
+    assert "### Perplexity after quantization" in md and "### Perplexity after LoRA initialization" in md
+    assert "after fine-tuning" not in md  # no record has that stage
+    assert "![perplexity against bits](p.png)" in md
+    assert "| lowra  | 1.75 |   1.750 |     2.650 |                    0.0% / 50.0% / 50.0% |" in md
+
+
+def test_finetune_args_validation_and_optimizer():
+    from bitsandbytes_lowra.finetune import FinetuneArgs
+
+    a = FinetuneArgs(steps=3)
+    assert a.resolved_optim() in ("adamw_torch", "paged_adamw_32bit")
+    assert FinetuneArgs(optim="paged_adamw_8bit").resolved_optim() == "paged_adamw_8bit"
+    assert a.to_dict()["lora_alpha"] == a.lora_r  # scaling 1 by default, as the paper
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        FinetuneArgs(batch_size=0)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        FinetuneArgs(lr=float("nan"))
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        FinetuneArgs(dataset="c4")
