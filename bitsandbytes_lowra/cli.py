@@ -6,6 +6,7 @@
   lowra eval MODEL_OR_DIR             perplexity on held-out Wikipedia leads (optionally ACLSum ROUGE)
   lowra finetune ...                  QLoRA-style LoRA fine-tuning (Trainer + peft) on a LowRA base
   lowra sweep                         methods x bits -> table, JSON and a PNG plot
+  lowra report JSON...                merge sweep outputs: one record per (method, bits), tables, plots
   lowra memory CONFIG                 fine-tuning / inference memory from a config alone (meta device)
 
 MODEL is a local transformers checkpoint directory (safetensors) or "smollm2-135m" (the packaged default).
@@ -354,6 +355,29 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .sweep import _save, markdown_report, merge_results, plot
+
+    doc = merge_results(args.inputs)
+    records = doc["records"]
+    if args.output:
+        _save(args.output, doc)
+    stages = [s for s in ("ppl_quantized", "ppl_init", "ppl_finetuned") if any(r.get(s) is not None for r in records)]
+    text = _report(args, records, args.output, None, stages)
+    if args.plot:
+        for stage in stages:
+            path = Path(args.plot.replace("{stage}", stage.removeprefix("ppl_")))
+            plot(records, path, stage=stage)
+            text += f"\nplot: {path}"
+    if args.markdown:
+        md = Path(args.markdown)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(markdown_report(records) + "\n")
+        text += f"\nmarkdown tables: {md}"
+    _emit(args, doc, text)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------ memory
 
 
@@ -487,6 +511,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-dense", action="store_true", help="skip the fp32 reference")
     _add_common(sw)
     sw.set_defaults(func=_cmd_sweep)
+
+    rp = sub.add_parser("report", help="merge sweep JSON files into one record per (method, bits): tables + plots",
+                        description="Merge sweep outputs (the record that went furthest wins: fine-tuned > "
+                        "initialized > quantized), write the merged JSON, markdown tables and one plot per stage.")
+    rp.add_argument("inputs", nargs="+", help="sweep JSON files")
+    rp.add_argument("-o", "--output", default=None, help="merged JSON")
+    rp.add_argument("--markdown", default=None, help="markdown tables")
+    rp.add_argument("--plot", default=None, help="PNG path; '{stage}' is replaced by quantized / init / finetuned")
+    _add_common(rp)
+    rp.set_defaults(func=_cmd_report)
 
     mem = sub.add_parser("memory", help="fine-tuning / inference memory from a config (meta device, no weights)",
                          description="Memory breakdown of LowRA at each --bits and of QLoRA NF4, from a transformers "

@@ -435,6 +435,34 @@ def plot(records, path, stage: str = "ppl_quantized", title: str | None = None) 
     return path
 
 
+STAGE_ORDER = ("ppl_quantized", "ppl_init", "ppl_finetuned")
+
+
+def _depth(rec) -> int:
+    return max((i for i, k in enumerate(STAGE_ORDER) if rec.get(k) is not None), default=-1)
+
+
+def merge_results(paths) -> dict:
+    """One record per (method, bits) from several sweep JSON files: the record that went furthest (fine-tuned >
+    initialized > quantized; a later file wins a tie). Each record keeps its own protocol, command and versions."""
+    best: dict = {}
+    sources = []
+    for path in paths:
+        doc = load_results(path)
+        if not doc.get("records"):
+            raise ValueError(f"{path} holds no records")
+        sources.append({"file": str(path), "protocol": doc.get("protocol"), "command": doc.get("command"),
+                        "sweep_wall_seconds": doc.get("sweep_wall_seconds")})  # fmt: skip
+        for rec in doc["records"]:
+            key = (rec["method"], rec["bits"])
+            if key not in best or _depth(rec) >= _depth(best[key]):
+                best[key] = {**rec, "source": str(path)}
+    records = sorted(best.values(), key=lambda r: (-r["bits"], list(baselines.METHODS).index(r["method"])
+                                                  if r["method"] in baselines.METHODS else -1))  # fmt: skip
+    return {"description": "merged sweep records (bitsandbytes_lowra.sweep.merge_results); see docs/results.md",
+            "sources": sources, "records": records}  # fmt: skip
+
+
 def markdown_report(records, plot_name: str | None = None) -> str:
     """Generated tables (one per stage that has numbers) for docs/results: cells are perplexity (nominal bits)."""
     lines = []

@@ -9,7 +9,7 @@ import pytest
 
 from bitsandbytes_lowra import cli, sweep
 
-COMMANDS = ["demo", "plan", "quantize", "eval", "finetune", "sweep", "memory"]
+COMMANDS = ["demo", "plan", "quantize", "eval", "finetune", "sweep", "report", "memory"]
 
 
 def _run(capsys, *argv):
