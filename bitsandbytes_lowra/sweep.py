@@ -221,6 +221,8 @@ def run_group(methods, bits: float, checkpoint, protocol: Protocol, progress: bo
         times = {"plan": t_plan, "quantize": t_quant, "eval_quantized": q["seconds"]}
         rec = {"method": m.name, "label": m.label, "init": m.init, **base, "ppl_init": None, "ppl_finetuned": None}
         need_lora = protocol.finetune_steps > 0 or (m.init == "loftq" and protocol.with_init)
+        if protocol.with_init and m.init == "zero":
+            rec["ppl_init"] = rec["ppl_quantized"]  # B = 0: the adapters add exactly nothing
         if need_lora:
             # LoftQ re-quantizes the base in place: later methods of the group start from a pristine copy.
             work = copy.deepcopy(model) if i < len(ms) - 1 else model
@@ -471,7 +473,7 @@ def markdown_report(records, plot_name: str | None = None) -> str:
         lines.append(f"Full precision (fp32) perplexity: **{dense[0]['ppl_quantized']:.2f}**\n")
     for stage, title in STAGES.items():
         if any(r.get(stage) is not None for r in records if r["method"] != "fp32"):
-            lines += [f"### {title[0].upper() + title[1:]}", "", "Cell: perplexity (nominal bits); '-': not supported.",
+            lines += [f"### {title[0].upper() + title[1:]}", "", "Cell: perplexity (nominal bits); '-': not supported (QLoRA / LoftQ below 2 bits) or not run.",
                       "", results_table(records, stage, markdown=True), ""]  # fmt: skip
     eff = [r for r in records if r["method"] != "fp32"]
     if eff:
