@@ -1,28 +1,561 @@
-"""The `lowra` command line (also `python -m bitsandbytes_lowra`)."""
+"""The `lowra` command line (also `python -m bitsandbytes_lowra`).
+
+  lowra demo                          the main job on the embedded default (SmolLM2-135M + Wikipedia leads)
+  lowra plan MODEL --bits B           plan (cached) and print the precision mix, nominal and effective bits
+  lowra quantize MODEL --bits B -o D  plan, quantize and save a LowRA checkpoint
+  lowra eval MODEL_OR_DIR             perplexity on held-out Wikipedia leads (optionally ACLSum ROUGE)
+  lowra finetune ...                  QLoRA-style LoRA fine-tuning (Trainer + peft) on a LowRA base
+  lowra sweep                         methods x bits -> table, JSON and a PNG plot
+  lowra report JSON...                merge sweep outputs: one record per (method, bits), tables, plots
+  lowra memory CONFIG                 fine-tuning / inference memory from a config alone (meta device)
+
+MODEL is a local transformers checkpoint directory (safetensors) or "smollm2-135m" (the packaged default).
+Every command takes --json for machine-readable output on stdout (progress and logs go to stderr).
+docs/cli.md has examples.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
+import time
+from pathlib import Path
+
+from . import baselines
+
+METHOD_HELP = ("quantization method: " + ", ".join(f"{m.name} ({m.label})" for m in baselines.METHODS.values()))
 
 
-def _demo(args: argparse.Namespace) -> int:
-    print("lowra demo: the end-to-end demo (quantize SmolLM2-135M at 4/2.5/2/1.75 bits with LowRA and QLoRA, "
-          "evaluate perplexity) is not available yet in this build; it lands with the evaluation harness.")
+# ------------------------------------------------------------------------------------------------------ output
+
+
+def _emit(args, payload: dict, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=2, default=_json_default))
+    else:
+        print(text)
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def _log(args, msg: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _progress(args) -> bool:
+    return not getattr(args, "quiet", False)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _mix_table(mix_by_type: dict) -> str:
+    from .sweep import format_table
+
+    precs = sorted({int(b) for v in mix_by_type.values() for b in v})
+    header = ["layer type"] + [f"{p}-bit" for p in precs]
+    rows = [[k] + [f"{100 * float(v.get(str(p), v.get(p, 0.0))):.1f}%" for p in precs] for k, v in mix_by_type.items()]
+    return format_table(header, rows, markdown=False)
+
+
+def _plan_text(rec: dict, extra: list[str] = ()) -> str:
+    lines = [
+        f"method {rec['method']} at {rec['bits']:g} bits over {rec['quantized_parameters']:,} quantized parameters",
+        f"nominal bits   {rec['nominal_bits']:.4f}  (average code bits per quantized parameter)",
+        f"effective bits {rec['effective_bits']:.4f}  (every stored bit: codes, absmax, tables, offsets)",
+        "overall mix    " + ", ".join(f"{b}-bit {100 * f:.1f}%" for b, f in rec["precision_mix"].items()),
+        "",
+        _mix_table(rec["precision_mix_by_type"]),
+    ]
+    if rec.get("assignment", {}).get("four_bit_layers") is not None:
+        lines.insert(4, f"4-bit decoder layers (by index) {rec['assignment']['four_bit_layers']}")
+    return "\n".join([*lines, *extra])
+
+
+def _add_common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines on stderr")
+
+
+def _add_eval_flags(p: argparse.ArgumentParser, default_tokens: int) -> None:
+    p.add_argument("--eval-tokens", type=int, default=default_tokens,
+                   help=f"held-out Wikipedia tokens to score (default {default_tokens}; 0 = the whole eval split)")
+    p.add_argument("--context", type=int, default=512, help="tokens per non-overlapping window (default 512)")
+    p.add_argument("--eval-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+
+
+# ------------------------------------------------------------------------------------------------------ plan / quantize
+
+
+def _cmd_plan(args) -> int:
+    from .sweep import plan_record, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.model)
+    t0 = time.perf_counter()
+    plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args))
+    rec = {"method": args.method, "bits": args.bits, **plan_record(plan), "plan_origin": plan.origin,
+           "seconds": time.perf_counter() - t0, "checkpoint": str(checkpoint)}  # fmt: skip
+    extra = [f"\nplan {plan.origin} in {rec['seconds']:.1f} s"]
+    if args.output:
+        out = Path(args.output)
+        if out.is_dir() or not out.suffix:
+            out = out / f"lowra-plan-{args.method}-{args.bits:g}.safetensors"
+        plan.save(out)
+        rec["plan_path"] = str(out)
+        rec["plan_file_bytes"] = out.stat().st_size
+        extra.append(f"saved {out} ({_mib(out.stat().st_size)}); use it with LowRAConfig(bits={args.bits:g}, "
+                     f"plan_path='{out}')")  # fmt: skip
+    _emit(args, rec, _plan_text(rec, extra))
     return 0
 
 
+def _cmd_quantize(args) -> int:
+    from .finetune import load_quantized
+    from .sweep import model_memory_bytes, plan_record, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.model)
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"{out} exists and is not empty (pass --overwrite to write into it)")
+    t0 = time.perf_counter()
+    plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args))
+    t_plan = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = out / "lowra-plan.safetensors"
+    _log(args, f"plan ({plan.origin}) in {t_plan:.1f} s; quantizing ...")
+    t0 = time.perf_counter()
+    model, tok = load_quantized(checkpoint, plan, plan_path=plan_path)
+    t_quant = time.perf_counter() - t0
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    from .convert import model_bits_report
+
+    stored = model_bits_report(model)
+    rec = {
+        "method": args.method, "bits": args.bits, **plan_record(plan), "plan_origin": plan.origin,
+        "output": str(out), "disk_bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
+        "memory_bytes": model_memory_bytes(model), "stored_nominal_bits": stored["nominal_bits"],
+        "stored_effective_bits": stored["effective_bits"], "seconds": {"plan": t_plan, "quantize": t_quant},
+        "checkpoint": str(checkpoint),
+    }  # fmt: skip
+    extra = [
+        "",
+        f"size on disk   {_mib(rec['disk_bytes'])} ({out})",
+        f"size in memory {_mib(rec['memory_bytes'])} (quantized layers packed; embeddings, norms in fp32)",
+        f"stored layers  {stored['nominal_bits']:.4f} nominal / "
+        f"{stored['effective_bits']:.4f} effective bits",
+        f"plan {t_plan:.1f} s, quantize {t_quant:.1f} s",
+        f"load it with AutoModelForCausalLM.from_pretrained('{out}') after `import bitsandbytes_lowra`",
+    ]
+    _emit(args, rec, _plan_text(rec, extra))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ eval
+
+
+def _load_for_eval(args):
+    """(model, tokenizer, description) for `lowra eval`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .sweep import resolve_checkpoint
+
+    path = resolve_checkpoint(args.model)
+    qc = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
+    prequantized = isinstance(qc, dict) and qc.get("quant_method") == "lowra" or getattr(qc, "quant_method", None) == "lowra"
+    if prequantized:
+        if args.bits is not None:
+            raise ValueError(f"{path} is already LowRA-quantized; drop --bits")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu"
+                                                     if not torch.cuda.is_available() else None)  # fmt: skip
+        desc = {"kind": "lowra-checkpoint"}
+    elif args.bits is not None:
+        from .finetune import load_quantized
+
+        plan = baselines.method_plan(args.method, path, args.bits, progress=_progress(args))
+        model, _ = load_quantized(path, plan)
+        desc = {"kind": "quantized-on-load", "method": args.method, "bits": args.bits,
+                "nominal_bits": plan.nominal_bits(), "effective_bits": plan.effective_bits()}  # fmt: skip
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        desc = {"kind": "dense", "dtype": "float32"}
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+        desc["adapter"] = str(args.adapter)
+    return model.eval(), AutoTokenizer.from_pretrained(path), {"model": str(path), **desc}
+
+
+def _cmd_eval(args) -> int:
+    from .eval.perplexity import perplexity
+
+    model, tok, desc = _load_for_eval(args)
+    result = {**desc}
+    result["perplexity"] = perplexity(model, tok, context=args.context, max_tokens=args.eval_tokens or None,
+                                      batch_size=args.eval_batch_size, progress=_progress(args))  # fmt: skip
+    lines = [f"model {desc['model']} ({desc['kind']}" + (f", {desc['method']} {desc['bits']:g} bits" if "bits" in desc
+                                                          else "") + ")"]  # fmt: skip
+    p = result["perplexity"]
+    lines.append(f"perplexity {p['ppl']:.3f} on {p['tokens']:,} held-out Wikipedia tokens "
+                 f"({p['windows']} windows of {p['context']}, {p['seconds']:.0f} s)")  # fmt: skip
+    if args.rouge:
+        from .eval.rouge import rouge_eval
+
+        r = rouge_eval(model, tok, n_examples=args.rouge, max_new_tokens=args.max_new_tokens, progress=_progress(args))
+        result["rouge"] = {k: v for k, v in r.items() if k != "examples"}
+        lines.append(f"ACLSum ROUGE-1/2/L {100 * r['rouge1']:.2f} / {100 * r['rouge2']:.2f} / {100 * r['rougeL']:.2f} "
+                     f"on {r['n_examples']} test papers")  # fmt: skip
+    _emit(args, result, "\n".join(lines))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ finetune
+
+
+def _cmd_finetune(args) -> int:
+    from .eval.perplexity import perplexity
+    from .finetune import FinetuneArgs, add_lora, load_quantized, train, write_outputs
+    from .sweep import plan_record, resolve_checkpoint, versions
+
+    checkpoint = resolve_checkpoint(args.model)
+    m = baselines.get_method(args.method)
+    init = args.init or m.init
+    fa = FinetuneArgs(
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, scheduler=args.scheduler, optim=args.optim,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, dataset=args.dataset,
+        logging_steps=args.logging_steps,
+    )  # fmt: skip
+    out = Path(args.output)
+    plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args))
+    model, tok = load_quantized(checkpoint, plan)
+    metrics = {"method": args.method, "bits": args.bits, "init": init, **plan_record(plan), "args": fa.to_dict(),
+               "checkpoint": str(checkpoint), "command": " ".join(["lowra", *sys.argv[1:]]), "versions": versions()}
+    pm, report = add_lora(model, checkpoint, init, fa, loftq_iterations=args.loftq_iterations)
+    metrics["init_report"] = report
+
+    def ppl(tag):
+        if args.eval_tokens:
+            r = perplexity(pm, tok, context=512, max_tokens=args.eval_tokens, progress=_progress(args))
+            metrics[f"ppl_{tag}"] = r["ppl"]
+            _log(args, f"perplexity {tag}: {r['ppl']:.3f}")
+
+    ppl("init")
+    _log(args, f"training {fa.steps} steps (batch {fa.batch_size} x {fa.grad_accum} x {fa.seq_len} tokens, "
+               f"optim {fa.resolved_optim()}) ...")  # fmt: skip
+    metrics["train"] = train(pm, tok, fa, progress=_progress(args))
+    ppl("finetuned")
+    write_outputs(pm, out / "adapter", metrics)
+    # LoftQ re-quantized the base to its residual: the adapter only makes sense on that base, so it is saved too.
+    base = pm.unload()
+    base.save_pretrained(out / "base")
+    tok.save_pretrained(out / "base")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
+    text = [f"{args.method} {args.bits:g} bits, {init} init: {metrics['train']['steps']} steps, "
+            f"train loss {metrics['train']['train_loss']}"]  # fmt: skip
+    for tag in ("init", "finetuned"):
+        if f"ppl_{tag}" in metrics:
+            text.append(f"perplexity after {tag}: {metrics[f'ppl_{tag}']:.3f}")
+    text.append(f"wrote {out}/adapter (peft adapter), {out}/base (LowRA base it was trained on), {out}/metrics.json")
+    text.append(f"evaluate: lowra eval {out}/base --adapter {out}/adapter")
+    _emit(args, metrics, "\n".join(text))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ sweep / demo
+
+
+def _protocol(args, finetune_steps: int):
+    from .sweep import Protocol
+
+    ft = {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lr": args.lr, "batch_size": args.batch_size,
+          "seq_len": args.seq_len, "grad_accum": 1}  # fmt: skip
+    return Protocol(model=args.model, eval_tokens=args.eval_tokens, context=args.context,
+                    eval_batch_size=args.eval_batch_size, finetune_steps=finetune_steps, finetune=ft,
+                    seed=args.seed)  # fmt: skip
+
+
+def _report(args, records, output_json, plot_path, stages) -> str:
+    from .sweep import plot, results_table
+
+    text = []
+    dense = [r for r in records if r["method"] == "fp32"]
+    if dense:
+        text.append(f"full precision (fp32) perplexity: {dense[0]['ppl_quantized']:.2f}")
+    for stage in stages:
+        if any(r.get(stage) is not None for r in records if r["method"] != "fp32"):
+            from .sweep import STAGES
+
+            text += ["", f"{STAGES[stage]} (cell: perplexity (nominal bits))",
+                     results_table(records, stage, markdown=False)]  # fmt: skip
+    if plot_path:
+        stage = next((s for s in reversed(stages) if any(r.get(s) is not None for r in records)), "ppl_quantized")
+        plot(records, plot_path, stage=stage)
+        text.append(f"\nplot: {plot_path}")
+    if output_json:
+        text.append(f"records: {output_json}")
+    return "\n".join(text)
+
+
+def _cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    steps = 0 if (args.no_finetune or args.no_init) else args.steps
+    protocol = _protocol(args, steps)
+    protocol.with_init = not args.no_init
+    t0 = time.perf_counter()
+    records = run_sweep(args.methods, args.bits, protocol, output=args.output, resume=args.resume,
+                        include_dense=not args.no_dense, progress=_progress(args),
+                        command=" ".join(["lowra", *sys.argv[1:]]), log=lambda s: _log(args, s))  # fmt: skip
+    stages = ["ppl_quantized"] + ([] if args.no_init else ["ppl_init"]) + (["ppl_finetuned"] if steps else [])
+    text = _report(args, records, args.output, args.plot, stages)
+    if args.markdown:
+        from .sweep import markdown_report
+
+        md = Path(args.markdown)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        rel = os.path.relpath(args.plot, md.parent) if args.plot else None
+        md.write_text(markdown_report(records, rel) + "\n")
+        text += f"\nmarkdown tables: {md}"
+    _emit(args, {"records": records, "seconds": time.perf_counter() - t0}, text)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .sweep import DEMO_BITS, DEMO_METHODS, run_sweep
+
+    out = Path(args.output_dir)
+    protocol = _protocol(args, 0)
+    protocol.with_init = False
+    t0 = time.perf_counter()
+    _log(args, f"lowra demo: {', '.join(DEMO_METHODS)} at {', '.join(f'{b:g}' for b in DEMO_BITS)} bits on "
+               f"{args.model}, perplexity on {args.eval_tokens:,} held-out Wikipedia tokens")  # fmt: skip
+    records = run_sweep(DEMO_METHODS, DEMO_BITS, protocol, output=out / "demo.json", resume=False,
+                        progress=_progress(args), command=" ".join(["lowra", *sys.argv[1:]]),
+                        log=lambda s: _log(args, s))  # fmt: skip
+    wall = time.perf_counter() - t0
+    text = _report(args, records, out / "demo.json", out / "demo.png", ["ppl_quantized"])
+    text += f"\ndemo wall time {wall / 60:.1f} min"
+    _emit(args, {"records": records, "wall_seconds": wall, "plot": str(out / "demo.png")}, text)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .sweep import _save, markdown_report, merge_results, plot
+
+    doc = merge_results(args.inputs)
+    records = doc["records"]
+    if args.output:
+        _save(args.output, doc)
+    stages = [s for s in ("ppl_quantized", "ppl_init", "ppl_finetuned") if any(r.get(s) is not None for r in records)]
+    text = _report(args, records, args.output, None, stages)
+    if args.plot:
+        for stage in stages:
+            path = Path(args.plot.replace("{stage}", stage.removeprefix("ppl_")))
+            plot(records, path, stage=stage)
+            text += f"\nplot: {path}"
+    if args.markdown:
+        md = Path(args.markdown)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(markdown_report(records) + "\n")
+        text += f"\nmarkdown tables: {md}"
+    _emit(args, doc, text)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+
+
+def _cmd_memory(args) -> int:
+    from .eval.memory import format_table, memory_breakdown
+
+    breakdowns = [
+        memory_breakdown(args.config, b, args.lora_r, batch_size=args.batch_size, seq_len=args.seq_len,
+                         double_quant=not args.no_double_quant, gradient_checkpointing=not args.no_gradient_checkpointing,
+                         shared_codebooks=args.shared_codebooks)  # fmt: skip
+        for b in args.bits
+    ]
+    _emit(args, {"breakdowns": breakdowns}, format_table(breakdowns, title=breakdowns[0]["model"]))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ parser
+
+
+def _bits(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be a number, got {s!r}") from None
+    if not math.isfinite(v) or not 1.0 <= v <= 4.0:
+        raise argparse.ArgumentTypeError(f"bits must be in [1, 4], got {s}")
+    return v
+
+
+def _method(s: str) -> str:
+    if s not in baselines.METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {s!r}; choose from {', '.join(baselines.METHODS)}")
+    return s
+
+
+def _add_lora_flags(p, steps_default: int) -> None:
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16: scaling 1, as the paper)")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4, the paper's)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default 256)")
+    p.add_argument("--steps", type=int, default=steps_default, help=f"optimizer steps (default {steps_default})")
+    p.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order and dropout (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowra", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the main job on the embedded default model and data")
-    demo.set_defaults(func=_demo)
+    from .sweep import DEFAULT_BITS, DEFAULT_EVAL_TOKENS, DEFAULT_MODEL, DEMO_EVAL_TOKENS
+
+    parser = argparse.ArgumentParser(prog="lowra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="LowRA vs QLoRA at 4/2.5/2/1.75 bits on SmolLM2-135M: table + plot",
+                          description="Quantize the embedded default model (SmolLM2-135M) at 4, 2.5, 2 and 1.75 bits "
+                          "with LowRA and with the QLoRA baseline (NormalFloat, LoftQ's layer-wise 2/4-bit mix below 4 "
+                          "bits; it cannot go below 2), evaluate perplexity on held-out Wikipedia leads, print the "
+                          "table and write the plot.")  # fmt: skip
+    demo.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)
+    demo.add_argument("-o", "--output-dir", default="lowra-demo", help="where demo.json and demo.png go (default ./lowra-demo)")
+    _add_eval_flags(demo, DEMO_EVAL_TOKENS)
+    _add_common(demo)
+    demo.set_defaults(func=_cmd_demo, lora_r=16, lora_alpha=16, lr=3e-4, batch_size=4, seq_len=256, seed=0)
+
+    for name, helptext in (("plan", "plan a checkpoint for a bit budget (cached) and print the precision mix"),
+                           ("quantize", "plan, quantize and save a LowRA checkpoint")):  # fmt: skip
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("model", help=f"checkpoint directory or {DEFAULT_MODEL!r}")
+        p.add_argument("--bits", type=_bits, required=True, help="average bits per quantized parameter, in [1, 4]")
+        p.add_argument("--method", type=_method, default="lowra", help=METHOD_HELP + " (default lowra)")
+        if name == "plan":
+            p.add_argument("-o", "--output", help="save the plan (a .safetensors file, or a directory)")
+            p.set_defaults(func=_cmd_plan)
+        else:
+            p.add_argument("-o", "--output", required=True, help="output directory (a transformers checkpoint)")
+            p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+            p.set_defaults(func=_cmd_quantize)
+        _add_common(p)
+
+    ev = sub.add_parser("eval", help="perplexity on held-out Wikipedia leads (+ optional ACLSum ROUGE)",
+                        description="Evaluate a dense checkpoint, a dense checkpoint quantized on load (--bits), or a "
+                        "saved LowRA checkpoint, optionally with a LoRA adapter.")  # fmt: skip
+    ev.add_argument("model", help=f"checkpoint directory (dense or LowRA) or {DEFAULT_MODEL!r}")
+    ev.add_argument("--bits", type=_bits, default=None, help="quantize a dense checkpoint on load at these bits")
+    ev.add_argument("--method", type=_method, default="lowra", help=METHOD_HELP + " (with --bits)")
+    ev.add_argument("--adapter", default=None, help="a peft LoRA adapter directory to apply")
+    ev.add_argument("--rouge", type=int, default=0, metavar="N", help="also ROUGE on the first N ACLSum test papers")
+    ev.add_argument("--max-new-tokens", type=int, default=128, help="summary length for --rouge (default 128)")
+    _add_eval_flags(ev, 32768)
+    _add_common(ev)
+    ev.set_defaults(func=_cmd_eval)
+
+    ft = sub.add_parser("finetune", help="QLoRA-style LoRA fine-tuning (transformers Trainer + peft)",
+                        description="LoRA fine-tuning on a quantized base; the only difference from a QLoRA run is the "
+                        "quantization config. Writes OUT/adapter, OUT/base and OUT/metrics.json.")  # fmt: skip
+    ft.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or {DEFAULT_MODEL!r} (default)")
+    ft.add_argument("--dataset", default="wiki", choices=["wiki", "aclsum"], help="training data (default wiki)")
+    ft.add_argument("--bits", type=_bits, required=True, help="average bits per quantized parameter")
+    ft.add_argument("--method", type=_method, default="lowra", help=METHOD_HELP + " (default lowra)")
+    ft.add_argument("--init", choices=["zero", "loftq"], default=None, help="LoRA init (default: the method's)")
+    ft.add_argument("--loftq-iterations", type=int, default=baselines.LOFTQ_ITERATIONS)
+    _add_lora_flags(ft, 40)
+    ft.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    ft.add_argument("--lora-dropout", type=float, default=0.0)
+    ft.add_argument("--warmup-ratio", type=float, default=0.03)
+    ft.add_argument("--weight-decay", type=float, default=0.1)
+    ft.add_argument("--max-grad-norm", type=float, default=0.3)
+    ft.add_argument("--scheduler", default="cosine")
+    ft.add_argument("--optim", default=None, help="transformers optim name (default paged_adamw_32bit on CUDA, "
+                    "adamw_torch on CPU)")  # fmt: skip
+    ft.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    ft.add_argument("--logging-steps", type=int, default=5)
+    ft.add_argument("--eval-tokens", type=int, default=0, help="perplexity before/after on this many tokens (0: skip)")
+    ft.add_argument("-o", "--output", required=True, help="output directory")
+    _add_common(ft)
+    ft.set_defaults(func=_cmd_finetune)
+
+    sw = sub.add_parser("sweep", help="methods x bits -> table, JSON and PNG plot",
+                        description="Every supported (method, bits) through one pipeline: perplexity after "
+                        "quantization, after LoRA initialization and (unless --no-finetune) after fine-tuning.")
+    sw.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or {DEFAULT_MODEL!r} (default)")
+    sw.add_argument("--methods", nargs="+", type=_method, default=list(baselines.METHODS), help=METHOD_HELP)
+    sw.add_argument("--bits", nargs="+", type=_bits, default=list(DEFAULT_BITS),
+                    help="bit budgets (default " + " ".join(f"{b:g}" for b in DEFAULT_BITS) + ")")
+    sw.add_argument("--no-finetune", action="store_true", help="quantization + LoRA initialization only")
+    sw.add_argument("--no-init", action="store_true", help="quantization only (implies --no-finetune; the fastest)")
+    _add_lora_flags(sw, 40)
+    _add_eval_flags(sw, DEFAULT_EVAL_TOKENS)
+    sw.add_argument("-o", "--output", default="lowra-sweep.json", help="records JSON (default lowra-sweep.json)")
+    sw.add_argument("--plot", default="lowra-sweep.png", help="PNG plot path (default lowra-sweep.png)")
+    sw.add_argument("--markdown", default=None, help="also write the tables as markdown to this file")
+    sw.add_argument("--resume", action="store_true", help="keep records of the same protocol already in --output")
+    sw.add_argument("--no-dense", action="store_true", help="skip the fp32 reference")
+    _add_common(sw)
+    sw.set_defaults(func=_cmd_sweep)
+
+    rp = sub.add_parser("report", help="merge sweep JSON files into one record per (method, bits): tables + plots",
+                        description="Merge sweep outputs (the record that went furthest wins: fine-tuned > "
+                        "initialized > quantized), write the merged JSON, markdown tables and one plot per stage.")
+    rp.add_argument("inputs", nargs="+", help="sweep JSON files")
+    rp.add_argument("-o", "--output", default=None, help="merged JSON")
+    rp.add_argument("--markdown", default=None, help="markdown tables")
+    rp.add_argument("--plot", default=None, help="PNG path; '{stage}' is replaced by quantized / init / finetuned")
+    _add_common(rp)
+    rp.set_defaults(func=_cmd_report)
+
+    mem = sub.add_parser("memory", help="fine-tuning / inference memory from a config (meta device, no weights)",
+                         description="Memory breakdown of LowRA at each --bits and of QLoRA NF4, from a transformers "
+                         "config alone (the paper's Appendix C). Shipped configs: llama-2-7b, llama-2-13b, llama-33b, "
+                         "llama-65b, smollm2-135m.")  # fmt: skip
+    mem.add_argument("config", help="a config.json path, a checkpoint directory, or a shipped config name")
+    mem.add_argument("--bits", nargs="+", type=_bits, default=[4.0, 2.0, 1.75, 1.25], help="LowRA budgets")
+    mem.add_argument("--lora-r", type=int, default=64, help="LoRA rank (default 64, the paper's)")
+    mem.add_argument("--seq-len", type=int, default=512)
+    mem.add_argument("--batch-size", type=int, default=1)
+    mem.add_argument("--no-double-quant", action="store_true")
+    mem.add_argument("--no-gradient-checkpointing", action="store_true")
+    mem.add_argument("--shared-codebooks", action="store_true", help="one codebook per layer and precision")
+    _add_common(mem)
+    mem.set_defaults(func=_cmd_memory)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        from .format import LowRAFormatError
+
+        if isinstance(e, LowRAFormatError) and os.environ.get("LOWRA_DEBUG"):
+            raise
+        print(f"lowra {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

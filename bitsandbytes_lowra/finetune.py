@@ -1,0 +1,282 @@
+"""QLoRA-style LoRA fine-tuning on a LowRA-quantized base: transformers' Trainer + peft, as a QLoRA script would.
+
+The only difference from a QLoRA run is the quantization config handed to `from_pretrained`
+(`LowRAConfig(bits=..., plan_path=...)` instead of `BitsAndBytesConfig(load_in_4bit=True, ...)`); the QLoRA / LoftQ
+baselines use the same path with a NormalFloat plan (baselines.py). The steps:
+
+1. `load_quantized`: from_pretrained with the method's plan (real packed LinearLowRA layers).
+2. `add_lora`: prepare_model_for_kbit_training, get_peft_model(LoraConfig(r, lora_alpha, all linear layers)); then
+   the method's initialization: zero B (peft's default, QLoRA) or LoftQ (5 alternating steps with the real lowra::
+   quantizer, which re-quantizes the base to the residual: replace_lora_weights_lowra_loftq).
+3. `train`: Trainer on fixed-length blocks of the Wikipedia train split (eval.perplexity.train_chunks; the eval
+   split never shares a title with it), causal LM loss on every token.
+
+Defaults (`FinetuneArgs`) follow the paper's Table 10 scaled down to a 2-core CPU: cosine schedule, warmup 3%,
+max_grad_norm 0.3, weight decay 0.1, lr 3e-4, lora_alpha = lora_r; the step count, batch and block size are small
+so that the whole sweep fits in hours on a CPU (docs/results.md says what ran). Optimizer: bitsandbytes' paged AdamW
+on CUDA (as QLoRA), torch AdamW on CPU (paged optimizers page between GPU and host memory and need CUDA).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class FinetuneArgs:
+    steps: int = 40
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 3e-4
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.1
+    max_grad_norm: float = 0.3
+    scheduler: str = "cosine"
+    optim: str | None = None  # None: paged_adamw_32bit on CUDA, adamw_torch on CPU
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    dataset: str = "wiki"
+    logging_steps: int = 5
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "lora_r", "lora_alpha", "logging_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'steps' else 'positive'} integer, got {v!r}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+
+    def resolved_optim(self) -> str:
+        if self.optim:
+            return self.optim
+        return "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["optim"] = self.resolved_optim()
+        return d
+
+
+DATASETS = ("wiki", "aclsum")
+
+
+# ------------------------------------------------------------------------------------------------------ model
+
+
+def load_quantized(checkpoint, plan, dtype=torch.float32, plan_path=None):
+    """(model, tokenizer): `checkpoint` loaded by transformers with the LowRA quantizer and this plan.
+
+    The plan is written to `plan_path` (default: next to the run's cache) because LowRAConfig reads plans from files.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .integrations.transformers import LowRAConfig
+
+    if plan_path is None:
+        import tempfile
+
+        fd, plan_path = tempfile.mkstemp(suffix=".safetensors", prefix="lowra-plan-")
+        os.close(fd)
+        remove = True
+    else:
+        remove = False
+    try:
+        plan.save(plan_path)
+        config = LowRAConfig(bits=float(plan.settings["bits"]), blocksize=plan.blocksize, plan_path=str(plan_path))
+        with _plan_load_on_cpu():
+            model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config, dtype=dtype,
+                                                         device_map=None if torch.cuda.is_available() else "cpu")
+    finally:
+        if remove:
+            os.unlink(plan_path)
+    return model.eval(), AutoTokenizer.from_pretrained(checkpoint)
+
+
+@contextmanager
+def _plan_load_on_cpu():
+    """Workaround: the transformers integration reads `plan_path` inside from_pretrained's meta-device context, where
+    Plan.load's validation tensors land on meta and fail. Run Plan.load on the CPU until the integration does so."""
+    from . import plan as _plan
+
+    original = _plan.Plan.load.__func__
+
+    def load(cls, path):
+        with torch.device("cpu"):
+            return original(cls, path)
+
+    _plan.Plan.load = classmethod(load)
+    try:
+        yield
+    finally:
+        _plan.Plan.load = classmethod(original)
+
+
+def add_lora(model, checkpoint, init: str, args: FinetuneArgs, loftq_iterations: int = 5, prepare: bool = True,
+             svd_niter: int | None = 4):
+    """Wrap `model` in a peft LoRA model (all linear layers) with the method's initialization.
+
+    init: "zero" (peft default: A Kaiming, B = 0, the QLoRA baseline) or "loftq" (the base is re-quantized to the
+    residual of the rank-r LoftQ alternation, `loftq_iterations` steps, and the adapters hold the low-rank part).
+    svd_niter: LoftQ's rank-r SVD by torch.svd_lowrank with this many subspace iterations (None: the exact SVD; on
+    this CPU one 1536x576 SVD takes 0.33 s exact, 0.03 s low-rank at r=16).
+    Returns (peft_model, report) where report has the LoftQ error reduction when init="loftq".
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if init not in ("zero", "loftq"):
+        raise ValueError(f"init must be 'zero' or 'loftq', got {init!r}")
+    torch.manual_seed(args.seed)
+    if prepare:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    pm = get_peft_model(model, config)
+    report = {"init": init}
+    if init == "loftq":
+        from .integrations.peft import replace_lora_weights_lowra_loftq
+
+        t0 = time.perf_counter()
+        errors = replace_lora_weights_lowra_loftq(pm, checkpoint, iterations=loftq_iterations, svd_niter=svd_niter)
+        before = math.sqrt(sum(b * b for b, _ in errors.values()))
+        after = math.sqrt(sum(a * a for _, a in errors.values()))
+        report.update(
+            loftq_iterations=loftq_iterations,
+            svd_niter=svd_niter,
+            layers=len(errors),
+            error_zero_init=before,
+            error_loftq=after,
+            seconds=time.perf_counter() - t0,
+        )
+    return pm, report
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+class _Blocks(torch.utils.data.Dataset):
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self):
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i):
+        ids = self.blocks[i]
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def train_blocks(tokenizer, args: FinetuneArgs) -> torch.Tensor:
+    """[n, seq_len] training blocks, enough for `steps` optimizer steps (every block seen at most once)."""
+    n = max(1, args.steps * args.batch_size * args.grad_accum)
+    if args.dataset == "wiki":
+        from .eval.perplexity import train_chunks
+
+        return train_chunks(tokenizer, context=args.seq_len, max_chunks=n)
+    # aclsum: the ROUGE prompt (eval.rouge.build_prompt) followed by the reference summary, joined by EOS.
+    from .eval.rouge import aclsum_examples, build_prompt
+
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for ex in aclsum_examples("train", None):
+        text = build_prompt(tokenizer, ex["source"]) + ex["reference"]
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+        if len(ids) >= n * args.seq_len:
+            break
+    usable = len(ids) // args.seq_len
+    if usable == 0:
+        raise ValueError("the aclsum train split gave fewer tokens than one block")
+    return torch.tensor(ids[: usable * args.seq_len]).view(usable, args.seq_len)
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+
+def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: bool = True) -> dict:
+    """Train the adapters for args.steps optimizer steps with transformers' Trainer; returns the metrics."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    if args.steps == 0:
+        return {"steps": 0, "train_loss": None, "seconds": 0.0}
+    blocks = train_blocks(tokenizer, args)
+    import tempfile
+
+    tmp = None
+    if output_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="lowra-finetune-")
+        output_dir = tmp.name
+    targs = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        lr_scheduler_type=args.scheduler,
+        warmup_steps=float(args.warmup_ratio),  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        optim=args.resolved_optim(),
+        activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        seed=args.seed,
+        data_seed=args.seed,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=peft_model,
+        args=targs,
+        train_dataset=_Blocks(blocks),
+        data_collator=default_data_collator,
+    )
+    t0 = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    peft_model.eval()
+    if tmp is not None:
+        tmp.cleanup()
+    return {
+        "steps": int(result.global_step),
+        "train_loss": float(result.training_loss),
+        "loss_curve": losses,
+        "tokens_seen": int(result.global_step) * args.batch_size * args.grad_accum * args.seq_len,
+        "seconds": seconds,
+    }
+
+
+def write_outputs(peft_model, output_dir, metrics: dict) -> None:
+    """The adapter (peft's save_pretrained: adapter_config.json + adapter_model.safetensors) and metrics.json."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+
+
+__all__ = ["DATASETS", "FinetuneArgs", "add_lora", "load_quantized", "train", "train_blocks", "write_outputs"]

@@ -1,0 +1,146 @@
+"""The `lowra` command line: help, argument errors, plan / quantize / eval / memory on the real default model (tiny
+eval budgets), and the harness' table / plot / grid helpers on synthetic records."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bitsandbytes_lowra import cli, sweep
+
+COMMANDS = ["demo", "plan", "quantize", "eval", "finetune", "sweep", "report", "memory"]
+
+
+def _run(capsys, *argv):
+    rc = cli.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"lowra {command}" in out and "--quiet" in out
+
+
+def test_top_level_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for c in COMMANDS:
+        assert c in out
+
+
+def test_module_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "bitsandbytes_lowra", "memory", "smollm2-135m", "--bits", "2", "--json"],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["breakdowns"][0]["settings"]["bits"] == 2.0
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan", "smollm2-135m", "--bits", "0.5"])
+    assert e.value.code == 2 and "bits must be in [1, 4]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "smollm2-135m", "--bits", "2", "--method", "gptq"])
+    assert "unknown method 'gptq'" in capsys.readouterr().err
+    rc, _, err = _run(capsys, "plan", "smollm2-135m", "--bits", "1.75", "--method", "qlora", "-q")
+    assert rc == 2 and "cannot go below 2 bits" in err
+    rc, _, err = _run(capsys, "plan", "/nonexistent/model", "--bits", "2", "-q")
+    assert rc == 2 and "neither 'smollm2-135m' nor a local checkpoint" in err
+
+
+def test_memory_json_and_table(capsys):
+    rc, out, _ = _run(capsys, "memory", "llama-2-7b", "--bits", "4", "2", "--json")
+    assert rc == 0
+    bd = json.loads(out)["breakdowns"]
+    assert [b["settings"]["bits"] for b in bd] == [4.0, 2.0]
+    assert bd[1]["lowra"]["finetune_total"] < bd[0]["lowra"]["finetune_total"]
+    rc, out, _ = _run(capsys, "memory", "llama-2-7b", "--bits", "1.75")
+    assert rc == 0 and "finetune_total" in out and "LowRA 1.75 bit" in out
+
+
+@pytest.mark.slow
+def test_plan_quantize_eval_roundtrip(capsys, tmp_path):
+    # The QLoRA plan needs no learning, so this runs in seconds on a fresh machine.
+    rc, out, _ = _run(capsys, "plan", "smollm2-135m", "--bits", "2.5", "--method", "qlora", "--json", "-q",
+                      "-o", str(tmp_path))  # fmt: skip
+    assert rc == 0
+    rec = json.loads(out)
+    assert rec["nominal_bits"] == pytest.approx(2 + 2 * 7 / 30) and rec["assignment"]["four_bit_layers"] == list(range(7))
+    assert set(rec["precision_mix_by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"}  # fmt: skip
+    assert rec["effective_bits"] > rec["nominal_bits"]
+
+    out_dir = tmp_path / "q"
+    rc, out, _ = _run(capsys, "quantize", "smollm2-135m", "--bits", "4", "--method", "qlora", "-o", str(out_dir),
+                      "--json", "-q")  # fmt: skip
+    assert rc == 0
+    q = json.loads(out)
+    assert q["stored_nominal_bits"] == pytest.approx(4.0) and q["disk_bytes"] > 0
+    assert q["memory_bytes"] < 4 * 135e6  # well below the fp32 model
+    assert (out_dir / "config.json").is_file() and (out_dir / "lowra-plan.safetensors").is_file()
+
+    rc, out, _ = _run(capsys, "eval", str(out_dir), "--eval-tokens", "130", "--context", "64", "--json", "-q")
+    assert rc == 0
+    ev = json.loads(out)
+    assert ev["kind"] == "lowra-checkpoint" and ev["perplexity"]["tokens"] == 130 - 3
+    assert 1 < ev["perplexity"]["ppl"] < 1000  # 4-bit NF keeps the model usable
+    rc, out, _ = _run(capsys, "quantize", "smollm2-135m", "--bits", "4", "--method", "qlora", "-o", str(out_dir), "-q")
+    assert rc == 2  # refuses to overwrite
+
+
+def _records():
+    recs = [{"method": "fp32", "bits": 32.0, "nominal_bits": 32.0, "ppl_quantized": 12.0}]
+    for m, b, nb, p in [("qlora", 4.0, 4.0, 15.0), ("lowra", 4.0, 4.0, 14.0), ("qlora", 2.5, 2.467, 1e9),
+                        ("lowra", 2.5, 2.5, 5e4), ("lowra", 1.75, 1.75, 1e5)]:
+        recs.append({"method": m, "bits": b, "nominal_bits": nb, "effective_bits": nb + 0.9, "ppl_quantized": p,
+                     "ppl_init": p / 2, "precision_mix": {"2": 0.5, "4": 0.5}})
+    return recs
+
+
+def test_results_table_and_plot(tmp_path):
+    table = sweep.results_table(_records(), "ppl_quantized")
+    lines = table.splitlines()
+    assert lines[0].startswith("| bits") and "QLoRA" in lines[0] and "LowRA (PA + MTSearch)" in lines[0]
+    row_175 = next(line for line in lines if line.startswith("| 1.75"))
+    assert row_175.split("|")[2].strip() == "-"  # QLoRA has no 1.75-bit record
+    assert "15.00 (4.000)" in table and "1e+09 (2.467)" in table
+    png = sweep.plot(_records(), tmp_path / "p.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grid_skips_unsupported_pairs():
+    grid = sweep.plan_grid(["qlora", "lowra"], [1.75, 4, 2])
+    assert grid == [("qlora", 4.0), ("lowra", 4.0), ("qlora", 2.0), ("lowra", 2.0), ("lowra", 1.75)]
+    with pytest.raises(ValueError, match="unknown method"):
+        sweep.plan_grid(["nf4"], [4])
+
+
+def test_markdown_report_has_tables_and_bits():
+    md = sweep.markdown_report(_records(), "p.png")
+    assert "Full precision (fp32) perplexity: **12.00**" in md
+    assert "### Perplexity after quantization" in md and "### Perplexity after LoRA initialization" in md
+    assert "after fine-tuning" not in md  # no record has that stage
+    assert "![perplexity against bits](p.png)" in md
+    assert "| lowra  | 1.75 |   1.750 |     2.650 |                    0.0% / 50.0% / 50.0% |" in md
+
+
+def test_finetune_args_validation_and_optimizer():
+    from bitsandbytes_lowra.finetune import FinetuneArgs
+
+    a = FinetuneArgs(steps=3)
+    assert a.resolved_optim() in ("adamw_torch", "paged_adamw_32bit")
+    assert FinetuneArgs(optim="paged_adamw_8bit").resolved_optim() == "paged_adamw_8bit"
+    assert a.to_dict()["lora_alpha"] == a.lora_r  # scaling 1 by default, as the paper
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        FinetuneArgs(batch_size=0)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        FinetuneArgs(lr=float("nan"))
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        FinetuneArgs(dataset="c4")
