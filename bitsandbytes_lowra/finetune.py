@@ -23,7 +23,6 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,32 +99,14 @@ def load_quantized(checkpoint, plan, dtype=torch.float32, plan_path=None):
     try:
         plan.save(plan_path)
         config = LowRAConfig(bits=float(plan.settings["bits"]), blocksize=plan.blocksize, plan_path=str(plan_path))
-        with _plan_load_on_cpu():
-            model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config, dtype=dtype,
-                                                         device_map=None if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config, dtype=dtype,
+                                                     device_map=None if torch.cuda.is_available() else "cpu")
     finally:
         if remove:
             os.unlink(plan_path)
     return model.eval(), AutoTokenizer.from_pretrained(checkpoint)
 
 
-@contextmanager
-def _plan_load_on_cpu():
-    """Workaround: the transformers integration reads `plan_path` inside from_pretrained's meta-device context, where
-    Plan.load's validation tensors land on meta and fail. Run Plan.load on the CPU until the integration does so."""
-    from . import plan as _plan
-
-    original = _plan.Plan.load.__func__
-
-    def load(cls, path):
-        with torch.device("cpu"):
-            return original(cls, path)
-
-    _plan.Plan.load = classmethod(load)
-    try:
-        yield
-    finally:
-        _plan.Plan.load = classmethod(original)
 
 
 def add_lora(model, checkpoint, init: str, args: FinetuneArgs, loftq_iterations: int = 5, prepare: bool = True,
