@@ -11,16 +11,7 @@
 using lowra::half_to_float;
 using lowra::float_to_half;
 
-static int failures = 0;
-#define CHECK(cond, ...)                         \
-  do {                                           \
-    if (!(cond)) {                               \
-      ++failures;                                \
-      fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      fprintf(stderr, __VA_ARGS__);              \
-      fprintf(stderr, "\n");                     \
-    }                                            \
-  } while (0)
+#include "tests/check.h"
 
 struct Layout {
   int64_t rows, cols, bs, pc;
