@@ -255,7 +255,11 @@ def hf_log():
     handler.emit = lambda record: messages.append(record.getMessage())
     root = hf_logging.get_logger("transformers")
     root.addHandler(handler)
+    # another test (the CLI's -q) may have lowered transformers' verbosity process-wide: the report is a warning
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
     yield messages
+    hf_logging.set_verbosity(verbosity)
     root.removeHandler(handler)
 
 
