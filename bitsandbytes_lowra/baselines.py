@@ -95,24 +95,16 @@ def model_targets(checkpoint) -> list[_plan.Target]:
     Built on the meta device from the checkpoint's config: no weight is read.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
 
-    from .integrations.transformers import LowRAConfig, _checkpoint_key, select_targets
+    from .integrations.transformers import LowRAConfig, checkpoint_targets, select_targets
 
     checkpoint = Path(checkpoint)
     config = AutoConfig.from_pretrained(checkpoint)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    files = _plan.checkpoint_files(checkpoint)
-    keys = _plan.checkpoint_keys(files)
+    keys = _plan.checkpoint_keys(_plan.checkpoint_files(checkpoint))
     prefix = getattr(model, "base_model_prefix", "") or ""
-    targets = []
-    for name, module in select_targets(model, LowRAConfig(bits=4)).items():
-        key = _checkpoint_key(f"{name}.weight", keys, prefix)
-        if key is None:
-            raise ValueError(f"{checkpoint} has no tensor for {name}.weight")
-        targets.append(_plan.Target(layer=name, key=key, transpose=isinstance(module, Conv1D)))
-    return targets
+    return checkpoint_targets(select_targets(model, LowRAConfig(bits=4)), keys, prefix)
 
 
 _INDEX = re.compile(r"\.(\d+)\.")

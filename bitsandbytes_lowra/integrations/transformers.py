@@ -273,6 +273,18 @@ def select_targets(model, config: LowRAConfig) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if _is_target(m) and should_convert_module(n, skip)}
 
 
+def checkpoint_targets(targets: dict[str, nn.Module], keys, prefix: str) -> list[_plan.Target]:
+    """Planner Targets for the modules select_targets chose: each layer's checkpoint tensor (with or without the
+    model's base prefix) and whether it is a Conv1D stored [in, out]."""
+    out = []
+    for n, m in targets.items():
+        key = _checkpoint_key(f"{n}.weight", keys, prefix)
+        if key is None:
+            raise ValueError(f"LowRA planning found no checkpoint tensor for {n}.weight")
+        out.append(_plan.Target(layer=n, key=key, transpose=isinstance(m, Conv1D)))
+    return out
+
+
 def _replace(model, names, config: LowRAConfig, blocksize=None, compress_statistics=None) -> None:
     for name in names:
         old = model.get_submodule(name)
@@ -411,13 +423,7 @@ class LowRAHfQuantizer(HfQuantizer):
                     "LowRA plans from the checkpoint's safetensors files, and this load has none (a .bin, GGUF or "
                     "state_dict load): convert the checkpoint to safetensors or pass LowRAConfig(plan_path=...)"
                 )
-            keys = _plan.checkpoint_keys(files)
-            plan_targets = []
-            for n, m in targets.items():
-                key = _checkpoint_key(f"{n}.weight", keys, prefix)
-                if key is None:
-                    raise ValueError(f"LowRA planning found no checkpoint tensor for {n}.weight")
-                plan_targets.append(_plan.Target(layer=n, key=key, transpose=isinstance(m, Conv1D)))
+            plan_targets = checkpoint_targets(targets, _plan.checkpoint_keys(files), prefix)
             plan = _plan.make_plan(
                 files,
                 config,
@@ -637,14 +643,8 @@ def write_plan(checkpoint, config: LowRAConfig, output=None, model_class=None, p
         raise ValueError(f"no transformers model class instantiates {checkpoint}'s config; pass model_class=")
     targets = select_targets(model, config)
     files = _plan.checkpoint_files(checkpoint)
-    keys = _plan.checkpoint_keys(files)
     prefix = getattr(model, "base_model_prefix", "") or ""
-    plan_targets = []
-    for n, m in targets.items():
-        key = _checkpoint_key(f"{n}.weight", keys, prefix)
-        if key is None:
-            raise ValueError(f"no checkpoint tensor for {n}.weight")
-        plan_targets.append(_plan.Target(layer=n, key=key, transpose=isinstance(m, Conv1D)))
+    plan_targets = checkpoint_targets(targets, _plan.checkpoint_keys(files), prefix)
     plan = _plan.make_plan(files, config, modules=plan_targets, progress=progress, cache=config.plan_cache,
                            cache_dir=_plan_cache_dir())  # fmt: skip
     plan.check_targets({n: _shape(m) for n, m in targets.items()})
