@@ -8,6 +8,8 @@ contiguous tensors of the documented dtypes.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import _native
@@ -64,7 +66,7 @@ def set_matmul_tuning(ksplit: int = 0, ctas_per_sm: int = 0, depth: int = 0) -> 
 
 def _quantize_into(A, bits, thresholds, row_offsets, blocksize, packed, absmax):
     rows, cols = A.shape
-    with torch.cuda.device(A.device) if A.device.type == "cuda" else _nullctx():
+    with _on(A.device):
         status = _entry("quantize", A.device)(
             _native.ptr(A), _native.DTYPE_CODE[A.dtype], rows, cols, blocksize, _native.ptr(bits),
             _native.ptr(thresholds), _native.ptr(row_offsets), _native.ptr(packed), packed.numel(),
@@ -96,7 +98,7 @@ def dequantize_into(packed, absmax, bits, codebook, row_offsets, blocksize, shap
     check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype)
     check_out(out, shape, dtype, packed.device)
     packed, absmax, bits, codebook, row_offsets = (t.contiguous() for t in (packed, absmax, bits, codebook, row_offsets))
-    with torch.cuda.device(packed.device) if packed.device.type == "cuda" else _nullctx():
+    with _on(packed.device):
         status = _entry("dequantize", packed.device)(
             _native.ptr(packed), packed.numel(), _native.ptr(absmax), _native.ptr(bits), _native.ptr(codebook),
             _native.ptr(row_offsets), shape[0], shape[1], blocksize, _native.DTYPE_CODE[dtype], _native.ptr(out),
@@ -172,12 +174,9 @@ def matmul_out(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape,
     matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out)
 
 
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _on(device: torch.device):
+    """Make `device` current for the launch (CUDA); nothing to do on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def register() -> list[str]:
