@@ -284,7 +284,8 @@ def _protocol(args, finetune_steps: int):
     from .sweep import Protocol
 
     ft = {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lr": args.lr, "batch_size": args.batch_size,
-          "seq_len": args.seq_len, "grad_accum": 1}  # fmt: skip
+          "seq_len": args.seq_len, "grad_accum": 1,
+          "gradient_checkpointing": getattr(args, "gradient_checkpointing", True)}  # fmt: skip
     return Protocol(model=args.model, eval_tokens=args.eval_tokens, context=args.context,
                     eval_batch_size=args.eval_batch_size, finetune_steps=finetune_steps, finetune=ft,
                     seed=args.seed)  # fmt: skip
@@ -413,12 +414,13 @@ def _method(s: str) -> str:
     return s
 
 
-def _add_lora_flags(p, steps_default: int) -> None:
+def _add_lora_flags(p, steps_default: int, seq_len_default: int = 256) -> None:
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16: scaling 1, as the paper)")
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4, the paper's)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default 256)")
+    p.add_argument("--seq-len", type=int, default=seq_len_default,
+                   help=f"tokens per training sequence (default {seq_len_default})")
     p.add_argument("--steps", type=int, default=steps_default, help=f"optimizer steps (default {steps_default})")
     p.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order and dropout (default 0)")
 
@@ -502,7 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bit budgets (default " + " ".join(f"{b:g}" for b in DEFAULT_BITS) + ")")
     sw.add_argument("--no-finetune", action="store_true", help="quantization + LoRA initialization only")
     sw.add_argument("--no-init", action="store_true", help="quantization only (implies --no-finetune; the fastest)")
-    _add_lora_flags(sw, 40)
+    # 40 steps x 4 x 128 tokens, no checkpoint recompute: what lets the whole sweep fit 3 hours on 2 CPU cores.
+    _add_lora_flags(sw, 40, seq_len_default=128)
+    sw.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                    help="recompute activations in backward (default off: SmolLM2 fits without it)")
     _add_eval_flags(sw, DEFAULT_EVAL_TOKENS)
     sw.add_argument("-o", "--output", default="lowra-sweep.json", help="records JSON (default lowra-sweep.json)")
     sw.add_argument("--plot", default="lowra-sweep.png", help="PNG plot path (default lowra-sweep.png)")

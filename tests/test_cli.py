@@ -144,3 +144,15 @@ def test_finetune_args_validation_and_optimizer():
         FinetuneArgs(lr=float("nan"))
     with pytest.raises(ValueError, match="dataset must be one of"):
         FinetuneArgs(dataset="c4")
+
+
+def test_sweep_protocol_defaults_fit_the_cpu_budget():
+    # The documented sweep protocol: 40 steps x 4 x 128 tokens without checkpoint recompute; flags reach the trainer.
+    args = cli.build_parser().parse_args(["sweep"])
+    p = cli._protocol(args, args.steps)
+    assert (p.finetune_steps, p.finetune["batch_size"], p.finetune["seq_len"]) == (40, 4, 128)
+    assert p.finetune_args().gradient_checkpointing is False
+    args = cli.build_parser().parse_args(["sweep", "--gradient-checkpointing", "--seq-len", "256"])
+    p = cli._protocol(args, args.steps)
+    assert p.finetune_args().gradient_checkpointing is True and p.finetune_args().seq_len == 256
+    assert p.key()["finetune"]["gradient_checkpointing"] is True  # part of the protocol: --resume keeps them apart
