@@ -171,18 +171,30 @@ def eval_tokens(tokenizer, protocol: Protocol) -> torch.Tensor:
 
 
 def run_dense(checkpoint, protocol: Protocol, progress: bool = True) -> dict:
-    """The full-precision reference record (float32 weights, no adapters)."""
+    """The full-precision reference record (float32 weights). With fine-tuning in the protocol, the same LoRA training
+    on the unquantized model as well: the ceiling the quantized methods are trained towards (16-bit LoRA)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .finetune import add_lora, train
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(checkpoint)
-    ppl = _ppl(model, eval_tokens(tok, protocol), protocol, progress)
+    tokens = eval_tokens(tok, protocol)
+    ppl = _ppl(model, tokens, protocol, progress)
     rec = {
         "method": "fp32", "label": "full precision (fp32)", "bits": 32.0, "nominal_bits": 32.0, "effective_bits": 32.0,
         "ppl_quantized": ppl["ppl"], "ppl_init": None, "ppl_finetuned": None, "eval": ppl,
-        "memory_bytes": model_memory_bytes(model), "seconds": time.perf_counter() - t0,
+        "memory_bytes": model_memory_bytes(model),
     }  # fmt: skip
+    if protocol.finetune_steps > 0:
+        args = protocol.finetune_args()
+        pm, _ = add_lora(model, checkpoint, "zero", args, prepare=False)  # nothing quantized: no k-bit preparation
+        rec["ppl_init"] = rec["ppl_quantized"]  # B = 0
+        rec["finetune"] = {k: v for k, v in train(pm, tok, args, progress=progress).items() if k != "seconds"}
+        rec["ppl_finetuned"] = _ppl(pm, tokens, protocol, progress)["ppl"]
+        del pm
+    rec["seconds"] = time.perf_counter() - t0
     del model
     gc.collect()
     return rec

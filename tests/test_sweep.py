@@ -1,0 +1,59 @@
+"""The sweep pipeline end to end (plan -> quantize -> LoRA init -> fine-tune -> perplexity, resume) on a tiny
+checkpoint: random Llama weights with SmolLM2's real tokenizer, scored on the real Wikipedia eval split."""
+
+import math
+
+import pytest
+import torch
+
+from bitsandbytes_lowra import sweep
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, one_thread):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from bitsandbytes_lowra import data
+
+    tok = AutoTokenizer.from_pretrained(data.smollm2_checkpoint())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _protocol(path, steps=2):
+    ft = {"lora_r": 4, "lora_alpha": 4, "lr": 1e-3, "batch_size": 2, "seq_len": 32, "grad_accum": 1,
+          "gradient_checkpointing": False}  # fmt: skip
+    return sweep.Protocol(model=str(path), eval_tokens=256, context=64, finetune_steps=steps, finetune=ft)
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_stage_and_resumes(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWRA_CACHE", str(tmp_path / "cache"))  # plans learned here, not from a user's cache
+    out = tmp_path / "sweep.json"
+    records = sweep.run_sweep(["qlora", "loftq", "lowra"], [4, 2], _protocol(tiny_checkpoint), output=out,
+                              progress=False, log=lambda s: None)  # fmt: skip
+    by = {(r["method"], r["bits"]): r for r in records}
+    assert set(by) == {("fp32", 32.0), *((m, b) for m in ("qlora", "loftq", "lowra") for b in (4.0, 2.0))}
+    for r in records:
+        for stage in ("ppl_quantized", "ppl_init", "ppl_finetuned"):
+            assert math.isfinite(r[stage]) and r[stage] > 1, (r["method"], r["bits"], stage, r[stage])
+        assert r["steps"] == 2 and r["protocol"]["finetune"]["seq_len"] == 32
+    # The fp32 record is trained with the same protocol (the 16-bit LoRA reference).
+    assert by[("fp32", 32.0)]["finetune"]["steps"] == 2
+    for bits in (4.0, 2.0):
+        q, lq, lw = by[("qlora", bits)], by[("loftq", bits)], by[("lowra", bits)]
+        assert q["ppl_quantized"] == lq["ppl_quantized"]  # one NormalFloat plan, quantized and scored once
+        assert q["ppl_init"] == q["ppl_quantized"]  # zero-initialized B adds nothing
+        assert lq["init_report"]["error_loftq"] < lq["init_report"]["error_zero_init"]
+        assert lw["nominal_bits"] == pytest.approx(bits, abs=1e-4) and lw["effective_bits"] > bits
+    # Resume: a second run with the same protocol finds every record done and runs nothing.
+    monkeypatch.setattr(sweep, "run_group", lambda *a, **k: pytest.fail("resume re-ran a finished group"))
+    monkeypatch.setattr(sweep, "run_dense", lambda *a, **k: pytest.fail("resume re-ran the fp32 record"))
+    again = sweep.run_sweep(["qlora", "loftq", "lowra"], [4, 2], _protocol(tiny_checkpoint), output=out, resume=True,
+                            progress=False, log=lambda s: None)  # fmt: skip
+    assert len(again) == len(records)
