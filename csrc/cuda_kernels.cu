@@ -355,8 +355,8 @@ const char* last_cuda_error() { return g_last_error; }
 
 int64_t take_skipped_rows() {
   if (record_cuda(cudaDeviceSynchronize(), "synchronize") != LOWRA_OK) return -1;
-  const int64_t a = take_local_skipped_rows(), b = take_matmul_skipped_rows();
-  return a < 0 || b < 0 ? -1 : a + b;
+  const int64_t a = take_local_skipped_rows(), b = take_matmul_skipped_rows(), c = take_gemv_skipped_rows();
+  return a < 0 || b < 0 || c < 0 ? -1 : a + b + c;
 }
 
 int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
