@@ -11,12 +11,16 @@
 //   1 bit: sum_j x_j cb[b_j] = c0 * sum_j x_j + (c1 - c0) * sum_{b_j = 1} x_j  (predicated adds)
 //   2 bit: a 16-entry table of codebook pairs, indexed by one nibble (two codes)
 //   4 bit: the 16-entry codebook, indexed by one nibble
-// and each lane's share of a block is multiplied once by the block's absmax. The row metadata and tables of a
-// CTA's next task are loaded while the current one computes (double-buffered). With several K splits the partial
+// and each lane's share of a block is multiplied once by the block's absmax. Row metadata and tables run two
+// tasks ahead (three shared-memory slots): while a CTA computes task k, the codes and absmax of task k + 1 are
+// prefetched into L2 (so its loads hit L2 instead of waiting on DRAM) and the metadata of task k + 2 is loaded.
+// With several K splits the partial
 // sums go to a float32 workspace and a finalize kernel adds them in a fixed order.
 //
 // Nothing here synchronizes the host; rows whose metadata does not fit are skipped (left unwritten) and counted.
 #include <stdio.h>
+
+#include <mutex>
 
 #include "cuda_common.cuh"
 #include "kernels.h"
@@ -31,6 +35,7 @@ constexpr int kGvMaxRows = 64;       // rows per task at most (WR = 8 / WK row g
 constexpr int kGvStep = 1024;        // columns per warp step (32 lanes x 32 columns)
 constexpr int kGvXBudget = 48 * 1024; // shared memory for the staged activations (3-4 CTAs per SM)
 constexpr int kGvTab = 32;           // floats of decode table per row (2 bit: 16 pairs; 4 bit: 16 values)
+constexpr int kGvSlots = 3;          // row metadata of the current task and the two next ones
 constexpr unsigned kFull = 0xffffffffu;
 
 struct GvRow {
@@ -175,6 +180,26 @@ __device__ __forceinline__ void store_pre(const Pre& p, int nr, GvRow* meta, flo
   }
 }
 
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// L2 prefetch of a task's codes and absmax (bytes [start, start + len) of each row, 128-byte lines, 4 threads per
+// row): issued one task ahead, so that the task's own loads find their lines in L2.
+__device__ __forceinline__ void prefetch_task(const GvArgs& a, int64_t task, int nr, const GvRow* meta) {
+  const int i = threadIdx.x >> 2, j = threadIdx.x & 3;
+  if (task >= (int64_t)a.ks * a.ngroups || i >= nr) return;
+  const GvRow x = meta[i];
+  if (!x.bits) return;
+  const int64_t k0 = task / a.ngroups * a.krange, klen = min(a.cols - k0, a.krange);
+  const uint8_t* code = a.packed + x.off + (k0 * x.bits >> 3);
+  const int64_t clen = klen * x.bits >> 3;
+  for (int64_t o = 128 * j; o < clen; o += 512) prefetch_l2(code + o);
+  const int64_t b0 = k0 >> a.bs_shift, b1 = ((k0 + klen - 1) >> a.bs_shift) + 1;  // blocks of the split
+  const uint8_t* am = reinterpret_cast<const uint8_t*>(a.absmax + x.row * a.nb + b0);
+  const int64_t alen = (b1 - b0) * 4;
+  for (int64_t o = 128 * j; o < alen; o += 512) prefetch_l2(am + o);
+  if (j == 0) prefetch_l2(am + alen - 1);  // the last line when the row does not start on a line
+}
+
 // Activations of K split s, raw 16-bit: chunk (step, activation row n, quad qd of 8 columns, lane) at uint4 index
 // ((step * M + n) * 4 + qd) * 32 + lane, so a warp reading one (step, n, qd) touches 512 contiguous bytes.
 template <typename T, int M>
@@ -202,8 +227,8 @@ __global__ void __launch_bounds__(kGvThreads, R == 4 && M <= 2 ? 3 : 2) gemv_ker
   const int wk = warp % WK, wr = warp / WK;
   uint4* xs = reinterpret_cast<uint4*>(smem);
   GvRow* meta = reinterpret_cast<GvRow*>(smem + a.sm_meta);         // [2][kGvMaxRows]
-  float* tab = reinterpret_cast<float*>(meta + 2 * kGvMaxRows);     // [2][kGvMaxRows][kGvTab]
-  float* red = tab + 2 * kGvMaxRows * kGvTab;                       // [kGvWarps][R * M]
+  float* tab = reinterpret_cast<float*>(meta + kGvSlots * kGvMaxRows);  // [kGvSlots][kGvMaxRows][kGvTab]
+  float* red = tab + kGvSlots * kGvMaxRows * kGvTab;                     // [kGvWarps][R * M]
 
   const int64_t tasks = (int64_t)a.ks * a.ngroups;
   int64_t task = blockIdx.x;
@@ -211,16 +236,20 @@ __global__ void __launch_bounds__(kGvThreads, R == 4 && M <= 2 ? 3 : 2) gemv_ker
   Pre pre;
   load_pre(a, task, nr, pre);
   store_pre(pre, nr, meta, tab);
+  load_pre(a, task + gridDim.x, nr, pre);
+  store_pre(pre, nr, meta + kGvMaxRows, tab + kGvMaxRows * kGvTab);
+  load_pre(a, task + 2 * (int64_t)gridDim.x, nr, pre);  // stored at the end of the first task
   int64_t staged = -1;
-  for (int buf = 0; task < tasks; task += gridDim.x, buf ^= 1) {
+  for (int buf = 0; task < tasks; task += gridDim.x, buf = buf == kGvSlots - 1 ? 0 : buf + 1) {
     const int64_t s = task / a.ngroups;
-    __syncthreads();  // meta[buf] is written; the previous task is done with xs and red
+    __syncthreads();  // meta[buf] and meta[buf + 1] are written; the previous task is done with xs and red
+    const int nbuf = buf == kGvSlots - 1 ? 0 : buf + 1, wbuf = nbuf == kGvSlots - 1 ? 0 : nbuf + 1;
+    prefetch_task(a, task + gridDim.x, nr, meta + nbuf * kGvMaxRows);
     if (s != staged) {
       stage_x<T, M>(a, s, xs);
       staged = s;
       __syncthreads();
     }
-    load_pre(a, task + gridDim.x, nr, pre);  // the next task's metadata, stored after the compute
 
     const GvRow* mr = meta + buf * kGvMaxRows + wr * kGvR;
     const float* tb = tab + (buf * kGvMaxRows + wr * kGvR) * kGvTab;
@@ -323,7 +352,9 @@ __global__ void __launch_bounds__(kGvThreads, R == 4 && M <= 2 ? 3 : 2) gemv_ker
         }
       }
     }
-    store_pre(pre, nr, meta + (buf ^ 1) * kGvMaxRows, tab + (buf ^ 1) * kGvMaxRows * kGvTab);
+    // task + 2 * grid into the slot read by the previous task; then the metadata of task + 3 * grid
+    store_pre(pre, nr, meta + wbuf * kGvMaxRows, tab + wbuf * kGvMaxRows * kGvTab);
+    load_pre(a, task + 3 * (int64_t)gridDim.x, nr, pre);
 
     // lane sums -> per-warp sums -> the WK warps of a row group
 #pragma unroll
@@ -399,6 +430,8 @@ int gemv_occupancy(GvFn fn, size_t smem) {
   };
   static Entry cache[64];
   static int n = 0;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
   int dev = 0;
   cudaGetDevice(&dev);
   for (int i = 0; i < n; ++i)
@@ -445,7 +478,7 @@ bool gemv_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksi
   a.bs_shift = 0;
   while (((int64_t)1 << a.bs_shift) < blocksize) ++a.bs_shift;
   a.sm_meta = (int)(spl * m * 32 * 4 * 16);
-  plan->smem = (size_t)a.sm_meta + 2 * kGvMaxRows * sizeof(GvRow) + 2 * kGvMaxRows * kGvTab * sizeof(float) +
+  plan->smem = (size_t)a.sm_meta + kGvSlots * kGvMaxRows * (sizeof(GvRow) + kGvTab * sizeof(float)) +
                kGvWarps * plan->r * m * sizeof(float);
   return true;
 }
