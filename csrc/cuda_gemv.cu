@@ -1,4 +1,4 @@
-// Fused y = A W^T (+ bias) for 1 to 4 activation rows (batch-1 decode): a CUDA-core GEMV over the packed codes,
+// Fused y = A W^T (+ bias) for 1 or 2 (up to 4 by a knob) activation rows (batch-1 decode): a CUDA-core GEMV,
 // never materializing W. cuda_matmul.cu tries this path first and keeps its tensor-core path for more rows.
 //
 // Work: a CTA (8 warps) takes tasks (K split, group of 8 * WR rows). Its warps split the split's columns: WK warps
@@ -36,6 +36,7 @@ constexpr int kGvStep = 1024;        // columns per warp step (32 lanes x 32 col
 constexpr int kGvXBudget = 48 * 1024; // shared memory for the staged activations (3-4 CTAs per SM)
 constexpr int kGvTab = 32;           // floats of decode table per row (2 bit: 16 pairs; 4 bit: 16 values)
 constexpr int kGvSlots = 3;          // row metadata of the current task and the two next ones
+constexpr int kGvMaxSmem = 96 * 1024; // above any plan: activations + 3 slots of metadata and tables + reduction
 constexpr unsigned kFull = 0xffffffffu;
 
 struct GvRow {
@@ -218,6 +219,168 @@ __device__ __forceinline__ void stage_x(const GvArgs& a, int64_t s, uint4* xs) {
 
 // R rows per warp: 8 rows reuse each converted activation twice as often as 4, 4 rows leave registers for
 // 3 CTAs (24 warps) per SM.
+// Shared-memory lookups at a 32-bit shared address (the tables are 128-byte aligned, so base | offset).
+__device__ __forceinline__ float lds_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ float2 lds_f32x2(uint32_t addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr));
+  return v;
+}
+// (w >> s) & m for a compile-time s that may be negative (a left shift)
+template <int S>
+__device__ __forceinline__ uint32_t shr(uint32_t w) {
+  return S >= 0 ? w >> (S >= 0 ? S : 0) : w << (S < 0 ? -S : 0);
+}
+
+// Activations of quad qd (8 columns) of this lane's 32, as float32, and their sum (for 1-bit rows).
+template <typename T, int M>
+__device__ __forceinline__ void load_x(const uint4* xq, int qd, float x[M][8], float sx[M]) {
+#pragma unroll
+  for (int n = 0; n < M; ++n) {
+    const uint4 u = xq[(n * 4 + qd) * 32];
+    const uint32_t w4[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 f = Cvt<T>::f2(w4[e]);
+      x[n][2 * e] = f.x, x[n][2 * e + 1] = f.y;
+    }
+    sx[n] = ((x[n][0] + x[n][1]) + (x[n][2] + x[n][3])) + ((x[n][4] + x[n][5]) + (x[n][6] + x[n][7]));
+  }
+}
+
+// One row, 8 columns. 1 bit: byte = the 8 codes, s0 = absmax * c0, s1 = absmax * (c1 - c0).
+template <int M>
+__device__ __forceinline__ void row1(uint32_t byte, float s0, float s1, const float x[M][8], const float sx[M],
+                                     float acc[M]) {
+#pragma unroll
+  for (int n = 0; n < M; ++n) {
+    float ms = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      if (byte & (1u << e)) ms += x[n][e];
+    acc[n] = fmaf(s0, sx[n], fmaf(s1, ms, acc[n]));
+  }
+}
+// 2 bit: w = 16 bits of codes, tab = the row's 16-pair table.
+template <int M>
+__device__ __forceinline__ void row2(uint32_t w, uint32_t tab, float am, const float x[M][8], float acc[M]) {
+  float p[M][2];
+#pragma unroll
+  for (int n = 0; n < M; ++n) p[n][0] = p[n][1] = 0.f;
+  float2 t[4];
+  t[0] = lds_f32x2(tab | (shr<-3>(w) & 0x78u));
+  t[1] = lds_f32x2(tab | (shr<1>(w) & 0x78u));
+  t[2] = lds_f32x2(tab | (shr<5>(w) & 0x78u));
+  t[3] = lds_f32x2(tab | (shr<9>(w) & 0x78u));
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+#pragma unroll
+    for (int n = 0; n < M; ++n) {
+      p[n][k & 1] = fmaf(t[k].x, x[n][2 * k], p[n][k & 1]);
+      p[n][k & 1] = fmaf(t[k].y, x[n][2 * k + 1], p[n][k & 1]);
+    }
+#pragma unroll
+  for (int n = 0; n < M; ++n) acc[n] = fmaf(am, p[n][0] + p[n][1], acc[n]);
+}
+// 4 bit: w = 32 bits of codes, tab = the row's 16-entry codebook.
+template <int M>
+__device__ __forceinline__ void row4(uint32_t w, uint32_t tab, float am, const float x[M][8], float acc[M]) {
+  float v[8];
+  v[0] = lds_f32(tab | (shr<-2>(w) & 0x3cu));
+  v[1] = lds_f32(tab | (shr<2>(w) & 0x3cu));
+  v[2] = lds_f32(tab | (shr<6>(w) & 0x3cu));
+  v[3] = lds_f32(tab | (shr<10>(w) & 0x3cu));
+  v[4] = lds_f32(tab | (shr<14>(w) & 0x3cu));
+  v[5] = lds_f32(tab | (shr<18>(w) & 0x3cu));
+  v[6] = lds_f32(tab | (shr<22>(w) & 0x3cu));
+  v[7] = lds_f32(tab | (shr<26>(w) & 0x3cu));
+#pragma unroll
+  for (int n = 0; n < M; ++n) {
+    float p0 = 0.f, p1 = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; e += 2) {
+      p0 = fmaf(v[e], x[n][e], p0);
+      p1 = fmaf(v[e + 1], x[n][e + 1], p1);
+    }
+    acc[n] = fmaf(am, p0 + p1, acc[n]);
+  }
+}
+
+// One 1024-column step of a warp's R rows (32 columns per lane, starting at column `col`). P = the rows' common
+// precision, or 0 for a mix (then a warp-uniform branch per row). All loads of the step are issued first.
+template <typename T, int M, int R, int P>
+__device__ __forceinline__ void gv_step(const GvArgs& a, const GvRow* mr, uint32_t tb, const uint4* xq, int64_t col,
+                                        int64_t blk, float (&acc)[R][M]) {
+  constexpr int W = P == 0 ? 4 : P;  // code words per row
+  uint32_t q[R][W];
+  float am[R];
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    const GvRow x = mr[j];
+    const int b = P == 0 ? x.bits : P;
+#pragma unroll
+    for (int i = 0; i < W; ++i) q[j][i] = 0u;
+    am[j] = 0.f;
+    if (P != 0 || b) {
+      const uint8_t* p = a.packed + x.off + ((col * b) >> 3);
+      if (b == 1) {
+        q[j][0] = ld_cs32(p);
+      } else if (b == 2) {
+        const uint2 v = ld_cs64(p);
+        q[j][0] = v.x;
+        if (W > 1) q[j][W > 1 ? 1 : 0] = v.y;
+      } else {
+        const uint4 v = ld_cs128(p);
+        q[j][0] = v.x;
+        if (W > 3) q[j][W > 3 ? 1 : 0] = v.y, q[j][W > 3 ? 2 : 0] = v.z, q[j][W > 3 ? 3 : 0] = v.w;
+      }
+      am[j] = __ldg(a.absmax + (int64_t)x.row * a.nb + blk);
+    }
+  }
+  float s1[P == 1 ? R : 1];
+  if constexpr (P == 1) {
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      s1[j] = am[j] * mr[j].dl;
+      am[j] *= mr[j].c0;
+    }
+  }
+  if constexpr (P == 1) {
+#pragma unroll
+    for (int qd = 0; qd < 4; ++qd) {
+      float x[M][8], sx[M];
+      load_x<T, M>(xq, qd, x, sx);
+#pragma unroll
+      for (int j = 0; j < R; ++j) row1<M>(q[j][0] >> (8 * qd), am[j], s1[j], x, sx, acc[j]);
+    }
+  } else {
+#pragma unroll 1
+    for (int qd = 0; qd < 4; ++qd) {
+      float x[M][8], sx[M];
+      load_x<T, M>(xq, qd, x, sx);
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        const int b = P == 0 ? mr[j].bits : P;
+        const uint32_t rt = tb + j * kGvTab * 4;
+        if (P == 2 || (P == 0 && b == 2)) {
+          const uint32_t w = ((qd & 2) ? q[j][W > 1 ? 1 : 0] : q[j][0]) >> (16 * (qd & 1));
+          row2<M>(w, rt, am[j], x, acc[j]);
+        } else if (P == 4 || (P == 0 && b == 4)) {
+          const uint32_t lo = (qd & 2) ? q[j][W > 3 ? 2 : 0] : q[j][0];
+          const uint32_t hi = (qd & 2) ? q[j][W > 3 ? 3 : 0] : q[j][W > 1 ? 1 : 0];
+          row4<M>((qd & 1) ? hi : lo, rt, am[j], x, acc[j]);
+        } else if (P == 0 && b == 1) {
+          row1<M>(q[j][0] >> (8 * qd), am[j] * mr[j].c0, am[j] * mr[j].dl, x, sx, acc[j]);
+        }
+      }
+    }
+  }
+}
+
 template <typename T, int M, int R>
 __global__ void __launch_bounds__(kGvThreads, R == 4 && M <= 2 ? 3 : 2) gemv_kernel(const __grid_constant__ GvArgs a) {
   constexpr int kGvR = R;
@@ -227,7 +390,9 @@ __global__ void __launch_bounds__(kGvThreads, R == 4 && M <= 2 ? 3 : 2) gemv_ker
   const int wk = warp % WK, wr = warp / WK;
   uint4* xs = reinterpret_cast<uint4*>(smem);
   GvRow* meta = reinterpret_cast<GvRow*>(smem + a.sm_meta);         // [2][kGvMaxRows]
-  float* tab = reinterpret_cast<float*>(meta + kGvSlots * kGvMaxRows);  // [kGvSlots][kGvMaxRows][kGvTab]
+  // [kGvSlots][kGvMaxRows][kGvTab], 128-byte aligned in the shared window (lookups OR into a row's table)
+  float* tab = reinterpret_cast<float*>(meta + kGvSlots * kGvMaxRows);
+  tab += ((128u - ((uint32_t)__cvta_generic_to_shared(tab) & 127u)) & 127u) / 4;
   float* red = tab + kGvSlots * kGvMaxRows * kGvTab;                     // [kGvWarps][R * M]
 
   const int64_t tasks = (int64_t)a.ks * a.ngroups;
@@ -265,92 +430,22 @@ __global__ void __launch_bounds__(kGvThreads, R == 4 && M <= 2 ? 3 : 2) gemv_ker
 #pragma unroll
     for (int j = 0; j < kGvR; ++j) rb[j] = mr[j].bits;
 
+    // Warps whose 8 rows share one precision (the usual case with rows grouped by precision) take a branch-free
+    // path for it; mixed warps branch per row.
+    int uni = rb[0];
+#pragma unroll
+    for (int j = 1; j < kGvR; ++j) uni = rb[j] == uni ? uni : 0;
+    const uint32_t tb_addr = (uint32_t)__cvta_generic_to_shared(tb);
     for (int st = wk; st < nsteps; st += WK) {
       const int c = st * kGvStep + 32 * lane;  // column inside the split
-      const bool on = c < klen;
+      if (c >= klen) continue;
       const int64_t col = k0 + c;
       const int64_t blk = col >> a.bs_shift;
-      uint4 q[kGvR];
-      float am[kGvR];
-#pragma unroll
-      for (int j = 0; j < kGvR; ++j) {  // all loads of the step first
-        const int b = rb[j];
-        q[j] = make_uint4(0, 0, 0, 0);
-        am[j] = 0.f;
-        if (b && on) {
-          const GvRow x = mr[j];
-          const uint8_t* p = a.packed + x.off + ((col * b) >> 3);
-          if (b == 1) {
-            q[j].x = ld_cs32(p);
-          } else if (b == 2) {
-            const uint2 v = ld_cs64(p);
-            q[j].x = v.x, q[j].y = v.y;
-          } else {
-            q[j] = ld_cs128(p);
-          }
-          am[j] = __ldg(a.absmax + (int64_t)x.row * a.nb + blk);
-        }
-      }
-      if (!on) continue;
-#pragma unroll 1
-      for (int qd = 0; qd < 4; ++qd) {
-        float x[M][8], sx[M];
-#pragma unroll
-        for (int n = 0; n < M; ++n) {
-          const uint4 u = xs[((st * M + n) * 4 + qd) * 32 + lane];
-          const uint32_t w4[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float2 f = Cvt<T>::f2(w4[e]);
-            x[n][2 * e] = f.x, x[n][2 * e + 1] = f.y;
-          }
-          sx[n] = ((x[n][0] + x[n][1]) + (x[n][2] + x[n][3])) + ((x[n][4] + x[n][5]) + (x[n][6] + x[n][7]));
-        }
-#pragma unroll
-        for (int j = 0; j < kGvR; ++j) {
-          const int b = rb[j];
-          if (b == 1) {
-            const uint32_t byte = q[j].x >> (8 * qd);
-            const float s0 = am[j] * mr[j].c0, s1 = am[j] * mr[j].dl;
-#pragma unroll
-            for (int n = 0; n < M; ++n) {
-              float ms = 0.f;
-#pragma unroll
-              for (int e = 0; e < 8; ++e)
-                if (byte & (1u << e)) ms += x[n][e];
-              acc[j][n] = fmaf(s0, sx[n], fmaf(s1, ms, acc[j][n]));
-            }
-          } else if (b == 2) {
-            const uint32_t w = ((qd & 2) ? q[j].y : q[j].x) >> (16 * (qd & 1));
-            const float2* t2 = reinterpret_cast<const float2*>(tb + j * kGvTab);
-            float p[M];
-#pragma unroll
-            for (int n = 0; n < M; ++n) p[n] = 0.f;
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              const float2 t = t2[(w >> (4 * k)) & 15u];
-#pragma unroll
-              for (int n = 0; n < M; ++n) p[n] = fmaf(t.x, x[n][2 * k], fmaf(t.y, x[n][2 * k + 1], p[n]));
-            }
-#pragma unroll
-            for (int n = 0; n < M; ++n) acc[j][n] = fmaf(am[j], p[n], acc[j][n]);
-          } else if (b == 4) {
-            const uint32_t w = qd == 0 ? q[j].x : qd == 1 ? q[j].y : qd == 2 ? q[j].z : q[j].w;
-            const float* t4 = tb + j * kGvTab;
-            float p[M];
-#pragma unroll
-            for (int n = 0; n < M; ++n) p[n] = 0.f;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-              const float v = t4[(w >> (4 * e)) & 15u];
-#pragma unroll
-              for (int n = 0; n < M; ++n) p[n] = fmaf(v, x[n][e], p[n]);
-            }
-#pragma unroll
-            for (int n = 0; n < M; ++n) acc[j][n] = fmaf(am[j], p[n], acc[j][n]);
-          }
-        }
-      }
+      const uint4* xq = xs + st * M * 4 * 32 + lane;
+      if (uni == 1) gv_step<T, M, R, 1>(a, mr, tb_addr, xq, col, blk, acc);
+      else if (uni == 2) gv_step<T, M, R, 2>(a, mr, tb_addr, xq, col, blk, acc);
+      else if (uni == 4) gv_step<T, M, R, 4>(a, mr, tb_addr, xq, col, blk, acc);
+      else gv_step<T, M, R, 0>(a, mr, tb_addr, xq, col, blk, acc);
     }
     // task + 2 * grid into the slot read by the previous task; then the metadata of task + 3 * grid
     store_pre(pre, nr, meta + wbuf * kGvMaxRows, tab + wbuf * kGvMaxRows * kGvTab);
@@ -407,7 +502,7 @@ __global__ void gemv_finalize(const __grid_constant__ GvArgs a) {
   }
 }
 
-int g_gemv_max_rows = 4;
+int g_gemv_max_rows = 2;  // 3-4 rows: the tensor-core path was faster (28672x8192, m = 4: 102 us vs 154-180)
 int g_gemv_r = 0, g_gemv_wk = 0;  // benchmark knobs: rows per warp (4 or 8), warps along K (0: automatic)
 
 using GvFn = void (*)(const GvArgs);
@@ -437,7 +532,8 @@ int gemv_occupancy(GvFn fn, size_t smem) {
   for (int i = 0; i < n; ++i)
     if (cache[i].fn == fn && cache[i].smem == smem && cache[i].dev == dev) return cache[i].occ;
   int occ = 0;
-  if (cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess ||
+  // one limit for every plan (lowering it to a smaller plan's size would break a cached larger one)
+  if (cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kGvMaxSmem) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, fn, kGvThreads, smem) != cudaSuccess) {
     cudaGetLastError();  // a failed query must not leak into the next launch check
     occ = 0;
@@ -466,9 +562,17 @@ bool gemv_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksi
   a.krange = spl * kGvStep;
   ks = (cols + a.krange - 1) / a.krange;
   a.ks = (int)ks;
-  a.wk = spl >= 8 ? 8 : spl >= 4 ? 4 : spl >= 2 ? 2 : 1;
-  if (g_gemv_wk == 1 || g_gemv_wk == 2 || g_gemv_wk == 4 || g_gemv_wk == 8) a.wk = g_gemv_wk;
   plan->r = g_gemv_r == 4 || g_gemv_r == 8 ? g_gemv_r : (m <= 2 ? 8 : 4);  // 8 rows spill with 3-4 activations
+  // Warps along K: as few as leave each CTA slot (~2 per SM) 6 or more tasks, for balance; fewer K warps mean
+  // more steps per warp between the per-task reductions and barriers (on 28672x8192, m = 1: 4 warps 83 us,
+  // 8 warps 99 us).
+  a.wk = 0;
+  for (int wk = 2; wk <= 8 && !a.wk; wk *= 2) {
+    const int64_t groups = (rows + plan->r * (kGvWarps / wk) - 1) / (plan->r * (kGvWarps / wk));
+    if (spl >= wk && ks * groups >= 12 * (int64_t)sm_count()) a.wk = wk;
+  }
+  if (!a.wk) a.wk = spl >= 8 ? 8 : spl >= 4 ? 4 : spl >= 2 ? 2 : 1;
+  if (g_gemv_wk == 1 || g_gemv_wk == 2 || g_gemv_wk == 4 || g_gemv_wk == 8) a.wk = g_gemv_wk;
   const int nr = plan->r * (kGvWarps / a.wk);
   a.ngroups = (rows + nr - 1) / nr;
   a.m = (int)m;
@@ -478,7 +582,7 @@ bool gemv_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksi
   a.bs_shift = 0;
   while (((int64_t)1 << a.bs_shift) < blocksize) ++a.bs_shift;
   a.sm_meta = (int)(spl * m * 32 * 4 * 16);
-  plan->smem = (size_t)a.sm_meta + kGvSlots * kGvMaxRows * (sizeof(GvRow) + kGvTab * sizeof(float)) +
+  plan->smem = (size_t)a.sm_meta + kGvSlots * kGvMaxRows * (sizeof(GvRow) + kGvTab * sizeof(float)) + 128 +
                kGvWarps * plan->r * m * sizeof(float);
   return true;
 }
@@ -488,7 +592,7 @@ bool gemv_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksi
 int64_t take_gemv_skipped_rows() { return take_local_skipped_rows(); }
 
 void gemv_set_tuning(int max_rows, int rows_per_warp, int wk) {
-  g_gemv_max_rows = max_rows < 0 ? 0 : max_rows == 0 ? 4 : max_rows;
+  g_gemv_max_rows = max_rows < 0 ? 0 : max_rows == 0 ? 2 : max_rows;
   g_gemv_r = rows_per_warp;
   g_gemv_wk = wk;
 }

@@ -811,7 +811,7 @@ int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int6
   cudaStream_t stream = (cudaStream_t)stream_;
   const int gv = gemv_cuda(A, dtype, m, packed, packed_bytes, absmax, bits, codebook, row_offsets, rows, cols,
                            blocksize, row_order, bias, out, workspace, workspace_bytes, stream_);
-  if (gv >= 0) return gv;  // 1-4 activation rows: the CUDA-core GEMV (cuda_gemv.cu)
+  if (gv >= 0) return gv;  // 1-2 activation rows: the CUDA-core GEMV (cuda_gemv.cu)
   Plan plan;
   if (make_plan(A, dtype, m, packed, absmax, rows, cols, blocksize, row_order, group_rows, &plan)) {
     if (plan.ks_max > 1 && (!workspace || workspace_bytes < (int64_t)plan.ks_max * m * rows * 4 || !aligned(workspace, 4)))

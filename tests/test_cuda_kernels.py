@@ -199,7 +199,7 @@ def test_cuda_matmul_launch_shapes(ks, depth):
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
-# GEMV path (1-4 activation rows): cols % 128 == 0, power-of-two blocksize >= 32; partial 1024-column steps
+# GEMV path (1-2 activation rows by default, up to 4 forced here): cols % 128 == 0, power-of-two blocksize >= 32; partial 1024-column steps
 # (2304, 11008, 128), K splits through the workspace (28672 columns with 2-4 rows), row counts that leave partial
 # row groups
 GEMV_SHAPES = [(1, 128, 32), (7, 1024, 64), (45, 2304, 128), (130, 4096, 64), (64, 11008, 64), (33, 28672, 64)]
@@ -218,7 +218,11 @@ def test_cuda_matmul_gemv_path(shape, m, dtype):
         ref = reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], b)
         order, groups = matmul_plan(bits)
         out = torch.full_like(ref, float("nan"))
-        torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], b, order, groups, out=out)
+        native.set_matmul_tuning(gemv_max_rows=4)
+        try:
+            torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], b, order, groups, out=out)
+        finally:
+            native.set_matmul_tuning()
         assert rel_err(out, ref) < TOL[dtype], f"mix {mix}: {rel_err(out, ref)}"
 
 
@@ -231,7 +235,7 @@ def test_cuda_matmul_gemv_launch_shapes(r, wk, m):
     ref = reference.matmul(A, packed, absmax, bits, code, off, 64, [150, 5120], bias)
     order, groups = matmul_plan(bits)
     outs = []
-    for gemv in (0, -1):
+    for gemv in (4, -1):
         native.set_matmul_tuning(gemv_max_rows=gemv, gemv_rows_per_warp=r, gemv_wk=wk)
         try:
             outs.append(torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [150, 5120], bias, order,
@@ -253,14 +257,18 @@ def test_cuda_matmul_gemv_k_splits_capture_in_cuda_graph():
     def step():
         torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], bias, order, groups, out=y)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    native.set_matmul_tuning(gemv_max_rows=4)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    finally:
+        native.set_matmul_tuning()
     A.copy_(torch.randn_like(A))
     y.fill_(float("nan"))
     graph.replay()

@@ -277,11 +277,11 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
 # Launch shapes swept (native.set_matmul_tuning keywords; {} = automatic): the GEMV path's rows per warp and warps
 # along K, and the tensor-core path (gemv_max_rows=-1) at the same m; for 16 rows the tensor-core path's knobs.
 SWEEP = {
-    1: [{}, dict(gemv_max_rows=-1), dict(gemv_rows_per_warp=4), dict(gemv_rows_per_warp=8), dict(gemv_wk=4),
-        dict(gemv_wk=2), dict(gemv_rows_per_warp=4, gemv_wk=4), dict(gemv_rows_per_warp=4, gemv_wk=2)],
-    4: [{}, dict(gemv_max_rows=-1), dict(gemv_rows_per_warp=4), dict(gemv_rows_per_warp=8), dict(gemv_wk=4),
-        dict(gemv_wk=2)],
-    16: [{}, dict(ksplit=4), dict(ctas_per_sm=2), dict(depth=2)],
+    1: [{}, dict(gemv_max_rows=-1), dict(gemv_rows_per_warp=4), dict(gemv_wk=2), dict(gemv_wk=4), dict(gemv_wk=8),
+        dict(gemv_rows_per_warp=4, gemv_wk=2), dict(gemv_rows_per_warp=4, gemv_wk=4)],
+    2: [{}, dict(gemv_max_rows=-1), dict(gemv_rows_per_warp=4), dict(gemv_wk=2), dict(gemv_wk=8)],
+    4: [{}, dict(gemv_max_rows=4), dict(gemv_max_rows=4, gemv_wk=2)],
+    16: [{}, dict(depth=2)],
 }
 
 

@@ -251,18 +251,18 @@ int main() {
   test_matmul(33, 2048, 128, LOWRA_BF16, 16, {1, 2, 4}, seed++, /*ks=*/1, /*depth=*/2);
   test_matmul(33, 2048, 128, LOWRA_BF16, 5, {1, 2, 4}, seed++, /*ks=*/2, /*depth=*/3);
   test_matmul(40, 1024, 64, LOWRA_F16, 4, {1, 2, 4}, seed++, 0, 0, /*plan=*/false, /*gemv=*/-1);  // generic kernel
-  test_matmul(40, 1024, 64, LOWRA_F16, 4, {1, 2, 4}, seed++, 0, 0, /*plan=*/false);  // GEMV in natural row order
-  // GEMV (1-4 activation rows): every precision mix, partial steps (cols not a multiple of 1024), K splits through
+  test_matmul(40, 1024, 64, LOWRA_F16, 4, {1, 2, 4}, seed++, 0, 0, /*plan=*/false, 4);  // GEMV, natural row order
+  // GEMV (1-4 activation rows, forced up to 4): every precision mix, partial steps (cols not a multiple of 1024), K splits through
   // the workspace (28672 columns), both rows-per-warp variants and every split of the warps along K; and the
   // tensor-core path at the same m
   for (int dtype : {LOWRA_F16, LOWRA_BF16})
     for (const auto& mix : mixes)
-      for (int64_t m : {1, 2, 3, 4}) test_matmul(45, 2304, 128, dtype, m, mix, seed++);
-  for (int64_t m : {1, 4}) test_matmul(9, 28672, 64, LOWRA_BF16, m, {1, 2, 4}, seed++);
+      for (int64_t m : {1, 2, 3, 4}) test_matmul(45, 2304, 128, dtype, m, mix, seed++, 0, 0, true, 4);
+  for (int64_t m : {1, 4}) test_matmul(9, 28672, 64, LOWRA_BF16, m, {1, 2, 4}, seed++, 0, 0, true, 4);
   test_matmul(130, 128, 32, LOWRA_F16, 2, {1, 2, 4}, seed++);
   for (int r : {4, 8})
     for (int wk : {1, 2, 4, 8})
-      for (int64_t m : {1, 3}) test_matmul(77, 4096, 64, LOWRA_BF16, m, {1, 2, 4}, seed++, 0, 0, true, 0, r, wk);
+      for (int64_t m : {1, 3}) test_matmul(77, 4096, 64, LOWRA_BF16, m, {1, 2, 4}, seed++, 0, 0, true, 4, r, wk);
   for (int64_t m : {1, 4}) test_matmul(70, 1024, 64, LOWRA_BF16, m, {1, 2, 4}, seed++, 0, 0, true, /*gemv=*/-1);
   test_matmul(24, 576, 64, LOWRA_BF16, 3, {1, 2, 4}, seed++);                         // generic: odd width
   test_matmul(12, 300, 32, LOWRA_F32, 20, {1, 2, 4}, seed++);                          // generic: fp32, many rows
