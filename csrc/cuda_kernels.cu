@@ -69,18 +69,13 @@ __global__ void quantize_generic(const void* W, int dtype, int64_t cols, int64_t
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Fast dequantize: a warp task is (row, segment of `batches` x 2048 elements; segments are as long as the number of
-// tasks allows, so that a row's decode table is built rarely). Lane l handles the 8-element chunks
-// seg * len + q * 256 + 8 l, in batches of kBatchChunks chunks whose loads are all issued before any use. Warps
-// walk their tasks with a fixed (rows, segments) stride (no per-task division). Decoding uses a per-warp table
-// in shared memory, built from the row's codebook with shuffles: 4 bit: one float2 (two codes) per packed byte;
-// 2 bit: one float4 (four codes) per byte; 1 bit: one float4 per nibble; each looked up with a shift and an OR
-// (the tables are 4 KB aligned). Values are the exact float32 codebook entries, multiplied by the block absmax in
-// float32 and rounded once, as the reference does.
+// Fast dequantize: a warp task is (row, segment of kSegChunks * 256 elements); lane l handles the 8-element chunks
+// seg * kSegChunks * 256 + q * 256 + 8 l. Loads for all chunks are issued before any use. Warps walk their tasks
+// with a fixed (rows, segments) stride, so no per-task division; codebook lookups address the warp's 64-byte
+// table with one shift and one OR.
 
-constexpr int kBatchChunks = 8;
-constexpr int kBatchElems = kBatchChunks * 256;
-constexpr int kTableFloats = 1024;  // 4 KB per warp: 256 float4 (2 bit), 256 float2 (4 bit), 16 float4 (1 bit)
+constexpr int kSegChunks = 8;
+constexpr int kSegElems = kSegChunks * 256;
 
 template <typename T>
 struct Out8;  // 8 output elements as one or two 16-byte stores
@@ -136,102 +131,43 @@ __device__ __forceinline__ uint32_t block_of(int64_t j, int bs_shift, uint32_t b
   return bs_shift >= 0 ? (uint32_t)(j >> bs_shift) : (uint32_t)j / blocksize;
 }
 
-__device__ __forceinline__ float2 lds2(uint32_t addr) {
-  float2 v;
-  asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ float4 lds4(uint32_t addr) {
-  float4 v;
-  asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ void sts2(uint32_t addr, float a, float b) {
-  asm volatile("st.shared.v2.f32 [%0], {%1,%2};" ::"r"(addr), "f"(a), "f"(b));
-}
-__device__ __forceinline__ void sts4(uint32_t addr, float a, float b, float c, float d) {
-  asm volatile("st.shared.v4.f32 [%0], {%1,%2,%3,%4};" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d));
-}
-// (w >> s) for a compile-time s that may be negative (a left shift)
-template <int S>
-__device__ __forceinline__ uint32_t shr(uint32_t w) {
-  return S >= 0 ? w >> (S >= 0 ? S : 0) : w << (S < 0 ? -S : 0);
-}
-
-// The warp's decode table for a row of precision B; cbv = codebook entry `lane` (lanes 0..15). Warp-collective.
+// Codebook entry of the code at bits [s, s + B) of w, from a 64-byte-aligned shared table at address `base`.
 template <int B>
-__device__ __forceinline__ void build_table(float cbv, uint32_t tb, int lane) {
-  if (B == 4) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int e = lane + 32 * i;  // byte value: low nibble = first code
-      const float lo = __shfl_sync(kFull, cbv, e & 15), hi = __shfl_sync(kFull, cbv, e >> 4);
-      sts2(tb + 8 * e, lo, hi);
-    }
-  } else if (B == 2) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int e = lane + 32 * i;
-      const float v0 = __shfl_sync(kFull, cbv, e & 3), v1 = __shfl_sync(kFull, cbv, (e >> 2) & 3);
-      const float v2 = __shfl_sync(kFull, cbv, (e >> 4) & 3), v3 = __shfl_sync(kFull, cbv, e >> 6);
-      sts4(tb + 16 * e, v0, v1, v2, v3);
-    }
-  } else {
-    const int e = lane & 15;
-    const float v0 = __shfl_sync(kFull, cbv, e & 1), v1 = __shfl_sync(kFull, cbv, (e >> 1) & 1);
-    const float v2 = __shfl_sync(kFull, cbv, (e >> 2) & 1), v3 = __shfl_sync(kFull, cbv, e >> 3);
-    if (lane < 16) sts4(tb + 16 * e, v0, v1, v2, v3);
-  }
-}
-
-// Codebook values of the 8 codes in w (B bytes of packed codes) from the warp's table.
-template <int B>
-__device__ __forceinline__ void decode8(uint32_t w, uint32_t tb, float v[8]) {
-  if (B == 4) {
-    const float2 a = lds2(tb | (shr<-3>(w) & 0x7f8u)), b = lds2(tb | (shr<5>(w) & 0x7f8u));
-    const float2 c = lds2(tb | (shr<13>(w) & 0x7f8u)), d = lds2(tb | (shr<21>(w) & 0x7f8u));
-    v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y, v[4] = c.x, v[5] = c.y, v[6] = d.x, v[7] = d.y;
-  } else if (B == 2) {
-    const float4 a = lds4(tb | (shr<-4>(w) & 0xff0u)), b = lds4(tb | (shr<4>(w) & 0xff0u));
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-  } else {
-    const float4 a = lds4(tb | (shr<-4>(w) & 0xf0u)), b = lds4(tb | (w & 0xf0u));
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-  }
+__device__ __forceinline__ float lookup(uint32_t base, uint32_t w, int s) {
+  const uint32_t off = (s >= 2 ? w >> (s - 2) : w << (2 - s)) & (((1u << B) - 1) << 2);
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(base | off));
+  return v;
 }
 
 template <typename T, int B>
 __device__ __forceinline__ void dequantize_task(const uint8_t* __restrict__ row, bool al, const float* __restrict__ am_row,
-                                                uint32_t tb, int64_t r, int64_t j_begin, int64_t j_end, int lane,
-                                                int64_t cols, int bs_shift, uint32_t blocksize, bool vec_out,
-                                                T* __restrict__ out) {
-  for (int64_t jb = j_begin; jb < j_end; jb += kBatchElems) {
-    uint32_t w[kBatchChunks];
-    float am[kBatchChunks];
+                                                uint32_t cb, int64_t r, int64_t seg, int lane, int64_t cols,
+                                                int bs_shift, uint32_t blocksize, bool vec_out, T* __restrict__ out) {
+  uint32_t w[kSegChunks];
+  float am[kSegChunks];
 #pragma unroll
-    for (int q = 0; q < kBatchChunks; ++q) {  // all loads first
-      const int64_t j0 = jb + q * 256 + 8 * lane;
-      w[q] = 0;
-      am[q] = 0.0f;
-      if (j0 < j_end) {
-        w[q] = load_chunk_codes<B>(row, j0 >> 3, al);
-        am[q] = __ldg(am_row + block_of(j0, bs_shift, blocksize));
-      }
+  for (int q = 0; q < kSegChunks; ++q) {  // all loads first
+    const int64_t j0 = seg * kSegElems + q * 256 + 8 * lane;
+    w[q] = 0;
+    am[q] = 0.0f;
+    if (j0 < cols) {
+      w[q] = load_chunk_codes<B>(row, j0 >> 3, al);
+      am[q] = __ldg(am_row + block_of(j0, bs_shift, blocksize));
     }
+  }
 #pragma unroll
-    for (int q = 0; q < kBatchChunks; ++q) {
-      const int64_t j0 = jb + q * 256 + 8 * lane;
-      if (j0 >= j_end) break;
-      float v[8];
-      decode8<B>(w[q], tb, v);
+  for (int q = 0; q < kSegChunks; ++q) {
+    const int64_t j0 = seg * kSegElems + q * 256 + 8 * lane;
+    if (j0 >= cols) break;
+    float v[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] *= am[q];
-      T* o = out + r * cols + j0;
-      if (vec_out) {
-        Out8<T>::store(o, v);
-      } else {
-        for (int e = 0; e < 8 && j0 + e < cols; ++e) o[e] = Out8<T>::cvt(v[e]);
-      }
+    for (int e = 0; e < 8; ++e) v[e] = lookup<B>(cb, w[q], e * B) * am[q];
+    T* o = out + r * cols + j0;
+    if (vec_out) {
+      Out8<T>::store(o, v);
+    } else {
+      for (int e = 0; e < 8 && j0 + e < cols; ++e) o[e] = Out8<T>::cvt(v[e]);
     }
   }
 }
@@ -242,12 +178,11 @@ __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict
                                                        const uint16_t* __restrict__ codebook,
                                                        const int64_t* __restrict__ row_offsets, int64_t rows,
                                                        int64_t cols, int64_t blocksize, int bs_shift, int64_t pc,
-                                                       int64_t segs, int64_t seg_len, bool vec_out,
-                                                       T* __restrict__ out) {
-  // 8 tables of 4 KB, each 4 KB aligned in the shared window whatever the array's own placement (lookups OR)
-  __shared__ __align__(16) float table[9][kTableFloats];
+                                                       int64_t segs, bool vec_out, T* __restrict__ out) {
+  __shared__ __align__(64) float table[8][kCodebookSlots];  // each warp's current codebook (no bank conflicts)
   const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
-  const uint32_t tb = (((uint32_t)__cvta_generic_to_shared(table) + 4095u) & ~4095u) + 4096u * wib;
+  float* cb = table[wib];
+  const uint32_t cb_addr = (uint32_t)__cvta_generic_to_shared(cb);
   const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
   const int64_t nb = pc / blocksize;
   const int64_t first = (int64_t)blockIdx.x * (blockDim.x >> 5) + wib;
@@ -264,18 +199,14 @@ __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict
     }
     const uint8_t* row = packed + start;
     const bool al = ((uintptr_t)row & (b - 1)) == 0;
-    const float cbv = lane < kCodebookSlots ? half_bits_to_float(__ldg(codebook + r * kCodebookSlots + lane)) : 0.f;
     __syncwarp();  // the previous task's lookups are done
-    if (b == 1) build_table<1>(cbv, tb, lane);
-    else if (b == 2) build_table<2>(cbv, tb, lane);
-    else build_table<4>(cbv, tb, lane);
+    if (lane < kCodebookSlots) cb[lane] = half_bits_to_float(__ldg(codebook + r * kCodebookSlots + lane));
     __syncwarp();
     const float* am_row = absmax + r * nb;
     const uint32_t bs = (uint32_t)blocksize;
-    const int64_t j0 = seg * seg_len, j1 = min(cols, j0 + seg_len);
-    if (b == 1) dequantize_task<T, 1>(row, al, am_row, tb, r, j0, j1, lane, cols, bs_shift, bs, vec_out, out);
-    else if (b == 2) dequantize_task<T, 2>(row, al, am_row, tb, r, j0, j1, lane, cols, bs_shift, bs, vec_out, out);
-    else dequantize_task<T, 4>(row, al, am_row, tb, r, j0, j1, lane, cols, bs_shift, bs, vec_out, out);
+    if (b == 1) dequantize_task<T, 1>(row, al, am_row, cb_addr, r, seg, lane, cols, bs_shift, bs, vec_out, out);
+    else if (b == 2) dequantize_task<T, 2>(row, al, am_row, cb_addr, r, seg, lane, cols, bs_shift, bs, vec_out, out);
+    else dequantize_task<T, 4>(row, al, am_row, cb_addr, r, seg, lane, cols, bs_shift, bs, vec_out, out);
   }
 }
 
@@ -471,13 +402,7 @@ int dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const float* ab
                     int64_t blocksize, int dtype, void* out, void* stream_) {
   cudaStream_t stream = (cudaStream_t)stream_;
   const int64_t pc = padded_cols(cols, blocksize);
-  // Segments of whole 2048-element batches; long ones (few table builds) unless the rows alone leave the GPU
-  // short of warp tasks (~4 per resident warp).
-  const int64_t batches = (cols + kBatchElems - 1) / kBatchElems;
-  const int64_t want = (int64_t)sm_count() * 32 * 4;
-  const int64_t split = rows >= want ? 1 : (want + rows - 1) / rows;
-  const int64_t per_seg = (batches + split - 1) / split;
-  const int64_t seg_len = per_seg * kBatchElems, segs = (cols + seg_len - 1) / seg_len;
+  const int64_t segs = (cols + kSegElems - 1) / kSegElems;
   const int grid = grid_for(rows * segs, 8);
   const bool vec = cols % 8 == 0 && aligned(out, 16);
   int bs_shift = -1;
@@ -485,7 +410,7 @@ int dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const float* ab
     if (blocksize == (int64_t)1 << k) bs_shift = k;
 #define LOWRA_DF(T) dequantize_fast<T><<<grid, 256, 0, stream>>>(packed, packed_bytes, absmax, bits, codebook, \
                                                                  row_offsets, rows, cols, blocksize, bs_shift, pc, segs, \
-                                                                 seg_len, vec, (T*)out)
+                                                                 vec, (T*)out)
   if (dtype == LOWRA_F16) LOWRA_DF(__half);
   else if (dtype == LOWRA_BF16) LOWRA_DF(__nv_bfloat16);
   else LOWRA_DF(float);
