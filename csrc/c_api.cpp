@@ -118,6 +118,14 @@ void lowra_matmul_cuda_set_tuning(int ksplit, int ctas_per_sm, int depth) {
 #endif
 }
 
+void lowra_matmul_cuda_set_gemv_tuning(int max_rows, int rows_per_warp, int wk) {
+#ifdef LOWRA_WITH_CUDA
+  lowra::gemv_set_tuning(max_rows, rows_per_warp, wk);
+#else
+  (void)max_rows, (void)rows_per_warp, (void)wk;
+#endif
+}
+
 const char* lowra_last_cuda_error(void) {
 #ifdef LOWRA_WITH_CUDA
   return lowra::last_cuda_error();

@@ -70,9 +70,11 @@ __global__ void quantize_generic(const void* W, int dtype, int64_t cols, int64_t
 
 // ---------------------------------------------------------------------------------------------------------------
 // Fast dequantize: a warp task is (row, segment of kSegChunks * 256 elements); lane l handles the 8-element chunks
-// seg * kSegChunks * 256 + q * 256 + 8 l. Loads for all chunks are issued before any use.
+// seg * kSegChunks * 256 + q * 256 + 8 l. Loads for all chunks are issued before any use. Warps walk their tasks
+// with a fixed (rows, segments) stride, so no per-task division; codebook lookups address the warp's 64-byte
+// table with one shift and one OR.
 
-constexpr int kSegChunks = 4;
+constexpr int kSegChunks = 8;
 constexpr int kSegElems = kSegChunks * 256;
 
 template <typename T>
@@ -129,9 +131,18 @@ __device__ __forceinline__ uint32_t block_of(int64_t j, int bs_shift, uint32_t b
   return bs_shift >= 0 ? (uint32_t)(j >> bs_shift) : (uint32_t)j / blocksize;
 }
 
+// Codebook entry of the code at bits [s, s + B) of w, from a 64-byte-aligned shared table at address `base`.
+template <int B>
+__device__ __forceinline__ float lookup(uint32_t base, uint32_t w, int s) {
+  const uint32_t off = (s >= 2 ? w >> (s - 2) : w << (2 - s)) & (((1u << B) - 1) << 2);
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(base | off));
+  return v;
+}
+
 template <typename T, int B>
 __device__ __forceinline__ void dequantize_task(const uint8_t* __restrict__ row, bool al, const float* __restrict__ am_row,
-                                                const float* cb, int64_t r, int64_t seg, int lane, int64_t cols,
+                                                uint32_t cb, int64_t r, int64_t seg, int lane, int64_t cols,
                                                 int bs_shift, uint32_t blocksize, bool vec_out, T* __restrict__ out) {
   uint32_t w[kSegChunks];
   float am[kSegChunks];
@@ -151,7 +162,7 @@ __device__ __forceinline__ void dequantize_task(const uint8_t* __restrict__ row,
     if (j0 >= cols) break;
     float v[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = cb[(w[q] >> (e * B)) & ((1u << B) - 1)] * am[q];
+    for (int e = 0; e < 8; ++e) v[e] = lookup<B>(cb, w[q], e * B) * am[q];
     T* o = out + r * cols + j0;
     if (vec_out) {
       Out8<T>::store(o, v);
@@ -168,13 +179,18 @@ __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict
                                                        const int64_t* __restrict__ row_offsets, int64_t rows,
                                                        int64_t cols, int64_t blocksize, int bs_shift, int64_t pc,
                                                        int64_t segs, bool vec_out, T* __restrict__ out) {
-  __shared__ float table[8][kCodebookSlots];  // the codebook of each warp's current row (no bank conflicts)
+  __shared__ __align__(64) float table[8][kCodebookSlots];  // each warp's current codebook (no bank conflicts)
   const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
   float* cb = table[wib];
+  const uint32_t cb_addr = (uint32_t)__cvta_generic_to_shared(cb);
   const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
   const int64_t nb = pc / blocksize;
-  for (int64_t task = (int64_t)blockIdx.x * (blockDim.x >> 5) + wib; task < rows * segs; task += warps) {
-    const int64_t r = task / segs, seg = task % segs;
+  const int64_t first = (int64_t)blockIdx.x * (blockDim.x >> 5) + wib;
+  const int64_t dr = warps / segs, dseg = warps % segs;  // the task stride in (rows, segments)
+  int64_t r = first / segs, seg = first % segs;
+  for (; r < rows; r += dr, seg += dseg) {
+    if (seg >= segs) seg -= segs, ++r;
+    if (r >= rows) break;
     const int b = bits[r];
     const int64_t start = row_offsets[r];
     if (!row_ok(b, start, pc, packed_bytes)) {  // warp-uniform
@@ -188,9 +204,9 @@ __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict
     __syncwarp();
     const float* am_row = absmax + r * nb;
     const uint32_t bs = (uint32_t)blocksize;
-    if (b == 1) dequantize_task<T, 1>(row, al, am_row, cb, r, seg, lane, cols, bs_shift, bs, vec_out, out);
-    else if (b == 2) dequantize_task<T, 2>(row, al, am_row, cb, r, seg, lane, cols, bs_shift, bs, vec_out, out);
-    else dequantize_task<T, 4>(row, al, am_row, cb, r, seg, lane, cols, bs_shift, bs, vec_out, out);
+    if (b == 1) dequantize_task<T, 1>(row, al, am_row, cb_addr, r, seg, lane, cols, bs_shift, bs, vec_out, out);
+    else if (b == 2) dequantize_task<T, 2>(row, al, am_row, cb_addr, r, seg, lane, cols, bs_shift, bs, vec_out, out);
+    else dequantize_task<T, 4>(row, al, am_row, cb_addr, r, seg, lane, cols, bs_shift, bs, vec_out, out);
   }
 }
 
@@ -355,8 +371,8 @@ const char* last_cuda_error() { return g_last_error; }
 
 int64_t take_skipped_rows() {
   if (record_cuda(cudaDeviceSynchronize(), "synchronize") != LOWRA_OK) return -1;
-  const int64_t a = take_local_skipped_rows(), b = take_matmul_skipped_rows();
-  return a < 0 || b < 0 ? -1 : a + b;
+  const int64_t a = take_local_skipped_rows(), b = take_matmul_skipped_rows(), c = take_gemv_skipped_rows();
+  return a < 0 || b < 0 || c < 0 ? -1 : a + b + c;
 }
 
 int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,

@@ -792,6 +792,8 @@ void matmul_cuda_set_tuning(int ks, int ctas_per_sm, int depth) {
 
 int64_t matmul_cuda_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize,
                                    const int64_t* group_rows) {
+  const int64_t gv = gemv_workspace_size(dtype, m, rows, cols, blocksize);
+  if (gv >= 0) return gv;
   Plan plan;
   // alignment and pointers do not change the plan's shape: stand-ins that pass the checks
   const void* p16 = (const void*)(uintptr_t)256;
@@ -807,6 +809,9 @@ int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int6
                 int64_t blocksize, const int32_t* row_order, const int64_t* group_rows, const void* bias, void* out,
                 void* workspace, int64_t workspace_bytes, void* stream_) {
   cudaStream_t stream = (cudaStream_t)stream_;
+  const int gv = gemv_cuda(A, dtype, m, packed, packed_bytes, absmax, bits, codebook, row_offsets, rows, cols,
+                           blocksize, row_order, bias, out, workspace, workspace_bytes, stream_);
+  if (gv >= 0) return gv;  // 1-2 activation rows: the CUDA-core GEMV (cuda_gemv.cu)
   Plan plan;
   if (make_plan(A, dtype, m, packed, absmax, rows, cols, blocksize, row_order, group_rows, &plan)) {
     if (plan.ks_max > 1 && (!workspace || workspace_bytes < (int64_t)plan.ks_max * m * rows * 4 || !aligned(workspace, 4)))

@@ -191,12 +191,89 @@ def test_cuda_matmul_launch_shapes(ks, depth):
     A, packed, absmax, bits, code, off, bias = matmul_case(200, 2048, 64, torch.bfloat16, seed=5, m=4)
     ref = reference.matmul(A, packed, absmax, bits, code, off, 64, [200, 2048], bias)
     order, groups = matmul_plan(bits)
-    native.set_matmul_tuning(ksplit=ks, depth=depth)
+    native.set_matmul_tuning(ksplit=ks, depth=depth, gemv_max_rows=-1)  # m = 4 would take the GEMV
     try:
         out = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [200, 2048], bias, order, groups)
     finally:
         native.set_matmul_tuning()
     assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+# GEMV path (1-2 activation rows by default, up to 4 forced here): cols % 128 == 0, power-of-two blocksize >= 32; partial 1024-column steps
+# (2304, 11008, 128), K splits through the workspace (28672 columns with 2-4 rows), row counts that leave partial
+# row groups
+GEMV_SHAPES = [(1, 128, 32), (7, 1024, 64), (45, 2304, 128), (130, 4096, 64), (64, 11008, 64), (33, 28672, 64)]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", GEMV_SHAPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_cuda_matmul_gemv_path(shape, m, dtype):
+    rows, cols, bs = shape
+    for i, mix in enumerate(MIXES):
+        A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, bs, dtype, seed=rows + cols + m + i, mix=mix,
+                                                               m=m)
+        b = bias if i % 2 else None
+        ref = reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], b)
+        order, groups = matmul_plan(bits)
+        out = torch.full_like(ref, float("nan"))
+        native.set_matmul_tuning(gemv_max_rows=4)
+        try:
+            torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], b, order, groups, out=out)
+        finally:
+            native.set_matmul_tuning()
+        assert rel_err(out, ref) < TOL[dtype], f"mix {mix}: {rel_err(out, ref)}"
+
+
+@cuda
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("r,wk", [(4, 0), (8, 0), (8, 1), (4, 2), (8, 4), (4, 8)])
+def test_cuda_matmul_gemv_launch_shapes(r, wk, m):
+    """Rows per warp (4, 8) and warps along K forced: the same product; and the tensor-core path at the same m."""
+    A, packed, absmax, bits, code, off, bias = matmul_case(150, 5120, 64, torch.bfloat16, seed=m + r, m=m)
+    ref = reference.matmul(A, packed, absmax, bits, code, off, 64, [150, 5120], bias)
+    order, groups = matmul_plan(bits)
+    outs = []
+    for gemv in (4, -1):
+        native.set_matmul_tuning(gemv_max_rows=gemv, gemv_rows_per_warp=r, gemv_wk=wk)
+        try:
+            outs.append(torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [150, 5120], bias, order,
+                                               groups))
+        finally:
+            native.set_matmul_tuning()
+    for out in outs:
+        assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+@cuda
+def test_cuda_matmul_gemv_k_splits_capture_in_cuda_graph():
+    """The GEMV with K splits (workspace + finalize kernel) captured in a graph and replayed on new activations."""
+    rows, cols, bs = 40, 28672, 64
+    A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, bs, torch.float16, seed=8, m=4)
+    order, groups = matmul_plan(bits)
+    y = torch.empty(4, rows, dtype=torch.float16, device="cuda")
+
+    def step():
+        torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], bias, order, groups, out=y)
+
+    native.set_matmul_tuning(gemv_max_rows=4)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    finally:
+        native.set_matmul_tuning()
+    A.copy_(torch.randn_like(A))
+    y.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y, reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], bias)) < TOL[torch.float16]
 
 
 @cuda
@@ -263,10 +340,12 @@ def test_cuda_ops_capture_in_cuda_graph():
 
 
 @cuda
-def test_cuda_corrupt_metadata_is_skipped_not_followed():
+@pytest.mark.parametrize("gemv", [0, -1])
+def test_cuda_corrupt_metadata_is_skipped_not_followed(gemv):
     """Offsets pointing outside the buffer, bits that are not 1/2/4 and a row_order naming rows of another precision
     or out of range: those rows are skipped and counted, the others are still right, nothing faults (the
-    compute-sanitizer run of the suite checks that nothing is read or written out of bounds)."""
+    compute-sanitizer run of the suite checks that nothing is read or written out of bounds). gemv=-1: the
+    tensor-core path (which also refuses a row of the wrong precision group; the GEMV computes any precision)."""
     rows, cols, bs = 48, 1024, 64
     A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, bs, torch.bfloat16, seed=3, m=2)
     native.skipped_rows()  # drain earlier counts
@@ -284,8 +363,12 @@ def test_cuda_corrupt_metadata_is_skipped_not_followed():
     bad_order = order.clone()
     bad_order[0] = rows + 100  # out of range
     bad_order[-1] = bad_order[0 + groups[0]]  # a 2-bit row in the 4-bit group
-    y = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], None, bad_order, groups)
-    assert native.skipped_rows() >= 2
+    native.set_matmul_tuning(gemv_max_rows=gemv)
+    try:
+        y = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], None, bad_order, groups)
+    finally:
+        native.set_matmul_tuning()
+    assert native.skipped_rows() >= (2 if gemv else 1)
     yref = reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols])
     good = sorted(set(range(rows)) - {int(order[0]), int(order[-1]), int(order[groups[0]])})
     assert rel_err(y[:, good], yref[:, good]) < TOL[torch.bfloat16]

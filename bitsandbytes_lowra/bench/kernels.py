@@ -22,7 +22,7 @@ import statistics
 import torch
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672)]
-BATCHES = [1, 4, 8, 16]
+BATCHES = [1, 2, 4, 8, 16]
 BLOCKSIZE = 64
 MIX_175 = (0.5, 0.375, 0.125)  # fractions of 1-, 2-, 4-bit rows: 0.5 + 0.75 + 0.5 = 1.75 bits
 L2_BYTES = 60 * 2**20
@@ -274,19 +274,30 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
     return res
 
 
-def matmul_sweep(rows: int, cols: int, replays: int, min_calls: int, batches=(1, 16)) -> list:
-    """Launch shapes of the fused matmul (K splits, CTAs per SM, prefetch depth) on one layer."""
+# Launch shapes swept (native.set_matmul_tuning keywords; {} = automatic): the GEMV path's rows per warp and warps
+# along K, and the tensor-core path (gemv_max_rows=-1) at the same m; for 16 rows the tensor-core path's knobs.
+SWEEP = {
+    1: [{}, dict(gemv_max_rows=-1), dict(gemv_rows_per_warp=4), dict(gemv_wk=2), dict(gemv_wk=4), dict(gemv_wk=8),
+        dict(gemv_rows_per_warp=4, gemv_wk=2), dict(gemv_rows_per_warp=4, gemv_wk=4)],
+    2: [{}, dict(gemv_max_rows=-1), dict(gemv_rows_per_warp=4), dict(gemv_wk=2), dict(gemv_wk=8)],
+    4: [{}, dict(gemv_max_rows=4), dict(gemv_max_rows=4, gemv_wk=2)],
+    16: [{}, dict(depth=2)],
+}
+
+
+def matmul_sweep(rows: int, cols: int, replays: int, min_calls: int, bits=None) -> list:
+    """Launch shapes of the fused matmul (SWEEP) on one layer (1.75-bit mix unless `bits` is given)."""
     from ..backends import native
 
     gen = torch.Generator().manual_seed(5)
     W = (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16).cuda()
-    s = lowra_state(W, mixed_bits(rows, gen))
+    s = lowra_state(W, mixed_bits(rows, gen) if bits is None else torch.full((rows,), bits, dtype=torch.uint8))
     rs = [clone_state(s) for _ in range(copies_for(state_bytes(s)["total"]))]
     out = []
-    for m in batches:
+    for m, configs in SWEEP.items():
         A = torch.randn(m, cols, generator=gen).to(torch.bfloat16).cuda()
-        for ks, ctas, depth in [(0, 0, 0), (1, 0, 0), (2, 0, 0), (4, 0, 0), (8, 0, 0), (0, 2, 0), (0, 0, 2)]:
-            native.set_matmul_tuning(ks, ctas, depth)
+        for cfg in configs:
+            native.set_matmul_tuning(**cfg)
             try:
                 fns = [(lambda r=r: torch.ops.lowra.matmul(A, r["packed"], r["absmax"], r["bits"], r["code"], r["off"],
                                                            BLOCKSIZE, r["shape"], None, r["order"], r["groups"]))
@@ -294,7 +305,7 @@ def matmul_sweep(rows: int, cols: int, replays: int, min_calls: int, batches=(1,
                 ms, _ = time_calls(fns * max(1, math.ceil(min_calls / len(fns))), replays)
             finally:
                 native.set_matmul_tuning()
-            out.append(dict(shape=[rows, cols], m=m, ksplit=ks, ctas_per_sm=ctas, depth=depth, ms=ms))
+            out.append(dict(shape=[rows, cols], avg_bits=s["avg_bits"], m=m, tuning=cfg, ms=ms))
     return out
 
 
@@ -335,6 +346,7 @@ def run(shapes, batches, quick: bool = False, sweep: bool = True) -> dict:
     if sweep:
         big = max(shapes, key=lambda s: s[0] * s[1])
         res["matmul_sweep"] = matmul_sweep(big[0], big[1], replays, min_calls)
+        res["matmul_sweep"] += matmul_sweep(big[0], big[1], replays, min_calls, bits=4)
     return res
 
 
@@ -358,6 +370,7 @@ def table(res: dict) -> str:
                          f"{r['bnb_nf4']['ms'] * 1e3:>8.1f} {r['bf16']['ms'] * 1e3:>8.1f} | "
                          f"{r['speedup_1.75bit_vs_bnb']:>6.2f} {r['speedup_1.75bit_vs_bf16']:>6.2f}")
     for sw in res.get("matmul_sweep", []):
-        lines.append(f"sweep {sw['shape'][0]}x{sw['shape'][1]} m={sw['m']:<2} ksplit={sw['ksplit']} "
-                     f"ctas/SM={sw['ctas_per_sm']} depth={sw['depth']}: {sw['ms'] * 1e3:.1f} us")
+        cfg = " ".join(f"{k}={v}" for k, v in sw["tuning"].items()) or "automatic"
+        lines.append(f"sweep {sw['shape'][0]}x{sw['shape'][1]} {sw['avg_bits']:.2f} bits m={sw['m']:<2} {cfg}: "
+                     f"{sw['ms'] * 1e3:.1f} us")
     return "\n".join(lines)

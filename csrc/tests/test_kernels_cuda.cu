@@ -133,7 +133,8 @@ static void test_quant(int64_t rows, int64_t cols, int64_t bs, int dtype, uint32
 
 // Fused matmul against a double-precision product of the CPU-dequantized weight.
 static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64_t m, std::vector<uint8_t> mix,
-                        uint32_t seed, int ks = 0, int depth = 0, bool plan = true) {
+                        uint32_t seed, int ks = 0, int depth = 0, bool plan = true, int gemv = 0, int gemv_r = 0,
+                        int gemv_wk = 0) {
   std::mt19937 rng(seed);
   Case c = make_case(rows, cols, bs, rng, mix);
   std::normal_distribution<float> g(0.f, 1.f);
@@ -194,6 +195,7 @@ static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64
   std::vector<uint8_t> poison(m * rows * esz, 0xff);  // NaN in every float type: every output must be written
   uint8_t* dout = to_device(poison);
   lowra_matmul_cuda_set_tuning(ks, 0, depth);
+  lowra_matmul_cuda_set_gemv_tuning(gemv, gemv_r, gemv_wk);
   const int64_t ws_bytes = lowra_matmul_cuda_workspace_size(dtype, m, rows, cols, bs, groups);
   float* dws = nullptr;
   if (ws_bytes > 0) CUDA_OK(cudaMalloc(&dws, ws_bytes));
@@ -208,8 +210,9 @@ static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64
   }
   const double rel = sqrt(err / (norm > 0 ? norm : 1));
   const double tol = dtype == LOWRA_BF16 ? 8e-3 : dtype == LOWRA_F16 ? 2e-3 : 1e-5;
-  CHECK(rel < tol, "matmul rows=%lld cols=%lld bs=%lld dtype=%d m=%lld ks=%d depth=%d plan=%d: rel err %g",
-        (long long)rows, (long long)cols, (long long)bs, dtype, (long long)m, ks, depth, (int)plan, rel);
+  CHECK(rel < tol, "matmul rows=%lld cols=%lld bs=%lld dtype=%d m=%lld ks=%d depth=%d plan=%d gemv=%d/%d/%d: rel err %g",
+        (long long)rows, (long long)cols, (long long)bs, dtype, (long long)m, ks, depth, (int)plan, gemv, gemv_r,
+        gemv_wk, rel);
   CHECK(lowra_cuda_take_skipped_rows() == 0, "valid metadata reported as skipped");
   if (plan && m <= 16 && dtype != LOWRA_F32 && cols % 256 == 0 && bs % 64 == 0) {  // the fast path reads row_order
     // a row_order naming an out-of-range row and a row of the wrong precision: skipped, counted, in bounds
@@ -224,6 +227,7 @@ static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64
     CUDA_OK(cudaFree(dbad));
   }
   lowra_matmul_cuda_set_tuning(0, 0, 0);  // after the last call sized by this tuning's workspace
+  lowra_matmul_cuda_set_gemv_tuning(0, 0, 0);
   for (void* p : {(void*)dA, (void*)dbias, (void*)dpacked, (void*)dabsmax, (void*)dbits, (void*)dcode, (void*)doff,
                   (void*)dorder, (void*)dout, (void*)dws})
     CUDA_OK(cudaFree(p));
@@ -246,7 +250,20 @@ int main() {
       for (int64_t m : {1, 9}) test_matmul(70, 1024, 64, dtype, m, mix, seed++);
   test_matmul(33, 2048, 128, LOWRA_BF16, 16, {1, 2, 4}, seed++, /*ks=*/1, /*depth=*/2);
   test_matmul(33, 2048, 128, LOWRA_BF16, 5, {1, 2, 4}, seed++, /*ks=*/2, /*depth=*/3);
-  test_matmul(40, 1024, 64, LOWRA_F16, 4, {1, 2, 4}, seed++, 0, 0, /*plan=*/false);  // generic kernel
+  test_matmul(40, 1024, 64, LOWRA_F16, 4, {1, 2, 4}, seed++, 0, 0, /*plan=*/false, /*gemv=*/-1);  // generic kernel
+  test_matmul(40, 1024, 64, LOWRA_F16, 4, {1, 2, 4}, seed++, 0, 0, /*plan=*/false, 4);  // GEMV, natural row order
+  // GEMV (1-4 activation rows, forced up to 4): every precision mix, partial steps (cols not a multiple of 1024), K splits through
+  // the workspace (28672 columns), both rows-per-warp variants and every split of the warps along K; and the
+  // tensor-core path at the same m
+  for (int dtype : {LOWRA_F16, LOWRA_BF16})
+    for (const auto& mix : mixes)
+      for (int64_t m : {1, 2, 3, 4}) test_matmul(45, 2304, 128, dtype, m, mix, seed++, 0, 0, true, 4);
+  for (int64_t m : {1, 4}) test_matmul(9, 28672, 64, LOWRA_BF16, m, {1, 2, 4}, seed++, 0, 0, true, 4);
+  test_matmul(130, 128, 32, LOWRA_F16, 2, {1, 2, 4}, seed++);
+  for (int r : {4, 8})
+    for (int wk : {1, 2, 4, 8})
+      for (int64_t m : {1, 3}) test_matmul(77, 4096, 64, LOWRA_BF16, m, {1, 2, 4}, seed++, 0, 0, true, 4, r, wk);
+  for (int64_t m : {1, 4}) test_matmul(70, 1024, 64, LOWRA_BF16, m, {1, 2, 4}, seed++, 0, 0, true, /*gemv=*/-1);
   test_matmul(24, 576, 64, LOWRA_BF16, 3, {1, 2, 4}, seed++);                         // generic: odd width
   test_matmul(12, 300, 32, LOWRA_F32, 20, {1, 2, 4}, seed++);                          // generic: fp32, many rows
   if (failures) {
