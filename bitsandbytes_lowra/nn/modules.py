@@ -277,7 +277,11 @@ class ParamsLowRA(nn.Parameter):
             dtype = None  # float casts never touch packed codes
             # A move to meta (accelerate/FSDP meta-device init, then load from rank 0) leaves the metadata where it
             # is: the codes come back from the state dict, the per-row state has no other source.
-            if self.quant_state is not None and device is not None and device.type != "meta":
+            if device is not None and device.type == "meta":
+                # A plain tensor: nn.Module._apply wraps a cross-device-type result in nn.Parameter(...), which
+                # refuses subclasses whose detach() is plain. The module keeps the state and re-attaches it.
+                return super().to(device=device, non_blocking=non_blocking)
+            if self.quant_state is not None and device is not None:
                 self.quant_state.to(device)
         data = super().to(device=device, dtype=dtype, non_blocking=non_blocking)
         return ParamsLowRA(data, requires_grad=self.requires_grad, module=self.module, **self._meta())
@@ -329,15 +333,9 @@ def _local(t):
     return t.to_local() if _is_dtensor(t) else t
 
 
-def _replicated_like(t: torch.Tensor, like) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor, Replicate
-
-    t = t.to(like.device)
-    return DTensor.from_local(t, like.device_mesh, [Replicate()] * like.device_mesh.ndim, run_check=False)
-
-
 # The names torch.distributed.checkpoint resolves attribute by attribute ("q_proj.weight.absmax" -> getattr(weight,
-# "absmax")); ParamsLowRA has them as properties, FSDP's plain sharded parameter gets them as attributes.
+# "absmax")) when a state dict with metadata meets a sharded model; ParamsLowRA has them as properties, FSDP's plain
+# sharded parameter gets them as attributes.
 _STATE_ATTRS = {
     "absmax": lambda s: s.absmax, "lowra_bits": lambda s: s.bits, "lowra_code": lambda s: s.code,
     "lowra_thresholds": lambda s: s.thresholds, "lowra_row_offsets": lambda s: s.row_offsets,
@@ -495,13 +493,13 @@ class LinearLowRA(nn.Linear):
         self._fix_quant_state()
         super()._save_to_state_dict(destination, prefix, keep_vars)  # weight (packed codes) and bias
         state = getattr(self.weight, "quant_state", None) or self.quant_state
-        if state is not None:
-            like = self.weight if _is_dtensor(self.weight) else None
+        if state is not None and not _is_dtensor(self.weight):
             for k, v in state.as_dict(packed=True).items():
-                v = v if keep_vars else v.detach()
-                # Under FSDP2 every state-dict entry must be a DTensor (accelerate's rank-0 broadcast and torch's
-                # distributed checkpoint expect it): the replicated metadata becomes a Replicate() DTensor.
-                destination[prefix + "weight." + k] = v if like is None else _replicated_like(v, like)
+                destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+        # Under FSDP2 (the weight is a DTensor shard) the state dict holds the sharded codes only. accelerate's
+        # rank-0 broadcast (fsdp2_load_full_state_dict) and torch.distributed.checkpoint treat every entry as a
+        # parameter or buffer they can resolve by name, which "weight.<field>" is not; the metadata is identical on
+        # every rank (quantized from one plan) and stays on the module (docs/distributed.md).
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
