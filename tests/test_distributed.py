@@ -226,6 +226,17 @@ def _fsdp_worker(rank: int, world: int, port: int, tiny_dir: str, plan_path: str
         report["roundtrip_identical"] = same
         with torch.no_grad():
             report["outputs_identical"] = bool(torch.equal(pm(input_ids=probe).logits, out_before))
+
+        # A state dict that does carry metadata (an unsharded checkpoint's) next to the sharded weight: the layer
+        # rebuilds its state from it (validated against the shard's size).
+        name = "base_model.model.model.layers.0.self_attn.q_proj.base_layer"
+        layer = pm.get_submodule(name)
+        meta = {k.removeprefix(name + "."): v for k, v in original_sd.items() if k.startswith(name + ".weight.")}
+        old_state = layer.quant_state
+        layer.load_state_dict({"weight": after[name + ".weight"], **meta}, strict=False)
+        report["metadata_reloaded"] = layer.quant_state is not old_state and layer.quant_state == old_state
+        with torch.no_grad():
+            report["outputs_after_metadata"] = bool(torch.equal(pm(input_ids=probe).logits, out_before))
     except Exception as e:  # reported to the parent, which fails the test with it
         import traceback
 
@@ -259,6 +270,7 @@ def test_fsdp2_sharded_training_and_checkpoint(tiny, tmp_path):
         assert len(rep["trainable_dtypes"]) == 1  # FSDP2 reduce-scatters gradients of one dtype
         assert rep["metadata_keys"] == 0  # metadata stays on the modules (see LinearLowRA._save_to_state_dict)
         assert rep["roundtrip_identical"] and rep["outputs_identical"]
+        assert rep["metadata_reloaded"] and rep["outputs_after_metadata"]
     r0, r1 = reports
     # Sharded forward == unsharded forward of rank 0; rank 1's damaged copy was replaced by rank 0's.
     assert r0["loss_after_shard"] == pytest.approx(r0["loss_before_shard"], abs=1e-2)
