@@ -30,7 +30,6 @@ from torch import nn
 
 from bitsandbytes_lowra import LinearLowRA, LowRAConfig
 from bitsandbytes_lowra.format import LowRAFormatError
-from bitsandbytes_lowra.functional import quantize_lowra
 from bitsandbytes_lowra.nn.modules import QUANT_STORAGE_DTYPES, ParamsLowRA, check_quant_storage, to_storage
 
 from .conftest import mixed_bits
@@ -167,7 +166,8 @@ def _fsdp_worker(rank: int, world: int, port: int, tiny_dir: str, plan_path: str
                 report["loss_damaged"] = pm(input_ids=probe, labels=probe).loss.float().item()
         # accelerate's fsdp2_prepare_model with cpu_ram_efficient_loading: state dict, meta, shard, broadcast.
         original_sd = pm.state_dict()
-        buffers = {k: v.clone() for k, v in pm.named_buffers() if k in get_non_persistent_buffers(pm, recurse=True, fqns=True)}
+        transient = get_non_persistent_buffers(pm, recurse=True, fqns=True)
+        buffers = {k: v.clone() for k, v in pm.named_buffers() if k in transient}
         pm = pm.to(torch.device("meta"))
         layers = pm.base_model.model.model.layers
         for layer in layers:

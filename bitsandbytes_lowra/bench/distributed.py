@@ -217,7 +217,8 @@ def _run_contender(name: str, args, ckpt: Path, plan: Path, work: Path) -> dict:
 
 
 def _table(results: dict) -> str:
-    lines = [f"{'contender':<15} {'procs':>5} {'step s':>8} {'tok/s':>9} {'peak GiB/GPU':>13} {'weights GiB':>12}  note"]
+    head = f"{'contender':<15} {'procs':>5} {'step s':>8} {'tok/s':>9} {'peak GiB/GPU':>13} {'weights GiB':>12}  note"
+    lines = [head]
     for r in results["contenders"]:
         if "error" in r:
             lines.append(f"{r['contender']:<15} {r['nproc']:>5} {'-':>8} {'-':>9} {'-':>13} {'-':>12}  "

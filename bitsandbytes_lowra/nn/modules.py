@@ -68,7 +68,8 @@ def to_storage(packed: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor
     return packed if quant_storage == torch.uint8 else packed.contiguous().view(quant_storage)
 
 
-def packed_bytes(weight: torch.Tensor, state: QuantStateLowRA, quant_storage: torch.dtype | None = None) -> torch.Tensor:
+def packed_bytes(weight: torch.Tensor, state: QuantStateLowRA, quant_storage: torch.dtype | None = None
+                 ) -> torch.Tensor:
     """The packed codes of `weight` as a 1-D uint8 view, whatever dtype they are stored in; checked against `state`.
 
     Catches the ways a distributed wrapper or a helper can damage stored codes: a float cast of the storage (peft's
@@ -275,11 +276,11 @@ class ParamsLowRA(nn.Parameter):
             return self._quantize(device)
         if self.lowra_quantized:
             dtype = None  # float casts never touch packed codes
-            # A move to meta (accelerate/FSDP meta-device init, then load from rank 0) leaves the metadata where it
-            # is: the codes come back from the state dict, the per-row state has no other source.
             if device is not None and device.type == "meta":
-                # A plain tensor: nn.Module._apply wraps a cross-device-type result in nn.Parameter(...), which
-                # refuses subclasses whose detach() is plain. The module keeps the state and re-attaches it.
+                # accelerate's meta-device init (to meta, shard, load rank 0's state dict): the codes come back from
+                # the state dict, the metadata has no other source, so it stays where it is, on the module. A plain
+                # tensor: nn.Module._apply wraps a cross-device-type result in nn.Parameter(...), which refuses
+                # subclasses whose detach() is plain; the layer re-attaches the state later.
                 return super().to(device=device, non_blocking=non_blocking)
             if self.quant_state is not None and device is not None:
                 self.quant_state.to(device)
@@ -333,9 +334,9 @@ def _local(t):
     return t.to_local() if _is_dtensor(t) else t
 
 
-# The names torch.distributed.checkpoint resolves attribute by attribute ("q_proj.weight.absmax" -> getattr(weight,
-# "absmax")) when a state dict with metadata meets a sharded model; ParamsLowRA has them as properties, FSDP's plain
-# sharded parameter gets them as attributes.
+# `weight.quant_state`, `weight.absmax`, ... as on ParamsLowRA (properties there), set as attributes on FSDP's plain
+# sharded parameter: user code inspecting the weight, and torch.distributed.checkpoint resolving "weight.<field>"
+# names attribute by attribute, find them.
 _STATE_ATTRS = {
     "absmax": lambda s: s.absmax, "lowra_bits": lambda s: s.bits, "lowra_code": lambda s: s.code,
     "lowra_thresholds": lambda s: s.thresholds, "lowra_row_offsets": lambda s: s.row_offsets,
@@ -553,7 +554,7 @@ class LinearLowRA(nn.Linear):
         )
         if not qkeys:
             if self.quant_state is None:
-                raise LowRAFormatError(f"{wkey}: a sharded LowRA weight arrived without its state, and the layer has none")
+                raise LowRAFormatError(f"{wkey}: a sharded LowRA weight arrived without its state; the layer has none")
             return
         try:
             state = QuantStateLowRA.from_dict(qkeys, device=self.quant_state.device if self.quant_state is not None
