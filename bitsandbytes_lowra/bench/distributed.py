@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -186,15 +187,26 @@ def _run_contender(name: str, args, ckpt: Path, plan: Path, work: Path) -> dict:
         env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
     rec = {"contender": name, "nproc": nproc}
+    # Its own session: on a timeout the whole group (torchrun and its workers) is ended, so a hung contender
+    # frees its GPUs for the next one.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
     try:
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-        rec["returncode"] = r.returncode
-        tail = (r.stdout + r.stderr)[-3000:]
-    except subprocess.TimeoutExpired as e:
+        tail = proc.communicate(timeout=args.timeout)[0][-3000:]
+        rec["returncode"] = proc.returncode
+    except subprocess.TimeoutExpired:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+            try:
+                os.killpg(proc.pid, sig)
+                tail = proc.communicate(timeout=wait)[0][-3000:]
+                break
+            except subprocess.TimeoutExpired:
+                tail = ""
+            except ProcessLookupError:
+                tail = ""
+                break
         rec["returncode"] = None
         rec["error"] = f"timed out after {args.timeout} s"
-        tail = ((e.stdout or b"") + (e.stderr or b""))[-3000:]
-        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
     rec["wall_s"] = time.perf_counter() - t0
     ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     errors = [r["error"] for r in ranks if "error" in r]
