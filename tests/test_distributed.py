@@ -6,7 +6,7 @@
 - FSDP2 (torch's fully_shard; accelerate only runs FSDP on accelerators): bf16 model with bf16-stored codes, sharded
   after accelerate's own meta-device + rank-0 broadcast (`fsdp2_load_full_state_dict`, the cpu_ram_efficient_loading
   path), trained a few steps (finite, decreasing loss), then a sharded save / load with torch.distributed.checkpoint
-  (bit-identical shards and outputs).
+  (bit-identical shards and outputs). In the same processes, FSDP1 (flat parameters) on bf16-stored codes.
 - quant_storage without processes: storage dtypes, byte reinterpretation, refusals, state dict and from_pretrained
   round trips, idempotent moves.
 
@@ -17,6 +17,7 @@ Children run with OMP_NUM_THREADS=1.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -237,6 +238,32 @@ def _fsdp_worker(rank: int, world: int, port: int, tiny_dir: str, plan_path: str
         report["metadata_reloaded"] = layer.quant_state is not old_state and layer.quant_state == old_state
         with torch.no_grad():
             report["outputs_after_metadata"] = bool(torch.equal(pm(input_ids=probe).logits, out_before))
+
+        # FSDP1 (flat parameters: one dtype per unit, hence quant_storage = the model dtype; with uint8 codes torch
+        # refuses to flatten them with bf16 norms). A fresh model, adapters in bf16 too, one unit.
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=config, dtype=torch.bfloat16,
+                                                     device_map="cpu")  # fmt: skip
+        pm1, _ = add_lora(model, None, "zero", args)
+        for p in pm1.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+        with torch.no_grad():
+            ref1 = pm1(input_ids=probe, labels=probe).loss.float().item()
+        f1 = FullyShardedDataParallel(pm1, use_orig_params=True, device_id=torch.device("cpu"))
+        with torch.no_grad():
+            report["fsdp1_loss_matches"] = f1(input_ids=probe, labels=probe).loss.float().item() == ref1
+        opt1 = torch.optim.AdamW([p for p in f1.parameters() if p.requires_grad], lr=1e-2)
+        fsdp1_losses = []
+        for step in range(3):
+            batch = blocks[(2 * step + rank) * args.batch_size:(2 * step + rank + 1) * args.batch_size]
+            loss = f1(input_ids=batch, labels=batch).loss
+            loss.backward()
+            opt1.step()
+            opt1.zero_grad()
+            fsdp1_losses.append(loss.float().item())
+        report["fsdp1_losses"] = fsdp1_losses
     except Exception as e:  # reported to the parent, which fails the test with it
         import traceback
 
@@ -271,6 +298,7 @@ def test_fsdp2_sharded_training_and_checkpoint(tiny, tmp_path):
         assert rep["metadata_keys"] == 0  # metadata stays on the modules (see LinearLowRA._save_to_state_dict)
         assert rep["roundtrip_identical"] and rep["outputs_identical"]
         assert rep["metadata_reloaded"] and rep["outputs_after_metadata"]
+        assert rep["fsdp1_loss_matches"] and all(map(math.isfinite, rep["fsdp1_losses"]))
     r0, r1 = reports
     # Sharded forward == unsharded forward of rank 0; rank 1's damaged copy was replaced by rank 0's.
     assert r0["loss_after_shard"] == pytest.approx(r0["loss_before_shard"], abs=1e-2)
