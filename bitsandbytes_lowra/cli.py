@@ -227,13 +227,26 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
+    import torch
+
     from .eval.perplexity import perplexity
-    from .finetune import FinetuneArgs, add_lora, load_quantized, train, write_outputs
+    from .finetune import (FinetuneArgs, add_lora, distributed, load_quantized, main_process_first, train,
+                           write_outputs)  # fmt: skip
     from .sweep import plan_record, resolve_checkpoint, versions
 
+    dist = distributed()  # under `accelerate launch`: DDP or FSDP, run by Trainer
     checkpoint = resolve_checkpoint(args.model)
     m = baselines.get_method(args.method)
     init = args.init or m.init
+    dtype = getattr(torch, args.dtype)
+    quant_storage = args.quant_storage
+    if quant_storage == "auto":  # FSDP shards the codes with the float parameters: same dtype (docs/distributed.md)
+        quant_storage = args.dtype if dist["fsdp"] else "uint8"
+    if dist["fsdp"] and init == "loftq":
+        raise ValueError(
+            "LoftQ init re-quantizes the base, which FSDP runs cannot save from shards: initialize single-process "
+            "(lowra finetune --steps 0 --init loftq), or fine-tune under FSDP with --init zero"
+        )
     fa = FinetuneArgs(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, warmup_ratio=args.warmup_ratio,
@@ -242,37 +255,59 @@ def _cmd_finetune(args) -> int:
         logging_steps=args.logging_steps,
     )  # fmt: skip
     out = Path(args.output)
-    plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args))
-    model, tok = load_quantized(checkpoint, plan)
+    with main_process_first():  # rank 0 plans and fills the plan cache, the others read it
+        plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args) and dist["is_main"])
+    model, tok = load_quantized(checkpoint, plan, dtype=dtype, quant_storage=getattr(torch, quant_storage))
     metrics = {"method": args.method, "bits": args.bits, "init": init, **plan_record(plan), "args": fa.to_dict(),
-               "checkpoint": str(checkpoint), "command": " ".join(["lowra", *sys.argv[1:]]), "versions": versions()}
+               "checkpoint": str(checkpoint), "command": " ".join(["lowra", *sys.argv[1:]]), "versions": versions(),
+               "dtype": args.dtype, "quant_storage": quant_storage,
+               "distributed": {k: dist[k] for k in ("num_processes", "fsdp", "fsdp_version")}}  # fmt: skip
     pm, report = add_lora(model, checkpoint, init, fa, loftq_iterations=args.loftq_iterations)
     metrics["init_report"] = report
 
     def ppl(tag):
-        if args.eval_tokens:
+        if args.eval_tokens and dist["num_processes"] == 1:
             r = perplexity(pm, tok, context=512, max_tokens=args.eval_tokens, progress=_progress(args))
             metrics[f"ppl_{tag}"] = r["ppl"]
             _log(args, f"perplexity {tag}: {r['ppl']:.3f}")
 
+    if args.eval_tokens and dist["num_processes"] > 1 and dist["is_main"]:
+        _log(args, "--eval-tokens is skipped in multi-process runs: evaluate the saved adapter with `lowra eval`")
     ppl("init")
-    _log(args, f"training {fa.steps} steps (batch {fa.batch_size} x {fa.grad_accum} x {fa.seq_len} tokens, "
-               f"optim {fa.resolved_optim()}) ...")  # fmt: skip
-    metrics["train"] = train(pm, tok, fa, progress=_progress(args))
+    if dist["is_main"]:
+        _log(args, f"training {fa.steps} steps (batch {fa.batch_size} x {fa.grad_accum} x {fa.seq_len} tokens x "
+                   f"{dist['num_processes']} processes, optim {fa.resolved_optim()}) ...")  # fmt: skip
+    multi = dist["num_processes"] > 1
+    metrics["train"] = train(pm, tok, fa, progress=_progress(args) and dist["is_main"],
+                             adapter_dir=out / "adapter" if multi and fa.steps else None)  # fmt: skip
     ppl("finetuned")
-    write_outputs(pm, out / "adapter", metrics)
-    # LoftQ re-quantized the base to its residual: the adapter only makes sense on that base, so it is saved too.
-    base = pm.unload()
-    base.save_pretrained(out / "base")
-    tok.save_pretrained(out / "base")
+    if not dist["is_main"]:
+        return 0
+    if not multi or not fa.steps:
+        write_outputs(pm, out / "adapter", metrics)
+    else:
+        (out / "adapter" / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
+    wrote = [f"{out}/adapter (peft adapter)"]
+    if dist["fsdp"]:
+        # The base is sharded across the ranks; it is the checkpoint quantized with this plan (zero init only).
+        plan.save(out / "lowra-plan.safetensors")
+        wrote.append(f"{out}/lowra-plan.safetensors (the base: {checkpoint} quantized with this plan)")
+        evaluate = f"lowra eval {checkpoint} --bits {args.bits:g} --method {args.method} --adapter {out}/adapter"
+    else:
+        # LoftQ re-quantized the base to its residual: the adapter only makes sense on that base, so it is saved too.
+        base = pm.unload()
+        base.save_pretrained(out / "base")
+        tok.save_pretrained(out / "base")
+        wrote.append(f"{out}/base (LowRA base it was trained on)")
+        evaluate = f"lowra eval {out}/base --adapter {out}/adapter"
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
     text = [f"{args.method} {args.bits:g} bits, {init} init: {metrics['train']['steps']} steps, "
             f"train loss {metrics['train']['train_loss']}"]  # fmt: skip
     for tag in ("init", "finetuned"):
         if f"ppl_{tag}" in metrics:
             text.append(f"perplexity after {tag}: {metrics[f'ppl_{tag}']:.3f}")
-    text.append(f"wrote {out}/adapter (peft adapter), {out}/base (LowRA base it was trained on), {out}/metrics.json")
-    text.append(f"evaluate: lowra eval {out}/base --adapter {out}/adapter")
+    text.append("wrote " + ", ".join(wrote) + f", {out}/metrics.json")
+    text.append(f"evaluate: {evaluate}")
     _emit(args, metrics, "\n".join(text))
     return 0
 
@@ -490,7 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "adamw_torch on CPU)")  # fmt: skip
     ft.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     ft.add_argument("--logging-steps", type=int, default=5)
-    ft.add_argument("--eval-tokens", type=int, default=0, help="perplexity before/after on this many tokens (0: skip)")
+    ft.add_argument("--eval-tokens", type=int, default=0, help="perplexity before/after on this many tokens (0: skip; "
+                    "single-process runs only)")  # fmt: skip
+    ft.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="dtype the model is loaded in (default float32)")
+    ft.add_argument("--quant-storage", choices=["auto", "uint8", "bfloat16", "float16", "float32"], default="auto",
+                    help="dtype the packed codes are stored as; auto: --dtype under FSDP (FSDP shards them with the "
+                    "float parameters), else uint8 (docs/distributed.md)")  # fmt: skip
     ft.add_argument("-o", "--output", required=True, help="output directory")
     _add_common(ft)
     ft.set_defaults(func=_cmd_finetune)

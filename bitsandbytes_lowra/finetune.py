@@ -11,6 +11,12 @@ baselines use the same path with a NormalFloat plan (baselines.py). The steps:
 3. `train`: Trainer on fixed-length blocks of the Wikipedia train split (eval.perplexity.train_chunks; the eval
    split never shares a title with it), causal LM loss on every token.
 
+Multi-GPU: the same script runs under `accelerate launch` (docs/distributed.md); accelerate and Trainer do the
+distributing. DDP: every rank loads the quantized base on its own GPU, only the LoRA parameters train and DDP averages
+their gradients. FSDP: the packed codes are stored in the model's float dtype (`quant_storage`) so FSDP shards them
+with the other frozen parameters; peft's prepare_model_for_kbit_training is skipped then (it casts bf16/fp16
+parameters, codes included, to float32) and its two useful steps (frozen base, input gradients) done here.
+
 Defaults (`FinetuneArgs`) follow the paper's Table 10 scaled down to a 2-core CPU: cosine schedule, warmup 3%,
 max_grad_norm 0.3, weight decay 0.1, lr 3e-4, lora_alpha = lora_r; the step count, batch and block size are small
 so that the whole sweep fits in hours on a CPU (docs/results.md says what ran). Optimizer: bitsandbytes' paged AdamW
@@ -76,13 +82,56 @@ class FinetuneArgs:
 DATASETS = ("wiki", "aclsum")
 
 
+# ------------------------------------------------------------------------------------------------------ distributed
+
+
+def distributed() -> dict:
+    """How this process was launched: {"num_processes", "process_index", "local_process_index", "fsdp",
+    "fsdp_version", "is_main"}. Single process unless started by `accelerate launch` / torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {"num_processes": 1, "process_index": 0, "local_process_index": 0, "fsdp": False, "fsdp_version": None,
+                "is_main": True}  # fmt: skip
+    from accelerate import PartialState
+
+    # Joins the process group accelerate launch / torchrun set up (gloo on CPU: accelerate needs cpu=True for it).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    return {
+        "num_processes": state.num_processes,
+        "process_index": state.process_index,
+        "local_process_index": state.local_process_index,
+        "fsdp": fsdp,
+        "fsdp_version": int(os.environ.get("FSDP_VERSION", "1")) if fsdp else None,
+        "is_main": state.is_main_process,
+    }
+
+
+def main_process_first():
+    """Context: the main process runs the body first (planning fills the on-disk plan cache), then the others."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        import contextlib
+
+        return contextlib.nullcontext()
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).main_process_first()
+
+
+def _device_map():
+    if torch.cuda.is_available():
+        # Each rank holds the whole quantized model on its own GPU (DDP), or loads it there before FSDP shards it.
+        return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+    return "cpu"
+
+
 # ------------------------------------------------------------------------------------------------------ model
 
 
-def load_quantized(checkpoint, plan, dtype=torch.float32, plan_path=None):
+def load_quantized(checkpoint, plan, dtype=torch.float32, plan_path=None, quant_storage=torch.uint8):
     """(model, tokenizer): `checkpoint` loaded by transformers with the LowRA quantizer and this plan.
 
     The plan is written to `plan_path` (default: next to the run's cache) because LowRAConfig reads plans from files.
+    quant_storage: dtype the packed codes are stored as (uint8; the model dtype for FSDP).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,9 +147,10 @@ def load_quantized(checkpoint, plan, dtype=torch.float32, plan_path=None):
         remove = False
     try:
         plan.save(plan_path)
-        config = LowRAConfig(bits=float(plan.settings["bits"]), blocksize=plan.blocksize, plan_path=str(plan_path))
+        config = LowRAConfig(bits=float(plan.settings["bits"]), blocksize=plan.blocksize, plan_path=str(plan_path),
+                             quant_storage=quant_storage)  # fmt: skip
         model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config, dtype=dtype,
-                                                     device_map=None if torch.cuda.is_available() else "cpu")
+                                                     device_map=_device_map())
     finally:
         if remove:
             os.unlink(plan_path)
@@ -124,7 +174,14 @@ def add_lora(model, checkpoint, init: str, args: FinetuneArgs, loftq_iterations:
     if init not in ("zero", "loftq"):
         raise ValueError(f"init must be 'zero' or 'loftq', got {init!r}")
     torch.manual_seed(args.seed)
-    if prepare:
+    if prepare and _float_storage(model):
+        # prepare_model_for_kbit_training would cast the bf16/fp16-stored codes to float32 (it spares only classes
+        # named Params4bit); do its other steps: frozen base, gradients reaching the adapters through checkpointing.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+    elif prepare:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     config = LoraConfig(
         r=args.lora_r,
@@ -153,6 +210,12 @@ def add_lora(model, checkpoint, init: str, args: FinetuneArgs, loftq_iterations:
     return pm, report
 
 
+def _float_storage(model) -> bool:
+    from .nn import LinearLowRA
+
+    return any(isinstance(m, LinearLowRA) and m.weight.dtype != torch.uint8 for m in model.modules())
+
+
 # ------------------------------------------------------------------------------------------------------ data
 
 
@@ -168,9 +231,10 @@ class _Blocks(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
 
-def train_blocks(tokenizer, args: FinetuneArgs) -> torch.Tensor:
-    """[n, seq_len] training blocks, enough for `steps` optimizer steps (every block seen at most once)."""
-    n = max(1, args.steps * args.batch_size * args.grad_accum)
+def train_blocks(tokenizer, args: FinetuneArgs, num_processes: int = 1) -> torch.Tensor:
+    """[n, seq_len] training blocks, enough for `steps` optimizer steps of the global batch (batch_size x grad_accum
+    x num_processes; every block seen at most once)."""
+    n = max(1, args.steps * args.batch_size * args.grad_accum * num_processes)
     if args.dataset == "wiki":
         from .eval.perplexity import train_chunks
 
@@ -194,13 +258,21 @@ def train_blocks(tokenizer, args: FinetuneArgs) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------ training
 
 
-def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: bool = True) -> dict:
-    """Train the adapters for args.steps optimizer steps with transformers' Trainer; returns the metrics."""
+def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: bool = True, adapter_dir=None,
+          blocks: torch.Tensor | None = None) -> dict:
+    """Train the adapters for args.steps optimizer steps with transformers' Trainer; returns the metrics.
+
+    Under `accelerate launch` Trainer runs DDP or FSDP (whichever accelerate configured); args.batch_size is per
+    process. adapter_dir: save the adapter there with Trainer.save_model (gathers FSDP shards; main process writes).
+    blocks: training blocks [n, seq_len] (default: train_blocks).
+    """
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     if args.steps == 0:
         return {"steps": 0, "train_loss": None, "seconds": 0.0}
-    blocks = train_blocks(tokenizer, args)
+    world = distributed()["num_processes"]
+    if blocks is None:
+        blocks = train_blocks(tokenizer, args, world)
     import tempfile
 
     tmp = None
@@ -240,6 +312,8 @@ def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: 
     result = trainer.train()
     seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if adapter_dir is not None:
+        trainer.save_model(str(adapter_dir))
     peft_model.eval()
     if tmp is not None:
         tmp.cleanup()
@@ -247,7 +321,8 @@ def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: 
         "steps": int(result.global_step),
         "train_loss": float(result.training_loss),
         "loss_curve": losses,
-        "tokens_seen": int(result.global_step) * args.batch_size * args.grad_accum * args.seq_len,
+        "tokens_seen": int(result.global_step) * args.batch_size * args.grad_accum * world * args.seq_len,
+        "num_processes": world,
         "seconds": seconds,
     }
 
@@ -260,4 +335,5 @@ def write_outputs(peft_model, output_dir, metrics: dict) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
 
-__all__ = ["DATASETS", "FinetuneArgs", "add_lora", "load_quantized", "train", "train_blocks", "write_outputs"]
+__all__ = ["DATASETS", "FinetuneArgs", "add_lora", "distributed", "load_quantized", "main_process_first", "train",
+           "train_blocks", "write_outputs"]

@@ -37,7 +37,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .. import plan as _plan
 from ..format import LowRAFormatError
 from ..functional import _TENSOR_FIELDS, BLOB_KEY
-from ..nn.modules import LinearLowRA, ParamsLowRA
+from ..nn.modules import LinearLowRA, ParamsLowRA, check_quant_storage
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +75,16 @@ class LowRAConfig(QuantizationConfigMixin):
             embeddings always are).
         plan_path: a plan saved by `write_plan` / `Plan.save`: used instead of planning.
         plan_cache: cache learned fits and plans on disk ($LOWRA_PLAN_CACHE, default ~/.cache/bitsandbytes_lowra/plans).
+        quant_storage: dtype the packed codes are stored as (as bnb_4bit_quant_storage): uint8 (default) or the
+            model's float dtype (torch.bfloat16, float16, float32; same bytes, reinterpreted) so that FSDP can flatten
+            and shard them with the float parameters (docs/distributed.md).
     """
 
     _FIELDS = (
         "bits", "precisions", "blocksize", "compress_statistics", "compute_dtype", "learner_mode",
         "learner_iterations", "weight_power", "assigner_method", "clusters", "solver", "time_limit", "seed",
         "loftq_rank", "loftq_iterations", "loftq_init", "modules_to_not_convert", "plan_path", "plan_cache",
+        "quant_storage",
     )  # fmt: skip
 
     def __init__(
@@ -104,6 +108,7 @@ class LowRAConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         plan_path: str | None = None,
         plan_cache: bool = True,
+        quant_storage=torch.uint8,
         **kwargs,
     ):
         kwargs.pop("quant_method", None)  # from_dict passes the stored dict back, quant_method included
@@ -131,6 +136,7 @@ class LowRAConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
         self.plan_path = None if plan_path is None else os.fspath(plan_path)
         self.plan_cache = plan_cache
+        self.quant_storage = quant_storage
         self.post_init()
 
     def post_init(self):
@@ -151,6 +157,10 @@ class LowRAConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if self.loftq_init not in ("loftq", "pissa"):
             raise ValueError(f"loftq_init must be 'loftq' or 'pissa', got {self.loftq_init!r}")
+        try:
+            self.quant_storage = check_quant_storage(self.quant_storage)  # also accepts its name (from config.json)
+        except LowRAFormatError as e:
+            raise ValueError(str(e)) from None
         m = self.modules_to_not_convert
         if m is not None and not all(isinstance(x, str) for x in m):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {m!r}")
@@ -164,6 +174,7 @@ class LowRAConfig(QuantizationConfigMixin):
             d[k] = getattr(self, k)
         if d["compute_dtype"] is not None:
             d["compute_dtype"] = str(d["compute_dtype"]).removeprefix("torch.")
+        d["quant_storage"] = str(d["quant_storage"]).removeprefix("torch.")
         return d
 
     def __eq__(self, other) -> bool:
@@ -220,7 +231,8 @@ class LowRADeserialize(ConversionOps):
             stats = {k.removeprefix("weight."): v for k, v in tensors.items() if k != "weight"}
             weight = tensors["weight"]
             param = ParamsLowRA.from_prequantized(
-                weight, stats, requires_grad=False, device=weight.device, module=module
+                weight, stats, requires_grad=False, device=weight.device, module=module,
+                quant_storage=self.hf_quantizer.quantization_config.quant_storage,
             )
             state = param.quant_state
             if tuple(state.shape) != (module.out_features, module.in_features):
@@ -235,6 +247,7 @@ class LowRADeserialize(ConversionOps):
             self.hf_quantizer._errors[layer] = f"{type(e).__name__}: {e}"
             raise
         module.blocksize, module.compress_statistics = state.blocksize, state.nested
+        module.quant_storage = param.quant_storage
         module._is_hf_initialized = True
         return {"weight": param}
 
@@ -297,6 +310,7 @@ def _replace(model, names, config: LowRAConfig, blocksize=None, compress_statist
                 compute_dtype=config.compute_dtype,
                 compress_statistics=config.compress_statistics if compress_statistics is None else compress_statistics,
                 blocksize=config.blocksize if blocksize is None else blocksize,
+                quant_storage=config.quant_storage,
             )
         new.source_cls = type(old)
         new.requires_grad_(False)
@@ -509,6 +523,7 @@ class LowRAHfQuantizer(HfQuantizer):
                 module, value, config.loftq_rank, iterations=config.loftq_iterations, init=config.loftq_init,
                 plan=LowRAPlan(lp.bits, lp.codebook, lp.thresholds),
             )
+            module.set_quant_storage(config.quant_storage)  # LoftQ installs uint8 codes
             module._is_hf_initialized = True
             return module.weight
         param = ParamsLowRA(
@@ -517,6 +532,7 @@ class LowRAHfQuantizer(HfQuantizer):
             blocksize=module.blocksize,
             compress_statistics=module.compress_statistics,
             module=module,
+            quant_storage=config.quant_storage,
         )
         param.set_plan(lp.bits, lp.codebook, lp.thresholds)
         param = param.to(value.device)  # quantizes where the weight was loaded (its device_map device)

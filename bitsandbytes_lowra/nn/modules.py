@@ -7,6 +7,12 @@ in place, so module and parameter keep sharing one state object), and float dtyp
 
 LinearLowRA is an nn.Linear but deliberately not a bnb Linear4bit: peft would wrap a Linear4bit with its bnb LoRA
 layer, whose merge calls bnb's dequantize.
+
+quant_storage (as bnb's bnb_4bit_quant_storage): the packed bytes are kept as a 1-D tensor of this dtype (default
+uint8; float16 / bfloat16 / float32 reinterpret the same bytes, no conversion). FSDP flattens and shards parameters of
+one dtype together, so a model sharded with FSDP stores its codes in the model's float dtype. The per-row metadata
+(QuantStateLowRA) is never sharded: it stays on the module (`module.quant_state`) and is re-attached to whatever
+parameter object FSDP hands the module (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -27,7 +33,72 @@ from ..functional import (
     quantize_lowra,
 )
 
-_META_ATTRS = ("quant_state", "blocksize", "compress_statistics", "lowra_plan", "lowra_quantized")
+_META_ATTRS = ("quant_state", "blocksize", "compress_statistics", "lowra_plan", "lowra_quantized", "quant_storage")
+# Dtypes the packed bytes may be stored as (reinterpreted, never converted): uint8 and the float dtypes of models.
+QUANT_STORAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_quant_storage(dtype) -> torch.dtype:
+    """The quant_storage dtype (a torch.dtype or its name), or LowRAFormatError naming the accepted ones."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if dtype not in QUANT_STORAGE_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in QUANT_STORAGE_DTYPES)
+        raise LowRAFormatError(f"quant_storage must be one of {names}, got {dtype!r}")
+    return dtype
+
+
+def to_storage(packed: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
+    """The 1-D uint8 codes reinterpreted as `quant_storage` (a view, same bytes).
+
+    A byte count that is not a multiple of the storage element size is refused rather than padded: LowRA rows are
+    whole blocks (blocksize a multiple of 8, so every row a multiple of 8 bytes at any precision), so such a buffer can
+    only come from a corrupt or foreign checkpoint, and padding would change the packed layout checkpoints record.
+    """
+    quant_storage = check_quant_storage(quant_storage)
+    packed = packed.reshape(-1)
+    if packed.dtype != torch.uint8:
+        raise LowRAFormatError(f"packed codes must be uint8 before conversion to quant_storage, got {packed.dtype}")
+    size = torch.empty((), dtype=quant_storage).element_size()
+    if packed.numel() % size:
+        raise LowRAFormatError(
+            f"{packed.numel()} packed bytes do not divide into {quant_storage} elements of {size} bytes (refused, not "
+            "padded: valid LowRA rows are multiples of 8 bytes)"
+        )
+    return packed if quant_storage == torch.uint8 else packed.contiguous().view(quant_storage)
+
+
+def packed_bytes(weight: torch.Tensor, state: QuantStateLowRA, quant_storage: torch.dtype | None = None
+                 ) -> torch.Tensor:
+    """The packed codes of `weight` as a 1-D uint8 view, whatever dtype they are stored in; checked against `state`.
+
+    Catches the ways a distributed wrapper or a helper can damage stored codes: a float cast of the storage (peft's
+    prepare_model_for_kbit_training casts bf16/fp16 parameters to float32; an FSDP mixed-precision param_dtype other
+    than the storage dtype does the same), and a still-sharded parameter.
+    """
+    data = weight.data if isinstance(weight, nn.Parameter) else weight
+    if type(data).__name__ == "DTensor":
+        raise RuntimeError(
+            "the LowRA weight is an FSDP-sharded DTensor here: use the layer inside the FSDP-wrapped model's forward "
+            "(or after FSDPModule.unshard()), where FSDP hands it the whole parameter"
+        )
+    # uint8 is always accepted (the canonical form, e.g. codes just re-quantized by LoftQ); a float must be the dtype
+    # they were stored as.
+    if quant_storage is not None and data.dtype not in (quant_storage, torch.uint8):
+        raise LowRAFormatError(
+            f"the packed LowRA codes arrived as {data.dtype} but are stored as {quant_storage}: something cast them "
+            "(peft's prepare_model_for_kbit_training casts bf16/fp16 parameters to float32; FSDP mixed precision "
+            "casts to param_dtype). Use quant_storage equal to the model/param dtype and skip that cast "
+            "(finetune.add_lora does; see docs/distributed.md)"
+        )
+    if data.dtype != torch.uint8:
+        data = data.reshape(-1).contiguous().view(torch.uint8)
+    if data.numel() != state.packed_nbytes:
+        raise LowRAFormatError(
+            f"the packed LowRA weight holds {data.numel()} bytes but its quant_state describes {state.packed_nbytes} "
+            "(mismatched weight and state, or the stored codes were cast to another dtype)"
+        )
+    return data
 
 
 class ParamsLowRA(nn.Parameter):
@@ -49,10 +120,12 @@ class ParamsLowRA(nn.Parameter):
         lowra_plan: LowRAPlan | None = None,
         module: nn.Module | None = None,
         lowra_quantized: bool | None = None,
+        quant_storage: torch.dtype = torch.uint8,
         **kwargs,
     ) -> "ParamsLowRA":
         if data is None:
             data = torch.empty(0)
+        quant_storage = check_quant_storage(quant_storage)
         if lowra_quantized is None:
             lowra_quantized = quant_state is not None or data.dtype == torch.uint8
         if requires_grad and (lowra_quantized or not data.dtype.is_floating_point):
@@ -63,8 +136,16 @@ class ParamsLowRA(nn.Parameter):
         self.compress_statistics = compress_statistics
         self.lowra_plan = lowra_plan
         self.lowra_quantized = bool(lowra_quantized)
+        self.quant_storage = quant_storage
         self.module = module
         return self
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """The packed codes as 1-D uint8 (a view of the stored bytes, whatever quant_storage is)."""
+        if not self.lowra_quantized or self.quant_state is None:
+            raise LowRAFormatError("this weight is not quantized: it has no packed codes")
+        return packed_bytes(self, self.quant_state)
 
     # -- metadata, copying, pickling ------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
@@ -79,6 +160,8 @@ class ParamsLowRA(nn.Parameter):
         self.data = state["data"]
         for k in _META_ATTRS:
             setattr(self, k, state.get(k))
+        if self.quant_storage is None:  # pickled before quant_storage existed
+            self.quant_storage = torch.uint8
         self.module = None
 
     def __reduce_ex__(self, proto):
@@ -96,6 +179,7 @@ class ParamsLowRA(nn.Parameter):
             # While a whole module is deep-copied its copy is already in memo; a lone parameter gets no module.
             module=memo.get(id(self.module)) if self.module is not None else None,
             lowra_quantized=self.lowra_quantized,
+            quant_storage=self.quant_storage,
         )
         memo[id(self)] = new
         return new
@@ -115,6 +199,8 @@ class ParamsLowRA(nn.Parameter):
     lowra_code = property(lambda self: self._state_field("lowra_code").code)
     lowra_thresholds = property(lambda self: self._state_field("lowra_thresholds").thresholds)
     lowra_row_offsets = property(lambda self: self._state_field("lowra_row_offsets").row_offsets)
+    nested_absmax = property(lambda self: self._state_field("nested_absmax").state2.absmax)
+    nested_quant_map = property(lambda self: self._state_field("nested_quant_map").state2.code)
 
     # -- plan and quantization ------------------------------------------------------------------------------------
     def set_plan(self, bits, codebooks=None, thresholds=None) -> "ParamsLowRA":
@@ -128,6 +214,8 @@ class ParamsLowRA(nn.Parameter):
         return self
 
     def _quantize(self, device: torch.device) -> "ParamsLowRA":
+        # Idempotent: only a dense weight with a plan gets here (to() checks lowra_quantized), so moving or reloading
+        # an already-quantized weight never quantizes its codes again.
         if self.lowra_plan is None:
             raise LowRAFormatError(
                 "ParamsLowRA has no quantization plan: call weight.set_plan(bits, codebooks, thresholds) (or build the "
@@ -139,7 +227,7 @@ class ParamsLowRA(nn.Parameter):
         packed, state = quantize_lowra(
             w, self.lowra_plan, blocksize=self.blocksize, compress_statistics=self.compress_statistics
         )
-        self.data = packed
+        self.data = to_storage(packed, self.quant_storage)
         self.quant_state = state
         self.lowra_quantized = True
         self.lowra_plan = None  # now part of the state
@@ -155,21 +243,27 @@ class ParamsLowRA(nn.Parameter):
         requires_grad: bool = False,
         device="cpu",
         module: nn.Module | None = None,
+        quant_storage: torch.dtype | None = None,
         **kwargs,
     ) -> "ParamsLowRA":
         """Rebuild from packed codes and a QuantStateLowRA.as_dict(packed=True) dict (validated, then checked
-        against the packed buffer)."""
+        against the packed buffer). `data` may be stored in any quant_storage dtype; the result is stored as
+        `quant_storage` (default: the dtype `data` came in)."""
         state = QuantStateLowRA.from_dict(quantized_stats, device=device)
+        quant_storage = check_quant_storage(data.dtype if quant_storage is None else quant_storage)
         packed = data.to(device)
-        state.validate(packed)
+        if packed.dtype != torch.uint8 and packed.dtype in QUANT_STORAGE_DTYPES:
+            packed = packed.reshape(-1).contiguous().view(torch.uint8)
+        state.validate(packed)  # sizes, dtype and layout, with the format's own messages
         self = cls(
-            packed,
+            to_storage(packed, quant_storage),
             requires_grad=requires_grad,
             quant_state=state,
             blocksize=state.blocksize,
             compress_statistics=state.nested,
             module=module,
             lowra_quantized=True,
+            quant_storage=quant_storage,
         )
         if module is not None:
             module.quant_state = state
@@ -182,6 +276,12 @@ class ParamsLowRA(nn.Parameter):
             return self._quantize(device)
         if self.lowra_quantized:
             dtype = None  # float casts never touch packed codes
+            if device is not None and device.type == "meta":
+                # accelerate's meta-device init (to meta, shard, load rank 0's state dict): the codes come back from
+                # the state dict, the metadata has no other source, so it stays where it is, on the module. A plain
+                # tensor: nn.Module._apply wraps a cross-device-type result in nn.Parameter(...), which refuses
+                # subclasses whose detach() is plain; the layer re-attaches the state later.
+                return super().to(device=device, non_blocking=non_blocking)
             if self.quant_state is not None and device is not None:
                 self.quant_state.to(device)
         data = super().to(device=device, dtype=dtype, non_blocking=non_blocking)
@@ -222,6 +322,35 @@ def _rebuild_params_lowra(data, requires_grad, meta):
     return ParamsLowRA(data, requires_grad=requires_grad, **meta)
 
 
+# -- FSDP2 helpers: DTensor is imported lazily (torch.distributed may be unavailable) --------------------------------
+
+
+def _is_dtensor(t) -> bool:
+    return t is not None and type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+
+
+def _local(t):
+    """A replicated DTensor's full value (every rank has it); any other tensor as is."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+# `weight.quant_state`, `weight.absmax`, ... as on ParamsLowRA (properties there), set as attributes on FSDP's plain
+# sharded parameter: user code inspecting the weight, and torch.distributed.checkpoint resolving "weight.<field>"
+# names attribute by attribute, find them.
+_STATE_ATTRS = {
+    "absmax": lambda s: s.absmax, "lowra_bits": lambda s: s.bits, "lowra_code": lambda s: s.code,
+    "lowra_thresholds": lambda s: s.thresholds, "lowra_row_offsets": lambda s: s.row_offsets,
+    "nested_absmax": lambda s: s.state2.absmax if s.nested else None,
+    "nested_quant_map": lambda s: s.state2.code if s.nested else None,
+}  # fmt: skip
+
+
+def _expose_state(param, state: QuantStateLowRA) -> None:
+    param.quant_state = state
+    for name, get in _STATE_ATTRS.items():
+        setattr(param, name, get(state))
+
+
 class LinearLowRA(nn.Linear):
     """nn.Linear with a LowRA-quantized, frozen weight (1/2/4 bits per output channel).
 
@@ -240,16 +369,19 @@ class LinearLowRA(nn.Linear):
         compress_statistics: bool = True,
         blocksize: int = DEFAULT_BLOCKSIZE,
         device=None,
+        quant_storage: torch.dtype = torch.uint8,
     ):
         check_blocksize(blocksize)
+        quant_storage = check_quant_storage(quant_storage)
         super().__init__(in_features, out_features, bias, device)
         self.weight = ParamsLowRA(
             self.weight.data, requires_grad=False, blocksize=blocksize, compress_statistics=compress_statistics,
-            module=self,
+            module=self, quant_storage=quant_storage,
         )
         self.compute_dtype = compute_dtype
         self.compress_statistics = compress_statistics
         self.blocksize = blocksize
+        self.quant_storage = quant_storage
         self.quant_state: QuantStateLowRA | None = None
 
     @classmethod
@@ -264,8 +396,10 @@ class LinearLowRA(nn.Linear):
         compress_statistics: bool = True,
         blocksize: int = DEFAULT_BLOCKSIZE,
         device=None,
+        quant_storage: torch.dtype = torch.uint8,
     ) -> "LinearLowRA":
-        """A LinearLowRA quantizing `linear`'s weight with the given plan on `device` (default: the weight's)."""
+        """A LinearLowRA quantizing `linear`'s weight with the given plan on `device` (default: the weight's);
+        the packed codes are stored as `quant_storage` (uint8, or the model's float dtype for FSDP)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         if isinstance(linear, LinearLowRA):
@@ -273,10 +407,11 @@ class LinearLowRA(nn.Linear):
         device = torch.device(device) if device is not None else linear.weight.device
         new = cls(
             linear.in_features, linear.out_features, linear.bias is not None, compute_dtype, compress_statistics,
-            blocksize, device="meta",
+            blocksize, device="meta", quant_storage=quant_storage,
         )
         weight = ParamsLowRA(
-            linear.weight.detach(), blocksize=blocksize, compress_statistics=compress_statistics, module=new
+            linear.weight.detach(), blocksize=blocksize, compress_statistics=compress_statistics, module=new,
+            quant_storage=quant_storage,
         )
         weight.set_plan(bits, codebooks, thresholds)
         new.weight = weight.to(device)
@@ -287,27 +422,49 @@ class LinearLowRA(nn.Linear):
 
     # -- helpers ----------------------------------------------------------------------------------------------------
     def _fix_quant_state(self) -> None:
-        """Re-attach module.quant_state to a weight that lost it (a wrapper rebuilt it as cls(data))."""
+        """Re-attach module.quant_state to a weight that lost it (a wrapper rebuilt it as cls(data)).
+
+        A still-sharded FSDP parameter (a DTensor) is left as it is: rebinding it would take it away from FSDP. It
+        gets the state's fields as attributes instead (see _expose_state)."""
         w = self.weight
         if getattr(w, "quant_state", None) is not None or self.quant_state is None:
             return
-        if not isinstance(w, ParamsLowRA):
+        if _is_dtensor(w):
+            _expose_state(w, self.quant_state)
+        elif not isinstance(w, ParamsLowRA):
             self.weight = ParamsLowRA(
                 w.data, quant_state=self.quant_state, blocksize=self.blocksize,
                 compress_statistics=self.compress_statistics, module=self, lowra_quantized=True,
+                quant_storage=w.dtype,
             )
         else:
             w.quant_state, w.lowra_quantized, w.module = self.quant_state, True, self
 
     def _packed_and_state(self) -> tuple[torch.Tensor, QuantStateLowRA]:
-        self._fix_quant_state()
-        state = getattr(self.weight, "quant_state", None)
+        """(packed uint8 codes, state) of the weight as FSDP/DDP or a plain move left it; the state comes from the
+        parameter or, when a wrapper rebuilt the parameter without it, from the module."""
+        if not _is_dtensor(self.weight):
+            self._fix_quant_state()
+        state = getattr(self.weight, "quant_state", None) or self.quant_state
         if state is None:
             raise RuntimeError(
                 "LinearLowRA weight is not quantized yet: set a plan (weight.set_plan(...)) and move the layer to a "
                 "device, or build it with LinearLowRA.from_linear / convert_to_lowra"
             )
-        return self.weight.data, state
+        return packed_bytes(self.weight, state, getattr(self, "quant_storage", None)), state
+
+    def set_quant_storage(self, quant_storage) -> "LinearLowRA":
+        """Store the packed codes as `quant_storage` from now on (the same bytes reinterpreted, no copy): e.g. a
+        checkpoint saved with uint8 codes, to be sharded by FSDP next to bfloat16 parameters."""
+        quant_storage = check_quant_storage(quant_storage)
+        packed, state = self._packed_and_state()
+        self.weight = ParamsLowRA(
+            to_storage(packed, quant_storage), quant_state=state, blocksize=state.blocksize,
+            compress_statistics=state.nested, module=self, lowra_quantized=True, quant_storage=quant_storage,
+        )
+        self.quant_state = state
+        self.quant_storage = quant_storage
+        return self
 
     @property
     def is_quantized(self) -> bool:
@@ -332,17 +489,26 @@ class LinearLowRA(nn.Linear):
 
     # -- state dict -------------------------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # "weight" is the parameter as stored (quant_storage dtype; under FSDP2 its shard, a DTensor), so FSDP's
+        # state-dict machinery shards and gathers it like any parameter; from_prequantized reads any storage dtype.
         self._fix_quant_state()
         super()._save_to_state_dict(destination, prefix, keep_vars)  # weight (packed codes) and bias
-        state = getattr(self.weight, "quant_state", None)
-        if state is not None:
+        state = getattr(self.weight, "quant_state", None) or self.quant_state
+        if state is not None and not _is_dtensor(self.weight):
             for k, v in state.as_dict(packed=True).items():
                 destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+        # Under FSDP2 (the weight is a DTensor shard) the state dict holds the sharded codes only. accelerate's
+        # rank-0 broadcast (fsdp2_load_full_state_dict) and torch.distributed.checkpoint treat every entry as a
+        # parameter or buffer they can resolve by name, which "weight.<field>" is not; the metadata is identical on
+        # every rank (quantized from one plan) and stays on the module (docs/distributed.md).
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         wkey = prefix + "weight"
-        qkeys = {k[len(wkey) + 1:]: v for k, v in state_dict.items() if k.startswith(wkey + ".")}
+        qkeys = {k[len(wkey) + 1:]: _local(v) for k, v in state_dict.items() if k.startswith(wkey + ".")}
+        if _is_dtensor(state_dict.get(wkey)) or _is_dtensor(self.weight):
+            return self._load_sharded(state_dict, prefix, qkeys, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
         if not qkeys:
             if wkey in state_dict and self.is_quantized:
                 raise LowRAFormatError(
@@ -374,6 +540,41 @@ class LinearLowRA(nn.Linear):
         self.quant_state = state
         self.blocksize = state.blocksize
         self.compress_statistics = state.nested
+        self.quant_storage = weight.quant_storage
+
+    def _load_sharded(self, state_dict, prefix, qkeys, local_metadata, strict, missing_keys, unexpected_keys,
+                      error_msgs):
+        """FSDP2: the weight entry is this rank's shard of the stored codes; nn.Module's loading copies (or, with
+        assign=True, binds) it like any parameter. The metadata, when present, must describe this layer: it is
+        rebuilt on the module (it is never sharded), and refused if it does not match the shard's size."""
+        wkey = prefix + "weight"
+        super()._load_from_state_dict(
+            {k: v for k, v in state_dict.items() if not k.startswith(wkey + ".")}, prefix, local_metadata, strict,
+            missing_keys, unexpected_keys, error_msgs,
+        )
+        if not qkeys:
+            if self.quant_state is None:
+                raise LowRAFormatError(f"{wkey}: a sharded LowRA weight arrived without its state; the layer has none")
+            return
+        try:
+            state = QuantStateLowRA.from_dict(qkeys, device=self.quant_state.device if self.quant_state is not None
+                                              else None)
+        except LowRAFormatError as e:
+            raise LowRAFormatError(f"{wkey}: {e}") from None
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise LowRAFormatError(
+                f"{wkey}: quantized weight has shape {tuple(state.shape)}, this layer is "
+                f"({self.out_features}, {self.in_features})"
+            )
+        size = self.weight.element_size()
+        if self.weight.numel() * size != state.packed_nbytes:
+            raise LowRAFormatError(
+                f"{wkey}: the sharded weight holds {self.weight.numel() * size} bytes, the state describes "
+                f"{state.packed_nbytes}"
+            )
+        self.quant_state = state
+        self.blocksize, self.compress_statistics = state.blocksize, state.nested
+        _expose_state(self.weight, state)
 
     def __setstate__(self, state):
         super().__setstate__(state)
