@@ -258,6 +258,18 @@ def train_blocks(tokenizer, args: FinetuneArgs, num_processes: int = 1) -> torch
 # ------------------------------------------------------------------------------------------------------ training
 
 
+def _checkpointing_kwargs(enabled: bool) -> dict:
+    """TrainingArguments' activation-recompute flags: `activation_checkpointing*` since transformers 5.2x (the
+    `gradient_checkpointing*` names are deprecated there), only `gradient_checkpointing*` in 5.17."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: bool = True, adapter_dir=None,
           blocks: torch.Tensor | None = None) -> dict:
     """Train the adapters for args.steps optimizer steps with transformers' Trainer; returns the metrics.
@@ -290,8 +302,7 @@ def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: 
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
         optim=args.resolved_optim(),
-        activation_checkpointing=args.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        **_checkpointing_kwargs(args.gradient_checkpointing),
         seed=args.seed,
         data_seed=args.seed,
         logging_steps=args.logging_steps,

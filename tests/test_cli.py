@@ -156,3 +156,15 @@ def test_sweep_protocol_defaults_fit_the_cpu_budget():
     p = cli._protocol(args, args.steps)
     assert p.finetune_args().gradient_checkpointing is True and p.finetune_args().seq_len == 256
     assert p.key()["finetune"]["gradient_checkpointing"] is True  # part of the protocol: --resume keeps them apart
+
+
+def test_trainer_gets_the_recompute_flag_under_its_installed_name():
+    # transformers 5.17 knows only gradient_checkpointing*, later 5.x prefer activation_checkpointing*.
+    from transformers import TrainingArguments
+
+    from bitsandbytes_lowra.finetune import _checkpointing_kwargs
+
+    for enabled in (True, False):
+        kwargs = _checkpointing_kwargs(enabled)
+        targs = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], **kwargs)
+        assert getattr(targs, next(iter(kwargs))) is enabled
