@@ -69,9 +69,15 @@ class FinetuneArgs:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
 
     def resolved_optim(self) -> str:
+        # FSDP2 hands the optimizer DTensor adapters; bitsandbytes' optimizer ops have no sharding rule for them
+        # ("bitsandbytes.optimizer_update_32bit does not have a sharding strategy", seen on 2 H200s).
+        fsdp2 = _fsdp_version_from_env() == 2
         if self.optim:
+            if fsdp2 and _is_bnb_optim(self.optim):
+                raise ValueError(f"optim {self.optim!r} is a bitsandbytes optimizer, which cannot update FSDP2's "
+                                 "sharded (DTensor) adapters; use adamw_torch (the FSDP2 default) or FSDP1")
             return self.optim
-        return "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
+        return "paged_adamw_32bit" if torch.cuda.is_available() and not fsdp2 else "adamw_torch"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -80,6 +86,18 @@ class FinetuneArgs:
 
 
 DATASETS = ("wiki", "aclsum")
+
+
+def _fsdp_version_from_env() -> int | None:
+    """The FSDP version `accelerate launch` configured for this process (None: no FSDP)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("1", "true"):
+        return None
+    return int(os.environ.get("FSDP_VERSION", "1"))
+
+
+def _is_bnb_optim(name: str) -> bool:
+    """transformers' optim names that run bitsandbytes optimizers (paged_*, *_8bit, *_bnb*, lion/rmsprop bnb ...)."""
+    return name.startswith("paged_") or "8bit" in name or "bnb" in name
 
 
 # ------------------------------------------------------------------------------------------------------ distributed
@@ -95,13 +113,13 @@ def distributed() -> dict:
 
     # Joins the process group accelerate launch / torchrun set up (gloo on CPU: accelerate needs cpu=True for it).
     state = PartialState(cpu=not torch.cuda.is_available())
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    version = _fsdp_version_from_env()
     return {
         "num_processes": state.num_processes,
         "process_index": state.process_index,
         "local_process_index": state.local_process_index,
-        "fsdp": fsdp,
-        "fsdp_version": int(os.environ.get("FSDP_VERSION", "1")) if fsdp else None,
+        "fsdp": version is not None,
+        "fsdp_version": version,
         "is_main": state.is_main_process,
     }
 

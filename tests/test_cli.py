@@ -168,3 +168,15 @@ def test_trainer_gets_the_recompute_flag_under_its_installed_name():
         kwargs = _checkpointing_kwargs(enabled)
         targs = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], **kwargs)
         assert getattr(targs, next(iter(kwargs))) is enabled
+
+
+def test_fsdp2_never_gets_a_bitsandbytes_optimizer(monkeypatch):
+    from bitsandbytes_lowra.finetune import FinetuneArgs
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert FinetuneArgs().resolved_optim() == "adamw_torch"  # even where CUDA would pick paged_adamw_32bit
+    with pytest.raises(ValueError, match="cannot update FSDP2's sharded"):
+        FinetuneArgs(optim="paged_adamw_32bit").resolved_optim()
+    monkeypatch.setenv("FSDP_VERSION", "1")  # flat plain-tensor parameters: bitsandbytes optimizers work
+    assert FinetuneArgs(optim="paged_adamw_8bit").resolved_optim() == "paged_adamw_8bit"
