@@ -435,6 +435,8 @@ def plot(records, path, stage: str = "ppl_quantized", title: str | None = None) 
             ax.plot(*zip(*pts), marker="o", label=baselines.METHODS[m].label)
     if dense:
         ax.axhline(dense[0]["ppl_quantized"], color="gray", linestyle="--", label="fp32")
+        if stage == "ppl_finetuned" and dense[0].get("ppl_finetuned") is not None:
+            ax.axhline(dense[0]["ppl_finetuned"], color="black", linestyle=":", label="fp32 + LoRA (same training)")
     ax.set_yscale("log")
     ax.set_xlabel("nominal bits per quantized parameter")
     ax.set_ylabel("perplexity (held-out Wikipedia leads)")
@@ -482,7 +484,9 @@ def markdown_report(records, plot_name: str | None = None) -> str:
     lines = []
     dense = [r for r in records if r["method"] == "fp32"]
     if dense:
-        lines.append(f"Full precision (fp32) perplexity: **{dense[0]['ppl_quantized']:.2f}**\n")
+        tuned = dense[0].get("ppl_finetuned")
+        after = f"; after LoRA fine-tuning with the same protocol: **{tuned:.2f}**" if tuned is not None else ""
+        lines.append(f"Full precision (fp32) perplexity: **{dense[0]['ppl_quantized']:.2f}**{after}\n")
     for stage, title in STAGES.items():
         if any(r.get(stage) is not None for r in records if r["method"] != "fp32"):
             lines += [f"### {title[0].upper() + title[1:]}", "", "Cell: perplexity (nominal bits); '-': not supported (QLoRA / LoftQ below 2 bits) or not run.",

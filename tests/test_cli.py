@@ -129,6 +129,10 @@ def test_markdown_report_has_tables_and_bits():
     assert "after fine-tuning" not in md  # no record has that stage
     assert "![perplexity against bits](p.png)" in md
     assert "| lowra  | 1.75 |   1.750 |     2.650 |                    0.0% / 50.0% / 50.0% |" in md
+    recs = _records()
+    recs[0]["ppl_finetuned"] = 10.5  # the fp32 record trained with the sweep's protocol
+    assert "fp32) perplexity: **12.00**; after LoRA fine-tuning with the same protocol: **10.50**" in \
+        sweep.markdown_report(recs)
 
 
 def test_finetune_args_validation_and_optimizer():
