@@ -263,9 +263,15 @@ class QuantStateLowRA(QuantState):
         """float32 [rows, nblocks] block scales, decoded first when double-quantized (kernels take these)."""
         if not self.nested:
             return self.absmax
-        absmax = bnbF.dequantize_blockwise(self.absmax, self.state2) + self.offset
+        # Decoded per call (caching it would cost the 0.5 bit/param double quantization saves). bitsandbytes' op
+        # directly, not bnbF.dequantize_blockwise: the wrapper re-checks what construction validated (state2 is a
+        # float32, non-nested QuantState on our device) and the result is the same. In place on the fresh buffer.
+        s2 = self.state2
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            self.absmax, s2.absmax, s2.code, s2.blocksize, torch.float32
+        )
         # A block of zeros can decode to a tiny negative scale; scales are non-negative by definition.
-        return absmax.float().clamp_min(0).reshape(self.rows, -1)
+        return absmax.add_(self.offset).clamp_min_(0).view(self.rows, -1)
 
     # -- validation -----------------------------------------------------------------------------------------------
     def _validate_metadata(self) -> None:
@@ -593,9 +599,12 @@ FUSED_DECODE_MAX_TOKENS = 16
 
 def _use_fused_decode(A: torch.Tensor, bias) -> bool:
     needs_grad = torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
+    return not needs_grad and _fused_decode_shape(A)
+
+
+def _fused_decode_shape(A: torch.Tensor) -> bool:
     return (
         A.is_cuda
-        and not needs_grad
         and A.dtype in (torch.float16, torch.bfloat16)
         and A.numel() // max(A.shape[-1], 1) <= FUSED_DECODE_MAX_TOKENS
     )
@@ -603,7 +612,7 @@ def _use_fused_decode(A: torch.Tensor, bias) -> bool:
 
 def _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias):
     # The single place the forward kernel is chosen: a fused dequantize-matmul op replaces these two lines.
-    W = torch.ops.lowra.dequantize(packed, absmax, bits, code, offsets, blocksize, shape, A.dtype)
+    W = torch.ops.lowra.dequantize.default(packed, absmax, bits, code, offsets, blocksize, shape, A.dtype)
     return torch.nn.functional.linear(A, W, bias)
 
 
@@ -637,20 +646,31 @@ def matmul_lowra(
 ) -> torch.Tensor:
     """A @ W.T (+ bias) computed in A's dtype, W the dequantized LowRA weight (cf. bitsandbytes.matmul_4bit)."""
     _check_pair(packed, quant_state)
-    qs = quant_state
-    if A.shape[-1] != qs.cols:
-        raise ValueError(f"input has {A.shape[-1]} features, the quantized weight expects {qs.cols}")
+    if A.shape[-1] != quant_state.cols:
+        raise ValueError(f"input has {A.shape[-1]} features, the quantized weight expects {quant_state.cols}")
+    return _matmul_checked(A, packed, quant_state, bias)
+
+
+def _matmul_checked(A: torch.Tensor, packed: torch.Tensor, qs: QuantStateLowRA, bias: torch.Tensor | None
+                    ) -> torch.Tensor:
+    """matmul_lowra once its arguments are checked (LinearLowRA has checked the pair when it got here)."""
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
-    if _use_fused_decode(A, bias):
+    needs_grad = torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
+    shape = list(qs.shape)
+    if needs_grad:
+        return MatMulLowRA.apply(A, packed, qs.absmax_fp32(), qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape,
+                                 bias)
+    if _fused_decode_shape(A):
         row_order, group_rows = qs.matmul_plan()
-        return torch.ops.lowra.matmul(
-            A, packed, qs.absmax_fp32(), qs.bits, qs.code, qs.row_offsets, qs.blocksize, list(qs.shape), bias,
+        return torch.ops.lowra.matmul.default(
+            A, packed, qs.absmax_fp32(), qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias,
             row_order, group_rows,
         )
-    return MatMulLowRA.apply(
-        A, packed, qs.absmax_fp32(), qs.bits, qs.code, qs.row_offsets, qs.blocksize, list(qs.shape), bias
-    )
+    # Inference: the same two ops as MatMulLowRA.forward, without the autograd.Function machinery (which builds a
+    # context object per call for a backward that cannot happen).
+    return _linear_dequantized(A, packed, qs.absmax_fp32(), qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape,
+                               bias)
 
 
 def bits_report(states) -> dict[str, float]:

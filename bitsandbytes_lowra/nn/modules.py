@@ -476,16 +476,27 @@ class LinearLowRA(nn.Linear):
         return dequantize_lowra(packed, state, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed, state = self._packed_and_state()
-        if torch.is_autocast_enabled(x.device.type):
-            # Behave as nn.Linear under autocast: compute in, and return, the autocast dtype.
-            compute = out_dtype = torch.get_autocast_dtype(x.device.type)
+        # Hot path of decoding (once per layer per token): every step below is the cheap form of the same operation.
+        w = self.weight
+        if type(w) is ParamsLowRA and w.lowra_quantized and w.quant_state is not None:
+            state = w.quant_state  # what _packed_and_state would pick; it repairs weights that lost their state
+            packed = packed_bytes(w, state, getattr(self, "quant_storage", None))
         else:
-            compute, out_dtype = self.compute_dtype or x.dtype, x.dtype
-        bias = None if self.bias is None else self.bias.to(compute)
-        with torch.autocast(x.device.type, enabled=False):
-            out = matmul_lowra(x.to(compute), packed, state, bias)
-        return out.to(out_dtype)
+            packed, state = self._packed_and_state()
+        device_type = x.device.type
+        bias = self.bias
+        if torch.is_autocast_enabled(device_type):
+            # Behave as nn.Linear under autocast: compute in, and return, the autocast dtype.
+            compute = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                out = matmul_lowra(x.to(compute), packed, state, None if bias is None else bias.to(compute))
+            return out.to(compute)
+        # No autocast on this device: nothing to switch off (autocast of another device type does not touch ops on
+        # this one), and dtype conversions only where the dtype differs.
+        compute = self.compute_dtype or x.dtype
+        out = matmul_lowra(x if x.dtype == compute else x.to(compute), packed, state,
+                           bias if bias is None or bias.dtype == compute else bias.to(compute))
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     # -- state dict -------------------------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
