@@ -250,22 +250,47 @@ class QuantStateLowRA(QuantState):
         return 8.0 * self.nbytes / (self.rows * self.cols)
 
     def matmul_plan(self) -> tuple[torch.Tensor, list[int]]:
-        """Per-precision row grouping for the fused matmul, derived from `bits` once and cached (one host sync)."""
+        """Per-precision row grouping for the fused matmul, derived from `bits` once and cached (one host sync).
+
+        The cache is keyed on the `bits` tensor object and its in-place version counter, so a move (.to), a
+        reassigned or an edited `bits` is never served a stale plan."""
+        bits = self.bits
         cached = self.__dict__.get("_matmul_plan")
-        if cached is None or cached[0].device != self.bits.device:
+        if cached is None or cached[0] is not bits or cached[1] != bits._version:
             from ._ops import matmul_plan
 
-            cached = matmul_plan(self.bits)
+            cached = (bits, bits._version, matmul_plan(bits))
             self.__dict__["_matmul_plan"] = cached
-        return cached
+        return cached[2]
 
-    def absmax_fp32(self) -> torch.Tensor:
-        """float32 [rows, nblocks] block scales, decoded first when double-quantized (kernels take these)."""
+    def absmax_fp32(self, cache: bool = False) -> torch.Tensor:
+        """float32 [rows, nblocks] block scales, decoded first when double-quantized (kernels take these).
+
+        cache=True keeps the decoded scales for the next call (LinearLowRA.set_absmax_cache): faster decode, but it
+        holds 4 bytes per block (0.5 bit/param at blocksize 64), the memory double quantization exists to save.
+        The cache is keyed on the identity and in-place version of every tensor the decode reads, so a move, a
+        reload or an edit of the state is never served stale scales."""
         if not self.nested:
             return self.absmax
-        # Decoded per call (caching it would cost the 0.5 bit/param double quantization saves). bitsandbytes' op
-        # directly, not bnbF.dequantize_blockwise: the wrapper re-checks what construction validated (state2 is a
-        # float32, non-nested QuantState on our device) and the result is the same. In place on the fresh buffer.
+        if not cache:
+            return self._decode_absmax()
+        s2 = self.state2
+        srcs = (self.absmax, s2.absmax, s2.code, self.offset)
+        key = tuple(t._version for t in srcs)
+        hit = self.__dict__.get("_absmax_cache")  # (source tensors, their versions, decoded scales)
+        if hit is not None and hit[1] == key and all(a is b for a, b in zip(hit[0], srcs)):
+            return hit[2]
+        absmax = self._decode_absmax()
+        self.__dict__["_absmax_cache"] = (srcs, key, absmax)
+        return absmax
+
+    def drop_absmax_cache(self) -> None:
+        self.__dict__.pop("_absmax_cache", None)
+
+    def _decode_absmax(self) -> torch.Tensor:
+        # bitsandbytes' op directly, not bnbF.dequantize_blockwise: the wrapper re-checks what construction
+        # validated (state2 is a float32, non-nested QuantState on our device); the result is the same. Offset and
+        # clamp in place on the fresh buffer.
         s2 = self.state2
         absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
             self.absmax, s2.absmax, s2.code, s2.blocksize, torch.float32
@@ -651,26 +676,23 @@ def matmul_lowra(
     return _matmul_checked(A, packed, quant_state, bias)
 
 
-def _matmul_checked(A: torch.Tensor, packed: torch.Tensor, qs: QuantStateLowRA, bias: torch.Tensor | None
-                    ) -> torch.Tensor:
-    """matmul_lowra once its arguments are checked (LinearLowRA has checked the pair when it got here)."""
+def _matmul_checked(A: torch.Tensor, packed: torch.Tensor, qs: QuantStateLowRA, bias: torch.Tensor | None,
+                    cache_absmax: bool = False) -> torch.Tensor:
+    """matmul_lowra once its arguments are checked; cache_absmax: see QuantStateLowRA.absmax_fp32."""
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
     needs_grad = torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
-    shape = list(qs.shape)
+    absmax, shape = qs.absmax_fp32(cache_absmax), list(qs.shape)
     if needs_grad:
-        return MatMulLowRA.apply(A, packed, qs.absmax_fp32(), qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape,
-                                 bias)
+        return MatMulLowRA.apply(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias)
     if _fused_decode_shape(A):
         row_order, group_rows = qs.matmul_plan()
         return torch.ops.lowra.matmul.default(
-            A, packed, qs.absmax_fp32(), qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias,
-            row_order, group_rows,
+            A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias, row_order, group_rows
         )
     # Inference: the same two ops as MatMulLowRA.forward, without the autograd.Function machinery (which builds a
     # context object per call for a backward that cannot happen).
-    return _linear_dequantized(A, packed, qs.absmax_fp32(), qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape,
-                               bias)
+    return _linear_dequantized(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias)
 
 
 def bits_report(states) -> dict[str, float]:

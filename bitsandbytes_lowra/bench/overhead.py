@@ -4,7 +4,8 @@ Per-call host overhead of a quantized linear layer in the decode regime (one tok
 (default 64x64) so the kernel time is negligible and what is timed is Python, dispatcher and validation work paid
 by every one of a model's ~224 linear layers per generated token. Rows:
 
-- LinearLowRA.forward (mixed 1/2/4-bit rows), double-quantized absmax on and off, bf16 and fp32 activations;
+- LinearLowRA.forward (mixed 1/2/4-bit rows), double-quantized absmax on and off, bf16 and fp32 activations, and
+  with the opt-in decoded-absmax cache (LinearLowRA.set_absmax_cache; not the default: it costs memory);
 - bitsandbytes Linear4bit (NF4) with the same settings, for comparison;
 - torch.nn.Linear (dense, the floor of a module call);
 - "kernel only": the lowra op LinearLowRA ends in, called directly with precomputed arguments (what is left when all
@@ -84,6 +85,9 @@ def run(device: str = "cpu", size: int = 64, calls: int = 2000, repeats: int = 5
         for nested in (True, False):
             layer = LinearLowRA.from_linear(base, _mixed_bits(size), compress_statistics=nested, device=dev)
             rows.append(("LinearLowRA", nested, layer))
+            if nested:  # opt-in: decoded scales kept between calls (costs the 0.5 bit/param double quant saves)
+                cached = LinearLowRA.from_linear(base, _mixed_bits(size), compress_statistics=True, device=dev)
+                rows.append(("  + set_absmax_cache", nested, cached.set_absmax_cache(True)))
             rows.append(("  lowra kernel only", nested, _lowra_kernel_only(layer, x)))
             if bnb:
                 q = _bnb_linear4bit(base, nested, dtype, dev)
@@ -122,7 +126,8 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.overhead", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.overhead",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--size", type=int, default=64, help="in = out features of the layer")
     ap.add_argument("--calls", type=int, default=2000, help="forward calls per timed run")
