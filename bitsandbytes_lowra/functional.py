@@ -250,22 +250,53 @@ class QuantStateLowRA(QuantState):
         return 8.0 * self.nbytes / (self.rows * self.cols)
 
     def matmul_plan(self) -> tuple[torch.Tensor, list[int]]:
-        """Per-precision row grouping for the fused matmul, derived from `bits` once and cached (one host sync)."""
+        """Per-precision row grouping for the fused matmul, derived from `bits` once and cached (one host sync).
+
+        The cache is keyed on the `bits` tensor object and its in-place version counter, so a move (.to), a
+        reassigned or an edited `bits` is never served a stale plan."""
+        bits = self.bits
         cached = self.__dict__.get("_matmul_plan")
-        if cached is None or cached[0].device != self.bits.device:
+        if cached is None or cached[0] is not bits or cached[1] != bits._version:
             from ._ops import matmul_plan
 
-            cached = matmul_plan(self.bits)
+            cached = (bits, bits._version, matmul_plan(bits))
             self.__dict__["_matmul_plan"] = cached
-        return cached
+        return cached[2]
 
-    def absmax_fp32(self) -> torch.Tensor:
-        """float32 [rows, nblocks] block scales, decoded first when double-quantized (kernels take these)."""
+    def absmax_fp32(self, cache: bool = False) -> torch.Tensor:
+        """float32 [rows, nblocks] block scales, decoded first when double-quantized (kernels take these).
+
+        cache=True keeps the decoded scales for the next call (LinearLowRA.set_absmax_cache): faster decode, but it
+        holds 4 bytes per block (0.5 bit/param at blocksize 64), the memory double quantization exists to save.
+        The cache is keyed on the identity and in-place version of every tensor the decode reads, so a move, a
+        reload or an edit of the state is never served stale scales."""
         if not self.nested:
             return self.absmax
-        absmax = bnbF.dequantize_blockwise(self.absmax, self.state2) + self.offset
+        if not cache:
+            return self._decode_absmax()
+        s2 = self.state2
+        srcs = (self.absmax, s2.absmax, s2.code, self.offset)
+        key = tuple(t._version for t in srcs)
+        hit = self.__dict__.get("_absmax_cache")  # (source tensors, their versions, decoded scales)
+        if hit is not None and hit[1] == key and all(a is b for a, b in zip(hit[0], srcs)):
+            return hit[2]
+        absmax = self._decode_absmax()
+        self.__dict__["_absmax_cache"] = (srcs, key, absmax)
+        return absmax
+
+    def drop_absmax_cache(self) -> None:
+        self.__dict__.pop("_absmax_cache", None)
+
+    def _decode_absmax(self) -> torch.Tensor:
+        # bitsandbytes' op directly, not bnbF.dequantize_blockwise: the wrapper re-checks what construction
+        # validated (state2 is a float32, non-nested QuantState on our device); the result is the same. Offset and
+        # clamp in place on the fresh buffer.
+        s2 = self.state2
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            self.absmax, s2.absmax, s2.code, s2.blocksize, torch.float32
+        )
         # A block of zeros can decode to a tiny negative scale; scales are non-negative by definition.
-        return absmax.float().clamp_min(0).reshape(self.rows, -1)
+        return absmax.add_(self.offset).clamp_min_(0).view(self.rows, -1)
 
     # -- validation -----------------------------------------------------------------------------------------------
     def _validate_metadata(self) -> None:
@@ -593,9 +624,12 @@ FUSED_DECODE_MAX_TOKENS = 16
 
 def _use_fused_decode(A: torch.Tensor, bias) -> bool:
     needs_grad = torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
+    return not needs_grad and _fused_decode_shape(A)
+
+
+def _fused_decode_shape(A: torch.Tensor) -> bool:
     return (
         A.is_cuda
-        and not needs_grad
         and A.dtype in (torch.float16, torch.bfloat16)
         and A.numel() // max(A.shape[-1], 1) <= FUSED_DECODE_MAX_TOKENS
     )
@@ -603,7 +637,7 @@ def _use_fused_decode(A: torch.Tensor, bias) -> bool:
 
 def _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias):
     # The single place the forward kernel is chosen: a fused dequantize-matmul op replaces these two lines.
-    W = torch.ops.lowra.dequantize(packed, absmax, bits, code, offsets, blocksize, shape, A.dtype)
+    W = torch.ops.lowra.dequantize.default(packed, absmax, bits, code, offsets, blocksize, shape, A.dtype)
     return torch.nn.functional.linear(A, W, bias)
 
 
@@ -637,20 +671,28 @@ def matmul_lowra(
 ) -> torch.Tensor:
     """A @ W.T (+ bias) computed in A's dtype, W the dequantized LowRA weight (cf. bitsandbytes.matmul_4bit)."""
     _check_pair(packed, quant_state)
-    qs = quant_state
-    if A.shape[-1] != qs.cols:
-        raise ValueError(f"input has {A.shape[-1]} features, the quantized weight expects {qs.cols}")
+    if A.shape[-1] != quant_state.cols:
+        raise ValueError(f"input has {A.shape[-1]} features, the quantized weight expects {quant_state.cols}")
+    return _matmul_checked(A, packed, quant_state, bias)
+
+
+def _matmul_checked(A: torch.Tensor, packed: torch.Tensor, qs: QuantStateLowRA, bias: torch.Tensor | None,
+                    cache_absmax: bool = False) -> torch.Tensor:
+    """matmul_lowra once its arguments are checked; cache_absmax: see QuantStateLowRA.absmax_fp32."""
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
-    if _use_fused_decode(A, bias):
+    needs_grad = torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
+    absmax, shape = qs.absmax_fp32(cache_absmax), list(qs.shape)
+    if needs_grad:
+        return MatMulLowRA.apply(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias)
+    if _fused_decode_shape(A):
         row_order, group_rows = qs.matmul_plan()
-        return torch.ops.lowra.matmul(
-            A, packed, qs.absmax_fp32(), qs.bits, qs.code, qs.row_offsets, qs.blocksize, list(qs.shape), bias,
-            row_order, group_rows,
+        return torch.ops.lowra.matmul.default(
+            A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias, row_order, group_rows
         )
-    return MatMulLowRA.apply(
-        A, packed, qs.absmax_fp32(), qs.bits, qs.code, qs.row_offsets, qs.blocksize, list(qs.shape), bias
-    )
+    # Inference: the same two ops as MatMulLowRA.forward, without the autograd.Function machinery (which builds a
+    # context object per call for a backward that cannot happen).
+    return _linear_dequantized(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias)
 
 
 def bits_report(states) -> dict[str, float]:

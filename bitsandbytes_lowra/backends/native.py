@@ -21,7 +21,7 @@ from .._ops import (
     check_quantize_out,
     matmul_plan,
 )
-from ..format import padded_cols
+from ..format import CODEBOOK_SLOTS, FLOAT_DTYPES, blocks_per_row, padded_cols
 
 # The fused matmul streams the packed weight once per call; above this many activation rows, dequantizing once and
 # using the dense GEMM is faster (training, prefill).
@@ -98,9 +98,53 @@ def quantize_out(A, bits, thresholds, row_offsets, blocksize, *, packed, absmax)
     _quantize_into(A, bits, thresholds, row_offsets, blocksize, packed, absmax)
 
 
+# Eager kernels get real tensors, so their argument checks can be one plain Python expression; the torch._check form
+# in _ops (needed by the fake kernels for symbolic shapes) costs ~2 us per condition, paid by every layer of every
+# decoded token. The plain form only decides; when it fails, the _ops checks run and raise their specific message.
+
+
+def _dequantize_args_ok(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype) -> bool:
+    if len(shape) != 2:
+        return False
+    rows, cols = shape
+    return (
+        packed.dtype == torch.uint8
+        and absmax.dtype == torch.float32
+        and absmax.numel() == rows * blocks_per_row(cols, blocksize)
+        and bits.dtype == torch.uint8 and bits.shape == (rows,)
+        and codebook.dtype == torch.float16 and codebook.shape == (rows, CODEBOOK_SLOTS)
+        and row_offsets.dtype == torch.int64 and row_offsets.shape == (rows + 1,)
+        and dtype in FLOAT_DTYPES
+        and blocksize % 8 == 0 and blocksize >= 8
+    )
+
+
+def _out_ok(out, shape, dtype, device) -> bool:
+    return tuple(out.shape) == tuple(shape) and out.dtype == dtype and out.device == device and out.is_contiguous()
+
+
+def _matmul_args_ok(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order,
+                    group_rows) -> bool:
+    if len(shape) != 2 or A.dim() < 1 or A.dtype not in FLOAT_DTYPES or A.shape[-1] != shape[1]:
+        return False
+    if not _dequantize_args_ok(packed, absmax, bits, codebook, row_offsets, blocksize, shape, A.dtype):
+        return False
+    rows = shape[0]
+    if bias is not None and (bias.dtype != A.dtype or bias.shape != (rows,)):
+        return False
+    if (row_order is None) != (group_rows is None):
+        return False
+    return row_order is None or (
+        row_order.dtype == torch.int32 and row_order.shape == (rows,)
+        and len(group_rows) == 3 and all(g >= 0 for g in group_rows) and sum(group_rows) == rows
+    )
+
+
 def dequantize_into(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, out):
-    check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype)
-    check_out(out, shape, dtype, packed.device)
+    if not (_dequantize_args_ok(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype)
+            and _out_ok(out, shape, dtype, packed.device)):
+        check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype)
+        check_out(out, shape, dtype, packed.device)
     packed, absmax, bits, codebook, row_offsets = (t.contiguous() for t in (packed, absmax, bits, codebook, row_offsets))
     with _on(packed.device):
         status = _entry("dequantize", packed.device)(
@@ -143,8 +187,12 @@ def _matmul_cuda(A2, packed, absmax, bits, codebook, row_offsets, blocksize, sha
 
 
 def matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out):
-    check_matmul_args(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows)
-    check_out(out, (*A.shape[:-1], shape[0]), A.dtype, A.device)
+    if not (_matmul_args_ok(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order,
+                            group_rows)
+            and _out_ok(out, (*A.shape[:-1], shape[0]), A.dtype, A.device)):
+        check_matmul_args(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order,
+                          group_rows)
+        check_out(out, (*A.shape[:-1], shape[0]), A.dtype, A.device)
     rows, cols = shape
     A2 = A.reshape(-1, cols).contiguous()
     packed, absmax, bits, codebook, row_offsets = (t.contiguous() for t in (packed, absmax, bits, codebook, row_offsets))

@@ -1,0 +1,149 @@
+"""`python -m bitsandbytes_lowra.bench.overhead [--device cpu|cuda] [--size 256] [--calls 2000] [--json out.json]`
+
+Per-call host overhead of a quantized linear layer in the decode regime (one token, batch 1). The layer is small
+(default 64x64) so the kernel time is negligible and what is timed is Python, dispatcher and validation work paid
+by every one of a model's ~224 linear layers per generated token. Rows:
+
+- LinearLowRA.forward (mixed 1/2/4-bit rows), double-quantized absmax on and off, bf16 and fp32 activations, and
+  with the opt-in decoded-absmax cache (LinearLowRA.set_absmax_cache; not the default: it costs memory);
+- bitsandbytes Linear4bit (NF4) with the same settings, for comparison;
+- torch.nn.Linear (dense, the floor of a module call);
+- "kernel only": the lowra op LinearLowRA ends in, called directly with precomputed arguments (what is left when all
+  host-side layers are removed), so forward minus kernel-only is the host overhead of our Python stack.
+
+Times are medians over --repeats runs of --calls forward calls under torch.inference_mode() (on CUDA synchronized
+once per run, not per call: the host side is what is measured). Use OMP_NUM_THREADS=1 on a shared CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+
+def _timeit(fn, x, calls: int, repeats: int, device: torch.device) -> float:
+    """Median microseconds per call of fn(x)."""
+    for _ in range(max(calls // 10, 10)):  # warm-up: caches, lazy inits, allocator
+        fn(x)
+    per_call = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        per_call.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(per_call)
+
+
+def _mixed_bits(rows: int) -> torch.Tensor:
+    # 1.75 nominal bits: a quarter of the rows at 1 bit, half at 2, a quarter at 4 (every precision group non-empty).
+    g = torch.Generator().manual_seed(0)
+    bits = torch.tensor([1, 2, 2, 4], dtype=torch.uint8).repeat(-(-rows // 4))[:rows]
+    return bits[torch.randperm(rows, generator=g)]
+
+
+def _lowra_kernel_only(layer, x):
+    """The op LinearLowRA.forward ends in, with every argument prepared once (no Python layers, no checks)."""
+    from ..functional import _use_fused_decode
+
+    packed, qs = layer._packed_and_state()
+    absmax = qs.absmax_fp32()
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    shape = list(qs.shape)
+    if _use_fused_decode(x, bias):
+        row_order, group_rows = qs.matmul_plan()
+        op = torch.ops.lowra.matmul.default
+        return lambda a: op(a, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias,
+                            row_order, group_rows)
+    deq = torch.ops.lowra.dequantize.default
+    return lambda a: nn.functional.linear(
+        a, deq(packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, a.dtype), bias)
+
+
+def run(device: str = "cpu", size: int = 64, calls: int = 2000, repeats: int = 5, dtypes=("bfloat16", "float32"),
+        bnb: bool = True) -> list[dict]:
+    from ..nn import LinearLowRA
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    base = nn.Linear(size, size, bias=True)
+    results = []
+    for dname in dtypes:
+        dtype = getattr(torch, dname)
+        x = torch.randn(1, 1, size, device=dev, dtype=dtype)
+        dense = nn.Linear(size, size, bias=True).to(dev, dtype)
+        rows = [("nn.Linear (dense)", None, dense)]
+        for nested in (True, False):
+            layer = LinearLowRA.from_linear(base, _mixed_bits(size), compress_statistics=nested, device=dev)
+            rows.append(("LinearLowRA", nested, layer))
+            if nested:  # opt-in: decoded scales kept between calls (costs the 0.5 bit/param double quant saves)
+                cached = LinearLowRA.from_linear(base, _mixed_bits(size), compress_statistics=True, device=dev)
+                rows.append(("  + set_absmax_cache", nested, cached.set_absmax_cache(True)))
+            rows.append(("  lowra kernel only", nested, _lowra_kernel_only(layer, x)))
+            if bnb:
+                q = _bnb_linear4bit(base, nested, dtype, dev)
+                if q is not None:
+                    rows.append(("bnb Linear4bit nf4", nested, q))
+        with torch.inference_mode():
+            for name, nested, fn in rows:
+                us = _timeit(fn, x, calls, repeats, dev)
+                results.append({"layer": name.strip(), "dtype": dname, "double_quant": nested, "us_per_call": us,
+                                "device": str(dev), "size": size})
+    return results
+
+
+def _bnb_linear4bit(base: nn.Linear, nested: bool, dtype, dev):
+    try:
+        import bitsandbytes as bnb
+
+        q = bnb.nn.Linear4bit(base.in_features, base.out_features, bias=True, compute_dtype=dtype,
+                              compress_statistics=nested, quant_type="nf4")
+        q.load_state_dict(base.state_dict())
+        q = q.to(dev)
+        with torch.inference_mode():
+            q(torch.zeros(1, base.in_features, device=dev, dtype=dtype))
+        return q
+    except Exception as e:  # bnb without a kernel for this device: leave the row out, say why
+        print(f"bnb Linear4bit unavailable on {dev}: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
+def table(results: list[dict]) -> str:
+    lines = [f"{'layer':<24} {'dtype':<9} {'double-quant':<13} {'us/call':>9}"]
+    for r in results:
+        dq = "-" if r["double_quant"] is None else ("on" if r["double_quant"] else "off")
+        lines.append(f"{r['layer']:<24} {r['dtype']:<9} {dq:<13} {r['us_per_call']:>9.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.overhead",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--size", type=int, default=64, help="in = out features of the layer")
+    ap.add_argument("--calls", type=int, default=2000, help="forward calls per timed run")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs (the median is reported)")
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes Linear4bit")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    results = run(args.device, args.size, args.calls, args.repeats, tuple(args.dtypes.split(",")), not args.no_bnb)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}, f,
+                      indent=1)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
