@@ -622,9 +622,12 @@ def _check_pair(packed, quant_state) -> None:
 FUSED_DECODE_MAX_TOKENS = 16
 
 
+def _needs_grad(A: torch.Tensor, bias) -> bool:
+    return torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
+
+
 def _use_fused_decode(A: torch.Tensor, bias) -> bool:
-    needs_grad = torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
-    return not needs_grad and _fused_decode_shape(A)
+    return not _needs_grad(A, bias) and _fused_decode_shape(A)
 
 
 def _fused_decode_shape(A: torch.Tensor) -> bool:
@@ -681,9 +684,8 @@ def _matmul_checked(A: torch.Tensor, packed: torch.Tensor, qs: QuantStateLowRA, 
     """matmul_lowra once its arguments are checked; cache_absmax: see QuantStateLowRA.absmax_fp32."""
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
-    needs_grad = torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
     absmax, shape = qs.absmax_fp32(cache_absmax), list(qs.shape)
-    if needs_grad:
+    if _needs_grad(A, bias):
         return MatMulLowRA.apply(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias)
     if _fused_decode_shape(A):
         row_order, group_rows = qs.matmul_plan()
