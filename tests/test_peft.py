@@ -133,6 +133,21 @@ def test_dora_and_base_rewriting_inits_are_refused(model):
         get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="olora"))
 
 
+@pytest.mark.parametrize("tuner", ["vera", "oft", "ia3", "loha", "adalora"])
+def test_other_peft_tuners_are_refused_on_lowra_layers(model, tuner):
+    import peft
+
+    config = {
+        "vera": lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "k_proj"]),
+        "oft": lambda: peft.OFTConfig(oft_block_size=32, target_modules=["q_proj"]),
+        "ia3": lambda: peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]),
+        "loha": lambda: peft.LoHaConfig(r=4, target_modules=["q_proj"]),
+        "adalora": lambda: peft.AdaLoraConfig(r=4, target_modules=["q_proj"], total_step=10),
+    }[tuner]()
+    with pytest.raises(TypeError, match="cannot adapt LinearLowRA layers.*LoRA \\(LoraConfig\\) is the supported"):
+        get_peft_model(copy.deepcopy(model), config)
+
+
 def test_eva_initialization_works_on_lowra_layers(model, smol):
     """EVA only reads the layer inputs: it sets A from their SVD and keeps B at zero."""
     from peft.tuners.lora import EvaConfig, initialize_lora_eva_weights

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lora.model import LoraModel
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from peft.utils.quantization_utils import QuantizationBackend
 from torch import nn
 
@@ -405,6 +405,38 @@ def register() -> None:
     _create_new_module._lowra_dispatch = True
     _create_new_module.__wrapped__ = original
     LoraModel._create_new_module = staticmethod(_create_new_module)
+    _refuse_other_tuners()
+
+
+def _refuse_other_tuners() -> None:
+    """Every peft tuner but LoRA (VeRA, OFT, BOFT, IA3, LoHa, LoKr, AdaLoRA, ...) treats its target's weight as a
+    float matrix: it would read, or on merge overwrite, a LinearLowRA's packed codes. Refuse at injection, loudly,
+    instead of corrupting silently. Covers the tuners peft defines (all imported with peft)."""
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    def guard(tuner_cls, original):
+        def _create_and_replace(self, peft_config, adapter_name, target, *args, **kwargs):
+            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+            if isinstance(base, LinearLowRA):
+                raise TypeError(
+                    f"peft {tuner_cls.__name__} ({peft_config.peft_type}) cannot adapt LinearLowRA layers: it would "
+                    "treat the packed LowRA codes as a float weight. LoRA (LoraConfig) is the supported tuner; exclude "
+                    "the LowRA layers from target_modules, or dequantize the model first"
+                )
+            return original(self, peft_config, adapter_name, target, *args, **kwargs)
+
+        _create_and_replace._lowra_refuse = True
+        return _create_and_replace
+
+    for cls in set(subclasses(BaseTuner)):
+        original = cls.__dict__.get("_create_and_replace")
+        if cls is LoraModel or original is None or getattr(original, "_lowra_refuse", False):
+            continue
+        cls._create_and_replace = guard(cls, original)
 
 
 register()
