@@ -59,6 +59,8 @@ _TENSOR_FIELDS = {
     "nested_absmax": torch.float32,
     "nested_quant_map": torch.float32,
 }
+# The tensor keys of QuantStateLowRA.as_dict(): what a checkpoint stores as "weight.<key>" next to the codes.
+STATE_TENSOR_KEYS = tuple(_TENSOR_FIELDS)
 _JSON_FIELDS = ("quant_type", "format_version", "blocksize", "dtype", "shape")
 _NESTED_JSON_FIELDS = ("nested_blocksize", "nested_dtype", "nested_offset")
 _NESTED_TENSORS = ("nested_absmax", "nested_quant_map")

@@ -36,7 +36,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import plan as _plan
 from ..format import LowRAFormatError
-from ..functional import _TENSOR_FIELDS, BLOB_KEY
+from ..functional import BLOB_KEY, STATE_TENSOR_KEYS
 from ..nn.modules import LinearLowRA, ParamsLowRA, check_quant_storage
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ QUANT_METHOD = "lowra"
 # Every tensor a LinearLowRA saves for its weight (its state dict: "weight" + "weight.<QuantStateLowRA field>").
 # Longest first: 5.17 matches converter patterns in list order without a name boundary, so "weight" must come last.
 SERIALIZED_WEIGHT_NAMES = sorted(
-    ["weight", *(f"weight.{k}" for k in _TENSOR_FIELDS), f"weight.{BLOB_KEY}"], key=lambda n: (-len(n), n)
+    ["weight", *(f"weight.{k}" for k in STATE_TENSOR_KEYS), f"weight.{BLOB_KEY}"], key=lambda n: (-len(n), n)
 )
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
