@@ -200,7 +200,8 @@ def add_lora(model, checkpoint, init: str, args: FinetuneArgs, loftq_iterations:
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
     elif prepare:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})  # as Trainer
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
