@@ -103,16 +103,23 @@ def _is_bnb_optim(name: str) -> bool:
 # ------------------------------------------------------------------------------------------------------ distributed
 
 
+def _launch_state():
+    """accelerate's PartialState when `accelerate launch` / torchrun started several processes, else None. Creating it
+    joins the process group they set up (gloo on CPU: accelerate needs cpu=True for it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def distributed() -> dict:
     """How this process was launched: {"num_processes", "process_index", "local_process_index", "fsdp",
     "fsdp_version", "is_main"}. Single process unless started by `accelerate launch` / torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    state = _launch_state()
+    if state is None:
         return {"num_processes": 1, "process_index": 0, "local_process_index": 0, "fsdp": False, "fsdp_version": None,
                 "is_main": True}  # fmt: skip
-    from accelerate import PartialState
-
-    # Joins the process group accelerate launch / torchrun set up (gloo on CPU: accelerate needs cpu=True for it).
-    state = PartialState(cpu=not torch.cuda.is_available())
     version = _fsdp_version_from_env()
     return {
         "num_processes": state.num_processes,
@@ -126,13 +133,10 @@ def distributed() -> dict:
 
 def main_process_first():
     """Context: the main process runs the body first (planning fills the on-disk plan cache), then the others."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        import contextlib
+    import contextlib
 
-        return contextlib.nullcontext()
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available()).main_process_first()
+    state = _launch_state()
+    return contextlib.nullcontext() if state is None else state.main_process_first()
 
 
 def _device_map():
