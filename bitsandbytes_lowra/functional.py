@@ -672,18 +672,16 @@ class MatMulLowRA(torch.autograd.Function):
 
 
 def matmul_lowra(
-    A: torch.Tensor, packed: torch.Tensor, quant_state: QuantStateLowRA, bias: torch.Tensor | None = None
+    A: torch.Tensor, packed: torch.Tensor, quant_state: QuantStateLowRA, bias: torch.Tensor | None = None, *,
+    cache_absmax: bool = False,
 ) -> torch.Tensor:
-    """A @ W.T (+ bias) computed in A's dtype, W the dequantized LowRA weight (cf. bitsandbytes.matmul_4bit)."""
+    """A @ W.T (+ bias) computed in A's dtype, W the dequantized LowRA weight (cf. bitsandbytes.matmul_4bit).
+
+    cache_absmax: keep the decoded double-quantized block scales for the next call (QuantStateLowRA.absmax_fp32)."""
     _check_pair(packed, quant_state)
     if A.shape[-1] != quant_state.cols:
         raise ValueError(f"input has {A.shape[-1]} features, the quantized weight expects {quant_state.cols}")
-    return _matmul_checked(A, packed, quant_state, bias)
-
-
-def _matmul_checked(A: torch.Tensor, packed: torch.Tensor, qs: QuantStateLowRA, bias: torch.Tensor | None,
-                    cache_absmax: bool = False) -> torch.Tensor:
-    """matmul_lowra once its arguments are checked; cache_absmax: see QuantStateLowRA.absmax_fp32."""
+    qs = quant_state
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
     absmax, shape = qs.absmax_fp32(cache_absmax), list(qs.shape)

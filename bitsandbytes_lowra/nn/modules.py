@@ -27,10 +27,9 @@ from ..format import DEFAULT_BLOCKSIZE, LowRAFormatError, check_blocksize
 from ..functional import (
     LowRAPlan,
     QuantStateLowRA,
-    _check_pair,
-    _matmul_checked,
     dequantize_lowra,
     make_plan,
+    matmul_lowra,
     quantize_lowra,
 )
 
@@ -501,23 +500,21 @@ class LinearLowRA(nn.Linear):
             packed = packed_bytes(w, state, getattr(self, "quant_storage", None))
         else:
             packed, state = self._packed_and_state()
-        _check_pair(packed, state)
-        if x.shape[-1] != state.cols:
-            raise ValueError(f"input has {x.shape[-1]} features, the quantized weight expects {state.cols}")
         device_type = x.device.type
         bias = self.bias
         if torch.is_autocast_enabled(device_type):
             # Behave as nn.Linear under autocast: compute in, and return, the autocast dtype.
             compute = torch.get_autocast_dtype(device_type)
             with torch.autocast(device_type, enabled=False):
-                out = _matmul_checked(x.to(compute), packed, state, None if bias is None else bias.to(compute),
-                                      self.cache_absmax)
+                out = matmul_lowra(x.to(compute), packed, state, None if bias is None else bias.to(compute),
+                                   cache_absmax=self.cache_absmax)
             return out.to(compute)
         # No autocast on this device: nothing to switch off (autocast of another device type does not touch ops on
         # this one), and dtype conversions only where the dtype differs.
         compute = self.compute_dtype or x.dtype
-        out = _matmul_checked(x if x.dtype == compute else x.to(compute), packed, state,
-                              bias if bias is None or bias.dtype == compute else bias.to(compute), self.cache_absmax)
+        out = matmul_lowra(x if x.dtype == compute else x.to(compute), packed, state,
+                           bias if bias is None or bias.dtype == compute else bias.to(compute),
+                           cache_absmax=self.cache_absmax)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     # -- state dict -------------------------------------------------------------------------------------------------
