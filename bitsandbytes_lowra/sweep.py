@@ -170,12 +170,23 @@ def eval_tokens(tokenizer, protocol: Protocol) -> torch.Tensor:
     return wiki_eval_tokens(tokenizer, protocol.eval_tokens)
 
 
+def _finetune(pm, tok, args, tokens, protocol: Protocol, progress: bool, rec: dict) -> dict:
+    """Train the adapters, record the training metrics and the perplexity after it in `rec`; returns stage seconds."""
+    from .finetune import train
+
+    metrics = train(pm, tok, args, progress=progress)
+    rec["finetune"] = {k: v for k, v in metrics.items() if k != "seconds"}
+    r = _ppl(pm, tokens, protocol, progress)
+    rec["ppl_finetuned"] = r["ppl"]
+    return {"finetune": metrics["seconds"], "eval_finetuned": r["seconds"]}
+
+
 def run_dense(checkpoint, protocol: Protocol, progress: bool = True) -> dict:
     """The full-precision reference record (float32 weights). With fine-tuning in the protocol, the same LoRA training
     on the unquantized model as well: the ceiling the quantized methods are trained towards (16-bit LoRA)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .finetune import add_lora, train
+    from .finetune import add_lora
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
@@ -191,8 +202,7 @@ def run_dense(checkpoint, protocol: Protocol, progress: bool = True) -> dict:
         args = protocol.finetune_args()
         pm, _ = add_lora(model, checkpoint, "zero", args, prepare=False)  # nothing quantized: no k-bit preparation
         rec["ppl_init"] = rec["ppl_quantized"]  # B = 0
-        rec["finetune"] = {k: v for k, v in train(pm, tok, args, progress=progress).items() if k != "seconds"}
-        rec["ppl_finetuned"] = _ppl(pm, tokens, protocol, progress)["ppl"]
+        _finetune(pm, tok, args, tokens, protocol, progress, rec)
         del pm
     rec["seconds"] = time.perf_counter() - t0
     del model
@@ -210,7 +220,7 @@ def run_group(methods, bits: float, checkpoint, protocol: Protocol, progress: bo
     quantized and evaluated once; each method then gets its own copy for its LoRA initialization and training."""
     import copy
 
-    from .finetune import add_lora, load_quantized, train
+    from .finetune import add_lora, load_quantized
 
     ms = [baselines.get_method(name) for name in methods]
     if len({m.quantization for m in ms}) != 1:
@@ -251,12 +261,7 @@ def run_group(methods, bits: float, checkpoint, protocol: Protocol, progress: bo
                 rec["ppl_init"] = r["ppl"]
                 times["eval_init"] = r["seconds"]
             if protocol.finetune_steps > 0:
-                metrics = train(pm, tok, args, progress=progress)
-                times["finetune"] = metrics["seconds"]
-                rec["finetune"] = {k: v for k, v in metrics.items() if k != "seconds"}
-                r = _ppl(pm, tokens, protocol, progress)
-                rec["ppl_finetuned"] = r["ppl"]
-                times["eval_finetuned"] = r["seconds"]
+                times.update(_finetune(pm, tok, args, tokens, protocol, progress, rec))
             del pm, work
         rec["seconds"] = times
         records.append(rec)
