@@ -40,18 +40,27 @@ def _candidates() -> list[Path]:
     return [_DIR / n for n in names]
 
 
+class NestedAbsmax(ctypes.Structure):
+    """lowra.h LowraNestedAbsmax: double-quantized block scales, decoded by the CUDA kernels where they read them."""
+
+    _fields_ = [("q", ctypes.c_void_p), ("nested", ctypes.c_void_p), ("code", ctypes.c_void_p),
+                ("offset", ctypes.c_void_p), ("blocksize", ctypes.c_int64)]
+
+
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    p, i64, i32, nested = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(NestedAbsmax)
     quant = [p, i32, i64, i64, i64, p, p, p, p, i64, p]
     dequant = [p, i64, p, p, p, p, i64, i64, i64, i32, p]
     for name, args in (
         ("lowra_quantize_cpu", quant),
         ("lowra_dequantize_cpu", dequant),
         ("lowra_quantize_cuda", quant + [p]),
-        ("lowra_dequantize_cuda", dequant + [p]),
+        ("lowra_dequantize_cuda", dequant[:3] + [nested] + dequant[3:] + [p]),
+        ("lowra_matmul_cuda", [p, i32, i64, p, i64, p, nested, p, p, p, i64, i64, i64, p, p, p, p, p, i64, p]),
+        ("lowra_matmul_cuda_workspace_size", [i32, i64, i64, i64, i64, p, i32]),
     ):
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, i32
+        fn.argtypes, fn.restype = args, i64 if name.endswith("workspace_size") else i32
     lib.lowra_version.restype = ctypes.c_char_p
     lib.lowra_last_cuda_error.restype = ctypes.c_char_p
     lib.lowra_has_cuda.restype = i32

@@ -17,15 +17,20 @@ torch.library.define(
     "lowra::quantize",
     "(Tensor A, Tensor bits, Tensor thresholds, Tensor row_offsets, int blocksize) -> (Tensor, Tensor)",
 )
+# Block scales come as float32 `absmax`, or double-quantized: uint8 `absmax` codes plus these (bitsandbytes' nested
+# quantization; decoded where the kernels read them, see csrc/lowra.h LowraNestedAbsmax and reference.decode_absmax).
+NESTED_ARGS = (
+    "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? nested_offset=None, int nested_blocksize=256"
+)
 torch.library.define(
     "lowra::dequantize",
     "(Tensor packed, Tensor absmax, Tensor bits, Tensor codebook, Tensor row_offsets, int blocksize, "
-    "SymInt[] shape, ScalarType dtype) -> Tensor",
+    f"SymInt[] shape, ScalarType dtype, {NESTED_ARGS}) -> Tensor",
 )
 torch.library.define(
     "lowra::dequantize.out",
     "(Tensor packed, Tensor absmax, Tensor bits, Tensor codebook, Tensor row_offsets, int blocksize, "
-    "SymInt[] shape, ScalarType dtype, *, Tensor(a!) out) -> ()",  # out-variants return nothing (functionalization)
+    f"SymInt[] shape, ScalarType dtype, {NESTED_ARGS}, *, Tensor(a!) out) -> ()",  # out-variants return nothing
 )
 
 
@@ -41,11 +46,30 @@ def check_quantize_args(A, bits, thresholds, row_offsets, blocksize) -> None:
     torch._check(blocksize % 8 == 0 and blocksize >= 8, lambda: f"blocksize must be a multiple of 8, got {blocksize}")
 
 
-def check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype) -> None:
+def check_absmax_args(packed, absmax, nested_absmax, nested_code, nested_offset, nested_blocksize) -> None:
+    if nested_absmax is None:
+        torch._check(nested_code is None and nested_offset is None,
+                     lambda: "nested_code / nested_offset given without nested_absmax")
+        torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be float32, got {absmax.dtype}")
+        return
+    torch._check(absmax.dtype == torch.uint8, lambda: f"double-quantized absmax must be uint8, got {absmax.dtype}")
+    torch._check(nested_code is not None and nested_offset is not None,
+                 lambda: "nested_absmax needs nested_code and nested_offset")
+    torch._check(nested_blocksize >= 1 and nested_blocksize & (nested_blocksize - 1) == 0,
+                 lambda: f"nested_blocksize must be a power of two, got {nested_blocksize}")
+    for name, t, n in (("nested_absmax", nested_absmax, -(-absmax.numel() // nested_blocksize)),
+                       ("nested_code", nested_code, 256), ("nested_offset", nested_offset, 1)):
+        torch._check(t.dtype == torch.float32, lambda: f"{name} must be float32, got {t.dtype}")
+        torch._check(t.numel() == n, lambda: f"{name} must have {n} elements, got {t.numel()}")
+        torch._check(t.device == packed.device, lambda: f"{name} is on {t.device}, the codes on {packed.device}")
+
+
+def check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, nested_absmax=None,
+                          nested_code=None, nested_offset=None, nested_blocksize=256) -> None:
     torch._check(len(shape) == 2, lambda: f"shape must be [rows, cols], got {shape}")
     rows, cols = shape
     torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
-    torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be float32, got {absmax.dtype}")
+    check_absmax_args(packed, absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     torch._check(absmax.numel() == rows * blocks_per_row(cols, blocksize), lambda: "absmax size does not match shape")
     torch._check(bits.dtype == torch.uint8 and bits.shape == (rows,), lambda: "bits must be uint8 [rows]")
     torch._check(codebook.dtype == torch.float16, lambda: f"codebook must be float16, got {codebook.dtype}")
@@ -65,14 +89,18 @@ def _(A, bits, thresholds, row_offsets, blocksize):
 
 
 @torch.library.register_fake("lowra::dequantize")
-def _(packed, absmax, bits, codebook, row_offsets, blocksize, shape: Sequence[int], dtype):
-    check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype)
+def _(packed, absmax, bits, codebook, row_offsets, blocksize, shape: Sequence[int], dtype, nested_absmax=None,
+      nested_code=None, nested_offset=None, nested_blocksize=256):
+    check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, nested_absmax,
+                          nested_code, nested_offset, nested_blocksize)
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
 @torch.library.register_fake("lowra::dequantize.out")
-def _(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, *, out):
-    check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype)
+def _(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, nested_absmax=None, nested_code=None,
+      nested_offset=None, nested_blocksize=256, *, out):
+    check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, nested_absmax,
+                          nested_code, nested_offset, nested_blocksize)
     check_out(out, shape, dtype, packed.device)
 
 
@@ -90,12 +118,13 @@ def check_out(out: torch.Tensor, shape, dtype, device) -> None:
 torch.library.define(
     "lowra::matmul",
     "(Tensor A, Tensor packed, Tensor absmax, Tensor bits, Tensor codebook, Tensor row_offsets, int blocksize, "
-    "SymInt[] shape, Tensor? bias=None, Tensor? row_order=None, int[]? group_rows=None) -> Tensor",
+    f"SymInt[] shape, Tensor? bias=None, Tensor? row_order=None, int[]? group_rows=None, {NESTED_ARGS}) -> Tensor",
 )
 torch.library.define(
     "lowra::matmul.out",
     "(Tensor A, Tensor packed, Tensor absmax, Tensor bits, Tensor codebook, Tensor row_offsets, int blocksize, "
-    "SymInt[] shape, Tensor? bias=None, Tensor? row_order=None, int[]? group_rows=None, *, Tensor(a!) out) -> ()",
+    f"SymInt[] shape, Tensor? bias=None, Tensor? row_order=None, int[]? group_rows=None, {NESTED_ARGS}, "
+    "*, Tensor(a!) out) -> ()",
 )
 torch.library.define(
     "lowra::quantize.out",
@@ -118,13 +147,13 @@ def matmul_plan(bits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 
 
 def check_matmul_args(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order,
-                      group_rows) -> None:
+                      group_rows, *nested) -> None:
     torch._check(len(shape) == 2, lambda: f"shape must be [rows, cols], got {shape}")
     rows, cols = shape
     torch._check(A.dim() >= 1, lambda: "A must have at least one dimension")
     torch._check(A.dtype in FLOAT_DTYPES, lambda: f"A must be float32/float16/bfloat16, got {A.dtype}")
     torch._check(A.shape[-1] == cols, lambda: f"A has {A.shape[-1]} features, the weight has {cols} columns")
-    check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, A.dtype)
+    check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, A.dtype, *nested)
     if bias is not None:
         torch._check(bias.dtype == A.dtype, lambda: f"bias must have A's dtype {A.dtype}, got {bias.dtype}")
         torch._check(tuple(bias.shape) == (rows,), lambda: f"bias must have shape ({rows},), got {tuple(bias.shape)}")
@@ -137,15 +166,18 @@ def check_matmul_args(A, packed, absmax, bits, codebook, row_offsets, blocksize,
 
 
 @torch.library.register_fake("lowra::matmul")
-def _(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias=None, row_order=None, group_rows=None):
-    check_matmul_args(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows)
+def _(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias=None, row_order=None, group_rows=None,
+      nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256):
+    check_matmul_args(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows,
+                      nested_absmax, nested_code, nested_offset, nested_blocksize)
     return A.new_empty((*A.shape[:-1], shape[0]))
 
 
 @torch.library.register_fake("lowra::matmul.out")
 def _(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias=None, row_order=None, group_rows=None,
-      *, out):
-    check_matmul_args(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows)
+      nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256, *, out):
+    check_matmul_args(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows,
+                      nested_absmax, nested_code, nested_offset, nested_blocksize)
     check_out(out, (*A.shape[:-1], shape[0]), A.dtype, A.device)
 
 

@@ -24,6 +24,7 @@ from bitsandbytes.functional import QuantState
 from bitsandbytes.utils import pack_dict_to_tensor
 
 from . import codebooks as _codebooks
+from .backends.reference import decode_absmax
 from .format import (
     ALLOWED_BITS,
     CODEBOOK_SLOTS,
@@ -289,16 +290,20 @@ class QuantStateLowRA(QuantState):
     def drop_absmax_cache(self) -> None:
         self.__dict__.pop("_absmax_cache", None)
 
+    def scale_args(self, cache: bool = False) -> tuple:
+        """(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize) as the lowra ops take them: the
+        stored scales, double-quantized ones decoded inside the kernels where they are read; with cache=True (and
+        double quantization) the float32 scales kept by absmax_fp32(cache=True) instead."""
+        if self.nested and not cache:
+            s2 = self.state2
+            return self.absmax, s2.absmax, s2.code, self.offset, s2.blocksize
+        return self.absmax_fp32(cache), None, None, None, NESTED_BLOCKSIZE
+
     def _decode_absmax(self) -> torch.Tensor:
-        # bitsandbytes' op directly, not bnbF.dequantize_blockwise: the wrapper re-checks what construction
-        # validated (state2 is a float32, non-nested QuantState on our device); the result is the same. Offset and
-        # clamp in place on the fresh buffer.
+        # The reference decode (the kernels decode the same way, bit for bit). A block of zeros can decode to a tiny
+        # negative scale; it clamps to 0, scales being non-negative by definition.
         s2 = self.state2
-        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
-            self.absmax, s2.absmax, s2.code, s2.blocksize, torch.float32
-        )
-        # A block of zeros can decode to a tiny negative scale; scales are non-negative by definition.
-        return absmax.add_(self.offset).clamp_min_(0).view(self.rows, -1)
+        return decode_absmax(self.absmax, s2.absmax, s2.code, self.offset, s2.blocksize)
 
     # -- validation -----------------------------------------------------------------------------------------------
     def _validate_metadata(self) -> None:
@@ -599,9 +604,10 @@ def dequantize_lowra(
     """The dense [rows, cols] weight, in `dtype` (default: the original dtype), each value rounded once from float32."""
     _check_pair(packed, quant_state)
     qs = quant_state
+    absmax, *nested = qs.scale_args()
     return torch.ops.lowra.dequantize(
-        packed, qs.absmax_fp32(), qs.bits, qs.code, qs.row_offsets, qs.blocksize, list(qs.shape),
-        qs.dtype if dtype is None else dtype,
+        packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, list(qs.shape),
+        qs.dtype if dtype is None else dtype, *nested,
     )
 
 
@@ -640,9 +646,9 @@ def _fused_decode_shape(A: torch.Tensor) -> bool:
     )
 
 
-def _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias):
+def _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias, nested):
     # The single place the forward kernel is chosen: a fused dequantize-matmul op replaces these two lines.
-    W = torch.ops.lowra.dequantize.default(packed, absmax, bits, code, offsets, blocksize, shape, A.dtype)
+    W = torch.ops.lowra.dequantize.default(packed, absmax, bits, code, offsets, blocksize, shape, A.dtype, *nested)
     return torch.nn.functional.linear(A, W, bias)
 
 
@@ -653,22 +659,25 @@ class MatMulLowRA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, A, packed, absmax, bits, code, offsets, blocksize: int, shape: list[int], bias):
-        ctx.save_for_backward(packed, absmax, bits, code, offsets)
-        ctx.blocksize, ctx.shape = blocksize, shape
+    def forward(ctx, A, packed, absmax, bits, code, offsets, blocksize: int, shape: list[int], bias, nested_absmax,
+                nested_code, nested_offset, nested_blocksize: int):
+        ctx.save_for_backward(packed, absmax, bits, code, offsets, nested_absmax, nested_code, nested_offset)
+        ctx.blocksize, ctx.shape, ctx.nested_blocksize = blocksize, shape, nested_blocksize
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias)
+        nested = (nested_absmax, nested_code, nested_offset, nested_blocksize)
+        return _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias, nested)
 
     @staticmethod
     def backward(ctx, grad):
         grad_A = grad_bias = None
         if ctx.needs_input_grad[0]:
-            packed, absmax, bits, code, offsets = ctx.saved_tensors
-            W = torch.ops.lowra.dequantize(packed, absmax, bits, code, offsets, ctx.blocksize, ctx.shape, grad.dtype)
+            packed, absmax, bits, code, offsets, *nested = ctx.saved_tensors
+            W = torch.ops.lowra.dequantize(packed, absmax, bits, code, offsets, ctx.blocksize, ctx.shape, grad.dtype,
+                                           *nested, ctx.nested_blocksize)
             grad_A = torch.matmul(grad, W)
         if ctx.needs_input_grad[8]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_A, None, None, None, None, None, None, None, grad_bias
+        return grad_A, None, None, None, None, None, None, None, grad_bias, None, None, None, None
 
 
 def matmul_lowra(
@@ -684,17 +693,19 @@ def matmul_lowra(
     qs = quant_state
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
-    absmax, shape = qs.absmax_fp32(cache_absmax), list(qs.shape)
+    (absmax, *nested), shape = qs.scale_args(cache_absmax), list(qs.shape)
     if _needs_grad(A, bias):
-        return MatMulLowRA.apply(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias)
+        return MatMulLowRA.apply(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias,
+                                 *nested)
     if _fused_decode_shape(A):
         row_order, group_rows = qs.matmul_plan()
         return torch.ops.lowra.matmul.default(
-            A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias, row_order, group_rows
+            A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias, row_order, group_rows,
+            *nested,
         )
     # Inference: the same two ops as MatMulLowRA.forward, without the autograd.Function machinery (which builds a
     # context object per call for a backward that cannot happen).
-    return _linear_dequantized(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias)
+    return _linear_dequantized(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias, nested)
 
 
 def bits_report(states) -> dict[str, float]:

@@ -55,18 +55,20 @@ int lowra_quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, in
 #endif
 }
 
-int lowra_dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const float* absmax, const uint8_t* bits,
-                          const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
-                          int64_t blocksize, int dtype, void* out, void* stream) {
+int lowra_dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const float* absmax,
+                          const LowraNestedAbsmax* nested, const uint8_t* bits, const uint16_t* codebook,
+                          const int64_t* row_offsets, int64_t rows, int64_t cols, int64_t blocksize, int dtype,
+                          void* out, void* stream) {
 #ifdef LOWRA_WITH_CUDA
-  if (!packed || !absmax || !bits || !codebook || !row_offsets || !out || dtype < 0 || dtype > 2 || rows <= 0 ||
-      cols <= 0 || blocksize < 8 || blocksize % 8 != 0)
+  lowra::AbsmaxSrc am;
+  if (!packed || !lowra::absmax_src(absmax, nested, &am) || !bits || !codebook || !row_offsets || !out || dtype < 0 ||
+      dtype > 2 || rows <= 0 || cols <= 0 || blocksize < 8 || blocksize % 8 != 0)
     return LOWRA_ERR_ARGUMENT;
-  return lowra::dequantize_cuda(packed, packed_bytes, absmax, bits, codebook, row_offsets, rows, cols, blocksize,
-                                dtype, out, stream);
+  return lowra::dequantize_cuda(packed, packed_bytes, am, bits, codebook, row_offsets, rows, cols, blocksize, dtype,
+                                out, stream);
 #else
-  (void)packed, (void)packed_bytes, (void)absmax, (void)bits, (void)codebook, (void)row_offsets, (void)rows,
-      (void)cols, (void)blocksize, (void)dtype, (void)out, (void)stream;
+  (void)packed, (void)packed_bytes, (void)absmax, (void)nested, (void)bits, (void)codebook, (void)row_offsets,
+      (void)rows, (void)cols, (void)blocksize, (void)dtype, (void)out, (void)stream;
   return LOWRA_ERR_NO_CUDA;
 #endif
 }
@@ -80,32 +82,33 @@ int64_t lowra_cuda_take_skipped_rows(void) {
 }
 
 int lowra_matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes,
-                      const float* absmax, const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets,
-                      int64_t rows, int64_t cols, int64_t blocksize, const int32_t* row_order,
-                      const int64_t* group_rows, const void* bias, void* out, void* workspace,
-                      int64_t workspace_bytes, void* stream) {
+                      const float* absmax, const LowraNestedAbsmax* nested, const uint8_t* bits,
+                      const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
+                      int64_t blocksize, const int32_t* row_order, const int64_t* group_rows, const void* bias,
+                      void* out, void* workspace, int64_t workspace_bytes, void* stream) {
 #ifdef LOWRA_WITH_CUDA
-  if (!A || !packed || !absmax || !bits || !codebook || !row_offsets || !out || dtype < 0 || dtype > 2 || m <= 0 ||
-      rows <= 0 || cols <= 0 || blocksize < 8 || blocksize % 8 != 0 || (row_order && !group_rows) ||
-      workspace_bytes < 0)
+  lowra::AbsmaxSrc am;
+  if (!A || !packed || !lowra::absmax_src(absmax, nested, &am) || !bits || !codebook || !row_offsets || !out ||
+      dtype < 0 || dtype > 2 || m <= 0 || rows <= 0 || cols <= 0 || blocksize < 8 || blocksize % 8 != 0 ||
+      (row_order && !group_rows) || workspace_bytes < 0)
     return LOWRA_ERR_ARGUMENT;
-  return lowra::matmul_cuda(A, dtype, m, packed, packed_bytes, absmax, bits, codebook, row_offsets, rows, cols,
+  return lowra::matmul_cuda(A, dtype, m, packed, packed_bytes, am, bits, codebook, row_offsets, rows, cols,
                             blocksize, row_order, group_rows, bias, out, workspace, workspace_bytes, stream);
 #else
-  (void)A, (void)dtype, (void)m, (void)packed, (void)packed_bytes, (void)absmax, (void)bits, (void)codebook,
-      (void)row_offsets, (void)rows, (void)cols, (void)blocksize, (void)row_order, (void)group_rows, (void)bias,
-      (void)out, (void)workspace, (void)workspace_bytes, (void)stream;
+  (void)A, (void)dtype, (void)m, (void)packed, (void)packed_bytes, (void)absmax, (void)nested, (void)bits,
+      (void)codebook, (void)row_offsets, (void)rows, (void)cols, (void)blocksize, (void)row_order, (void)group_rows,
+      (void)bias, (void)out, (void)workspace, (void)workspace_bytes, (void)stream;
   return LOWRA_ERR_NO_CUDA;
 #endif
 }
 
 int64_t lowra_matmul_cuda_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize,
-                                         const int64_t* group_rows) {
+                                         const int64_t* group_rows, int nested) {
 #ifdef LOWRA_WITH_CUDA
   if (!group_rows || m <= 0 || rows <= 0 || cols <= 0 || blocksize < 8) return 0;
-  return lowra::matmul_cuda_workspace_size(dtype, m, rows, cols, blocksize, group_rows);
+  return lowra::matmul_cuda_workspace_size(dtype, m, rows, cols, blocksize, group_rows, nested != 0);
 #else
-  (void)dtype, (void)m, (void)rows, (void)cols, (void)blocksize, (void)group_rows;
+  (void)dtype, (void)m, (void)rows, (void)cols, (void)blocksize, (void)group_rows, (void)nested;
   return 0;
 #endif
 }

@@ -20,6 +20,27 @@ LOWRA_HD int64_t padded_cols(int64_t cols, int64_t blocksize) { return (cols + b
 LOWRA_HD bool valid_bits(int b) { return b == 1 || b == 2 || b == 4; }
 LOWRA_HD int64_t row_bytes(int64_t pc, int bits) { return pc * bits / 8; }
 
+// Where kernels read the block scales: plain float32 (f32 != NULL) or double-quantized (nested.q != NULL; see
+// LowraNestedAbsmax). Built on the host by absmax_src, read on the device by load_absmax (cuda_common.cuh).
+struct AbsmaxSrc {
+  const float* f32;
+  LowraNestedAbsmax nested;
+  int nested_shift;  // log2(nested.blocksize)
+};
+
+// false when neither or both forms are given, or the nested blocksize is not a power of two.
+inline bool absmax_src(const float* f32, const LowraNestedAbsmax* nested, AbsmaxSrc* out) {
+  *out = AbsmaxSrc{};
+  out->f32 = f32;
+  if (!nested) return f32 != nullptr;
+  if (f32 || !nested->q || !nested->nested || !nested->code || !nested->offset || nested->blocksize < 1 ||
+      (nested->blocksize & (nested->blocksize - 1)) != 0)
+    return false;
+  out->nested = *nested;
+  while (((int64_t)1 << out->nested_shift) < nested->blocksize) ++out->nested_shift;
+  return true;
+}
+
 // Host-side layout check shared by the C API entry points: O(rows), reads host memory only.
 inline int check_layout_host(int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
                              const int64_t* row_offsets, int64_t packed_bytes) {

@@ -47,6 +47,15 @@ __device__ __forceinline__ bool row_ok(int b, int64_t start, int64_t pc, int64_t
   return valid_bits(b) && start >= 0 && start <= packed_bytes - row_bytes(pc, b);
 }
 
+// Block scale i (row-major [rows, nblocks] index). Double-quantized: decoded exactly as the Python reference does
+// it, product and sum each rounded (no FMA contraction), negative results clamped to 0.
+__device__ __forceinline__ float load_absmax(const AbsmaxSrc& s, int64_t i) {
+  if (s.f32) return __ldg(s.f32 + i);
+  const LowraNestedAbsmax& n = s.nested;
+  const float v = __fmul_rn(__ldg(n.code + __ldg(n.q + i)), __ldg(n.nested + (i >> s.nested_shift)));
+  return fmaxf(__fadd_rn(v, __ldg(n.offset)), 0.0f);
+}
+
 inline bool aligned(const void* p, unsigned a) { return ((uintptr_t)p & (a - 1)) == 0; }
 
 }  // namespace lowra

@@ -55,7 +55,7 @@ struct GvArgs {
   int bs_shift;  // log2(blocksize)
   const uint8_t* packed;
   int64_t packed_bytes;
-  const float* absmax;
+  AbsmaxSrc am;  // block scales, float32 or double-quantized (decoded where read)
   const uint8_t* bits;
   const uint16_t* codebook;
   const int64_t* row_offsets;
@@ -195,8 +195,10 @@ __device__ __forceinline__ void prefetch_task(const GvArgs& a, int64_t task, int
   const int64_t clen = klen * x.bits >> 3;
   for (int64_t o = 128 * j; o < clen; o += 512) prefetch_l2(code + o);
   const int64_t b0 = k0 >> a.bs_shift, b1 = ((k0 + klen - 1) >> a.bs_shift) + 1;  // blocks of the split
-  const uint8_t* am = reinterpret_cast<const uint8_t*>(a.absmax + x.row * a.nb + b0);
-  const int64_t alen = (b1 - b0) * 4;
+  // the split's scales: 4 bytes per block, or 1 (the codes) when double-quantized
+  const int64_t i0 = x.row * a.nb + b0;
+  const uint8_t* am = a.am.f32 ? reinterpret_cast<const uint8_t*>(a.am.f32 + i0) : a.am.nested.q + i0;
+  const int64_t alen = (b1 - b0) * (a.am.f32 ? 4 : 1);
   for (int64_t o = 128 * j; o < alen; o += 512) prefetch_l2(am + o);
   if (j == 0) prefetch_l2(am + alen - 1);  // the last line when the row does not start on a line
 }
@@ -338,7 +340,7 @@ __device__ __forceinline__ void gv_step(const GvArgs& a, const GvRow* mr, uint32
         q[j][0] = v.x;
         if (W > 3) q[j][W > 3 ? 1 : 0] = v.y, q[j][W > 3 ? 2 : 0] = v.z, q[j][W > 3 ? 3 : 0] = v.w;
       }
-      am[j] = __ldg(a.absmax + (int64_t)x.row * a.nb + blk);
+      am[j] = load_absmax(a.am, (int64_t)x.row * a.nb + blk);
     }
   }
   float s1[P == 1 ? R : 1];
@@ -604,7 +606,7 @@ int64_t gemv_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols, in
   return plan.a.ks > 1 ? (int64_t)plan.a.ks * m * rows * 4 : 0;
 }
 
-int gemv_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes, const float* absmax,
+int gemv_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes, const AbsmaxSrc& absmax,
               const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
               int64_t blocksize, const int32_t* row_order, const void* bias, void* out, void* workspace,
               int64_t workspace_bytes, void* stream_) {
@@ -619,7 +621,7 @@ int gemv_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_
   a.A = A;
   a.packed = packed;
   a.packed_bytes = packed_bytes;
-  a.absmax = absmax;
+  a.am = absmax;
   a.bits = bits;
   a.codebook = codebook;
   a.row_offsets = row_offsets;

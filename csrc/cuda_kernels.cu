@@ -141,8 +141,9 @@ __device__ __forceinline__ float lookup(uint32_t base, uint32_t w, int s) {
 }
 
 template <typename T, int B>
-__device__ __forceinline__ void dequantize_task(const uint8_t* __restrict__ row, bool al, const float* __restrict__ am_row,
-                                                uint32_t cb, int64_t r, int64_t seg, int lane, int64_t cols,
+__device__ __forceinline__ void dequantize_task(const uint8_t* __restrict__ row, bool al, const AbsmaxSrc& amsrc,
+                                                int64_t am_row, uint32_t cb, int64_t r, int64_t seg, int lane,
+                                                int64_t cols,
                                                 int bs_shift, uint32_t blocksize, bool vec_out, T* __restrict__ out) {
   uint32_t w[kSegChunks];
   float am[kSegChunks];
@@ -153,7 +154,7 @@ __device__ __forceinline__ void dequantize_task(const uint8_t* __restrict__ row,
     am[q] = 0.0f;
     if (j0 < cols) {
       w[q] = load_chunk_codes<B>(row, j0 >> 3, al);
-      am[q] = __ldg(am_row + block_of(j0, bs_shift, blocksize));
+      am[q] = load_absmax(amsrc, am_row + block_of(j0, bs_shift, blocksize));
     }
   }
 #pragma unroll
@@ -174,7 +175,7 @@ __device__ __forceinline__ void dequantize_task(const uint8_t* __restrict__ row,
 
 template <typename T>
 __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict__ packed, int64_t packed_bytes,
-                                                       const float* __restrict__ absmax, const uint8_t* __restrict__ bits,
+                                                       const AbsmaxSrc absmax, const uint8_t* __restrict__ bits,
                                                        const uint16_t* __restrict__ codebook,
                                                        const int64_t* __restrict__ row_offsets, int64_t rows,
                                                        int64_t cols, int64_t blocksize, int bs_shift, int64_t pc,
@@ -202,11 +203,13 @@ __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict
     __syncwarp();  // the previous task's lookups are done
     if (lane < kCodebookSlots) cb[lane] = half_bits_to_float(__ldg(codebook + r * kCodebookSlots + lane));
     __syncwarp();
-    const float* am_row = absmax + r * nb;
+    const int64_t am_row = r * nb;
     const uint32_t bs = (uint32_t)blocksize;
-    if (b == 1) dequantize_task<T, 1>(row, al, am_row, cb_addr, r, seg, lane, cols, bs_shift, bs, vec_out, out);
-    else if (b == 2) dequantize_task<T, 2>(row, al, am_row, cb_addr, r, seg, lane, cols, bs_shift, bs, vec_out, out);
-    else dequantize_task<T, 4>(row, al, am_row, cb_addr, r, seg, lane, cols, bs_shift, bs, vec_out, out);
+#define LOWRA_DT(B) dequantize_task<T, B>(row, al, absmax, am_row, cb_addr, r, seg, lane, cols, bs_shift, bs, vec_out, out)
+    if (b == 1) LOWRA_DT(1);
+    else if (b == 2) LOWRA_DT(2);
+    else LOWRA_DT(4);
+#undef LOWRA_DT
   }
 }
 
@@ -397,7 +400,20 @@ int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t 
   return launch_status("lowra quantize kernel");
 }
 
-int dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const float* absmax, const uint8_t* bits,
+namespace {
+__global__ void decode_absmax_kernel(const AbsmaxSrc src, int64_t n, float* __restrict__ out) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    out[i] = load_absmax(src, i);
+}
+}  // namespace
+
+int decode_absmax_cuda(const AbsmaxSrc& absmax, int64_t n, float* out, void* stream) {
+  const int64_t want = (n + 255) / 256, cap = 4 * (int64_t)sm_count();
+  decode_absmax_kernel<<<(int)(want < cap ? (want > 0 ? want : 1) : cap), 256, 0, (cudaStream_t)stream>>>(absmax, n, out);
+  return launch_status("lowra absmax decode kernel");
+}
+
+int dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const AbsmaxSrc& absmax, const uint8_t* bits,
                     const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
                     int64_t blocksize, int dtype, void* out, void* stream_) {
   cudaStream_t stream = (cudaStream_t)stream_;

@@ -790,28 +790,46 @@ void matmul_cuda_set_tuning(int ks, int ctas_per_sm, int depth) {
   g_tuning.depth = depth;
 }
 
+// Double-quantized scales are decoded into the front of the workspace for the tensor-core and generic paths, which
+// read every scale once per activation-row tile; the GEMV decodes them where it reads them.
+int64_t decoded_absmax_bytes(int64_t rows, int64_t cols, int64_t blocksize) {
+  return (rows * (padded_cols(cols, blocksize) / blocksize) * 4 + 255) / 256 * 256;
+}
+
 int64_t matmul_cuda_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize,
-                                   const int64_t* group_rows) {
+                                   const int64_t* group_rows, bool nested) {
   const int64_t gv = gemv_workspace_size(dtype, m, rows, cols, blocksize);
   if (gv >= 0) return gv;
+  const int64_t dec = nested ? decoded_absmax_bytes(rows, cols, blocksize) : 0;
   Plan plan;
   // alignment and pointers do not change the plan's shape: stand-ins that pass the checks
   const void* p16 = (const void*)(uintptr_t)256;
   static const int32_t stand_in_order = 0;
   if (!make_plan(p16, dtype, m, (const uint8_t*)p16, (const float*)p16, rows, cols, blocksize, &stand_in_order,
                  group_rows, &plan))
-    return 0;
-  return plan.ks_max > 1 ? (int64_t)plan.ks_max * m * rows * 4 : 0;
+    return dec;
+  return dec + (plan.ks_max > 1 ? (int64_t)plan.ks_max * m * rows * 4 : 0);
 }
 
-int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes, const float* absmax,
-                const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
-                int64_t blocksize, const int32_t* row_order, const int64_t* group_rows, const void* bias, void* out,
-                void* workspace, int64_t workspace_bytes, void* stream_) {
+int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes,
+                const AbsmaxSrc& amsrc, const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets,
+                int64_t rows, int64_t cols, int64_t blocksize, const int32_t* row_order, const int64_t* group_rows,
+                const void* bias, void* out, void* workspace, int64_t workspace_bytes, void* stream_) {
   cudaStream_t stream = (cudaStream_t)stream_;
-  const int gv = gemv_cuda(A, dtype, m, packed, packed_bytes, absmax, bits, codebook, row_offsets, rows, cols,
+  const int gv = gemv_cuda(A, dtype, m, packed, packed_bytes, amsrc, bits, codebook, row_offsets, rows, cols,
                            blocksize, row_order, bias, out, workspace, workspace_bytes, stream_);
   if (gv >= 0) return gv;  // 1-2 activation rows: the CUDA-core GEMV (cuda_gemv.cu)
+  const float* absmax = amsrc.f32;
+  if (!absmax) {  // double-quantized: decode once into the workspace's front, partial sums after it
+    const int64_t dec = decoded_absmax_bytes(rows, cols, blocksize);
+    if (!workspace || workspace_bytes < dec || !aligned(workspace, 256)) return LOWRA_ERR_ARGUMENT;
+    const int st = decode_absmax_cuda(amsrc, rows * (padded_cols(cols, blocksize) / blocksize), (float*)workspace,
+                                      stream_);
+    if (st != LOWRA_OK) return st;
+    absmax = (const float*)workspace;
+    workspace = (char*)workspace + dec;
+    workspace_bytes -= dec;
+  }
   Plan plan;
   if (make_plan(A, dtype, m, packed, absmax, rows, cols, blocksize, row_order, group_rows, &plan)) {
     if (plan.ks_max > 1 && (!workspace || workspace_bytes < (int64_t)plan.ks_max * m * rows * 4 || !aligned(workspace, 4)))

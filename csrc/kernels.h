@@ -2,6 +2,8 @@
 #pragma once
 #include <stdint.h>
 
+#include "common.h"
+
 namespace lowra {
 int quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
                  const uint16_t* thresholds, const int64_t* row_offsets, uint8_t* packed, float* absmax);
@@ -11,22 +13,25 @@ int dequantize_cpu(const uint8_t* packed, const float* absmax, const uint8_t* bi
 int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
                   const uint16_t* thresholds, const int64_t* row_offsets, uint8_t* packed, int64_t packed_bytes,
                   float* absmax, void* stream);
-int dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const float* absmax, const uint8_t* bits,
+int dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const AbsmaxSrc& absmax, const uint8_t* bits,
                     const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
                     int64_t blocksize, int dtype, void* out, void* stream);
 const char* last_cuda_error();
 int64_t take_skipped_rows();
 int64_t take_matmul_skipped_rows();  // cuda_matmul.cu's share (after a device synchronize)
-int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes, const float* absmax,
-                const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
-                int64_t blocksize, const int32_t* row_order, const int64_t* group_rows, const void* bias, void* out,
-                void* workspace, int64_t workspace_bytes, void* stream);
+// Scales decoded to float32 [n] (for the paths that read them many times per call).
+int decode_absmax_cuda(const AbsmaxSrc& absmax, int64_t n, float* out, void* stream);
+int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes,
+                const AbsmaxSrc& absmax, const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets,
+                int64_t rows, int64_t cols, int64_t blocksize, const int32_t* row_order, const int64_t* group_rows,
+                const void* bias, void* out, void* workspace, int64_t workspace_bytes, void* stream);
 int64_t matmul_cuda_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize,
-                                   const int64_t* group_rows);
+                                   const int64_t* group_rows, bool nested);
 void matmul_cuda_set_tuning(int ks, int ctas_per_sm, int depth);
-// cuda_gemv.cu: the fused matmul for 1-2 (up to 4) activation rows; -1 (gemv_cuda, gemv_workspace_size) when it does not apply.
-int gemv_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes, const float* absmax,
-              const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
+// cuda_gemv.cu: the fused matmul for 1-2 (up to 4) activation rows; -1 (gemv_cuda, gemv_workspace_size) when it
+// does not apply.
+int gemv_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes,
+              const AbsmaxSrc& absmax, const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
               int64_t blocksize, const int32_t* row_order, const void* bias, void* out, void* workspace,
               int64_t workspace_bytes, void* stream);
 int64_t gemv_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize);

@@ -54,13 +54,27 @@ LOWRA_API int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, 
                          int64_t rows, int64_t cols, int64_t blocksize, int dtype, void* out);
 
 // ---- CUDA (built when nvcc is found; pointers are device pointers, `stream` a cudaStream_t) ----
+// Double-quantized absmax (bitsandbytes' nested quantization of the block scales, as quantize_4bit with
+// compress_statistics=True): scale i = max(code[q[i]] * nested[i / blocksize] + offset[0], 0), the product and
+// the sum each rounded to float32 (no fused multiply-add). The kernels decode it where they read a scale, so the
+// float32 scales are never materialized (4x fewer scale bytes read). Pass it instead of a float32 absmax
+// (absmax == NULL); NULL when the scales are plain float32.
+typedef struct {
+  const uint8_t* q;     // [rows * nblocks] 8-bit codes, row-major like absmax
+  const float* nested;  // [ceil(rows * nblocks / blocksize)] scales of the codes
+  const float* code;    // [256] the code table
+  const float* offset;  // [1] added after scaling (the mean of the original scales)
+  int64_t blocksize;    // codes per nested scale, a power of two
+} LowraNestedAbsmax;
+
 LOWRA_API int lowra_quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize,
                         const uint8_t* bits, const uint16_t* thresholds, const int64_t* row_offsets,
                         uint8_t* packed, int64_t packed_bytes, float* absmax, void* stream);
 
 LOWRA_API int lowra_dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const float* absmax,
-                          const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets,
-                          int64_t rows, int64_t cols, int64_t blocksize, int dtype, void* out, void* stream);
+                                    const LowraNestedAbsmax* nested, const uint8_t* bits, const uint16_t* codebook,
+                                    const int64_t* row_offsets, int64_t rows, int64_t cols, int64_t blocksize,
+                                    int dtype, void* out, void* stream);
 
 LOWRA_API const char* lowra_last_cuda_error(void);
 
@@ -75,15 +89,16 @@ LOWRA_API int64_t lowra_cuda_take_skipped_rows(void);
 // any order inside a group), and group_rows: HOST int64[3], the number of 1-, 2- and 4-bit rows. Both are derived
 // from `bits` (bitsandbytes_lowra._ops.matmul_plan); with row_order == NULL the generic kernel runs.
 // workspace: device scratch of at least lowra_matmul_cuda_workspace_size(...) bytes (NULL when that is 0).
+// nested: as for dequantize (absmax NULL then); the GEMV decodes it in the kernel, the other paths into workspace.
 // Fast path: fp16/bf16, 1 <= m <= 16, blocksize a multiple of 64, cols a multiple of 256 and of blocksize,
 // 16-byte aligned A / packed / absmax; otherwise a generic kernel (any dtype, m, shape) computes the same product.
 LOWRA_API int lowra_matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes,
-                                const float* absmax, const uint8_t* bits, const uint16_t* codebook,
-                                const int64_t* row_offsets, int64_t rows, int64_t cols, int64_t blocksize,
-                                const int32_t* row_order, const int64_t* group_rows, const void* bias, void* out,
-                                void* workspace, int64_t workspace_bytes, void* stream);
+                                const float* absmax, const LowraNestedAbsmax* nested, const uint8_t* bits,
+                                const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
+                                int64_t blocksize, const int32_t* row_order, const int64_t* group_rows,
+                                const void* bias, void* out, void* workspace, int64_t workspace_bytes, void* stream);
 LOWRA_API int64_t lowra_matmul_cuda_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols,
-                                                   int64_t blocksize, const int64_t* group_rows);
+                                                   int64_t blocksize, const int64_t* group_rows, int nested);
 // Benchmark knobs of the fused matmul's fast path (0 = automatic): K splits, resident CTAs per SM, prefetch depth
 // (2 or 3 stages). Process-wide; not for production use.
 LOWRA_API void lowra_matmul_cuda_set_tuning(int ksplit, int ctas_per_sm, int depth);

@@ -43,7 +43,8 @@ def original_forward(q: LinearLowRA, x: torch.Tensor) -> torch.Tensor:
     with torch.autocast(x.device.type, enabled=False):
         A = x.to(compute)
         out = MatMulLowRA.apply(A, packed, original_absmax(state), state.bits, state.code, state.row_offsets,
-                                state.blocksize, list(state.shape), None if bias is None else bias.to(A.dtype))
+                                state.blocksize, list(state.shape), None if bias is None else bias.to(A.dtype),
+                                None, None, None, 256)  # float32 scales: no nested arguments
     return out.to(out_dtype)
 
 

@@ -9,6 +9,7 @@ contiguous tensors of the documented dtypes.
 from __future__ import annotations
 
 import contextlib
+from functools import lru_cache
 
 import torch
 
@@ -22,16 +23,24 @@ from .._ops import (
     matmul_plan,
 )
 from ..format import CODEBOOK_SLOTS, FLOAT_DTYPES, blocks_per_row, padded_cols
+from .reference import decode_absmax
 
 # The fused matmul streams the packed weight once per call; above this many activation rows, dequantizing once and
 # using the dense GEMM is faster (training, prefill).
 MAX_FUSED_ROWS = 16
 
 
+# The current stream's raw handle without building a torch.cuda.Stream object per launch (CUDA builds of torch).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream_args(device: torch.device) -> list:
-    if device.type == "cuda":
-        return [_native.ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)]
-    return []
+    if device.type != "cuda":
+        return []
+    if _raw_stream is not None:
+        return [_native.ctypes.c_void_p(_raw_stream(device.index if device.index is not None
+                                                    else torch.cuda.current_device()))]
+    return [_native.ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)]
 
 
 def _entry(name: str, device: torch.device):
@@ -66,6 +75,7 @@ def set_matmul_tuning(ksplit: int = 0, ctas_per_sm: int = 0, depth: int = 0, gem
         i32 = _native.ctypes.c_int
         _fn("lowra_matmul_cuda_set_tuning", [i32, i32, i32], None)(ksplit, ctas_per_sm, depth)
         _fn("lowra_matmul_cuda_set_gemv_tuning", [i32, i32, i32], None)(gemv_max_rows, gemv_rows_per_warp, gemv_wk)
+        _workspace_bytes.cache_clear()  # the knobs change the plans
 
 
 def _quantize_into(A, bits, thresholds, row_offsets, blocksize, packed, absmax):
@@ -101,15 +111,29 @@ def quantize_out(A, bits, thresholds, row_offsets, blocksize, *, packed, absmax)
 # Eager kernels get real tensors, so their argument checks can be one plain Python expression; the torch._check form
 # in _ops (needed by the fake kernels for symbolic shapes) costs ~2 us per condition, paid by every layer of every
 # decoded token. The plain form only decides; when it fails, the _ops checks run and raise their specific message.
+NESTED_DEFAULTS = (None, None, None, 256)  # nested_absmax, nested_code, nested_offset, nested_blocksize
 
 
-def _dequantize_args_ok(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype) -> bool:
+def _absmax_ok(packed, absmax, nested) -> bool:
+    nested_absmax, code, offset, nbs = nested
+    if nested_absmax is None:
+        return absmax.dtype == torch.float32 and code is None and offset is None
+    dev = packed.device
+    return (
+        absmax.dtype == torch.uint8 and code is not None and offset is not None and nbs >= 1 and nbs & (nbs - 1) == 0
+        and nested_absmax.dtype == code.dtype == offset.dtype == torch.float32
+        and nested_absmax.numel() == -(-absmax.numel() // nbs) and code.numel() == 256 and offset.numel() == 1
+        and nested_absmax.device == code.device == offset.device == dev
+    )
+
+
+def _dequantize_args_ok(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, nested) -> bool:
     if len(shape) != 2:
         return False
     rows, cols = shape
     return (
         packed.dtype == torch.uint8
-        and absmax.dtype == torch.float32
+        and _absmax_ok(packed, absmax, nested)
         and absmax.numel() == rows * blocks_per_row(cols, blocksize)
         and bits.dtype == torch.uint8 and bits.shape == (rows,)
         and codebook.dtype == torch.float16 and codebook.shape == (rows, CODEBOOK_SLOTS)
@@ -124,10 +148,10 @@ def _out_ok(out, shape, dtype, device) -> bool:
 
 
 def _matmul_args_ok(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order,
-                    group_rows) -> bool:
+                    group_rows, nested) -> bool:
     if len(shape) != 2 or A.dim() < 1 or A.dtype not in FLOAT_DTYPES or A.shape[-1] != shape[1]:
         return False
-    if not _dequantize_args_ok(packed, absmax, bits, codebook, row_offsets, blocksize, shape, A.dtype):
+    if not _dequantize_args_ok(packed, absmax, bits, codebook, row_offsets, blocksize, shape, A.dtype, nested):
         return False
     rows = shape[0]
     if bias is not None and (bias.dtype != A.dtype or bias.shape != (rows,)):
@@ -140,62 +164,108 @@ def _matmul_args_ok(A, packed, absmax, bits, codebook, row_offsets, blocksize, s
     )
 
 
-def dequantize_into(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, out):
-    if not (_dequantize_args_ok(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype)
+def _absmax_for(absmax, nested, device: torch.device):
+    """(float32 absmax or None, NestedAbsmax or None) as the C entry points take them. The CPU kernels take float32
+    scales only: double-quantized ones are decoded first (by the reference decode, so both paths agree bit for bit);
+    the CUDA kernels decode them where they read them."""
+    if nested[0] is None:
+        return absmax.contiguous(), None
+    if device.type != "cuda":
+        return decode_absmax(absmax, *nested).contiguous(), None
+    q, n, code, offset = (t.contiguous() for t in (absmax, *nested[:3]))
+    keep = (q, n, code, offset)  # the struct holds raw pointers: keep the tensors alive with it
+    return None, (_native.NestedAbsmax(q.data_ptr(), n.data_ptr(), code.data_ptr(), offset.data_ptr(), nested[3]),
+                  keep)
+
+
+def _f32_ptr(absmax):
+    return None if absmax is None else _native.ptr(absmax)
+
+
+def _nested_ref(nested_struct):
+    return None if nested_struct is None else _native.ctypes.byref(nested_struct[0])
+
+
+def dequantize_into(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, out, nested=NESTED_DEFAULTS):
+    if not (_dequantize_args_ok(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, nested)
             and _out_ok(out, shape, dtype, packed.device)):
-        check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype)
+        check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, *nested)
         check_out(out, shape, dtype, packed.device)
-    packed, absmax, bits, codebook, row_offsets = (t.contiguous() for t in (packed, absmax, bits, codebook, row_offsets))
+    packed, bits, codebook, row_offsets = (t.contiguous() for t in (packed, bits, codebook, row_offsets))
+    f32, ns = _absmax_for(absmax, nested, packed.device)
+    lib = _native.load()
     with _on(packed.device):
-        status = _entry("dequantize", packed.device)(
-            _native.ptr(packed), packed.numel(), _native.ptr(absmax), _native.ptr(bits), _native.ptr(codebook),
-            _native.ptr(row_offsets), shape[0], shape[1], blocksize, _native.DTYPE_CODE[dtype], _native.ptr(out),
-            *_stream_args(packed.device),
-        )
+        if packed.device.type == "cuda":
+            status = lib.lowra_dequantize_cuda(
+                _native.ptr(packed), packed.numel(), _f32_ptr(f32), _nested_ref(ns), _native.ptr(bits),
+                _native.ptr(codebook), _native.ptr(row_offsets), shape[0], shape[1], blocksize,
+                _native.DTYPE_CODE[dtype], _native.ptr(out), *_stream_args(packed.device),
+            )
+        else:
+            status = lib.lowra_dequantize_cpu(
+                _native.ptr(packed), packed.numel(), _native.ptr(f32), _native.ptr(bits), _native.ptr(codebook),
+                _native.ptr(row_offsets), shape[0], shape[1], blocksize, _native.DTYPE_CODE[dtype], _native.ptr(out),
+            )
     _native.check(status, "lowra dequantize")
     return out
 
 
-def dequantize(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype):
+def dequantize(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, nested_absmax=None,
+               nested_code=None, nested_offset=None, nested_blocksize=256):
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
-    return dequantize_into(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, out)
+    return dequantize_into(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, out,
+                           (nested_absmax, nested_code, nested_offset, nested_blocksize))
 
 
-def dequantize_out(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, *, out):
-    dequantize_into(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, out)
+def dequantize_out(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, nested_absmax=None,
+                   nested_code=None, nested_offset=None, nested_blocksize=256, *, out):
+    dequantize_into(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, out,
+                    (nested_absmax, nested_code, nested_offset, nested_blocksize))
 
 
-def _matmul_cuda(A2, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out2):
+@lru_cache(maxsize=1024)
+def _workspace_bytes(dtype: int, m: int, rows: int, cols: int, blocksize: int, groups: tuple, nested: bool,
+                     device: int) -> int:
+    """Scratch bytes lowra_matmul_cuda needs for this call shape (the plan depends on the shape, the device and the
+    tuning knobs, which clear this cache): asked of the library once per shape instead of on every call."""
+    with torch.cuda.device(device):
+        n = _native.load().lowra_matmul_cuda_workspace_size(
+            dtype, m, rows, cols, blocksize, (_native.ctypes.c_int64 * 3)(*groups), int(nested))
+    return max(int(n), 0)
+
+
+def _matmul_cuda(A2, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out2,
+                 nested):
     rows, cols = shape
     m = A2.shape[0]
     if row_order is None:
         row_order, group_rows = matmul_plan(bits)
-    p, i32, i64 = _native.ctypes.c_void_p, _native.ctypes.c_int, _native.ctypes.c_int64
-    groups = (i64 * 3)(*group_rows)
     dtype = _native.DTYPE_CODE[A2.dtype]
-    ws_bytes = _fn("lowra_matmul_cuda_workspace_size", [i32, i64, i64, i64, i64, p], i64)(
-        dtype, m, rows, cols, blocksize, groups)
-    ws = torch.empty(max(ws_bytes, 0) // 4, dtype=torch.float32, device=A2.device)
-    fn = _fn("lowra_matmul_cuda", [p, i32, i64, p, i64, p, p, p, p, i64, i64, i64, p, p, p, p, p, i64, p], i32)
-    status = fn(
-        _native.ptr(A2), dtype, m, _native.ptr(packed), packed.numel(), _native.ptr(absmax), _native.ptr(bits),
-        _native.ptr(codebook), _native.ptr(row_offsets), rows, cols, blocksize, _native.ptr(row_order.contiguous()),
-        groups, None if bias is None else _native.ptr(bias), _native.ptr(out2),
-        _native.ptr(ws) if ws.numel() else None, ws.numel() * 4, *_stream_args(A2.device),
+    f32, ns = _absmax_for(absmax, nested, A2.device)
+    ws_bytes = _workspace_bytes(dtype, m, rows, cols, blocksize, tuple(group_rows), ns is not None,
+                                A2.device.index if A2.device.index is not None else torch.cuda.current_device())
+    ws = torch.empty(-(-ws_bytes // 4), dtype=torch.float32, device=A2.device) if ws_bytes else None
+    status = _native.load().lowra_matmul_cuda(
+        _native.ptr(A2), dtype, m, _native.ptr(packed), packed.numel(), _f32_ptr(f32), _nested_ref(ns),
+        _native.ptr(bits), _native.ptr(codebook), _native.ptr(row_offsets), rows, cols, blocksize,
+        _native.ptr(row_order.contiguous()), (_native.ctypes.c_int64 * 3)(*group_rows),
+        None if bias is None else _native.ptr(bias), _native.ptr(out2), None if ws is None else _native.ptr(ws),
+        ws_bytes, *_stream_args(A2.device),
     )
     _native.check(status, "lowra matmul")
 
 
-def matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out):
+def matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out,
+                nested=NESTED_DEFAULTS):
     if not (_matmul_args_ok(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order,
-                            group_rows)
+                            group_rows, nested)
             and _out_ok(out, (*A.shape[:-1], shape[0]), A.dtype, A.device)):
         check_matmul_args(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order,
-                          group_rows)
+                          group_rows, *nested)
         check_out(out, (*A.shape[:-1], shape[0]), A.dtype, A.device)
     rows, cols = shape
     A2 = A.reshape(-1, cols).contiguous()
-    packed, absmax, bits, codebook, row_offsets = (t.contiguous() for t in (packed, absmax, bits, codebook, row_offsets))
+    packed, bits, codebook, row_offsets = (t.contiguous() for t in (packed, bits, codebook, row_offsets))
     bias = None if bias is None else bias.contiguous()
     out2 = out.view(-1, rows)
     if A2.shape[0] == 0:
@@ -204,26 +274,28 @@ def matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape
     if not fused:
         # Dense path: dequantize once into the GEMM's dtype (float32 on the CPU, A's dtype on the GPU).
         wdtype = torch.float32 if A.device.type == "cpu" else A.dtype
-        W = dequantize(packed, absmax, bits, codebook, row_offsets, blocksize, shape, wdtype)
+        W = dequantize(packed, absmax, bits, codebook, row_offsets, blocksize, shape, wdtype, *nested)
         y = torch.nn.functional.linear(A2.to(wdtype), W, None if bias is None else bias.to(wdtype))
         out2.copy_(y)
         return out
     with torch.cuda.device(A.device):
         _matmul_cuda(A2, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows,
-                     out2)
+                     out2, nested)
     return out
 
 
 def matmul(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias=None, row_order=None,
-           group_rows=None):
+           group_rows=None, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256):
     out = torch.empty((*A.shape[:-1], shape[0]), dtype=A.dtype, device=A.device)
     return matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows,
-                       out)
+                       out, (nested_absmax, nested_code, nested_offset, nested_blocksize))
 
 
 def matmul_out(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias=None, row_order=None,
-               group_rows=None, *, out):
-    matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out)
+               group_rows=None, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256, *,
+               out):
+    matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out,
+                (nested_absmax, nested_code, nested_offset, nested_blocksize))
 
 
 def _on(device: torch.device):

@@ -57,6 +57,17 @@ def unpack_codes(packed: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor
     return codes
 
 
+def decode_absmax(absmax, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256):
+    """float32 block scales: `absmax` itself, or decoded from its double-quantized form (csrc/lowra.h
+    LowraNestedAbsmax): max(code[q] * nested[i // nested_blocksize] + offset, 0), product and sum rounded apart."""
+    if nested_absmax is None:
+        return absmax
+    q = absmax.reshape(-1).long()
+    group = torch.arange(q.numel(), device=q.device) // nested_blocksize
+    scales = nested_code[q] * nested_absmax[group]
+    return (scales + nested_offset.reshape(())).clamp_min(0).view(absmax.shape)
+
+
 def dequantize(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -75,22 +86,23 @@ def dequantize(
     return (values * scale)[:, :cols].to(dtype)
 
 
-# Registered for every device type; native backends override cpu and cuda.
-@torch.library.register_kernel("lowra::quantize", "default")
+# Op kernels (registered below for every device type; native backends override cpu and cuda).
 def _quantize_kernel(A, bits, thresholds, row_offsets, blocksize):
     return quantize(A, bits, thresholds, row_offsets, blocksize)
 
 
-@torch.library.register_kernel("lowra::dequantize", "default")
-def _dequantize_kernel(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype):
+def _dequantize_kernel(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, nested_absmax=None,
+                       nested_code=None, nested_offset=None, nested_blocksize=256):
+    absmax = decode_absmax(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     return dequantize(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype)
 
 
-@torch.library.register_kernel("lowra::dequantize.out", "default")
-def _dequantize_out_kernel(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, *, out):
+def _dequantize_out_kernel(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, nested_absmax=None,
+                           nested_code=None, nested_offset=None, nested_blocksize=256, *, out):
     from .._ops import check_out
 
     check_out(out, shape, dtype, packed.device)
+    absmax = decode_absmax(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     out.copy_(dequantize(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype))
 
 
@@ -101,22 +113,22 @@ def matmul(A, packed, absmax, bits, codebook, offsets, blocksize, shape, bias=No
     return y.to(A.dtype)
 
 
-@torch.library.register_kernel("lowra::matmul", "default")
 def _matmul_kernel(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias=None, row_order=None,
-                   group_rows=None):
+                   group_rows=None, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256):
+    absmax = decode_absmax(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     return matmul(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias)
 
 
-@torch.library.register_kernel("lowra::matmul.out", "default")
 def _matmul_out_kernel(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias=None, row_order=None,
-                       group_rows=None, *, out):
+                       group_rows=None, nested_absmax=None, nested_code=None, nested_offset=None,
+                       nested_blocksize=256, *, out):
     from .._ops import check_out
 
+    absmax = decode_absmax(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     check_out(out, (*A.shape[:-1], shape[0]), A.dtype, A.device)
     out.copy_(matmul(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias))
 
 
-@torch.library.register_kernel("lowra::quantize.out", "default")
 def _quantize_out_kernel(A, bits, thresholds, row_offsets, blocksize, *, packed, absmax):
     from .._ops import check_quantize_out
 
@@ -125,3 +137,11 @@ def _quantize_out_kernel(A, bits, thresholds, row_offsets, blocksize, *, packed,
     torch._check(packed.numel() == p.numel(), lambda: f"packed has {packed.numel()} bytes, the layout needs {p.numel()}")
     packed.copy_(p)
     absmax.copy_(a)
+
+
+torch.library.register_kernel("lowra::quantize", "default", _quantize_kernel)
+torch.library.register_kernel("lowra::dequantize", "default", _dequantize_kernel)
+torch.library.register_kernel("lowra::dequantize.out", "default", _dequantize_out_kernel)
+torch.library.register_kernel("lowra::matmul", "default", _matmul_kernel)
+torch.library.register_kernel("lowra::matmul.out", "default", _matmul_out_kernel)
+torch.library.register_kernel("lowra::quantize.out", "default", _quantize_out_kernel)

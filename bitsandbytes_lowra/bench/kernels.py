@@ -128,30 +128,48 @@ def mixed_bits(rows: int, gen: torch.Generator) -> torch.Tensor:
     return bits[torch.randperm(rows, generator=gen)]
 
 
-def lowra_state(W: torch.Tensor, bits: torch.Tensor) -> dict:
+def lowra_state(W: torch.Tensor, bits: torch.Tensor, double_quant: bool = False) -> dict:
+    """A LowRA state of W; double_quant: the block scales stored as bitsandbytes' 8-bit nested code (the default of
+    quantize_lowra(compress_statistics=True) and LowRAConfig), passed to the op as stored ("nested")."""
+    import bitsandbytes.functional as bnbF
+
     from .. import _ops
     from ..codebooks import nf_tables
     from ..format import row_offsets
+    from ..functional import NESTED_BLOCKSIZE
 
     rows, cols = W.shape
     code, thr = nf_tables(bits)
     bits, code, thr = bits.cuda(), code.cuda(), thr.cuda()
     off = row_offsets(bits, cols, BLOCKSIZE)
     packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, BLOCKSIZE)
+    nested = ()
+    if double_quant:
+        offset = absmax.mean()
+        q, s2 = bnbF.quantize_blockwise((absmax - offset).flatten(), blocksize=NESTED_BLOCKSIZE)
+        absmax, nested = q.view(absmax.shape), (s2.absmax, s2.code, offset, NESTED_BLOCKSIZE)
     order, groups = _ops.matmul_plan(bits)
-    return dict(packed=packed, absmax=absmax, bits=bits, code=code, thr=thr, off=off, order=order, groups=groups,
-                shape=[rows, cols], avg_bits=float(bits.float().mean()))
+    return dict(packed=packed, absmax=absmax, nested=nested, bits=bits, code=code, thr=thr, off=off, order=order,
+                groups=groups, shape=[rows, cols], avg_bits=float(bits.float().mean()))
 
 
 def state_bytes(s: dict) -> dict:
-    """Bytes of the stored state the kernels read: codes, absmax, codebooks (+ bits, offsets)."""
+    """Bytes of the stored state the kernels read: codes, absmax (+ its nested scales), codebooks (+ bits,
+    offsets)."""
     codes = s["packed"].numel()
-    meta = s["absmax"].numel() * 4 + s["code"].numel() * 2 + s["bits"].numel() + s["off"].numel() * 8
+    scales = s["absmax"].numel() * s["absmax"].element_size()
+    scales += sum(t.numel() * t.element_size() for t in s["nested"] if isinstance(t, torch.Tensor))
+    meta = scales + s["code"].numel() * 2 + s["bits"].numel() + s["off"].numel() * 8
     return dict(codes=codes, meta=meta, total=codes + meta)
 
 
 def clone_state(s: dict) -> dict:
-    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+    def clone(v):
+        if isinstance(v, tuple):
+            return tuple(clone(x) for x in v)
+        return v.clone() if isinstance(v, torch.Tensor) else v
+
+    return {k: clone(v) for k, v in s.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,12 +179,16 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
     gen = torch.Generator().manual_seed(rows * 31 + cols)
     W = (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16).cuda()
     res: dict = {"shape": [rows, cols]}
+    bits175 = mixed_bits(rows, gen)
     states = {
         "lowra_4bit": lowra_state(W, torch.full((rows,), 4, dtype=torch.uint8)),
-        "lowra_1.75bit": lowra_state(W, mixed_bits(rows, gen)),
+        "lowra_1.75bit": lowra_state(W, bits175),
     }
+    # the fused matmul also on double-quantized scales, as LowRAConfig / QLoRA store them by default
+    dq_states = {"lowra_1.75bit_dq": lowra_state(W, bits175, double_quant=True)}
     bnb_packed, bnb_qs = bnb.functional.quantize_4bit(W, blocksize=BLOCKSIZE, quant_type="nf4")
     bnb_bytes = bnb_packed.numel() + bnb_qs.absmax.numel() * 4
+    bnb_dq = bnb.functional.quantize_4bit(W, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
     w_bytes = W.numel() * 2
 
     # quantize (bf16 weight in, packed codes + absmax out)
@@ -227,8 +249,11 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
 
     # fused decode matmul
     mm = {}
-    reps = {name: [clone_state(s) for _ in range(copies_for(state_bytes(s)["total"]))] for name, s in states.items()}
+    mm_states = {**states, **dq_states}
+    reps = {name: [clone_state(s) for _ in range(copies_for(state_bytes(s)["total"]))]
+            for name, s in mm_states.items()}
     bnb_reps = [(bnb_packed.clone(), bnb_qs) for _ in range(copies_for(bnb_bytes))]
+    bnb_dq_reps = [(bnb_dq[0].clone(), bnb_dq[1]) for _ in range(copies_for(bnb_bytes))]
     dense = [W.clone() for _ in range(copies_for(w_bytes))]
     for m in batches:
         A = (torch.randn(m, cols, generator=gen)).to(torch.bfloat16).cuda()
@@ -236,11 +261,12 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
         for name, rs in reps.items():
             def make(r):
                 return lambda: torch.ops.lowra.matmul(A, r["packed"], r["absmax"], r["bits"], r["code"], r["off"],
-                                                      BLOCKSIZE, r["shape"], None, r["order"], r["groups"])
+                                                      BLOCKSIZE, r["shape"], None, r["order"], r["groups"],
+                                                      *r["nested"])
 
             fns = [make(r) for r in rs] * max(1, math.ceil(min_calls / len(rs)))
             ms, how = time_calls(fns, replays)
-            sb = state_bytes(states[name])
+            sb = state_bytes(mm_states[name])
             row[name] = dict(ms=ms, timing=how,
                              frac_of_bound_codes=sb["codes"] / copy_bw / (ms * 1e-3),
                              frac_of_bound_all=sb["total"] / copy_bw / (ms * 1e-3))
@@ -248,6 +274,9 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
             fns = [(lambda p=p, qs=qs: bnb.matmul_4bit(A, p.t(), quant_state=qs)) for p, qs in bnb_reps]
             ms, how = time_calls(fns * max(1, math.ceil(min_calls / len(fns))), replays)
             row["bnb_nf4"] = dict(ms=ms, timing=how)
+            fns = [(lambda p=p, qs=qs: bnb.matmul_4bit(A, p.t(), quant_state=qs)) for p, qs in bnb_dq_reps]
+            ms, how = time_calls(fns * max(1, math.ceil(min_calls / len(fns))), replays)
+            row["bnb_nf4_dq"] = dict(ms=ms, timing=how)
             fns = [(lambda w=w: torch.nn.functional.linear(A, w)) for w in dense]
             ms, how = time_calls(fns * max(1, math.ceil(min_calls / len(fns))), replays)
             row["bf16"] = dict(ms=ms, timing=how)
@@ -255,6 +284,7 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
         row["speedup_1.75bit_vs_bnb"] = row["bnb_nf4"]["ms"] / ours
         row["speedup_1.75bit_vs_bf16"] = row["bf16"]["ms"] / ours
         row["speedup_4bit_vs_bnb"] = row["bnb_nf4"]["ms"] / row["lowra_4bit"]["ms"]
+        row["speedup_1.75bit_dq_vs_bnb_dq"] = row["bnb_nf4_dq"]["ms"] / row["lowra_1.75bit_dq"]["ms"]
         mm[str(m)] = row
     res["matmul"] = mm
 
@@ -269,7 +299,14 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
     res["check"] = dict(matmul_rel_err=float((y.double() - ref.double()).norm() / ref.double().norm()),
                         avg_bits={k: v["avg_bits"] for k, v in states.items()},
                         bytes={k: state_bytes(v) for k, v in states.items()}, bnb_bytes=bnb_bytes)
-    del reps, bnb_reps, dense, states, W
+    s = dq_states["lowra_1.75bit_dq"]
+    y_dq = torch.ops.lowra.matmul(A, s["packed"], s["absmax"], s["bits"], s["code"], s["off"], BLOCKSIZE, s["shape"],
+                                  None, s["order"], s["groups"], *s["nested"])
+    ref = reference.matmul(A, s["packed"], reference.decode_absmax(s["absmax"], *s["nested"]), s["bits"], s["code"],
+                           s["off"], BLOCKSIZE, s["shape"])
+    res["check"]["dq_matmul_rel_err"] = float((y_dq.double() - ref.double()).norm() / ref.double().norm())
+    res["check"]["bytes"]["lowra_1.75bit_dq"] = state_bytes(s)
+    del reps, bnb_reps, bnb_dq_reps, dense, states, dq_states, mm_states, W
     torch.cuda.empty_cache()
     return res
 
@@ -362,13 +399,16 @@ def table(res: dict) -> str:
                      f"{d['lowra_1.75bit']['frac_of_copy']:>4.0%} / {d['bnb_nf4']['frac_of_copy']:>4.0%} "
                      f"({d['speedup_4bit_vs_bnb']:.2f}x)")
     lines.append(f"{'shape':>12} {'m':>3} | {'lowra1.75 us':>12} {'%bound codes':>12} {'lowra4 us':>10} "
-                 f"{'bnb us':>8} {'bf16 us':>8} | {'x bnb':>6} {'x bf16':>6}")
+                 f"{'bnb us':>8} {'bf16 us':>8} | {'x bnb':>6} {'x bf16':>6} | double quant: "
+                 f"{'lowra1.75 us':>12} {'bnb us':>8} {'x bnb':>6}")
     for s in res["shapes"]:
         for m, r in s["matmul"].items():
             lines.append(f"{s['shape'][0]:>5}x{s['shape'][1]:<6} {m:>3} | {r['lowra_1.75bit']['ms'] * 1e3:>12.1f} "
                          f"{r['lowra_1.75bit']['frac_of_bound_codes']:>12.0%} {r['lowra_4bit']['ms'] * 1e3:>10.1f} "
                          f"{r['bnb_nf4']['ms'] * 1e3:>8.1f} {r['bf16']['ms'] * 1e3:>8.1f} | "
-                         f"{r['speedup_1.75bit_vs_bnb']:>6.2f} {r['speedup_1.75bit_vs_bf16']:>6.2f}")
+                         f"{r['speedup_1.75bit_vs_bnb']:>6.2f} {r['speedup_1.75bit_vs_bf16']:>6.2f} | "
+                         f"{'':>14}{r['lowra_1.75bit_dq']['ms'] * 1e3:>12.1f} {r['bnb_nf4_dq']['ms'] * 1e3:>8.1f} "
+                         f"{r['speedup_1.75bit_dq_vs_bnb_dq']:>6.2f}")
     for sw in res.get("matmul_sweep", []):
         cfg = " ".join(f"{k}={v}" for k, v in sw["tuning"].items()) or "automatic"
         lines.append(f"sweep {sw['shape'][0]}x{sw['shape'][1]} {sw['avg_bits']:.2f} bits m={sw['m']:<2} {cfg}: "

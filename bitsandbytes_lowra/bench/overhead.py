@@ -56,17 +56,17 @@ def _lowra_kernel_only(layer, x):
     from ..functional import _use_fused_decode
 
     packed, qs = layer._packed_and_state()
-    absmax = qs.absmax_fp32()
+    absmax, *nested = qs.scale_args()
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     shape = list(qs.shape)
     if _use_fused_decode(x, bias):
         row_order, group_rows = qs.matmul_plan()
         op = torch.ops.lowra.matmul.default
         return lambda a: op(a, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias,
-                            row_order, group_rows)
+                            row_order, group_rows, *nested)
     deq = torch.ops.lowra.dequantize.default
     return lambda a: nn.functional.linear(
-        a, deq(packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, a.dtype), bias)
+        a, deq(packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, a.dtype, *nested), bias)
 
 
 def run(device: str = "cpu", size: int = 64, calls: int = 2000, repeats: int = 5, dtypes=("bfloat16", "float32"),

@@ -481,8 +481,9 @@ class LinearLowRA(nn.Linear):
     def set_absmax_cache(self, enabled: bool = True) -> "LinearLowRA":
         """Keep the decoded block scales of a double-quantized weight between forward calls (off by default).
 
-        Saves decoding them on every call (a kernel launch and its host overhead per layer per token), at the cost
-        of 4 bytes per block (0.5 bit/param at blocksize 64), the memory double quantization exists to save. The
+        The kernels decode double-quantized scales where they read them, so this rarely pays off: it trades the
+        1-byte codes (+ a table lookup) for 4-byte float32 scales per block, and holds those 4 bytes per block
+        (0.5 bit/param at blocksize 64), the memory double quantization exists to save. The
         cache follows the state: a move, a reload, a re-quantization or an in-place edit recomputes it. No effect
         without double quantization (the scales are float32 already)."""
         self.cache_absmax = bool(enabled)

@@ -106,7 +106,7 @@ static void test_quant(int64_t rows, int64_t cols, int64_t bs, int dtype, uint32
   uint8_t* dout = to_device(std::vector<uint8_t>(out.size()));
   int st = lowra_quantize_cuda(dW, dtype, rows, cols, bs, dbits, dthr, doff, dpacked, nbytes, dabsmax, nullptr);
   CHECK(st == LOWRA_OK, "cuda quantize status %d (%s)", st, lowra_last_cuda_error());
-  st = lowra_dequantize_cuda(dpacked, nbytes, dabsmax, dbits, dcode, doff, rows, cols, bs, dtype, dout, nullptr);
+  st = lowra_dequantize_cuda(dpacked, nbytes, dabsmax, nullptr, dbits, dcode, doff, rows, cols, bs, dtype, dout, nullptr);
   CHECK(st == LOWRA_OK, "cuda dequantize status %d (%s)", st, lowra_last_cuda_error());
   CHECK(to_host(dpacked, nbytes) == packed, "packed differs rows=%lld cols=%lld bs=%lld dtype=%d", (long long)rows,
         (long long)cols, (long long)bs, dtype);
@@ -120,7 +120,7 @@ static void test_quant(int64_t rows, int64_t cols, int64_t bs, int dtype, uint32
   bad_bits[0] = 3;
   int64_t* dbad = to_device(bad);
   uint8_t* dbad_bits = to_device(bad_bits);
-  st = lowra_dequantize_cuda(dpacked, nbytes, dabsmax, dbad_bits, dcode, dbad, rows, cols, bs, dtype, dout, nullptr);
+  st = lowra_dequantize_cuda(dpacked, nbytes, dabsmax, nullptr, dbad_bits, dcode, dbad, rows, cols, bs, dtype, dout, nullptr);
   CHECK(st == LOWRA_OK, "launch with corrupt offsets: %d", st);
   st = lowra_quantize_cuda(dW, dtype, rows, cols, bs, dbad_bits, dthr, dbad, dpacked, nbytes, dabsmax, nullptr);
   CHECK(st == LOWRA_OK, "launch with corrupt offsets: %d", st);
@@ -196,10 +196,10 @@ static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64
   uint8_t* dout = to_device(poison);
   lowra_matmul_cuda_set_tuning(ks, 0, depth);
   lowra_matmul_cuda_set_gemv_tuning(gemv, gemv_r, gemv_wk);
-  const int64_t ws_bytes = lowra_matmul_cuda_workspace_size(dtype, m, rows, cols, bs, groups);
+  const int64_t ws_bytes = lowra_matmul_cuda_workspace_size(dtype, m, rows, cols, bs, groups, 0);
   float* dws = nullptr;
   if (ws_bytes > 0) CUDA_OK(cudaMalloc(&dws, ws_bytes));
-  const int st = lowra_matmul_cuda(dA, dtype, m, dpacked, nbytes, dabsmax, dbits, dcode, doff, rows, cols, bs,
+  const int st = lowra_matmul_cuda(dA, dtype, m, dpacked, nbytes, dabsmax, nullptr, dbits, dcode, doff, rows, cols, bs,
                                    plan ? dorder : nullptr, plan ? groups : nullptr, dbias, dout, dws, ws_bytes,
                                    nullptr);
   CHECK(st == LOWRA_OK, "cuda matmul status %d (%s)", st, lowra_last_cuda_error());
@@ -220,7 +220,7 @@ static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64
     bad[0] = (int32_t)(rows + 7);
     if (groups[1] > 0 && groups[2] > 0) bad[rows - 1] = order[groups[0]];
     int32_t* dbad = to_device(bad);
-    const int st2 = lowra_matmul_cuda(dA, dtype, m, dpacked, nbytes, dabsmax, dbits, dcode, doff, rows, cols, bs, dbad,
+    const int st2 = lowra_matmul_cuda(dA, dtype, m, dpacked, nbytes, dabsmax, nullptr, dbits, dcode, doff, rows, cols, bs, dbad,
                                       groups, dbias, dout, dws, ws_bytes, nullptr);
     CHECK(st2 == LOWRA_OK, "launch with corrupt row order: %d", st2);
     CHECK(lowra_cuda_take_skipped_rows() >= 1, "corrupt row order not counted");

@@ -1,0 +1,27 @@
+"""The kernel benchmark's measurement code on a small layer (GPU only): every contender runs, results are of a
+correct product, and the summary table renders. Timings here are not results (docs/benchmarks.md has those)."""
+
+import pytest
+import torch
+
+cuda = pytest.mark.cuda
+
+
+@cuda
+def test_bench_shape_runs_every_contender_and_checks_the_product():
+    import bitsandbytes
+
+    from bitsandbytes_lowra.bench import kernels
+
+    res = kernels.bench_shape(256, 1024, [1, 4], copy_bw=4e12, replays=2, min_calls=2, bnb=bitsandbytes)
+    for m in ("1", "4"):
+        row = res["matmul"][m]
+        for name in ("lowra_4bit", "lowra_1.75bit", "lowra_1.75bit_dq", "bnb_nf4", "bnb_nf4_dq", "bf16"):
+            assert row[name]["ms"] > 0, name
+    assert res["check"]["matmul_rel_err"] < 1e-2 and res["check"]["dq_matmul_rel_err"] < 1e-2
+    # double-quantized scales: 1 byte per block (+ nested scales) instead of 4
+    b = res["check"]["bytes"]
+    assert b["lowra_1.75bit_dq"]["meta"] < b["lowra_1.75bit"]["meta"]
+    text = kernels.table({"environment": kernels.environment(), "copy_bandwidth_tb_s": 4.0, "shapes": [res]})
+    assert "double quant" in text and "256x1024" in text
+    torch.cuda.synchronize()
