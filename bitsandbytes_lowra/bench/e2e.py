@@ -1,13 +1,21 @@
 """End-to-end and training benchmarks on a GPU: LowRA vs bitsandbytes NF4 vs bf16, side by side in one process.
 
-    python -m bitsandbytes_lowra.bench.e2e --json out.json [--skip-model] [--bits 4 2 1.75]
+    python -m bitsandbytes_lowra.bench.e2e --json out.json [--skip-model | --skip-training] [--bits 4 2 1.75]
+                                       [--new-tokens 64] [--repeats 3] [--no-graph] [--compile]
 
 1. Training step of one layer: base + LoRA (r=64) forward + backward at 512 tokens, base frozen, for LinearLowRA
    (1.75 and 4 bits), bnb.nn.Linear4bit (NF4) and a bf16 nn.Linear, on Llama-2-7B / 70B layer shapes.
 2. A Llama-2-7B-shaped model from its config with random weights (synthetic: speed and memory only), saved once as a
    bf16 safetensors checkpoint, then loaded with from_pretrained as bf16, bnb NF4 and LowRA at each budget:
    load time (LowRA: the first load plans, later budgets reuse the cached fits), peak GPU memory, batch-1 greedy
-   decode tokens/s (eager), and for LowRA a save_pretrained + reload of the pre-quantized checkpoint.
+   decode tokens/s, and for LowRA a save_pretrained + reload of the pre-quantized checkpoint. Decode is measured
+   (bench/decode.py) as eager `generate` (`decode_tok_s`) and as a static-KV-cache loop run eagerly
+   (`static_eager_tok_s`) and replayed from a CUDA graph per token (`graph_tok_s`; with --compile also
+   torch.compile(mode="reduce-overhead"), `compile_tok_s`): the graph takes host overhead out for every contender
+   alike. Its tokens must equal the eager static loop's (`graph_matches_static_eager`: same kernels, same inputs);
+   a capture that fails is recorded as `graph_error`, never fatal. Tokens against `generate`'s
+   (`*_matches_generate`, `*_first_mismatch_vs_generate`) are recorded, not required: generate's dynamic cache
+   runs attention over other lengths and masks, so bf16 rounding can flip a near-tied argmax of a random model.
 """
 
 from __future__ import annotations
@@ -98,18 +106,63 @@ def training_layer_bench(shapes, tokens: int = 512) -> list[dict]:
     return rows
 
 
-def decode_tokens_per_s(model, new_tokens: int = 64) -> float:
-    ids = torch.tensor([[1, 450, 4996, 17354, 1701, 29916]], device="cuda")
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm up
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    model.generate(ids, **kw)
-    torch.cuda.synchronize()
-    return new_tokens / (time.perf_counter() - t0)
+PROMPT = [1, 450, 4996, 17354, 1701, 29916]  # token ids of a Llama-2 prompt (the model is random anyway)
 
 
-def model_bench(bits_list, workdir: str) -> list[dict]:
+def decode_bench(model, new_tokens: int = 64, repeats: int = 3, graph: bool = True, compile: bool = False,
+                 device="cuda", prompt=PROMPT) -> dict:
+    """Batch-1 greedy decode of `new_tokens` tokens: eager generate, the static-cache loop eagerly, and (each
+    optional) the same loop replayed from a CUDA graph / torch.compile'd. A failing static path is recorded as
+    `<key>_error` and the others still run."""
+    from .decode import first_mismatch, generate_greedy, static_greedy
+
+    ids = torch.tensor([prompt], device=device)
+    ref = generate_greedy(model, ids, new_tokens, repeats=repeats)
+    row = {"new_tokens": new_tokens, "decode_tok_s": ref.tok_s}
+    static_tokens = None
+    modes = [("static_eager", "eager")] + [("graph", "cuda-graph")] * graph + [("compile", "compile")] * compile
+    for key, mode in modes:
+        try:
+            run = static_greedy(model, ids, new_tokens, mode=mode, repeats=repeats)
+        except Exception as e:  # noqa: BLE001  (record why this path cannot run; the benchmark goes on)
+            row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:2000]
+            print(f"  {key} decode failed: {row[f'{key}_error'][:300]}", flush=True)
+            _recover(ids.device)
+            continue
+        finally:
+            if mode == "compile":
+                torch._dynamo.reset()  # drop the compiled graphs (and their CUDA graph pools) with the model
+        row[f"{key}_tok_s"] = run.tok_s
+        mismatch = first_mismatch(run.tokens, ref.tokens)
+        row[f"{key}_matches_generate"] = mismatch is None
+        if mismatch is not None:
+            row[f"{key}_first_mismatch_vs_generate"] = mismatch
+        if mode == "eager":
+            static_tokens = run.tokens
+        elif static_tokens is not None:
+            # the proof that the replay recomputes: the same kernels on the same inputs give the same tokens
+            same = torch.equal(run.tokens, static_tokens)
+            row[f"{key}_matches_static_eager"] = same
+            if not same:
+                row[f"{key}_error"] = (f"{mode} tokens differ from the eager static-cache loop from token "
+                                       f"{first_mismatch(run.tokens, static_tokens)}: {run.tokens.tolist()} vs "
+                                       f"{static_tokens.tolist()}")
+                print(f"  {row[f'{key}_error']}", flush=True)
+    return row
+
+
+def _recover(device: torch.device) -> None:
+    """After a failed capture: let pending work finish so the next contender starts clean (errors ignored)."""
+    gc.collect()
+    if device.type == "cuda":
+        try:
+            torch.cuda.synchronize(device)
+        except Exception:  # noqa: BLE001
+            pass
+        torch.cuda.empty_cache()
+
+
+def model_bench(bits_list, workdir: str, decode_kw: dict | None = None) -> list[dict]:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
     from bitsandbytes_lowra import LowRAConfig
@@ -137,7 +190,7 @@ def model_bench(bits_list, workdir: str) -> list[dict]:
                "weights_gib": torch.cuda.memory_allocated() / 2**30}
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
-            row["decode_tok_s"] = decode_tokens_per_s(m)
+            row.update(decode_bench(m, **(decode_kw or {})))
         row["peak_decode_gib"] = torch.cuda.max_memory_allocated() / 2**30
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -167,15 +220,38 @@ def model_bench(bits_list, workdir: str) -> list[dict]:
     return rows
 
 
+def decode_table(rows: list[dict]) -> str:
+    """Decode tokens/s per contender: eager generate, static cache eager, CUDA graph (and compile when run)."""
+    def cell(r, key):
+        if f"{key}_error" in r:
+            return "error"
+        return f"{r[key + '_tok_s']:.1f}" if f"{key}_tok_s" in r else "-"
+
+    lines = ["model | generate tok/s | static eager | CUDA graph | compile | graph == static eager | graph == generate"]
+    for r in rows:
+        lines.append(" | ".join([r["model"], f"{r['decode_tok_s']:.1f}", cell(r, "static_eager"), cell(r, "graph"),
+                                 cell(r, "compile"), str(r.get("graph_matches_static_eager", "-")),
+                                 str(r.get("graph_matches_generate", "-"))]))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--skip-model", action="store_true", help="only the one-layer training benchmark")
+    ap.add_argument("--skip-training", action="store_true", help="only the model benchmark")
     ap.add_argument("--bits", type=float, nargs="+", default=[4.0, 2.0, 1.75])
     ap.add_argument("--workdir", default=None, help="where the random checkpoint is written (default: a temp dir)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per decode (batch 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed generations per decode path (median)")
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph decode")
+    ap.add_argument("--compile", action="store_true",
+                    help='also decode with torch.compile(mode="reduce-overhead") (compiles once per contender: slow)')
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
+    if args.new_tokens < 1 or args.repeats < 1:
+        ap.error("--new-tokens and --repeats must be positive")
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     try:
         import transformers
@@ -183,18 +259,24 @@ def main(argv=None) -> int:
         results["transformers"] = transformers.__version__
     except ImportError:
         pass
-    results["training"] = training_layer_bench([(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)])
-    for r in results["training"]:
-        print(f"train {r['shape']:>11} {r['base']:>10}: {r['fwd_bwd_ms']:.3f} ms  ({r['vs_bf16']:.2f}x bf16)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    if not args.skip_model:
-        with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
-            results["model"] = model_bench(sorted(args.bits, reverse=True), workdir)
+
+    def dump():
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)
+
+    if not args.skip_training:
+        results["training"] = training_layer_bench([(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)])
+        for r in results["training"]:
+            print(f"train {r['shape']:>11} {r['base']:>10}: {r['fwd_bwd_ms']:.3f} ms  ({r['vs_bf16']:.2f}x bf16)")
+        dump()
+    if not args.skip_model:
+        decode_kw = dict(new_tokens=args.new_tokens, repeats=args.repeats, graph=not args.no_graph,
+                         compile=args.compile)
+        with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+            results["model"] = model_bench(sorted(args.bits, reverse=True), workdir, decode_kw)
+        dump()
+        print(decode_table(results["model"]))
     return 0
 
 

@@ -1,0 +1,212 @@
+"""bench/decode.py: greedy decoding over a static KV cache (the loop the end-to-end benchmark captures in a CUDA graph).
+
+On the CPU the static-cache loop must give model.generate's greedy tokens, for a dense and a LowRA-quantized tiny
+Llama; the step must trace into one torch.compile graph through LinearLowRA. On a GPU (marked cuda) the CUDA-graph
+replay and the compiled step must give the eager loop's tokens exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.utils import logging as hf_logging
+
+from bitsandbytes_lowra import LinearLowRA, LowRAConfig
+from bitsandbytes_lowra.bench import decode
+
+hf_logging.disable_progress_bar()
+
+PROMPT = [[1, 45, 17, 99, 3, 200]]
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    d = tmp_path_factory.mktemp("tiny-llama")
+    AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(d)
+    return d
+
+
+def _load(path, device="cpu", lowra=False, **kw):
+    if lowra:
+        kw["quantization_config"] = LowRAConfig(bits=1.75, plan_cache=False)
+    return AutoModelForCausalLM.from_pretrained(path, device_map=device, **kw).eval()
+
+
+@pytest.fixture(scope="module")
+def dense(tiny_dir):
+    return _load(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def lowra(tiny_dir):
+    model = _load(tiny_dir, lowra=True)
+    assert sum(isinstance(m, LinearLowRA) for m in model.modules()) == 14  # 7 linears x 2 layers
+    return model
+
+
+def _ids(device="cpu"):
+    return torch.tensor(PROMPT, device=device)
+
+
+@pytest.mark.parametrize("which", ["dense", "lowra"])
+def test_static_eager_matches_generate(which, request):
+    model = request.getfixturevalue(which)
+    ref = decode.generate_greedy(model, _ids(), NEW)
+    run = decode.static_greedy(model, _ids(), NEW, device="cpu", mode="eager", repeats=2)
+    assert ref.tokens.shape == run.tokens.shape == (NEW,)
+    assert len(set(ref.tokens.tolist())) > 3  # a real sequence, not one token repeated
+    assert run.tokens.tolist() == ref.tokens.tolist()
+    assert decode.first_mismatch(run.tokens, ref.tokens) is None
+    assert run.tok_s > 0 and len(run.runs_s) == 2
+
+
+def test_lowra_changes_the_tokens(dense, lowra):
+    """The quantized model is really decoded (its greedy tokens are not the dense model's)."""
+    a = decode.static_greedy(dense, _ids(), NEW, device="cpu").tokens
+    b = decode.static_greedy(lowra, _ids(), NEW, device="cpu").tokens
+    assert decode.first_mismatch(a, b) is not None
+
+
+def test_eos_suppressed_as_generate_min_new_tokens(tiny_dir):
+    """generate(min_new_tokens=n) never emits EOS; the static loop must suppress it the same way."""
+    model = _load(tiny_dir)
+    free = model.generate(_ids(), max_new_tokens=NEW, do_sample=False)[0, len(PROMPT[0]):]
+    model.generation_config.eos_token_id = int(free[0])  # the token greedy would pick first
+    ref = decode.generate_greedy(model, _ids(), NEW)
+    run = decode.static_greedy(model, _ids(), NEW, device="cpu")
+    assert int(free[0]) not in ref.tokens.tolist()
+    assert run.tokens.tolist() == ref.tokens.tolist()
+
+
+def test_prefill_resets_between_prompts(dense):
+    """One decoder, two prompts of the same length: each run starts from an empty cache."""
+    dec = decode.StaticGreedy(dense, 6, NEW, device="cpu")
+    other = torch.tensor([[1, 7, 8, 9, 10, 11]])
+    first = dec.generate(_ids()).clone()
+    second = dec.generate(other).clone()
+    assert dec.generate(_ids()).tolist() == first.tolist()
+    assert second.tolist() == decode.generate_greedy(dense, other, NEW).tokens.tolist()
+
+
+def test_compile_traces_lowra_step_in_one_graph(lowra):
+    """torch.compile sees the whole decode step, LinearLowRA and the lowra ops included, as one graph (no breaks)."""
+    dec = decode.StaticGreedy(lowra, 6, NEW, device="cpu")
+    with torch.no_grad():
+        dec.prefill(_ids())
+        explained = torch._dynamo.explain(dec._eager_step)()
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known: the GPU decode branch of matmul_lowra graph-breaks under torch.compile at QuantStateLowRA.matmul_plan's "
+    "cache check (`bits._version`, functional.py), and a graph break inside LinearLowRA.forward then recurses "
+    "without end through ParamsLowRA.__torch_function__ (RecursionError). Remove this mark with the fix."))
+def test_compile_traces_fused_decode_branch(monkeypatch):
+    """The branch LinearLowRA takes when decoding on a GPU (lowra::matmul with the cached row grouping), forced on
+    the CPU, must trace into one graph too."""
+    from bitsandbytes_lowra import functional
+    from bitsandbytes_lowra.nn import LinearLowRA
+
+    torch.manual_seed(0)
+    layer = LinearLowRA.from_linear(torch.nn.Linear(64, 32, bias=False), 2, device="cpu").eval()
+    monkeypatch.setattr(functional, "_fused_decode_shape", lambda A: True)
+    x = torch.randn(1, 1, 64)
+    try:
+        with torch.no_grad():
+            layer(x)  # fills the row-grouping cache, as the eager warm-up does
+            explained = torch._dynamo.explain(layer)(x)
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
+
+
+def test_mark_quant_states_static(lowra, dense):
+    assert decode.mark_quant_states_static(dense) == 0
+    n = decode.mark_quant_states_static(lowra)
+    layer = lowra.model.layers[0].mlp.up_proj
+    state = layer.weight.quant_state
+    assert n >= 14 * 5  # absmax, bits, codebook, thresholds, row offsets per layer (+ nested state)
+    assert hasattr(state.absmax, "_dynamo_static_input_type")
+
+
+def test_bad_arguments(dense):
+    with pytest.raises(ValueError, match="batch 1"):
+        decode.static_greedy(dense, torch.tensor(PROMPT * 2), NEW)
+    with pytest.raises(ValueError, match="new_tokens"):
+        decode.static_greedy(dense, _ids(), 0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        decode.StaticGreedy(dense, 6, NEW, device="cpu", mode="graph")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        decode.StaticGreedy(dense, 6, NEW, device="cpu", mode="cuda-graph")
+    dec = decode.StaticGreedy(dense, 6, NEW, device="cpu")
+    with pytest.raises(ValueError, match="prompts of shape"):
+        dec.prefill(torch.tensor([[1, 2, 3]]))
+
+
+def test_first_mismatch():
+    t = torch.tensor
+    assert decode.first_mismatch(t([1, 2, 3]), t([1, 2, 3])) is None
+    assert decode.first_mismatch(t([1, 2, 3]), t([1, 5, 3])) == 1
+    assert decode.first_mismatch(t([1, 2]), t([1, 2, 3])) == 2
+
+
+# ------------------------------------------------------------------------------------------------------ CUDA
+
+
+@pytest.fixture(scope="module")
+def cuda_models(tiny_dir):
+    # bf16 on the GPU: LinearLowRA takes the fused decode kernel (lowra::matmul), as in the benchmark
+    return {
+        "dense": _load(tiny_dir, "cuda", dtype=torch.bfloat16),
+        "lowra": _load(tiny_dir, "cuda", lowra=True, dtype=torch.bfloat16),
+    }
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("which", ["dense", "lowra"])
+def test_cuda_graph_replays_the_eager_loop(which, cuda_models):
+    model = cuda_models[which]
+    ids = _ids("cuda")
+    eager = decode.static_greedy(model, ids, NEW, mode="eager")
+    graph = decode.static_greedy(model, ids, NEW, mode="cuda-graph", repeats=2)
+    assert len(set(eager.tokens.tolist())) > 3
+    assert graph.tokens.tolist() == eager.tokens.tolist()
+    # for the record in a failure message: the dynamic-cache generate (may differ by bf16 rounding of attention)
+    ref = decode.generate_greedy(model, ids, NEW)
+    print(which, "graph vs generate first mismatch:", decode.first_mismatch(graph.tokens, ref.tokens))
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.xfail(reason="expected to fail like test_compile_traces_fused_decode_branch until that is fixed")
+def test_cuda_compile_reduce_overhead_matches_eager(cuda_models):
+    model = cuda_models["lowra"]
+    ids = _ids("cuda")
+    eager = decode.static_greedy(model, ids, NEW, mode="eager")
+    try:
+        compiled = decode.static_greedy(model, ids, NEW, mode="compile", repeats=2)
+    finally:
+        torch._dynamo.reset()
+    assert compiled.tokens.tolist() == eager.tokens.tolist()
+
+
+def test_e2e_decode_bench_records_failures(lowra):
+    """The benchmark row: eager generate and the static loop measured, tokens compared; a path that cannot run (here
+    the CUDA graph on the CPU) is recorded as its error, not raised."""
+    from bitsandbytes_lowra.bench.e2e import decode_bench, decode_table
+
+    row = decode_bench(lowra, new_tokens=8, repeats=1, graph=True, device="cpu", prompt=PROMPT[0])
+    assert row["decode_tok_s"] > 0 and row["static_eager_tok_s"] > 0
+    assert row["static_eager_matches_generate"] is True
+    assert "first_mismatch" not in " ".join(row)
+    assert row["graph_error"].startswith("ValueError: mode 'cuda-graph' needs a CUDA device")
+    assert "graph_tok_s" not in row
+    table = decode_table([{"model": "lowra", **row}])
+    assert table.splitlines()[1].startswith("lowra | ") and "| error |" in table
