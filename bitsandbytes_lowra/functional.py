@@ -259,6 +259,10 @@ class QuantStateLowRA(QuantState):
         reassigned or an edited `bits` is never served a stale plan."""
         bits = self.bits
         cached = self.__dict__.get("_matmul_plan")
+        if cached is not None and cached[0] is bits and torch.compiler.is_compiling():
+            # torch.compile cannot guard on a version counter (a graph break); the eager warm-up that precedes any
+            # capture filled this entry, and identity still catches a replaced `bits`
+            return cached[2]
         if cached is None or cached[0] is not bits or cached[1] != bits._version:
             from ._ops import matmul_plan
 

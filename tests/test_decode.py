@@ -104,10 +104,6 @@ def test_compile_traces_lowra_step_in_one_graph(lowra):
     assert explained.graph_count == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known: the GPU decode branch of matmul_lowra graph-breaks under torch.compile at QuantStateLowRA.matmul_plan's "
-    "cache check (`bits._version`, functional.py), and a graph break inside LinearLowRA.forward then recurses "
-    "without end through ParamsLowRA.__torch_function__ (RecursionError). Remove this mark with the fix."))
 def test_compile_traces_fused_decode_branch(monkeypatch):
     """The branch LinearLowRA takes when decoding on a GPU (lowra::matmul with the cached row grouping), forced on
     the CPU, must trace into one graph too."""
@@ -185,7 +181,6 @@ def test_cuda_graph_replays_the_eager_loop(which, cuda_models):
 
 @pytest.mark.cuda
 @pytest.mark.slow
-@pytest.mark.xfail(reason="expected to fail like test_compile_traces_fused_decode_branch until that is fixed")
 def test_cuda_compile_reduce_overhead_matches_eager(cuda_models):
     model = cuda_models["lowra"]
     ids = _ids("cuda")
