@@ -4,7 +4,8 @@
 // the warp; every lane handles chunks of 8 consecutive elements, which never cross a block (blocksize is a
 // multiple of 8) and map to whole packed bytes (8 * bits / 8 = bits bytes), so loads and stores are wide.
 // Dequantize looks codebook entries up in a per-warp shared table and streams its output; quantize reduces block absmax with shuffles inside the
-// lanes of one block and encodes with a branch-free search over the row's sorted thresholds.
+// lanes of one block, divides by it exactly without a per-element division and encodes with a binary search over
+// the row's thresholds (Eytzinger order: registers, a shuffle, a per-warp shared table).
 // Dequantize has no other path (chunks of 8 fit every layout; unaligned rows fall back to byte loads and scalar
 // stores); quantize keeps a simple one-row-per-CTA kernel for blocksizes the shuffle reduction cannot cover.
 //
@@ -217,89 +218,168 @@ __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict
 // Fast quantize: blocksize a power of two in [8, 256] (a block is blocksize / 8 consecutive lanes of a warp), cols
 // a multiple of 8 and a 16-byte aligned weight.
 
+// Warp task = (row, segment of kQChunks<T> * 256 elements): lane l quantizes the 8-element chunks
+// seg * kQChunks * 256 + q * 256 + 8 l, loading all of them (128 bytes per lane) before any use. Warps walk their
+// tasks with a fixed (rows, segments) stride, as dequantize does, and set up a row's thresholds only when the row
+// changes.
 template <typename T>
-__device__ __forceinline__ void load8(const T* p, float x[8]);
+struct QIn;  // the raw 16 or 32 bytes of one 8-element chunk, converted to float only when used
 template <>
-__device__ __forceinline__ void load8<float>(const float* p, float x[8]) {
-  const float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-  x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
-}
+struct QIn<float> {
+  float4 a, b;
+  __device__ __forceinline__ void load(const float* p) {
+    a = __ldcs(reinterpret_cast<const float4*>(p)), b = __ldcs(reinterpret_cast<const float4*>(p) + 1);
+  }
+  __device__ __forceinline__ void zero() { a = b = make_float4(0.f, 0.f, 0.f, 0.f); }
+  __device__ __forceinline__ void get(float x[8]) const {
+    x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+  }
+};
 template <>
-__device__ __forceinline__ void load8<__half>(const __half* p, float x[8]) {
-  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-  const __half2* h = reinterpret_cast<const __half2*>(&u);
+struct QIn<__half> {
+  uint4 u;
+  __device__ __forceinline__ void load(const __half* p) { u = __ldcs(reinterpret_cast<const uint4*>(p)); }
+  __device__ __forceinline__ void zero() { u = make_uint4(0, 0, 0, 0); }
+  __device__ __forceinline__ void get(float x[8]) const {
+    const __half2* h = reinterpret_cast<const __half2*>(&u);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
-    x[2 * i] = f.x, x[2 * i + 1] = f.y;
-  }
-}
-template <>
-__device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, float x[8]) {
-  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    x[2 * i] = f.x, x[2 * i + 1] = f.y;
-  }
-}
-
-// Number of thresholds strictly below v (thresholds sorted): a binary search written as selects.
-template <int B>
-__device__ __forceinline__ uint32_t encode(float v, const float t[15]) {
-  if (B == 1) return v > t[0];
-  if (B == 2) {
-    const bool h = v > t[1];
-    return 2u * h + (v > (h ? t[2] : t[0]));
-  }
-  const bool b3 = v > t[7];
-  const bool b2 = v > (b3 ? t[11] : t[3]);
-  const float t1 = b3 ? (b2 ? t[13] : t[9]) : (b2 ? t[5] : t[1]);
-  const bool b1 = v > t1;
-  float t0;
-  if (b3) t0 = b2 ? (b1 ? t[14] : t[12]) : (b1 ? t[10] : t[8]);
-  else t0 = b2 ? (b1 ? t[6] : t[4]) : (b1 ? t[2] : t[0]);
-  return 8u * b3 + 4u * b2 + 2u * b1 + (v > t0);
-}
-
-// Warp task = (row, segment of kQChunks * 256 elements): lane l quantizes the 8-element chunks
-// seg * kQChunks * 256 + q * 256 + 8 l, loading all of them before any use.
-constexpr int kQChunks = 2;
-
-template <typename T, int B>
-__device__ __forceinline__ void quantize_task(const T* __restrict__ W, int64_t r, int64_t seg, int64_t cols,
-                                              int64_t blocksize, int64_t nb, int lane, const float t[15],
-                                              uint8_t* __restrict__ row, bool al, float* __restrict__ absmax,
-                                              int64_t pc) {
-  float x[kQChunks][8];
-#pragma unroll
-  for (int q = 0; q < kQChunks; ++q) {
-    const int64_t j0 = seg * (kQChunks * 256) + q * 256 + 8 * lane;
-    if (j0 < cols) {
-      load8<T>(W + r * cols + j0, x[q]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) x[q][e] = 0.0f;
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(h[i]);
+      x[2 * i] = f.x, x[2 * i + 1] = f.y;
     }
   }
-  const int group = (int)(blocksize >> 3);  // lanes per block, a power of two <= 32
+};
+template <>
+struct QIn<__nv_bfloat16> {
+  uint4 u;
+  __device__ __forceinline__ void load(const __nv_bfloat16* p) { u = __ldcs(reinterpret_cast<const uint4*>(p)); }
+  __device__ __forceinline__ void zero() { u = make_uint4(0, 0, 0, 0); }
+  __device__ __forceinline__ void get(float x[8]) const {  // bf16 -> f32 is a 16-bit shift
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-  for (int q = 0; q < kQChunks; ++q) {
-    const int64_t j0 = seg * (kQChunks * 256) + q * 256 + 8 * lane;
+    for (int i = 0; i < 4; ++i) {
+      uint32_t hi;  // opaque to the compiler, which otherwise rebuilds (hi << 1) from w in three instructions
+      asm("and.b32 %0, %1, 0xffff0000;" : "=r"(hi) : "r"(w[i]));
+      x[2 * i] = __uint_as_float(w[i] << 16), x[2 * i + 1] = __uint_as_float(hi);
+    }
+  }
+};
+
+template <typename T>
+constexpr int kQChunks = 128 / sizeof(QIn<T>);  // 8 chunks of 2-byte weights, 4 of float
+template <typename T>
+constexpr int kQSegElems = kQChunks<T> * 256;
+
+// RN(x / a) without a division per element. y = RN(1/a) is computed once per block (__frcp_rn). Then
+//   q0 = RN(x y): |x y - x/a| = |x| |y - 1/a| <= ulp(x/a), so q0 is within 1.5 ulp of x/a;
+//   q1 = RN(q0 + r0 y), r0 = RN(x - a q0): with a y = 1 + e, |e| <= 2^-24, q0 + (x - a q0) y = x/a + e (x/a - q0), and
+//        r0's own rounding adds at most 2^-24 |x - a q0| y, so q1 is within 1/2 + 2^-21 ulp: a faithful quotient;
+//   q  = RN(q1 + r1 y), r1 = x - a q1, which one FMA computes exactly because q1 is faithful: by Markstein's theorem
+//        (y within half an ulp of 1/a, q1 within one ulp of x/a; Markstein 1990, Handbook of Floating-Point
+//        Arithmetic 2nd ed. sec. 4.7) q = RN(x/a) = __fdiv_rn(x, a).
+// The theorem needs no underflow or overflow on the way: callers use it only for a in [2^-32, 2^32] and
+// |x| >= a 2^-32 or x == 0 (x = +-0 gives q = +-0, maybe with the other sign, which every threshold compares the
+// same way); everything else (zero, tiny, huge, infinite absmax; tiny elements) takes __fdiv_rn. Checked against
+// divss on the CPU for 2e9 pairs (random, and x = a t +- 4 ulp for 11-bit t) with no difference.
+__device__ __forceinline__ float div_by_block_max(float x, float a, float y) {
+  const float q0 = __fmul_rn(x, y);
+  const float q1 = __fmaf_rn(__fmaf_rn(-a, q0, x), y, q0);
+  return __fmaf_rn(__fmaf_rn(-a, q1, x), y, q1);
+}
+
+// Encoding = the number of thresholds strictly below v, found by a binary search over the row's thresholds in
+// Eytzinger order (node 1 is the median, node i's children are 2i and 2i + 1; the search ends at node 2^B + code).
+// Its comparisons are those of a sorted binary search (and of the previous encoder), so sorted thresholds,
+// duplicates included, give #{t < v}; NaN compares false everywhere. For B = 4, nodes 1..3 live in registers,
+// nodes 4..7 come from a shuffle of the lane that holds them and nodes 8..15 from the warp's shared table (16 words
+// in 16 banks: conflict-free whatever the lanes ask). Written in PTX so that every level is one compare and
+// predicated adds (C++ makes ptxas turn each comparison into a 0/-1 mask and multiply it in). Returns the table
+// address tab + 4 i4 + 2 p4 = tab + 2 (16 + code) (i4 = node of level 4, p4 = its comparison).
+__device__ __forceinline__ uint32_t encode4(float v, float n1, float n2, float n3, float node, uint32_t tab) {
+  uint32_t a;
+  asm("{\n\t.reg .pred p;\n\t.reg .f32 t;\n\t.reg .u32 i;\n\t"
+      "setp.gt.f32 p, %1, %2;\n\t"
+      "selp.f32 t, %4, %3, p;\n\t"
+      "selp.u32 i, 6, 4, p;\n\t"
+      "setp.gt.f32 p, %1, t;\n\t"
+      "@p add.u32 i, i, 1;\n\t"
+      "shfl.sync.idx.b32 t, %5, i, 31, -1;\n\t"
+      "setp.gt.f32 p, %1, t;\n\t"
+      "mad.lo.u32 %0, i, 8, %6;\n\t"
+      "@p add.u32 %0, %0, 4;\n\t"
+      "ld.shared.f32 t, [%0];\n\t"
+      "setp.gt.f32 p, %1, t;\n\t"
+      "@p add.u32 %0, %0, 2;\n\t}"
+      : "=r"(a)
+      : "f"(v), "f"(n1), "f"(n2), "f"(n3), "f"(node), "r"(tab)
+      : "memory");
+  return a;
+}
+
+// The code of v for B = 1 or 2 (thresholds t0 = node 2 and t2 = node 3 around the median n1 for B = 2).
+template <int B>
+__device__ __forceinline__ uint32_t encode12(float v, float n1, float n2, float n3) {
+  const bool p1 = v > n1;
+  if (B == 1) return p1;
+  return (p1 ? 2u : 0u) + (v > (p1 ? n3 : n2));
+}
+
+struct F8 {
+  float v[8];
+};
+
+// The exact quotients the old way (rare: out of line, arguments and result in registers).
+__device__ __noinline__ F8 divide_exact(F8 x, float amax) {
+  F8 q;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) q.v[e] = amax > 0.0f ? __fdiv_rn(x.v[e], amax) : 0.0f;
+  return q;
+}
+
+// One warp task of precision B. `out` and `am` point at the lane's first chunk's codes and block maximum; `left` is
+// the number of padded columns from the lane's first chunk on (chunks at or past the padding write nothing).
+template <typename T, int B>
+__device__ __forceinline__ void quantize_task(const QIn<T> (&in)[kQChunks<T>], int lane, int group_shift, float n1,
+                                              float n2, float n3, float node, uint32_t tab, uint32_t tab_sum,
+                                              uint8_t* __restrict__ out, bool al, float* __restrict__ am,
+                                              int64_t left) {
+  const int group = 1 << group_shift;  // lanes per block
+#pragma unroll
+  for (int q = 0; q < kQChunks<T>; ++q) {
+    F8 x;
+    in[q].get(x.v);
     float amax = 0.0f;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x[q][e]));
-    for (int o = 1; o < group; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, o));
-    if (j0 < pc) {
-      if ((lane & (group - 1)) == 0) absmax[r * nb + (j0 >> (31 - __clz(group) + 3))] = amax;  // j0 / blocksize
-      uint32_t word = 0;
+    for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x.v[e]));
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float v = amax > 0.0f ? __fdiv_rn(x[q][e], amax) : 0.0f;
-        word |= encode<B>(v, t) << (e * B);
-      }
-      uint8_t* p = row + (j0 >> 3) * B;
+    for (int o = 1; o < 32; o <<= 1)
+      if (o < group) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, o));
+    // Division-free path for ordinary blocks (see div_by_block_max); an element below amax 2^-32 other than zero
+    // sends its whole chunk to __fdiv_rn: (bits << 1) - 1 < (lo << 1) - 1 holds exactly for 0 < |x| < lo.
+    float y;  // RN(1/amax); ftz changes nothing for the normal amax the fast path uses, and drops the denormal fixup
+    asm("rcp.rn.ftz.f32 %0, %1;" : "=f"(y) : "f"(amax));
+    const uint32_t lo2 = (__float_as_uint(amax * 0x1p-32f) << 1) - 1u;
+    bool slow = !(amax >= 0x1p-32f && amax <= 0x1p32f);
+    F8 v;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      v.v[e] = div_by_block_max(x.v[e], amax, y);
+      slow |= (__float_as_uint(x.v[e]) << 1) - 1u < lo2;
+    }
+    if (slow) v = divide_exact(x, amax);
+    uint32_t word = 0;
+    if (B == 4) {  // sum of (tab + 2 (16 + code_e)) << (4 e - 1), less the table terms
+      word = encode4(v.v[0], n1, n2, n3, node, tab) >> 1;
+#pragma unroll
+      for (int e = 1; e < 8; ++e) word += encode4(v.v[e], n1, n2, n3, node, tab) << (4 * e - 1);
+      word -= tab_sum;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) word |= encode12<B>(v.v[e], n1, n2, n3) << (e * B);
+    }
+    if (q * 256 < left) {
+      if ((lane & (group - 1)) == 0) am[q << (5 - group_shift)] = amax;
+      uint8_t* p = out + q * 32 * B;
       if (al) {
         if (B == 4) *reinterpret_cast<uint32_t*>(p) = word;
         else if (B == 2) *reinterpret_cast<uint16_t*>(p) = (uint16_t)word;
@@ -313,33 +393,76 @@ __device__ __forceinline__ void quantize_task(const T* __restrict__ W, int64_t r
 }
 
 template <typename T>
-__global__ void __launch_bounds__(256) quantize_fast(const T* __restrict__ W, int64_t rows, int64_t cols,
+__global__ void __launch_bounds__(256, 3) quantize_fast(const T* __restrict__ W, int64_t rows, int64_t cols,
                                                      int64_t blocksize, int64_t pc, int64_t segs,
                                                      const uint8_t* __restrict__ bits,
                                                      const uint16_t* __restrict__ thresholds,
                                                      const int64_t* __restrict__ row_offsets, uint8_t* packed,
                                                      int64_t packed_bytes, float* __restrict__ absmax) {
-  const int lane = threadIdx.x & 31;
+  __shared__ float table[8][kCodebookSlots];  // each warp's current thresholds in Eytzinger order (slot 0 unused)
+  const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
+  float* tab = table[wib];
+  const uint32_t tab_addr = (uint32_t)__cvta_generic_to_shared(tab);
+  const uint32_t tab_sum = (tab_addr / 2 + 16) * 0x11111111u;  // encode4's table terms over a chunk (mod 2^32)
   const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
   const int64_t nb = pc / blocksize;
-  for (int64_t task = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); task < rows * segs; task += warps) {
-    const int64_t r = task / segs, seg = task % segs;
+  const int group_shift = 28 - __clz((int)blocksize);  // log2(blocksize / 8)
+  const int64_t first = (int64_t)blockIdx.x * (blockDim.x >> 5) + wib;
+  const int64_t dr = warps / segs, dseg = warps % segs;  // the task stride in (rows, segments)
+  int64_t r = first / segs, seg = first % segs, cur = -1;
+  float n1 = 0.0f, n2 = 0.0f, n3 = 0.0f, node = 0.0f;
+  for (; r < rows; r += dr, seg += dseg) {
+    if (seg >= segs) seg -= segs, ++r;
+    if (r >= rows) break;
     const int b = bits[r];
     const int64_t start = row_offsets[r];
-    if (!row_ok(b, start, pc, packed_bytes)) {
+    if (!row_ok(b, start, pc, packed_bytes)) {  // warp-uniform
       if (lane == 0 && seg == 0) count_skipped_row();
       continue;
     }
-    const float tl = lane < kThresholdSlots ? half_bits_to_float(__ldg(thresholds + r * kThresholdSlots + lane)) : 0.0f;
-    float t[15];
+    const int64_t j_seg = seg * kQSegElems<T>;
+    QIn<T> in[kQChunks<T>];
 #pragma unroll
-    for (int k = 0; k < 15; ++k) t[k] = __shfl_sync(kFull, tl, k);
+    for (int q = 0; q < kQChunks<T>; ++q) {  // all loads first
+      const int64_t j0 = j_seg + q * 256 + 8 * lane;
+      if (j0 < cols) in[q].load(W + r * cols + j0);
+      else in[q].zero();
+    }
+    if (r != cur) {  // lane i (1 <= i < 2^b) holds node i: sorted index (2k + 1) 2^(b - 1 - L) - 1, i = 2^L + k
+      cur = r;
+      node = 0.0f;
+      if (lane >= 1 && lane < (1 << b)) {
+        const int L = 31 - __clz(lane);
+        const int idx = ((2 * (lane - (1 << L)) + 1) << (b - 1 - L)) - 1;
+        node = half_bits_to_float(__ldg(thresholds + r * kThresholdSlots + idx));
+      }
+      __syncwarp();  // the previous row's lookups are done
+      if (lane < kCodebookSlots) tab[lane] = node;
+      __syncwarp();
+      n1 = __shfl_sync(kFull, node, 1), n2 = __shfl_sync(kFull, node, 2), n3 = __shfl_sync(kFull, node, 3);
+    }
     uint8_t* row = packed + start;
     const bool al = ((uintptr_t)row & (b - 1)) == 0;
-    if (b == 1) quantize_task<T, 1>(W, r, seg, cols, blocksize, nb, lane, t, row, al, absmax, pc);
-    else if (b == 2) quantize_task<T, 2>(W, r, seg, cols, blocksize, nb, lane, t, row, al, absmax, pc);
-    else quantize_task<T, 4>(W, r, seg, cols, blocksize, nb, lane, t, row, al, absmax, pc);
+    const int64_t j = j_seg + 8 * lane;  // the lane's first element
+    uint8_t* out = row + (j >> 3) * b;
+    float* am = absmax + r * nb + (j >> (group_shift + 3));
+    const int64_t left = pc - j;
+    if (b == 1) quantize_task<T, 1>(in, lane, group_shift, n1, n2, n3, node, tab_addr, tab_sum, out, al, am, left);
+    else if (b == 2) quantize_task<T, 2>(in, lane, group_shift, n1, n2, n3, node, tab_addr, tab_sum, out, al, am, left);
+    else quantize_task<T, 4>(in, lane, group_shift, n1, n2, n3, node, tab_addr, tab_sum, out, al, am, left);
   }
+}
+
+// Enough CTAs to fill every multiprocessor once at the kernel's occupancy; warps then loop over their tasks.
+template <typename K>
+int resident_grid(K kernel, int64_t tasks, int warps_per_block) {
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps_per_block * 32, 0) != cudaSuccess ||
+      per_sm < 1)
+    per_sm = 1;
+  const int64_t want = (tasks + warps_per_block - 1) / warps_per_block;
+  const int64_t cap = (int64_t)sm_count() * per_sm;
+  return (int)(want < cap ? (want > 0 ? want : 1) : cap);
 }
 
 int grid_for(int64_t tasks, int warps_per_block) {
@@ -385,10 +508,12 @@ int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t 
   const int64_t pc = padded_cols(cols, blocksize);
   const bool pow2 = (blocksize & (blocksize - 1)) == 0;
   if (pow2 && blocksize <= 256 && cols % 8 == 0 && aligned(W, 16)) {
-    const int64_t segs = (pc + kQChunks * 256 - 1) / (kQChunks * 256);
-    const int grid = grid_for(rows * segs, 8);
-#define LOWRA_QF(T) quantize_fast<T><<<grid, 256, 0, stream>>>((const T*)W, rows, cols, blocksize, pc, segs, bits, \
-                                                               thresholds, row_offsets, packed, packed_bytes, absmax)
+#define LOWRA_QF(T)                                                                                                  \
+  do {                                                                                                               \
+    const int64_t segs = (pc + kQSegElems<T> - 1) / kQSegElems<T>;                                                   \
+    quantize_fast<T><<<resident_grid(quantize_fast<T>, rows * segs, 8), 256, 0, stream>>>(                           \
+        (const T*)W, rows, cols, blocksize, pc, segs, bits, thresholds, row_offsets, packed, packed_bytes, absmax);  \
+  } while (0)
     if (dtype == LOWRA_F16) LOWRA_QF(__half);
     else if (dtype == LOWRA_BF16) LOWRA_QF(__nv_bfloat16);
     else LOWRA_QF(float);

@@ -175,7 +175,8 @@ def clone_state(s: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # measurements
 
-def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min_calls: int, bnb) -> dict:
+def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min_calls: int, bnb,
+                only: str | None = None) -> dict:
     gen = torch.Generator().manual_seed(rows * 31 + cols)
     W = (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16).cuda()
     res: dict = {"shape": [rows, cols]}
@@ -216,6 +217,8 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
     del ins
     q["speedup_4bit_vs_bnb"] = q["bnb_nf4"]["ms"] / q["lowra_4bit"]["ms"]
     res["quantize"] = q
+    if only == "quantize":
+        return res
 
     # dequantize to bf16
     d = {}
@@ -358,7 +361,8 @@ def environment() -> dict:
                 bitsandbytes_lowra=__version__, python=platform.python_version())
 
 
-def run(shapes, batches, quick: bool = False, sweep: bool = True) -> dict:
+def run(shapes, batches, quick: bool = False, sweep: bool = True, only: str | None = None) -> dict:
+    """only="quantize" measures the quantize comparison alone (no dequantize, matmul or sweep)."""
     if not torch.cuda.is_available():
         raise BenchUnavailable("needs a CUDA GPU")
     from .. import _native
@@ -378,9 +382,9 @@ def run(shapes, batches, quick: bool = False, sweep: bool = True) -> dict:
     copy_bw = bw["ceiling"]
     res["shapes"] = []
     for rows, cols in shapes:
-        res["shapes"].append(bench_shape(rows, cols, batches, copy_bw, replays, min_calls, bnb))
+        res["shapes"].append(bench_shape(rows, cols, batches, copy_bw, replays, min_calls, bnb, only))
         print(f"bench: {rows}x{cols} done", flush=True)
-    if sweep:
+    if sweep and only is None:
         big = max(shapes, key=lambda s: s[0] * s[1])
         res["matmul_sweep"] = matmul_sweep(big[0], big[1], replays, min_calls)
         res["matmul_sweep"] += matmul_sweep(big[0], big[1], replays, min_calls, bits=4)
@@ -393,16 +397,21 @@ def table(res: dict) -> str:
              f"{env['date']}   copy {res['copy_bandwidth_tb_s']:.2f} TB/s"]
     lines.append(f"{'shape':>12} | {'quantize TB/s (lowra4 / bnb)':>28} | {'dequant %copy (lowra4 / 1.75 / bnb)':>36}")
     for s in res["shapes"]:
-        q, d = s["quantize"], s["dequantize"]
-        lines.append(f"{s['shape'][0]:>5}x{s['shape'][1]:<6} | {q['lowra_4bit']['tb_s']:>9.2f} / {q['bnb_nf4']['tb_s']:<5.2f}"
-                     f" ({q['speedup_4bit_vs_bnb']:>4.1f}x)    | {d['lowra_4bit']['frac_of_copy']:>9.0%} / "
-                     f"{d['lowra_1.75bit']['frac_of_copy']:>4.0%} / {d['bnb_nf4']['frac_of_copy']:>4.0%} "
-                     f"({d['speedup_4bit_vs_bnb']:.2f}x)")
+        q = s["quantize"]
+        line = (f"{s['shape'][0]:>5}x{s['shape'][1]:<6} | {q['lowra_4bit']['tb_s']:>9.2f} / {q['bnb_nf4']['tb_s']:<5.2f}"
+                f" ({q['speedup_4bit_vs_bnb']:>4.1f}x)    | ")
+        if "dequantize" in s:
+            d = s["dequantize"]
+            line += (f"{d['lowra_4bit']['frac_of_copy']:>9.0%} / {d['lowra_1.75bit']['frac_of_copy']:>4.0%} / "
+                     f"{d['bnb_nf4']['frac_of_copy']:>4.0%} ({d['speedup_4bit_vs_bnb']:.2f}x)")
+        else:
+            line += f"(lowra 1.75-bit quantize {q['lowra_1.75bit']['tb_s']:.2f} TB/s)"
+        lines.append(line)
     lines.append(f"{'shape':>12} {'m':>3} | {'lowra1.75 us':>12} {'%bound codes':>12} {'lowra4 us':>10} "
                  f"{'bnb us':>8} {'bf16 us':>8} | {'x bnb':>6} {'x bf16':>6} | double quant: "
                  f"{'lowra1.75 us':>12} {'bnb us':>8} {'x bnb':>6}")
     for s in res["shapes"]:
-        for m, r in s["matmul"].items():
+        for m, r in s.get("matmul", {}).items():
             lines.append(f"{s['shape'][0]:>5}x{s['shape'][1]:<6} {m:>3} | {r['lowra_1.75bit']['ms'] * 1e3:>12.1f} "
                          f"{r['lowra_1.75bit']['frac_of_bound_codes']:>12.0%} {r['lowra_4bit']['ms'] * 1e3:>10.1f} "
                          f"{r['bnb_nf4']['ms'] * 1e3:>8.1f} {r['bf16']['ms'] * 1e3:>8.1f} | "

@@ -1,0 +1,104 @@
+"""Quantize on adversarial inputs, bit for bit against the reference: elements at threshold * absmax and a few ulps
+either side for every precision and input dtype, duplicate thresholds, all-zero blocks, tiny and subnormal elements,
+block maxima at the edges of the CUDA kernel's division-free range (2^-32, 2^32), and shapes that take the fast and
+the generic CUDA paths. The cpu cases run in CI; the cuda ones on the GPU machine."""
+
+import pytest
+import torch
+
+from bitsandbytes_lowra.backends import reference
+from bitsandbytes_lowra.format import padded_cols, row_offsets
+
+from .conftest import devices
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+# block-maximum exponents: fp16 stays inside its range (subnormal maxima included), the others reach past the
+# CUDA kernel's [2^-32, 2^32] division-free range on both sides
+EXPONENTS = {torch.float16: [-20, -14, -3, 0, 4, 14], torch.bfloat16: [-40, -33, -32, -31, -2, 0, 31, 32, 33],
+             torch.float32: [-40, -33, -32, -31, -2, 0, 31, 32, 33]}
+
+
+def thresholds_with_duplicates(rows: int, gen: torch.Generator) -> torch.Tensor:
+    """Sorted float16 thresholds [rows, 15] drawn from few distinct values, so rows repeat thresholds."""
+    pool = torch.cat([torch.rand(6, generator=gen) * 2 - 1, torch.tensor([0.0, 0.5, -0.25, 1.0])])
+    idx = torch.randint(0, pool.numel(), (rows, 15), generator=gen)
+    return torch.sort(pool[idx].half(), dim=1).values
+
+
+def adversarial_weight(rows, cols, blocksize, dtype, thr, bits, gen):
+    """Every block: its maximum a (a random significand at one of EXPONENTS) at a random place, with that sign or
+    the other, and elements x = dtype(t a) stepped -4..4 ulps for thresholds t the row uses, clamped to |x| <= a.
+    Some blocks are all zero; some hold zeros and elements far below a (down to subnormals)."""
+    pc = padded_cols(cols, blocksize)
+    nb = pc // blocksize
+    exps = torch.tensor(EXPONENTS[dtype], dtype=torch.float32)
+    a = (1 + torch.rand(rows, nb, 1, generator=gen)) * torch.exp2(exps[torch.randint(0, len(exps), (rows, nb, 1), generator=gen)])
+    a = a.to(dtype).float()
+    used = (2 ** bits.long() - 1)[:, None, None]
+    pick = (torch.rand(rows, nb, blocksize, generator=gen) * used).long()  # a threshold the row uses
+    t = torch.gather(thr.float()[:, None, :].expand(rows, nb, 15), 2, pick)
+    sign = torch.where(torch.rand(rows, nb, blocksize, generator=gen) < 0.5, -1.0, 1.0)
+    x = (t * a * sign.abs()).to(dtype)
+    step = torch.randint(-4, 5, (rows, nb, blocksize), generator=gen)
+    x = (x.view(INT_VIEW[dtype]) + step.to(INT_VIEW[dtype])).view(dtype).float()
+    x = torch.where(x.isfinite() & (x.abs() <= a), x, a * sign)
+    # far below the maximum: zeros, a 2^-40, the smallest normal and subnormal of the dtype
+    tiny = torch.tensor([0.0, -0.0, 2.0**-40, -(2.0**-40), torch.finfo(dtype).tiny, torch.finfo(dtype).tiny / 8])
+    far = torch.rand(rows, nb, blocksize, generator=gen) < 0.05
+    x = torch.where(far, tiny[torch.randint(0, tiny.numel(), (rows, nb, blocksize), generator=gen)].to(dtype).float(), x)
+    where = torch.randint(0, blocksize, (rows, nb, 1), generator=gen)
+    x.scatter_(2, where, a * torch.where(torch.rand(rows, nb, 1, generator=gen) < 0.5, -1.0, 1.0))
+    x[torch.rand(rows, nb, generator=gen) < 0.05] = 0.0  # all-zero blocks
+    return x.reshape(rows, pc)[:, :cols].to(dtype).contiguous()
+
+
+def run_quantize(W, bits, thr, blocksize, device):
+    off = row_offsets(bits, W.shape[1], blocksize)
+    ref = reference.quantize(W, bits, thr, off, blocksize)
+    d = [t.to(device) for t in (W, bits, thr, off)]
+    got = torch.ops.lowra.quantize(d[0], d[1], d[2], d[3], blocksize)
+    return ref, tuple(t.cpu() for t in got)
+
+
+# (rows, cols, blocksize): the CUDA fast path (power-of-two blocksize <= 256, cols % 8 == 0) with padding, one or
+# many segments per row and many rows per warp; the generic path (odd cols, blocksize 24 or 512)
+SHAPES = [(6, 200, 64), (5, 4104, 64), (3, 9000, 8), (4, 2048, 16), (7, 640, 32), (3, 1000, 128), (2, 4096, 256),
+          (300, 64, 64), (4, 203, 64), (3, 600, 24), (2, 1024, 512)]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_adversarial_bit_identical(shape, dtype, device):
+    rows, cols, bs = shape
+    gen = torch.Generator().manual_seed(rows * 131 + cols + bs)
+    bits = torch.tensor([1, 2, 4], dtype=torch.uint8)[torch.arange(rows) % 3]  # every precision
+    thr = thresholds_with_duplicates(rows, gen)
+    W = adversarial_weight(rows, cols, bs, dtype, thr, bits, gen)
+    (ref_packed, ref_absmax), (packed, absmax) = run_quantize(W, bits, thr, bs, device)
+    assert torch.equal(absmax, ref_absmax)
+    assert torch.equal(packed, ref_packed), f"{int((packed != ref_packed).sum())} packed bytes differ"
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("b", [1, 2, 4])
+def test_quantize_every_ulp_around_every_threshold(b, device):
+    """One 4-bit/2-bit/1-bit row per absmax; the row holds dtype(t a) -16..16 ulps for each of its thresholds t
+    (fp32 weights, so the ulps are the division's own), with a power-of-two absmax (t a exact) and an arbitrary one."""
+    ts = torch.tensor([-0.7, -0.3, -0.1, -0.05, -0.01, 0.0, 0.02, 0.1, 0.2, 0.33, 0.4, 0.6, 0.8, 0.9, 0.99])
+    thr = torch.sort(ts.half()).values[: 2**b - 1].float()
+    thr = torch.cat([thr, torch.zeros(15 - thr.numel())]).half()
+    rows = []
+    for a in (1.0, 0.25, 0.0123457, 3.1415927, 7.3e-6):
+        x = (thr[: 2**b - 1].float()[:, None] * a).flatten()
+        steps = torch.arange(-16, 17, dtype=torch.int32)
+        near = (x.view(torch.int32)[:, None] + steps[None, :]).view(torch.float32).flatten()
+        near = torch.cat([torch.tensor([a]), near[near.abs() <= a]])
+        rows.append(torch.cat([near, torch.zeros(-near.numel() % 64)]))
+    cols = max(r.numel() for r in rows)
+    W = torch.stack([torch.cat([r, torch.zeros(cols - r.numel())]) for r in rows])
+    bits = torch.full((W.shape[0],), b, dtype=torch.uint8)
+    (ref_packed, ref_absmax), (packed, absmax) = run_quantize(W, bits, thr.expand(W.shape[0], 15).contiguous(), 64, device)
+    assert torch.equal(absmax, ref_absmax)
+    assert torch.equal(packed, ref_packed)
