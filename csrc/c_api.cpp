@@ -113,11 +113,11 @@ int64_t lowra_matmul_cuda_workspace_size(int dtype, int64_t m, int64_t rows, int
 #endif
 }
 
-void lowra_matmul_cuda_set_tuning(int ksplit, int ctas_per_sm, int depth) {
+void lowra_matmul_cuda_set_tuning(int ksplit, int ctas_per_sm, int depth, int nested_prepass) {
 #ifdef LOWRA_WITH_CUDA
-  lowra::matmul_cuda_set_tuning(ksplit, ctas_per_sm, depth);
+  lowra::matmul_cuda_set_tuning(ksplit, ctas_per_sm, depth, nested_prepass);
 #else
-  (void)ksplit, (void)ctas_per_sm, (void)depth;
+  (void)ksplit, (void)ctas_per_sm, (void)depth, (void)nested_prepass;
 #endif
 }
 

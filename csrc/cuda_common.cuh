@@ -47,14 +47,27 @@ __device__ __forceinline__ bool row_ok(int b, int64_t start, int64_t pc, int64_t
   return valid_bits(b) && start >= 0 && start <= packed_bytes - row_bytes(pc, b);
 }
 
-// Block scale i (row-major [rows, nblocks] index). Double-quantized: decoded exactly as the Python reference does
-// it, product and sum each rounded (no FMA contraction), negative results clamped to 0.
-__device__ __forceinline__ float load_absmax(const AbsmaxSrc& s, int64_t i) {
-  if (s.f32) return __ldg(s.f32 + i);
-  const LowraNestedAbsmax& n = s.nested;
-  const float v = __fmul_rn(__ldg(n.code + __ldg(n.q + i)), __ldg(n.nested + (i >> s.nested_shift)));
-  return fmaxf(__fadd_rn(v, __ldg(n.offset)), 0.0f);
+// Block scale i (row-major [rows, nblocks] index), in two steps so that a kernel can issue the loads of many scales
+// before it waits for any: absmax_issue loads (the float32 scale, or the code and its nested scale), absmax_finish
+// decodes. Double-quantized scales decode exactly as the Python reference does: product and sum each rounded (no
+// FMA contraction), negative results clamped to 0; the 1 KB code table stays in L1.
+struct AbsmaxRaw {
+  float v;     // the scale, or the nested scale
+  uint32_t q;  // the 8-bit code (double-quantized only)
+};
+
+__device__ __forceinline__ AbsmaxRaw absmax_issue(const AbsmaxSrc& s, int64_t i) {
+  if (s.f32) return AbsmaxRaw{__ldg(s.f32 + i), 0u};
+  return AbsmaxRaw{__ldg(s.nested.nested + (i >> s.nested_shift)), (uint32_t)__ldg(s.nested.q + i)};
 }
+
+__device__ __forceinline__ float absmax_finish(const AbsmaxSrc& s, AbsmaxRaw r) {
+  if (s.f32) return r.v;
+  const float v = __fmul_rn(__ldg(s.nested.code + r.q), r.v);
+  return fmaxf(__fadd_rn(v, __ldg(s.nested.offset)), 0.0f);
+}
+
+__device__ __forceinline__ float load_absmax(const AbsmaxSrc& s, int64_t i) { return absmax_finish(s, absmax_issue(s, i)); }
 
 inline bool aligned(const void* p, unsigned a) { return ((uintptr_t)p & (a - 1)) == 0; }
 

@@ -319,6 +319,7 @@ __device__ __forceinline__ void gv_step(const GvArgs& a, const GvRow* mr, uint32
                                         int64_t blk, float (&acc)[R][M]) {
   constexpr int W = P == 0 ? 4 : P;  // code words per row
   uint32_t q[R][W];
+  AbsmaxRaw ar[R];
   float am[R];
 #pragma unroll
   for (int j = 0; j < R; ++j) {
@@ -326,7 +327,7 @@ __device__ __forceinline__ void gv_step(const GvArgs& a, const GvRow* mr, uint32
     const int b = P == 0 ? x.bits : P;
 #pragma unroll
     for (int i = 0; i < W; ++i) q[j][i] = 0u;
-    am[j] = 0.f;
+    ar[j] = AbsmaxRaw{0.f, 0u};
     if (P != 0 || b) {
       const uint8_t* p = a.packed + x.off + ((col * b) >> 3);
       if (b == 1) {
@@ -340,9 +341,12 @@ __device__ __forceinline__ void gv_step(const GvArgs& a, const GvRow* mr, uint32
         q[j][0] = v.x;
         if (W > 3) q[j][W > 3 ? 1 : 0] = v.y, q[j][W > 3 ? 2 : 0] = v.z, q[j][W > 3 ? 3 : 0] = v.w;
       }
-      am[j] = load_absmax(a.am, (int64_t)x.row * a.nb + blk);
+      ar[j] = absmax_issue(a.am, (int64_t)x.row * a.nb + blk);
     }
   }
+  // every row's loads are in flight: now wait for the scales (a double-quantized one is looked up here)
+#pragma unroll
+  for (int j = 0; j < R; ++j) am[j] = (P != 0 || mr[j].bits) ? absmax_finish(a.am, ar[j]) : 0.f;
   float s1[P == 1 ? R : 1];
   if constexpr (P == 1) {
 #pragma unroll

@@ -147,24 +147,25 @@ __device__ __forceinline__ void dequantize_task(const uint8_t* __restrict__ row,
                                                 int64_t cols,
                                                 int bs_shift, uint32_t blocksize, bool vec_out, T* __restrict__ out) {
   uint32_t w[kSegChunks];
-  float am[kSegChunks];
+  AbsmaxRaw am[kSegChunks];
 #pragma unroll
   for (int q = 0; q < kSegChunks; ++q) {  // all loads first
     const int64_t j0 = seg * kSegElems + q * 256 + 8 * lane;
     w[q] = 0;
-    am[q] = 0.0f;
+    am[q] = AbsmaxRaw{0.0f, 0u};
     if (j0 < cols) {
       w[q] = load_chunk_codes<B>(row, j0 >> 3, al);
-      am[q] = load_absmax(amsrc, am_row + block_of(j0, bs_shift, blocksize));
+      am[q] = absmax_issue(amsrc, am_row + block_of(j0, bs_shift, blocksize));
     }
   }
 #pragma unroll
   for (int q = 0; q < kSegChunks; ++q) {
     const int64_t j0 = seg * kSegElems + q * 256 + 8 * lane;
     if (j0 >= cols) break;
+    const float scale = absmax_finish(amsrc, am[q]);
     float v[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = lookup<B>(cb, w[q], e * B) * am[q];
+    for (int e = 0; e < 8; ++e) v[e] = lookup<B>(cb, w[q], e * B) * scale;
     T* o = out + r * cols + j0;
     if (vec_out) {
       Out8<T>::store(o, v);
@@ -533,8 +534,11 @@ __global__ void decode_absmax_kernel(const AbsmaxSrc src, int64_t n, float* __re
 }  // namespace
 
 int decode_absmax_cuda(const AbsmaxSrc& absmax, int64_t n, float* out, void* stream) {
-  const int64_t want = (n + 255) / 256, cap = 4 * (int64_t)sm_count();
-  decode_absmax_kernel<<<(int)(want < cap ? (want > 0 ? want : 1) : cap), 256, 0, (cudaStream_t)stream>>>(absmax, n, out);
+  // one scale per thread (a grid-stride loop only past 2^30 of them): each decode is a chain of two dependent
+  // loads, so the many resident warps, not a loop per thread, hide the latency
+  const int64_t want = (n + 255) / 256, cap = (int64_t)1 << 22;
+  const int grid = (int)(want < cap ? (want > 0 ? want : 1) : cap);
+  decode_absmax_kernel<<<grid, 256, 0, (cudaStream_t)stream>>>(absmax, n, out);
   return launch_status("lowra absmax decode kernel");
 }
 

@@ -647,6 +647,7 @@ __global__ void __launch_bounds__(kGenericThreads) matmul_generic(const void* __
 
 struct Tuning {
   int ks = 0, ctas_per_sm = 0, depth = 0;  // 0: automatic
+  bool nested_prepass = false;  // GEMV: decode double-quantized scales in a pass of their own, not in the kernel
 };
 Tuning g_tuning;
 
@@ -784,14 +785,16 @@ bool make_plan(const void* A, int dtype, int64_t m, const uint8_t* packed, const
 
 int64_t take_matmul_skipped_rows() { return take_local_skipped_rows(); }
 
-void matmul_cuda_set_tuning(int ks, int ctas_per_sm, int depth) {
+void matmul_cuda_set_tuning(int ks, int ctas_per_sm, int depth, int nested_prepass) {
   g_tuning.ks = ks;
   g_tuning.ctas_per_sm = ctas_per_sm;
   g_tuning.depth = depth;
+  g_tuning.nested_prepass = nested_prepass > 0;
 }
 
 // Double-quantized scales are decoded into the front of the workspace for the tensor-core and generic paths, which
-// read every scale once per activation-row tile; the GEMV decodes them where it reads them.
+// read every scale once per activation-row tile; the GEMV decodes them where it reads them (unless a knob asks for
+// the decode pass there too, to compare).
 int64_t decoded_absmax_bytes(int64_t rows, int64_t cols, int64_t blocksize) {
   return (rows * (padded_cols(cols, blocksize) / blocksize) * 4 + 255) / 256 * 256;
 }
@@ -799,8 +802,9 @@ int64_t decoded_absmax_bytes(int64_t rows, int64_t cols, int64_t blocksize) {
 int64_t matmul_cuda_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize,
                                    const int64_t* group_rows, bool nested) {
   const int64_t gv = gemv_workspace_size(dtype, m, rows, cols, blocksize);
-  if (gv >= 0) return gv;
-  const int64_t dec = nested ? decoded_absmax_bytes(rows, cols, blocksize) : 0;
+  const bool decode = nested && (gv < 0 || g_tuning.nested_prepass);
+  const int64_t dec = decode ? decoded_absmax_bytes(rows, cols, blocksize) : 0;
+  if (gv >= 0) return dec + gv;
   Plan plan;
   // alignment and pointers do not change the plan's shape: stand-ins that pass the checks
   const void* p16 = (const void*)(uintptr_t)256;
@@ -816,20 +820,23 @@ int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int6
                 int64_t rows, int64_t cols, int64_t blocksize, const int32_t* row_order, const int64_t* group_rows,
                 const void* bias, void* out, void* workspace, int64_t workspace_bytes, void* stream_) {
   cudaStream_t stream = (cudaStream_t)stream_;
-  const int gv = gemv_cuda(A, dtype, m, packed, packed_bytes, amsrc, bits, codebook, row_offsets, rows, cols,
-                           blocksize, row_order, bias, out, workspace, workspace_bytes, stream_);
-  if (gv >= 0) return gv;  // 1-2 activation rows: the CUDA-core GEMV (cuda_gemv.cu)
-  const float* absmax = amsrc.f32;
-  if (!absmax) {  // double-quantized: decode once into the workspace's front, partial sums after it
+  AbsmaxSrc src = amsrc;
+  const bool gemv = gemv_workspace_size(dtype, m, rows, cols, blocksize) >= 0;
+  if (!src.f32 && (!gemv || g_tuning.nested_prepass)) {  // decode once into the workspace's front, the rest after
     const int64_t dec = decoded_absmax_bytes(rows, cols, blocksize);
     if (!workspace || workspace_bytes < dec || !aligned(workspace, 256)) return LOWRA_ERR_ARGUMENT;
     const int st = decode_absmax_cuda(amsrc, rows * (padded_cols(cols, blocksize) / blocksize), (float*)workspace,
                                       stream_);
     if (st != LOWRA_OK) return st;
-    absmax = (const float*)workspace;
+    src = AbsmaxSrc{};
+    src.f32 = (const float*)workspace;
     workspace = (char*)workspace + dec;
     workspace_bytes -= dec;
   }
+  const int gv = gemv_cuda(A, dtype, m, packed, packed_bytes, src, bits, codebook, row_offsets, rows, cols,
+                           blocksize, row_order, bias, out, workspace, workspace_bytes, stream_);
+  if (gv >= 0) return gv;  // 1-2 activation rows: the CUDA-core GEMV (cuda_gemv.cu)
+  const float* absmax = src.f32;
   Plan plan;
   if (make_plan(A, dtype, m, packed, absmax, rows, cols, blocksize, row_order, group_rows, &plan)) {
     if (plan.ks_max > 1 && (!workspace || workspace_bytes < (int64_t)plan.ks_max * m * rows * 4 || !aligned(workspace, 4)))

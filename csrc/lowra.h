@@ -100,8 +100,9 @@ LOWRA_API int lowra_matmul_cuda(const void* A, int dtype, int64_t m, const uint8
 LOWRA_API int64_t lowra_matmul_cuda_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols,
                                                    int64_t blocksize, const int64_t* group_rows, int nested);
 // Benchmark knobs of the fused matmul's fast path (0 = automatic): K splits, resident CTAs per SM, prefetch depth
-// (2 or 3 stages). Process-wide; not for production use.
-LOWRA_API void lowra_matmul_cuda_set_tuning(int ksplit, int ctas_per_sm, int depth);
+// (2 or 3 stages); nested_prepass = 1: the GEMV too takes double-quantized scales decoded in a pass of their own.
+// Process-wide; not for production use.
+LOWRA_API void lowra_matmul_cuda_set_tuning(int ksplit, int ctas_per_sm, int depth, int nested_prepass);
 // Knobs of the GEMV path (1 to 4 activation rows): max_rows = the most rows it takes (0: default 2; -1: none, every
 // m takes the tensor-core path), rows_per_warp 4 or 8 (0: 8 for 1-2 rows, else 4), wk = warps along K (1, 2, 4, 8; 0: automatic).
 // Process-wide; for benchmarks and tests.

@@ -16,7 +16,8 @@ def test_bench_shape_runs_every_contender_and_checks_the_product():
     res = kernels.bench_shape(256, 1024, [1, 4], copy_bw=4e12, replays=2, min_calls=2, bnb=bitsandbytes)
     for m in ("1", "4"):
         row = res["matmul"][m]
-        for name in ("lowra_4bit", "lowra_1.75bit", "lowra_1.75bit_dq", "bnb_nf4", "bnb_nf4_dq", "bf16"):
+        for name in ("lowra_4bit", "lowra_1.75bit", "lowra_1.75bit_dq", "lowra_1.75bit_dq_prepass", "bnb_nf4",
+                     "bnb_nf4_dq", "bf16"):
             assert row[name]["ms"] > 0, name
     assert res["check"]["matmul_rel_err"] < 1e-2 and res["check"]["dq_matmul_rel_err"] < 1e-2
     # double-quantized scales: 1 byte per block (+ nested scales) instead of 4

@@ -217,3 +217,22 @@ def test_cuda_nested_tensors_on_another_device_are_refused():
     with pytest.raises(RuntimeError, match="nested_offset is on cpu"):
         torch.ops.lowra.dequantize(packed, q, bits, code, off, 64, [8, 256], torch.float16, n_absmax, n_code,
                                    offset.cpu(), nbs)
+
+
+@cuda
+@pytest.mark.parametrize("m", [1, 2])
+def test_cuda_nested_gemv_prepass_knob_equals_in_kernel_decode(m):
+    """The benchmark knob that decodes the scales in a pass of their own before the GEMV: the same product."""
+    from bitsandbytes_lowra.backends import native
+
+    rows, cols, bs = 77, 28672, 64  # K splits through the workspace behind the decoded scales
+    packed, q, nested, bits, code, off = case(rows, cols, bs, torch.float32, seed=m, device="cuda")
+    order, groups = matmul_plan(bits)
+    A = torch.randn(m, cols, device="cuda", dtype=torch.bfloat16)
+    y = torch.ops.lowra.matmul(A, packed, q, bits, code, off, bs, [rows, cols], None, order, groups, *nested)
+    native.set_matmul_tuning(nested_prepass=1)
+    try:
+        y2 = torch.ops.lowra.matmul(A, packed, q, bits, code, off, bs, [rows, cols], None, order, groups, *nested)
+    finally:
+        native.set_matmul_tuning()
+    assert torch.equal(y, y2)

@@ -194,7 +194,7 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
 
     # quantize (bf16 weight in, packed codes + absmax out)
     q = {}
-    for name, s in states.items():
+    for name, s in (states.items() if only in (None, "quantize") else ()):
         sb = state_bytes(s)
         ins = [W.clone() for _ in range(copies_for(w_bytes + sb["total"]))]
         outs = [(torch.empty_like(s["packed"]), torch.empty_like(s["absmax"])) for _ in ins]
@@ -208,22 +208,23 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
         nbytes = w_bytes + sb["codes"] + s["absmax"].numel() * 4 + s["thr"].numel() * 2
         q[name] = dict(ms=ms, tb_s=nbytes / (ms * 1e-3) / 1e12, timing=how)
         del ins, outs
-    ins = [W.clone() for _ in range(copies_for(w_bytes + bnb_bytes))]
-    fns = [(lambda i=i: torch.ops.bitsandbytes.quantize_4bit.default(ins[i], BLOCKSIZE, "nf4", torch.uint8))
-           for i in range(len(ins))] * max(1, math.ceil(min_calls / len(ins)))
-    # bitsandbytes launches its quantize kernel on the legacy default stream, which a graph capture forbids
-    ms, how = time_calls(fns, replays, graph=False)
-    q["bnb_nf4"] = dict(ms=ms, tb_s=(w_bytes + bnb_bytes) / (ms * 1e-3) / 1e12, timing=how)
-    del ins
-    q["speedup_4bit_vs_bnb"] = q["bnb_nf4"]["ms"] / q["lowra_4bit"]["ms"]
-    res["quantize"] = q
+    if only in (None, "quantize"):
+        ins = [W.clone() for _ in range(copies_for(w_bytes + bnb_bytes))]
+        fns = [(lambda i=i: torch.ops.bitsandbytes.quantize_4bit.default(ins[i], BLOCKSIZE, "nf4", torch.uint8))
+               for i in range(len(ins))] * max(1, math.ceil(min_calls / len(ins)))
+        # bitsandbytes launches its quantize kernel on the legacy default stream, which a graph capture forbids
+        ms, how = time_calls(fns, replays, graph=False)
+        q["bnb_nf4"] = dict(ms=ms, tb_s=(w_bytes + bnb_bytes) / (ms * 1e-3) / 1e12, timing=how)
+        del ins
+        q["speedup_4bit_vs_bnb"] = q["bnb_nf4"]["ms"] / q["lowra_4bit"]["ms"]
+        res["quantize"] = q
     if only == "quantize":
         return res
 
     # dequantize to bf16
     d = {}
     out_bytes = rows * cols * 2
-    for name, s in states.items():
+    for name, s in (states.items() if only is None else ()):
         sb = state_bytes(s)
         reps = [clone_state(s) for _ in range(copies_for(sb["total"] + out_bytes))]
         outs = [torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda") for _ in reps]
@@ -238,21 +239,26 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
         bw = (sb["total"] + out_bytes) / (ms * 1e-3)
         d[name] = dict(ms=ms, tb_s=bw / 1e12, frac_of_copy=bw / copy_bw, timing=how)
         del reps, outs
-    pk = [(bnb_packed.clone(), bnb_qs.absmax.clone()) for _ in range(copies_for(bnb_bytes + out_bytes))]
-    outs = [torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda") for _ in pk]
-    fns = [(lambda i=i: torch.ops.bitsandbytes.dequantize_4bit.out(pk[i][0], pk[i][1], BLOCKSIZE, "nf4", [rows, cols],
-                                                                  torch.bfloat16, out=outs[i]))
-           for i in range(len(pk))] * max(1, math.ceil(min_calls / len(pk)))
-    ms, how = time_calls(fns, replays)
-    bw = (bnb_bytes + out_bytes) / (ms * 1e-3)
-    d["bnb_nf4"] = dict(ms=ms, tb_s=bw / 1e12, frac_of_copy=bw / copy_bw, timing=how)
-    del pk, outs
-    d["speedup_4bit_vs_bnb"] = d["bnb_nf4"]["ms"] / d["lowra_4bit"]["ms"]
-    res["dequantize"] = d
+    if only is None:
+        pk = [(bnb_packed.clone(), bnb_qs.absmax.clone()) for _ in range(copies_for(bnb_bytes + out_bytes))]
+        outs = [torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda") for _ in pk]
+        deq = torch.ops.bitsandbytes.dequantize_4bit.out
+        fns = [(lambda i=i: deq(pk[i][0], pk[i][1], BLOCKSIZE, "nf4", [rows, cols], torch.bfloat16, out=outs[i]))
+               for i in range(len(pk))] * max(1, math.ceil(min_calls / len(pk)))
+        ms, how = time_calls(fns, replays)
+        bw = (bnb_bytes + out_bytes) / (ms * 1e-3)
+        d["bnb_nf4"] = dict(ms=ms, tb_s=bw / 1e12, frac_of_copy=bw / copy_bw, timing=how)
+        del pk, outs
+        d["speedup_4bit_vs_bnb"] = d["bnb_nf4"]["ms"] / d["lowra_4bit"]["ms"]
+        res["dequantize"] = d
 
     # fused decode matmul
+    from ..backends import native
+
     mm = {}
-    mm_states = {**states, **dq_states}
+    # "_prepass": the same double-quantized state with its scales decoded in a pass of their own before the GEMV
+    # (native.set_matmul_tuning(nested_prepass=1)) instead of inside it, to compare the two
+    mm_states = {**states, **dq_states, "lowra_1.75bit_dq_prepass": dq_states["lowra_1.75bit_dq"]}
     reps = {name: [clone_state(s) for _ in range(copies_for(state_bytes(s)["total"]))]
             for name, s in mm_states.items()}
     bnb_reps = [(bnb_packed.clone(), bnb_qs) for _ in range(copies_for(bnb_bytes))]
@@ -268,7 +274,11 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
                                                       *r["nested"])
 
             fns = [make(r) for r in rs] * max(1, math.ceil(min_calls / len(rs)))
-            ms, how = time_calls(fns, replays)
+            native.set_matmul_tuning(nested_prepass=int(name.endswith("_prepass")))
+            try:
+                ms, how = time_calls(fns, replays)
+            finally:
+                native.set_matmul_tuning()
             sb = state_bytes(mm_states[name])
             row[name] = dict(ms=ms, timing=how,
                              frac_of_bound_codes=sb["codes"] / copy_bw / (ms * 1e-3),
@@ -397,6 +407,8 @@ def table(res: dict) -> str:
              f"{env['date']}   copy {res['copy_bandwidth_tb_s']:.2f} TB/s"]
     lines.append(f"{'shape':>12} | {'quantize TB/s (lowra4 / bnb)':>28} | {'dequant %copy (lowra4 / 1.75 / bnb)':>36}")
     for s in res["shapes"]:
+        if "quantize" not in s:
+            continue
         q = s["quantize"]
         line = (f"{s['shape'][0]:>5}x{s['shape'][1]:<6} | {q['lowra_4bit']['tb_s']:>9.2f} / {q['bnb_nf4']['tb_s']:<5.2f}"
                 f" ({q['speedup_4bit_vs_bnb']:>4.1f}x)    | ")
@@ -409,14 +421,15 @@ def table(res: dict) -> str:
         lines.append(line)
     lines.append(f"{'shape':>12} {'m':>3} | {'lowra1.75 us':>12} {'%bound codes':>12} {'lowra4 us':>10} "
                  f"{'bnb us':>8} {'bf16 us':>8} | {'x bnb':>6} {'x bf16':>6} | double quant: "
-                 f"{'lowra1.75 us':>12} {'bnb us':>8} {'x bnb':>6}")
+                 f"{'lowra1.75 us':>12} {'prepass us':>10} {'bnb us':>8} {'x bnb':>6}")
     for s in res["shapes"]:
         for m, r in s.get("matmul", {}).items():
             lines.append(f"{s['shape'][0]:>5}x{s['shape'][1]:<6} {m:>3} | {r['lowra_1.75bit']['ms'] * 1e3:>12.1f} "
                          f"{r['lowra_1.75bit']['frac_of_bound_codes']:>12.0%} {r['lowra_4bit']['ms'] * 1e3:>10.1f} "
                          f"{r['bnb_nf4']['ms'] * 1e3:>8.1f} {r['bf16']['ms'] * 1e3:>8.1f} | "
                          f"{r['speedup_1.75bit_vs_bnb']:>6.2f} {r['speedup_1.75bit_vs_bf16']:>6.2f} | "
-                         f"{'':>14}{r['lowra_1.75bit_dq']['ms'] * 1e3:>12.1f} {r['bnb_nf4_dq']['ms'] * 1e3:>8.1f} "
+                         f"{'':>14}{r['lowra_1.75bit_dq']['ms'] * 1e3:>12.1f} "
+                         f"{r['lowra_1.75bit_dq_prepass']['ms'] * 1e3:>10.1f} {r['bnb_nf4_dq']['ms'] * 1e3:>8.1f} "
                          f"{r['speedup_1.75bit_dq_vs_bnb_dq']:>6.2f}")
     for sw in res.get("matmul_sweep", []):
         cfg = " ".join(f"{k}={v}" for k, v in sw["tuning"].items()) or "automatic"

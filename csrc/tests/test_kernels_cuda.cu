@@ -194,7 +194,7 @@ static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64
   int32_t* dorder = to_device(order);
   std::vector<uint8_t> poison(m * rows * esz, 0xff);  // NaN in every float type: every output must be written
   uint8_t* dout = to_device(poison);
-  lowra_matmul_cuda_set_tuning(ks, 0, depth);
+  lowra_matmul_cuda_set_tuning(ks, 0, depth, 0);
   lowra_matmul_cuda_set_gemv_tuning(gemv, gemv_r, gemv_wk);
   const int64_t ws_bytes = lowra_matmul_cuda_workspace_size(dtype, m, rows, cols, bs, groups, 0);
   float* dws = nullptr;
@@ -226,7 +226,7 @@ static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64
     CHECK(lowra_cuda_take_skipped_rows() >= 1, "corrupt row order not counted");
     CUDA_OK(cudaFree(dbad));
   }
-  lowra_matmul_cuda_set_tuning(0, 0, 0);  // after the last call sized by this tuning's workspace
+  lowra_matmul_cuda_set_tuning(0, 0, 0, 0);  // after the last call sized by this tuning's workspace
   lowra_matmul_cuda_set_gemv_tuning(0, 0, 0);
   for (void* p : {(void*)dA, (void*)dbias, (void*)dpacked, (void*)dabsmax, (void*)dbits, (void*)dcode, (void*)doff,
                   (void*)dorder, (void*)dout, (void*)dws})
