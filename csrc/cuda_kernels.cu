@@ -528,15 +528,22 @@ int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t 
 
 namespace {
 __global__ void decode_absmax_kernel(const AbsmaxSrc src, int64_t n, float* __restrict__ out) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    out[i] = load_absmax(src, i);
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x * 4;
+  for (int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * 4; i < n; i += stride) {
+    AbsmaxRaw r[4];  // four independent load chains in flight per thread
+#pragma unroll
+    for (int k = 0; k < 4; ++k) r[k] = i + k < n ? absmax_issue(src, i + k) : AbsmaxRaw{0.0f, 0u};
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (i + k < n) out[i + k] = absmax_finish(src, r[k]);
+  }
 }
 }  // namespace
 
 int decode_absmax_cuda(const AbsmaxSrc& absmax, int64_t n, float* out, void* stream) {
-  // one scale per thread (a grid-stride loop only past 2^30 of them): each decode is a chain of two dependent
-  // loads, so the many resident warps, not a loop per thread, hide the latency
-  const int64_t want = (n + 255) / 256, cap = (int64_t)1 << 22;
+  // 4 scales per thread (a grid-stride loop only past 2^32 of them): each decode is a chain of two dependent loads,
+  // so many chains in flight, not a loop per thread, hide the latency
+  const int64_t want = (n + 1023) / 1024, cap = (int64_t)1 << 22;
   const int grid = (int)(want < cap ? (want > 0 ? want : 1) : cap);
   decode_absmax_kernel<<<grid, 256, 0, (cudaStream_t)stream>>>(absmax, n, out);
   return launch_status("lowra absmax decode kernel");
