@@ -56,15 +56,22 @@ struct AbsmaxRaw {
   uint32_t q;  // the 8-bit code (double-quantized only)
 };
 
-__device__ __forceinline__ AbsmaxRaw absmax_issue(const AbsmaxSrc& s, int64_t i) {
-  if (s.f32) return AbsmaxRaw{__ldg(s.f32 + i), 0u};
+// The double-quantized form alone (kernels specialized on it skip the branch on s.f32).
+__device__ __forceinline__ AbsmaxRaw nested_issue(const AbsmaxSrc& s, int64_t i) {
   return AbsmaxRaw{__ldg(s.nested.nested + (i >> s.nested_shift)), (uint32_t)__ldg(s.nested.q + i)};
 }
 
-__device__ __forceinline__ float absmax_finish(const AbsmaxSrc& s, AbsmaxRaw r) {
-  if (s.f32) return r.v;
+__device__ __forceinline__ float nested_finish(const AbsmaxSrc& s, AbsmaxRaw r) {
   const float v = __fmul_rn(__ldg(s.nested.code + r.q), r.v);
   return fmaxf(__fadd_rn(v, __ldg(s.nested.offset)), 0.0f);
+}
+
+__device__ __forceinline__ AbsmaxRaw absmax_issue(const AbsmaxSrc& s, int64_t i) {
+  return s.f32 ? AbsmaxRaw{__ldg(s.f32 + i), 0u} : nested_issue(s, i);
+}
+
+__device__ __forceinline__ float absmax_finish(const AbsmaxSrc& s, AbsmaxRaw r) {
+  return s.f32 ? r.v : nested_finish(s, r);
 }
 
 __device__ __forceinline__ float load_absmax(const AbsmaxSrc& s, int64_t i) { return absmax_finish(s, absmax_issue(s, i)); }

@@ -314,12 +314,12 @@ __device__ __forceinline__ void row4(uint32_t w, uint32_t tab, float am, const f
 
 // One 1024-column step of a warp's R rows (32 columns per lane, starting at column `col`). P = the rows' common
 // precision, or 0 for a mix (then a warp-uniform branch per row). All loads of the step are issued first.
-template <typename T, int M, int R, int P>
+template <typename T, int M, int R, int P, bool NESTED>
 __device__ __forceinline__ void gv_step(const GvArgs& a, const GvRow* mr, uint32_t tb, const uint4* xq, int64_t col,
                                         int64_t blk, float (&acc)[R][M]) {
   constexpr int W = P == 0 ? 4 : P;  // code words per row
   uint32_t q[R][W];
-  AbsmaxRaw ar[R];
+  AbsmaxRaw ar[NESTED ? R : 1];
   float am[R];
 #pragma unroll
   for (int j = 0; j < R; ++j) {
@@ -327,7 +327,8 @@ __device__ __forceinline__ void gv_step(const GvArgs& a, const GvRow* mr, uint32
     const int b = P == 0 ? x.bits : P;
 #pragma unroll
     for (int i = 0; i < W; ++i) q[j][i] = 0u;
-    ar[j] = AbsmaxRaw{0.f, 0u};
+    am[j] = 0.f;
+    if constexpr (NESTED) ar[j] = AbsmaxRaw{0.f, 0u};
     if (P != 0 || b) {
       const uint8_t* p = a.packed + x.off + ((col * b) >> 3);
       if (b == 1) {
@@ -341,12 +342,16 @@ __device__ __forceinline__ void gv_step(const GvArgs& a, const GvRow* mr, uint32
         q[j][0] = v.x;
         if (W > 3) q[j][W > 3 ? 1 : 0] = v.y, q[j][W > 3 ? 2 : 0] = v.z, q[j][W > 3 ? 3 : 0] = v.w;
       }
-      ar[j] = absmax_issue(a.am, (int64_t)x.row * a.nb + blk);
+      const int64_t ai = (int64_t)x.row * a.nb + blk;
+      if constexpr (NESTED) ar[j] = nested_issue(a.am, ai);
+      else am[j] = __ldg(a.am.f32 + ai);
     }
   }
-  // every row's loads are in flight: now wait for the scales (a double-quantized one is looked up here)
+  if constexpr (NESTED) {  // every row's loads are in flight: now wait for the codes and look the scales up
 #pragma unroll
-  for (int j = 0; j < R; ++j) am[j] = (P != 0 || mr[j].bits) ? absmax_finish(a.am, ar[j]) : 0.f;
+    for (int j = 0; j < R; ++j)
+      if (P != 0 || mr[j].bits) am[j] = nested_finish(a.am, ar[j]);
+  }
   float s1[P == 1 ? R : 1];
   if constexpr (P == 1) {
 #pragma unroll
@@ -387,7 +392,9 @@ __device__ __forceinline__ void gv_step(const GvArgs& a, const GvRow* mr, uint32
   }
 }
 
-template <typename T, int M, int R>
+// NESTED: the scales are double-quantized (decoded where read); a separate instantiation keeps the float32 path as
+// lean as it was (a runtime branch per scale cost it registers and ~10% on 28672x8192).
+template <typename T, int M, int R, bool NESTED>
 __global__ void __launch_bounds__(kGvThreads, R == 4 && M <= 2 ? 3 : 2) gemv_kernel(const __grid_constant__ GvArgs a) {
   constexpr int kGvR = R;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -448,10 +455,10 @@ __global__ void __launch_bounds__(kGvThreads, R == 4 && M <= 2 ? 3 : 2) gemv_ker
       const int64_t col = k0 + c;
       const int64_t blk = col >> a.bs_shift;
       const uint4* xq = xs + st * M * 4 * 32 + lane;
-      if (uni == 1) gv_step<T, M, R, 1>(a, mr, tb_addr, xq, col, blk, acc);
-      else if (uni == 2) gv_step<T, M, R, 2>(a, mr, tb_addr, xq, col, blk, acc);
-      else if (uni == 4) gv_step<T, M, R, 4>(a, mr, tb_addr, xq, col, blk, acc);
-      else gv_step<T, M, R, 0>(a, mr, tb_addr, xq, col, blk, acc);
+      if (uni == 1) gv_step<T, M, R, 1, NESTED>(a, mr, tb_addr, xq, col, blk, acc);
+      else if (uni == 2) gv_step<T, M, R, 2, NESTED>(a, mr, tb_addr, xq, col, blk, acc);
+      else if (uni == 4) gv_step<T, M, R, 4, NESTED>(a, mr, tb_addr, xq, col, blk, acc);
+      else gv_step<T, M, R, 0, NESTED>(a, mr, tb_addr, xq, col, blk, acc);
     }
     // task + 2 * grid into the slot read by the previous task; then the metadata of task + 3 * grid
     store_pre(pre, nr, meta + wbuf * kGvMaxRows, tab + wbuf * kGvMaxRows * kGvTab);
@@ -514,12 +521,16 @@ int g_gemv_r = 0, g_gemv_wk = 0;  // benchmark knobs: rows per warp (4 or 8), wa
 using GvFn = void (*)(const GvArgs);
 
 template <typename T, int R>
-GvFn pick(int m) {
-  return m == 1 ? gemv_kernel<T, 1, R> : m == 2 ? gemv_kernel<T, 2, R> : m == 3 ? gemv_kernel<T, 3, R> : gemv_kernel<T, 4, R>;
+GvFn pick(int m, bool nested) {
+  if (nested)
+    return m == 1 ? gemv_kernel<T, 1, R, true> : m == 2 ? gemv_kernel<T, 2, R, true>
+           : m == 3 ? gemv_kernel<T, 3, R, true> : gemv_kernel<T, 4, R, true>;
+  return m == 1 ? gemv_kernel<T, 1, R, false> : m == 2 ? gemv_kernel<T, 2, R, false>
+         : m == 3 ? gemv_kernel<T, 3, R, false> : gemv_kernel<T, 4, R, false>;
 }
 template <typename T>
-GvFn pick(int m, int r) {
-  return r == 4 ? pick<T, 4>(m) : pick<T, 8>(m);
+GvFn pick(int m, int r, bool nested) {
+  return r == 4 ? pick<T, 4>(m, nested) : pick<T, 8>(m, nested);
 }
 
 // Resident CTAs per SM at a shared-memory size (cached per kernel, size and device).
@@ -619,7 +630,9 @@ int gemv_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_
   GvArgs& a = plan.a;
   if (a.ks > 1 && (!workspace || workspace_bytes < (int64_t)a.ks * m * rows * 4 || !aligned(workspace, 4)))
     return LOWRA_ERR_ARGUMENT;
-  const GvFn fn = dtype == LOWRA_F16 ? pick<__half>((int)m, plan.r) : pick<__nv_bfloat16>((int)m, plan.r);
+  const bool nested = absmax.f32 == nullptr;
+  const GvFn fn = dtype == LOWRA_F16 ? pick<__half>((int)m, plan.r, nested)
+                                     : pick<__nv_bfloat16>((int)m, plan.r, nested);
   const int occ = gemv_occupancy(fn, plan.smem);
   if (occ < 1) return -1;
   a.A = A;
