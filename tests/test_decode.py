@@ -205,3 +205,27 @@ def test_e2e_decode_bench_records_failures(lowra):
     assert "graph_tok_s" not in row
     table = decode_table([{"model": "lowra", **row}])
     assert table.splitlines()[1].startswith("lowra | ") and "| error |" in table
+
+
+def test_compile_survives_a_graph_break_inside_forward(monkeypatch):
+    """A graph break inside LinearLowRA.forward (here a forced one) used to send Dynamo into endless recursion through
+    ParamsLowRA.__torch_function__; the compiled layer must run and match eager."""
+    from bitsandbytes_lowra import functional
+    from bitsandbytes_lowra.nn import LinearLowRA, modules
+
+    torch.manual_seed(0)
+    layer = LinearLowRA.from_linear(torch.nn.Linear(64, 32, bias=False), 2, device="cpu").eval()
+
+    def with_break(*args, **kwargs):
+        torch._dynamo.graph_break()
+        return functional.matmul_lowra(*args, **kwargs)
+
+    monkeypatch.setattr(modules, "matmul_lowra", with_break)
+    x = torch.randn(1, 1, 64)
+    try:
+        with torch.no_grad():
+            want = layer(x)
+            got = torch.compile(layer)(x)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, want)

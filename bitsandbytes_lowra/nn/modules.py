@@ -318,6 +318,17 @@ class ParamsLowRA(nn.Parameter):
         return result
 
 
+# torch.compile: when a graph break inside LinearLowRA.forward leaves this override to run between two compiled
+# regions, Dynamo compiled it as a frame of its own, and that frame re-entered itself without end (RecursionError).
+# Skipping it as a frame leaves it traceable inside graphs (the decode step still compiles into one).
+try:
+    import torch._dynamo
+
+    torch._dynamo.eval_frame.skip_code(ParamsLowRA.__torch_function__.__func__.__code__)
+except (ImportError, AttributeError):  # a torch without Dynamo, or a future one that moved this: compile untouched
+    pass
+
+
 def _rebuild_params_lowra(data, requires_grad, meta):
     return ParamsLowRA(data, requires_grad=requires_grad, **meta)
 
