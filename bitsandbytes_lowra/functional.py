@@ -557,6 +557,15 @@ def _unpack_blob(blob) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def double_quantize_absmax(absmax: torch.Tensor, nested_blocksize: int = NESTED_BLOCKSIZE):
+    """bitsandbytes' nested quantization of block scales, as quantize_4bit(compress_statistics=True) does it: the
+    mean (`offset`) is taken off and the rest coded blockwise to 8 bits. Returns (uint8 codes shaped like absmax,
+    the nested QuantState, offset); backends.reference.decode_absmax inverts it."""
+    offset = absmax.mean()
+    q, state2 = bnbF.quantize_blockwise((absmax - offset).flatten(), blocksize=nested_blocksize)
+    return q.reshape(absmax.shape), state2, offset
+
+
 def quantize_lowra(
     W: torch.Tensor,
     bits,
@@ -584,9 +593,7 @@ def quantize_lowra(
     packed, absmax = torch.ops.lowra.quantize(W.contiguous(), b, thr, offsets, blocksize)
     offset = state2 = None
     if compress_statistics:
-        offset = absmax.mean()
-        qabsmax, state2 = bnbF.quantize_blockwise((absmax - offset).flatten(), blocksize=NESTED_BLOCKSIZE)
-        absmax = qabsmax.reshape(absmax.shape)
+        absmax, state2, offset = double_quantize_absmax(absmax)
     state = QuantStateLowRA(
         absmax=absmax,
         shape=(rows, cols),

@@ -10,7 +10,7 @@ import bitsandbytes_lowra  # noqa: F401  (registers the ops)
 from bitsandbytes_lowra._ops import matmul_plan
 from bitsandbytes_lowra.backends import reference
 from bitsandbytes_lowra.backends.reference import decode_absmax
-from bitsandbytes_lowra.functional import quantize_lowra
+from bitsandbytes_lowra.functional import double_quantize_absmax, quantize_lowra
 
 from .test_ops import DTYPES, make_case
 
@@ -20,9 +20,8 @@ MIXES = [(1,), (2,), (4,), (1, 2, 4)]
 
 def nest(absmax, nested_blocksize=256):
     """(q, nested_absmax, nested_code, offset, nested_blocksize) as functional.quantize_lowra stores them."""
-    offset = absmax.mean()
-    q, s2 = bnbF.quantize_blockwise((absmax - offset).flatten(), blocksize=nested_blocksize)
-    return q.view(absmax.shape), s2.absmax, s2.code, offset, nested_blocksize
+    q, s2, offset = double_quantize_absmax(absmax, nested_blocksize)
+    return q, s2.absmax, s2.code, offset, nested_blocksize
 
 
 def case(rows, cols, bs, dtype, seed, mix=(1, 2, 4), nested_blocksize=256, device="cpu"):

@@ -131,12 +131,10 @@ def mixed_bits(rows: int, gen: torch.Generator) -> torch.Tensor:
 def lowra_state(W: torch.Tensor, bits: torch.Tensor, double_quant: bool = False) -> dict:
     """A LowRA state of W; double_quant: the block scales stored as bitsandbytes' 8-bit nested code (the default of
     quantize_lowra(compress_statistics=True) and LowRAConfig), passed to the op as stored ("nested")."""
-    import bitsandbytes.functional as bnbF
-
     from .. import _ops
     from ..codebooks import nf_tables
     from ..format import row_offsets
-    from ..functional import NESTED_BLOCKSIZE
+    from ..functional import double_quantize_absmax
 
     rows, cols = W.shape
     code, thr = nf_tables(bits)
@@ -145,9 +143,8 @@ def lowra_state(W: torch.Tensor, bits: torch.Tensor, double_quant: bool = False)
     packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, BLOCKSIZE)
     nested = ()
     if double_quant:
-        offset = absmax.mean()
-        q, s2 = bnbF.quantize_blockwise((absmax - offset).flatten(), blocksize=NESTED_BLOCKSIZE)
-        absmax, nested = q.view(absmax.shape), (s2.absmax, s2.code, offset, NESTED_BLOCKSIZE)
+        absmax, s2, offset = double_quantize_absmax(absmax)
+        nested = (s2.absmax, s2.code, offset, s2.blocksize)
     order, groups = _ops.matmul_plan(bits)
     return dict(packed=packed, absmax=absmax, nested=nested, bits=bits, code=code, thr=thr, off=off, order=order,
                 groups=groups, shape=[rows, cols], avg_bits=float(bits.float().mean()))
