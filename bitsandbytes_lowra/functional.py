@@ -294,6 +294,33 @@ class QuantStateLowRA(QuantState):
     def drop_absmax_cache(self) -> None:
         self.__dict__.pop("_absmax_cache", None)
 
+    def prepared_matmul(self, packed: torch.Tensor, cache_absmax: bool = False):
+        """backends.native.PreparedMatmul of this state and `packed` (CUDA): the eager decode path's launcher, its
+        arguments converted once. Cached, keyed on the address of every tensor it points into and on the version
+        of `bits` (which the row plan derives from), so a move, a reload or a replaced tensor rebuilds it."""
+        row_order, group_rows = self.matmul_plan()
+        absmax, *nested = self.scale_args(cache_absmax)
+        s2 = self.state2 if nested[0] is not None else None
+        key = (packed.data_ptr(), packed.numel(), packed.get_device(), absmax.data_ptr(), self.bits.data_ptr(),
+               self.bits._version, self.code.data_ptr(), self.row_offsets.data_ptr(), row_order.data_ptr(),
+               None if s2 is None else (s2.absmax.data_ptr(), s2.code.data_ptr(), self.offset.data_ptr()))
+        hit = self.__dict__.get("_prepared_matmul")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        from .backends.native import PreparedMatmul
+
+        prepared = PreparedMatmul(packed, absmax, self.bits, self.code, self.row_offsets, self.blocksize,
+                                  list(self.shape), row_order, group_rows, tuple(nested))
+        self.__dict__["_prepared_matmul"] = (key, prepared)
+        return prepared
+
+    def __getstate__(self) -> dict:
+        # The prepared launcher holds ctypes pointers (not copyable, meaningless elsewhere): a copy or an unpickled
+        # state builds its own on first use.
+        state = dict(self.__dict__)
+        state.pop("_prepared_matmul", None)
+        return state
+
     def scale_args(self, cache: bool = False) -> tuple:
         """(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize) as the lowra ops take them: the
         stored scales, double-quantized ones decoded inside the kernels where they are read; with cache=True (and
@@ -486,6 +513,7 @@ class QuantStateLowRA(QuantState):
         self.bits = self.bits.to(device)
         self.thresholds = self.thresholds.to(device)
         self.row_offsets = self.row_offsets.to(device)
+        self.__dict__.pop("_prepared_matmul", None)  # it holds the tensors just moved away from
         if self.nested:
             self.offset = self.offset.to(device)
             self.state2.absmax = self.state2.absmax.to(device)
@@ -657,6 +685,41 @@ def _fused_decode_shape(A: torch.Tensor) -> bool:
     )
 
 
+_profiler_enabled = getattr(torch.autograd, "_profiler_enabled", lambda: True)
+_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
+def _eager_direct(A: torch.Tensor, bias) -> bool:
+    """Whether the fused CUDA matmul may be launched directly (QuantStateLowRA.prepared_matmul) instead of through
+    torch.ops.lowra.matmul. The direct call saves the dispatcher and per-call argument conversion (a decode step
+    pays them once per layer), so it is taken only where nothing can observe the difference: eager plain tensors,
+    no torch.compile tracing, no torch function or dispatch mode (FakeTensor, FlopCounter, meta device contexts),
+    no functorch transform and no profiler (which then records the op by name)."""
+    return (
+        type(A) is torch.Tensor
+        and (bias is None or type(bias) is torch.Tensor)
+        and not torch.compiler.is_compiling()
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not _profiler_enabled()
+        and (_functorch_wrapped is None or not _functorch_wrapped(A))
+        and _native_cuda()
+    )
+
+
+def _native_cuda() -> bool:
+    """The native CUDA kernels serve lowra::matmul (registered at import; cached after the first answer)."""
+    global _NATIVE_CUDA
+    if _NATIVE_CUDA is None:
+        from . import NATIVE_DEVICES
+
+        _NATIVE_CUDA = "cuda" in NATIVE_DEVICES
+    return _NATIVE_CUDA
+
+
+_NATIVE_CUDA = None
+
+
 def _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias, nested):
     # The single place the forward kernel is chosen: a fused dequantize-matmul op replaces these two lines.
     W = torch.ops.lowra.dequantize.default(packed, absmax, bits, code, offsets, blocksize, shape, A.dtype, *nested)
@@ -709,6 +772,8 @@ def matmul_lowra(
         return MatMulLowRA.apply(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias,
                                  *nested)
     if _fused_decode_shape(A):
+        if _eager_direct(A, bias):
+            return qs.prepared_matmul(packed, cache_absmax)(A, bias)
         row_order, group_rows = qs.matmul_plan()
         return torch.ops.lowra.matmul.default(
             A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias, row_order, group_rows,

@@ -1,0 +1,190 @@
+"""The eager decode path: matmul_lowra launches the fused CUDA matmul directly (QuantStateLowRA.prepared_matmul,
+backends.native.PreparedMatmul) instead of through torch.ops.lowra.matmul, where nothing can tell the difference.
+It must give exactly what the op gives, rebuild its launcher whenever the state changes, and step aside for every
+mode that watches ops (torch.compile tracing, function/dispatch modes, functorch, the profiler).
+CPU tests run in CI; `cuda` ones on the GPU check."""
+
+import copy
+import ctypes
+import pickle
+
+import pytest
+import torch
+
+import bitsandbytes_lowra  # noqa: F401  (registers the ops)
+from bitsandbytes_lowra import functional as F
+from bitsandbytes_lowra.functional import matmul_lowra, quantize_lowra
+
+from .conftest import mixed_bits
+
+cuda = pytest.mark.cuda
+
+
+def state(rows=64, cols=256, seed=0, device="cpu", nested=True, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(rows, cols, generator=g) * 0.02).to(dtype)
+    return quantize_lowra(W.to(device), mixed_bits(rows, seed).to(device), compress_statistics=nested)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU (CI)
+
+@pytest.fixture
+def native_cuda(monkeypatch):
+    """_eager_direct as on a machine whose native library has CUDA kernels (this one may not)."""
+    monkeypatch.setattr(F, "_NATIVE_CUDA", True)
+
+
+def test_eager_direct_only_where_nothing_watches_ops(native_cuda):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    x, b = torch.randn(1, 8), torch.randn(4)
+    assert F._eager_direct(x, None) and F._eager_direct(x, b)
+    with Passthrough():
+        assert not F._eager_direct(x, None)
+    with torch.device("meta"):  # a TorchFunctionMode
+        assert not F._eager_direct(x, None)
+    with torch.profiler.profile():
+        assert not F._eager_direct(x, None)
+    with FakeTensorMode():
+        assert not F._eager_direct(torch.empty(1, 8), None)
+    seen = torch.func.vmap(lambda a: torch.tensor(F._eager_direct(a, None)))(torch.randn(2, 8))
+    assert not seen.any()
+    traced = torch.compile(lambda a: a + int(F._eager_direct(a, None)), backend="eager", fullgraph=True)(x)
+    assert torch.equal(traced, x)  # 0 added: tracing takes the op path
+    param = torch.nn.Parameter(x)
+    assert not F._eager_direct(param, None)  # subclasses (Parameter, DTensor, FakeTensor) keep the op
+    assert not F._eager_direct(x, torch.nn.Parameter(b))
+
+
+def test_eager_direct_needs_native_cuda_kernels(monkeypatch):
+    monkeypatch.setattr(F, "_NATIVE_CUDA", False)
+    assert not F._eager_direct(torch.randn(1, 8), None)
+
+
+def test_state_copies_and_pickles_drop_the_prepared_launcher():
+    packed, qs = state()
+    # what prepared_matmul stores: a key and an object holding ctypes pointers, which cannot be copied or pickled
+    qs.__dict__["_prepared_matmul"] = ((1,), ctypes.pointer(ctypes.c_int(3)))
+    for other in (copy.deepcopy(qs), pickle.loads(pickle.dumps(qs))):
+        assert "_prepared_matmul" not in other.__dict__
+        assert other == qs
+    assert "_prepared_matmul" in qs.__dict__  # the original keeps its own
+    qs.to("cpu")
+    assert "_prepared_matmul" not in qs.__dict__  # a move drops it (it holds the moved-away tensors)
+
+
+def test_prepared_matmul_refuses_a_cpu_weight():
+    from bitsandbytes_lowra.backends.native import PreparedMatmul
+
+    packed, qs = state()
+    order, groups = qs.matmul_plan()
+    with pytest.raises(ValueError, match="CUDA kernel"):
+        PreparedMatmul(packed, qs.absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, list(qs.shape), order,
+                       groups, (qs.state2.absmax, qs.state2.code, qs.offset, qs.state2.blocksize))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA (GPU check)
+
+def via_op(A, packed, qs, bias=None):
+    """The op path, as matmul_lowra takes it when the direct one is not allowed."""
+    absmax, *nested = qs.scale_args()
+    order, groups = qs.matmul_plan()
+    return torch.ops.lowra.matmul.default(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize,
+                                          list(qs.shape), bias, order, groups, *nested)
+
+
+@cuda
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 2, 3, 16])
+@pytest.mark.parametrize("rows,cols", [(64, 256), (300, 4096), (33, 1000)])
+def test_cuda_direct_equals_op(rows, cols, m, dtype, nested):
+    packed, qs = state(rows, cols, seed=rows + m, device="cuda", nested=nested)
+    assert F._eager_direct(torch.empty(1, device="cuda"), None)
+    g = torch.Generator(device="cuda").manual_seed(m)
+    A = torch.randn(1, m, cols, device="cuda", dtype=dtype, generator=g)
+    bias = torch.randn(rows, device="cuda", dtype=dtype, generator=g)
+    for b in (None, bias):
+        with torch.inference_mode():
+            y = matmul_lowra(A, packed, qs, b)
+        assert "_prepared_matmul" in qs.__dict__  # the direct path ran
+        assert y.shape == (1, m, rows) and y.dtype == dtype
+        assert torch.equal(y, via_op(A, packed, qs, b))
+    # non-contiguous activations and a bias of another dtype (converted by matmul_lowra) on the same launcher
+    At = torch.randn(cols, m, device="cuda", dtype=dtype, generator=g).t()
+    with torch.inference_mode():
+        y = matmul_lowra(At, packed, qs, bias.float())
+    assert torch.equal(y, via_op(At.contiguous(), packed, qs, bias))
+
+
+@cuda
+def test_cuda_direct_rebuilds_when_the_state_changes():
+    packed, qs = state(128, 512, device="cuda")
+    A = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    y0 = matmul_lowra(A, packed, qs)
+    first = qs.__dict__["_prepared_matmul"][1]
+    assert torch.equal(matmul_lowra(A, packed, qs), y0) and qs.__dict__["_prepared_matmul"][1] is first  # reused
+    # new codes in a new buffer (a reload): served from the new buffer
+    packed2, qs2 = state(128, 512, seed=5, device="cuda")
+    qs.absmax, qs.state2, qs.offset, qs.code = qs2.absmax, qs2.state2, qs2.offset, qs2.code
+    qs.bits, qs.row_offsets, qs.thresholds = qs2.bits, qs2.row_offsets, qs2.thresholds
+    qs.packed_nbytes = qs2.packed_nbytes
+    y2 = matmul_lowra(A, packed2, qs)
+    assert qs.__dict__["_prepared_matmul"][1] is not first
+    assert torch.equal(y2, via_op(A, packed2, qs2))
+    # bits edited in place (same buffer): the row plan and the launcher follow
+    packed3, qs3 = state(128, 512, seed=6, device="cuda")
+    before = qs.__dict__["_prepared_matmul"][1]
+    qs.bits.copy_(qs3.bits), qs.row_offsets.copy_(qs3.row_offsets), qs.code.copy_(qs3.code)
+    qs.absmax.copy_(qs3.absmax), qs.state2.absmax.copy_(qs3.state2.absmax), qs.offset.copy_(qs3.offset)
+    qs.packed_nbytes = qs3.packed_nbytes
+    y3 = matmul_lowra(A, packed3, qs)
+    assert qs.__dict__["_prepared_matmul"][1] is not before
+    assert torch.equal(y3, via_op(A, packed3, qs3))
+    # a round trip through the CPU drops the launcher and rebuilds it on return
+    qs3.to("cpu")
+    qs3.to("cuda")
+    assert torch.equal(matmul_lowra(A, packed3, qs3), y3)
+
+
+@cuda
+def test_cuda_direct_step_aside_under_profiler_and_graph_capture():
+    packed, qs = state(256, 1024, device="cuda")
+    A = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+    ref = via_op(A, packed, qs)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = matmul_lowra(A, packed, qs)
+    assert torch.equal(y, ref)
+    assert any("lowra::matmul" in e.name for e in prof.events())  # the profiler sees the op by name
+    # the direct launch is capturable (no host sync): replay equals the eager result
+    out = matmul_lowra(A, packed, qs)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = matmul_lowra(A, packed, qs)
+    A.copy_(torch.randn_like(A))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, via_op(A, packed, qs))
+
+
+@cuda
+def test_cuda_prepared_matmul_checks_its_inputs():
+    packed, qs = state(64, 256, device="cuda")
+    launch = qs.prepared_matmul(packed)
+    A = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    for bad, what in ((A.float(), "float16/bfloat16"), (A[:, :128], "256"), (A.cpu(), "on cuda"),
+                      (A.expand(17, 256), "at most 16 rows")):
+        with pytest.raises(ValueError, match=what):
+            launch(bad)
+    with pytest.raises(ValueError, match="bias"):
+        launch(A, torch.zeros(63, device="cuda", dtype=torch.bfloat16))
+    assert torch.equal(launch(A), via_op(A, packed, qs))
+    assert launch(A[:0]).shape == (0, 64)  # no rows: nothing launched
