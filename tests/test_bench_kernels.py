@@ -19,6 +19,8 @@ def test_bench_shape_runs_every_contender_and_checks_the_product():
         for name in ("lowra_4bit", "lowra_1.75bit", "lowra_1.75bit_dq", "lowra_1.75bit_dq_prepass", "bnb_nf4",
                      "bnb_nf4_dq", "bf16"):
             assert row[name]["ms"] > 0, name
+    d = res["dequantize"]
+    assert d["copy_same_bytes"]["ms"] > 0 and d["lowra_4bit"]["frac_of_same_size_copy"] > 0
     assert res["check"]["matmul_rel_err"] < 1e-2 and res["check"]["dq_matmul_rel_err"] < 1e-2
     # double-quantized scales: 1 byte per block (+ nested scales) instead of 4
     b = res["check"]["bytes"]

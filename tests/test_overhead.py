@@ -178,3 +178,13 @@ def test_native_fast_checks_still_raise_the_specific_message():
         native.matmul(A, *args, row_order=torch.zeros(16, dtype=torch.int32))
     y = native.matmul(A, *args, bias=torch.ones(16))
     assert torch.equal(y, torch.nn.functional.linear(A, out, torch.ones(16)))
+
+
+def test_overhead_bench_runs_every_row_on_cpu():
+    from bitsandbytes_lowra.bench import overhead
+
+    res = overhead.run("cpu", size=64, calls=3, repeats=1, dtypes=("bfloat16",), bnb=False)
+    names = [r["layer"] for r in res]
+    assert names.count("LinearLowRA") == 2 and "lowra kernel only" in names and "nn.Linear (dense)" in names
+    assert all(r["us_per_call"] > 0 for r in res)
+    assert "LinearLowRA" in overhead.table(res)

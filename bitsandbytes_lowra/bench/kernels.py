@@ -247,6 +247,18 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
         d["bnb_nf4"] = dict(ms=ms, tb_s=bw / 1e12, frac_of_copy=bw / copy_bw, timing=how)
         del pk, outs
         d["speedup_4bit_vs_bnb"] = d["bnb_nf4"]["ms"] / d["lowra_4bit"]["ms"]
+        # A copy moving as many bytes as the 4-bit dequantize (read + written), timed the same way: at small sizes
+        # launch ramp-up and the tail take a share that the 2 GiB ceiling does not see.
+        half = (state_bytes(states["lowra_4bit"])["total"] + out_bytes) // 2 // 16 * 16
+        bufs = [(torch.empty(half, dtype=torch.uint8, device="cuda"), torch.empty(half, dtype=torch.uint8,
+                                                                                   device="cuda"))
+                for _ in range(copies_for(2 * half))]
+        fns = [(lambda i=i: bufs[i][1].copy_(bufs[i][0])) for i in range(len(bufs))] * max(
+            1, math.ceil(min_calls / len(bufs)))
+        ms, how = time_calls(fns, replays)
+        d["copy_same_bytes"] = dict(ms=ms, tb_s=2 * half / (ms * 1e-3) / 1e12, timing=how)
+        d["lowra_4bit"]["frac_of_same_size_copy"] = ms / d["lowra_4bit"]["ms"]
+        del bufs
         res["dequantize"] = d
 
     # fused decode matmul
@@ -412,7 +424,8 @@ def table(res: dict) -> str:
         if "dequantize" in s:
             d = s["dequantize"]
             line += (f"{d['lowra_4bit']['frac_of_copy']:>9.0%} / {d['lowra_1.75bit']['frac_of_copy']:>4.0%} / "
-                     f"{d['bnb_nf4']['frac_of_copy']:>4.0%} ({d['speedup_4bit_vs_bnb']:.2f}x)")
+                     f"{d['bnb_nf4']['frac_of_copy']:>4.0%} ({d['speedup_4bit_vs_bnb']:.2f}x; lowra4 "
+                     f"{d['lowra_4bit']['frac_of_same_size_copy']:.0%} of a same-size copy)")
         else:
             line += f"(lowra 1.75-bit quantize {q['lowra_1.75bit']['tb_s']:.2f} TB/s)"
         lines.append(line)

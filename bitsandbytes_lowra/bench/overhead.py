@@ -8,8 +8,9 @@ by every one of a model's ~224 linear layers per generated token. Rows:
   with the opt-in decoded-absmax cache (LinearLowRA.set_absmax_cache; not the default: it costs memory);
 - bitsandbytes Linear4bit (NF4) with the same settings, for comparison;
 - torch.nn.Linear (dense, the floor of a module call);
-- "kernel only": the lowra op LinearLowRA ends in, called directly with precomputed arguments (what is left when all
-  host-side layers are removed), so forward minus kernel-only is the host overhead of our Python stack.
+- "kernel only" / "op only": the lowra op LinearLowRA ends in, called directly with precomputed arguments (what is
+  left when all host-side layers are removed), so forward minus kernel-only is the host overhead of our Python
+  stack; on CUDA also "direct launch", the prepared launcher eager decoding calls instead of the op.
 
 Times are medians over --repeats runs of --calls forward calls under torch.inference_mode() (on CUDA synchronized
 once per run, not per call: the host side is what is measured). Use OMP_NUM_THREADS=1 on a shared CPU.
@@ -51,9 +52,10 @@ def _mixed_bits(rows: int) -> torch.Tensor:
     return bits[torch.randperm(rows, generator=g)]
 
 
-def _lowra_kernel_only(layer, x):
-    """The op LinearLowRA.forward ends in, with every argument prepared once (no Python layers, no checks)."""
-    from ..functional import _use_fused_decode
+def _lowra_kernel_only(layer, x) -> list:
+    """[(row name, fn)]: the op LinearLowRA.forward ends in, with every argument prepared once (no Python layers,
+    no checks); on CUDA also the direct launch that eager decoding takes instead of the op (PreparedMatmul)."""
+    from ..functional import _eager_direct, _use_fused_decode
 
     packed, qs = layer._packed_and_state()
     absmax, *nested = qs.scale_args()
@@ -62,11 +64,15 @@ def _lowra_kernel_only(layer, x):
     if _use_fused_decode(x, bias):
         row_order, group_rows = qs.matmul_plan()
         op = torch.ops.lowra.matmul.default
-        return lambda a: op(a, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias,
-                            row_order, group_rows, *nested)
+        rows = [("  lowra op only", lambda a: op(a, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize,
+                                                  shape, bias, row_order, group_rows, *nested))]
+        if _eager_direct(x, bias):
+            launch = qs.prepared_matmul(packed)
+            rows.append(("  lowra direct launch", lambda a: launch(a, bias)))
+        return rows
     deq = torch.ops.lowra.dequantize.default
-    return lambda a: nn.functional.linear(
-        a, deq(packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, a.dtype, *nested), bias)
+    return [("  lowra kernel only", lambda a: nn.functional.linear(
+        a, deq(packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, a.dtype, *nested), bias))]
 
 
 def run(device: str = "cpu", size: int = 64, calls: int = 2000, repeats: int = 5, dtypes=("bfloat16", "float32"),
@@ -88,7 +94,7 @@ def run(device: str = "cpu", size: int = 64, calls: int = 2000, repeats: int = 5
             if nested:  # opt-in: decoded scales kept between calls (costs the 0.5 bit/param double quant saves)
                 cached = LinearLowRA.from_linear(base, _mixed_bits(size), compress_statistics=True, device=dev)
                 rows.append(("  + set_absmax_cache", nested, cached.set_absmax_cache(True)))
-            rows.append(("  lowra kernel only", nested, _lowra_kernel_only(layer, x)))
+            rows += [(name, nested, fn) for name, fn in _lowra_kernel_only(layer, x)]
             if bnb:
                 q = _bnb_linear4bit(base, nested, dtype, dev)
                 if q is not None:
