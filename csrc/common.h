@@ -21,7 +21,8 @@ LOWRA_HD bool valid_bits(int b) { return b == 1 || b == 2 || b == 4; }
 LOWRA_HD int64_t row_bytes(int64_t pc, int bits) { return pc * bits / 8; }
 
 // Where kernels read the block scales: plain float32 (f32 != NULL) or double-quantized (nested.q != NULL; see
-// LowraNestedAbsmax). Built on the host by absmax_src, read on the device by load_absmax (cuda_common.cuh).
+// LowraNestedAbsmax). Built on the host by absmax_src, read on the device by absmax_issue / absmax_finish
+// (cuda_common.cuh).
 struct AbsmaxSrc {
   const float* f32;
   LowraNestedAbsmax nested;

@@ -74,8 +74,6 @@ __device__ __forceinline__ float absmax_finish(const AbsmaxSrc& s, AbsmaxRaw r) 
   return s.f32 ? r.v : nested_finish(s, r);
 }
 
-__device__ __forceinline__ float load_absmax(const AbsmaxSrc& s, int64_t i) { return absmax_finish(s, absmax_issue(s, i)); }
-
 inline bool aligned(const void* p, unsigned a) { return ((uintptr_t)p & (a - 1)) == 0; }
 
 }  // namespace lowra
