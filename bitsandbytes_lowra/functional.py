@@ -686,6 +686,7 @@ def _fused_decode_shape(A: torch.Tensor) -> bool:
 
 
 _profiler_enabled = getattr(torch.autograd, "_profiler_enabled", lambda: True)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # Parameter: torch function disabled, as a plain tensor
 _functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 
 
@@ -696,8 +697,8 @@ def _eager_direct(A: torch.Tensor, bias) -> bool:
     no torch.compile tracing, no torch function or dispatch mode (FakeTensor, FlopCounter, meta device contexts),
     no functorch transform and no profiler (which then records the op by name)."""
     return (
-        type(A) is torch.Tensor
-        and (bias is None or type(bias) is torch.Tensor)
+        type(A) in _PLAIN
+        and (bias is None or type(bias) in _PLAIN)
         and not torch.compiler.is_compiling()
         and not torch._C._is_torch_function_mode_enabled()
         and torch._C._len_torch_dispatch_stack() == 0
@@ -767,13 +768,14 @@ def matmul_lowra(
     qs = quant_state
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
+    grad = _needs_grad(A, bias)
+    if not grad and _fused_decode_shape(A) and _eager_direct(A, bias):
+        return qs.prepared_matmul(packed, cache_absmax)(A, bias)
     (absmax, *nested), shape = qs.scale_args(cache_absmax), list(qs.shape)
-    if _needs_grad(A, bias):
+    if grad:
         return MatMulLowRA.apply(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias,
                                  *nested)
     if _fused_decode_shape(A):
-        if _eager_direct(A, bias):
-            return qs.prepared_matmul(packed, cache_absmax)(A, bias)
         row_order, group_rows = qs.matmul_plan()
         return torch.ops.lowra.matmul.default(
             A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias, row_order, group_rows,

@@ -57,9 +57,13 @@ def test_eager_direct_only_where_nothing_watches_ops(native_cuda):
     assert not seen.any()
     traced = torch.compile(lambda a: a + int(F._eager_direct(a, None)), backend="eager", fullgraph=True)(x)
     assert torch.equal(traced, x)  # 0 added: tracing takes the op path
-    param = torch.nn.Parameter(x)
-    assert not F._eager_direct(param, None)  # subclasses (Parameter, DTensor, FakeTensor) keep the op
-    assert not F._eager_direct(x, torch.nn.Parameter(b))
+    assert F._eager_direct(x, torch.nn.Parameter(b))  # a module's bias: Parameter disables torch function
+
+    class Sub(torch.Tensor):  # subclasses (DTensor, FakeTensor, ...) may watch ops: they keep the op
+        pass
+
+    assert not F._eager_direct(x.as_subclass(Sub), None)
+    assert not F._eager_direct(x, b.as_subclass(Sub))
 
 
 def test_eager_direct_needs_native_cuda_kernels(monkeypatch):

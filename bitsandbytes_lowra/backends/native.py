@@ -78,7 +78,9 @@ def set_matmul_tuning(ksplit: int = 0, ctas_per_sm: int = 0, depth: int = 0, gem
         i32 = _native.ctypes.c_int
         _fn("lowra_matmul_cuda_set_tuning", [i32, i32, i32, i32], None)(ksplit, ctas_per_sm, depth, nested_prepass)
         _fn("lowra_matmul_cuda_set_gemv_tuning", [i32, i32, i32], None)(gemv_max_rows, gemv_rows_per_warp, gemv_wk)
+        global _tuning_generation
         _workspace_bytes.cache_clear()  # the knobs change the plans
+        _tuning_generation += 1
 
 
 def _quantize_into(A, bits, thresholds, row_offsets, blocksize, packed, absmax):
@@ -237,86 +239,89 @@ def _workspace_bytes(dtype: int, m: int, rows: int, cols: int, blocksize: int, g
     return max(int(n), 0)
 
 
-def _weight_args(packed, f32, ns, bits, codebook, row_offsets, rows, cols, blocksize, row_order, group_rows) -> tuple:
-    """lowra_matmul_cuda's arguments from `packed` through `group_rows`: the weight's half of a launch."""
-    return (_native.ptr(packed), packed.numel(), _f32_ptr(f32), _nested_ref(ns), _native.ptr(bits),
-            _native.ptr(codebook), _native.ptr(row_offsets), rows, cols, blocksize, _native.ptr(row_order),
-            (_native.ctypes.c_int64 * 3)(*group_rows))
-
-
-def _launch_matmul(A2, weight_args: tuple, rows: int, cols: int, blocksize: int, groups: tuple, nested: bool, bias,
-                   out2) -> None:
-    """Launch lowra_matmul_cuda on A2 [m, cols] (contiguous, A2's device current) into out2 [m, rows]."""
-    m = A2.shape[0]
-    dtype = _native.DTYPE_CODE[A2.dtype]
-    dev = A2.device.index if A2.device.index is not None else torch.cuda.current_device()
-    ws_bytes = _workspace_bytes(dtype, m, rows, cols, blocksize, groups, nested, dev)
-    ws = torch.empty(-(-ws_bytes // 4), dtype=torch.float32, device=A2.device) if ws_bytes else None
-    status = _native.load().lowra_matmul_cuda(
-        A2.data_ptr(), dtype, m, *weight_args, None if bias is None else bias.data_ptr(), out2.data_ptr(),
-        None if ws is None else ws.data_ptr(), ws_bytes, _stream(dev),
-    )
-    _native.check(status, "lowra matmul")
-
-
 def _matmul_cuda(A2, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out2,
                  nested):
-    rows, cols = shape
     if row_order is None:
         row_order, group_rows = matmul_plan(bits)
-    f32, ns = _absmax_for(absmax, nested, A2.device)
-    args = _weight_args(packed, f32, ns, bits, codebook, row_offsets, rows, cols, blocksize, row_order.contiguous(),
-                        group_rows)
-    _launch_matmul(A2, args, rows, cols, blocksize, tuple(group_rows), ns is not None, bias, out2)
+    PreparedMatmul(packed, absmax, bits, codebook, row_offsets, blocksize, shape, row_order, group_rows, nested,
+                   checked=True).launch(A2, bias, out2)
+
+
+_HALF_CODES = {torch.float16: _native.DTYPE_CODE[torch.float16], torch.bfloat16: _native.DTYPE_CODE[torch.bfloat16]}
+_tuning_generation = 0  # bumped by set_matmul_tuning: the knobs change workspace sizes
 
 
 class PreparedMatmul:
     """The fused CUDA matmul of one quantized weight with the weight's launch arguments checked and converted once.
 
-    Eager decoding calls the matmul once per layer per token, and the op path rebuilds the same ~20 ctypes
-    arguments and re-checks the same tensors every time (docs/benchmarks.md, "Host path"); this keeps them. It
-    holds the weight's tensors (the pointers stay valid) and is rebuilt by its owner when any of them changes
-    (QuantStateLowRA.prepared_matmul). Only the activations, bias and output are checked per call."""
+    Eager decoding calls the matmul once per layer per token, and rebuilding the same ~20 ctypes arguments and
+    re-checking the same tensors every time cost more host time than the kernel takes (docs/benchmarks.md, "Host
+    path"). It holds the weight's tensors (its pointers stay valid); its owner rebuilds it when any of them changes
+    (QuantStateLowRA.prepared_matmul). The op kernel (`lowra::matmul` on CUDA) launches through one as well."""
 
     def __init__(self, packed, absmax, bits, codebook, row_offsets, blocksize, shape, row_order, group_rows,
-                 nested=NESTED_DEFAULTS):
+                 nested=NESTED_DEFAULTS, *, checked: bool = False):
         rows, cols = shape
         if packed.device.type != "cuda":
             raise ValueError(f"PreparedMatmul runs the CUDA kernel; the weight is on {packed.device}")
-        check_matmul_args(packed.new_empty((1, cols), dtype=torch.float16), packed, absmax, bits, codebook,
-                          row_offsets, blocksize, shape, None, row_order, group_rows, *nested)
+        if not checked:
+            check_matmul_args(packed.new_empty((1, cols), dtype=torch.float16), packed, absmax, bits, codebook,
+                              row_offsets, blocksize, shape, None, row_order, group_rows, *nested)
         packed, bits, codebook, row_offsets, row_order = (
             t.contiguous() for t in (packed, bits, codebook, row_offsets, row_order))
         f32, ns = _absmax_for(absmax, nested, packed.device)
-        self.device = packed.device
+        self.device, self.index = packed.device, packed.get_device()
         self.rows, self.cols, self.blocksize = rows, cols, blocksize
-        self.groups, self.nested = tuple(group_rows), ns is not None
+        self.groups, self.nested = tuple(int(g) for g in group_rows), ns is not None
         self._keep = (packed, bits, codebook, row_offsets, row_order, f32, ns)  # the pointers below point into these
-        self._args = _weight_args(packed, f32, ns, bits, codebook, row_offsets, rows, cols, blocksize, row_order,
-                                  group_rows)
+        # lowra_matmul_cuda's arguments from `packed` through `group_rows`
+        self._args = (packed.data_ptr(), packed.numel(), _f32_ptr(f32), _nested_ref(ns), bits.data_ptr(),
+                      codebook.data_ptr(), row_offsets.data_ptr(), rows, cols, blocksize, row_order.data_ptr(),
+                      (_native.ctypes.c_int64 * 3)(*self.groups))
+        self._fn = _native.load().lowra_matmul_cuda
+        self._ws: dict = {}  # (dtype code, m) -> workspace bytes, for _ws_generation
+        self._ws_generation = _tuning_generation
 
     def __call__(self, A: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """A [..., cols] (float16/bfloat16, at most MAX_FUSED_ROWS rows, on the weight's device) @ W.T + bias."""
         rows, cols = self.rows, self.cols
-        if (A.device != self.device or A.dtype not in (torch.float16, torch.bfloat16) or A.shape[-1] != cols
-                or A.numel() // cols > MAX_FUSED_ROWS
-                or (bias is not None and (bias.dtype != A.dtype or bias.shape != (rows,) or bias.device != A.device))):
+        # one expression: this runs once per layer per decoded token
+        if (A.dtype not in _HALF_CODES or A.shape[-1] != cols or A.numel() > MAX_FUSED_ROWS * cols
+                or A.get_device() != self.index
+                or (bias is not None and (bias.dtype != A.dtype or bias.shape != (rows,)
+                                          or bias.get_device() != self.index))):
             raise ValueError(
                 f"PreparedMatmul takes float16/bfloat16 activations [..., {cols}] of at most {MAX_FUSED_ROWS} rows on "
                 f"{self.device} and a bias [{rows}] of their dtype; got A {A.dtype} {tuple(A.shape)} on {A.device}"
                 + ("" if bias is None else f", bias {bias.dtype} {tuple(bias.shape)} on {bias.device}"))
-        A2 = A.reshape(-1, cols)
-        if not A2.is_contiguous():
-            A2 = A2.contiguous()
-        out = torch.empty((*A.shape[:-1], rows), dtype=A.dtype, device=A.device)
-        if A2.shape[0] == 0:
-            return out
-        if bias is not None and not bias.is_contiguous():
-            bias = bias.contiguous()
-        with _on_if_needed(self.device):
-            _launch_matmul(A2, self._args, rows, cols, self.blocksize, self.groups, self.nested, bias,
-                           out.view(-1, rows))
+        out = torch.empty(A.shape[:-1] + (rows,), dtype=A.dtype, device=self.device)
+        if out.numel():
+            self.launch(A if A.is_contiguous() else A.contiguous(),
+                        None if bias is None or bias.is_contiguous() else bias.contiguous(), out)
         return out
+
+    def launch(self, A, bias, out) -> None:
+        """The kernel on checked, contiguous A [..., cols], bias [rows] or None, out [..., rows]."""
+        dt = _HALF_CODES[A.dtype]
+        m = A.numel() // self.cols
+        if self._ws_generation != _tuning_generation:
+            self._ws.clear()
+            self._ws_generation = _tuning_generation
+        ws_bytes = self._ws.get((dt, m))
+        if ws_bytes is None:
+            ws_bytes = self._ws[dt, m] = _workspace_bytes(dt, m, self.rows, self.cols, self.blocksize, self.groups,
+                                                          self.nested, self.index)
+        ws = torch.empty(-(-ws_bytes // 4), dtype=torch.float32, device=self.device) if ws_bytes else None
+        dev = self.index
+        args = (A.data_ptr(), dt, m, *self._args, None if bias is None else bias.data_ptr(), out.data_ptr(),
+                None if ws is None else ws.data_ptr(), ws_bytes, _stream(dev))
+        if torch._C._cuda_getDevice() == dev:
+            status = self._fn(*args)
+        else:
+            with torch.cuda.device(dev):
+                status = self._fn(*args)
+        if status:
+            _native.check(status, "lowra matmul")
 
 
 def matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out,
@@ -342,9 +347,8 @@ def matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape
         y = torch.nn.functional.linear(A2.to(wdtype), W, None if bias is None else bias.to(wdtype))
         out2.copy_(y)
         return out
-    with _on_if_needed(A.device):
-        _matmul_cuda(A2, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows,
-                     out2, nested)
+    _matmul_cuda(A2, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out2,
+                 nested)
     return out
 
 
@@ -365,14 +369,6 @@ def matmul_out(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape,
 def _on(device: torch.device):
     """Make `device` current for the launch (CUDA); nothing to do on the CPU."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _on_if_needed(device: torch.device):
-    """_on(device) for a CUDA device, skipping the device switch when it is already current (the common case)."""
-    idx = device.index
-    if idx is None or idx == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(idx)
 
 
 def register() -> list[str]:

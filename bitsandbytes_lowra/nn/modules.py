@@ -509,7 +509,8 @@ class LinearLowRA(nn.Linear):
         w = self.weight
         if type(w) is ParamsLowRA and w.lowra_quantized and w.quant_state is not None:
             state = w.quant_state  # what _packed_and_state would pick; it repairs weights that lost their state
-            packed = packed_bytes(w, state, getattr(self, "quant_storage", None))
+            with torch._C.DisableTorchFunctionSubclass():  # `.data` without a trip through __torch_function__
+                packed = packed_bytes(w, state, getattr(self, "quant_storage", None))
         else:
             packed, state = self._packed_and_state()
         device_type = x.device.type
