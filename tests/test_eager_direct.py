@@ -93,6 +93,32 @@ def test_prepared_matmul_refuses_a_cpu_weight():
                        groups, (qs.state2.absmax, qs.state2.code, qs.offset, qs.state2.blocksize))
 
 
+def test_prepared_call_hands_activations_bias_and_output_to_the_launch(monkeypatch):
+    """PreparedMatmul.__call__'s glue, without a GPU: what reaches the kernel launch (launch recorded, not run)."""
+    from bitsandbytes_lowra.backends.native import PreparedMatmul
+
+    prepared = object.__new__(PreparedMatmul)  # the fields __call__ reads; a CPU tensor's device index is -1
+    prepared.rows, prepared.cols, prepared.index, prepared.device = 8, 16, -1, torch.device("cpu")
+    seen = []
+    monkeypatch.setattr(PreparedMatmul, "launch", lambda self, A, bias, out: seen.append((A, bias, out)))
+    A, b = torch.randn(1, 2, 16, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
+    out = prepared(A, b)
+    assert out.shape == (1, 2, 8) and out.dtype == torch.bfloat16
+    assert seen[-1][0] is A and seen[-1][1] is b and seen[-1][2] is out
+    assert prepared(A).shape == (1, 2, 8) and seen[-1][1] is None
+    At, bt = torch.randn(16, 3, dtype=torch.float16).t(), torch.randn(16, dtype=torch.float16)[::2]
+    prepared(At, bt)  # strided activations and bias reach the kernel contiguous, values unchanged
+    assert seen[-1][0].is_contiguous() and torch.equal(seen[-1][0], At)
+    assert seen[-1][1].is_contiguous() and torch.equal(seen[-1][1], bt)
+    calls = len(seen)
+    assert prepared(A[:, :0]).shape == (1, 0, 8) and len(seen) == calls  # no rows: nothing launched
+    for bad in (A.float(), A[..., :8], torch.randn(17, 16, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match="PreparedMatmul takes"):
+            prepared(bad)
+    with pytest.raises(ValueError, match="bias"):
+        prepared(A, b.half())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CUDA (GPU check)
 

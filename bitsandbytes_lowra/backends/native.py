@@ -297,7 +297,7 @@ class PreparedMatmul:
         out = torch.empty(A.shape[:-1] + (rows,), dtype=A.dtype, device=self.device)
         if out.numel():
             self.launch(A if A.is_contiguous() else A.contiguous(),
-                        None if bias is None or bias.is_contiguous() else bias.contiguous(), out)
+                        bias if bias is None or bias.is_contiguous() else bias.contiguous(), out)
         return out
 
     def launch(self, A, bias, out) -> None:
