@@ -188,3 +188,19 @@ def test_overhead_bench_runs_every_row_on_cpu():
     assert names.count("LinearLowRA") == 2 and "lowra kernel only" in names and "nn.Linear (dense)" in names
     assert all(r["us_per_call"] > 0 for r in res)
     assert "LinearLowRA" in overhead.table(res)
+
+
+def test_overhead_bench_kernel_rows_take_the_inference_path(monkeypatch):
+    """The "kernel only" rows time what LinearLowRA runs in inference (the fused path where it applies), not the
+    training path a grad-requiring bias would select."""
+    from bitsandbytes_lowra import functional
+    from bitsandbytes_lowra.bench import overhead
+
+    seen = []
+    real = functional._use_fused_decode
+    monkeypatch.setattr(functional, "_use_fused_decode", lambda A, bias: seen.append(
+        functional._needs_grad(A, bias)) or real(A, bias))
+    layer = quantized(in_f=64, out_f=64)
+    assert layer.bias.requires_grad
+    overhead._lowra_kernel_only(layer, torch.randn(1, 1, 64))
+    assert seen == [False]

@@ -59,7 +59,8 @@ def _lowra_kernel_only(layer, x) -> list:
 
     packed, qs = layer._packed_and_state()
     absmax, *nested = qs.scale_args()
-    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    # detached: a bias that requires grad would send these rows down the training path (dequantize + linear)
+    bias = None if layer.bias is None else layer.bias.detach().to(x.dtype)
     shape = list(qs.shape)
     if _use_fused_decode(x, bias):
         row_order, group_rows = qs.matmul_plan()
