@@ -180,6 +180,34 @@ def test_native_fast_checks_still_raise_the_specific_message():
     assert torch.equal(y, torch.nn.functional.linear(A, out, torch.ones(16)))
 
 
+def test_bias_cast_is_kept_for_a_frozen_bias_and_follows_it():
+    q = quantized(nested=True)
+    q.compute_dtype = torch.bfloat16
+    q.bias.requires_grad_(False)
+    x = torch.randn(1, 1, 200, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        y = q(x)
+        cast = q.__dict__["_bias_cast"][2]
+        assert torch.equal(q(x), y) and q.__dict__["_bias_cast"][2] is cast  # reused
+        assert torch.equal(y, original_forward(q, x))
+    with torch.no_grad():  # a cast made in inference mode is not handed to code outside it
+        assert torch.equal(q(x), y) and q.__dict__["_bias_cast"][2] is not cast
+        q.bias.add_(1.0)  # in place: version
+        assert torch.equal(q(x), original_forward(q, x))
+        q.bias.data = torch.randn(48)  # new storage
+        assert torch.equal(q(x), original_forward(q, x))
+        assert q.__dict__["_bias_cast"][2].data_ptr() != cast.data_ptr()
+
+
+def test_trainable_bias_is_cast_in_the_graph():
+    q = quantized(nested=True)
+    q.compute_dtype = torch.bfloat16
+    x = torch.randn(1, 2, 200, dtype=torch.bfloat16)
+    q(x).float().sum().backward()
+    assert q.bias.grad is not None and torch.equal(q.bias.grad, torch.full((48,), 2.0))
+    assert "_bias_cast" not in q.__dict__
+
+
 def test_overhead_bench_runs_every_row_on_cpu():
     from bitsandbytes_lowra.bench import overhead
 

@@ -526,9 +526,25 @@ class LinearLowRA(nn.Linear):
         # this one), and dtype conversions only where the dtype differs.
         compute = self.compute_dtype or x.dtype
         out = matmul_lowra(x if x.dtype == compute else x.to(compute), packed, state,
-                           bias if bias is None or bias.dtype == compute else bias.to(compute),
+                           bias if bias is None or bias.dtype == compute else self._bias_as(bias, compute),
                            cache_absmax=self.cache_absmax)
         return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def _bias_as(self, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`bias` cast to the compute dtype. A frozen bias's cast is kept between calls (a decode step would cast
+        every layer's bias per token; bnb instead converts its parameter in place, which changes what it stores).
+        Keyed on the parameter's identity, storage address, in-place version and the inference-mode flag (a tensor
+        made in inference mode must not meet autograd outside it); a trainable bias is cast per call, in the graph."""
+        if (bias.requires_grad and torch.is_grad_enabled()) or type(bias) not in (torch.Tensor, nn.Parameter):
+            return bias.to(dtype)  # trainable, or a subclass (DTensor, ...) whose storage is not ours to key on
+        key = (bias.data_ptr(), bias.device, bias._version, dtype, torch.is_inference_mode_enabled())
+        hit = self.__dict__.get("_bias_cast")  # (bias, key, cast)
+        if hit is not None and hit[0] is bias and hit[1] == key:
+            return hit[2]
+        with torch.no_grad():
+            cast = bias.to(dtype)
+        self.__dict__["_bias_cast"] = (bias, key, cast)
+        return cast
 
     # -- state dict -------------------------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
