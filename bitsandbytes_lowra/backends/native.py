@@ -78,9 +78,7 @@ def set_matmul_tuning(ksplit: int = 0, ctas_per_sm: int = 0, depth: int = 0, gem
         i32 = _native.ctypes.c_int
         _fn("lowra_matmul_cuda_set_tuning", [i32, i32, i32, i32], None)(ksplit, ctas_per_sm, depth, nested_prepass)
         _fn("lowra_matmul_cuda_set_gemv_tuning", [i32, i32, i32], None)(gemv_max_rows, gemv_rows_per_warp, gemv_wk)
-        global _tuning_generation
         _workspace_bytes.cache_clear()  # the knobs change the plans
-        _tuning_generation += 1
 
 
 def _quantize_into(A, bits, thresholds, row_offsets, blocksize, packed, absmax):
@@ -248,7 +246,6 @@ def _matmul_cuda(A2, packed, absmax, bits, codebook, row_offsets, blocksize, sha
 
 
 _HALF_CODES = {torch.float16: _native.DTYPE_CODE[torch.float16], torch.bfloat16: _native.DTYPE_CODE[torch.bfloat16]}
-_tuning_generation = 0  # bumped by set_matmul_tuning: the knobs change workspace sizes
 
 
 class PreparedMatmul:
@@ -279,8 +276,6 @@ class PreparedMatmul:
                       codebook.data_ptr(), row_offsets.data_ptr(), rows, cols, blocksize, row_order.data_ptr(),
                       (_native.ctypes.c_int64 * 3)(*self.groups))
         self._fn = _native.load().lowra_matmul_cuda
-        self._ws: dict = {}  # (dtype code, m) -> workspace bytes, for _ws_generation
-        self._ws_generation = _tuning_generation
 
     def __call__(self, A: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """A [..., cols] (float16/bfloat16, at most MAX_FUSED_ROWS rows, on the weight's device) @ W.T + bias."""
@@ -304,13 +299,7 @@ class PreparedMatmul:
         """The kernel on checked, contiguous A [..., cols], bias [rows] or None, out [..., rows]."""
         dt = _HALF_CODES[A.dtype]
         m = A.numel() // self.cols
-        if self._ws_generation != _tuning_generation:
-            self._ws.clear()
-            self._ws_generation = _tuning_generation
-        ws_bytes = self._ws.get((dt, m))
-        if ws_bytes is None:
-            ws_bytes = self._ws[dt, m] = _workspace_bytes(dt, m, self.rows, self.cols, self.blocksize, self.groups,
-                                                          self.nested, self.index)
+        ws_bytes = _workspace_bytes(dt, m, self.rows, self.cols, self.blocksize, self.groups, self.nested, self.index)
         ws = torch.empty(-(-ws_bytes // 4), dtype=torch.float32, device=self.device) if ws_bytes else None
         dev = self.index
         args = (A.data_ptr(), dt, m, *self._args, None if bias is None else bias.data_ptr(), out.data_ptr(),
