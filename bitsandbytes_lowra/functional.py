@@ -686,7 +686,8 @@ def _fused_decode_shape(A: torch.Tensor) -> bool:
 
 
 _profiler_enabled = getattr(torch.autograd, "_profiler_enabled", lambda: True)
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # Parameter: torch function disabled, as a plain tensor
+# Tensor types whose every op is a plain op (Parameter disables torch function); subclasses may watch ops.
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 
 
@@ -697,8 +698,8 @@ def _eager_direct(A: torch.Tensor, bias) -> bool:
     no torch.compile tracing, no torch function or dispatch mode (FakeTensor, FlopCounter, meta device contexts),
     no functorch transform and no profiler (which then records the op by name)."""
     return (
-        type(A) in _PLAIN
-        and (bias is None or type(bias) in _PLAIN)
+        type(A) in PLAIN_TENSOR_TYPES
+        and (bias is None or type(bias) in PLAIN_TENSOR_TYPES)
         and not torch.compiler.is_compiling()
         and not torch._C._is_torch_function_mode_enabled()
         and torch._C._len_torch_dispatch_stack() == 0
@@ -769,13 +770,14 @@ def matmul_lowra(
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
     grad = _needs_grad(A, bias)
-    if not grad and _fused_decode_shape(A) and _eager_direct(A, bias):
+    fused = not grad and _fused_decode_shape(A)
+    if fused and _eager_direct(A, bias):
         return qs.prepared_matmul(packed, cache_absmax)(A, bias)
     (absmax, *nested), shape = qs.scale_args(cache_absmax), list(qs.shape)
     if grad:
         return MatMulLowRA.apply(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias,
                                  *nested)
-    if _fused_decode_shape(A):
+    if fused:
         row_order, group_rows = qs.matmul_plan()
         return torch.ops.lowra.matmul.default(
             A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias, row_order, group_rows,

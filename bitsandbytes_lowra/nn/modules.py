@@ -25,6 +25,7 @@ from torch import nn
 
 from ..format import DEFAULT_BLOCKSIZE, LowRAFormatError, check_blocksize
 from ..functional import (
+    PLAIN_TENSOR_TYPES,
     LowRAPlan,
     QuantStateLowRA,
     dequantize_lowra,
@@ -535,7 +536,7 @@ class LinearLowRA(nn.Linear):
         every layer's bias per token; bnb instead converts its parameter in place, which changes what it stores).
         Keyed on the parameter's identity, storage address, in-place version and the inference-mode flag (a tensor
         made in inference mode must not meet autograd outside it); a trainable bias is cast per call, in the graph."""
-        if (bias.requires_grad and torch.is_grad_enabled()) or type(bias) not in (torch.Tensor, nn.Parameter):
+        if (bias.requires_grad and torch.is_grad_enabled()) or type(bias) not in PLAIN_TENSOR_TYPES:
             return bias.to(dtype)  # trainable, or a subclass (DTensor, ...) whose storage is not ours to key on
         key = (bias.data_ptr(), bias.device, bias._version, dtype, torch.is_inference_mode_enabled())
         hit = self.__dict__.get("_bias_cast")  # (bias, key, cast)
