@@ -3,7 +3,9 @@
 // Fast paths (the common layouts): one warp owns a segment of one row, so the row's precision is uniform across
 // the warp; every lane handles chunks of 8 consecutive elements, which never cross a block (blocksize is a
 // multiple of 8) and map to whole packed bytes (8 * bits / 8 = bits bytes), so loads and stores are wide.
-// Dequantize looks codebook entries up in a per-warp shared table and streams its output; quantize reduces block absmax with shuffles inside the
+// Dequantize looks codebook entries up in a per-warp shared table (on full segments of 16-bit outputs it scales the
+// 1- and 2-bit codebooks once per chunk and selects or byte-permutes the results) and streams its output; it loads
+// each task's row metadata one task ahead. Quantize reduces block absmax with shuffles inside the
 // lanes of one block, divides by it exactly without a per-element division and encodes with a binary search over
 // the row's thresholds (Eytzinger order: registers, a shuffle, a per-warp shared table).
 // Dequantize has no other path (chunks of 8 fit every layout; unaligned rows fall back to byte loads and scalar
@@ -175,13 +177,100 @@ __device__ __forceinline__ void dequantize_task(const uint8_t* __restrict__ row,
   }
 }
 
+// Full segments of 16-bit outputs (the common case) take a leaner path than dequantize_task: no per-chunk bounds
+// or 64-bit address arithmetic, and per chunk the block's scale is applied to the few codebook entries a low
+// precision has instead of to every element. 1 bit: the two scaled entries, one picked per element; 2 bit: the four
+// scaled entries rounded into two 16-bit pairs once, each output pair then picked by one byte permute; 4 bit:
+// lookups as in dequantize_task. Every output is still (T)(codebook[code] * scale) rounded once, as in the reference.
+template <typename T>
+struct Pair16;  // two floats -> one 32-bit pair of T (round to nearest even), low half first
+template <>
+struct Pair16<__half> {
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    const __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+};
+template <>
+struct Pair16<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+};
+
+// Byte-permute selectors of a 2-bit chunk: P[c] = the two selector nibbles (2c, 2c + 1) of the 16-bit value of code
+// c in the pool {pair(v0, v1), pair(v2, v3)}; byte c of kPairSel is P[c].
+constexpr uint32_t kPairSel = 0x76543210u;
+
+// Loads the compiler keeps where they are written (volatile asm is not reordered against other volatile asm), so
+// that a segment's loads are all in flight before its first use.
+template <int B>
+__device__ __forceinline__ uint32_t ld_codes(const uint8_t* p) {
+  uint32_t v;
+  if (B == 4) asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  else if (B == 2) asm volatile("ld.global.nc.u16 %0, [%1];" : "=r"(v) : "l"(p));
+  else asm volatile("ld.global.nc.u8 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ float ld_f32(const float* p) {
+  float v;
+  asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ float opaque(float v) {  // keeps a product from being re-derived per element
+  asm("mov.b32 %0, %0;" : "+f"(v));
+  return v;
+}
+
+template <typename T, int B, bool NESTED>
+__device__ __forceinline__ void dequantize_full_seg(const uint8_t* __restrict__ codes, const AbsmaxSrc& amsrc,
+                                                    int64_t am_row, uint32_t j0, int bs_shift, uint32_t cb,
+                                                    const float (&c)[4], T* __restrict__ o) {
+  uint32_t w[kSegChunks];
+  AbsmaxRaw am[kSegChunks];
+#pragma unroll
+  for (int q = 0; q < kSegChunks; ++q) {  // all loads first
+    w[q] = ld_codes<B>(codes + 32 * B * q);
+    const int64_t i = am_row + ((j0 + 256u * q) >> bs_shift);
+    am[q] = NESTED ? nested_issue(amsrc, i) : AbsmaxRaw{ld_f32(amsrc.f32 + i), 0u};
+  }
+#pragma unroll
+  for (int q = 0; q < kSegChunks; ++q) {
+    const float s = NESTED ? nested_finish(amsrc, am[q]) : am[q].v;
+    uint4 u;
+    if (B == 1) {
+      const float v0 = opaque(c[0] * s), v1 = opaque(c[1] * s);
+      float v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = (w[q] >> e) & 1u ? v1 : v0;
+      u = make_uint4(Pair16<T>::pack(v[0], v[1]), Pair16<T>::pack(v[2], v[3]), Pair16<T>::pack(v[4], v[5]),
+                     Pair16<T>::pack(v[6], v[7]));
+    } else if (B == 2) {
+      const uint32_t lo = Pair16<T>::pack(c[0] * s, c[1] * s), hi = Pair16<T>::pack(c[2] * s, c[3] * s);
+      // X byte k = P[code 2k], Y byte k = P[code 2k + 1]; output pair k's selector = (X byte k, Y byte k)
+      const uint32_t X = __byte_perm(kPairSel, 0u, w[q] & 0x3333u), Y = __byte_perm(kPairSel, 0u, (w[q] >> 2) & 0x3333u);
+      u = make_uint4(__byte_perm(lo, hi, __byte_perm(X, Y, 0x40u)), __byte_perm(lo, hi, __byte_perm(X, Y, 0x51u)),
+                     __byte_perm(lo, hi, __byte_perm(X, Y, 0x62u)), __byte_perm(lo, hi, __byte_perm(X, Y, 0x73u)));
+    } else {
+      float v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = lookup<4>(cb, w[q], 4 * e) * s;
+      u = make_uint4(Pair16<T>::pack(v[0], v[1]), Pair16<T>::pack(v[2], v[3]), Pair16<T>::pack(v[4], v[5]),
+                     Pair16<T>::pack(v[6], v[7]));
+    }
+    __stcs(reinterpret_cast<uint4*>(o + 256 * q), u);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict__ packed, int64_t packed_bytes,
                                                        const AbsmaxSrc absmax, const uint8_t* __restrict__ bits,
                                                        const uint16_t* __restrict__ codebook,
                                                        const int64_t* __restrict__ row_offsets, int64_t rows,
                                                        int64_t cols, int64_t blocksize, int bs_shift, int64_t pc,
-                                                       int64_t segs, bool vec_out, T* __restrict__ out) {
+                                                       int64_t segs, bool vec_out, bool full_ok,
+                                                       T* __restrict__ out) {
   __shared__ __align__(64) float table[8][kCodebookSlots];  // each warp's current codebook (no bank conflicts)
   const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
   float* cb = table[wib];
@@ -190,12 +279,27 @@ __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict
   const int64_t nb = pc / blocksize;
   const int64_t first = (int64_t)blockIdx.x * (blockDim.x >> 5) + wib;
   const int64_t dr = warps / segs, dseg = warps % segs;  // the task stride in (rows, segments)
-  int64_t r = first / segs, seg = first % segs;
-  for (; r < rows; r += dr, seg += dseg) {
-    if (seg >= segs) seg -= segs, ++r;
-    if (r >= rows) break;
-    const int b = bits[r];
-    const int64_t start = row_offsets[r];
+  // A task's row metadata (precision, offset, this lane's codebook entry) is loaded one task ahead, so that a task
+  // starts with the loads of its codes instead of a chain of dependent metadata loads.
+  int64_t nr = first / segs, nseg = first % segs;
+  int nbits = 0;
+  int64_t nstart = 0;
+  uint16_t ncb = 0;
+  auto fetch = [&]() {
+    if (nr >= rows) return;
+    nbits = bits[nr];
+    nstart = row_offsets[nr];
+    if (lane < kCodebookSlots) ncb = __ldg(codebook + nr * kCodebookSlots + lane);
+  };
+  fetch();
+  while (nr < rows) {
+    const int64_t r = nr, seg = nseg;
+    const int b = nbits;
+    const int64_t start = nstart;
+    const uint16_t cbh = ncb;
+    nr += dr, nseg += dseg;
+    if (nseg >= segs) nseg -= segs, ++nr;
+    fetch();
     if (!row_ok(b, start, pc, packed_bytes)) {  // warp-uniform
       if (lane == 0 && seg == 0) count_skipped_row();
       continue;
@@ -203,9 +307,29 @@ __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict
     const uint8_t* row = packed + start;
     const bool al = ((uintptr_t)row & (b - 1)) == 0;
     __syncwarp();  // the previous task's lookups are done
-    if (lane < kCodebookSlots) cb[lane] = half_bits_to_float(__ldg(codebook + r * kCodebookSlots + lane));
+    if (lane < kCodebookSlots) cb[lane] = half_bits_to_float(cbh);
     __syncwarp();
     const int64_t am_row = r * nb;
+    if constexpr (sizeof(T) == 2) {
+      if (full_ok && al && (seg + 1) * kSegElems <= cols) {
+        const uint32_t j0 = (uint32_t)(seg * kSegElems) + 8u * lane;
+        const float c[4] = {cb[0], cb[1], cb[2], cb[3]};
+        const uint8_t* codes = row + ((j0 * (uint32_t)b) >> 3);
+        T* o = out + r * cols + j0;
+#define LOWRA_FS(B, N) dequantize_full_seg<T, B, N>(codes, absmax, am_row, j0, bs_shift, cb_addr, c, o)
+        if (absmax.f32) {
+          if (b == 1) LOWRA_FS(1, false);
+          else if (b == 2) LOWRA_FS(2, false);
+          else LOWRA_FS(4, false);
+        } else {
+          if (b == 1) LOWRA_FS(1, true);
+          else if (b == 2) LOWRA_FS(2, true);
+          else LOWRA_FS(4, true);
+        }
+#undef LOWRA_FS
+        continue;
+      }
+    }
     const uint32_t bs = (uint32_t)blocksize;
 #define LOWRA_DT(B) dequantize_task<T, B>(row, al, absmax, am_row, cb_addr, r, seg, lane, cols, bs_shift, bs, vec_out, out)
     if (b == 1) LOWRA_DT(1);
@@ -459,16 +583,12 @@ template <typename K>
 int resident_grid(K kernel, int64_t tasks, int warps_per_block) {
   int per_sm = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps_per_block * 32, 0) != cudaSuccess ||
-      per_sm < 1)
+      per_sm < 1) {
+    cudaGetLastError();  // a failed query must not leak into the launch check
     per_sm = 1;
+  }
   const int64_t want = (tasks + warps_per_block - 1) / warps_per_block;
   const int64_t cap = (int64_t)sm_count() * per_sm;
-  return (int)(want < cap ? (want > 0 ? want : 1) : cap);
-}
-
-int grid_for(int64_t tasks, int warps_per_block) {
-  const int64_t want = (tasks + warps_per_block - 1) / warps_per_block;
-  const int64_t cap = (int64_t)sm_count() * 16;  // enough resident blocks to fill the GPU; the rest loop
   return (int)(want < cap ? (want > 0 ? want : 1) : cap);
 }
 
@@ -555,14 +675,20 @@ int dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const AbsmaxSrc
   cudaStream_t stream = (cudaStream_t)stream_;
   const int64_t pc = padded_cols(cols, blocksize);
   const int64_t segs = (cols + kSegElems - 1) / kSegElems;
-  const int grid = grid_for(rows * segs, 8);
+  // no more CTAs than are resident: every warp walks several tasks, each one's metadata loaded during the previous
+  // one, instead of CTAs of one task each running in waves
+  const int grid = dtype == LOWRA_F16 ? resident_grid(dequantize_fast<__half>, rows * segs, 8)
+                   : dtype == LOWRA_BF16 ? resident_grid(dequantize_fast<__nv_bfloat16>, rows * segs, 8)
+                                         : resident_grid(dequantize_fast<float>, rows * segs, 8);
   const bool vec = cols % 8 == 0 && aligned(out, 16);
   int bs_shift = -1;
   for (int k = 3; k < 13; ++k)
     if (blocksize == (int64_t)1 << k) bs_shift = k;
+  // the full-segment path: 32-bit element indices, power-of-two blocks, 16-byte stores
+  const bool full_ok = vec && bs_shift >= 3 && cols < ((int64_t)1 << 31) - kSegElems;
 #define LOWRA_DF(T) dequantize_fast<T><<<grid, 256, 0, stream>>>(packed, packed_bytes, absmax, bits, codebook, \
                                                                  row_offsets, rows, cols, blocksize, bs_shift, pc, segs, \
-                                                                 vec, (T*)out)
+                                                                 vec, full_ok, (T*)out)
   if (dtype == LOWRA_F16) LOWRA_DF(__half);
   else if (dtype == LOWRA_BF16) LOWRA_DF(__nv_bfloat16);
   else LOWRA_DF(float);

@@ -105,10 +105,14 @@ def test_opcheck_new_ops():
 # CUDA: quantize / dequantize bit-identical to the reference
 
 # (rows, cols, blocksize): fast paths (power-of-two blocksize <= 256, cols % 8 == 0), the generic quantize
-# (blocksize 24, 512, 4096, odd cols), tiny rows (1 column, 1 byte per 1-bit row) and a huge row.
+# (blocksize 24, 512, 4096, odd cols), tiny rows (1 column, 1 byte per 1-bit row) and a huge row. Dequantize's
+# full-segment path (2048-column segments of 16-bit outputs) runs on the rows of >= 2048 columns: with blocks of 8
+# and rows that start unaligned (9 x 2056: a 1-bit row is 257 bytes), blocks of 32, a non-power-of-two blocksize
+# that must stay off it (2400 x 24), and blocks longer than a segment (4096).
 QD_SHAPES = [
     (1, 1, 8), (3, 7, 8), (5, 8, 8), (33, 100, 64), (16, 576, 64), (9, 130, 32), (7, 1536, 64), (4, 4100, 128),
     (6, 200, 24), (3, 1000, 512), (2, 4096, 4096), (64, 4096, 64), (2, 65536, 256), (130, 264, 8),
+    (9, 2056, 8), (5, 6144, 32), (3, 2400, 24),
 ]
 
 

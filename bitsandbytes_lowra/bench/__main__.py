@@ -1,5 +1,5 @@
 """`python -m bitsandbytes_lowra.bench [--json out.json] [--shapes 4096x4096,...] [--batches 1,4,8,16] [--quick]
-[--only quantize|matmul]`
+[--only quantize|dequantize|matmul]`
 
 Runs every kernel comparison (quantize, dequantize, fused decode matmul; ours against bitsandbytes NF4 and bf16
 torch.nn.functional.linear) in one process on the current CUDA device, prints a table and writes all numbers
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default=",".join(map(str, kernels.BATCHES)), help="decode batch sizes (tokens)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the launch-shape sweep of the fused matmul")
-    ap.add_argument("--only", choices=["quantize", "matmul"], help="run only this comparison")
+    ap.add_argument("--only", choices=["quantize", "dequantize", "matmul"], help="run only this comparison")
     args = ap.parse_args(argv)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
     batches = [int(b) for b in args.batches.split(",") if b]

@@ -113,9 +113,11 @@ def copy_bandwidth(replays: int) -> dict:
             break
     memcpy_ms, _ = time_calls([lambda: dst.copy_(src)] * 5, replays, graph=False)
     kernel_ms, _ = time_calls([lambda: torch.mul(src, 1.0, out=dst)] * 5, replays)
-    del src, dst
+    # write-only (fill_): dequantize's traffic is 80% writes (4 bit to bf16), and DRAM writes alone run slower
+    fill_ms, _ = time_calls([lambda: dst.fill_(1.0)] * 5, replays)
     res = dict(memcpy=2 * n / (memcpy_ms * 1e-3), kernel=2 * n / (kernel_ms * 1e-3))
     res["ceiling"] = max(res.values())
+    res["write_only"] = n / (fill_ms * 1e-3)
     return res
 
 
@@ -221,7 +223,7 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
     # dequantize to bf16
     d = {}
     out_bytes = rows * cols * 2
-    for name, s in (states.items() if only is None else ()):
+    for name, s in (states.items() if only in (None, "dequantize") else ()):
         sb = state_bytes(s)
         reps = [clone_state(s) for _ in range(copies_for(sb["total"] + out_bytes))]
         outs = [torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda") for _ in reps]
@@ -236,7 +238,7 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
         bw = (sb["total"] + out_bytes) / (ms * 1e-3)
         d[name] = dict(ms=ms, tb_s=bw / 1e12, frac_of_copy=bw / copy_bw, timing=how)
         del reps, outs
-    if only is None:
+    if only in (None, "dequantize"):
         pk = [(bnb_packed.clone(), bnb_qs.absmax.clone()) for _ in range(copies_for(bnb_bytes + out_bytes))]
         outs = [torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda") for _ in pk]
         deq = torch.ops.bitsandbytes.dequantize_4bit.out
@@ -259,7 +261,17 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
         d["copy_same_bytes"] = dict(ms=ms, tb_s=2 * half / (ms * 1e-3) / 1e12, timing=how)
         d["lowra_4bit"]["frac_of_same_size_copy"] = ms / d["lowra_4bit"]["ms"]
         del bufs
+        # Writing the output alone (fill_ of the same bf16 tensor, no reads): a floor under any dequantize
+        outs = [torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda") for _ in range(copies_for(out_bytes))]
+        fns = [(lambda i=i: outs[i].fill_(1.0)) for i in range(len(outs))] * max(1, math.ceil(min_calls / len(outs)))
+        ms, how = time_calls(fns, replays)
+        d["write_output_only"] = dict(ms=ms, tb_s=out_bytes / (ms * 1e-3) / 1e12, timing=how)
+        for name in states:
+            d[name]["time_vs_write_only"] = d[name]["ms"] / ms
+        del outs
         res["dequantize"] = d
+    if only == "dequantize":
+        return res
 
     # fused decode matmul
     from ..backends import native
@@ -381,7 +393,7 @@ def environment() -> dict:
 
 
 def run(shapes, batches, quick: bool = False, sweep: bool = True, only: str | None = None) -> dict:
-    """only="quantize" measures the quantize comparison alone (no dequantize, matmul or sweep)."""
+    """only="quantize" / "dequantize" / "matmul" measures that comparison alone (the sweep goes with the matmul)."""
     if not torch.cuda.is_available():
         raise BenchUnavailable("needs a CUDA GPU")
     from .. import _native
@@ -403,7 +415,7 @@ def run(shapes, batches, quick: bool = False, sweep: bool = True, only: str | No
     for rows, cols in shapes:
         res["shapes"].append(bench_shape(rows, cols, batches, copy_bw, replays, min_calls, bnb, only))
         print(f"bench: {rows}x{cols} done", flush=True)
-    if sweep and only is None:
+    if sweep and only in (None, "matmul"):
         big = max(shapes, key=lambda s: s[0] * s[1])
         res["matmul_sweep"] = matmul_sweep(big[0], big[1], replays, min_calls)
         res["matmul_sweep"] += matmul_sweep(big[0], big[1], replays, min_calls, bits=4)
@@ -416,16 +428,21 @@ def table(res: dict) -> str:
              f"{env['date']}   copy {res['copy_bandwidth_tb_s']:.2f} TB/s"]
     lines.append(f"{'shape':>12} | {'quantize TB/s (lowra4 / bnb)':>28} | {'dequant %copy (lowra4 / 1.75 / bnb)':>36}")
     for s in res["shapes"]:
-        if "quantize" not in s:
+        if "quantize" not in s and "dequantize" not in s:
             continue
-        q = s["quantize"]
-        line = (f"{s['shape'][0]:>5}x{s['shape'][1]:<6} | {q['lowra_4bit']['tb_s']:>9.2f} / {q['bnb_nf4']['tb_s']:<5.2f}"
-                f" ({q['speedup_4bit_vs_bnb']:>4.1f}x)    | ")
+        line = f"{s['shape'][0]:>5}x{s['shape'][1]:<6} | "
+        if "quantize" in s:
+            q = s["quantize"]
+            line += (f"{q['lowra_4bit']['tb_s']:>9.2f} / {q['bnb_nf4']['tb_s']:<5.2f} ({q['speedup_4bit_vs_bnb']:>4.1f}x)"
+                     f"    | ")
+        else:
+            line += f"{'-':>28} | "
         if "dequantize" in s:
             d = s["dequantize"]
             line += (f"{d['lowra_4bit']['frac_of_copy']:>9.0%} / {d['lowra_1.75bit']['frac_of_copy']:>4.0%} / "
                      f"{d['bnb_nf4']['frac_of_copy']:>4.0%} ({d['speedup_4bit_vs_bnb']:.2f}x; lowra4 "
-                     f"{d['lowra_4bit']['frac_of_same_size_copy']:.0%} of a same-size copy)")
+                     f"{d['lowra_4bit']['frac_of_same_size_copy']:.0%} of a same-size copy; "
+                     f"{d['lowra_4bit']['time_vs_write_only']:.2f}x the time of writing the output alone)")
         else:
             line += f"(lowra 1.75-bit quantize {q['lowra_1.75bit']['tb_s']:.2f} TB/s)"
         lines.append(line)
