@@ -8,8 +8,9 @@
 //   row r starts at byte row_offsets[r] (row_offsets[r + 1] - row_offsets[r] == padded_cols * bits[r] / 8).
 //   Codebooks are float16 [rows, 16] (slot c of row r is the value of code c), thresholds float16 [rows, 15];
 //   only the first 2^bits - 1 thresholds of a row are used, sorted ascending.
+//   absmax = the largest |w| of the block's elements that are not NaN (fmaxf; 0 when there are none).
 //   code(v) = number of used thresholds t with v > t, where v = w / absmax (IEEE float32 division; v = 0 when
-//   absmax == 0). Dequantize: out = (T)(codebook[r][code] * absmax) computed in float32, rounded to nearest even.
+//   absmax == 0), so a NaN element gets code 0. Dequantize: out = (T)(codebook[r][code] * absmax) computed in float32, rounded to nearest even.
 //
 // Every function validates what it can cheaply (sizes, bits values, offsets) and returns a LowraStatus; the
 // Python side validates everything before calling, so a non-zero status is a bug or a corrupt state.

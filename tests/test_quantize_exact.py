@@ -102,3 +102,27 @@ def test_quantize_every_ulp_around_every_threshold(b, device):
     (ref_packed, ref_absmax), (packed, absmax) = run_quantize(W, bits, thr.expand(W.shape[0], 15).contiguous(), 64, device)
     assert torch.equal(absmax, ref_absmax)
     assert torch.equal(packed, ref_packed)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(6, 4104, 64), (5, 203, 64), (6, 600, 24)])
+def test_quantize_non_finite_weights_agree_everywhere(shape, dtype, device):
+    """The raw op takes what it is given (LinearLowRA and quantize_lowra refuse non-finite weights before it):
+    NaN elements do not count towards their block's absmax and get code 0, +-inf make the absmax inf. Reference,
+    CPU and CUDA kernels (fast and generic paths) agree bit for bit, including all-NaN blocks."""
+    rows, cols, bs = shape
+    gen = torch.Generator().manual_seed(rows + cols)
+    W = torch.randn(rows, cols, generator=gen).to(dtype)
+    W[0, 3] = float("nan")
+    W[1, :bs] = float("nan")  # an all-NaN block: absmax 0
+    W[2, 5] = float("inf")
+    W[3, bs + 1] = float("-inf")
+    W[4, 0], W[4, 1] = float("nan"), float("inf")
+    W[rows - 1, torch.rand(cols, generator=gen) < 0.1] = float("nan")
+    bits = torch.tensor([1, 2, 4], dtype=torch.uint8)[torch.arange(rows) % 3]
+    thr = thresholds_with_duplicates(rows, gen)
+    (ref_packed, ref_absmax), (packed, absmax) = run_quantize(W, bits, thr, bs, device)
+    assert ref_absmax[1, 0] == 0 and torch.isinf(ref_absmax[2, 0]) and not ref_absmax.isnan().any()
+    assert torch.equal(absmax, ref_absmax)
+    assert torch.equal(packed, ref_packed), f"{int((packed != ref_packed).sum())} packed bytes differ"

@@ -32,13 +32,15 @@ def quantize(
     W = torch.zeros(rows, pc, dtype=torch.float32, device=A.device)
     W[:, :cols] = A.float()
     blocks = W.view(rows, nb, blocksize)
-    absmax = blocks.abs().amax(dim=-1)  # [rows, nb]
+    # NaN elements do not count towards a block's absmax (the kernels' fmaxf) and get code 0 (NaN > t is false)
+    absmax = blocks.abs().nan_to_num(nan=0.0, posinf=float("inf")).amax(dim=-1)  # [rows, nb]
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normed = torch.where(absmax[..., None] > 0, blocks / safe[..., None], torch.zeros_like(blocks)).view(rows, pc)
     packed = torch.zeros(int(offsets[-1]), dtype=torch.uint8, device=A.device)
     for p, idx in _rows_by_precision(bits):
         t = thresholds[idx, : 2**p - 1].float().contiguous()
-        codes = torch.searchsorted(t, normed[idx].contiguous(), side="left")  # = #{t < v}
+        v = normed[idx].contiguous()
+        codes = torch.searchsorted(t, v, side="left").masked_fill_(v.isnan(), 0)  # = #{t < v}
         per_byte = 8 // p
         shifts = torch.arange(per_byte, device=A.device) * p
         byte_vals = (codes.view(idx.numel(), pc // per_byte, per_byte) << shifts).sum(-1).to(torch.uint8)
