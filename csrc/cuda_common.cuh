@@ -76,4 +76,22 @@ __device__ __forceinline__ float absmax_finish(const AbsmaxSrc& s, AbsmaxRaw r) 
 
 inline bool aligned(const void* p, unsigned a) { return ((uintptr_t)p & (a - 1)) == 0; }
 
+// The operands every fused-matmul launch carries (GvArgs in cuda_gemv.cu, MatmulArgs in cuda_matmul.cu; each sets
+// its own form of the scales).
+template <typename Args>
+inline void set_matmul_operands(Args& a, const void* A, const uint8_t* packed, int64_t packed_bytes,
+                                const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets,
+                                const int32_t* row_order, const void* bias, void* out, void* workspace) {
+  a.A = A;
+  a.packed = packed;
+  a.packed_bytes = packed_bytes;
+  a.bits = bits;
+  a.codebook = codebook;
+  a.row_offsets = row_offsets;
+  a.row_order = row_order;
+  a.bias = bias;
+  a.out = out;
+  a.ws = (float*)workspace;
+}
+
 }  // namespace lowra

@@ -635,17 +635,8 @@ int gemv_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_
                                      : pick<__nv_bfloat16>((int)m, plan.r, nested);
   const int occ = gemv_occupancy(fn, plan.smem);
   if (occ < 1) return -1;
-  a.A = A;
-  a.packed = packed;
-  a.packed_bytes = packed_bytes;
+  set_matmul_operands(a, A, packed, packed_bytes, bits, codebook, row_offsets, row_order, bias, out, workspace);
   a.am = absmax;
-  a.bits = bits;
-  a.codebook = codebook;
-  a.row_offsets = row_offsets;
-  a.row_order = row_order;
-  a.bias = bias;
-  a.out = out;
-  a.ws = (float*)workspace;
   const int64_t tasks = (int64_t)a.ks * a.ngroups;
   const int64_t cap = (int64_t)sm_count() * occ;
   const int grid = (int)(tasks < cap ? tasks : cap);
