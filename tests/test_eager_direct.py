@@ -218,3 +218,25 @@ def test_cuda_prepared_matmul_checks_its_inputs():
         launch(A, torch.zeros(63, device="cuda", dtype=torch.bfloat16))
     assert torch.equal(launch(A), via_op(A, packed, qs))
     assert launch(A[:0]).shape == (0, 64)  # no rows: nothing launched
+
+
+@cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("rows,cols", [(300, 4096), (9, 28672)])  # the second splits K through a workspace
+def test_cuda_direct_launch_on_a_device_that_is_not_current(rows, cols):
+    """A layer on cuda:1 called while cuda:0 is current: the launcher switches device for the launch only (its
+    workspace and stream are cuda:1's), gives the op's result bit for bit, and leaves cuda:0 current."""
+    torch.cuda.set_device(0)
+    packed, qs = state(rows, cols, seed=3, device="cuda:1")
+    A = torch.randn(1, cols, device="cuda:1", dtype=torch.bfloat16)
+    bias = torch.randn(rows, device="cuda:1", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        y = matmul_lowra(A, packed, qs, bias)
+    assert "_prepared_matmul" in qs.__dict__ and torch.cuda.current_device() == 0
+    assert y.device == torch.device("cuda:1")
+    with torch.cuda.device(1):
+        ref = via_op(A, packed, qs, bias)
+    assert torch.equal(y, ref)
+    # and against the CPU: the same state's dense product
+    cpu = matmul_lowra(A.cpu().float(), packed.cpu(), qs.to("cpu"), bias.cpu().float())
+    assert torch.allclose(y.cpu().float(), cpu, rtol=2e-2, atol=2e-2)
