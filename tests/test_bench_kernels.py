@@ -21,7 +21,6 @@ def test_bench_shape_runs_every_contender_and_checks_the_product():
             assert row[name]["ms"] > 0, name
     d = res["dequantize"]
     assert d["copy_same_bytes"]["ms"] > 0 and d["lowra_4bit"]["frac_of_same_size_copy"] > 0
-    assert d["write_output_only"]["ms"] > 0 and d["lowra_1.75bit"]["time_vs_write_only"] > 0
     assert res["check"]["matmul_rel_err"] < 1e-2 and res["check"]["dq_matmul_rel_err"] < 1e-2
     # double-quantized scales: 1 byte per block (+ nested scales) instead of 4
     b = res["check"]["bytes"]
@@ -36,11 +35,10 @@ def test_table_renders_a_dequantize_only_run():
     from bitsandbytes_lowra.bench import kernels
 
     d = {name: {"frac_of_copy": f} for name, f in (("lowra_4bit", 0.91), ("lowra_1.75bit", 0.72), ("bnb_nf4", 0.56))}
-    d["lowra_4bit"].update(frac_of_same_size_copy=0.97, time_vs_write_only=1.13)
+    d["lowra_4bit"]["frac_of_same_size_copy"] = 0.97
     d["speedup_4bit_vs_bnb"] = 1.63
     env = dict(gpu="GPU", torch="2", cuda="13", bitsandbytes="0.50", date="today")
     text = kernels.table({"environment": env, "copy_bandwidth_tb_s": 4.2,
                           "shapes": [{"shape": [4096, 11008], "dequantize": d}]})
     row = [line for line in text.splitlines() if line.startswith(" 4096x11008")]
-    assert len(row) == 1 and "91% /  72% /  56% (1.63x; lowra4 97% of a same-size copy; 1.13x the time of writing the output " \
-        "alone)" in row[0], text
+    assert len(row) == 1 and "91% /  72% /  56% (1.63x; lowra4 97% of a same-size copy)" in row[0], text
