@@ -6,8 +6,9 @@
 // Dequantize looks codebook entries up in a per-warp shared table (on full segments of 16-bit outputs it scales the
 // 1- and 2-bit codebooks once per chunk and selects or byte-permutes the results) and streams its output; it loads
 // each task's row metadata one task ahead. Quantize reduces block absmax with shuffles inside the
-// lanes of one block, divides by it exactly without a per-element division and encodes with a binary search over
-// the row's thresholds (Eytzinger order: registers, a shuffle, a per-warp shared table).
+// lanes of one block, multiplies by its reciprocal and encodes through a per-row lookup table of bins (4 bits) or
+// one or two comparisons (1 and 2 bits); the rare element whose code that could get wrong (one within 2^-21 of a
+// threshold) sends its chunk to the exact division and a binary search over the thresholds.
 // Dequantize has no other path (chunks of 8 fit every layout; unaligned rows fall back to byte loads and scalar
 // stores); quantize keeps a simple one-row-per-CTA kernel for blocksizes the shuffle reduction cannot cover.
 //
@@ -395,31 +396,21 @@ constexpr int kQChunks = 128 / sizeof(QIn<T>);  // 8 chunks of 2-byte weights, 4
 template <typename T>
 constexpr int kQSegElems = kQChunks<T> * 256;
 
-// RN(x / a) without a division per element. y = RN(1/a) is computed once per block (__frcp_rn). Then
-//   q0 = RN(x y): |x y - x/a| = |x| |y - 1/a| <= ulp(x/a), so q0 is within 1.5 ulp of x/a;
-//   q1 = RN(q0 + r0 y), r0 = RN(x - a q0): with a y = 1 + e, |e| <= 2^-24, q0 + (x - a q0) y = x/a + e (x/a - q0), and
-//        r0's own rounding adds at most 2^-24 |x - a q0| y, so q1 is within 1/2 + 2^-21 ulp: a faithful quotient;
-//   q  = RN(q1 + r1 y), r1 = x - a q1, which one FMA computes exactly because q1 is faithful: by Markstein's theorem
-//        (y within half an ulp of 1/a, q1 within one ulp of x/a; Markstein 1990, Handbook of Floating-Point
-//        Arithmetic 2nd ed. sec. 4.7) q = RN(x/a) = __fdiv_rn(x, a).
-// The theorem needs no underflow or overflow on the way: callers use it only for a in [2^-32, 2^32] and
-// |x| >= a 2^-32 or x == 0 (x = +-0 gives q = +-0, maybe with the other sign, which every threshold compares the
-// same way); everything else (zero, tiny, huge, infinite absmax; tiny elements) takes __fdiv_rn. Checked against
-// divss on the CPU for 2e9 pairs (random, and x = a t +- 4 ulp for 11-bit t) with no difference.
-__device__ __forceinline__ float div_by_block_max(float x, float a, float y) {
-  const float q0 = __fmul_rn(x, y);
-  const float q1 = __fmaf_rn(__fmaf_rn(-a, q0, x), y, q0);
-  return __fmaf_rn(__fmaf_rn(-a, q1, x), y, q1);
-}
+// Encoding. The reference encodes v = RN(x / a) (a = the block's absmax) as #{thresholds t < v}. The fast path never
+// forms v: with y = rcp.approx(a) once per block (within 1 ulp of 1/a) and a in [2^-120, 2^120], q = RN(x y) lies
+// within 2^-22 of v for every |x| <= a (a y = 1 + e with |e| <= 2^-23, so |x y - x/a| <= 2^-23; rounding q adds at
+// most 2^-24 and rounding v at most 2^-25; subnormal results err less). So q > t decides v > t whenever
+// |q - t| > kNear = 2^-21. A chunk with an element nearer than that to a threshold it is compared with (or NaN, or a
+// block maximum outside the range) is recomputed exactly: __fdiv_rn, then the binary search of encode4 / encode12.
+// Ordinary weights send a few chunks in 10^5 there; the adversarial tests (tests/test_quantize_exact.py) send many.
+constexpr float kNear = 0x1p-21f;
 
-// Encoding = the number of thresholds strictly below v, found by a binary search over the row's thresholds in
+// Exact encoding = the number of thresholds strictly below v, found by a binary search over the row's thresholds in
 // Eytzinger order (node 1 is the median, node i's children are 2i and 2i + 1; the search ends at node 2^B + code).
-// Its comparisons are those of a sorted binary search (and of the previous encoder), so sorted thresholds,
-// duplicates included, give #{t < v}; NaN compares false everywhere. For B = 4, nodes 1..3 live in registers,
-// nodes 4..7 come from a shuffle of the lane that holds them and nodes 8..15 from the warp's shared table (16 words
-// in 16 banks: conflict-free whatever the lanes ask). Written in PTX so that every level is one compare and
-// predicated adds (C++ makes ptxas turn each comparison into a 0/-1 mask and multiply it in). Returns the table
-// address tab + 4 i4 + 2 p4 = tab + 2 (16 + code) (i4 = node of level 4, p4 = its comparison).
+// Its comparisons are those of a sorted binary search, so sorted thresholds, duplicates included, give #{t < v}; NaN
+// compares false everywhere. For B = 4, nodes 1..3 live in registers, nodes 4..7 come from a shuffle of the lane
+// that holds them and nodes 8..15 from the warp's shared table (16 words in 16 banks). Written in PTX so that every
+// level is one compare and predicated adds. Returns the table address tab + 2 (16 + code).
 __device__ __forceinline__ uint32_t encode4(float v, float n1, float n2, float n3, float node, uint32_t tab) {
   uint32_t a;
   asm("{\n\t.reg .pred p;\n\t.reg .f32 t;\n\t.reg .u32 i;\n\t"
@@ -441,33 +432,119 @@ __device__ __forceinline__ uint32_t encode4(float v, float n1, float n2, float n
   return a;
 }
 
-// The code of v for B = 1 or 2 (thresholds t0 = node 2 and t2 = node 3 around the median n1 for B = 2).
+// The code of v for B = 1 or 2 (thresholds t0 = node 2 and t2 = node 3 around the median n1 for B = 2). With
+// `near` it is the fast path on q: it also records whether q is within kNear of a threshold it compared with.
 template <int B>
-__device__ __forceinline__ uint32_t encode12(float v, float n1, float n2, float n3) {
+__device__ __forceinline__ uint32_t encode12(float v, float n1, float n2, float n3, bool* near = nullptr) {
   const bool p1 = v > n1;
+  if (near) *near |= !(fabsf(v - n1) > kNear);
   if (B == 1) return p1;
-  return (p1 ? 2u : 0u) + (v > (p1 ? n3 : n2));
+  const float t = p1 ? n3 : n2;
+  if (near) *near |= !(fabsf(v - t) > kNear);
+  return (p1 ? 2u : 0u) + (v > t);
 }
+
+// Fast 4-bit encoding through a per-warp table of kQBins bins, bin k = RN(128 q + 130): one FMA of q 2^49 onto
+// 2^65 + 130 2^42 leaves k in the low bits (the float grid there is 2^42 apart), and the bits of 2^65, 0x60000000,
+// vanish from the bin's byte offset 8 bits mod 2^32. Bin k holds the q in [L, H] = [(k - 130.5) / 128,
+// (k - 129.5) / 128], so v lies inside (L - kNear, H + kNear); the entry holds base = #{t < L - kNear} and the only
+// threshold in [L - kNear, H + kNear) (+inf when none; NaN when several, which sends the bin's elements to the exact
+// path). Then code = base + (v > t). |q| <= 1 + 2^-23 keeps k in [2, 258]; NaN and infinite q are clamped to the last
+// bin, where q - t is NaN or the block is already on the exact path. 288 = 9 bins for each lane to build.
+constexpr int kQBins = 288;
+constexpr uint32_t kBinMagic = 0x60000000u;  // the bits of 2^65
+struct QBin {
+  float t;
+  uint32_t base;
+};
+
+// Fill the warp's bins (lane l owns bins 9 l .. 9 l + 8); lane i < 15 holds the row's sorted threshold t_i. Threshold
+// i counts in the base of bin k exactly when k >= K_i = floor(128 (t_i + kNear) + 130.5) + 1, and lies inside bins
+// kl_i = floor(128 (t_i - kNear) + 129.5) + 1 .. K_i - 1; a bin inside the range of a neighbour too is dense (sorted
+// thresholds: only neighbours can share a bin). Both floors are exact: t is clamped to [-2, 2], which changes no
+// count, and a t near enough to a bin edge to matter has no bits below 2^-19.
+__device__ __forceinline__ void build_bins(QBin* bins, float t, int lane) {
+  const int k0 = 9 * lane;
+#pragma unroll
+  for (int s = 0; s < 9; ++s) bins[k0 + s] = QBin{__int_as_float(0x7f800000), 0u};
+  const float c = fminf(fmaxf(t, -2.0f), 2.0f);
+  const int K = (int)floorf(__fmaf_rn(128.0f, c, 130.5f + 128.0f * kNear)) + 1;
+  const int kl = (int)floorf(__fmaf_rn(128.0f, c, 129.5f - 128.0f * kNear)) + 1;
+  const int K_prev = __shfl_up_sync(kFull, K, 1), kl_next = __shfl_down_sync(kFull, kl, 1);
+  __syncwarp();
+  if (lane < kThresholdSlots) {
+    if (K < kQBins) atomicAdd(&bins[max(K, 0)].base, 1u);
+    for (int k = max(kl, 0); k < min(K, kQBins); ++k) {
+      const bool dense = (lane > 0 && k < K_prev) || (lane + 1 < kThresholdSlots && k >= kl_next);
+      bins[k].t = dense ? __int_as_float(0x7fffffff) : t;
+    }
+  }
+  __syncwarp();
+  uint32_t run = 0, incl[9];  // base = inclusive prefix sum of the counts: a scan of 9 bins per lane, then lanes
+#pragma unroll
+  for (int s = 0; s < 9; ++s) incl[s] = run += bins[k0 + s].base;
+  uint32_t lanes = run;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint32_t n = __shfl_up_sync(kFull, lanes, o);
+    if (lane >= o) lanes += n;
+  }
+#pragma unroll
+  for (int s = 0; s < 9; ++s) bins[k0 + s].base = lanes - run + incl[s];
+}
+
+// Adds code << shift to word; `bins` is the warp's table (shared address).
+__device__ __forceinline__ void encode4_fast(float q, uint32_t bins, int shift, uint32_t& word, bool& near) {
+  const uint32_t k = min(__float_as_uint(__fmaf_rn(q, 0x1p49f, 0x1p65f + 130.0f * 0x1p42f)), kBinMagic + (kQBins - 1));
+  float t;
+  uint32_t base;
+  asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=f"(t), "=r"(base) : "r"(k * 8 + bins) : "memory");
+  near |= !(fabsf(q - t) > kNear);
+  word += base << shift;
+  asm("{\n\t.reg .pred p;\n\tsetp.gt.f32 p, %1, %2;\n\t@p add.u32 %0, %0, %3;\n\t}"  // C++ makes it a select
+      : "+r"(word)
+      : "f"(q), "f"(t), "r"(1u << shift));
+}
+
+// A row's encoding state: the Eytzinger nodes 1..3, the lane's own node, the node table and the 4-bit bins.
+struct QRow {
+  float n1, n2, n3, node;
+  uint32_t tab, tab_sum;  // the table's shared address; encode4's table terms over a chunk (mod 2^32)
+  uint32_t bins;          // the bins' shared address
+};
 
 struct F8 {
   float v[8];
 };
 
-// The exact quotients the old way (rare: out of line, arguments and result in registers).
-__device__ __noinline__ F8 divide_exact(F8 x, float amax) {
-  F8 q;
+// The packed codes of a chunk from the exact quotients. Rare, so out of line: the three precisions' unrolled fast
+// paths then share the instruction cache. The whole warp calls it (encode4 shuffles).
+template <int B>
+__device__ __noinline__ uint32_t encode_exact(F8 x, float amax, QRow s) {
+  F8 v;
 #pragma unroll
-  for (int e = 0; e < 8; ++e) q.v[e] = amax > 0.0f ? __fdiv_rn(x.v[e], amax) : 0.0f;
-  return q;
+  for (int e = 0; e < 8; ++e) v.v[e] = amax > 0.0f ? __fdiv_rn(x.v[e], amax) : 0.0f;
+  uint32_t word = 0;
+  if (B == 4) {  // sum of (tab + 2 (16 + code_e)) << (4 e - 1), less the table terms
+    word = encode4(v.v[0], s.n1, s.n2, s.n3, s.node, s.tab) >> 1;
+#pragma unroll
+    for (int e = 1; e < 8; ++e) word += encode4(v.v[e], s.n1, s.n2, s.n3, s.node, s.tab) << (4 * e - 1);
+    word -= s.tab_sum;
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) word |= encode12<B>(v.v[e], s.n1, s.n2, s.n3) << (e * B);
+  }
+  return word;
 }
 
 // One warp task of precision B. `out` and `am` point at the lane's first chunk's codes and block maximum; `left` is
 // the number of padded columns from the lane's first chunk on (chunks at or past the padding write nothing).
-template <typename T, int B>
-__device__ __forceinline__ void quantize_task(const QIn<T> (&in)[kQChunks<T>], int lane, int group_shift, float n1,
-                                              float n2, float n3, float node, uint32_t tab, uint32_t tab_sum,
-                                              uint8_t* __restrict__ out, bool al, float* __restrict__ am,
-                                              int64_t left) {
+// GS = log2(lanes per block) when fixed at compile time (3: blocksize 64), else -1 and group_shift has it.
+template <typename T, int B, int GS>
+__device__ __forceinline__ void quantize_task(const QIn<T> (&in)[kQChunks<T>], int lane, int group_shift,
+                                              const QRow& s, uint8_t* __restrict__ out, bool al,
+                                              float* __restrict__ am, int64_t left) {
+  if (GS >= 0) group_shift = GS;
   const int group = 1 << group_shift;  // lanes per block
 #pragma unroll
   for (int q = 0; q < kQChunks<T>; ++q) {
@@ -477,30 +554,26 @@ __device__ __forceinline__ void quantize_task(const QIn<T> (&in)[kQChunks<T>], i
 #pragma unroll
     for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x.v[e]));
 #pragma unroll
-    for (int o = 1; o < 32; o <<= 1)
-      if (o < group) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, o));
-    // Division-free path for ordinary blocks (see div_by_block_max); an element below amax 2^-32 other than zero
-    // sends its whole chunk to __fdiv_rn: (bits << 1) - 1 < (lo << 1) - 1 holds exactly for 0 < |x| < lo.
-    float y;  // RN(1/amax); ftz changes nothing for the normal amax the fast path uses, and drops the denormal fixup
-    asm("rcp.rn.ftz.f32 %0, %1;" : "=f"(y) : "f"(amax));
-    const uint32_t lo2 = (__float_as_uint(amax * 0x1p-32f) << 1) - 1u;
-    bool slow = !(amax >= 0x1p-32f && amax <= 0x1p32f);
-    F8 v;
+    for (int o = 1; o < 32; o <<= 1) {
+      if (GS >= 0 && o >= group) break;
+      const float other = __shfl_xor_sync(kFull, amax, o);  // every lane shuffles: no branch when GS < 0
+      if (o < group) amax = fmaxf(amax, other);
+    }
+    float y;  // ftz changes nothing for the normal amax the fast path uses
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(amax));
+    const bool in_range = amax >= 0x1p-120f && amax <= 0x1p120f;
+    if (!in_range) y = 0.0f;  // q = 0 (exactly v when amax = 0, as in padding), or NaN; either stays in the bins
+    bool near = !in_range && amax != 0.0f;
+    uint32_t word = 0;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      v.v[e] = div_by_block_max(x.v[e], amax, y);
-      slow |= (__float_as_uint(x.v[e]) << 1) - 1u < lo2;
+      const float v = __fmul_rn(x.v[e], y);
+      if (B == 4) encode4_fast(v, s.bins, 4 * e, word, near);
+      else word |= encode12<B>(v, s.n1, s.n2, s.n3, &near) << (e * B);
     }
-    if (slow) v = divide_exact(x, amax);
-    uint32_t word = 0;
-    if (B == 4) {  // sum of (tab + 2 (16 + code_e)) << (4 e - 1), less the table terms
-      word = encode4(v.v[0], n1, n2, n3, node, tab) >> 1;
-#pragma unroll
-      for (int e = 1; e < 8; ++e) word += encode4(v.v[e], n1, n2, n3, node, tab) << (4 * e - 1);
-      word -= tab_sum;
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) word |= encode12<B>(v.v[e], n1, n2, n3) << (e * B);
+    if (__any_sync(kFull, near)) {
+      const uint32_t exact = encode_exact<B>(x, amax, s);
+      if (near) word = exact;
     }
     if (q * 256 < left) {
       if ((lane & (group - 1)) == 0) am[q << (5 - group_shift)] = amax;
@@ -517,7 +590,9 @@ __device__ __forceinline__ void quantize_task(const QIn<T> (&in)[kQChunks<T>], i
   }
 }
 
-template <typename T>
+// Warps take contiguous runs of (row, segment) tasks, so a warp sets a row up (thresholds, and the bins for 4 bits)
+// about once per row rather than once per task.
+template <typename T, int GS>
 __global__ void __launch_bounds__(256, 3) quantize_fast(const T* __restrict__ W, int64_t rows, int64_t cols,
                                                      int64_t blocksize, int64_t pc, int64_t segs,
                                                      const uint8_t* __restrict__ bits,
@@ -525,20 +600,21 @@ __global__ void __launch_bounds__(256, 3) quantize_fast(const T* __restrict__ W,
                                                      const int64_t* __restrict__ row_offsets, uint8_t* packed,
                                                      int64_t packed_bytes, float* __restrict__ absmax) {
   __shared__ float table[8][kCodebookSlots];  // each warp's current thresholds in Eytzinger order (slot 0 unused)
+  __shared__ QBin bins[8][kQBins];
   const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
-  float* tab = table[wib];
-  const uint32_t tab_addr = (uint32_t)__cvta_generic_to_shared(tab);
-  const uint32_t tab_sum = (tab_addr / 2 + 16) * 0x11111111u;  // encode4's table terms over a chunk (mod 2^32)
-  const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
+  QRow s;
+  s.tab = (uint32_t)__cvta_generic_to_shared(table[wib]);
+  s.tab_sum = (s.tab / 2 + 16) * 0x11111111u;
+  s.bins = (uint32_t)__cvta_generic_to_shared(bins[wib]);
+  s.n1 = s.n2 = s.n3 = s.node = 0.0f;
   const int64_t nb = pc / blocksize;
   const int group_shift = 28 - __clz((int)blocksize);  // log2(blocksize / 8)
-  const int64_t first = (int64_t)blockIdx.x * (blockDim.x >> 5) + wib;
-  const int64_t dr = warps / segs, dseg = warps % segs;  // the task stride in (rows, segments)
-  int64_t r = first / segs, seg = first % segs, cur = -1;
-  float n1 = 0.0f, n2 = 0.0f, n3 = 0.0f, node = 0.0f;
-  for (; r < rows; r += dr, seg += dseg) {
-    if (seg >= segs) seg -= segs, ++r;
-    if (r >= rows) break;
+  const int64_t tasks = rows * segs, warps = (int64_t)gridDim.x * (blockDim.x >> 5);
+  const int64_t w = (int64_t)blockIdx.x * (blockDim.x >> 5) + wib, per = tasks / warps, extra = tasks % warps;
+  int64_t task = w * per + min(w, extra);
+  const int64_t end = task + per + (w < extra ? 1 : 0);
+  int64_t r = task / segs, seg = task % segs, cur = -1;
+  for (; task < end; ++task, seg = seg + 1 == segs ? (++r, 0) : seg + 1) {
     const int b = bits[r];
     const int64_t start = row_offsets[r];
     if (!row_ok(b, start, pc, packed_bytes)) {  // warp-uniform
@@ -555,16 +631,21 @@ __global__ void __launch_bounds__(256, 3) quantize_fast(const T* __restrict__ W,
     }
     if (r != cur) {  // lane i (1 <= i < 2^b) holds node i: sorted index (2k + 1) 2^(b - 1 - L) - 1, i = 2^L + k
       cur = r;
-      node = 0.0f;
+      s.node = 0.0f;
       if (lane >= 1 && lane < (1 << b)) {
         const int L = 31 - __clz(lane);
         const int idx = ((2 * (lane - (1 << L)) + 1) << (b - 1 - L)) - 1;
-        node = half_bits_to_float(__ldg(thresholds + r * kThresholdSlots + idx));
+        s.node = half_bits_to_float(__ldg(thresholds + r * kThresholdSlots + idx));
       }
       __syncwarp();  // the previous row's lookups are done
-      if (lane < kCodebookSlots) tab[lane] = node;
+      if (lane < kCodebookSlots) table[wib][lane] = s.node;
+      if (b == 4) {
+        const float t = lane < kThresholdSlots ? half_bits_to_float(__ldg(thresholds + r * kThresholdSlots + lane))
+                                               : __int_as_float(0x7f800000);
+        build_bins(bins[wib], t, lane);
+      }
       __syncwarp();
-      n1 = __shfl_sync(kFull, node, 1), n2 = __shfl_sync(kFull, node, 2), n3 = __shfl_sync(kFull, node, 3);
+      s.n1 = __shfl_sync(kFull, s.node, 1), s.n2 = __shfl_sync(kFull, s.node, 2), s.n3 = __shfl_sync(kFull, s.node, 3);
     }
     uint8_t* row = packed + start;
     const bool al = ((uintptr_t)row & (b - 1)) == 0;
@@ -572,9 +653,9 @@ __global__ void __launch_bounds__(256, 3) quantize_fast(const T* __restrict__ W,
     uint8_t* out = row + (j >> 3) * b;
     float* am = absmax + r * nb + (j >> (group_shift + 3));
     const int64_t left = pc - j;
-    if (b == 1) quantize_task<T, 1>(in, lane, group_shift, n1, n2, n3, node, tab_addr, tab_sum, out, al, am, left);
-    else if (b == 2) quantize_task<T, 2>(in, lane, group_shift, n1, n2, n3, node, tab_addr, tab_sum, out, al, am, left);
-    else quantize_task<T, 4>(in, lane, group_shift, n1, n2, n3, node, tab_addr, tab_sum, out, al, am, left);
+    if (b == 1) quantize_task<T, 1, GS>(in, lane, group_shift, s, out, al, am, left);
+    else if (b == 2) quantize_task<T, 2, GS>(in, lane, group_shift, s, out, al, am, left);
+    else quantize_task<T, 4, GS>(in, lane, group_shift, s, out, al, am, left);
   }
 }
 
@@ -629,16 +710,20 @@ int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t 
   const int64_t pc = padded_cols(cols, blocksize);
   const bool pow2 = (blocksize & (blocksize - 1)) == 0;
   if (pow2 && blocksize <= 256 && cols % 8 == 0 && aligned(W, 16)) {
+#define LOWRA_QF2(T, GS)                                                                                             \
+  quantize_fast<T, GS><<<resident_grid(quantize_fast<T, GS>, rows * segs, 8), 256, 0, stream>>>(                     \
+      (const T*)W, rows, cols, blocksize, pc, segs, bits, thresholds, row_offsets, packed, packed_bytes, absmax)
 #define LOWRA_QF(T)                                                                                                  \
   do {                                                                                                               \
     const int64_t segs = (pc + kQSegElems<T> - 1) / kQSegElems<T>;                                                   \
-    quantize_fast<T><<<resident_grid(quantize_fast<T>, rows * segs, 8), 256, 0, stream>>>(                           \
-        (const T*)W, rows, cols, blocksize, pc, segs, bits, thresholds, row_offsets, packed, packed_bytes, absmax);  \
+    if (blocksize == 64) LOWRA_QF2(T, 3);                                                                            \
+    else LOWRA_QF2(T, -1);                                                                                           \
   } while (0)
     if (dtype == LOWRA_F16) LOWRA_QF(__half);
     else if (dtype == LOWRA_BF16) LOWRA_QF(__nv_bfloat16);
     else LOWRA_QF(float);
 #undef LOWRA_QF
+#undef LOWRA_QF2
   } else {
     quantize_generic<<<(unsigned)rows, 256, 0, stream>>>(W, dtype, cols, blocksize, pc, bits, thresholds, row_offsets,
                                                          packed, packed_bytes, absmax);

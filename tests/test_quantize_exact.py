@@ -1,7 +1,8 @@
 """Quantize on adversarial inputs, bit for bit against the reference: elements at threshold * absmax and a few ulps
 either side for every precision and input dtype, duplicate thresholds, all-zero blocks, tiny and subnormal elements,
-block maxima at the edges of the CUDA kernel's division-free range (2^-32, 2^32), and shapes that take the fast and
-the generic CUDA paths. The cpu cases run in CI; the cuda ones on the GPU machine."""
+block maxima at the edges of the CUDA kernel's fast range [2^-120, 2^120], thresholds on the edges of its 4-bit bins,
+closer than a bin or outside [-1, 1], and shapes that take the fast and the generic CUDA paths. The cpu cases run in
+CI; the cuda ones on the GPU machine."""
 
 import pytest
 import torch
@@ -14,9 +15,9 @@ from .conftest import devices
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 # block-maximum exponents: fp16 stays inside its range (subnormal maxima included), the others reach past the
-# CUDA kernel's [2^-32, 2^32] division-free range on both sides
-EXPONENTS = {torch.float16: [-20, -14, -3, 0, 4, 14], torch.bfloat16: [-40, -33, -32, -31, -2, 0, 31, 32, 33],
-             torch.float32: [-40, -33, -32, -31, -2, 0, 31, 32, 33]}
+# CUDA kernel's fast range [2^-120, 2^120] on both sides (and below the smallest normal)
+_WIDE = [-130, -126, -121, -120, -119, -40, -2, 0, 31, 119, 120, 121, 126]
+EXPONENTS = {torch.float16: [-20, -14, -3, 0, 4, 14], torch.bfloat16: _WIDE, torch.float32: _WIDE}
 
 
 def thresholds_with_duplicates(rows: int, gen: torch.Generator) -> torch.Tensor:
@@ -77,6 +78,48 @@ def test_quantize_adversarial_bit_identical(shape, dtype, device):
     thr = thresholds_with_duplicates(rows, gen)
     W = adversarial_weight(rows, cols, bs, dtype, thr, bits, gen)
     (ref_packed, ref_absmax), (packed, absmax) = run_quantize(W, bits, thr, bs, device)
+    assert torch.equal(absmax, ref_absmax)
+    assert torch.equal(packed, ref_packed), f"{int((packed != ref_packed).sum())} packed bytes differ"
+
+
+def thresholds_on_bin_edges(rows: int, gen: torch.Generator) -> torch.Tensor:
+    """Sorted float16 thresholds [rows, 15] from the edges of the CUDA kernel's 4-bit bins ((k - 130.5) / 128, k
+    integer: exact in float16), their neighbours one float16 ulp away, pairs closer than a bin, +-1 and values
+    outside [-1, 1] (never or always below an element)."""
+    k = torch.randint(2, 259, (64,), generator=gen).float()
+    edges = ((k - 130.5) / 128).half()
+    up = (edges.view(torch.int16) + 1).view(torch.float16)
+    extra = torch.tensor([-65504.0, -1.5, -1.0, 1.0, 1.5, 65504.0, 0.0, 0.001, 0.0015]).half()
+    pool = torch.cat([edges, up, extra])
+    idx = torch.randint(0, pool.numel(), (rows, 15), generator=gen)
+    return torch.sort(pool[idx], dim=1).values
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(24, 4104, 64), (9, 2048, 32)])
+def test_quantize_thresholds_on_bin_edges(shape, dtype, device):
+    rows, cols, bs = shape
+    gen = torch.Generator().manual_seed(rows * 7 + cols)
+    bits = torch.tensor([4, 4, 2, 1], dtype=torch.uint8)[torch.arange(rows) % 4]
+    thr = thresholds_on_bin_edges(rows, gen)
+    W = adversarial_weight(rows, cols, bs, dtype, thr, bits, gen)
+    W[rows // 2] = torch.randn(cols, generator=gen).to(dtype)  # an ordinary row between them
+    (ref_packed, ref_absmax), (packed, absmax) = run_quantize(W, bits, thr, bs, device)
+    assert torch.equal(absmax, ref_absmax)
+    assert torch.equal(packed, ref_packed), f"{int((packed != ref_packed).sum())} packed bytes differ"
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_quantize_more_tasks_than_warps(device):
+    """1600 rows of 3 segments: more (row, segment) tasks than the H200 has resident warps, so warps take unequal
+    contiguous runs that start and end inside rows of every precision."""
+    rows, cols = 1601, 4104
+    gen = torch.Generator().manual_seed(5)
+    bits = torch.tensor([1, 2, 4], dtype=torch.uint8)[torch.randint(0, 3, (rows,), generator=gen)]
+    thr = torch.sort(torch.rand(rows, 15, generator=gen) * 2 - 1, dim=1).values.half()
+    W = (torch.randn(rows, cols, generator=gen) * 0.02).bfloat16()
+    (ref_packed, ref_absmax), (packed, absmax) = run_quantize(W, bits, thr, 64, device)
     assert torch.equal(absmax, ref_absmax)
     assert torch.equal(packed, ref_packed), f"{int((packed != ref_packed).sum())} packed bytes differ"
 
