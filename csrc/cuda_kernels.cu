@@ -444,18 +444,22 @@ __device__ __forceinline__ uint32_t encode12(float v, float n1, float n2, float 
   return (p1 ? 2u : 0u) + (v > t);
 }
 
-// Fast 4-bit encoding through a per-warp table of kQBins bins, bin k = RN(128 q + 130): one FMA of q 2^49 onto
-// 2^65 + 130 2^42 leaves k in the low bits (the float grid there is 2^42 apart), and the bits of 2^65, 0x60000000,
-// vanish from the bin's byte offset 8 bits mod 2^32. Bin k holds the q in [L, H] = [(k - 130.5) / 128,
-// (k - 129.5) / 128], so v lies inside (L - kNear, H + kNear); the entry holds base = #{t < L - kNear} and the only
-// threshold in [L - kNear, H + kNear) (+inf when none; NaN when several, which sends the bin's elements to the exact
-// path). Then code = base + (v > t). |q| <= 1 + 2^-23 keeps k in [2, 258]; NaN and infinite q are clamped to the last
-// bin, where q - t is NaN or the block is already on the exact path. 288 = 9 bins for each lane to build.
+// Fast 4-bit encoding through a per-warp table of kQBins one-word bins, bin k = RN(128 q + 130): one FMA of q 2^-15
+// onto 2 + 130 2^-22 leaves k in the low bits (the float grid in [2, 4) is 2^-22 apart), and the bits of 2.0,
+// 0x40000000, vanish from the bin's byte offset 4 k mod 2^32. Bin k holds the q in [L, H] = [(k - 130.5) / 128,
+// (k - 129.5) / 128], so v lies inside (L - kNear, H + kNear). Its word is the bits of the only threshold t in
+// [L - kNear, H + kNear) (2^100 when none; NaN when several, which sends the bin's elements to the exact path) with
+// base = #{t < L - kNear} in the low 4 bits, where a float16 threshold has 13 zero bits. Then code = base + (v > t).
+// Those 4 bits move t by at most 15 ulps (|t| < 1.25 in a bin: under 2^-19), so q decides v > t when it is more
+// than kNear4 = 2^-18 from the stored value. |q| <= 1 + 2^-23 keeps k in [2, 258]; NaN and infinite q are clamped
+// to the last bin, where q - t is NaN or the block is already on the exact path. 288 = 9 bins per lane to build.
 constexpr int kQBins = 288;
-constexpr uint32_t kBinMagic = 0x60000000u;  // the bits of 2^65
-struct QBin {
-  float t;
-  uint32_t base;
+constexpr uint32_t kBinMagic = 0x40000000u;     // the bits of 2.0
+constexpr float kNear4 = 0x1p-18f;
+constexpr uint32_t kNoThreshold = 0x71800000u;  // 2^100: above every q
+struct QBins {
+  float t[kQBins];     // during the build: each bin's threshold
+  uint32_t e[kQBins];  // during the build, counts; then the bins' words
 };
 
 // Fill the warp's bins (lane l owns bins 9 l .. 9 l + 8); lane i < 15 holds the row's sorted threshold t_i. Threshold
@@ -463,26 +467,26 @@ struct QBin {
 // kl_i = floor(128 (t_i - kNear) + 129.5) + 1 .. K_i - 1; a bin inside the range of a neighbour too is dense (sorted
 // thresholds: only neighbours can share a bin). Both floors are exact: t is clamped to [-2, 2], which changes no
 // count, and a t near enough to a bin edge to matter has no bits below 2^-19.
-__device__ __forceinline__ void build_bins(QBin* bins, float t, int lane) {
+__device__ __forceinline__ void build_bins(QBins& b, float t, int lane) {
   const int k0 = 9 * lane;
 #pragma unroll
-  for (int s = 0; s < 9; ++s) bins[k0 + s] = QBin{__int_as_float(0x7f800000), 0u};
+  for (int s = 0; s < 9; ++s) b.t[k0 + s] = __uint_as_float(kNoThreshold), b.e[k0 + s] = 0u;
   const float c = fminf(fmaxf(t, -2.0f), 2.0f);
   const int K = (int)floorf(__fmaf_rn(128.0f, c, 130.5f + 128.0f * kNear)) + 1;
   const int kl = (int)floorf(__fmaf_rn(128.0f, c, 129.5f - 128.0f * kNear)) + 1;
   const int K_prev = __shfl_up_sync(kFull, K, 1), kl_next = __shfl_down_sync(kFull, kl, 1);
   __syncwarp();
   if (lane < kThresholdSlots) {
-    if (K < kQBins) atomicAdd(&bins[max(K, 0)].base, 1u);
+    if (K < kQBins) atomicAdd(&b.e[max(K, 0)], 1u);
     for (int k = max(kl, 0); k < min(K, kQBins); ++k) {
       const bool dense = (lane > 0 && k < K_prev) || (lane + 1 < kThresholdSlots && k >= kl_next);
-      bins[k].t = dense ? __int_as_float(0x7fffffff) : t;
+      b.t[k] = dense ? __int_as_float(0x7fc00000) : t;
     }
   }
   __syncwarp();
   uint32_t run = 0, incl[9];  // base = inclusive prefix sum of the counts: a scan of 9 bins per lane, then lanes
 #pragma unroll
-  for (int s = 0; s < 9; ++s) incl[s] = run += bins[k0 + s].base;
+  for (int s = 0; s < 9; ++s) incl[s] = run += b.e[k0 + s];
   uint32_t lanes = run;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
@@ -490,17 +494,24 @@ __device__ __forceinline__ void build_bins(QBin* bins, float t, int lane) {
     if (lane >= o) lanes += n;
   }
 #pragma unroll
-  for (int s = 0; s < 9; ++s) bins[k0 + s].base = lanes - run + incl[s];
+  for (int s = 0; s < 9; ++s) b.e[k0 + s] = __float_as_uint(b.t[k0 + s]) | (lanes - run + incl[s]);
 }
 
-// Adds code << shift to word; `bins` is the warp's table (shared address).
-__device__ __forceinline__ void encode4_fast(float q, uint32_t bins, int shift, uint32_t& word, bool& near) {
-  const uint32_t k = min(__float_as_uint(__fmaf_rn(q, 0x1p49f, 0x1p65f + 130.0f * 0x1p42f)), kBinMagic + (kQBins - 1));
-  float t;
-  uint32_t base;
-  asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=f"(t), "=r"(base) : "r"(k * 8 + bins) : "memory");
-  near |= !(fabsf(q - t) > kNear);
-  word += base << shift;
+// The bin words of 8 values, all loads issued before any is used; `bins` is the warp's word table (shared address).
+__device__ __forceinline__ void load_bins(const float (&q)[8], uint32_t bins, uint32_t (&w)[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const float f = __fmaf_rn(q[e], 0x1p-15f, 2.0f + 130.0f * 0x1p-22f);
+    const uint32_t k = min(__float_as_uint(f), kBinMagic + (kQBins - 1));
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(w[e]) : "r"(k * 4 + bins) : "memory");
+  }
+}
+
+// Adds code << shift to word for one value and its bin word.
+__device__ __forceinline__ void encode4_fast(float q, uint32_t w, int shift, uint32_t& word, bool& near) {
+  const float t = __uint_as_float(w);
+  near |= !(fabsf(q - t) > kNear4);
+  word += (w & 15u) << shift;
   asm("{\n\t.reg .pred p;\n\tsetp.gt.f32 p, %1, %2;\n\t@p add.u32 %0, %0, %3;\n\t}"  // C++ makes it a select
       : "+r"(word)
       : "f"(q), "f"(t), "r"(1u << shift));
@@ -510,7 +521,7 @@ __device__ __forceinline__ void encode4_fast(float q, uint32_t bins, int shift, 
 struct QRow {
   float n1, n2, n3, node;
   uint32_t tab, tab_sum;  // the table's shared address; encode4's table terms over a chunk (mod 2^32)
-  uint32_t bins;          // the bins' shared address
+  uint32_t bins;          // the bins' words (shared address)
 };
 
 struct F8 {
@@ -565,11 +576,17 @@ __device__ __forceinline__ void quantize_task(const QIn<T> (&in)[kQChunks<T>], i
     if (!in_range) y = 0.0f;  // q = 0 (exactly v when amax = 0, as in padding), or NaN; either stays in the bins
     bool near = !in_range && amax != 0.0f;
     uint32_t word = 0;
+    float v[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const float v = __fmul_rn(x.v[e], y);
-      if (B == 4) encode4_fast(v, s.bins, 4 * e, word, near);
-      else word |= encode12<B>(v, s.n1, s.n2, s.n3, &near) << (e * B);
+    for (int e = 0; e < 8; ++e) v[e] = __fmul_rn(x.v[e], y);
+    if (B == 4) {
+      uint32_t w[8];
+      load_bins(v, s.bins, w);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) encode4_fast(v[e], w[e], 4 * e, word, near);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) word |= encode12<B>(v[e], s.n1, s.n2, s.n3, &near) << (e * B);
     }
     if (__any_sync(kFull, near)) {
       const uint32_t exact = encode_exact<B>(x, amax, s);
@@ -600,12 +617,12 @@ __global__ void __launch_bounds__(256, 3) quantize_fast(const T* __restrict__ W,
                                                      const int64_t* __restrict__ row_offsets, uint8_t* packed,
                                                      int64_t packed_bytes, float* __restrict__ absmax) {
   __shared__ float table[8][kCodebookSlots];  // each warp's current thresholds in Eytzinger order (slot 0 unused)
-  __shared__ QBin bins[8][kQBins];
+  __shared__ QBins bins[8];
   const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
   QRow s;
   s.tab = (uint32_t)__cvta_generic_to_shared(table[wib]);
   s.tab_sum = (s.tab / 2 + 16) * 0x11111111u;
-  s.bins = (uint32_t)__cvta_generic_to_shared(bins[wib]);
+  s.bins = (uint32_t)__cvta_generic_to_shared(bins[wib].e);
   s.n1 = s.n2 = s.n3 = s.node = 0.0f;
   const int64_t nb = pc / blocksize;
   const int group_shift = 28 - __clz((int)blocksize);  // log2(blocksize / 8)
