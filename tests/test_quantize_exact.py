@@ -54,12 +54,16 @@ def adversarial_weight(rows, cols, blocksize, dtype, thr, bits, gen):
     return x.reshape(rows, pc)[:, :cols].to(dtype).contiguous()
 
 
-def run_quantize(W, bits, thr, blocksize, device):
+def assert_quantize_matches_reference(W, bits, thr, blocksize, device):
+    """Quantize W with the op on `device` and require packed codes and absmax equal, bit for bit, to the
+    reference's; returns the reference absmax."""
     off = row_offsets(bits, W.shape[1], blocksize)
-    ref = reference.quantize(W, bits, thr, off, blocksize)
+    ref_packed, ref_absmax = reference.quantize(W, bits, thr, off, blocksize)
     d = [t.to(device) for t in (W, bits, thr, off)]
-    got = torch.ops.lowra.quantize(d[0], d[1], d[2], d[3], blocksize)
-    return ref, tuple(t.cpu() for t in got)
+    packed, absmax = (t.cpu() for t in torch.ops.lowra.quantize(d[0], d[1], d[2], d[3], blocksize))
+    assert torch.equal(absmax, ref_absmax)
+    assert torch.equal(packed, ref_packed), f"{int((packed != ref_packed).sum())} packed bytes differ"
+    return ref_absmax
 
 
 # (rows, cols, blocksize): the CUDA fast path (power-of-two blocksize <= 256, cols % 8 == 0) with padding, one or
@@ -77,9 +81,7 @@ def test_quantize_adversarial_bit_identical(shape, dtype, device):
     bits = torch.tensor([1, 2, 4], dtype=torch.uint8)[torch.arange(rows) % 3]  # every precision
     thr = thresholds_with_duplicates(rows, gen)
     W = adversarial_weight(rows, cols, bs, dtype, thr, bits, gen)
-    (ref_packed, ref_absmax), (packed, absmax) = run_quantize(W, bits, thr, bs, device)
-    assert torch.equal(absmax, ref_absmax)
-    assert torch.equal(packed, ref_packed), f"{int((packed != ref_packed).sum())} packed bytes differ"
+    assert_quantize_matches_reference(W, bits, thr, bs, device)
 
 
 def thresholds_on_bin_edges(rows: int, gen: torch.Generator) -> torch.Tensor:
@@ -105,23 +107,19 @@ def test_quantize_thresholds_on_bin_edges(shape, dtype, device):
     thr = thresholds_on_bin_edges(rows, gen)
     W = adversarial_weight(rows, cols, bs, dtype, thr, bits, gen)
     W[rows // 2] = torch.randn(cols, generator=gen).to(dtype)  # an ordinary row between them
-    (ref_packed, ref_absmax), (packed, absmax) = run_quantize(W, bits, thr, bs, device)
-    assert torch.equal(absmax, ref_absmax)
-    assert torch.equal(packed, ref_packed), f"{int((packed != ref_packed).sum())} packed bytes differ"
+    assert_quantize_matches_reference(W, bits, thr, bs, device)
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_quantize_more_tasks_than_warps(device):
-    """1600 rows of 3 segments: more (row, segment) tasks than the H200 has resident warps, so warps take unequal
+    """1601 rows of 3 segments: more (row, segment) tasks than the H200 has resident warps, so warps take unequal
     contiguous runs that start and end inside rows of every precision."""
     rows, cols = 1601, 4104
     gen = torch.Generator().manual_seed(5)
     bits = torch.tensor([1, 2, 4], dtype=torch.uint8)[torch.randint(0, 3, (rows,), generator=gen)]
     thr = torch.sort(torch.rand(rows, 15, generator=gen) * 2 - 1, dim=1).values.half()
     W = (torch.randn(rows, cols, generator=gen) * 0.02).bfloat16()
-    (ref_packed, ref_absmax), (packed, absmax) = run_quantize(W, bits, thr, 64, device)
-    assert torch.equal(absmax, ref_absmax)
-    assert torch.equal(packed, ref_packed), f"{int((packed != ref_packed).sum())} packed bytes differ"
+    assert_quantize_matches_reference(W, bits, thr, 64, device)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -142,9 +140,7 @@ def test_quantize_every_ulp_around_every_threshold(b, device):
     cols = max(r.numel() for r in rows)
     W = torch.stack([torch.cat([r, torch.zeros(cols - r.numel())]) for r in rows])
     bits = torch.full((W.shape[0],), b, dtype=torch.uint8)
-    (ref_packed, ref_absmax), (packed, absmax) = run_quantize(W, bits, thr.expand(W.shape[0], 15).contiguous(), 64, device)
-    assert torch.equal(absmax, ref_absmax)
-    assert torch.equal(packed, ref_packed)
+    assert_quantize_matches_reference(W, bits, thr.expand(W.shape[0], 15).contiguous(), 64, device)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -165,7 +161,5 @@ def test_quantize_non_finite_weights_agree_everywhere(shape, dtype, device):
     W[rows - 1, torch.rand(cols, generator=gen) < 0.1] = float("nan")
     bits = torch.tensor([1, 2, 4], dtype=torch.uint8)[torch.arange(rows) % 3]
     thr = thresholds_with_duplicates(rows, gen)
-    (ref_packed, ref_absmax), (packed, absmax) = run_quantize(W, bits, thr, bs, device)
+    ref_absmax = assert_quantize_matches_reference(W, bits, thr, bs, device)
     assert ref_absmax[1, 0] == 0 and torch.isinf(ref_absmax[2, 0]) and not ref_absmax.isnan().any()
-    assert torch.equal(absmax, ref_absmax)
-    assert torch.equal(packed, ref_packed), f"{int((packed != ref_packed).sum())} packed bytes differ"
