@@ -8,7 +8,7 @@
 // each task's row metadata one task ahead. Quantize reduces block absmax with shuffles inside the
 // lanes of one block, multiplies by its reciprocal and encodes through a per-row lookup table of bins (4 bits) or
 // one or two comparisons (1 and 2 bits); the rare element whose code that could get wrong (one within 2^-21 of a
-// threshold) sends its chunk to the exact division and a binary search over the thresholds.
+// threshold, 2^-18 at 4 bits) sends its chunk to the exact division and a binary search over the thresholds.
 // Dequantize has no other path (chunks of 8 fit every layout; unaligned rows fall back to byte loads and scalar
 // stores); quantize keeps a simple one-row-per-CTA kernel for blocksizes the shuffle reduction cannot cover.
 //
@@ -400,8 +400,9 @@ constexpr int kQSegElems = kQChunks<T> * 256;
 // forms v: with y = rcp.approx(a) once per block (within 1 ulp of 1/a) and a in [2^-120, 2^120], q = RN(x y) lies
 // within 2^-22 of v for every |x| <= a (a y = 1 + e with |e| <= 2^-23, so |x y - x/a| <= 2^-23; rounding q adds at
 // most 2^-24 and rounding v at most 2^-25; subnormal results err less). So q > t decides v > t whenever
-// |q - t| > kNear = 2^-21. A chunk with an element nearer than that to a threshold it is compared with (or NaN, or a
-// block maximum outside the range) is recomputed exactly: __fdiv_rn, then the binary search of encode4 / encode12.
+// |q - t| > kNear = 2^-21 (kNear4 at 4 bits, below). A chunk with an element nearer than that to a threshold it is
+// compared with (or NaN, or a block maximum outside the range) is recomputed exactly: __fdiv_rn, then the binary
+// search of encode4 / encode12.
 // Ordinary weights send a few chunks in 10^5 there; the adversarial tests (tests/test_quantize_exact.py) send many.
 constexpr float kNear = 0x1p-21f;
 
