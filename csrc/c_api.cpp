@@ -121,11 +121,11 @@ void lowra_matmul_cuda_set_tuning(int ksplit, int ctas_per_sm, int depth, int ne
 #endif
 }
 
-void lowra_matmul_cuda_set_gemv_tuning(int max_rows, int rows_per_warp, int wk) {
+void lowra_matmul_cuda_set_gemv_tuning(int max_rows, int rows_per_warp, int wk, int batch1) {
 #ifdef LOWRA_WITH_CUDA
-  lowra::gemv_set_tuning(max_rows, rows_per_warp, wk);
+  lowra::gemv_set_tuning(max_rows, rows_per_warp, wk, batch1);
 #else
-  (void)max_rows, (void)rows_per_warp, (void)wk;
+  (void)max_rows, (void)rows_per_warp, (void)wk, (void)batch1;
 #endif
 }
 

@@ -1,5 +1,6 @@
 // Fused y = A W^T (+ bias) for 1 or 2 (up to 4 by a knob) activation rows (batch-1 decode): a CUDA-core GEMV,
 // never materializing W. cuda_matmul.cu tries this path first and keeps its tensor-core path for more rows.
+// One activation row on a large layer goes to the batch-1 kernel instead (cuda_gemv1.cu; gemv_cuda picks).
 //
 // Work: a CTA (8 warps) takes tasks (K split, group of 8 * WR rows). Its warps split the split's columns: WK warps
 // per row group, WR = 8 / WK row groups of 8 rows each. Lane l handles 32 consecutive columns of every
@@ -22,12 +23,14 @@
 
 #include <mutex>
 
-#include "cuda_common.cuh"
+#include "cuda_gemv.cuh"
 #include "kernels.h"
 
 namespace lowra {
 
 namespace {
+
+using namespace gv;
 
 constexpr int kGvThreads = 256;
 constexpr int kGvWarps = kGvThreads / 32;
@@ -37,7 +40,6 @@ constexpr int kGvXBudget = 48 * 1024; // shared memory for the staged activation
 constexpr int kGvTab = 32;           // floats of decode table per row (2 bit: 16 pairs; 4 bit: 16 values)
 constexpr int kGvSlots = 3;          // row metadata of the current task and the two next ones
 constexpr int kGvMaxSmem = 96 * 1024; // above any plan: activations + 3 slots of metadata and tables + reduction
-constexpr unsigned kFull = 0xffffffffu;
 
 struct GvRow {
   int64_t off;  // byte offset of the row's codes in `packed`
@@ -47,77 +49,6 @@ struct GvRow {
   int32_t pad[2];
 };
 static_assert(sizeof(GvRow) == 32, "GvRow is 32 bytes");
-
-struct GvArgs {
-  const void* A;
-  int m;
-  int64_t rows, cols, nb;
-  int bs_shift;  // log2(blocksize)
-  const uint8_t* packed;
-  int64_t packed_bytes;
-  AbsmaxSrc am;  // block scales, float32 or double-quantized (decoded where read)
-  const uint8_t* bits;
-  const uint16_t* codebook;
-  const int64_t* row_offsets;
-  const int32_t* row_order;  // NULL: natural order
-  int wk;                    // warps per row group along K (1, 2, 4, 8)
-  int ks;                    // K splits
-  int64_t krange;            // columns per split (a multiple of kGvStep)
-  int64_t ngroups;           // row groups of 8 * (8 / wk) rows
-  int sm_meta;               // shared-memory offset of the row metadata (after the activations)
-  const void* bias;
-  void* out;
-  float* ws;
-};
-
-template <typename T>
-struct Cvt;
-template <>
-struct Cvt<__half> {
-  static __device__ __forceinline__ float2 f2(uint32_t u) { return __half22float2(*reinterpret_cast<const __half2*>(&u)); }
-  static __device__ __forceinline__ void store(void* p, int64_t i, float v) { ((__half*)p)[i] = __float2half_rn(v); }
-  static __device__ __forceinline__ float load(const void* p, int64_t i) { return __half2float(((const __half*)p)[i]); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float2 f2(uint32_t u) {
-    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
-  }
-  static __device__ __forceinline__ void store(void* p, int64_t i, float v) {
-    ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn(v);
-  }
-  static __device__ __forceinline__ float load(const void* p, int64_t i) {
-    return __bfloat162float(((const __nv_bfloat16*)p)[i]);
-  }
-};
-
-// Streaming loads of the packed codes (read once per call: keep them out of L1).
-__device__ __forceinline__ uint32_t ld_cs32(const void* p) {
-  uint32_t v;
-  asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint2 ld_cs64(const void* p) {
-  uint2 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint4 ld_cs128(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
-// Row check shared by the main and the finalize kernel: in range, valid bits, inside the buffer, 16-byte aligned.
-__device__ __forceinline__ bool gv_row_ok(const GvArgs& a, int64_t r, int* b, int64_t* off) {
-  if (r < 0 || r >= a.rows) return false;
-  *b = a.bits[r];
-  if (!valid_bits(*b)) return false;
-  *off = a.row_offsets[r];
-  return row_ok(*b, *off, a.cols, a.packed_bytes) && ((uintptr_t)(a.packed + *off) & 15) == 0;
-}
 
 // One thread's share of a task's row metadata: row i = tid / 4 of the group, codebook quarter j = tid % 4.
 struct Pre {
@@ -181,8 +112,6 @@ __device__ __forceinline__ void store_pre(const Pre& p, int nr, GvRow* meta, flo
   }
 }
 
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-
 // L2 prefetch of a task's codes and absmax (bytes [start, start + len) of each row, 128-byte lines, 4 threads per
 // row): issued one task ahead, so that the task's own loads find their lines in L2.
 __device__ __forceinline__ void prefetch_task(const GvArgs& a, int64_t task, int nr, const GvRow* meta) {
@@ -221,23 +150,6 @@ __device__ __forceinline__ void stage_x(const GvArgs& a, int64_t s, uint4* xs) {
 
 // R rows per warp: 8 rows reuse each converted activation twice as often as 4, 4 rows leave registers for
 // 3 CTAs (24 warps) per SM.
-// Shared-memory lookups at a 32-bit shared address (the tables are 128-byte aligned, so base | offset).
-__device__ __forceinline__ float lds_f32(uint32_t addr) {
-  float v;
-  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ float2 lds_f32x2(uint32_t addr) {
-  float2 v;
-  asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr));
-  return v;
-}
-// (w >> s) & m for a compile-time s that may be negative (a left shift)
-template <int S>
-__device__ __forceinline__ uint32_t shr(uint32_t w) {
-  return S >= 0 ? w >> (S >= 0 ? S : 0) : w << (S < 0 ? -S : 0);
-}
-
 // Activations of quad qd (8 columns) of this lane's 32, as float32, and their sum (for 1-bit rows).
 template <typename T, int M>
 __device__ __forceinline__ void load_x(const uint4* xq, int qd, float x[M][8], float sx[M]) {
@@ -498,23 +410,6 @@ __global__ void __launch_bounds__(kGvThreads, R == 4 && M <= 2 ? 3 : 2) gemv_ker
   }
 }
 
-// Several K splits: adds the partial sums in split order, adds the bias, converts (rows skipped above stay so).
-template <typename T>
-__global__ void gemv_finalize(const __grid_constant__ GvArgs a) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.m * a.rows;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t n = i / a.rows, pos = i % a.rows;
-    const int64_t r = a.row_order ? (int64_t)a.row_order[pos] : pos;
-    int b = 0;
-    int64_t off = 0;
-    if (!gv_row_ok(a, r, &b, &off)) continue;
-    float sum = 0.f;
-    for (int k = 0; k < a.ks; ++k) sum += a.ws[(k * a.m + n) * a.rows + r];
-    if (a.bias) sum += Cvt<T>::load(a.bias, r);
-    Cvt<T>::store(a.out, n * a.rows + r, sum);
-  }
-}
-
 int g_gemv_max_rows = 2;  // 3-4 rows: the tensor-core path was faster (28672x8192, m = 4: 102 us vs 154-180)
 int g_gemv_r = 0, g_gemv_wk = 0;  // benchmark knobs: rows per warp (4 or 8), warps along K (0: automatic)
 
@@ -606,31 +501,69 @@ bool gemv_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksi
 
 }  // namespace
 
-int64_t take_gemv_skipped_rows() { return take_local_skipped_rows(); }
+int64_t take_gemv_skipped_rows() {
+  const int64_t a = take_local_skipped_rows(), b = take_gemv1_skipped_rows();
+  return a < 0 || b < 0 ? -1 : a + b;
+}
 
-void gemv_set_tuning(int max_rows, int rows_per_warp, int wk) {
+void gemv_set_tuning(int max_rows, int rows_per_warp, int wk, int batch1) {
   g_gemv_max_rows = max_rows < 0 ? 0 : max_rows == 0 ? 2 : max_rows;
   g_gemv_r = rows_per_warp;
   g_gemv_wk = wk;
+  gemv1_set_tuning(batch1);
 }
 
 int64_t gemv_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize) {
+  const void* p16 = (const void*)(uintptr_t)256;  // alignment does not change the plans' shapes
+  // the larger of the two kernels' needs: gemv_cuda falls back to the multi-row kernel where the batch-1 kernel
+  // does not apply to the actual operands
+  GvArgs a1{};
+  size_t smem1 = 0;
+  const int64_t b1 = gemv1_plan(dtype, m, rows, cols, blocksize, p16, (const uint8_t*)p16, (const uint16_t*)p16, &a1,
+                                &smem1) ? (a1.ks > 1 ? (int64_t)a1.ks * rows * 4 : 0) : -1;
   GvPlan plan;
-  const void* p16 = (const void*)(uintptr_t)256;  // alignment does not change the plan's shape
-  if (!gemv_plan(dtype, m, rows, cols, blocksize, p16, (const uint8_t*)p16, (const uint16_t*)p16, &plan)) return -1;
-  return plan.a.ks > 1 ? (int64_t)plan.a.ks * m * rows * 4 : 0;
+  if (!gemv_plan(dtype, m, rows, cols, blocksize, p16, (const uint8_t*)p16, (const uint16_t*)p16, &plan)) return b1;
+  const int64_t mr = plan.a.ks > 1 ? (int64_t)plan.a.ks * m * rows * 4 : 0;
+  return b1 > mr ? b1 : mr;
 }
+
+namespace {
+
+bool workspace_ok(const GvArgs& a, void* workspace, int64_t workspace_bytes) {
+  return a.ks == 1 || (workspace && workspace_bytes >= (int64_t)a.ks * a.m * a.rows * 4 && aligned(workspace, 4));
+}
+
+// K splits: the partial sums in split order, plus the bias, into the output.
+int launch_finalize(const GvArgs& a, int dtype, cudaStream_t stream) {
+  const int64_t n = a.m * a.rows;
+  const int fgrid = (int)((n + 255) / 256 < 4 * sm_count() ? (n + 255) / 256 : 4 * sm_count());
+  if (dtype == LOWRA_F16) gemv_finalize<__half><<<fgrid, 256, 0, stream>>>(a);
+  else gemv_finalize<__nv_bfloat16><<<fgrid, 256, 0, stream>>>(a);
+  return launch_status("lowra matmul finalize kernel (gemv)");
+}
+
+}  // namespace
 
 int gemv_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes, const AbsmaxSrc& absmax,
               const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
               int64_t blocksize, const int32_t* row_order, const void* bias, void* out, void* workspace,
               int64_t workspace_bytes, void* stream_) {
+  cudaStream_t stream = (cudaStream_t)stream_;
+  const bool nested = absmax.f32 == nullptr;
+  GvArgs a1{};
+  size_t smem1 = 0;
+  if (packed_bytes < ((int64_t)1 << 32) &&  // one activation row (32-bit row offsets)
+      gemv1_plan(dtype, m, rows, cols, blocksize, A, packed, codebook, &a1, &smem1)) {
+    if (!workspace_ok(a1, workspace, workspace_bytes)) return LOWRA_ERR_ARGUMENT;
+    set_matmul_operands(a1, A, packed, packed_bytes, bits, codebook, row_offsets, row_order, bias, out, workspace);
+    a1.am = absmax;
+    const int st = gemv1_launch(a1, dtype, nested, smem1, stream);
+    return st != LOWRA_OK || a1.ks == 1 ? st : launch_finalize(a1, dtype, stream);
+  }
   GvPlan plan;
   if (!gemv_plan(dtype, m, rows, cols, blocksize, A, packed, codebook, &plan)) return -1;
   GvArgs& a = plan.a;
-  if (a.ks > 1 && (!workspace || workspace_bytes < (int64_t)a.ks * m * rows * 4 || !aligned(workspace, 4)))
-    return LOWRA_ERR_ARGUMENT;
-  const bool nested = absmax.f32 == nullptr;
+  if (!workspace_ok(a, workspace, workspace_bytes)) return LOWRA_ERR_ARGUMENT;
   const GvFn fn = dtype == LOWRA_F16 ? pick<__half>((int)m, plan.r, nested)
                                      : pick<__nv_bfloat16>((int)m, plan.r, nested);
   const int occ = gemv_occupancy(fn, plan.smem);
@@ -640,15 +573,9 @@ int gemv_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_
   const int64_t tasks = (int64_t)a.ks * a.ngroups;
   const int64_t cap = (int64_t)sm_count() * occ;
   const int grid = (int)(tasks < cap ? tasks : cap);
-  cudaStream_t stream = (cudaStream_t)stream_;
   fn<<<grid, kGvThreads, plan.smem, stream>>>(a);
-  int st = launch_status("lowra matmul kernel (gemv)");
-  if (st != LOWRA_OK || a.ks == 1) return st;
-  const int64_t n = m * rows;
-  const int fgrid = (int)((n + 255) / 256 < 4 * sm_count() ? (n + 255) / 256 : 4 * sm_count());
-  if (dtype == LOWRA_F16) gemv_finalize<__half><<<fgrid, 256, 0, stream>>>(a);
-  else gemv_finalize<__nv_bfloat16><<<fgrid, 256, 0, stream>>>(a);
-  return launch_status("lowra matmul finalize kernel (gemv)");
+  const int st = launch_status("lowra matmul kernel (gemv)");
+  return st != LOWRA_OK || a.ks == 1 ? st : launch_finalize(a, dtype, stream);
 }
 
 }  // namespace lowra

@@ -250,18 +250,47 @@ def test_cuda_matmul_gemv_launch_shapes(r, wk, m):
         assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
+# The batch-1 kernel (m = 1 through subset-sum tables, csrc/cuda_gemv1.cu) at both task sizes and the multi-row
+# GEMV at m = 1 (batch-1 kernel off): K splits (9216 and 28672 columns), small layers split further, partial
+# 1024-column steps, blocksizes 32-256; every third case in natural row order (warps of mixed precision)
+BATCH1_SHAPES = [(1, 128, 32), (45, 2304, 128), (130, 4096, 64), (64, 11008, 64), (21, 9216, 256), (33, 28672, 64)]
+
+
 @cuda
-def test_cuda_matmul_gemv_k_splits_capture_in_cuda_graph():
-    """The GEMV with K splits (workspace + finalize kernel) captured in a graph and replayed on new activations."""
-    rows, cols, bs = 40, 28672, 64
-    A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, bs, torch.float16, seed=8, m=4)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", BATCH1_SHAPES)
+@pytest.mark.parametrize("batch1", [2, 4, -1])
+def test_cuda_matmul_batch1(shape, dtype, batch1):
+    rows, cols, bs = shape
+    for i, mix in enumerate(MIXES):
+        A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, bs, dtype, seed=rows + cols + i, mix=mix)
+        b = bias if i % 2 else None
+        ref = reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], b)
+        order, groups = matmul_plan(bits) if i % 3 else (None, None)
+        out = torch.full_like(ref, float("nan"))
+        native.set_matmul_tuning(gemv_batch1=batch1)
+        try:
+            torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], b, order, groups, out=out)
+        finally:
+            native.set_matmul_tuning()
+        assert rel_err(out, ref) < TOL[dtype], f"mix {mix}: {rel_err(out, ref)}"
+
+
+@cuda
+@pytest.mark.parametrize("rows,m,dtype,tuning", [(40, 4, torch.float16, dict(gemv_max_rows=4)),
+                                                 (300, 1, torch.bfloat16, dict(gemv_batch1=4))])
+def test_cuda_matmul_gemv_k_splits_capture_in_cuda_graph(rows, m, dtype, tuning):
+    """The GEMV kernels with K splits (workspace + finalize kernel) captured in a graph and replayed on new
+    activations: the multi-row kernel at m = 4, the batch-1 kernel (forced: automatic on large layers only)."""
+    cols, bs = 28672, 64
+    A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, bs, dtype, seed=8 + m, m=m)
     order, groups = matmul_plan(bits)
-    y = torch.empty(4, rows, dtype=torch.float16, device="cuda")
+    y = torch.empty(m, rows, dtype=dtype, device="cuda")
 
     def step():
         torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], bias, order, groups, out=y)
 
-    native.set_matmul_tuning(gemv_max_rows=4)
+    native.set_matmul_tuning(**tuning)
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -277,7 +306,7 @@ def test_cuda_matmul_gemv_k_splits_capture_in_cuda_graph():
     y.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    assert rel_err(y, reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], bias)) < TOL[torch.float16]
+    assert rel_err(y, reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], bias)) < TOL[dtype]
 
 
 @cuda
@@ -344,14 +373,15 @@ def test_cuda_ops_capture_in_cuda_graph():
 
 
 @cuda
-@pytest.mark.parametrize("gemv", [0, -1])
-def test_cuda_corrupt_metadata_is_skipped_not_followed(gemv):
+@pytest.mark.parametrize("gemv,m,batch1", [(0, 2, 0), (-1, 2, 0), (0, 1, 4), (0, 1, 2)])
+def test_cuda_corrupt_metadata_is_skipped_not_followed(gemv, m, batch1):
     """Offsets pointing outside the buffer, bits that are not 1/2/4 and a row_order naming rows of another precision
     or out of range: those rows are skipped and counted, the others are still right, nothing faults (the
     compute-sanitizer run of the suite checks that nothing is read or written out of bounds). gemv=-1: the
-    tensor-core path (which also refuses a row of the wrong precision group; the GEMV computes any precision)."""
+    tensor-core path (which also refuses a row of the wrong precision group; the GEMV computes any precision); m = 1
+    with batch1 set: the batch-1 kernel at 4 and 2 rows per task."""
     rows, cols, bs = 48, 1024, 64
-    A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, bs, torch.bfloat16, seed=3, m=2)
+    A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, bs, torch.bfloat16, seed=3, m=m)
     native.skipped_rows()  # drain earlier counts
     bad_off = off.clone()
     bad_off[5] = packed.numel() - 1  # row 5 would run past the end
@@ -367,7 +397,7 @@ def test_cuda_corrupt_metadata_is_skipped_not_followed(gemv):
     bad_order = order.clone()
     bad_order[0] = rows + 100  # out of range
     bad_order[-1] = bad_order[0 + groups[0]]  # a 2-bit row in the 4-bit group
-    native.set_matmul_tuning(gemv_max_rows=gemv)
+    native.set_matmul_tuning(gemv_max_rows=gemv, gemv_batch1=batch1)
     try:
         y = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], None, bad_order, groups)
     finally:

@@ -181,6 +181,29 @@ def test_cuda_nested_matmul_equals_decoded(shape, m, dtype):
 
 
 @cuda
+@pytest.mark.parametrize("batch1", [2, 4])
+@pytest.mark.parametrize("shape", [(130, 4096, 64), (45, 2304, 128), (33, 28672, 64)])
+def test_cuda_nested_batch1_equals_decoded(shape, batch1):
+    """The batch-1 kernel (forced: automatic on large layers only) decodes the scales where it reads them: the same
+    output as on the decoded float32 scales, bit for bit (K splits at 28672 columns)."""
+    from bitsandbytes_lowra.backends import native
+
+    rows, cols, bs = shape
+    for i, mix in enumerate(MIXES):
+        packed, q, nested, bits, code, off = case(rows, cols, bs, torch.float32, seed=rows + i, mix=mix, device="cuda")
+        dec = decode_absmax(q, *nested)
+        A = (torch.randn(1, cols, generator=torch.Generator().manual_seed(i)) * 2).to(torch.bfloat16).cuda()
+        order, groups = matmul_plan(bits)
+        native.set_matmul_tuning(gemv_batch1=batch1)
+        try:
+            y = torch.ops.lowra.matmul(A, packed, q, bits, code, off, bs, [rows, cols], None, order, groups, *nested)
+            ref = torch.ops.lowra.matmul(A, packed, dec, bits, code, off, bs, [rows, cols], None, order, groups)
+        finally:
+            native.set_matmul_tuning()
+        assert torch.equal(y, ref), f"mix {mix}"
+
+
+@cuda
 @pytest.mark.parametrize("m", [1, 8])
 def test_cuda_nested_matmul_captures_in_cuda_graph(m):
     rows, cols, bs = 96, 4096, 64

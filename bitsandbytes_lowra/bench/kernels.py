@@ -269,9 +269,16 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
     from ..backends import native
 
     mm = {}
-    # "_prepass": the same double-quantized state with its scales decoded in a pass of their own before the GEMV
-    # (native.set_matmul_tuning(nested_prepass=1)) instead of inside it, to compare the two
-    mm_states = {**states, **dq_states, "lowra_1.75bit_dq_prepass": dq_states["lowra_1.75bit_dq"]}
+    # The same states timed under a knob, to compare: "_prepass", double-quantized scales decoded in a pass of their
+    # own before the GEMV instead of inside it; at m = 1 only, "_multirow" the multi-row GEMV instead of the batch-1
+    # kernel, "_b1r2" / "_b1r4" the batch-1 kernel at 2 / 4 rows per task.
+    variants = {"lowra_1.75bit_dq_prepass": ("lowra_1.75bit_dq", dict(nested_prepass=1)),
+                "lowra_1.75bit_multirow": ("lowra_1.75bit", dict(gemv_batch1=-1)),
+                "lowra_1.75bit_dq_multirow": ("lowra_1.75bit_dq", dict(gemv_batch1=-1)),
+                "lowra_1.75bit_b1r2": ("lowra_1.75bit", dict(gemv_batch1=2)),
+                "lowra_1.75bit_b1r4": ("lowra_1.75bit", dict(gemv_batch1=4))}
+    mm_states = {**states, **dq_states}
+    mm_states.update({name: mm_states[src] for name, (src, _) in variants.items()})
     reps = {name: [clone_state(s) for _ in range(copies_for(state_bytes(s)["total"]))]
             for name, s in mm_states.items()}
     bnb_reps = [(bnb_packed.clone(), bnb_qs) for _ in range(copies_for(bnb_bytes))]
@@ -281,13 +288,16 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
         A = (torch.randn(m, cols, generator=gen)).to(torch.bfloat16).cuda()
         row = {}
         for name, rs in reps.items():
+            if name.endswith(("_multirow", "_b1r2", "_b1r4")) and m > 1:
+                continue
+
             def make(r):
                 return lambda: torch.ops.lowra.matmul(A, r["packed"], r["absmax"], r["bits"], r["code"], r["off"],
                                                       BLOCKSIZE, r["shape"], None, r["order"], r["groups"],
                                                       *r["nested"])
 
             fns = [make(r) for r in rs] * max(1, math.ceil(min_calls / len(rs)))
-            native.set_matmul_tuning(nested_prepass=int(name.endswith("_prepass")))
+            native.set_matmul_tuning(**variants.get(name, (None, {}))[1])
             try:
                 ms, how = time_calls(fns, replays)
             finally:
@@ -337,11 +347,12 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
     return res
 
 
-# Launch shapes swept (native.set_matmul_tuning keywords; {} = automatic): the GEMV path's rows per warp and warps
-# along K, and the tensor-core path (gemv_max_rows=-1) at the same m; for 16 rows the tensor-core path's knobs.
+# Launch shapes swept (native.set_matmul_tuning keywords; {} = automatic): at m = 1 the batch-1 kernel's rows per
+# task and the multi-row GEMV (gemv_batch1=-1); the GEMV path's rows per warp and warps along K, and the
+# tensor-core path (gemv_max_rows=-1) at the same m; for 16 rows the tensor-core path's knobs.
 SWEEP = {
-    1: [{}, dict(gemv_max_rows=-1), dict(gemv_rows_per_warp=4), dict(gemv_wk=2), dict(gemv_wk=4), dict(gemv_wk=8),
-        dict(gemv_rows_per_warp=4, gemv_wk=2), dict(gemv_rows_per_warp=4, gemv_wk=4)],
+    1: [{}, dict(gemv_batch1=2), dict(gemv_batch1=-1), dict(gemv_max_rows=-1),
+        dict(gemv_batch1=-1, gemv_rows_per_warp=4), dict(gemv_batch1=-1, gemv_wk=2), dict(gemv_batch1=-1, gemv_wk=8)],
     2: [{}, dict(gemv_max_rows=-1), dict(gemv_rows_per_warp=4), dict(gemv_wk=2), dict(gemv_wk=8)],
     4: [{}, dict(gemv_max_rows=4), dict(gemv_max_rows=4, gemv_wk=2)],
     16: [{}, dict(depth=2)],

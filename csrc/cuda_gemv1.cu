@@ -1,0 +1,474 @@
+// Batch-1 GEMV (one activation row: the decode step), y = W x, never materializing W.
+//
+// Each CTA (16 warps, one per SM) owns one K split of at most 8192 columns and first builds two tables of that
+// split's activations in shared memory:
+//   - for every 4 consecutive columns, the 16 sums of their subsets (entry e = sum of x_i over the set bits i of e).
+//     A 1-bit row's 4 columns then cost one lookup, since its codebook is affine in the code:
+//     sum_j x_j cb[b_j] = c0 * sum_j x_j + (c1 - c0) * sum_{b_j = 1} x_j;
+//   - the activations as float32, for the 2- and 4-bit rows.
+// Warps then take tasks of R rows over the whole split with no CTA-wide synchronization (the multi-row kernel in
+// cuda_gemv.cu spends much of its time in its per-task barriers). Lane l covers columns 32 l .. 32 l + 31 of every
+// 1024-column step: one 4-, 8- or 16-byte code load per row and step, all in one absmax block (blocksize >= 32).
+// Per 4 columns: 1 bit, one lookup and an add; 2 bit, two lookups in the row's 16-entry table of code pairs and
+// four FMAs; 4 bit, four lookups in the row's codebook and four FMAs. A byte permute (PRMT) turns a code byte
+// into the address of its entry (the row tables are 256-byte aligned), and both activation tables keep lane l's
+// entries in bank l, so no lookup conflicts. 1-bit rows keep the loads of three steps in flight.
+// Taken automatically for layers of 64M weights or more (below that the multi-row kernel measured faster).
+//
+// K splits write float32 partial sums that gemv_finalize adds in split order; rows whose metadata does not fit
+// are skipped (left unwritten) and counted, as in the other kernels.
+#include <mutex>
+
+#include "cuda_gemv.cuh"
+
+namespace lowra {
+namespace gv {
+namespace {
+
+constexpr int kL1Threads = 512;
+constexpr int kL1Warps = kL1Threads / 32;
+constexpr int kL1Step = 1024;       // columns per warp step (32 lanes x 32 columns)
+constexpr int kL1MaxSteps = 8;      // steps per K split (20 bytes of tables per column: ~165 KB)
+constexpr int kL1LutStep = 16384;   // bytes of subset sums per step: 8 groups x 16 sums x 32 lanes x 4 bytes
+constexpr int kL1XStep = kL1Step * 4;
+constexpr int kL1TabBytes = 256;    // per row: 16 code pairs (2 bit) or the 16-entry codebook (4 bit)
+
+constexpr size_t smem_bytes(int nsteps, int r) {
+  return 2048 + (size_t)nsteps * (kL1LutStep + kL1XStep + 128) + 256 + (size_t)kL1Warps * r * kL1TabBytes;
+}
+constexpr size_t kL1MaxSmem = smem_bytes(kL1MaxSteps, 4);
+
+int g_batch1 = 0;  // 0: automatic; -1: never (the multi-row kernel serves m = 1); 2 or 4: rows per task
+
+// A warp task's rows, known to every lane.
+template <int R>
+struct L1Rows {
+  uint32_t code[R];   // byte offset in `packed` of the row's codes at this lane's first column of the split
+  int32_t am[R];      // index of the row's scale at this lane's first column of the split
+  int bits[R];        // 0: nothing to compute (past the end, or metadata that does not fit)
+  float c0[R], dl[R]; // 1 bit: codebook entry 0, entry 1 - entry 0
+  int32_t row;        // lane j < R: row j (-1: none), which this lane writes at the end
+};
+
+__device__ __forceinline__ float4 lds_f32x4(uint32_t addr) {
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr));
+  return v;
+}
+
+// Address of the entry a code byte selects: byte k of `codes` (entry index x entry size) as the low byte of a
+// 256-byte-aligned table's address.
+template <int K>
+__device__ __forceinline__ uint32_t entry(uint32_t codes, uint32_t tab) {
+  return __byte_perm(codes, tab, 0x7650u | K);
+}
+
+// The split's tables: subset sums [step][group j][entry e][lane] and activations [step][j][lane][4], both float32,
+// then the lanes' sums of their 32 columns [step][lane].
+template <typename T>
+__device__ __forceinline__ void build_tables(const GvArgs& a, int64_t k0, int klen, int nsteps, float* lut, float4* xs,
+                                             float* sx) {
+  const T* A = static_cast<const T*>(a.A) + k0;
+  for (int g = threadIdx.x; g < nsteps * 256; g += kL1Threads) {
+    const int l = g & 31, j = (g >> 5) & 7, st = g >> 8;  // consecutive threads: consecutive lanes, conflict-free
+    const int c = st * kL1Step + 32 * l + 4 * j;
+    float e[16];
+    e[0] = e[1] = e[2] = e[4] = e[8] = 0.f;
+    if (c < klen) {
+      const uint2 u = __ldg(reinterpret_cast<const uint2*>(A + c));
+      const float2 lo = Cvt<T>::f2(u.x), hi = Cvt<T>::f2(u.y);
+      e[1] = lo.x, e[2] = lo.y, e[4] = hi.x, e[8] = hi.y;
+    }
+    xs[(st * 8 + j) * 32 + l] = make_float4(e[1], e[2], e[4], e[8]);
+    e[3] = e[1] + e[2];
+#pragma unroll
+    for (int i = 5; i < 8; ++i) e[i] = e[4] + e[i - 4];
+#pragma unroll
+    for (int i = 9; i < 16; ++i) e[i] = e[8] + e[i - 8];
+    float* t = lut + (st * 8 + j) * 16 * 32 + l;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) t[32 * i] = e[i];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < nsteps * 32; i += kL1Threads) {
+    const float* t = lut + (i >> 5) * 8 * 16 * 32 + 15 * 32 + (i & 31);
+    float v = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v += t[j * 16 * 32];
+    sx[i] = v;
+  }
+  __syncthreads();
+}
+
+// Row metadata of task `task` (lanes 0..R-1 look up one row each): the caller loads it one task ahead.
+struct L1Pre {
+  int64_t off;
+  int32_t row, bits;
+};
+
+template <int R>
+__device__ __forceinline__ L1Pre load_row(const GvArgs& a, int64_t task, int s, int lane) {
+  L1Pre p{0, 0, 0};
+  const int64_t pos = task * R + lane;
+  if (lane >= R || task >= a.ngroups || pos >= a.rows) return p;
+  const int64_t r = a.row_order ? (int64_t)a.row_order[pos] : pos;
+  int b = 0;
+  int64_t off = 0;
+  if (!gv_row_ok(a, r, &b, &off)) {
+    if (s == 0) count_skipped_row();  // counted in the first K split only
+    return p;
+  }
+  p.off = off;
+  p.row = (int32_t)r;
+  p.bits = b;
+  return p;
+}
+
+// Broadcasts the task's rows and writes their decode tables into the warp's slots (`tab`, 256 bytes per row).
+template <int R>
+__device__ __forceinline__ void setup_rows(const GvArgs& a, const L1Pre& p, int64_t k0, int lane, float* tab,
+                                           L1Rows<R>& rw) {
+  __syncwarp();  // the previous task's lookups are done
+  rw.row = p.bits ? p.row : -1;
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    const int b = __shfl_sync(kFull, p.bits, j);
+    const int32_t r = __shfl_sync(kFull, p.row, j);
+    const int64_t off = (int64_t)__shfl_sync(kFull, (unsigned long long)p.off, j);
+    rw.bits[j] = b;
+    rw.code[j] = (uint32_t)(off + ((k0 + 32 * lane) * b >> 3));  // 32 bits: the plan checks the sizes
+    rw.am[j] = (int32_t)((int64_t)r * a.nb + ((k0 + 32 * lane) >> a.bs_shift));
+    float v = 0.f;
+    if (b && lane < 16) v = half_bits_to_float(__ldg(a.codebook + (int64_t)r * kCodebookSlots + lane));
+    rw.c0[j] = __shfl_sync(kFull, v, 0);
+    rw.dl[j] = __shfl_sync(kFull, v, 1) - rw.c0[j];
+    const float first = __shfl_sync(kFull, v, lane & 3), second = __shfl_sync(kFull, v, (lane >> 2) & 3);
+    if (lane < 16) {  // 2 bit: entry n = c_first | c_second << 2 -> (cb[n & 3], cb[n >> 2])
+      if (b == 2) reinterpret_cast<float2*>(tab + j * (kL1TabBytes / 4))[lane] = make_float2(first, second);
+      else if (b == 4) tab[j * (kL1TabBytes / 4) + lane] = v;
+    }
+  }
+  __syncwarp();
+}
+
+// A step's loads for a warp's R rows (lane: 32 columns from split column cl): the codes (P words per row; P = the
+// rows' common precision, or 0 for a mix, then 4 words and a warp-uniform branch per row) and the block scales.
+template <int R, int P, bool NESTED>
+struct L1Loads {
+  static constexpr int W = P == 0 ? 4 : P;
+  uint32_t q[R][W];
+  float am[R];
+  AbsmaxRaw ar[NESTED ? R : 1];
+};
+
+template <int R, int P, bool NESTED>
+__device__ __forceinline__ void issue_step(const GvArgs& a, const L1Rows<R>& rw, int st, int cl, int klen,
+                                           L1Loads<R, P, NESTED>& d) {
+  constexpr int W = L1Loads<R, P, NESTED>::W;
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    const int b = P ? P : rw.bits[j];
+#pragma unroll
+    for (int i = 0; i < W; ++i) d.q[j][i] = 0u;
+    d.am[j] = 0.f;
+    if constexpr (NESTED) d.ar[j] = AbsmaxRaw{0.f, 0u};
+    if ((P || b) && cl < klen) {
+      const uint8_t* p = a.packed + (rw.code[j] + st * (128 * b));
+      if (b == 1) {
+        d.q[j][0] = ld_cs32(p);
+      } else if (b == 2) {
+        const uint2 v = ld_cs64(p);
+        d.q[j][0] = v.x;
+        d.q[j][W > 1 ? 1 : 0] = v.y;
+      } else {
+        const uint4 v = ld_cs128(p);
+        d.q[j][0] = v.x;
+        if (W > 3) d.q[j][W > 3 ? 1 : 0] = v.y, d.q[j][W > 3 ? 2 : 0] = v.z, d.q[j][W > 3 ? 3 : 0] = v.w;
+      }
+      const int ai = rw.am[j] + ((st * kL1Step) >> a.bs_shift);
+      if constexpr (NESTED) d.ar[j] = nested_issue(a.am, ai);
+      else d.am[j] = __ldg(a.am.f32 + ai);
+    }
+  }
+}
+
+// One 32-column code word of a 1-bit row: the subset sums of its 8 groups (lut: this step and lane; group g,
+// columns 4g..4g+3, at lut + g * 2048 + e * 128) and the row's value am * (c0 * sum x + (c1 - c0) * sum_{b=1} x).
+__device__ __forceinline__ float word1(uint32_t w, uint32_t lut, float am, float c0, float dl, float sxl, float acc) {
+  float m0 = lds_f32(lut | ((w << 7) & 0x780u));
+  float m1 = lds_f32((lut | ((w << 3) & 0x780u)) + 2048);
+  m0 += lds_f32((lut | ((w >> 1) & 0x780u)) + 4096);
+  m1 += lds_f32((lut | ((w >> 5) & 0x780u)) + 6144);
+  m0 += lds_f32((lut | ((w >> 9) & 0x780u)) + 8192);
+  m1 += lds_f32((lut | ((w >> 13) & 0x780u)) + 10240);
+  m0 += lds_f32((lut | ((w >> 17) & 0x780u)) + 12288);
+  m1 += lds_f32((lut | ((w >> 21) & 0x780u)) + 14336);
+  return fmaf(am * c0, sxl, fmaf(am * dl, m0 + m1, acc));
+}
+
+// The 8 table entries selected by a word's nibbles, in nibble order: even nibbles from the bytes of `ev`, odd ones
+// from `od` (each byte = nibble x entry size), table t.
+__device__ __forceinline__ void lds_entry(uint32_t addr, float& v) { v = lds_f32(addr); }
+__device__ __forceinline__ void lds_entry(uint32_t addr, float2& v) { v = lds_f32x2(addr); }
+template <typename V>
+__device__ __forceinline__ void lookup8(uint32_t ev, uint32_t od, uint32_t t, V (&v)[8]) {
+  lds_entry(entry<0>(ev, t), v[0]), lds_entry(entry<0>(od, t), v[1]);
+  lds_entry(entry<1>(ev, t), v[2]), lds_entry(entry<1>(od, t), v[3]);
+  lds_entry(entry<2>(ev, t), v[4]), lds_entry(entry<2>(od, t), v[5]);
+  lds_entry(entry<3>(ev, t), v[6]), lds_entry(entry<3>(od, t), v[7]);
+}
+
+// One word of a 2-bit row (16 columns; nibble n = columns 2n, 2n+1) against x[0..15], through the row's pair
+// table t: partial sums p0 (even columns), p1 (odd).
+__device__ __forceinline__ void word2(uint32_t w, uint32_t t, const float* x, float& p0, float& p1) {
+  float2 f[8];
+  lookup8((w << 3) & 0x78787878u, (w >> 1) & 0x78787878u, t, f);  // nibbles 2i / 2i+1, x 8 bytes
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+    p0 = fmaf(f[n].x, x[2 * n], p0);
+    p1 = fmaf(f[n].y, x[2 * n + 1], p1);
+  }
+}
+
+// One word of a 4-bit row (8 columns; nibble n = column n) against x[0..7], through the row's codebook t.
+__device__ __forceinline__ void word4(uint32_t w, uint32_t t, const float* x, float& p0, float& p1) {
+  float v[8];
+  lookup8((w << 2) & 0x3c3c3c3cu, (w >> 2) & 0x3c3c3c3cu, t, v);  // nibbles 2i / 2i+1, x 4 bytes
+#pragma unroll
+  for (int n = 0; n < 8; n += 2) {
+    p0 = fmaf(v[n], x[n], p0);
+    p1 = fmaf(v[n + 1], x[n + 1], p1);
+  }
+}
+
+// The activations of columns 4 i0 .. 4 (i0 + n) - 1 of this lane's 32 (xs: this step and lane).
+template <int N>
+__device__ __forceinline__ void load_x(uint32_t xs, int i0, float* x) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const float4 v = lds_f32x4(xs + (i0 + i) * 512);
+    x[4 * i] = v.x, x[4 * i + 1] = v.y, x[4 * i + 2] = v.z, x[4 * i + 3] = v.w;
+  }
+}
+
+// One 1024-column step on loads `d` (lut / xs / sx: this step's and lane's table addresses; tab: the warp's row
+// tables). Rows of one precision go word by word, all rows per word, so that only one word's activations are
+// live; a mixed warp goes row by row.
+template <int R, int P, bool NESTED>
+__device__ __forceinline__ void compute_step(const GvArgs& a, const L1Rows<R>& rw, L1Loads<R, P, NESTED>& d,
+                                             uint32_t lut, uint32_t xs, uint32_t sx, uint32_t tab, float (&acc)[R]) {
+  auto& q = d.q;
+  auto& am = d.am;
+  if constexpr (NESTED) {
+#pragma unroll
+    for (int j = 0; j < R; ++j)
+      if (P || rw.bits[j]) am[j] = nested_finish(a.am, d.ar[j]);
+  }
+  if constexpr (P == 1) {
+    const float sxl = lds_f32(sx);
+#pragma unroll
+    for (int j = 0; j < R; ++j) acc[j] = word1(q[j][0], lut, am[j], rw.c0[j], rw.dl[j], sxl, acc[j]);
+  } else if constexpr (P == 2 || P == 4) {
+    constexpr int kCols = 32 / P;  // columns per code word
+    float p0[R], p1[R];
+#pragma unroll
+    for (int j = 0; j < R; ++j) p0[j] = p1[j] = 0.f;
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+      float x[kCols];
+      load_x<kCols / 4>(xs, k * kCols / 4, x);
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        if constexpr (P == 2) word2(q[j][k], tab + j * kL1TabBytes, x, p0[j], p1[j]);
+        else word4(q[j][k], tab + j * kL1TabBytes, x, p0[j], p1[j]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < R; ++j) acc[j] = fmaf(am[j], p0[j] + p1[j], acc[j]);
+  } else {
+    float x[32];
+    load_x<8>(xs, 0, x);
+    const float sxl = lds_f32(sx);
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      const int b = rw.bits[j];
+      const uint32_t t = tab + j * kL1TabBytes;
+      float p0 = 0.f, p1 = 0.f;
+      if (b == 1) {
+        acc[j] = word1(q[j][0], lut, am[j], rw.c0[j], rw.dl[j], sxl, acc[j]);
+      } else if (b == 2) {
+        word2(q[j][0], t, x, p0, p1);
+        word2(q[j][1], t, x + 16, p0, p1);
+        acc[j] = fmaf(am[j], p0 + p1, acc[j]);
+      } else if (b == 4) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) word4(q[j][k], t, x + 8 * k, p0, p1);
+        acc[j] = fmaf(am[j], p0 + p1, acc[j]);
+      }
+    }
+  }
+}
+
+// Steps whose loads are in flight ahead of the one computed. A 1-bit step is short next to a load's latency under
+// full load and its codes are few, so 1-bit rows keep 3 steps in flight. Deeper rings for 2-bit rows spilled or
+// measured slower (H200, 28672x8192 and 8192x28672, m = 1: 1-bit depth 3 and 2-bit depth 1 took 53.2 / 50.9 us,
+// depths 2 / 2 57.5 / 53.8, depths 3 / 2 55.4 / 52.5); 4-bit and mixed rows load each step just before it.
+template <int P>
+constexpr int kDepth = P == 1 ? 3 : 1;
+
+// A task's steps, through a ring of kDepth<P> steps of loads.
+template <int R, int P, bool NESTED>
+__device__ __forceinline__ void run_steps(const GvArgs& a, const L1Rows<R>& rw, int klen, int nsteps, int lane,
+                                          uint32_t lut, uint32_t xs, uint32_t sx, uint32_t tab, float (&acc)[R]) {
+  constexpr int D = kDepth<P>;
+  L1Loads<R, P, NESTED> ring[D];
+#pragma unroll
+  for (int i = 0; i < D - 1; ++i)
+    if (i < nsteps) issue_step<R, P, NESTED>(a, rw, i, i * kL1Step + 32 * lane, klen, ring[i]);
+#pragma unroll 1
+  for (int st = 0; st < nsteps; ++st) {
+    const int cl = st * kL1Step + 32 * lane;
+    if (st + D - 1 < nsteps) issue_step<R, P, NESTED>(a, rw, st + D - 1, cl + (D - 1) * kL1Step, klen, ring[D - 1]);
+    if (cl < klen)  // false only in the last step of a split whose columns are not a multiple of 1024
+      compute_step<R, P, NESTED>(a, rw, ring[0], lut + st * kL1LutStep + 4 * lane, xs + st * kL1XStep + 16 * lane,
+                                 sx + st * 128 + 4 * lane, tab, acc);
+#pragma unroll
+    for (int i = 0; i < D - 1; ++i) ring[i] = ring[i + 1];
+  }
+}
+
+template <typename T, int R, bool NESTED>
+__global__ void __launch_bounds__(kL1Threads, 1) gemv1_kernel(const __grid_constant__ GvArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int s = blockIdx.x % a.ks;  // this CTA's K split
+  const int64_t k0 = (int64_t)s * a.krange;
+  const int klen = (int)min(a.cols - k0, a.krange);
+  const int nsteps = (klen + kL1Step - 1) / kL1Step;
+  // shared addresses: subset sums (2048-byte aligned, so that lane | entry | group is one OR), activations, lane
+  // sums, then the warps' row tables (256-byte aligned)
+  const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
+  const uint32_t lut = (base + 2047u) & ~2047u;
+  const uint32_t xs = lut + nsteps * kL1LutStep;
+  const uint32_t sx = xs + nsteps * kL1XStep;
+  const uint32_t tab = ((sx + nsteps * 128 + 255u) & ~255u) + warp * R * kL1TabBytes;
+  const int64_t stride = (int64_t)(gridDim.x / a.ks) * kL1Warps;
+  int64_t task = (int64_t)(blockIdx.x / a.ks) * kL1Warps + warp;
+  L1Pre pre = load_row<R>(a, task, s, lane);
+  build_tables<T>(a, k0, klen, nsteps, reinterpret_cast<float*>(smem + (lut - base)),
+                  reinterpret_cast<float4*>(smem + (xs - base)), reinterpret_cast<float*>(smem + (sx - base)));
+
+  for (; task < a.ngroups; task += stride) {
+    L1Rows<R> rw;
+    setup_rows<R>(a, pre, k0, lane, reinterpret_cast<float*>(smem + (tab - base)), rw);
+    pre = load_row<R>(a, task + stride, s, lane);  // the next task's rows, used a task later
+    int uni = rw.bits[0];
+#pragma unroll
+    for (int j = 1; j < R; ++j) uni = rw.bits[j] == uni ? uni : 0;
+    float acc[R];
+#pragma unroll
+    for (int j = 0; j < R; ++j) acc[j] = 0.f;
+    if (uni == 1) run_steps<R, 1, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc);
+    else if (uni == 2) run_steps<R, 2, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc);
+    else if (uni == 4) run_steps<R, 4, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc);
+    else run_steps<R, 0, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc);
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      float v = acc[j];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+      if (lane == j && rw.row >= 0) {
+        if (a.ks == 1) {
+          if (a.bias) v += Cvt<T>::load(a.bias, rw.row);
+          Cvt<T>::store(a.out, rw.row, v);
+        } else {
+          a.ws[(int64_t)s * a.rows + rw.row] = v;
+        }
+      }
+    }
+  }
+}
+
+using L1Fn = void (*)(const GvArgs);
+
+template <typename T, int R>
+L1Fn pick(bool nested) {
+  return nested ? gemv1_kernel<T, R, true> : gemv1_kernel<T, R, false>;
+}
+template <typename T>
+L1Fn pick(int r, bool nested) {
+  return r == 2 ? pick<T, 2>(nested) : pick<T, 4>(nested);
+}
+
+// 4 rows per task, or 2 where 4 would leave fewer than two tasks per warp (small layers; extra K splits for them
+// measured slower: each adds a finalize pass and shortens the tasks that hide the loads' latency).
+int rows_per_task(int64_t rows, int64_t ks) {
+  if (g_batch1 == 2 || g_batch1 == 4) return g_batch1;
+  return (rows + 3) / 4 * ks < 2 * kL1Warps * (int64_t)sm_count() ? 2 : 4;
+}
+
+}  // namespace
+
+int64_t take_gemv1_skipped_rows() { return take_local_skipped_rows(); }
+
+void gemv1_set_tuning(int batch1) { g_batch1 = batch1; }
+
+bool gemv1_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize, const void* A,
+                const uint8_t* packed, const uint16_t* codebook, GvArgs* a, size_t* smem) {
+  (void)codebook;
+  if (g_batch1 < 0 || m != 1 || (dtype != LOWRA_F16 && dtype != LOWRA_BF16)) return false;
+  // Automatic use on large layers only: below ~64M weights the multi-row kernel measured faster (H200: 4096x4096,
+  // 11008x4096, 4096x11008 by 6-14%), the table building and one task per warp weighing more there.
+  if (g_batch1 == 0 && rows * cols < ((int64_t)1 << 26)) return false;
+  if (cols % 128 != 0 || blocksize < 32 || (blocksize & (blocksize - 1)) != 0 || cols % blocksize != 0) return false;
+  // 32-bit row offsets and scale indices in the kernel
+  if (!aligned(A, 16) || !aligned(packed, 16) || cols > ((int64_t)1 << 30) || rows > ((int64_t)1 << 31) - 1 ||
+      rows * (cols / blocksize) >= ((int64_t)1 << 31))
+    return false;
+  const int64_t steps = (cols + kL1Step - 1) / kL1Step, sms = sm_count();
+  const int64_t ks = (steps + kL1MaxSteps - 1) / kL1MaxSteps;  // as few K splits as the tables' space allows
+  const int64_t spl = (steps + ks - 1) / ks;
+  a->krange = spl * kL1Step;
+  a->ks = (int)((cols + a->krange - 1) / a->krange);
+  if (a->ks > sms) return false;
+  const int r = rows_per_task(rows, a->ks);
+  const int64_t ngroups = (rows + r - 1) / r;
+  a->m = 1;
+  a->rows = rows;
+  a->cols = cols;
+  a->nb = cols / blocksize;
+  a->bs_shift = 0;
+  while (((int64_t)1 << a->bs_shift) < blocksize) ++a->bs_shift;
+  a->ngroups = ngroups;
+  a->wk = r;  // rows per task: the launch picks the kernel the shared-memory size was planned for
+  a->sm_meta = 0;
+  *smem = smem_bytes((int)spl, r);
+  return true;
+}
+
+int gemv1_launch(const GvArgs& a, int dtype, bool nested, size_t smem, cudaStream_t stream) {
+  const int r = a.wk;
+  const L1Fn fn = dtype == LOWRA_F16 ? pick<__half>(r, nested) : pick<__nv_bfloat16>(r, nested);
+  {  // the shared-memory opt-in, once per kernel and device
+    static std::mutex mu;
+    static L1Fn done_fn[64];
+    static int done_dev[64], n = 0;
+    std::lock_guard<std::mutex> lock(mu);
+    int dev = 0;
+    cudaGetDevice(&dev);
+    bool done = false;
+    for (int i = 0; i < n && !done; ++i) done = done_fn[i] == fn && done_dev[i] == dev;
+    if (!done) {
+      const int st = record_cuda(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kL1MaxSmem),
+                                 "lowra batch-1 gemv: shared-memory opt-in");
+      if (st != LOWRA_OK) return st;
+      if (n < 64) done_fn[n] = fn, done_dev[n++] = dev;
+    }
+  }
+  const int grid = a.ks * (sm_count() / a.ks);
+  fn<<<grid, kL1Threads, smem, stream>>>(a);
+  return launch_status("lowra matmul kernel (batch-1 gemv)");
+}
+
+}  // namespace gv
+}  // namespace lowra
