@@ -112,6 +112,8 @@ __device__ __forceinline__ void store_pre(const Pre& p, int nr, GvRow* meta, flo
   }
 }
 
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // L2 prefetch of a task's codes and absmax (bytes [start, start + len) of each row, 128-byte lines, 4 threads per
 // row): issued one task ahead, so that the task's own loads find their lines in L2.
 __device__ __forceinline__ void prefetch_task(const GvArgs& a, int64_t task, int nr, const GvRow* meta) {
@@ -150,6 +152,12 @@ __device__ __forceinline__ void stage_x(const GvArgs& a, int64_t s, uint4* xs) {
 
 // R rows per warp: 8 rows reuse each converted activation twice as often as 4, 4 rows leave registers for
 // 3 CTAs (24 warps) per SM.
+// (w >> s) & m for a compile-time s that may be negative (a left shift)
+template <int S>
+__device__ __forceinline__ uint32_t shr(uint32_t w) {
+  return S >= 0 ? w >> (S >= 0 ? S : 0) : w << (S < 0 ? -S : 0);
+}
+
 // Activations of quad qd (8 columns) of this lane's 32, as float32, and their sum (for 1-bit rows).
 template <typename T, int M>
 __device__ __forceinline__ void load_x(const uint4* xq, int qd, float x[M][8], float sx[M]) {
@@ -519,8 +527,8 @@ int64_t gemv_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols, in
   // does not apply to the actual operands
   GvArgs a1{};
   size_t smem1 = 0;
-  const int64_t b1 = gemv1_plan(dtype, m, rows, cols, blocksize, p16, (const uint8_t*)p16, (const uint16_t*)p16, &a1,
-                                &smem1) ? (a1.ks > 1 ? (int64_t)a1.ks * rows * 4 : 0) : -1;
+  const int64_t b1 = gemv1_plan(dtype, m, rows, cols, blocksize, p16, (const uint8_t*)p16, &a1, &smem1)
+                         ? (a1.ks > 1 ? (int64_t)a1.ks * rows * 4 : 0) : -1;
   GvPlan plan;
   if (!gemv_plan(dtype, m, rows, cols, blocksize, p16, (const uint8_t*)p16, (const uint16_t*)p16, &plan)) return b1;
   const int64_t mr = plan.a.ks > 1 ? (int64_t)plan.a.ks * m * rows * 4 : 0;
@@ -553,7 +561,7 @@ int gemv_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_
   GvArgs a1{};
   size_t smem1 = 0;
   if (packed_bytes < ((int64_t)1 << 32) &&  // one activation row (32-bit row offsets)
-      gemv1_plan(dtype, m, rows, cols, blocksize, A, packed, codebook, &a1, &smem1)) {
+      gemv1_plan(dtype, m, rows, cols, blocksize, A, packed, &a1, &smem1)) {
     if (!workspace_ok(a1, workspace, workspace_bytes)) return LOWRA_ERR_ARGUMENT;
     set_matmul_operands(a1, A, packed, packed_bytes, bits, codebook, row_offsets, row_order, bias, out, workspace);
     a1.am = absmax;

@@ -80,7 +80,6 @@ __device__ __forceinline__ bool gv_row_ok(const GvArgs& a, int64_t r, int* b, in
   return row_ok(*b, *off, a.cols, a.packed_bytes) && ((uintptr_t)(a.packed + *off) & 15) == 0;
 }
 
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 // Shared-memory lookups at a 32-bit shared address (tables aligned so that base | offset is the entry).
 __device__ __forceinline__ float lds_f32(uint32_t addr) {
@@ -92,11 +91,6 @@ __device__ __forceinline__ float2 lds_f32x2(uint32_t addr) {
   float2 v;
   asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr));
   return v;
-}
-// (w >> s) & m for a compile-time s that may be negative (a left shift)
-template <int S>
-__device__ __forceinline__ uint32_t shr(uint32_t w) {
-  return S >= 0 ? w >> (S >= 0 ? S : 0) : w << (S < 0 ? -S : 0);
 }
 
 // Several K splits: adds the partial sums in split order, adds the bias, converts (rows skipped above stay so).
@@ -120,7 +114,7 @@ __global__ void gemv_finalize(const __grid_constant__ GvArgs a) {
 // memory size when it applies (m = 1, 16-bit activations, aligned operands); gemv1_launch starts it once the
 // operands are set (the caller adds the finalize launch when a.ks > 1).
 bool gemv1_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize, const void* A,
-                const uint8_t* packed, const uint16_t* codebook, GvArgs* a, size_t* smem);
+                const uint8_t* packed, GvArgs* a, size_t* smem);
 int gemv1_launch(const GvArgs& a, int dtype, bool nested, size_t smem, cudaStream_t stream);
 int64_t take_gemv1_skipped_rows();
 void gemv1_set_tuning(int batch1);  // 0: automatic, -1: never, 2 or 4: rows per warp task

@@ -414,8 +414,7 @@ int64_t take_gemv1_skipped_rows() { return take_local_skipped_rows(); }
 void gemv1_set_tuning(int batch1) { g_batch1 = batch1; }
 
 bool gemv1_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize, const void* A,
-                const uint8_t* packed, const uint16_t* codebook, GvArgs* a, size_t* smem) {
-  (void)codebook;
+                const uint8_t* packed, GvArgs* a, size_t* smem) {
   if (g_batch1 < 0 || m != 1 || (dtype != LOWRA_F16 && dtype != LOWRA_BF16)) return false;
   // Automatic use on large layers only: below ~64M weights the multi-row kernel measured faster (H200: 4096x4096,
   // 11008x4096, 4096x11008 by 6-14%), the table building and one task per warp weighing more there.
