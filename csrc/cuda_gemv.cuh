@@ -1,6 +1,6 @@
-// Pieces shared by the two GEMV kernels: launch arguments, 16-bit activation conversion, streaming loads, the row
-// check and the K-split finalize. cuda_gemv.cu: 1-4 activation rows; cuda_gemv1.cu: one row through subset-sum
-// tables.
+// Pieces shared by the two GEMV kernels: launch arguments, 16-bit activation conversion, streaming loads,
+// shared-memory lookups, the row check and the K-split finalize. cuda_gemv.cu: 1-4 activation rows; cuda_gemv1.cu:
+// one row through subset-sum tables.
 #pragma once
 #include "cuda_common.cuh"
 
