@@ -13,7 +13,7 @@
 // four FMAs; 4 bit, four lookups in the row's codebook and four FMAs. A byte permute (PRMT) turns a code byte
 // into the address of its entry (the row tables are 256-byte aligned), and both activation tables keep lane l's
 // entries in bank l, so no lookup conflicts. 1-bit rows keep the loads of three steps in flight.
-// Taken automatically for layers of 64M weights or more (below that the multi-row kernel measured faster).
+// Taken automatically for layers of 2^27 (134M) weights or more; the multi-row kernel measured faster on smaller ones.
 //
 // K splits write float32 partial sums that gemv_finalize adds in split order; rows whose metadata does not fit
 // are skipped (left unwritten) and counted, as in the other kernels.
@@ -416,9 +416,11 @@ void gemv1_set_tuning(int batch1) { g_batch1 = batch1; }
 bool gemv1_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize, const void* A,
                 const uint8_t* packed, GvArgs* a, size_t* smem) {
   if (g_batch1 < 0 || m != 1 || (dtype != LOWRA_F16 && dtype != LOWRA_BF16)) return false;
-  // Automatic use on large layers only: below ~64M weights the multi-row kernel measured faster (H200: 4096x4096,
-  // 11008x4096, 4096x11008 by 6-14%), the table building and one task per warp weighing more there.
-  if (g_batch1 == 0 && rows * cols < ((int64_t)1 << 26)) return false;
+  // Automatic use on large layers only. H200, 1.75 bits: faster on 28672x8192 and 8192x28672 (235M weights, by 5%
+  // and 24%), slower on 4096x4096, 11008x4096 and 4096x11008 (17-45M, by 3-47%: the table building and few tasks
+  // per warp weigh more there). Between, unmeasured, the multi-row kernel stays (8192x8192 would take 2-row tasks,
+  // which measured slower than 4-row ones).
+  if (g_batch1 == 0 && rows * cols < ((int64_t)1 << 27)) return false;
   if (cols % 128 != 0 || blocksize < 32 || (blocksize & (blocksize - 1)) != 0 || cols % blocksize != 0) return false;
   // 32-bit row offsets and scale indices in the kernel
   if (!aligned(A, 16) || !aligned(packed, 16) || cols > ((int64_t)1 << 30) || rows > ((int64_t)1 << 31) - 1 ||
