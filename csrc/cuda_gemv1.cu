@@ -7,7 +7,8 @@
 //     sum_j x_j cb[b_j] = c0 * sum_j x_j + (c1 - c0) * sum_{b_j = 1} x_j;
 //   - the activations as float32, for the 2- and 4-bit rows.
 // Warps then take tasks of R rows over the whole split with no CTA-wide synchronization (the multi-row kernel in
-// cuda_gemv.cu spends much of its time in its per-task barriers). Lane l covers columns 32 l .. 32 l + 31 of every
+// cuda_gemv.cu spends much of its time in its per-task barriers): every CTA owns an equal share of every precision,
+// and its warps take their next task from a shared counter, costliest first. Lane l covers columns 32 l .. 32 l + 31 of every
 // 1024-column step: one 4-, 8- or 16-byte code load per row and step, all in one absmax block (blocksize >= 32).
 // Per 4 columns: 1 bit, one lookup and an add; 2 bit, two lookups in the row's 16-entry table of code pairs and
 // four FMAs; 4 bit, four lookups in the row's codebook and four FMAs. A byte permute (PRMT) turns a code byte
@@ -100,16 +101,18 @@ __device__ __forceinline__ void build_tables(const GvArgs& a, int64_t k0, int kl
   __syncthreads();
 }
 
-// Row metadata of task `task` (lanes 0..R-1 look up one row each): the caller loads it one task ahead.
+// Row metadata of task `task` (lanes 0..R-1 look up one row each), loaded one task ahead; the rows' codebooks
+// follow once the metadata has landed (load_codebooks, after the current task's first step).
 struct L1Pre {
-  int64_t off;
+  uint32_t off;  // 32 bits: the plan checks the sizes
   int32_t row, bits;
+  uint32_t cb;  // lane l: entries 2 (l & 7), 2 (l & 7) + 1 of row l >> 3's codebook (two halves)
 };
 
 template <int R>
-__device__ __forceinline__ L1Pre load_row(const GvArgs& a, int64_t task, int s, int lane) {
-  L1Pre p{0, 0, 0};
-  const int64_t pos = task * R + lane;
+__device__ __forceinline__ L1Pre load_row(const GvArgs& a, int task, int s, int lane) {
+  L1Pre p{0, 0, 0, 0u};
+  const int64_t pos = (int64_t)task * R + lane;
   if (lane >= R || task >= a.ngroups || pos >= a.rows) return p;
   const int64_t r = a.row_order ? (int64_t)a.row_order[pos] : pos;
   int b = 0;
@@ -118,10 +121,21 @@ __device__ __forceinline__ L1Pre load_row(const GvArgs& a, int64_t task, int s, 
     if (s == 0) count_skipped_row();  // counted in the first K split only
     return p;
   }
-  p.off = off;
+  p.off = (uint32_t)off;
   p.row = (int32_t)r;
   p.bits = b;
   return p;
+}
+
+template <int R>
+__device__ __forceinline__ void load_codebooks(const GvArgs& a, L1Pre& p, int lane) {
+  const int j = lane >> 3;
+  const int b = __shfl_sync(kFull, p.bits, j & (R - 1));
+  const int32_t r = __shfl_sync(kFull, p.row, j & (R - 1));
+  if (j < R && b) {
+    const uint16_t* c = a.codebook + (int64_t)r * kCodebookSlots + 2 * (lane & 7);
+    p.cb = (uint32_t)__ldg(c) | (uint32_t)__ldg(c + 1) << 16;
+  }
 }
 
 // Broadcasts the task's rows and writes their decode tables into the warp's slots (`tab`, 256 bytes per row).
@@ -134,12 +148,12 @@ __device__ __forceinline__ void setup_rows(const GvArgs& a, const L1Pre& p, int6
   for (int j = 0; j < R; ++j) {
     const int b = __shfl_sync(kFull, p.bits, j);
     const int32_t r = __shfl_sync(kFull, p.row, j);
-    const int64_t off = (int64_t)__shfl_sync(kFull, (unsigned long long)p.off, j);
+    const uint32_t off = __shfl_sync(kFull, p.off, j);
     rw.bits[j] = b;
     rw.code[j] = (uint32_t)(off + ((k0 + 32 * lane) * b >> 3));  // 32 bits: the plan checks the sizes
     rw.am[j] = (int32_t)((int64_t)r * a.nb + ((k0 + 32 * lane) >> a.bs_shift));
-    float v = 0.f;
-    if (b && lane < 16) v = half_bits_to_float(__ldg(a.codebook + (int64_t)r * kCodebookSlots + lane));
+    const uint32_t two = __shfl_sync(kFull, p.cb, 8 * j + ((lane >> 1) & 7));
+    const float v = b && lane < 16 ? half_bits_to_float((uint16_t)(two >> (16 * (lane & 1)))) : 0.f;
     rw.c0[j] = __shfl_sync(kFull, v, 0);
     rw.dl[j] = __shfl_sync(kFull, v, 1) - rw.c0[j];
     const float first = __shfl_sync(kFull, v, lane & 3), second = __shfl_sync(kFull, v, (lane >> 2) & 3);
@@ -316,10 +330,12 @@ __device__ __forceinline__ void compute_step(const GvArgs& a, const L1Rows<R>& r
 template <int P>
 constexpr int kDepth = P == 1 ? 3 : 1;
 
-// A task's steps, through a ring of kDepth<P> steps of loads.
+// A task's steps, through a ring of kDepth<P> steps of loads. After the first step, the next task's metadata
+// (`pre`, loaded before it) has landed: its codebooks are loaded then.
 template <int R, int P, bool NESTED>
 __device__ __forceinline__ void run_steps(const GvArgs& a, const L1Rows<R>& rw, int klen, int nsteps, int lane,
-                                          uint32_t lut, uint32_t xs, uint32_t sx, uint32_t tab, float (&acc)[R]) {
+                                          uint32_t lut, uint32_t xs, uint32_t sx, uint32_t tab, float (&acc)[R],
+                                          L1Pre& pre) {
   constexpr int D = kDepth<P>;
   L1Loads<R, P, NESTED> ring[D];
 #pragma unroll
@@ -332,6 +348,7 @@ __device__ __forceinline__ void run_steps(const GvArgs& a, const L1Rows<R>& rw, 
     if (cl < klen)  // false only in the last step of a split whose columns are not a multiple of 1024
       compute_step<R, P, NESTED>(a, rw, ring[0], lut + st * kL1LutStep + 4 * lane, xs + st * kL1XStep + 16 * lane,
                                  sx + st * 128 + 4 * lane, tab, acc);
+    if (st == 0) load_codebooks<R>(a, pre, lane);
 #pragma unroll
     for (int i = 0; i < D - 1; ++i) ring[i] = ring[i + 1];
   }
@@ -352,26 +369,38 @@ __global__ void __launch_bounds__(kL1Threads, 1) gemv1_kernel(const __grid_const
   const uint32_t xs = lut + nsteps * kL1LutStep;
   const uint32_t sx = xs + nsteps * kL1XStep;
   const uint32_t tab = ((sx + nsteps * 128 + 255u) & ~255u) + warp * R * kL1TabBytes;
-  const int64_t stride = (int64_t)(gridDim.x / a.ks) * kL1Warps;
-  int64_t task = (int64_t)(blockIdx.x / a.ks) * kL1Warps + warp;
+  // This CTA's tasks are bi + nbs i (i = 0 .. n - 1): an equal share of every precision for every CTA. Its warps
+  // take them through a shared counter, costliest first (rows are ordered 1, 2, then 4 bits: descending i), so
+  // that warps finishing early take more and the last tasks taken are short. Static strides left up to a quarter
+  // more work on some SMs than on others.
+  __shared__ int taken;  // tasks handed out so far (each warp starts on task `warp`)
+  const int ntasks = (int)a.ngroups, nbs = gridDim.x / a.ks, bi = blockIdx.x / a.ks;  // int: rows < 2^31
+  const int n = ntasks > bi ? (ntasks - 1 - bi) / nbs + 1 : 0;
+  auto task_at = [&](int j) { return j < n ? bi + nbs * (n - 1 - j) : ntasks; };
+  if (threadIdx.x == 0) taken = kL1Warps;
+  int task = task_at(warp);
   L1Pre pre = load_row<R>(a, task, s, lane);
   build_tables<T>(a, k0, klen, nsteps, reinterpret_cast<float*>(smem + (lut - base)),
                   reinterpret_cast<float4*>(smem + (xs - base)), reinterpret_cast<float*>(smem + (sx - base)));
+  load_codebooks<R>(a, pre, lane);
 
-  for (; task < a.ngroups; task += stride) {
+  while (task < ntasks) {
     L1Rows<R> rw;
     setup_rows<R>(a, pre, k0, lane, reinterpret_cast<float*>(smem + (tab - base)), rw);
-    pre = load_row<R>(a, task + stride, s, lane);  // the next task's rows, used a task later
+    int got = 0;
+    if (lane == 0) got = atomicAdd(&taken, 1);
+    const int next = task_at(__shfl_sync(kFull, got, 0));
+    pre = load_row<R>(a, next, s, lane);  // the next task's rows, used a task later
     int uni = rw.bits[0];
 #pragma unroll
     for (int j = 1; j < R; ++j) uni = rw.bits[j] == uni ? uni : 0;
     float acc[R];
 #pragma unroll
     for (int j = 0; j < R; ++j) acc[j] = 0.f;
-    if (uni == 1) run_steps<R, 1, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc);
-    else if (uni == 2) run_steps<R, 2, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc);
-    else if (uni == 4) run_steps<R, 4, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc);
-    else run_steps<R, 0, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc);
+    if (uni == 1) run_steps<R, 1, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc, pre);
+    else if (uni == 2) run_steps<R, 2, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc, pre);
+    else if (uni == 4) run_steps<R, 4, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc, pre);
+    else run_steps<R, 0, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc, pre);
 #pragma unroll
     for (int j = 0; j < R; ++j) {
       float v = acc[j];
@@ -386,6 +415,7 @@ __global__ void __launch_bounds__(kL1Threads, 1) gemv1_kernel(const __grid_const
         }
       }
     }
+    task = next;
   }
 }
 
