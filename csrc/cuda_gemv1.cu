@@ -13,8 +13,8 @@
 // Per 4 columns: 1 bit, one lookup and an add; 2 bit, two lookups in the row's 16-entry table of code pairs and
 // four FMAs; 4 bit, four lookups in the row's codebook and four FMAs. A byte permute (PRMT) turns a code byte
 // into the address of its entry (the row tables are 256-byte aligned), and both activation tables keep lane l's
-// entries in bank l, so no lookup conflicts. 1-bit rows keep the loads of three steps in flight.
-// Taken automatically for layers of 2^27 (134M) weights or more; the multi-row kernel measured faster on smaller ones.
+// entries in bank l, so no lookup conflicts. 1-bit rows keep the loads of three steps in flight, 2-bit rows two.
+// Taken automatically for layers of 2^24 (16.8M) weights or more; smaller ones keep the multi-row kernel (unmeasured).
 //
 // K splits write float32 partial sums that gemv_finalize adds in split order; rows whose metadata does not fit
 // are skipped (left unwritten) and counted, as in the other kernels.
@@ -323,12 +323,13 @@ __device__ __forceinline__ void compute_step(const GvArgs& a, const L1Rows<R>& r
   }
 }
 
-// Steps whose loads are in flight ahead of the one computed. A 1-bit step is short next to a load's latency under
-// full load and its codes are few, so 1-bit rows keep 3 steps in flight. Deeper rings for 2-bit rows spilled or
-// measured slower (H200, 28672x8192 and 8192x28672, m = 1: 1-bit depth 3 and 2-bit depth 1 took 53.2 / 50.9 us,
-// depths 2 / 2 57.5 / 53.8, depths 3 / 2 55.4 / 52.5); 4-bit and mixed rows load each step just before it.
+// Steps whose loads are in flight ahead of the one computed: 1-bit rows 3, 2-bit rows 2, 4-bit and mixed rows
+// load each step just before it. H200, m = 1, 1.75 bits, with the balanced task order (us, 28672x8192 /
+// 8192x28672): 3 / 1 / 1 took 44.6 / 46.4 (dq scales 47.0 / 48.5), 3 / 2 / 1 42.2 / 46.2 (45.3 / 47.7),
+// 4 / 2 / 1 42.9 / 47.0 (50.2 / 51.1). A ring unrolled by its depth (no register moves between slots) measured
+// slower at every depth (47.0 at 3 / 1 / 1): the step body is replicated per slot.
 template <int P>
-constexpr int kDepth = P == 1 ? 3 : 1;
+constexpr int kDepth = P == 1 ? 3 : P == 2 ? 2 : 1;
 
 // A task's steps, through a ring of kDepth<P> steps of loads. After the first step, the next task's metadata
 // (`pre`, loaded before it) has landed: its codebooks are loaded then.
@@ -430,11 +431,13 @@ L1Fn pick(int r, bool nested) {
   return r == 2 ? pick<T, 2>(nested) : pick<T, 4>(nested);
 }
 
-// 4 rows per task, or 2 where 4 would leave fewer than two tasks per warp (small layers; extra K splits for them
-// measured slower: each adds a finalize pass and shortens the tasks that hide the loads' latency).
+// 4 rows per task, or 2 where 4 would leave fewer than 3 tasks per 4 warps. H200, m = 1, 1.75 bits (us, 4 / 2
+// rows): 4096x4096 (0.48 tasks per warp at 4 rows) 10.3 / 8.3; 4096x11008 (0.97) 18.2 / 19.6; 11008x4096 (1.30)
+// 16.5 / 17.4; 8192x8192 (0.97) 19.2 / 20.8. Extra K splits for small layers measured slower: each adds a
+// finalize pass and shortens the tasks that hide the loads' latency.
 int rows_per_task(int64_t rows, int64_t ks) {
   if (g_batch1 == 2 || g_batch1 == 4) return g_batch1;
-  return (rows + 3) / 4 * ks < 2 * kL1Warps * (int64_t)sm_count() ? 2 : 4;
+  return 4 * ((rows + 3) / 4 * ks) < 3 * kL1Warps * (int64_t)sm_count() ? 2 : 4;
 }
 
 }  // namespace
@@ -446,11 +449,10 @@ void gemv1_set_tuning(int batch1) { g_batch1 = batch1; }
 bool gemv1_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize, const void* A,
                 const uint8_t* packed, GvArgs* a, size_t* smem) {
   if (g_batch1 < 0 || m != 1 || (dtype != LOWRA_F16 && dtype != LOWRA_BF16)) return false;
-  // Automatic use on large layers only. H200, 1.75 bits: faster on 28672x8192 and 8192x28672 (235M weights, by 5%
-  // and 24%), slower on 4096x4096, 11008x4096 and 4096x11008 (17-45M, by 3-47%: the table building and few tasks
-  // per warp weigh more there). Between, unmeasured, the multi-row kernel stays (8192x8192 would take 2-row tasks,
-  // which measured slower than 4-row ones).
-  if (g_batch1 == 0 && rows * cols < ((int64_t)1 << 27)) return false;
+  // Automatic from 2^24 weights. H200, 1.75 bits, against the multi-row kernel (us): 4096x4096 8.3 / 8.8,
+  // 11008x4096 16.5 / 18.6, 4096x11008 18.2 / 18.5, 8192x8192 19.2 / 24.1, 28672x8192 42.2 / 55.8. Smaller layers
+  // (the table building weighs more there) keep the multi-row kernel: unmeasured.
+  if (g_batch1 == 0 && rows * cols < ((int64_t)1 << 24)) return false;
   if (cols % 128 != 0 || blocksize < 32 || (blocksize & (blocksize - 1)) != 0 || cols % blocksize != 0) return false;
   // 32-bit row offsets and scale indices in the kernel
   if (!aligned(A, 16) || !aligned(packed, 16) || cols > ((int64_t)1 << 30) || rows > ((int64_t)1 << 31) - 1 ||

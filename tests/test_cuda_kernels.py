@@ -281,7 +281,7 @@ def test_cuda_matmul_batch1(shape, dtype, batch1):
                                                  (300, 1, torch.bfloat16, dict(gemv_batch1=4))])
 def test_cuda_matmul_gemv_k_splits_capture_in_cuda_graph(rows, m, dtype, tuning):
     """The GEMV kernels with K splits (workspace + finalize kernel) captured in a graph and replayed on new
-    activations: the multi-row kernel at m = 4, the batch-1 kernel (forced: automatic on large layers only)."""
+    activations: the multi-row kernel at m = 4, the batch-1 kernel (forced: automatic from 2^24 weights)."""
     cols, bs = 28672, 64
     A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, bs, dtype, seed=8 + m, m=m)
     order, groups = matmul_plan(bits)

@@ -184,7 +184,7 @@ def test_cuda_nested_matmul_equals_decoded(shape, m, dtype):
 @pytest.mark.parametrize("batch1", [2, 4])
 @pytest.mark.parametrize("shape", [(130, 4096, 64), (45, 2304, 128), (33, 28672, 64)])
 def test_cuda_nested_batch1_equals_decoded(shape, batch1):
-    """The batch-1 kernel (forced: automatic on large layers only) decodes the scales where it reads them: the same
+    """The batch-1 kernel (forced: automatic from 2^24 weights) decodes the scales where it reads them: the same
     output as on the decoded float32 scales, bit for bit (K splits at 28672 columns)."""
     from bitsandbytes_lowra.backends import native
 
