@@ -241,7 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-model", action="store_true", help="only the one-layer training benchmark")
     ap.add_argument("--skip-training", action="store_true", help="only the model benchmark")
     ap.add_argument("--bits", type=float, nargs="+", default=[4.0, 2.0, 1.75])
-    ap.add_argument("--workdir", default=None, help="where the random checkpoint is written (default: a temp dir)")
+    ap.add_argument("--workdir", default=None,
+                    help="folder (created if missing) for the random checkpoint's temp dir (default: the system's)")
     ap.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per decode (batch 1)")
     ap.add_argument("--repeats", type=int, default=3, help="timed generations per decode path (median)")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph decode")
@@ -273,6 +274,8 @@ def main(argv=None) -> int:
     if not args.skip_model:
         decode_kw = dict(new_tokens=args.new_tokens, repeats=args.repeats, graph=not args.no_graph,
                          compile=args.compile)
+        if args.workdir:
+            os.makedirs(args.workdir, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
             results["model"] = model_bench(sorted(args.bits, reverse=True), workdir, decode_kw)
         dump()
