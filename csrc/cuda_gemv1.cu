@@ -7,9 +7,10 @@
 //     sum_j x_j cb[b_j] = c0 * sum_j x_j + (c1 - c0) * sum_{b_j = 1} x_j;
 //   - the activations as float32, for the 2- and 4-bit rows.
 // Warps then take tasks of R rows over the whole split with no CTA-wide synchronization (the multi-row kernel in
-// cuda_gemv.cu spends much of its time in its per-task barriers): every CTA owns an equal share of every precision,
-// and its warps take their next task from a shared counter, costliest first. Lane l covers columns 32 l .. 32 l + 31 of every
-// 1024-column step: one 4-, 8- or 16-byte code load per row and step, all in one absmax block (blocksize >= 32).
+// cuda_gemv.cu spends much of its time in its per-task barriers): every CTA owns an equal share of every
+// precision, and its warps take their next task from a shared counter, costliest first. Lane l covers columns
+// 32 l .. 32 l + 31 of every 1024-column step: one 4-, 8- or 16-byte code load per row and step, all in one absmax
+// block (blocksize >= 32).
 // Per 4 columns: 1 bit, one lookup and an add; 2 bit, two lookups in the row's 16-entry table of code pairs and
 // four FMAs; 4 bit, four lookups in the row's codebook and four FMAs. A byte permute (PRMT) turns a code byte
 // into the address of its entry (the row tables are 256-byte aligned), and both activation tables keep lane l's
