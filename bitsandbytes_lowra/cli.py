@@ -235,7 +235,6 @@ def _cmd_finetune(args) -> int:
     from .sweep import plan_record, resolve_checkpoint, versions
 
     dist = distributed()  # under `accelerate launch`: DDP or FSDP, run by Trainer
-    checkpoint = resolve_checkpoint(args.model)
     m = baselines.get_method(args.method)
     init = args.init or m.init
     dtype = getattr(torch, args.dtype)
@@ -254,6 +253,8 @@ def _cmd_finetune(args) -> int:
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, dataset=args.dataset,
         logging_steps=args.logging_steps,
     )  # fmt: skip
+    # arguments are checked above, before the model is resolved (which may convert the packaged GGUF)
+    checkpoint = resolve_checkpoint(args.model)
     out = Path(args.output)
     with main_process_first():  # rank 0 plans and fills the plan cache, the others read it
         plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args) and dist["is_main"])

@@ -55,6 +55,14 @@ def test_bad_arguments_are_refused(capsys):
     assert rc == 2 and "neither 'smollm2-135m' nor a local checkpoint" in err
 
 
+def test_finetune_checks_its_arguments_before_touching_the_model(capsys, tmp_path):
+    # a bad step count is reported as such, not after (or instead of) resolving and loading the model
+    rc, _, err = _run(capsys, "finetune", "--model", "/nonexistent/model", "--bits", "2", "--steps", "-1",
+                      "-o", str(tmp_path / "run"), "-q")  # fmt: skip
+    assert rc == 2 and "steps must be a non-negative integer, got -1" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_memory_json_and_table(capsys):
     rc, out, _ = _run(capsys, "memory", "llama-2-7b", "--bits", "4", "2", "--json")
     assert rc == 0
