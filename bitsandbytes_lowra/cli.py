@@ -121,14 +121,20 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _fresh_output(args) -> Path:
+    """args.output as a Path; refused if it holds files and --overwrite was not given (checked before any work)."""
+    out = Path(args.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ValueError(f"{out} exists and is not an empty directory (pass --overwrite to write into it)")
+    return out
+
+
 def _cmd_quantize(args) -> int:
     from .finetune import load_quantized
     from .sweep import model_memory_bytes, plan_record, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.model)
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ValueError(f"{out} exists and is not empty (pass --overwrite to write into it)")
+    out = _fresh_output(args)
     t0 = time.perf_counter()
     plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args))
     t_plan = time.perf_counter() - t0
@@ -253,9 +259,9 @@ def _cmd_finetune(args) -> int:
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, dataset=args.dataset,
         logging_steps=args.logging_steps,
     )  # fmt: skip
+    out = _fresh_output(args)
     # arguments are checked above, before the model is resolved (which may convert the packaged GGUF)
     checkpoint = resolve_checkpoint(args.model)
-    out = Path(args.output)
     with main_process_first():  # rank 0 plans and fills the plan cache, the others read it
         plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args) and dist["is_main"])
     model, tok = load_quantized(checkpoint, plan, dtype=dtype, quant_storage=getattr(torch, quant_storage))
@@ -534,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype the packed codes are stored as; auto: --dtype under FSDP (FSDP shards them with the "
                     "float parameters), else uint8 (docs/distributed.md)")  # fmt: skip
     ft.add_argument("-o", "--output", required=True, help="output directory")
+    ft.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     _add_common(ft)
     ft.set_defaults(func=_cmd_finetune)
 

@@ -61,6 +61,16 @@ def test_finetune_checks_its_arguments_before_touching_the_model(capsys, tmp_pat
                       "-o", str(tmp_path / "run"), "-q")  # fmt: skip
     assert rc == 2 and "steps must be a non-negative integer, got -1" in err
     assert not (tmp_path / "run").exists()
+    # a previous run's outputs are not overwritten without --overwrite, and that is checked first too
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    rc, _, err = _run(capsys, "finetune", "--model", "/nonexistent/model", "--bits", "2", "-o", str(tmp_path / "run"),
+                      "-q")  # fmt: skip
+    assert rc == 2 and "is not an empty directory (pass --overwrite" in err
+    assert (tmp_path / "run" / "metrics.json").read_text() == "{}"
+    rc, _, err = _run(capsys, "finetune", "--model", "/nonexistent/model", "--bits", "2", "-o", str(tmp_path / "run"),
+                      "--overwrite", "-q")  # fmt: skip
+    assert rc == 2 and "neither 'smollm2-135m' nor a local checkpoint" in err  # past the output check
 
 
 def test_memory_json_and_table(capsys):
