@@ -33,19 +33,43 @@ void quantize_row(const void* W, int dtype, int64_t r, int64_t cols, int64_t blo
   }
 }
 
+template <int D>
+inline void store(void* out, int64_t j, float v) {
+  if constexpr (D == LOWRA_F16) ((uint16_t*)out)[j] = float_to_half(v);
+  else if constexpr (D == LOWRA_BF16) ((uint16_t*)out)[j] = float_to_bf16(v);
+  else ((float*)out)[j] = v;
+}
+
+// One row of precision BITS into dtype D. Per block, the codebook scaled by the block's absmax (the same float
+// product code[c] * absmax the reference takes per element), then one lookup per element, a code byte at a time:
+// blocks start on a byte boundary (blocksize is a multiple of 8). No division, dtype switch or bounds test per
+// element: the per-element loop measured ~3.5 ns per element.
+template <int BITS, int D>
+void dequantize_row(const uint8_t* in, const float* absmax_row, const float* code, int64_t cols, int64_t blocksize,
+                    void* out) {
+  constexpr int n = 1 << BITS, per_byte = 8 / BITS;
+  constexpr uint32_t mask = n - 1;
+  float scaled[n];
+  for (int64_t b0 = 0, blk = 0; b0 < cols; b0 += blocksize, ++blk) {
+    for (int k = 0; k < n; ++k) scaled[k] = code[k] * absmax_row[blk];
+    const int64_t end = b0 + blocksize < cols ? b0 + blocksize : cols;
+    const uint8_t* p = in + b0 / per_byte;
+    int64_t j = b0;
+    for (; j + per_byte <= end; j += per_byte, ++p) {
+      const uint32_t v = *p;
+      for (int k = 0; k < per_byte; ++k) store<D>(out, j + k, scaled[(v >> (k * BITS)) & mask]);
+    }
+    for (int k = 0; j < end; ++j, ++k) store<D>(out, j, scaled[(*p >> (k * BITS)) & mask]);  // a partial last byte
+  }
+}
+
 template <int BITS>
 void dequantize_row(const uint8_t* in, const float* absmax_row, const float* code, int64_t cols, int64_t blocksize,
-                    int dtype, void* out_row) {
-  constexpr int per_byte = 8 / BITS;
-  constexpr uint32_t mask = (1u << BITS) - 1;
-  for (int64_t j = 0; j < cols; ++j) {
-    const uint32_t c = (in[j / per_byte] >> ((j % per_byte) * BITS)) & mask;
-    const float v = code[c] * absmax_row[j / blocksize];
-    switch (dtype) {
-      case LOWRA_F16: ((uint16_t*)out_row)[j] = float_to_half(v); break;
-      case LOWRA_BF16: ((uint16_t*)out_row)[j] = float_to_bf16(v); break;
-      default: ((float*)out_row)[j] = v;
-    }
+                    int dtype, void* out) {
+  switch (dtype) {
+    case LOWRA_F16: dequantize_row<BITS, LOWRA_F16>(in, absmax_row, code, cols, blocksize, out); break;
+    case LOWRA_BF16: dequantize_row<BITS, LOWRA_BF16>(in, absmax_row, code, cols, blocksize, out); break;
+    default: dequantize_row<BITS, LOWRA_F32>(in, absmax_row, code, cols, blocksize, out);
   }
 }
 

@@ -84,6 +84,17 @@ def test_single_precision_rows_and_zero_rows(p, device):
     assert torch.equal(packed, ref[0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize, cols", [(24, 101), (40, 83), (8, 3), (24, 24), (136, 300)])
+def test_cpu_blocksizes_not_powers_of_two(blocksize, cols, dtype):
+    # any multiple of 8 is a valid blocksize; partial last blocks and a partial last code byte at every precision
+    W, bits, code, thr, off = make_case(12, cols, blocksize, dtype, seed=blocksize * 1000 + cols)
+    packed, absmax, out = run_ops(W, bits, code, thr, off, blocksize, "cpu")
+    ref_packed, ref_absmax = reference.quantize(W, bits, thr, off, blocksize)
+    assert torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax)
+    assert torch.equal(out, reference.dequantize(packed, absmax, bits, code, off, blocksize, [12, cols], dtype))
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(1, 40),
