@@ -1,0 +1,161 @@
+"""CPU benchmarks, side by side in one process: what `lowra eval`, `lowra finetune` and the sweep run on a machine
+without a GPU.
+
+    python -m bitsandbytes_lowra.bench.cpu [--json out.json] [--quick]
+
+1. Dequantize to float32 and bfloat16: LowRA (1.75-bit mix, 4-bit) against bitsandbytes' CPU NF4
+   `dequantize_4bit`, on a SmolLM2-135M MLP shape and a Llama-2-7B attention shape.
+2. One training step of one layer + LoRA (forward + backward, float32, base frozen): nn.Linear, LinearLowRA
+   (1.75-bit mix, 4-bit) and bitsandbytes' Linear4bit (NF4), on the SmolLM2-135M MLP shape.
+Both scales are double-quantized (the default of LowRAConfig, and of QLoRA scripts). Times are medians of wall-clock
+repeats on the threads torch uses (`torch.get_num_threads()`, set by OMP_NUM_THREADS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+DEQUANTIZE_SHAPES = ((1536, 576), (4096, 4096))
+TRAIN_SHAPE, TRAIN_TOKENS, LORA_R = (1536, 576), 512, 16
+BLOCKSIZE = 64
+
+
+def median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def _bits(rows: int, name: str) -> torch.Tensor:
+    from .kernels import mixed_bits
+
+    if name == "1.75bit":
+        return mixed_bits(rows, torch.Generator().manual_seed(rows))
+    return torch.full((rows,), 4, dtype=torch.uint8)
+
+
+def dequantize_bench(shapes, repeats: int) -> list[dict]:
+    import bitsandbytes as bnb
+
+    from ..codebooks import nf_tables
+    from ..functional import dequantize_lowra, quantize_lowra
+
+    out = []
+    for rows, cols in shapes:
+        W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 0.02
+        row = {"shape": [rows, cols]}
+        for name in ("1.75bit", "4bit"):
+            bits = _bits(rows, name)
+            code, thr = nf_tables(bits)
+            packed, qs = quantize_lowra(W, bits, code, thr, blocksize=BLOCKSIZE, compress_statistics=True)
+            for dt in (torch.float32, torch.bfloat16):
+                ms = median_ms(lambda: dequantize_lowra(packed, qs, dtype=dt), repeats)
+                row[f"lowra_{name}_{str(dt)[6:]}"] = dict(ms=ms, gelem_s=rows * cols / ms / 1e6)
+        for dt in (torch.float32, torch.bfloat16):
+            p, qs = bnb.functional.quantize_4bit(W.to(dt), blocksize=BLOCKSIZE, quant_type="nf4",
+                                                 compress_statistics=True)
+            ms = median_ms(lambda: bnb.functional.dequantize_4bit(p, qs), repeats)
+            row[f"bnb_nf4_{str(dt)[6:]}"] = dict(ms=ms, gelem_s=rows * cols / ms / 1e6)
+        out.append(row)
+    return out
+
+
+class _Lora(torch.nn.Module):
+    """base(x) + x A^T B^T with a frozen base: the layer a LoRA fine-tuning step trains."""
+
+    def __init__(self, base: torch.nn.Module, n_in: int, n_out: int, r: int):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.a = torch.nn.Parameter(torch.randn(r, n_in) * 0.01)
+        self.b = torch.nn.Parameter(torch.randn(n_out, r) * 0.01)
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.a.t()) @ self.b.t()
+
+
+def training_bench(shape, tokens: int, r: int, repeats: int) -> dict:
+    import bitsandbytes as bnb
+
+    from ..nn import LinearLowRA
+
+    rows, cols = shape
+    lin = torch.nn.Linear(cols, rows, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 0.02)
+    b4 = bnb.nn.Linear4bit(cols, rows, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                           compress_statistics=True)
+    b4.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                  compress_statistics=True)
+    b4 = b4.to("cpu")  # bitsandbytes quantizes the weight when the module is moved
+    contenders = {"nn_linear": lin, "bnb_nf4": b4}
+    for name in ("1.75bit", "4bit"):
+        contenders[f"lowra_{name}"] = LinearLowRA.from_linear(lin, bits=_bits(rows, name), compute_dtype=torch.float32)
+    x = torch.randn(tokens, cols, requires_grad=True)
+    res = {"shape": [rows, cols], "tokens": tokens, "lora_r": r}
+    for name, base in contenders.items():
+        layer = _Lora(base, cols, rows, r)
+        res[name] = dict(ms=median_ms(lambda: layer(x).sum().backward(), repeats))
+    for name in ("lowra_1.75bit", "lowra_4bit"):
+        res[f"{name}_vs_bnb"] = res[name]["ms"] / res["bnb_nf4"]["ms"]
+    return res
+
+
+def environment() -> dict:
+    import bitsandbytes
+
+    from .. import __version__
+
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                torch=torch.__version__, bitsandbytes=bitsandbytes.__version__, bitsandbytes_lowra=__version__,
+                python=platform.python_version())
+
+
+def run(quick: bool = False, dequantize_shapes=DEQUANTIZE_SHAPES, train_shape=TRAIN_SHAPE,
+        tokens: int = TRAIN_TOKENS) -> dict:
+    repeats = 3 if quick else 10
+    return dict(environment=environment(), dequantize=dequantize_bench(dequantize_shapes, repeats),
+                training=training_bench(train_shape, tokens, LORA_R, repeats))
+
+
+def table(res: dict) -> str:
+    e = res["environment"]
+    lines = [f"{e['cpu']}, {e['threads']} threads  torch {e['torch']}  bitsandbytes {e['bitsandbytes']}  {e['date']}",
+             "dequantize ms (f32 / bf16):"]
+    for d in res["dequantize"]:
+        cells = [f"{n} {d[n + '_float32']['ms']:.2f} / {d[n + '_bfloat16']['ms']:.2f}"
+                 for n in ("lowra_1.75bit", "lowra_4bit", "bnb_nf4")]
+        lines.append(f"  {d['shape'][0]}x{d['shape'][1]}: " + " | ".join(cells))
+    t = res["training"]
+    lines.append(f"training step ms ({t['shape'][0]}x{t['shape'][1]}, {t['tokens']} tokens, LoRA r={t['lora_r']}): "
+                 + " | ".join(f"{n} {t[n]['ms']:.2f}" for n in ("nn_linear", "lowra_1.75bit", "lowra_4bit", "bnb_nf4")))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.cpu", description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
+    args = ap.parse_args(argv)
+    res = run(quick=args.quick)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
