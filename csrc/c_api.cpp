@@ -1,5 +1,6 @@
 // The C ABI (lowra.h): argument validation, then dispatch to the CPU or CUDA kernels.
 #include "common.h"
+#include "cpu_simd.h"
 #include "kernels.h"
 
 #ifndef LOWRA_VERSION
@@ -37,6 +38,10 @@ int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, const floa
   if (st != LOWRA_OK) return st;
   return lowra::dequantize_cpu(packed, absmax, bits, codebook, row_offsets, rows, cols, blocksize, dtype, out);
 }
+
+int lowra_cpu_isa(void) { return lowra::cpu_isa(); }
+
+int lowra_cpu_set_isa(int isa) { return lowra::cpu_set_isa(isa); }
 
 // Device pointers cannot be validated here; the CUDA kernels bound-check every row against packed_bytes.
 int lowra_quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,

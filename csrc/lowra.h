@@ -54,6 +54,12 @@ LOWRA_API int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, 
                          const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets,
                          int64_t rows, int64_t cols, int64_t blocksize, int dtype, void* out);
 
+// Instruction-set level of the CPU dequantize: 0 scalar, 1 AVX2 + F16C, 2 AVX-512F. lowra_cpu_set_isa takes at
+// most the CPU's best (-1: the best, the default) and returns the level now in use; results are identical at every
+// level (tests run each one).
+LOWRA_API int lowra_cpu_isa(void);
+LOWRA_API int lowra_cpu_set_isa(int isa);
+
 // ---- CUDA (built when nvcc is found; pointers are device pointers, `stream` a cudaStream_t) ----
 // Double-quantized absmax (bitsandbytes' nested quantization of the block scales, as quantize_4bit with
 // compress_statistics=True): scale i = max(code[q[i]] * nested[i / blocksize] + offset[0], 0), the product and

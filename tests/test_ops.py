@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bitsandbytes_lowra as L
 from bitsandbytes_lowra import _native
-from bitsandbytes_lowra.backends import reference
+from bitsandbytes_lowra.backends import native, reference
 from bitsandbytes_lowra.codebooks import nf_tables
 from bitsandbytes_lowra.format import (
     LowRAFormatError,
@@ -84,9 +84,22 @@ def test_single_precision_rows_and_zero_rows(p, device):
     assert torch.equal(packed, ref[0])
 
 
+@pytest.fixture(params=native.CPU_ISAS)
+def cpu_isa(request):
+    """Runs the test with the CPU dequantize capped at each instruction-set level (the vector decode and its scalar
+    remainder at every level the CPU has)."""
+    got = native.set_cpu_isa(request.param)
+    try:
+        if got != request.param:
+            pytest.skip(f"this CPU has no {request.param} (best: {got})")
+        yield got
+    finally:
+        native.set_cpu_isa()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize, cols", [(24, 101), (40, 83), (8, 3), (24, 24), (136, 300)])
-def test_cpu_blocksizes_not_powers_of_two(blocksize, cols, dtype):
+def test_cpu_blocksizes_not_powers_of_two(blocksize, cols, dtype, cpu_isa):
     # any multiple of 8 is a valid blocksize; partial last blocks and a partial last code byte at every precision
     W, bits, code, thr, off = make_case(12, cols, blocksize, dtype, seed=blocksize * 1000 + cols)
     packed, absmax, out = run_ops(W, bits, code, thr, off, blocksize, "cpu")
@@ -95,7 +108,7 @@ def test_cpu_blocksizes_not_powers_of_two(blocksize, cols, dtype):
     assert torch.equal(out, reference.dequantize(packed, absmax, bits, code, off, blocksize, [12, cols], dtype))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     rows=st.integers(1, 40),
     cols=st.integers(1, 700),
@@ -104,7 +117,7 @@ def test_cpu_blocksizes_not_powers_of_two(blocksize, cols, dtype):
     seed=st.integers(0, 2**31 - 1),
     mix=st.sampled_from([(1,), (2,), (4,), (1, 2), (2, 4), (1, 4), (1, 2, 4)]),
 )
-def test_property_cpu_matches_reference(rows, cols, bs_log, dtype_i, seed, mix):
+def test_property_cpu_matches_reference(rows, cols, bs_log, dtype_i, seed, mix, cpu_isa):
     bs = 2**bs_log
     dtype = DTYPES[dtype_i]
     W, bits, code, thr, off = make_case(rows, cols, bs, dtype, seed, mix)
@@ -128,6 +141,27 @@ def test_roundtrip_on_real_smollm2_layer(smollm2_weights):
     rel = ((W - out) ** 2).sum(1) / (W**2).sum(1)
     # NF4 rows reconstruct far better than 1-bit rows: precision really is per channel
     assert rel[bits == 4].mean() < 0.02 < rel[bits == 1].mean()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_dequantize_special_values(dtype, cpu_isa):
+    """Codebook entries and scales that overflow, underflow, or are not finite round as the reference does, in the
+    vector decode as in the scalar one (float16 overflow to inf, bfloat16 rounding ties, NaN stays NaN)."""
+    rows, cols, bs = 6, 160, 32
+    W, bits, code, thr, off = make_case(rows, cols, bs, torch.float32, seed=7, mix=(1, 2, 4))
+    packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, bs)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 65504.0, -6e-8, 1.0 + 2**-8, 3.0 + 2**-7,
+                             -0.0, 1e-3, 2.5, -2.5, 1.0 + 3 * 2**-8, 7.0, -65504.0, 2**-14, 0.0]).half()
+    code = torch.stack([specials.roll(r) for r in range(rows)])  # every entry in every precision's reach
+    absmax = absmax.clone()
+    absmax[0, 0], absmax[1, 1], absmax[2, 2] = float("inf"), 1e30, 3e-39  # overflowing and subnormal products
+    absmax[3:] = 1.0  # products equal to the entries: bfloat16 ties (1 + 2^-8, 1 + 3 * 2^-8, 3 + 2^-7)
+    out = torch.ops.lowra.dequantize(packed, absmax, bits, code, off, bs, [rows, cols], dtype)
+    ref = reference.dequantize(packed, absmax, bits, code, off, bs, [rows, cols], dtype)
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(out), nan)
+    ints = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[dtype]
+    assert torch.equal(out[~nan].view(ints), ref[~nan].view(ints))
 
 
 def test_dequantize_out_variant():

@@ -67,6 +67,25 @@ def skipped_rows() -> int:
     return int(n)
 
 
+CPU_ISAS = ("scalar", "avx2", "avx512")  # levels of the CPU dequantize, lowest first (csrc/cpu_simd.h)
+
+
+def set_cpu_isa(isa: str | None = None) -> str:
+    """Caps the instruction set of the CPU dequantize ("scalar", "avx2" or "avx512"; None: the CPU's best, the
+    default) and returns the level now in use, which is never above what the CPU has. Results are identical at every
+    level; this is for tests and benchmarks. Process-wide."""
+    if isa is not None and isa not in CPU_ISAS:
+        raise ValueError(f"isa must be one of {CPU_ISAS} or None, got {isa!r}")
+    i32 = _native.ctypes.c_int
+    level = _fn("lowra_cpu_set_isa", [i32], i32)(-1 if isa is None else CPU_ISAS.index(isa))
+    return CPU_ISAS[level]
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU dequantize uses now."""
+    return CPU_ISAS[_fn("lowra_cpu_isa", [], _native.ctypes.c_int)()]
+
+
 def set_matmul_tuning(ksplit: int = 0, ctas_per_sm: int = 0, depth: int = 0, gemv_max_rows: int = 0,
                       gemv_rows_per_warp: int = 0, gemv_wk: int = 0, nested_prepass: int = 0,
                       gemv_batch1: int = 0) -> None:

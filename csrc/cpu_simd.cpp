@@ -1,0 +1,191 @@
+// Vector decode for the CPU dequantize (cpu_kernels.cpp): 16 elements at a time, out[i] = tab[code_i], where tab
+// is the block's codebook already scaled by its absmax (16 floats, zero-padded below 4 bits). The codes of 16
+// elements are 2 * BITS bytes: broadcast into the lanes, shifted right by each lane's bit offset, masked, then
+// used as indices into the table held in registers. Outputs are rounded as the scalar path does (round to nearest
+// even; bfloat16 NaN kept quiet), so results are bit-identical.
+//
+// Built with per-function target attributes (the library itself targets baseline x86-64) and picked at run time
+// from the CPU's features; lowra_cpu_set_isa can force a lower level (tests run every level the CPU has).
+#include "cpu_simd.h"
+
+#include <string.h>
+
+#include <atomic>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LOWRA_X86_SIMD 1
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12 reports its own AVX-512 intrinsics (the undefined-vector placeholders in avx512fintrin.h) as maybe
+// uninitialized when they are inlined into target("avx512f") functions: a known false positive of the header.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#endif
+
+namespace lowra {
+
+#ifdef LOWRA_X86_SIMD
+namespace {
+
+// The codes of 16 elements as one 32-bit word (1 and 2 bits) or two (4 bits: elements 0-7, then 8-15).
+template <int BITS>
+inline void load_codes(const uint8_t* p, uint32_t* lo, uint32_t* hi) {
+  *lo = *hi = 0;
+  memcpy(lo, p, BITS == 4 ? 4 : 2 * BITS);
+  if (BITS == 4) memcpy(hi, p + 4, 4);
+}
+
+// ----------------------------------------------------------------------------------------------- AVX-512 (16 lanes)
+
+template <int BITS>
+__attribute__((target("avx512f"))) inline __m512i indices512(const uint8_t* p) {
+  uint32_t lo, hi;
+  load_codes<BITS>(p, &lo, &hi);
+  __m512i w, sh;
+  if (BITS == 4) {
+    w = _mm512_mask_blend_epi32((__mmask16)0xFF00, _mm512_set1_epi32((int)lo), _mm512_set1_epi32((int)hi));
+    sh = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+  } else {
+    w = _mm512_set1_epi32((int)lo);
+    sh = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(BITS));
+  }
+  return _mm512_and_si512(_mm512_srlv_epi32(w, sh), _mm512_set1_epi32((1 << BITS) - 1));
+}
+
+template <int D>
+__attribute__((target("avx512f"))) inline void store512(void* out, int64_t i, __m512 v) {
+  if (D == LOWRA_F32) {
+    _mm512_storeu_ps((float*)out + i, v);
+  } else if (D == LOWRA_F16) {
+    const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256((__m256i*)((uint16_t*)out + i), h);
+  } else {  // bfloat16: (u + 0x7fff + ((u >> 16) & 1)) >> 16, NaN -> (u >> 16) | 0x40, as float_to_bf16
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    _mm256_storeu_si256((__m256i*)((uint16_t*)out + i), _mm512_cvtepi32_epi16(r));
+  }
+}
+
+template <int BITS, int D>
+__attribute__((target("avx512f"))) void decode_avx512(const uint8_t* p, const float* tab, int64_t n, void* out) {
+  const __m512 t = _mm512_loadu_ps(tab);
+  for (int64_t i = 0; i < n; i += 16, p += 2 * BITS) store512<D>(out, i, _mm512_permutexvar_ps(indices512<BITS>(p), t));
+}
+
+// ------------------------------------------------------------------------------------------- AVX2 + F16C (8 lanes)
+
+template <int BITS>
+__attribute__((target("avx2"))) inline void indices256(const uint8_t* p, __m256i* a, __m256i* b) {
+  uint32_t lo, hi;
+  load_codes<BITS>(p, &lo, &hi);
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  const __m256i step = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+  if (BITS == 4) {
+    const __m256i sh = _mm256_slli_epi32(step, 2);
+    *a = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)lo), sh), mask);
+    *b = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)hi), sh), mask);
+  } else {
+    const __m256i w = _mm256_set1_epi32((int)lo);
+    const __m256i sh = _mm256_mullo_epi32(step, _mm256_set1_epi32(BITS));
+    *a = _mm256_and_si256(_mm256_srlv_epi32(w, sh), mask);
+    *b = _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_add_epi32(sh, _mm256_set1_epi32(8 * BITS))), mask);
+  }
+}
+
+// tab[idx] for 8 indices: one permute for tables of up to 8 entries, two and a select on index bit 3 for 16.
+template <int BITS>
+__attribute__((target("avx2"))) inline __m256 lookup256(__m256i idx, __m256 t0, __m256 t1) {
+  const __m256 v0 = _mm256_permutevar8x32_ps(t0, idx);
+  if (BITS < 4) return v0;
+  return _mm256_blendv_ps(v0, _mm256_permutevar8x32_ps(t1, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+template <int D>
+__attribute__((target("avx2,f16c"))) inline void store256(void* out, int64_t i, __m256 v) {
+  if (D == LOWRA_F32) {
+    _mm256_storeu_ps((float*)out + i, v);
+  } else if (D == LOWRA_F16) {
+    _mm_storeu_si128((__m128i*)((uint16_t*)out + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
+    // |u| > inf as signed 32-bit: both sides are below 2^31
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+    // 8 x 32 -> 8 x 16 bits: pack within 128-bit lanes, then gather the two low quarters
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128((__m128i*)((uint16_t*)out + i), _mm256_castsi256_si128(packed));
+  }
+}
+
+template <int BITS, int D>
+__attribute__((target("avx2,f16c"))) void decode_avx2(const uint8_t* p, const float* tab, int64_t n, void* out) {
+  const __m256 t0 = _mm256_loadu_ps(tab), t1 = _mm256_loadu_ps(tab + 8);
+  for (int64_t i = 0; i < n; i += 16, p += 2 * BITS) {
+    __m256i a, b;
+    indices256<BITS>(p, &a, &b);
+    store256<D>(out, i, lookup256<BITS>(a, t0, t1));
+    store256<D>(out, i + 8, lookup256<BITS>(b, t0, t1));
+  }
+}
+
+int detected_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return kIsaAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return kIsaAvx2;
+  return kIsaScalar;
+}
+
+template <int BITS>
+DecodeFn pick_dtype(int isa, int dtype) {
+  if (isa == kIsaAvx512) {
+    return dtype == LOWRA_F16 ? decode_avx512<BITS, LOWRA_F16>
+           : dtype == LOWRA_BF16 ? decode_avx512<BITS, LOWRA_BF16> : decode_avx512<BITS, LOWRA_F32>;
+  }
+  return dtype == LOWRA_F16 ? decode_avx2<BITS, LOWRA_F16>
+         : dtype == LOWRA_BF16 ? decode_avx2<BITS, LOWRA_BF16> : decode_avx2<BITS, LOWRA_F32>;
+}
+
+}  // namespace
+#else
+namespace {
+int detected_isa() { return kIsaScalar; }
+}  // namespace
+#endif
+
+namespace {
+std::atomic<int> g_isa{-1};  // -1: not chosen yet (the CPU's best on first use); calls may come from many threads
+}
+
+int cpu_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) g_isa.store(isa = detected_isa(), std::memory_order_relaxed);
+  return isa;
+}
+
+int cpu_set_isa(int isa) {
+  const int best = detected_isa();
+  const int use = isa < 0 || isa > best ? best : isa;
+  g_isa.store(use, std::memory_order_relaxed);
+  return use;
+}
+
+DecodeFn decode_fn(int bits, int dtype) {
+#ifdef LOWRA_X86_SIMD
+  const int isa = cpu_isa();
+  if (isa == kIsaScalar) return nullptr;
+  return bits == 1 ? pick_dtype<1>(isa, dtype) : bits == 2 ? pick_dtype<2>(isa, dtype) : pick_dtype<4>(isa, dtype);
+#else
+  (void)bits, (void)dtype;
+  return nullptr;
+#endif
+}
+
+}  // namespace lowra
