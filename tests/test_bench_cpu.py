@@ -10,6 +10,7 @@ def test_cpu_bench_runs_every_contender():
     for name in ("lowra_1.75bit", "lowra_4bit", "bnb_nf4"):
         for dt in ("float32", "bfloat16"):
             assert d[f"{name}_{dt}"]["ms"] > 0 and d[f"{name}_{dt}"]["gelem_s"] > 0
+    assert set(d["lowra_4bit_bfloat16"]["out_ms_by_isa"]) >= {"scalar"}  # every level the CPU has
     t = res["training"]
     for name in ("nn_linear", "lowra_1.75bit", "lowra_4bit", "bnb_nf4"):
         assert t[name]["ms"] > 0, name

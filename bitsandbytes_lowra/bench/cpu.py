@@ -47,11 +47,17 @@ def _bits(rows: int, name: str) -> torch.Tensor:
 
 
 def dequantize_bench(shapes, repeats: int) -> list[dict]:
+    """Double-quantized scales for both. "ms": a call as users make it (a fresh output each time, as bitsandbytes'
+    CPU dequantize_4bit, which has no out= form); "out_ms_by_isa": LowRA into a preallocated output (no page
+    faults: the kernel and its call) at every instruction-set level the CPU has."""
     import bitsandbytes as bnb
 
+    from ..backends import native
     from ..codebooks import nf_tables
     from ..functional import dequantize_lowra, quantize_lowra
 
+    levels = [isa for isa in native.CPU_ISAS if native.set_cpu_isa(isa) == isa]
+    native.set_cpu_isa()
     out = []
     for rows, cols in shapes:
         W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 0.02
@@ -60,9 +66,18 @@ def dequantize_bench(shapes, repeats: int) -> list[dict]:
             bits = _bits(rows, name)
             code, thr = nf_tables(bits)
             packed, qs = quantize_lowra(W, bits, code, thr, blocksize=BLOCKSIZE, compress_statistics=True)
+            absmax, *nested = qs.scale_args()
+            args = (packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, [rows, cols])
             for dt in (torch.float32, torch.bfloat16):
                 ms = median_ms(lambda: dequantize_lowra(packed, qs, dtype=dt), repeats)
-                row[f"lowra_{name}_{str(dt)[6:]}"] = dict(ms=ms, gelem_s=rows * cols / ms / 1e6)
+                buf = torch.empty(rows, cols, dtype=dt)
+                by_isa = {}
+                for isa in levels:
+                    native.set_cpu_isa(isa)
+                    by_isa[isa] = median_ms(lambda: torch.ops.lowra.dequantize.out(*args, dt, *nested, out=buf),
+                                            repeats)
+                native.set_cpu_isa()
+                row[f"lowra_{name}_{str(dt)[6:]}"] = dict(ms=ms, gelem_s=rows * cols / ms / 1e6, out_ms_by_isa=by_isa)
         for dt in (torch.float32, torch.bfloat16):
             p, qs = bnb.functional.quantize_4bit(W.to(dt), blocksize=BLOCKSIZE, quant_type="nf4",
                                                  compress_statistics=True)
@@ -117,8 +132,10 @@ def environment() -> dict:
 
     from .. import __version__
 
+    from ..backends import native
+
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                cpu=platform.processor() or platform.machine(), isa=native.cpu_isa(), threads=torch.get_num_threads(),
                 torch=torch.__version__, bitsandbytes=bitsandbytes.__version__, bitsandbytes_lowra=__version__,
                 python=platform.python_version())
 
@@ -132,12 +149,16 @@ def run(quick: bool = False, dequantize_shapes=DEQUANTIZE_SHAPES, train_shape=TR
 
 def table(res: dict) -> str:
     e = res["environment"]
-    lines = [f"{e['cpu']}, {e['threads']} threads  torch {e['torch']}  bitsandbytes {e['bitsandbytes']}  {e['date']}",
+    lines = [f"{e['cpu']} ({e['isa']}), {e['threads']} threads  torch {e['torch']}  "
+             f"bitsandbytes {e['bitsandbytes']}  {e['date']}",
              "dequantize ms (f32 / bf16):"]
     for d in res["dequantize"]:
         cells = [f"{n} {d[n + '_float32']['ms']:.2f} / {d[n + '_bfloat16']['ms']:.2f}"
                  for n in ("lowra_1.75bit", "lowra_4bit", "bnb_nf4")]
         lines.append(f"  {d['shape'][0]}x{d['shape'][1]}: " + " | ".join(cells))
+        by = d["lowra_1.75bit_bfloat16"]["out_ms_by_isa"]
+        lines.append("    LowRA 1.75 bf16 into a preallocated output, by instruction set: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in by.items()))
     t = res["training"]
     lines.append(f"training step ms ({t['shape'][0]}x{t['shape'][1]}, {t['tokens']} tokens, LoRA r={t['lora_r']}): "
                  + " | ".join(f"{n} {t[n]['ms']:.2f}" for n in ("nn_linear", "lowra_1.75bit", "lowra_4bit", "bnb_nf4")))
@@ -148,7 +169,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.cpu", description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
+    ap.add_argument("--isa", choices=["scalar", "avx2", "avx512"], default=None,
+                    help="cap LowRA's CPU dequantize at this instruction set (default: the CPU's best)")
     args = ap.parse_args(argv)
+    if args.isa:
+        from ..backends import native
+
+        got = native.set_cpu_isa(args.isa)
+        if got != args.isa:
+            ap.error(f"this CPU has no {args.isa} (best: {got})")
     res = run(quick=args.quick)
     if args.json:
         with open(args.json, "w") as f:
