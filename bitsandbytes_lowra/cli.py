@@ -133,8 +133,8 @@ def _cmd_quantize(args) -> int:
     from .finetune import load_quantized
     from .sweep import model_memory_bytes, plan_record, resolve_checkpoint
 
+    out = _fresh_output(args)  # before the model is resolved (which may convert the packaged GGUF)
     checkpoint = resolve_checkpoint(args.model)
-    out = _fresh_output(args)
     t0 = time.perf_counter()
     plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args))
     t_plan = time.perf_counter() - t0
