@@ -355,9 +355,19 @@ def _report(args, records, output_json, plot_path, stages) -> str:
     return "\n".join(text)
 
 
-def _cmd_sweep(args) -> int:
-    from .sweep import run_sweep
+def _not_a_directory(*paths) -> None:
+    for path in paths:
+        if path and Path(path).is_dir():
+            raise ValueError(f"{path} is a directory: pass a file path")
 
+
+def _cmd_sweep(args) -> int:
+    from .sweep import load_results, run_sweep
+
+    _not_a_directory(args.output, args.plot, args.markdown)
+    if not (args.resume or args.overwrite) and load_results(args.output)["records"]:
+        raise ValueError(f"{args.output} already holds sweep records: pass --resume to continue it or --overwrite "
+                         "to replace it")
     steps = 0 if (args.no_finetune or args.no_init) else args.steps
     protocol = _protocol(args, steps)
     protocol.with_init = not args.no_init
@@ -383,6 +393,8 @@ def _cmd_demo(args) -> int:
     from .sweep import DEMO_BITS, DEMO_METHODS, run_sweep
 
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: pass a directory for the demo's outputs")
     protocol = _protocol(args, 0)
     protocol.with_init = False
     t0 = time.perf_counter()
@@ -401,6 +413,7 @@ def _cmd_demo(args) -> int:
 def _cmd_report(args) -> int:
     from .sweep import _save, markdown_report, merge_results, plot
 
+    _not_a_directory(args.output, args.markdown)
     doc = merge_results(args.inputs)
     records = doc["records"]
     if args.output:
@@ -562,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--plot", default="lowra-sweep.png", help="PNG plot path (default lowra-sweep.png)")
     sw.add_argument("--markdown", default=None, help="also write the tables as markdown to this file")
     sw.add_argument("--resume", action="store_true", help="keep records of the same protocol already in --output")
+    sw.add_argument("--overwrite", action="store_true", help="replace the records already in --output")
     sw.add_argument("--no-dense", action="store_true", help="skip the fp32 reference")
     _add_common(sw)
     sw.set_defaults(func=_cmd_sweep)

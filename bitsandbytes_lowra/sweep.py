@@ -274,10 +274,19 @@ def run_group(methods, bits: float, checkpoint, protocol: Protocol, progress: bo
 
 
 def load_results(path) -> dict:
+    """A sweep's JSON ({"records": []} when the file does not exist yet)."""
     path = Path(path)
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"records": []}
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a sweep's JSON file")
+    if not path.is_file():
+        return {"records": []}
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a sweep's JSON file ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("records", []), list):
+        raise ValueError(f"{path} is not a sweep's JSON file (no list of records)")
+    return doc
 
 
 def _save(path, doc) -> None:
@@ -312,6 +321,8 @@ def run_sweep(
     log=print,
 ) -> list[dict]:
     """Run every supported (method, bits), writing `output` (JSON) after each record; returns the records."""
+    if output is not None and Path(output).is_dir():  # found now, not after the first record's hours
+        raise ValueError(f"output {output} is a directory: pass a JSON file path")
     checkpoint = resolve_checkpoint(protocol.model)
     grid = plan_grid(methods, bits_list)
     doc = load_results(output) if (output and resume) else {"records": []}
@@ -469,6 +480,8 @@ def merge_results(paths) -> dict:
     best: dict = {}
     sources = []
     for path in paths:
+        if not Path(path).exists():
+            raise ValueError(f"{path} does not exist")
         doc = load_results(path)
         if not doc.get("records"):
             raise ValueError(f"{path} holds no records")

@@ -113,6 +113,32 @@ def test_plan_quantize_eval_roundtrip(capsys, tmp_path):
     assert rc == 2  # refuses to overwrite
 
 
+def test_sweep_report_and_demo_refuse_outputs_that_would_lose_work(capsys, tmp_path):
+    """Checked before any work: a directory where a file goes, a file where the demo's directory goes, and earlier
+    sweep records that neither --resume nor --overwrite asked to touch. Unreadable inputs name their file."""
+    rc, _, err = _run(capsys, "sweep", "--no-init", "-o", str(tmp_path), "-q")
+    assert rc == 2 and "is a directory: pass a file path" in err
+    rc, _, err = _run(capsys, "sweep", "--no-init", "--plot", str(tmp_path), "-o", str(tmp_path / "s.json"), "-q")
+    assert rc == 2 and "is a directory" in err
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"records": _records()}))
+    rc, _, err = _run(capsys, "sweep", "--no-init", "--model", "/nonexistent/model", "-o", str(earlier), "-q")
+    assert rc == 2 and "pass --resume to continue it or --overwrite to replace it" in err
+    assert json.loads(earlier.read_text())["records"] == _records()
+    for flag in ("--resume", "--overwrite"):  # past the check: then the bad model is what is reported
+        rc, _, err = _run(capsys, "sweep", "--no-init", "--model", "/nonexistent/model", "-o", str(earlier), flag, "-q")
+        assert rc == 2 and "neither 'smollm2-135m' nor a local checkpoint" in err
+    rc, _, err = _run(capsys, "report", str(tmp_path / "missing.json"), "-q")
+    assert rc == 2 and "missing.json does not exist" in err
+    (tmp_path / "bad.json").write_text("{not json")
+    rc, _, err = _run(capsys, "report", str(tmp_path / "bad.json"), "-q")
+    assert rc == 2 and "bad.json is not a sweep's JSON file" in err
+    rc, _, err = _run(capsys, "report", str(earlier), "-o", str(tmp_path), "-q")
+    assert rc == 2 and "is a directory" in err
+    rc, _, err = _run(capsys, "demo", "-o", str(earlier), "-q")
+    assert rc == 2 and "is a file: pass a directory" in err
+
+
 def _records():
     recs = [{"method": "fp32", "bits": 32.0, "nominal_bits": 32.0, "ppl_quantized": 12.0}]
     for m, b, nb, p in [("qlora", 4.0, 4.0, 15.0), ("lowra", 4.0, 4.0, 14.0), ("qlora", 2.5, 2.467, 1e9),
