@@ -622,8 +622,27 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(e, LowRAFormatError) and os.environ.get("LOWRA_DEBUG"):
             raise
-        print(f"lowra {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _error(args, e)
+    except RuntimeError as e:  # a checkpoint whose LowRA state transformers could not convert
+        from .integrations.transformers import last_load_errors
+
+        errors = last_load_errors()
+        if not errors or "conversion" not in str(e) or os.environ.get("LOWRA_DEBUG"):
+            raise
+        layer, problem = next(iter(errors.items()))
+        more = f" (and {len(errors) - 1} more layers)" if len(errors) > 1 else ""
+        return _error(args, f"the checkpoint's LowRA state could not be loaded: {layer}: {problem}{more}")
+    except Exception as e:
+        from safetensors import SafetensorError
+
+        if not isinstance(e, SafetensorError):
+            raise
+        return _error(args, f"a safetensors file of the checkpoint is unreadable (truncated or corrupt?): {e}")
+
+
+def _error(args, message) -> int:
+    print(f"lowra {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

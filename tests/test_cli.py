@@ -112,6 +112,25 @@ def test_plan_quantize_eval_roundtrip(capsys, tmp_path):
     rc, out, _ = _run(capsys, "quantize", "smollm2-135m", "--bits", "4", "--method", "qlora", "-o", str(out_dir), "-q")
     assert rc == 2  # refuses to overwrite
 
+    # a corrupt checkpoint: one line naming the layer and the problem, or the unreadable file, not a traceback
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out_dir, bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    key = next(k for k in sd if k.endswith("down_proj.weight.lowra_row_offsets"))
+    sd[key][1] += 7
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    rc, _, err = _run(capsys, "eval", str(bad), "--eval-tokens", "64", "-q")
+    assert rc == 2 and "LowRA state could not be loaded" in err and "row_offsets do not match" in err
+    assert key.removesuffix(".weight.lowra_row_offsets") in err
+    data = (out_dir / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    rc, _, err = _run(capsys, "eval", str(bad), "--eval-tokens", "64", "-q")
+    assert rc == 2 and "safetensors file of the checkpoint is unreadable" in err
+
 
 def test_sweep_report_and_demo_refuse_outputs_that_would_lose_work(capsys, tmp_path):
     """Checked before any work: a directory where a file goes, a file where the demo's directory goes, and earlier

@@ -301,6 +301,18 @@ def test_corrupted_state_fails_loudly(saved_llama, tmp_path, hf_log, fn, message
         AutoModelForCausalLM.from_pretrained(bad, device_map="cpu")
     report = "\n".join(hf_log)
     assert "model.layers.0.self_attn.q_proj" in report and message in report
+    # the same problem, by layer, for callers that do not read the report (the CLI)
+    errors = lt.last_load_errors()
+    assert message in errors["model.layers.0.self_attn.q_proj"]
+
+
+def test_conversion_ops_share_the_live_quantizer():
+    """transformers deep-copies a converter per checkpoint key: the copies must keep the quantizer (its plan is not
+    copied per layer, and the errors they record reach it)."""
+    q = lt.LowRAHfQuantizer(LowRAConfig(bits=2.0))
+    for op in (lt.LowRADeserialize(q), lt.LowRAQuantize(q)):
+        dup = copy.deepcopy([op])[0]
+        assert type(dup) is type(op) and dup is not op and dup.hf_quantizer is q
 
 
 def test_unknown_state_tensor_fails_before_loading(saved_llama, tmp_path):

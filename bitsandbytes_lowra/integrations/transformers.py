@@ -186,11 +186,20 @@ class LowRAConfig(QuantizationConfigMixin):
 # ------------------------------------------------------------------------------------------------------ conversion ops
 
 
-class LowRAQuantize(ConversionOps):
-    """Quantize one LinearLowRA weight, on the device it was loaded to, with the plan's bits and tables."""
+class _SharesQuantizer(ConversionOps):
+    """A conversion op bound to the live quantizer. transformers deep-copies a converter for every checkpoint key it
+    matches; a plain deep copy would copy the quantizer with it (its plan: every layer's tables, per layer), and the
+    errors an op records would land in that copy, where the quantizer's own after-load check never sees them."""
 
     def __init__(self, hf_quantizer: "LowRAHfQuantizer"):
         self.hf_quantizer = hf_quantizer  # 5.23+: an op with `hf_quantizer` keeps checkpoint dtypes (get_new_dtype)
+
+    def __deepcopy__(self, memo):
+        return type(self)(self.hf_quantizer)
+
+
+class LowRAQuantize(_SharesQuantizer):
+    """Quantize one LinearLowRA weight, on the device it was loaded to, with the plan's bits and tables."""
 
     def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
         result = {}
@@ -205,11 +214,19 @@ class LowRAQuantize(ConversionOps):
         return result
 
 
-class LowRADeserialize(ConversionOps):
-    """Rebuild a LinearLowRA weight from its saved tensors; pass every other tensor matched by "weight" through."""
+# The per-layer errors of the most recent LowRA load. transformers turns errors raised in conversion ops into a
+# generic RuntimeError and shows ours only in its load report (hidden at error verbosity): callers such as the CLI
+# read them here to name the layer and the problem.
+_last_errors: dict[str, str] = {}
 
-    def __init__(self, hf_quantizer: "LowRAHfQuantizer"):
-        self.hf_quantizer = hf_quantizer
+
+def last_load_errors() -> dict[str, str]:
+    """{layer: problem} for the layers the most recent LowRA from_pretrained could not load (empty if none)."""
+    return dict(_last_errors)
+
+
+class LowRADeserialize(_SharesQuantizer):
+    """Rebuild a LinearLowRA weight from its saved tensors; pass every other tensor matched by "weight" through."""
 
     def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
         tensors = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
@@ -359,10 +376,12 @@ class LowRAHfQuantizer(HfQuantizer):
     serialized_names = {"weight": SERIALIZED_WEIGHT_NAMES}
 
     def __init__(self, quantization_config: LowRAConfig, **kwargs):
+        global _last_errors
         super().__init__(quantization_config, **kwargs)
         self.plan: _plan.Plan | None = None
         self.lowra_modules: list[str] = []
         self._errors: dict[str, str] = {}
+        _last_errors = self._errors
 
     # -- environment ----------------------------------------------------------------------------------------------
 
@@ -692,6 +711,7 @@ __all__ = [
     "LowRAHfQuantizer",
     "LowRAQuantize",
     "LowRADeserialize",
+    "last_load_errors",
     "register",
     "select_targets",
     "write_plan",
