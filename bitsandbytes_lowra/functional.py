@@ -104,6 +104,11 @@ def _as_bits(bits, rows: int) -> torch.Tensor:
         if bits not in ALLOWED_BITS:
             raise LowRAFormatError(f"bits = {bits} is not one of {ALLOWED_BITS}")
         return torch.full((rows,), bits, dtype=torch.uint8)
+    if isinstance(bits, float):  # an average budget, as LowRAConfig takes: here precisions are per row
+        raise LowRAFormatError(
+            f"bits = {bits!r}: per-row precisions are an int in {ALLOWED_BITS} or an integer tensor [rows]; for an "
+            "average bit budget use quantize_lowra_at_bits(W, bits=...) (one layer) or LowRAConfig(bits=...) (a model)"
+        )
     check_bits(bits, rows)
     return bits.detach().cpu().to(torch.uint8)
 

@@ -123,6 +123,7 @@ def test_learner_style_tables_accepted():
         (lambda W, b: (W, b[:-1]), "output channels"),
         (lambda W, b: (W, b.masked_fill(b == 2, 3)), r"is not one of \(1, 2, 4\)"),
         (lambda W, b: (W, 8), "bits = 8"),
+        (lambda W, b: (W, 1.75), r"for an average bit budget use quantize_lowra_at_bits"),
         (lambda W, b: (W, b.float()), "integer tensor"),
         (lambda W, b: (W, b, torch.zeros(24, 8)), r"codebooks must have shape \(24, 16\)"),
         (lambda W, b: (W, b, None, torch.zeros(24, 16)), r"thresholds must have shape \(24, 15\)"),
