@@ -201,9 +201,29 @@ def _load_for_eval(args):
     if args.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, args.adapter)
         desc["adapter"] = str(args.adapter)
+        desc["adapter_base_matches"] = _adapter_fits(model, Path(args.adapter), args)
+        model = PeftModel.from_pretrained(model, args.adapter)
     return model.eval(), AutoTokenizer.from_pretrained(path), {"model": str(path), **desc}
+
+
+def _adapter_fits(base, adapter: Path, args) -> bool | None:
+    """Whether `base` is the quantized base the adapter was trained on (its metrics.json from `lowra finetune`
+    records a fingerprint; None when it records none). A mismatch is reported, not refused: the numbers are then
+    those of the wrong pairing, which a user may want to see, but must not mistake for the adapter's."""
+    from .finetune import base_fingerprint
+
+    meta = adapter / "metrics.json"
+    recorded = json.loads(meta.read_text()).get("base_fingerprint") if meta.is_file() else None
+    if recorded is None:
+        return None
+    here = base_fingerprint(base)
+    if here == recorded:
+        return True
+    print(f"lowra {args.command}: warning: {adapter} was trained on another quantized base than this one (base "
+          f"fingerprint {recorded} recorded, {here} here); a LoftQ-initialized adapter only fits the base saved "
+          "with it (`lowra finetune` writes OUT/base)", file=sys.stderr)
+    return False
 
 
 def _cmd_eval(args) -> int:
@@ -236,8 +256,8 @@ def _cmd_finetune(args) -> int:
     import torch
 
     from .eval.perplexity import perplexity
-    from .finetune import (FinetuneArgs, add_lora, distributed, load_quantized, main_process_first, train,
-                           write_outputs)  # fmt: skip
+    from .finetune import (FinetuneArgs, add_lora, base_fingerprint, distributed, load_quantized, main_process_first,
+                           train, write_outputs)  # fmt: skip
     from .sweep import plan_record, resolve_checkpoint, versions
 
     dist = distributed()  # under `accelerate launch`: DDP or FSDP, run by Trainer
@@ -271,6 +291,8 @@ def _cmd_finetune(args) -> int:
                "distributed": {k: dist[k] for k in ("num_processes", "fsdp", "fsdp_version")}}  # fmt: skip
     pm, report = add_lora(model, checkpoint, init, fa, loftq_iterations=args.loftq_iterations)
     metrics["init_report"] = report
+    if not dist["fsdp"]:  # which base the adapter fits (LoftQ re-quantized it); `lowra eval --adapter` checks it
+        metrics["base_fingerprint"] = base_fingerprint(pm)
 
     def ppl(tag):
         if args.eval_tokens and dist["num_processes"] == 1:

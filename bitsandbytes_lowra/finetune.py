@@ -361,6 +361,27 @@ def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: 
     }
 
 
+def base_fingerprint(model, layers: int = 4) -> str:
+    """A short hash of the quantized base under a model (or a peft wrapper around it): the packed codes, scales and
+    precisions of its first `layers` LowRA layers in module order. LoftQ re-quantizes the base to its residual, so
+    its adapters only fit the base saved with them; metrics.json records this so that `lowra eval` can tell."""
+    import hashlib
+
+    from .nn import LinearLowRA
+
+    h = hashlib.sha256()
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, LinearLowRA) or n == layers:
+            continue
+        packed, state = module._packed_and_state()
+        for t in (packed, state.absmax, state.bits):
+            h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        h.update(repr(tuple(state.shape)).encode())
+        n += 1
+    return f"{n}:{h.hexdigest()[:16]}"
+
+
 def write_outputs(peft_model, output_dir, metrics: dict) -> None:
     """The adapter (peft's save_pretrained: adapter_config.json + adapter_model.safetensors) and metrics.json."""
     out = Path(output_dir)
@@ -369,5 +390,5 @@ def write_outputs(peft_model, output_dir, metrics: dict) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
 
-__all__ = ["DATASETS", "FinetuneArgs", "add_lora", "distributed", "load_quantized", "main_process_first", "train",
-           "train_blocks", "write_outputs"]
+__all__ = ["DATASETS", "FinetuneArgs", "add_lora", "base_fingerprint", "distributed", "load_quantized",
+           "main_process_first", "train", "train_blocks", "write_outputs"]

@@ -55,6 +55,24 @@ def test_bad_arguments_are_refused(capsys):
     assert rc == 2 and "neither 'smollm2-135m' nor a local checkpoint" in err
 
 
+def test_eval_tells_whether_an_adapter_fits_its_base(capsys, tmp_path):
+    """`lowra finetune` records which quantized base its adapter belongs to; `lowra eval --adapter` on another base
+    warns (LoftQ re-quantizes the base from its second iteration on: its adapter is meaningless elsewhere) and says
+    so in its JSON."""
+    run = tmp_path / "run"
+    rc, _, err = _run(capsys, "finetune", "--bits", "2", "--steps", "0", "--init", "loftq", "--loftq-iterations", "2",
+                      "-o", str(run), "-q")  # fmt: skip
+    assert rc == 0, err
+    assert json.loads((run / "adapter" / "metrics.json").read_text())["base_fingerprint"].startswith("4:")
+    rc, out, err = _run(capsys, "eval", str(run / "base"), "--adapter", str(run / "adapter"), "--eval-tokens", "64",
+                        "--json", "-q")  # fmt: skip
+    assert rc == 0 and json.loads(out)["adapter_base_matches"] is True and "warning" not in err
+    rc, out, err = _run(capsys, "eval", "smollm2-135m", "--bits", "2", "--adapter", str(run / "adapter"),
+                        "--eval-tokens", "64", "--json", "-q")  # fmt: skip
+    assert rc == 0 and json.loads(out)["adapter_base_matches"] is False
+    assert "warning" in err and "trained on another quantized base" in err
+
+
 def test_finetune_checks_its_arguments_before_touching_the_model(capsys, tmp_path):
     # a bad step count is reported as such, not after (or instead of) resolving and loading the model
     rc, _, err = _run(capsys, "finetune", "--model", "/nonexistent/model", "--bits", "2", "--steps", "-1",
