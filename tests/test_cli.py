@@ -55,10 +55,11 @@ def test_bad_arguments_are_refused(capsys):
     assert rc == 2 and "neither 'smollm2-135m' nor a local checkpoint" in err
 
 
-def test_eval_tells_whether_an_adapter_fits_its_base(capsys, tmp_path):
+def test_eval_tells_whether_an_adapter_fits_its_base(capsys, tmp_path, monkeypatch):
     """`lowra finetune` records which quantized base its adapter belongs to; `lowra eval --adapter` on another base
     warns (LoftQ re-quantizes the base from its second iteration on: its adapter is meaningless elsewhere) and says
     so in its JSON."""
+    monkeypatch.setenv("LOWRA_PLAN_CACHE", str(tmp_path / "plans"))  # the fits learned here stay here
     run = tmp_path / "run"
     rc, _, err = _run(capsys, "finetune", "--bits", "2", "--steps", "0", "--init", "loftq", "--loftq-iterations", "2",
                       "-o", str(run), "-q")  # fmt: skip
