@@ -372,7 +372,9 @@ def base_fingerprint(model, layers: int = 4) -> str:
     h = hashlib.sha256()
     n = 0
     for module in model.modules():
-        if not isinstance(module, LinearLowRA) or n == layers:
+        if n == layers:
+            break
+        if not isinstance(module, LinearLowRA):
             continue
         packed, state = module._packed_and_state()
         for t in (packed, state.absmax, state.bits):

@@ -87,23 +87,11 @@ def dequantize_bench(shapes, repeats: int) -> list[dict]:
     return out
 
 
-class _Lora(torch.nn.Module):
-    """base(x) + x A^T B^T with a frozen base: the layer a LoRA fine-tuning step trains."""
-
-    def __init__(self, base: torch.nn.Module, n_in: int, n_out: int, r: int):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.a = torch.nn.Parameter(torch.randn(r, n_in) * 0.01)
-        self.b = torch.nn.Parameter(torch.randn(n_out, r) * 0.01)
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.a.t()) @ self.b.t()
-
-
 def training_bench(shape, tokens: int, r: int, repeats: int) -> dict:
     import bitsandbytes as bnb
 
     from ..nn import LinearLowRA
+    from .e2e import LoRA
 
     rows, cols = shape
     lin = torch.nn.Linear(cols, rows, bias=False)
@@ -120,7 +108,7 @@ def training_bench(shape, tokens: int, r: int, repeats: int) -> dict:
     x = torch.randn(tokens, cols, requires_grad=True)
     res = {"shape": [rows, cols], "tokens": tokens, "lora_r": r}
     for name, base in contenders.items():
-        layer = _Lora(base, cols, rows, r)
+        layer = LoRA(base.requires_grad_(False), cols, rows, r, device="cpu", dtype=torch.float32)
         res[name] = dict(ms=median_ms(lambda: layer(x).sum().backward(), repeats))
     for name in ("lowra_1.75bit", "lowra_4bit"):
         res[f"{name}_vs_bnb"] = res[name]["ms"] / res["bnb_nf4"]["ms"]
@@ -131,7 +119,6 @@ def environment() -> dict:
     import bitsandbytes
 
     from .. import __version__
-
     from ..backends import native
 
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -169,12 +156,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.cpu", description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
-    ap.add_argument("--isa", choices=["scalar", "avx2", "avx512"], default=None,
+    from ..backends import native
+
+    ap.add_argument("--isa", choices=native.CPU_ISAS, default=None,
                     help="cap LowRA's CPU dequantize at this instruction set (default: the CPU's best)")
     args = ap.parse_args(argv)
     if args.isa:
-        from ..backends import native
-
         got = native.set_cpu_isa(args.isa)
         if got != args.isa:
             ap.error(f"this CPU has no {args.isa} (best: {got})")

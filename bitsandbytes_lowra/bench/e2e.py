@@ -54,11 +54,12 @@ def cuda_time(fn, warmup: int = 3, iters: int = 10) -> float:
 class LoRA(torch.nn.Module):
     """The same plain LoRA branch on every base, so only the base differs between contenders."""
 
-    def __init__(self, base: torch.nn.Module, n_in: int, n_out: int, r: int = 64):
+    def __init__(self, base: torch.nn.Module, n_in: int, n_out: int, r: int = 64, device="cuda",
+                 dtype=torch.bfloat16):
         super().__init__()
         self.base = base
-        self.A = torch.nn.Parameter(torch.randn(r, n_in, device="cuda", dtype=torch.bfloat16) * 0.01)
-        self.B = torch.nn.Parameter(torch.randn(n_out, r, device="cuda", dtype=torch.bfloat16) * 0.01)
+        self.A = torch.nn.Parameter(torch.randn(r, n_in, device=device, dtype=dtype) * 0.01)
+        self.B = torch.nn.Parameter(torch.randn(n_out, r, device=device, dtype=dtype) * 0.01)
 
     def forward(self, x):
         return self.base(x) + (x @ self.A.t()) @ self.B.t()
