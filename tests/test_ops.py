@@ -1,5 +1,11 @@
 """The lowra:: ops: native kernels (cpu, cuda) are bit-identical to the pure-PyTorch reference."""
 
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -54,6 +60,66 @@ def test_native_library_loads_on_cpu():
     assert _native.available(), "the native library must be built (make build / pip install .)"
     assert "cpu" in L.NATIVE_DEVICES
 
+
+
+# Run in a fresh process with LOWRA_LIBRARY set: prints the fallback warnings seen and whether the ops on `device`
+# match the reference (quantize / dequantize bit for bit; matmul to rounding).
+_FALLBACK_SCRIPT = """
+import sys, warnings, torch
+warnings.simplefilter("always")
+device = sys.argv[1]
+with warnings.catch_warnings(record=True) as seen:
+    import bitsandbytes_lowra as L
+    from bitsandbytes_lowra.backends import reference
+    from tests.test_ops import make_case
+    W, bits, code, thr, off = make_case(6, 200, 64, torch.bfloat16, seed=4)
+    args = [t.to(device) for t in (W, bits, thr, off)]
+    for _ in range(2):
+        packed, absmax = torch.ops.lowra.quantize(*args, 64)
+        out = torch.ops.lowra.dequantize(packed, absmax, bits.to(device), code.to(device), off.to(device), 64,
+                                         [6, 200], torch.bfloat16)
+        A = torch.randn(3, 200, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        y = torch.ops.lowra.matmul(A.to(device), packed, absmax, bits.to(device), code.to(device), off.to(device),
+                                   64, [6, 200])
+    p, a = reference.quantize(W, bits, thr, off, 64)
+    assert torch.equal(packed.cpu(), p) and torch.equal(absmax.cpu(), a)
+    assert torch.equal(out.cpu(), reference.dequantize(p, a, bits, code, off, 64, [6, 200], torch.bfloat16))
+    y_ref = reference.matmul(A, p, a, bits, code, off, 64, [6, 200])  # float32 sums, in another order on CUDA
+    torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-2, atol=1e-2)
+print(L.NATIVE_DEVICES, [str(w.message) for w in seen if "pure-PyTorch reference" in str(w.message)])
+"""
+
+
+def run_without_native(library: Path, device: str) -> tuple[list[str], list[str]]:
+    """(native devices, fallback warnings) of the ops run on `device` with LOWRA_LIBRARY=library."""
+    run = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT, device], capture_output=True, text=True,
+                         env={**os.environ, "LOWRA_LIBRARY": str(library)}, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr[-3000:]
+    native, messages = run.stdout.strip().splitlines()[-1].split(" ", 1)
+    return ast.literal_eval(native), ast.literal_eval(messages)
+
+
+def test_ops_without_a_native_library_run_the_reference_and_say_so(tmp_path):
+    native, messages = run_without_native(tmp_path / "missing.so", "cpu")
+    assert native == []
+    assert len(messages) == 1, messages  # once, though every op ran twice
+    assert "native library could not be loaded" in messages[0] and "cpu tensors" in messages[0]
+
+
+@pytest.mark.cuda
+def test_cuda_ops_with_a_cpu_only_library_run_the_reference_and_say_so():
+    """A library built without nvcc on a GPU machine: the CPU ops stay native, CUDA tensors get the reference."""
+    native, messages = run_without_native(Path(_native.__file__).parent / "libbitsandbytes_lowra_cpu.so", "cuda")
+    assert native == ["cpu"]
+    assert len(messages) == 1, messages
+    assert "built without CUDA" in messages[0] and "cuda tensors" in messages[0]
+
+
+def test_reference_fallback_message_names_a_library_without_cuda(monkeypatch):
+    monkeypatch.setattr(_native, "has_cuda", lambda: False)
+    message = reference._fallback_message("cuda")
+    assert "built without CUDA" in message and "cuda tensors" in message and "make build" in message
 
 SHAPES = [(1, 64, 64), (1, 1, 64), (3, 100, 64), (16, 576, 64), (7, 1536, 64), (5, 8, 8), (9, 130, 32), (2, 4100, 128)]
 

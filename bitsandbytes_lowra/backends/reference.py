@@ -7,6 +7,9 @@ rounded once to the output dtype). It is also registered as the fallback kernel 
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
 from ..format import padded_cols
@@ -141,9 +144,40 @@ def _quantize_out_kernel(A, bits, thresholds, row_offsets, blocksize, *, packed,
     absmax.copy_(a)
 
 
-torch.library.register_kernel("lowra::quantize", "default", _quantize_kernel)
-torch.library.register_kernel("lowra::dequantize", "default", _dequantize_kernel)
-torch.library.register_kernel("lowra::dequantize.out", "default", _dequantize_out_kernel)
-torch.library.register_kernel("lowra::matmul", "default", _matmul_kernel)
-torch.library.register_kernel("lowra::matmul.out", "default", _matmul_out_kernel)
-torch.library.register_kernel("lowra::quantize.out", "default", _quantize_out_kernel)
+_warned_devices: set[str] = set()
+
+
+def _as_fallback(kernel):
+    """`kernel` as the op's "default" kernel: it serves only devices the native library does not (those register
+    their own), so its first call on a device says so once: silently several times slower is worse than a warning."""
+
+    @functools.wraps(kernel)
+    def fallback(*args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        if device.type not in _warned_devices:
+            _warned_devices.add(device.type)
+            warnings.warn(_fallback_message(device.type), RuntimeWarning, stacklevel=2)
+        return kernel(*args, **kwargs)
+
+    return fallback
+
+
+def _fallback_message(device_type: str) -> str:
+    from .. import _native
+
+    if not _native.available():
+        why = "the native library could not be loaded"
+    elif device_type == "cuda" and not _native.has_cuda():
+        why = "the native library was built without CUDA (no nvcc at build time)"
+    else:
+        why = f"the native library has no {device_type} kernels"
+    return (f"bitsandbytes-lowra: {why}, so lowra ops on {device_type} tensors run the pure-PyTorch reference: "
+            "correct, but several times slower, with a dense float32 weight per call, and not capturable in CUDA "
+            "graphs. Build the native library with `pip install .` or `make build` (nvcc on PATH for CUDA); "
+            "LOWRA_LIBRARY=/path/to/lib.so picks a build.")
+
+
+for _op, _kernel in (("quantize", _quantize_kernel), ("quantize.out", _quantize_out_kernel),
+                     ("dequantize", _dequantize_kernel), ("dequantize.out", _dequantize_out_kernel),
+                     ("matmul", _matmul_kernel), ("matmul.out", _matmul_out_kernel)):
+    torch.library.register_kernel(f"lowra::{_op}", "default", _as_fallback(_kernel))
