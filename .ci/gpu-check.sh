@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-command GPU check, run on the GPU machine from the repository root (CI has no GPU):
-#   build with CUDA (sm_90) -> C++ CUDA tests -> Python CUDA tests -> kernel benchmarks.
+#   build with CUDA (sm_90) -> C++ CUDA tests -> Python CUDA tests -> [LOWRA_MEMCHECK=1: compute-sanitizer memcheck
+#   over both] -> kernel benchmarks (LOWRA_SKIP_BENCH=1 skips them).
 # Locally: ../shared/device/pack.sh, then device `run` with carry=[".device"] and command `bash .ci/gpu-check.sh`.
 # Logs and JSON land in $OUT (or ./gpu-out) when set.
 set -uo pipefail
@@ -15,6 +16,16 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 step "build" bash -c "cmake -S . -B build-gpu -G Ninja -DLOWRA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build-gpu -j 16"
 step "ctest" bash -c "cd build-gpu && ctest --output-on-failure"
 step "pytest (cuda + kernels)" python3 -m pytest -q -m "cuda" tests ${LOWRA_PYTEST_ARGS:-}
+if [ -n "${LOWRA_MEMCHECK:-}" ]; then  # compute-sanitizer over the C++ tests and the CUDA suite (one process: ~2 min)
+  cs=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" .device/site/nvidia/cu*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [ -z "$cs" ]; then
+    echo "!! LOWRA_MEMCHECK set but compute-sanitizer not found"; status=1
+  else
+    step "memcheck (ctest binary)" "$cs" --tool memcheck --leak-check full --error-exitcode 1 build-gpu/test_kernels_cuda
+    step "memcheck (pytest -m cuda)" "$cs" --tool memcheck --error-exitcode 1 python3 -m pytest -q -m cuda tests \
+      -p no:xdist -k "not bench"
+  fi
+fi
 if [ -z "${LOWRA_SKIP_BENCH:-}" ]; then
   step "bench" python3 -m bitsandbytes_lowra.bench --json "$OUT/bench.json" ${LOWRA_BENCH_ARGS:-}
 fi
