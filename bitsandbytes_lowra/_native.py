@@ -24,10 +24,16 @@ STATUS = {
     5: "the native library was built without CUDA",
 }
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ABI_VERSION = 2  # csrc/lowra.h LOWRA_ABI_VERSION: the entry points' arguments as _declare states them
+# Candidates passed over by load(), with why (a stale build of the preferred CUDA library, say): the reference
+# fallback's warning names them.
+passed_over: list[str] = []
 
 
 class NativeLibraryError(RuntimeError):
     """The native library is missing, lacks CUDA, or a kernel reported an error."""
+
+    tried: list[str] = []  # load(): each candidate and why it was not used
 
 
 def _candidates() -> list[Path]:
@@ -47,15 +53,24 @@ class NestedAbsmax(ctypes.Structure):
                 ("offset", ctypes.c_void_p), ("blocksize", ctypes.c_int64)]
 
 
+def _abi_version(lib: ctypes.CDLL) -> int:
+    """csrc/lowra.h LOWRA_ABI_VERSION of a loaded library (1: built before the ABI was versioned)."""
+    fn = getattr(lib, "lowra_abi_version", None)
+    if fn is None:
+        return 1
+    fn.restype, fn.argtypes = ctypes.c_int, []
+    return int(fn())
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, nested = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(NestedAbsmax)
     quant = [p, i32, i64, i64, i64, p, p, p, p, i64, p]
-    dequant = [p, i64, p, p, p, p, i64, i64, i64, i32, p]
+    dequant = [p, i64, p, nested, p, p, p, i64, i64, i64, i32, p]
     for name, args in (
         ("lowra_quantize_cpu", quant),
         ("lowra_dequantize_cpu", dequant),
         ("lowra_quantize_cuda", quant + [p]),
-        ("lowra_dequantize_cuda", dequant[:3] + [nested] + dequant[3:] + [p]),
+        ("lowra_dequantize_cuda", dequant + [p]),
         ("lowra_matmul_cuda", [p, i32, i64, p, i64, p, nested, p, p, p, i64, i64, i64, p, p, p, p, p, i64, p]),
         ("lowra_matmul_cuda_workspace_size", [i32, i64, i64, i64, i64, p, i32]),
     ):
@@ -78,12 +93,19 @@ def load() -> ctypes.CDLL:
         except OSError as e:
             tried.append(f"{path} ({e})")
             continue
+        abi = _abi_version(lib)
+        if abi != ABI_VERSION:
+            tried.append(f"{path} (native ABI {abi}, this package needs {ABI_VERSION}: a stale build; rebuild it)")
+            continue
         _declare(lib)
+        passed_over[:] = [t for t in tried if not t.endswith("(missing)")]
         return lib
-    raise NativeLibraryError(
+    error = NativeLibraryError(
         "bitsandbytes-lowra's native library could not be loaded; tried: " + "; ".join(tried)
         + ". Build it with `pip install .` or `make build` (needs CMake and a C++ compiler; nvcc for CUDA)."
     )
+    error.tried = tried
+    raise error
 
 
 def available() -> bool:

@@ -9,6 +9,8 @@
 
 extern "C" {
 
+int lowra_abi_version(void) { return LOWRA_ABI_VERSION; }
+
 const char* lowra_version(void) { return LOWRA_VERSION; }
 
 int lowra_has_cuda(void) {
@@ -29,14 +31,17 @@ int lowra_quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int
   return lowra::quantize_cpu(W, dtype, rows, cols, blocksize, bits, thresholds, row_offsets, packed, absmax);
 }
 
-int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, const float* absmax, const uint8_t* bits,
-                         const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
-                         int64_t blocksize, int dtype, void* out) {
-  if (!packed || !absmax || !bits || !codebook || !row_offsets || !out || dtype < 0 || dtype > 2)
+int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, const float* absmax,
+                         const LowraNestedAbsmax* nested, const uint8_t* bits, const uint16_t* codebook,
+                         const int64_t* row_offsets, int64_t rows, int64_t cols, int64_t blocksize, int dtype,
+                         void* out) {
+  lowra::AbsmaxSrc am;
+  if (!packed || !lowra::absmax_src(absmax, nested, &am) || !bits || !codebook || !row_offsets || !out || dtype < 0 ||
+      dtype > 2)
     return LOWRA_ERR_ARGUMENT;
   int st = lowra::check_layout_host(rows, cols, blocksize, bits, row_offsets, packed_bytes);
   if (st != LOWRA_OK) return st;
-  return lowra::dequantize_cpu(packed, absmax, bits, codebook, row_offsets, rows, cols, blocksize, dtype, out);
+  return lowra::dequantize_cpu(packed, am, bits, codebook, row_offsets, rows, cols, blocksize, dtype, out);
 }
 
 int lowra_cpu_isa(void) { return lowra::cpu_isa(); }

@@ -1,6 +1,8 @@
 // CPU kernels: one output channel (row) per iteration, rows spread over OpenMP threads.
 #include <math.h>
 
+#include <vector>
+
 #include "common.h"
 #include "cpu_simd.h"
 
@@ -83,6 +85,20 @@ void dequantize_row(const uint8_t* in, const float* absmax_row, const float* cod
 
 int elem_size(int dtype) { return dtype == LOWRA_F32 ? 4 : 2; }
 
+// Scales first .. first + n - 1 decoded from their double-quantized form into out, as the CUDA kernels do
+// (nested_finish): the product and the sum rounded apart (volatile: no contraction into a fused multiply-add
+// where the target has one), then fmaxf with 0.
+const float* decode_row_scales(const AbsmaxSrc& s, int64_t first, int64_t n, float* out) {
+  const LowraNestedAbsmax& d = s.nested;
+  const float offset = d.offset[0];
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k = first + i;
+    volatile float product = d.code[d.q[k]] * d.nested[k >> s.nested_shift];
+    out[i] = fmaxf(product + offset, 0.0f);
+  }
+  return out;
+}
+
 }  // namespace
 
 int quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
@@ -104,20 +120,25 @@ int quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int64_t b
   return LOWRA_OK;
 }
 
-int dequantize_cpu(const uint8_t* packed, const float* absmax, const uint8_t* bits, const uint16_t* codebook,
+int dequantize_cpu(const uint8_t* packed, const AbsmaxSrc& absmax, const uint8_t* bits, const uint16_t* codebook,
                    const int64_t* row_offsets, int64_t rows, int64_t cols, int64_t blocksize, int dtype, void* out) {
   const int64_t nb = padded_cols(cols, blocksize) / blocksize;
   const DecodeFn vec1 = decode_fn(1, dtype), vec2 = decode_fn(2, dtype), vec4 = decode_fn(4, dtype);
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    float code[kCodebookSlots];
-    for (int k = 0; k < kCodebookSlots; ++k) code[k] = half_to_float(codebook[r * kCodebookSlots + k]);
-    const uint8_t* in = packed + row_offsets[r];
-    char* out_row = (char*)out + r * cols * elem_size(dtype);
-    switch (bits[r]) {
-      case 1: dequantize_row<1>(in, absmax + r * nb, code, cols, blocksize, dtype, out_row, vec1); break;
-      case 2: dequantize_row<2>(in, absmax + r * nb, code, cols, blocksize, dtype, out_row, vec2); break;
-      default: dequantize_row<4>(in, absmax + r * nb, code, cols, blocksize, dtype, out_row, vec4); break;
+#pragma omp parallel
+  {
+    std::vector<float> scales(absmax.f32 ? 0 : (size_t)nb);  // a row's decoded scales (double-quantized only)
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      float code[kCodebookSlots];
+      for (int k = 0; k < kCodebookSlots; ++k) code[k] = half_to_float(codebook[r * kCodebookSlots + k]);
+      const float* am = absmax.f32 ? absmax.f32 + r * nb : decode_row_scales(absmax, r * nb, nb, scales.data());
+      const uint8_t* in = packed + row_offsets[r];
+      char* out_row = (char*)out + r * cols * elem_size(dtype);
+      switch (bits[r]) {
+        case 1: dequantize_row<1>(in, am, code, cols, blocksize, dtype, out_row, vec1); break;
+        case 2: dequantize_row<2>(in, am, code, cols, blocksize, dtype, out_row, vec2); break;
+        default: dequantize_row<4>(in, am, code, cols, blocksize, dtype, out_row, vec4); break;
+      }
     }
   }
   return LOWRA_OK;

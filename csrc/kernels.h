@@ -7,7 +7,7 @@
 namespace lowra {
 int quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
                  const uint16_t* thresholds, const int64_t* row_offsets, uint8_t* packed, float* absmax);
-int dequantize_cpu(const uint8_t* packed, const float* absmax, const uint8_t* bits, const uint16_t* codebook,
+int dequantize_cpu(const uint8_t* packed, const AbsmaxSrc& absmax, const uint8_t* bits, const uint16_t* codebook,
                    const int64_t* row_offsets, int64_t rows, int64_t cols, int64_t blocksize, int dtype, void* out);
 #ifdef LOWRA_WITH_CUDA
 int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,

@@ -39,8 +39,25 @@ typedef enum {
 // dtype codes shared with Python (bitsandbytes_lowra/_native.py)
 typedef enum { LOWRA_F32 = 0, LOWRA_F16 = 1, LOWRA_BF16 = 2 } LowraDtype;
 
+// Bumped whenever an entry point's arguments change: the Python side refuses a library of another ABI (a stale
+// build) instead of calling it with the wrong arguments.
+#define LOWRA_ABI_VERSION 2
+LOWRA_API int lowra_abi_version(void);
 LOWRA_API const char* lowra_version(void);
 LOWRA_API int lowra_has_cuda(void);
+
+// Double-quantized absmax (bitsandbytes' nested quantization of the block scales, as quantize_4bit with
+// compress_statistics=True): scale i = max(code[q[i]] * nested[i / blocksize] + offset[0], 0), the product and
+// the sum each rounded to float32 (no fused multiply-add). The kernels (CPU and CUDA) decode it where they read a
+// scale, so the float32 scales are never materialized (4x fewer scale bytes read). Pass it instead of a float32
+// absmax (absmax == NULL); NULL when the scales are plain float32.
+typedef struct {
+  const uint8_t* q;     // [rows * nblocks] 8-bit codes, row-major like absmax
+  const float* nested;  // [ceil(rows * nblocks / blocksize)] scales of the codes
+  const float* code;    // [256] the code table
+  const float* offset;  // [1] added after scaling (the mean of the original scales)
+  int64_t blocksize;    // codes per nested scale, a power of two
+} LowraNestedAbsmax;
 
 // ---- CPU (always built) ----
 // W: rows x cols of `dtype`, row-major contiguous. thresholds: uint16 (float16 bits) [rows, 15].
@@ -49,10 +66,12 @@ LOWRA_API int lowra_quantize_cpu(const void* W, int dtype, int64_t rows, int64_t
                        const uint8_t* bits, const uint16_t* thresholds, const int64_t* row_offsets,
                        uint8_t* packed, int64_t packed_bytes, float* absmax);
 
-// out: rows x cols of `dtype`. codebook: uint16 (float16 bits) [rows, 16].
+// out: rows x cols of `dtype`. codebook: uint16 (float16 bits) [rows, 16]. Block scales: float32 `absmax`, or
+// `nested` (double-quantized; absmax NULL then), as lowra_dequantize_cuda takes them.
 LOWRA_API int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, const float* absmax,
-                         const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets,
-                         int64_t rows, int64_t cols, int64_t blocksize, int dtype, void* out);
+                                   const LowraNestedAbsmax* nested, const uint8_t* bits, const uint16_t* codebook,
+                                   const int64_t* row_offsets, int64_t rows, int64_t cols, int64_t blocksize,
+                                   int dtype, void* out);
 
 // Instruction-set level of the CPU dequantize: 0 scalar, 1 AVX2 + F16C, 2 AVX-512F. lowra_cpu_set_isa takes at
 // most the CPU's best (-1: the best, the default) and returns the level now in use; results are identical at every
@@ -61,18 +80,6 @@ LOWRA_API int lowra_cpu_isa(void);
 LOWRA_API int lowra_cpu_set_isa(int isa);
 
 // ---- CUDA (built when nvcc is found; pointers are device pointers, `stream` a cudaStream_t) ----
-// Double-quantized absmax (bitsandbytes' nested quantization of the block scales, as quantize_4bit with
-// compress_statistics=True): scale i = max(code[q[i]] * nested[i / blocksize] + offset[0], 0), the product and
-// the sum each rounded to float32 (no fused multiply-add). The kernels decode it where they read a scale, so the
-// float32 scales are never materialized (4x fewer scale bytes read). Pass it instead of a float32 absmax
-// (absmax == NULL); NULL when the scales are plain float32.
-typedef struct {
-  const uint8_t* q;     // [rows * nblocks] 8-bit codes, row-major like absmax
-  const float* nested;  // [ceil(rows * nblocks / blocksize)] scales of the codes
-  const float* code;    // [256] the code table
-  const float* offset;  // [1] added after scaling (the mean of the original scales)
-  int64_t blocksize;    // codes per nested scale, a power of two
-} LowraNestedAbsmax;
 
 LOWRA_API int lowra_quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize,
                         const uint8_t* bits, const uint16_t* thresholds, const int64_t* row_offsets,

@@ -116,6 +116,23 @@ def test_cuda_ops_with_a_cpu_only_library_run_the_reference_and_say_so():
     assert "built without CUDA" in messages[0] and "cuda tensors" in messages[0]
 
 
+def test_a_library_of_another_abi_is_passed_over_by_name(monkeypatch):
+    """A stale build (from before an entry point's arguments changed) is refused with the reason, never called."""
+    other = Path(torch.__file__).parent / "lib" / "libc10.so"  # a real shared library without lowra_abi_version
+    monkeypatch.setenv("LOWRA_LIBRARY", str(other))
+    _native.load.cache_clear()
+    try:
+        with pytest.raises(_native.NativeLibraryError, match="stale build") as error:
+            _native.load()
+        assert error.value.tried == [f"{other} (native ABI 1, this package needs {_native.ABI_VERSION}: a stale "
+                                     "build; rebuild it)"]
+        assert "native ABI 1" in reference._fallback_message("cpu")
+    finally:
+        monkeypatch.delenv("LOWRA_LIBRARY")
+        _native.load.cache_clear()
+    assert _native.load().lowra_abi_version() == _native.ABI_VERSION
+
+
 def test_reference_fallback_message_names_a_library_without_cuda(monkeypatch):
     monkeypatch.setattr(_native, "has_cuda", lambda: False)
     message = reference._fallback_message("cuda")

@@ -23,7 +23,6 @@ from .._ops import (
     matmul_plan,
 )
 from ..format import CODEBOOK_SLOTS, FLOAT_DTYPES, blocks_per_row, padded_cols
-from .reference import decode_absmax
 
 # The fused matmul streams the packed weight once per call; above this many activation rows, dequantizing once and
 # using the dense GEMM is faster (training, prefill).
@@ -190,14 +189,11 @@ def _matmul_args_ok(A, packed, absmax, bits, codebook, row_offsets, blocksize, s
     )
 
 
-def _absmax_for(absmax, nested, device: torch.device):
-    """(float32 absmax or None, NestedAbsmax or None) as the C entry points take them. The CPU kernels take float32
-    scales only: double-quantized ones are decoded first (by the reference decode, so both paths agree bit for bit);
-    the CUDA kernels decode them where they read them."""
+def _absmax_for(absmax, nested):
+    """(float32 absmax or None, NestedAbsmax or None) as the C entry points take them: the kernels (CPU and CUDA)
+    decode double-quantized scales where they read them."""
     if nested[0] is None:
         return absmax.contiguous(), None
-    if device.type != "cuda":
-        return decode_absmax(absmax, *nested).contiguous(), None
     q, n, code, offset = (t.contiguous() for t in (absmax, *nested[:3]))
     keep = (q, n, code, offset)  # the struct holds raw pointers: keep the tensors alive with it
     return None, (_native.NestedAbsmax(q.data_ptr(), n.data_ptr(), code.data_ptr(), offset.data_ptr(), nested[3]),
@@ -218,7 +214,7 @@ def dequantize_into(packed, absmax, bits, codebook, row_offsets, blocksize, shap
         check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, *nested)
         check_out(out, shape, dtype, packed.device)
     packed, bits, codebook, row_offsets = (t.contiguous() for t in (packed, bits, codebook, row_offsets))
-    f32, ns = _absmax_for(absmax, nested, packed.device)
+    f32, ns = _absmax_for(absmax, nested)
     lib = _native.load()
     with _on(packed.device):
         if packed.device.type == "cuda":
@@ -229,8 +225,9 @@ def dequantize_into(packed, absmax, bits, codebook, row_offsets, blocksize, shap
             )
         else:
             status = lib.lowra_dequantize_cpu(
-                _native.ptr(packed), packed.numel(), _native.ptr(f32), _native.ptr(bits), _native.ptr(codebook),
-                _native.ptr(row_offsets), shape[0], shape[1], blocksize, _native.DTYPE_CODE[dtype], _native.ptr(out),
+                _native.ptr(packed), packed.numel(), _f32_ptr(f32), _nested_ref(ns), _native.ptr(bits),
+                _native.ptr(codebook), _native.ptr(row_offsets), shape[0], shape[1], blocksize,
+                _native.DTYPE_CODE[dtype], _native.ptr(out),
             )
     _native.check(status, "lowra dequantize")
     return out
@@ -289,7 +286,7 @@ class PreparedMatmul:
                               row_offsets, blocksize, shape, None, row_order, group_rows, *nested)
         packed, bits, codebook, row_offsets, row_order = (
             t.contiguous() for t in (packed, bits, codebook, row_offsets, row_order))
-        f32, ns = _absmax_for(absmax, nested, packed.device)
+        f32, ns = _absmax_for(absmax, nested)
         self.device, self.index = packed.device, packed.get_device()
         self.rows, self.cols, self.blocksize = rows, cols, blocksize
         self.groups, self.nested = tuple(int(g) for g in group_rows), ns is not None

@@ -165,12 +165,17 @@ def _as_fallback(kernel):
 def _fallback_message(device_type: str) -> str:
     from .. import _native
 
-    if not _native.available():
-        why = "the native library could not be loaded"
-    elif device_type == "cuda" and not _native.has_cuda():
-        why = "the native library was built without CUDA (no nvcc at build time)"
+    try:
+        _native.load()
+    except _native.NativeLibraryError as e:
+        why = f"the native library could not be loaded (tried: {'; '.join(e.tried)})"
     else:
-        why = f"the native library has no {device_type} kernels"
+        if device_type == "cuda" and not _native.has_cuda():
+            why = "the native library was built without CUDA (no nvcc at build time)"
+        else:
+            why = f"the native library has no {device_type} kernels"
+        if _native.passed_over:
+            why += f" (passed over: {'; '.join(_native.passed_over)})"
     return (f"bitsandbytes-lowra: {why}, so lowra ops on {device_type} tensors run the pure-PyTorch reference: "
             "correct, but several times slower, with a dense float32 weight per call, and not capturable in CUDA "
             "graphs. Build the native library with `pip install .` or `make build` (nvcc on PATH for CUDA); "

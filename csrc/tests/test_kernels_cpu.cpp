@@ -85,7 +85,7 @@ static void test_roundtrip(int64_t rows, int64_t cols, int64_t bs, uint32_t seed
   CHECK(absmax == ref_absmax, "absmax differs");
 
   std::vector<float> out(rows * cols);
-  st = lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), absmax.data(), L.bits.data(), code.data(),
+  st = lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), absmax.data(), nullptr, L.bits.data(), code.data(),
                             L.offsets.data(), rows, cols, bs, LOWRA_F32, out.data());
   CHECK(st == LOWRA_OK, "dequantize status %d", st);
   const int64_t nb = L.pc / bs;
@@ -102,7 +102,7 @@ static void test_roundtrip(int64_t rows, int64_t cols, int64_t bs, uint32_t seed
     }
   // bf16 / fp16 outputs are the float32 products rounded once
   std::vector<uint16_t> out16(rows * cols);
-  st = lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), absmax.data(), L.bits.data(), code.data(),
+  st = lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), absmax.data(), nullptr, L.bits.data(), code.data(),
                             L.offsets.data(), rows, cols, bs, LOWRA_F16, out16.data());
   CHECK(st == LOWRA_OK, "dequantize f16 status %d", st);
   for (int64_t i = 0; i < rows * cols; ++i)
@@ -122,7 +122,7 @@ static void test_rejects_bad_metadata() {
                            (int64_t)packed.size(), absmax.data()) == LOWRA_ERR_BITS, "bits=3 accepted");
   auto off = L.offsets;
   off[4] += 8;
-  CHECK(lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), absmax.data(), L.bits.data(), code.data(),
+  CHECK(lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), absmax.data(), nullptr, L.bits.data(), code.data(),
                              off.data(), 4, 64, 64, 0, W.data()) == LOWRA_ERR_OFFSETS, "offset beyond buffer accepted");
   CHECK(lowra_quantize_cpu(W.data(), 0, 4, 64, 12, L.bits.data(), thr.data(), L.offsets.data(), packed.data(),
                            (int64_t)packed.size(), absmax.data()) == LOWRA_ERR_ARGUMENT, "blocksize 12 accepted");
@@ -131,6 +131,22 @@ static void test_rejects_bad_metadata() {
   CHECK(lowra_quantize_cuda(W.data(), 0, 4, 64, 64, L.bits.data(), thr.data(), L.offsets.data(), packed.data(),
                             (int64_t)packed.size(), absmax.data(), nullptr) == LOWRA_ERR_NO_CUDA,
         "CPU library claims CUDA");
+  // block scales: exactly one of float32 absmax and the double-quantized form, whose blocksize is a power of two
+  std::vector<uint8_t> q(4, 0);
+  std::vector<float> nested(4, 1.f), table(256, 0.5f), offset(1, 0.f);
+  LowraNestedAbsmax ns{q.data(), nested.data(), table.data(), offset.data(), 1};
+  CHECK(lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), absmax.data(), &ns, L.bits.data(), code.data(),
+                             L.offsets.data(), 4, 64, 64, 0, W.data()) == LOWRA_ERR_ARGUMENT, "both scale forms accepted");
+  CHECK(lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), nullptr, nullptr, L.bits.data(), code.data(),
+                             L.offsets.data(), 4, 64, 64, 0, W.data()) == LOWRA_ERR_ARGUMENT, "no scales accepted");
+  ns.blocksize = 3;
+  CHECK(lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), nullptr, &ns, L.bits.data(), code.data(),
+                             L.offsets.data(), 4, 64, 64, 0, W.data()) == LOWRA_ERR_ARGUMENT, "nested blocksize 3 accepted");
+  ns.blocksize = 2;  // scale i = max(0.5 * 1 + 0, 0): every output is code * 0.5
+  CHECK(lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), nullptr, &ns, L.bits.data(), code.data(),
+                             L.offsets.data(), 4, 64, 64, 0, W.data()) == LOWRA_OK, "nested scales refused");
+  CHECK(W[0] == 0.5f * half_to_float(code[(packed[0] & ((1 << L.bits[0]) - 1))]), "nested scale not applied");
+  CHECK(lowra_abi_version() == LOWRA_ABI_VERSION, "ABI version");
 }
 
 int main() {

@@ -94,7 +94,7 @@ static void test_quant(int64_t rows, int64_t cols, int64_t bs, int dtype, uint32
   std::vector<uint8_t> out(rows * cols * esz);
   CHECK(lowra_quantize_cpu(W.data(), dtype, rows, cols, bs, c.bits.data(), c.thr.data(), c.off.data(), packed.data(),
                            nbytes, absmax.data()) == LOWRA_OK, "cpu quantize");
-  CHECK(lowra_dequantize_cpu(packed.data(), nbytes, absmax.data(), c.bits.data(), c.code.data(), c.off.data(), rows,
+  CHECK(lowra_dequantize_cpu(packed.data(), nbytes, absmax.data(), nullptr, c.bits.data(), c.code.data(), c.off.data(), rows,
                              cols, bs, dtype, out.data()) == LOWRA_OK, "cpu dequantize");
   uint8_t* dW = to_device(W);
   uint8_t* dbits = to_device(c.bits);
@@ -145,7 +145,7 @@ static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64
   std::vector<float> absmax(rows * c.nb), Wd(rows * cols);
   CHECK(lowra_quantize_cpu(W.data(), LOWRA_F32, rows, cols, bs, c.bits.data(), c.thr.data(), c.off.data(),
                            packed.data(), nbytes, absmax.data()) == LOWRA_OK, "cpu quantize");
-  CHECK(lowra_dequantize_cpu(packed.data(), nbytes, absmax.data(), c.bits.data(), c.code.data(), c.off.data(), rows,
+  CHECK(lowra_dequantize_cpu(packed.data(), nbytes, absmax.data(), nullptr, c.bits.data(), c.code.data(), c.off.data(), rows,
                              cols, bs, LOWRA_F32, Wd.data()) == LOWRA_OK, "cpu dequantize");
   const size_t esz = dtype == LOWRA_F32 ? 4 : 2;
   auto enc = [&](float x, uint8_t* p) {
