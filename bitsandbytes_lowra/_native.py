@@ -24,7 +24,7 @@ STATUS = {
     5: "the native library was built without CUDA",
 }
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-ABI_VERSION = 2  # csrc/lowra.h LOWRA_ABI_VERSION: the entry points' arguments as _declare states them
+ABI_VERSION = 3  # csrc/lowra.h LOWRA_ABI_VERSION: the entry points' arguments as _declare states them
 # Candidates passed over by load(), with why (a stale build of the preferred CUDA library, say): the reference
 # fallback's warning names them.
 passed_over: list[str] = []
@@ -71,6 +71,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         ("lowra_dequantize_cpu", dequant),
         ("lowra_quantize_cuda", quant + [p]),
         ("lowra_dequantize_cuda", dequant + [p]),
+        ("lowra_matmul_cpu", [p, i32, i64, p, i64, p, nested, p, p, p, i64, i64, i64, p, p]),
         ("lowra_matmul_cuda", [p, i32, i64, p, i64, p, nested, p, p, p, i64, i64, i64, p, p, p, p, p, i64, p]),
         ("lowra_matmul_cuda_workspace_size", [i32, i64, i64, i64, i64, p, i32]),
     ):

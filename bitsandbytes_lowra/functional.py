@@ -300,22 +300,29 @@ class QuantStateLowRA(QuantState):
         self.__dict__.pop("_absmax_cache", None)
 
     def prepared_matmul(self, packed: torch.Tensor, cache_absmax: bool = False):
-        """backends.native.PreparedMatmul of this state and `packed` (CUDA): the eager decode path's launcher, its
-        arguments converted once. Cached, keyed on the address of every tensor it points into and on the version
-        of `bits` (which the row plan derives from), so a move, a reload or a replaced tensor rebuilds it."""
-        row_order, group_rows = self.matmul_plan()
+        """backends.native.PreparedMatmul (CUDA) or PreparedMatmulCPU of this state and `packed`: the eager decode
+        path's launcher, its arguments converted once. Cached, keyed on the address of every tensor it points into
+        and on the version of `bits` (which the CUDA row plan derives from), so a move, a reload or a replaced
+        tensor rebuilds it."""
+        cuda = packed.is_cuda
+        row_order, group_rows = self.matmul_plan() if cuda else (None, None)
         absmax, *nested = self.scale_args(cache_absmax)
         s2 = self.state2 if nested[0] is not None else None
         key = (packed.data_ptr(), packed.numel(), packed.get_device(), absmax.data_ptr(), self.bits.data_ptr(),
-               self.bits._version, self.code.data_ptr(), self.row_offsets.data_ptr(), row_order.data_ptr(),
+               self.bits._version, self.code.data_ptr(), self.row_offsets.data_ptr(),
+               None if row_order is None else row_order.data_ptr(),
                None if s2 is None else (s2.absmax.data_ptr(), s2.code.data_ptr(), self.offset.data_ptr()))
         hit = self.__dict__.get("_prepared_matmul")
         if hit is not None and hit[0] == key:
             return hit[1]
-        from .backends.native import PreparedMatmul
+        from .backends.native import PreparedMatmul, PreparedMatmulCPU
 
-        prepared = PreparedMatmul(packed, absmax, self.bits, self.code, self.row_offsets, self.blocksize,
-                                  list(self.shape), row_order, group_rows, tuple(nested))
+        if cuda:
+            prepared = PreparedMatmul(packed, absmax, self.bits, self.code, self.row_offsets, self.blocksize,
+                                      list(self.shape), row_order, group_rows, tuple(nested))
+        else:
+            prepared = PreparedMatmulCPU(packed, absmax, self.bits, self.code, self.row_offsets, self.blocksize,
+                                         list(self.shape), tuple(nested))
         self.__dict__["_prepared_matmul"] = (key, prepared)
         return prepared
 
@@ -669,9 +676,10 @@ def _check_pair(packed, quant_state) -> None:
         raise LowRAFormatError(f"packed codes are on {packed.device} but the quant_state is on {quant_state.device}")
 
 
-# The fused CUDA decode kernel (lowra::matmul) never materializes W; it pays off for a few tokens at a time
+# The fused decode kernels (lowra::matmul) never materialize W; they pay off for a few tokens at a time
 # (docs/benchmarks.md). Training (input gradients) and long prompts take dequantize + matmul.
-FUSED_DECODE_MAX_TOKENS = 16
+FUSED_DECODE_MAX_TOKENS = 16  # CUDA, float16 / bfloat16 activations
+CPU_FUSED_DECODE_MAX_TOKENS = 8  # CPU, any float dtype (backends.native.CPU_MAX_FUSED_ROWS)
 
 
 def _needs_grad(A: torch.Tensor, bias) -> bool:
@@ -683,11 +691,10 @@ def _use_fused_decode(A: torch.Tensor, bias) -> bool:
 
 
 def _fused_decode_shape(A: torch.Tensor) -> bool:
-    return (
-        A.is_cuda
-        and A.dtype in (torch.float16, torch.bfloat16)
-        and A.numel() // max(A.shape[-1], 1) <= FUSED_DECODE_MAX_TOKENS
-    )
+    tokens = A.numel() // max(A.shape[-1], 1)
+    if A.is_cuda:
+        return A.dtype in (torch.float16, torch.bfloat16) and tokens <= FUSED_DECODE_MAX_TOKENS
+    return A.device.type == "cpu" and tokens <= CPU_FUSED_DECODE_MAX_TOKENS
 
 
 _profiler_enabled = getattr(torch.autograd, "_profiler_enabled", lambda: True)
@@ -697,8 +704,8 @@ _functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorc
 
 
 def _eager_direct(A: torch.Tensor, bias) -> bool:
-    """Whether the fused CUDA matmul may be launched directly (QuantStateLowRA.prepared_matmul) instead of through
-    torch.ops.lowra.matmul. The direct call saves the dispatcher and per-call argument conversion (a decode step
+    """Whether the fused matmul (CUDA or CPU) may be called directly (QuantStateLowRA.prepared_matmul) instead of
+    through torch.ops.lowra.matmul. The direct call saves the dispatcher and per-call argument conversion (a decode step
     pays them once per layer), so it is taken only where nothing can observe the difference: eager plain tensors,
     no torch.compile tracing, no torch function or dispatch mode (FakeTensor, FlopCounter, meta device contexts),
     no functorch transform and no profiler (which then records the op by name)."""
@@ -710,7 +717,7 @@ def _eager_direct(A: torch.Tensor, bias) -> bool:
         and torch._C._len_torch_dispatch_stack() == 0
         and not _profiler_enabled()
         and (_functorch_wrapped is None or not _functorch_wrapped(A))
-        and _native_cuda()
+        and (_native_cuda() if A.is_cuda else _native_cpu())
     )
 
 
@@ -724,7 +731,17 @@ def _native_cuda() -> bool:
     return _NATIVE_CUDA
 
 
-_NATIVE_CUDA = None
+def _native_cpu() -> bool:
+    """The native CPU kernels serve lowra::matmul on the CPU (cached after the first answer)."""
+    global _NATIVE_CPU
+    if _NATIVE_CPU is None:
+        from . import NATIVE_DEVICES
+
+        _NATIVE_CPU = "cpu" in NATIVE_DEVICES
+    return _NATIVE_CPU
+
+
+_NATIVE_CUDA = _NATIVE_CPU = None
 
 
 def _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias, nested):
@@ -783,7 +800,7 @@ def matmul_lowra(
         return MatMulLowRA.apply(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias,
                                  *nested)
     if fused:
-        row_order, group_rows = qs.matmul_plan()
+        row_order, group_rows = qs.matmul_plan() if A.is_cuda else (None, None)  # the CUDA kernels' row grouping
         return torch.ops.lowra.matmul.default(
             A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias, row_order, group_rows,
             *nested,

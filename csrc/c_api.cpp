@@ -44,6 +44,19 @@ int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, const floa
   return lowra::dequantize_cpu(packed, am, bits, codebook, row_offsets, rows, cols, blocksize, dtype, out);
 }
 
+int lowra_matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes,
+                     const float* absmax, const LowraNestedAbsmax* nested, const uint8_t* bits,
+                     const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
+                     int64_t blocksize, const void* bias, void* out) {
+  lowra::AbsmaxSrc am;
+  if (!A || m <= 0 || m > ((int64_t)1 << 30) || !packed || !lowra::absmax_src(absmax, nested, &am) || !bits ||
+      !codebook || !row_offsets || !out || dtype < 0 || dtype > 2)
+    return LOWRA_ERR_ARGUMENT;
+  int st = lowra::check_layout_host(rows, cols, blocksize, bits, row_offsets, packed_bytes);
+  if (st != LOWRA_OK) return st;
+  return lowra::matmul_cpu(A, dtype, m, packed, am, bits, codebook, row_offsets, rows, cols, blocksize, bias, out);
+}
+
 int lowra_cpu_isa(void) { return lowra::cpu_isa(); }
 
 int lowra_cpu_set_isa(int isa) { return lowra::cpu_set_isa(isa); }

@@ -43,19 +43,25 @@ inline void store(void* out, int64_t j, float v) {
   else ((float*)out)[j] = v;
 }
 
-// One row of precision BITS into dtype D. Per block, the codebook scaled by the block's absmax (the same float
-// product code[c] * absmax the reference takes per element), then the vector decode (cpu_simd.cpp) over the
-// block's multiples of 16 elements and a scalar loop, a code byte at a time, over the rest: blocks start on a byte
-// boundary (blocksize is a multiple of 8). No division, dtype switch or bounds test per element: the per-element
-// loop measured ~3.5 ns per element.
+// One row of precision BITS into dtype D. Where the vector row decode applies (blocksize a multiple of 16), it takes
+// every whole block in one call; other blocks go one at a time: the codebook scaled by the block's absmax (the
+// same float product code[c] * absmax the reference takes per element), then the vector decode over the block's
+// multiples of 16 elements and a scalar loop, a code byte at a time, over the rest (blocks start on a byte
+// boundary: blocksize is a multiple of 8). No division, dtype switch or bounds test per element.
 template <int BITS, int D>
 void dequantize_row(const uint8_t* in, const float* absmax_row, const float* code, int64_t cols, int64_t blocksize,
-                    void* out, DecodeFn vec) {
+                    void* out, DecodeFn vec, DecodeRowFn row_vec) {
   constexpr int n = 1 << BITS, per_byte = 8 / BITS;
   constexpr uint32_t mask = n - 1;
   constexpr int64_t esize = D == LOWRA_F32 ? 4 : 2;
+  int64_t b0 = 0, blk = 0;
+  if (row_vec && blocksize % 16 == 0 && cols >= blocksize) {
+    blk = cols / blocksize;
+    row_vec(in, code, absmax_row, blk, blocksize, out);
+    b0 = blk * blocksize;
+  }
   float scaled[16] = {};  // zero-padded: the vector lookup reads 16 entries
-  for (int64_t b0 = 0, blk = 0; b0 < cols; b0 += blocksize, ++blk) {
+  for (; b0 < cols; b0 += blocksize, ++blk) {
     for (int k = 0; k < n; ++k) scaled[k] = code[k] * absmax_row[blk];
     const int64_t end = b0 + blocksize < cols ? b0 + blocksize : cols;
     const uint8_t* p = in + b0 / per_byte;
@@ -75,11 +81,11 @@ void dequantize_row(const uint8_t* in, const float* absmax_row, const float* cod
 
 template <int BITS>
 void dequantize_row(const uint8_t* in, const float* absmax_row, const float* code, int64_t cols, int64_t blocksize,
-                    int dtype, void* out, DecodeFn vec) {
+                    int dtype, void* out, DecodeFn vec, DecodeRowFn row_vec) {
   switch (dtype) {
-    case LOWRA_F16: dequantize_row<BITS, LOWRA_F16>(in, absmax_row, code, cols, blocksize, out, vec); break;
-    case LOWRA_BF16: dequantize_row<BITS, LOWRA_BF16>(in, absmax_row, code, cols, blocksize, out, vec); break;
-    default: dequantize_row<BITS, LOWRA_F32>(in, absmax_row, code, cols, blocksize, out, vec);
+    case LOWRA_F16: dequantize_row<BITS, LOWRA_F16>(in, absmax_row, code, cols, blocksize, out, vec, row_vec); break;
+    case LOWRA_BF16: dequantize_row<BITS, LOWRA_BF16>(in, absmax_row, code, cols, blocksize, out, vec, row_vec); break;
+    default: dequantize_row<BITS, LOWRA_F32>(in, absmax_row, code, cols, blocksize, out, vec, row_vec);
   }
 }
 
@@ -108,7 +114,7 @@ int quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int64_t b
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     float t[kThresholdSlots];
-    for (int k = 0; k < kThresholdSlots; ++k) t[k] = half_to_float(thresholds[r * kThresholdSlots + k]);
+    halves_to_floats(thresholds + r * kThresholdSlots, t, kThresholdSlots);
     uint8_t* out = packed + row_offsets[r];
     float* am = absmax + r * nb;
     switch (bits[r]) {
@@ -120,25 +126,83 @@ int quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int64_t b
   return LOWRA_OK;
 }
 
+namespace {
+
+// Decodes whole rows into `dtype`: the codebook, the scales (decoded into `scales` when double-quantized: nb
+// floats per thread), then dequantize_row at the row's precision.
+struct RowDecoder {
+  const uint8_t* packed;
+  const AbsmaxSrc& absmax;
+  const uint8_t* bits;
+  const uint16_t* codebook;
+  const int64_t* row_offsets;
+  int64_t cols, blocksize, nb;
+  int dtype;
+  DecodeFn vec[3];  // 1, 2, 4 bits
+  DecodeRowFn row_vec[3];
+
+  RowDecoder(const uint8_t* packed_, const AbsmaxSrc& absmax_, const uint8_t* bits_, const uint16_t* codebook_,
+             const int64_t* row_offsets_, int64_t cols_, int64_t blocksize_, int dtype_)
+      : packed(packed_), absmax(absmax_), bits(bits_), codebook(codebook_), row_offsets(row_offsets_), cols(cols_),
+        blocksize(blocksize_), nb(padded_cols(cols_, blocksize_) / blocksize_), dtype(dtype_),
+        vec{decode_fn(1, dtype_), decode_fn(2, dtype_), decode_fn(4, dtype_)},
+        row_vec{decode_row_fn(1, dtype_), decode_row_fn(2, dtype_), decode_row_fn(4, dtype_)} {}
+
+  size_t scale_buffer() const { return absmax.f32 ? 0 : (size_t)nb; }
+
+  void operator()(int64_t r, float* scales, void* out_row) const {
+    float code[kCodebookSlots];
+    halves_to_floats(codebook + r * kCodebookSlots, code, kCodebookSlots);
+    const float* am = absmax.f32 ? absmax.f32 + r * nb : decode_row_scales(absmax, r * nb, nb, scales);
+    const uint8_t* in = packed + row_offsets[r];
+    switch (bits[r]) {
+      case 1: dequantize_row<1>(in, am, code, cols, blocksize, dtype, out_row, vec[0], row_vec[0]); break;
+      case 2: dequantize_row<2>(in, am, code, cols, blocksize, dtype, out_row, vec[1], row_vec[1]); break;
+      default: dequantize_row<4>(in, am, code, cols, blocksize, dtype, out_row, vec[2], row_vec[2]); break;
+    }
+  }
+};
+
+void store_as(void* out, int dtype, int64_t i, float v) {
+  switch (dtype) {
+    case LOWRA_F16: store<LOWRA_F16>(out, i, v); break;
+    case LOWRA_BF16: store<LOWRA_BF16>(out, i, v); break;
+    default: store<LOWRA_F32>(out, i, v);
+  }
+}
+
+}  // namespace
+
 int dequantize_cpu(const uint8_t* packed, const AbsmaxSrc& absmax, const uint8_t* bits, const uint16_t* codebook,
                    const int64_t* row_offsets, int64_t rows, int64_t cols, int64_t blocksize, int dtype, void* out) {
-  const int64_t nb = padded_cols(cols, blocksize) / blocksize;
-  const DecodeFn vec1 = decode_fn(1, dtype), vec2 = decode_fn(2, dtype), vec4 = decode_fn(4, dtype);
+  const RowDecoder decode(packed, absmax, bits, codebook, row_offsets, cols, blocksize, dtype);
 #pragma omp parallel
   {
-    std::vector<float> scales(absmax.f32 ? 0 : (size_t)nb);  // a row's decoded scales (double-quantized only)
+    std::vector<float> scales(decode.scale_buffer());
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) decode(r, scales.data(), (char*)out + r * cols * elem_size(dtype));
+  }
+  return LOWRA_OK;
+}
+
+// Each row decoded to float32 into a per-thread buffer (the same products as dequantize), then its dot products
+// with the m activation rows: the weight is never written out, and the row stays in L1/L2 for all m.
+int matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed, const AbsmaxSrc& absmax,
+               const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
+               int64_t blocksize, const void* bias, void* out) {
+  std::vector<float> a((size_t)(m * cols));
+  for (int64_t i = 0; i < m * cols; ++i) a[i] = load_as_float(A, dtype, i);
+  const RowDecoder decode(packed, absmax, bits, codebook, row_offsets, cols, blocksize, LOWRA_F32);
+  const DotFn dot = dot_fn();
+#pragma omp parallel
+  {
+    std::vector<float> scales(decode.scale_buffer()), w((size_t)cols), acc((size_t)m);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-      float code[kCodebookSlots];
-      for (int k = 0; k < kCodebookSlots; ++k) code[k] = half_to_float(codebook[r * kCodebookSlots + k]);
-      const float* am = absmax.f32 ? absmax.f32 + r * nb : decode_row_scales(absmax, r * nb, nb, scales.data());
-      const uint8_t* in = packed + row_offsets[r];
-      char* out_row = (char*)out + r * cols * elem_size(dtype);
-      switch (bits[r]) {
-        case 1: dequantize_row<1>(in, am, code, cols, blocksize, dtype, out_row, vec1); break;
-        case 2: dequantize_row<2>(in, am, code, cols, blocksize, dtype, out_row, vec2); break;
-        default: dequantize_row<4>(in, am, code, cols, blocksize, dtype, out_row, vec4); break;
-      }
+      decode(r, scales.data(), w.data());
+      dot(w.data(), a.data(), cols, (int)m, cols, acc.data());
+      const float b = bias ? load_as_float(bias, dtype, r) : 0.0f;
+      for (int64_t i = 0; i < m; ++i) store_as(out, dtype, i * rows + r, acc[i] + b);
     }
   }
   return LOWRA_OK;

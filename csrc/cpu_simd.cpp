@@ -1,8 +1,9 @@
-// Vector decode for the CPU dequantize (cpu_kernels.cpp): 16 elements at a time, out[i] = tab[code_i], where tab
-// is the block's codebook already scaled by its absmax (16 floats, zero-padded below 4 bits). The codes of 16
-// elements are 2 * BITS bytes: broadcast into the lanes, shifted right by each lane's bit offset, masked, then
-// used as indices into the table held in registers. Outputs are rounded as the scalar path does (round to nearest
-// even; bfloat16 NaN kept quiet), so results are bit-identical.
+// Vector decode for the CPU dequantize (cpu_kernels.cpp), and the CPU matmul's dot products.
+// Decode: 16 elements at a time, out[i] = tab[code_i], where tab is the block's codebook already scaled by its
+// absmax (16 floats, zero-padded below 4 bits). The codes of 16 elements are 2 * BITS bytes: broadcast into the
+// lanes, shifted right by each lane's bit offset, masked, then used as indices into the table held in registers.
+// Outputs are rounded as the scalar path does (round to nearest even; bfloat16 NaN kept quiet), so results are
+// bit-identical.
 //
 // Built with per-function target attributes (the library itself targets baseline x86-64) and picked at run time
 // from the CPU's features; lowra_cpu_set_isa can force a lower level (tests run every level the CPU has).
@@ -72,6 +73,37 @@ __attribute__((target("avx512f"))) inline void store512(void* out, int64_t i, __
 }
 
 template <int BITS, int D>
+__attribute__((target("avx512f"))) void decode_row_avx512(const uint8_t* p, const float* code, const float* absmax,
+                                                          int64_t nblocks, int64_t blocksize, void* out) {
+  const __m512 c = _mm512_loadu_ps(code);
+  for (int64_t b = 0, i = 0; b < nblocks; ++b) {
+    const __m512 t = _mm512_mul_ps(c, _mm512_set1_ps(absmax[b]));
+    for (int64_t e = 0; e < blocksize; e += 16, i += 16, p += 2 * BITS)
+      store512<D>(out, i, _mm512_permutexvar_ps(indices512<BITS>(p), t));
+  }
+}
+
+// Four accumulators per activation row: independent FMA chains.
+__attribute__((target("avx512f"))) void dot_avx512(const float* w, const float* a, int64_t lda, int m, int64_t n,
+                                                   float* acc) {
+  for (int i = 0; i < m; ++i) {
+    const float* x = a + i * lda;
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 64 <= n; j += 64) {
+      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j), _mm512_loadu_ps(x + j), s0);
+      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 16), _mm512_loadu_ps(x + j + 16), s1);
+      s2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 32), _mm512_loadu_ps(x + j + 32), s2);
+      s3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 48), _mm512_loadu_ps(x + j + 48), s3);
+    }
+    for (; j + 16 <= n; j += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j), _mm512_loadu_ps(x + j), s0);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+    for (; j < n; ++j) s += w[j] * x[j];
+    acc[i] = s;
+  }
+}
+
+template <int BITS, int D>
 __attribute__((target("avx512f"))) void decode_avx512(const uint8_t* p, const float* tab, int64_t n, void* out) {
   const __m512 t = _mm512_loadu_ps(tab);
   for (int64_t i = 0; i < n; i += 16, p += 2 * BITS) store512<D>(out, i, _mm512_permutexvar_ps(indices512<BITS>(p), t));
@@ -136,6 +168,52 @@ __attribute__((target("avx2,f16c"))) void decode_avx2(const uint8_t* p, const fl
   }
 }
 
+template <int BITS, int D>
+__attribute__((target("avx2,f16c"))) void decode_row_avx2(const uint8_t* p, const float* code, const float* absmax,
+                                                           int64_t nblocks, int64_t blocksize, void* out) {
+  const __m256 c0 = _mm256_loadu_ps(code), c1 = _mm256_loadu_ps(code + 8);
+  for (int64_t b = 0, i = 0; b < nblocks; ++b) {
+    const __m256 a = _mm256_set1_ps(absmax[b]);
+    const __m256 t0 = _mm256_mul_ps(c0, a), t1 = _mm256_mul_ps(c1, a);
+    for (int64_t e = 0; e < blocksize; e += 16, i += 16, p += 2 * BITS) {
+      __m256i x, y;
+      indices256<BITS>(p, &x, &y);
+      store256<D>(out, i, lookup256<BITS>(x, t0, t1));
+      store256<D>(out, i + 8, lookup256<BITS>(y, t0, t1));
+    }
+  }
+}
+
+__attribute__((target("avx2,f16c"))) void halves_to_floats_f16c(const uint16_t* h, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
+  for (; i < n; ++i) out[i] = _cvtsh_ss(h[i]);
+}
+
+// FMA is a separate feature from AVX2; multiply-add keeps this level at AVX2 + F16C.
+__attribute__((target("avx2"))) void dot_avx2(const float* w, const float* a, int64_t lda, int m, int64_t n,
+                                              float* acc) {
+  for (int i = 0; i < m; ++i) {
+    const float* x = a + i * lda;
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+      s0 = _mm256_add_ps(s0, _mm256_mul_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j)));
+      s1 = _mm256_add_ps(s1, _mm256_mul_ps(_mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(x + j + 8)));
+      s2 = _mm256_add_ps(s2, _mm256_mul_ps(_mm256_loadu_ps(w + j + 16), _mm256_loadu_ps(x + j + 16)));
+      s3 = _mm256_add_ps(s3, _mm256_mul_ps(_mm256_loadu_ps(w + j + 24), _mm256_loadu_ps(x + j + 24)));
+    }
+    for (; j + 8 <= n; j += 8) s0 = _mm256_add_ps(s0, _mm256_mul_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j)));
+    const __m256 t = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    float s = _mm_cvtss_f32(h);
+    for (; j < n; ++j) s += w[j] * x[j];
+    acc[i] = s;
+  }
+}
+
 int detected_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return kIsaAvx512;
@@ -143,15 +221,20 @@ int detected_isa() {
   return kIsaScalar;
 }
 
+// fn<BITS, D> for the output dtype
+#define LOWRA_BY_DTYPE(fn, BITS) \
+  (dtype == LOWRA_F16 ? fn<BITS, LOWRA_F16> : dtype == LOWRA_BF16 ? fn<BITS, LOWRA_BF16> : fn<BITS, LOWRA_F32>)
+
+template <int BITS>
+DecodeRowFn pick_row_dtype(int isa, int dtype) {
+  return isa == kIsaAvx512 ? LOWRA_BY_DTYPE(decode_row_avx512, BITS) : LOWRA_BY_DTYPE(decode_row_avx2, BITS);
+}
+
 template <int BITS>
 DecodeFn pick_dtype(int isa, int dtype) {
-  if (isa == kIsaAvx512) {
-    return dtype == LOWRA_F16 ? decode_avx512<BITS, LOWRA_F16>
-           : dtype == LOWRA_BF16 ? decode_avx512<BITS, LOWRA_BF16> : decode_avx512<BITS, LOWRA_F32>;
-  }
-  return dtype == LOWRA_F16 ? decode_avx2<BITS, LOWRA_F16>
-         : dtype == LOWRA_BF16 ? decode_avx2<BITS, LOWRA_BF16> : decode_avx2<BITS, LOWRA_F32>;
+  return isa == kIsaAvx512 ? LOWRA_BY_DTYPE(decode_avx512, BITS) : LOWRA_BY_DTYPE(decode_avx2, BITS);
 }
+#undef LOWRA_BY_DTYPE
 
 }  // namespace
 #else
@@ -161,7 +244,20 @@ int detected_isa() { return kIsaScalar; }
 #endif
 
 namespace {
-std::atomic<int> g_isa{-1};  // -1: not chosen yet (the CPU's best on first use); calls may come from many threads
+std::atomic<int> g_isa{-1};
+
+void dot_scalar(const float* w, const float* a, int64_t lda, int m, int64_t n, float* acc) {
+  for (int i = 0; i < m; ++i) {
+    const float* x = a + i * lda;
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+      for (int k = 0; k < 4; ++k) s[k] += w[j + k] * x[j + k];
+    float t = (s[0] + s[1]) + (s[2] + s[3]);
+    for (; j < n; ++j) t += w[j] * x[j];
+    acc[i] = t;
+  }
+}  // -1: not chosen yet (the CPU's best on first use); calls may come from many threads
 }
 
 int cpu_isa() {
@@ -186,6 +282,34 @@ DecodeFn decode_fn(int bits, int dtype) {
   (void)bits, (void)dtype;
   return nullptr;
 #endif
+}
+
+DecodeRowFn decode_row_fn(int bits, int dtype) {
+#ifdef LOWRA_X86_SIMD
+  const int isa = cpu_isa();
+  if (isa == kIsaScalar) return nullptr;
+  return bits == 1 ? pick_row_dtype<1>(isa, dtype)
+         : bits == 2 ? pick_row_dtype<2>(isa, dtype) : pick_row_dtype<4>(isa, dtype);
+#else
+  (void)bits, (void)dtype;
+  return nullptr;
+#endif
+}
+
+void halves_to_floats(const uint16_t* h, float* out, int64_t n) {
+#ifdef LOWRA_X86_SIMD
+  if (cpu_isa() != kIsaScalar) return halves_to_floats_f16c(h, out, n);  // both vector levels have F16C
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = half_to_float(h[i]);
+}
+
+DotFn dot_fn() {
+#ifdef LOWRA_X86_SIMD
+  const int isa = cpu_isa();
+  if (isa == kIsaAvx512) return dot_avx512;
+  if (isa == kIsaAvx2) return dot_avx2;
+#endif
+  return dot_scalar;
 }
 
 }  // namespace lowra

@@ -1,4 +1,4 @@
-// Vector decode for the CPU dequantize (cpu_simd.cpp).
+// Vector decode for the CPU dequantize and dot products for the CPU matmul (cpu_simd.cpp).
 #pragma once
 #include <stdint.h>
 
@@ -15,8 +15,25 @@ constexpr int kIsaAvx512 = 2;  // AVX-512F
 // dtype; tab holds 16 floats (the block's scaled codebook, zero-padded).
 using DecodeFn = void (*)(const uint8_t* p, const float* tab, int64_t n, void* out);
 
-// The vector decode for a precision and output dtype at the current level, or nullptr (scalar only).
+// Decodes nblocks whole blocks of blocksize elements (a multiple of 16) whose codes start at byte p, block b scaled
+// by absmax[b]: out[i] = code[c_i] * absmax[i / blocksize] (the float32 product), rounded to the output dtype. code
+// holds 16 floats; entries above 2^bits - 1 are never selected. One call per row: no per-block call or table.
+using DecodeRowFn = void (*)(const uint8_t* p, const float* code, const float* absmax, int64_t nblocks,
+                             int64_t blocksize, void* out);
+
+// The vector decodes for a precision and output dtype at the current level, or nullptr (scalar only).
 DecodeFn decode_fn(int bits, int dtype);
+DecodeRowFn decode_row_fn(int bits, int dtype);
+
+// acc[i] = sum_{j < n} w[j] * a[i * lda + j] for i < m, in float32 (the summation order is fixed for a level).
+using DotFn = void (*)(const float* w, const float* a, int64_t lda, int m, int64_t n, float* acc);
+
+// out[i] = the float16 h[i] as float32, i < n (exact). With F16C where the current level has it: GCC's _Float16
+// conversion on baseline x86-64 is a library call per value, which a row's 16 codebook entries paid every row.
+void halves_to_floats(const uint16_t* h, float* out, int64_t n);
+
+// The dot products at the current level (never nullptr: a scalar loop below AVX2).
+DotFn dot_fn();
 int cpu_isa();               // the current level
 int cpu_set_isa(int isa);    // at most the CPU's best; -1 = the CPU's best. Returns the level now in use.
 

@@ -9,6 +9,9 @@ int quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int64_t b
                  const uint16_t* thresholds, const int64_t* row_offsets, uint8_t* packed, float* absmax);
 int dequantize_cpu(const uint8_t* packed, const AbsmaxSrc& absmax, const uint8_t* bits, const uint16_t* codebook,
                    const int64_t* row_offsets, int64_t rows, int64_t cols, int64_t blocksize, int dtype, void* out);
+int matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed, const AbsmaxSrc& absmax,
+               const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
+               int64_t blocksize, const void* bias, void* out);
 #ifdef LOWRA_WITH_CUDA
 int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
                   const uint16_t* thresholds, const int64_t* row_offsets, uint8_t* packed, int64_t packed_bytes,

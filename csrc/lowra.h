@@ -41,7 +41,7 @@ typedef enum { LOWRA_F32 = 0, LOWRA_F16 = 1, LOWRA_BF16 = 2 } LowraDtype;
 
 // Bumped whenever an entry point's arguments change: the Python side refuses a library of another ABI (a stale
 // build) instead of calling it with the wrong arguments.
-#define LOWRA_ABI_VERSION 2
+#define LOWRA_ABI_VERSION 3
 LOWRA_API int lowra_abi_version(void);
 LOWRA_API const char* lowra_version(void);
 LOWRA_API int lowra_has_cuda(void);
@@ -73,7 +73,15 @@ LOWRA_API int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, 
                                    const int64_t* row_offsets, int64_t rows, int64_t cols, int64_t blocksize,
                                    int dtype, void* out);
 
-// Instruction-set level of the CPU dequantize: 0 scalar, 1 AVX2 + F16C, 2 AVX-512F. lowra_cpu_set_isa takes at
+// y = A W^T (+ bias) without materializing W, for a few activation rows (decoding on the CPU). A: [m, cols] of
+// `dtype`, contiguous; out: [m, rows] of `dtype`; bias: [rows] of `dtype` or NULL. W's entries are the float32
+// products lowra_dequantize_cpu gives; products and sums in float32, rounded once to `dtype`.
+LOWRA_API int lowra_matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes,
+                               const float* absmax, const LowraNestedAbsmax* nested, const uint8_t* bits,
+                               const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
+                               int64_t blocksize, const void* bias, void* out);
+
+// Instruction-set level of the CPU dequantize and matmul: 0 scalar, 1 AVX2 + F16C, 2 AVX-512F. lowra_cpu_set_isa takes at
 // most the CPU's best (-1: the best, the default) and returns the level now in use; results are identical at every
 // level (tests run each one).
 LOWRA_API int lowra_cpu_isa(void);

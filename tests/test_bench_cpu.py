@@ -15,5 +15,9 @@ def test_cpu_bench_runs_every_contender():
     for name in ("nn_linear", "lowra_1.75bit", "lowra_4bit", "bnb_nf4"):
         assert t[name]["ms"] > 0, name
     assert t["lowra_1.75bit_vs_bnb"] > 0 and res["environment"]["threads"] >= 1
+    (dec,) = res["decode"]
+    for m in ("1", "8"):
+        for name in ("lowra_1.75bit", "lowra_1.75bit_dequantize_linear", "lowra_4bit", "bnb_nf4", "nn_linear"):
+            assert dec[m][name]["ms"] > 0, (m, name)
     text = cpu.table(res)
-    assert "64x128" in text and "training step" in text and "bnb_nf4" in text
+    assert "64x128" in text and "training step" in text and "bnb_nf4" in text and "8 rows" in text

@@ -1,7 +1,8 @@
-"""The eager decode path: matmul_lowra launches the fused CUDA matmul directly (QuantStateLowRA.prepared_matmul,
-backends.native.PreparedMatmul) instead of through torch.ops.lowra.matmul, where nothing can tell the difference.
-It must give exactly what the op gives, rebuild its launcher whenever the state changes, and step aside for every
-mode that watches ops (torch.compile tracing, function/dispatch modes, functorch, the profiler).
+"""The eager decode path: matmul_lowra calls the fused matmul directly (QuantStateLowRA.prepared_matmul,
+backends.native.PreparedMatmul on CUDA, PreparedMatmulCPU on the CPU) instead of through torch.ops.lowra.matmul,
+where nothing can tell the difference. It must give exactly what the op gives, rebuild its launcher whenever the
+state changes, and step aside for every mode that watches ops (torch.compile tracing, function/dispatch modes,
+functorch, the profiler).
 CPU tests run in CI; `cuda` ones on the GPU check."""
 
 import copy
@@ -26,13 +27,21 @@ def state(rows=64, cols=256, seed=0, device="cpu", nested=True, dtype=torch.floa
     return quantize_lowra(W.to(device), mixed_bits(rows, seed).to(device), compress_statistics=nested)
 
 
+def take_tensors(qs, other) -> None:
+    """qs now points at other's tensors, as a reload of the layer leaves it."""
+    qs.absmax, qs.state2, qs.offset, qs.code = other.absmax, other.state2, other.offset, other.code
+    qs.bits, qs.row_offsets, qs.thresholds = other.bits, other.row_offsets, other.thresholds
+    qs.packed_nbytes = other.packed_nbytes
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CPU (CI)
 
 @pytest.fixture
 def native_cuda(monkeypatch):
-    """_eager_direct as on a machine whose native library has CUDA kernels (this one may not)."""
+    """_eager_direct as on a machine whose native library has CUDA and CPU kernels (this one may lack CUDA)."""
     monkeypatch.setattr(F, "_NATIVE_CUDA", True)
+    monkeypatch.setattr(F, "_NATIVE_CPU", True)
 
 
 def test_eager_direct_only_where_nothing_watches_ops(native_cuda):
@@ -66,9 +75,81 @@ def test_eager_direct_only_where_nothing_watches_ops(native_cuda):
     assert not F._eager_direct(x, b.as_subclass(Sub))
 
 
-def test_eager_direct_needs_native_cuda_kernels(monkeypatch):
+def test_eager_direct_needs_native_kernels_for_the_activations_device(monkeypatch):
+    x = torch.randn(1, 8)
+    monkeypatch.setattr(F, "_NATIVE_CPU", False)
+    monkeypatch.setattr(F, "_NATIVE_CUDA", True)
+    assert not F._eager_direct(x, None)  # CPU activations: the CPU library decides
+    monkeypatch.setattr(F, "_NATIVE_CPU", True)
     monkeypatch.setattr(F, "_NATIVE_CUDA", False)
-    assert not F._eager_direct(torch.randn(1, 8), None)
+    assert F._eager_direct(x, None)
+
+
+# The CPU decode path (PreparedMatmulCPU): the same contract as the CUDA one below, run in CI.
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("rows,cols", [(64, 256), (33, 1000), (7, 72)])
+def test_cpu_direct_equals_op(rows, cols, m, dtype, nested):
+    from bitsandbytes_lowra.backends.native import PreparedMatmulCPU
+
+    packed, qs = state(rows, cols, seed=rows + m, nested=nested)
+    assert F._eager_direct(torch.empty(1), None)
+    g = torch.Generator().manual_seed(m)
+    A = torch.randn(1, m, cols, generator=g).to(dtype)
+    bias = torch.randn(rows, generator=g).to(dtype)
+    for b in (None, bias):
+        with torch.inference_mode():
+            y = matmul_lowra(A, packed, qs, b)
+        assert isinstance(qs.__dict__["_prepared_matmul"][1], PreparedMatmulCPU)  # the direct path ran
+        assert y.shape == (1, m, rows) and y.dtype == dtype
+        assert torch.equal(y, via_op(A, packed, qs, b))
+    At = torch.randn(cols, m, generator=g).to(dtype).t()  # strided activations, a bias of another dtype
+    with torch.inference_mode():
+        y = matmul_lowra(At, packed, qs, bias.double())
+    assert torch.equal(y, via_op(At.contiguous(), packed, qs, bias))
+
+
+def test_cpu_direct_rebuilds_when_the_state_changes():
+    packed, qs = state(128, 512)
+    A = torch.randn(1, 512)
+    with torch.no_grad():
+        y0 = matmul_lowra(A, packed, qs)
+        first = qs.__dict__["_prepared_matmul"][1]
+        assert torch.equal(matmul_lowra(A, packed, qs), y0) and qs.__dict__["_prepared_matmul"][1] is first
+        packed2, qs2 = state(128, 512, seed=5)  # a reload: new tensors
+        take_tensors(qs, qs2)
+        y2 = matmul_lowra(A, packed2, qs)
+        assert qs.__dict__["_prepared_matmul"][1] is not first
+        assert torch.equal(y2, via_op(A, packed2, qs2))
+
+
+def test_cpu_direct_steps_aside_under_the_profiler():
+    packed, qs = state(64, 256)
+    A = torch.randn(1, 256)
+    with torch.no_grad():
+        ref = via_op(A, packed, qs)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = matmul_lowra(A, packed, qs)
+    assert torch.equal(y, ref)
+    assert any("lowra::matmul" in e.name for e in prof.events())
+
+
+def test_cpu_prepared_matmul_checks_its_inputs():
+    from bitsandbytes_lowra.backends.native import CPU_MAX_FUSED_ROWS
+
+    packed, qs = state(64, 256)
+    launch = qs.prepared_matmul(packed)
+    A = torch.randn(1, 256)
+    for bad, what in ((A.double(), "float activations"), (A[:, :128], "256"), (A.to("meta"), "on the CPU"),
+                      (A.expand(CPU_MAX_FUSED_ROWS + 1, 256), f"at most {CPU_MAX_FUSED_ROWS} rows")):
+        with pytest.raises(ValueError, match=what):
+            launch(bad)
+    with pytest.raises(ValueError, match="bias"):
+        launch(A, torch.zeros(63))
+    assert torch.equal(launch(A), via_op(A, packed, qs))
+    assert launch(A[:0]).shape == (0, 64)  # no rows: nothing launched
 
 
 def test_state_copies_and_pickles_drop_the_prepared_launcher():
@@ -163,9 +244,7 @@ def test_cuda_direct_rebuilds_when_the_state_changes():
     assert torch.equal(matmul_lowra(A, packed, qs), y0) and qs.__dict__["_prepared_matmul"][1] is first  # reused
     # new codes in a new buffer (a reload): served from the new buffer
     packed2, qs2 = state(128, 512, seed=5, device="cuda")
-    qs.absmax, qs.state2, qs.offset, qs.code = qs2.absmax, qs2.state2, qs2.offset, qs2.code
-    qs.bits, qs.row_offsets, qs.thresholds = qs2.bits, qs2.row_offsets, qs2.thresholds
-    qs.packed_nbytes = qs2.packed_nbytes
+    take_tensors(qs, qs2)
     y2 = matmul_lowra(A, packed2, qs)
     assert qs.__dict__["_prepared_matmul"][1] is not first
     assert torch.equal(y2, via_op(A, packed2, qs2))

@@ -124,12 +124,14 @@ def test_forward_backward_equal_dense(device, dtype, nested):
 
 def test_compute_dtype_and_no_grad():
     q = quantized(compute_dtype=torch.bfloat16)
-    x = torch.randn(4, 200)
-    with torch.no_grad():
-        y = q(x)
-    assert y.dtype == torch.float32 and not y.requires_grad
     ref = reference_linear(q, torch.bfloat16)
-    torch.testing.assert_close(y, ref(x.bfloat16()).float(), atol=0, rtol=0)
+    for tokens in (12, 4):  # dequantize + GEMM, then the CPU decode matmul (float32 sums in another order)
+        x = torch.randn(tokens, 200)
+        with torch.no_grad():
+            y = q(x)
+        assert y.dtype == torch.float32 and not y.requires_grad
+        exact = tokens > 8
+        torch.testing.assert_close(y, ref(x.bfloat16()).float(), atol=0 if exact else 1e-2, rtol=0 if exact else 1e-2)
     # no bias
     q = quantized(bias=False)
     torch.testing.assert_close(q(x), x @ q.dequantize().T)

@@ -133,8 +133,8 @@ def test_linear_forward_backward_with_nested_scales_equals_decoded():
     y2 = matmul_lowra(x, packed, qs, cache_absmax=True)
     y2.square().sum().backward()
     assert torch.equal(y, y2) and torch.equal(g, x.grad)
-    with torch.no_grad():
-        assert torch.equal(matmul_lowra(x, packed, qs), y)
+    with torch.no_grad():  # 5 rows: the fused CPU matmul, float32 sums in another order than the GEMM's
+        torch.testing.assert_close(matmul_lowra(x, packed, qs), y, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -191,8 +191,8 @@ def test_cpu_blocksizes_not_powers_of_two(blocksize, cols, dtype, cpu_isa):
     assert torch.equal(out, reference.dequantize(packed, absmax, bits, code, off, blocksize, [12, cols], dtype))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
+# Random layers: shape, blocksize 2^bs_log, dtype DTYPES[dtype_i], precision mix.
+LAYERS = dict(
     rows=st.integers(1, 40),
     cols=st.integers(1, 700),
     bs_log=st.integers(3, 8),
@@ -200,6 +200,10 @@ def test_cpu_blocksizes_not_powers_of_two(blocksize, cols, dtype, cpu_isa):
     seed=st.integers(0, 2**31 - 1),
     mix=st.sampled_from([(1,), (2,), (4,), (1, 2), (2, 4), (1, 4), (1, 2, 4)]),
 )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(**LAYERS)
 def test_property_cpu_matches_reference(rows, cols, bs_log, dtype_i, seed, mix, cpu_isa):
     bs = 2**bs_log
     dtype = DTYPES[dtype_i]
@@ -210,6 +214,91 @@ def test_property_cpu_matches_reference(rows, cols, bs_log, dtype_i, seed, mix, 
     assert torch.equal(out, reference.dequantize(packed, absmax, bits, code, off, bs, [rows, cols], dtype))
     # reconstruction never leaves the block's range
     assert torch.all(out.float().abs() <= W.float().abs().amax(1, keepdim=True) * 1.001 + 1e-6)
+
+
+# ---- the CPU matmul (lowra_matmul_cpu: a few activation rows, W never materialized) ----
+
+ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}  # relative, at most one ulp
+
+
+def assert_matmul_close(y, A, W32, bias):
+    """y against A @ W32^T + bias in float64: float32 products and sums (n terms) plus one rounding to y's dtype."""
+    A64, W64 = A.double(), W32.double()
+    exact = A64 @ W64.T + (0 if bias is None else bias.double())
+    scale = A64.abs() @ W64.abs().T + (0 if bias is None else bias.double().abs())
+    tol = (A.shape[-1] + 2) * 2.0**-23 * scale + ULP[y.dtype] * exact.abs() + 1e-30
+    err = (y.double() - exact).abs()
+    assert torch.all(err <= tol), f"max error {(err - tol).max().item():.3g} over the bound"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(**LAYERS, m=st.integers(1, native.CPU_MAX_FUSED_ROWS), nested=st.booleans(), with_bias=st.booleans())
+def test_property_cpu_matmul_matches_float64(rows, cols, bs_log, dtype_i, m, seed, mix, nested, with_bias, cpu_isa):
+    from bitsandbytes_lowra.functional import double_quantize_absmax
+
+    bs, dtype = 2**bs_log, DTYPES[dtype_i]
+    W, bits, code, thr, off = make_case(rows, cols, bs, dtype, seed, mix)
+    packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, bs)
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(m, cols, generator=gen).to(dtype)
+    bias = torch.randn(rows, generator=gen).to(dtype) if with_bias else None
+    scales = (absmax,)
+    if nested:
+        q, s2, offset = double_quantize_absmax(absmax, 64)
+        scales = (q, s2.absmax, s2.code, offset, 64)
+    y = torch.ops.lowra.matmul(A, packed, scales[0], bits, code, off, bs, [rows, cols], bias, None, None, *scales[1:])
+    assert y.dtype == dtype and y.shape == (m, rows)
+    W32 = reference.dequantize(packed, reference.decode_absmax(*scales), bits, code, off, bs, [rows, cols],
+                               torch.float32)
+    assert_matmul_close(y, A, W32, bias)
+
+
+def test_cpu_matmul_takes_the_fused_path_up_to_its_row_limit(monkeypatch):
+    """lowra::matmul on the CPU: up to CPU_MAX_FUSED_ROWS activation rows through lowra_matmul_cpu, more through
+    dequantize + GEMM; both agree; a 3-D input, a non-contiguous one and out= work."""
+    W, bits, code, thr, off = make_case(33, 320, 64, torch.bfloat16, seed=9)
+    packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, 64)
+    W32 = reference.dequantize(packed, absmax, bits, code, off, 64, [33, 320], torch.float32)
+    calls = []
+    real = native._matmul_cpu
+    monkeypatch.setattr(native, "_matmul_cpu", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    limit = native.CPU_MAX_FUSED_ROWS
+    for m in (1, limit, limit + 1):
+        A = torch.randn(m, 320, dtype=torch.bfloat16)
+        y = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [33, 320])
+        assert_matmul_close(y, A, W32, None)
+    assert calls == [1, limit]
+    A = torch.randn(2, 3, 640, dtype=torch.bfloat16)[..., ::2]  # [2, 3, 320], strided
+    y = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [33, 320])
+    assert y.shape == (2, 3, 33) and calls[-1] == 6
+    out = torch.empty(2, 3, 33, dtype=torch.bfloat16)
+    torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, 64, [33, 320], out=out)
+    assert torch.equal(out, y)
+    assert_matmul_close(y.reshape(6, 33), A.reshape(6, 320), W32, None)
+
+
+def test_cpu_matmul_on_real_smollm2_layer(smollm2_weights):
+    """A decode step's product on a real SmolLM2 projection at 1.75 bits, every CPU level: within float32 rounding
+    of the float64 product with the dequantized weight."""
+    from bitsandbytes_lowra.bench.kernels import mixed_bits
+    from bitsandbytes_lowra.codebooks import nf_tables
+
+    name, W = next((k, v) for k, v in smollm2_weights.items() if "mlp.down_proj" in k)
+    rows, cols = W.shape
+    bits = mixed_bits(rows, torch.Generator().manual_seed(0))
+    code, thr = nf_tables(bits)
+    off = row_offsets(bits, cols, 64)
+    packed, absmax = torch.ops.lowra.quantize(W.to(torch.bfloat16), bits, thr, off, 64)
+    W32 = reference.dequantize(packed, absmax, bits, code, off, 64, [rows, cols], torch.float32)
+    A = torch.randn(1, cols, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    for isa in native.CPU_ISAS:
+        if native.set_cpu_isa(isa) != isa:
+            continue
+        try:
+            y = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [rows, cols])
+        finally:
+            native.set_cpu_isa()
+        assert_matmul_close(y, A, W32, None)
 
 
 def test_roundtrip_on_real_smollm2_layer(smollm2_weights):
@@ -298,6 +387,11 @@ def test_native_rejects_corrupt_offsets():
     bad_bits[0] = 3
     with pytest.raises(_native.NativeLibraryError, match="bits"):
         torch.ops.lowra.dequantize(packed, absmax, bad_bits, code, off, 64, [4, 64], torch.float32)
+    A = torch.randn(2, 64)  # the CPU matmul (a few rows) too
+    with pytest.raises(_native.NativeLibraryError, match="row offsets"):
+        torch.ops.lowra.matmul(A, packed, absmax, bits, code, bad, 64, [4, 64])
+    with pytest.raises(_native.NativeLibraryError, match="bits"):
+        torch.ops.lowra.matmul(A, packed, absmax, bad_bits, code, off, 64, [4, 64])
 
 
 def test_format_validation_messages():

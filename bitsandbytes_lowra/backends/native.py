@@ -27,6 +27,10 @@ from ..format import CODEBOOK_SLOTS, FLOAT_DTYPES, blocks_per_row, padded_cols
 # The fused matmul streams the packed weight once per call; above this many activation rows, dequantizing once and
 # using the dense GEMM is faster (training, prefill).
 MAX_FUSED_ROWS = 16
+# The CPU matmul (row decoded into cache, then m dot products) against dequantize + dense GEMM, 2 threads, 1.75
+# bits (ms): 576x1536 float32 m = 1: 0.17 / 0.34, m = 8: 0.25 / 0.38, m = 16: 0.83 / 0.55; 4096x4096 m = 8: 4.3 /
+# 24.0 (the dense path pays the new weight's page faults). docs/benchmarks.md "CPU matmul".
+CPU_MAX_FUSED_ROWS = 8
 
 
 # The current stream's raw handle without building a torch.cuda.Stream object per launch (CUDA builds of torch).
@@ -348,6 +352,9 @@ def matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape
     out2 = out.view(-1, rows)
     if A2.shape[0] == 0:
         return out
+    if A.device.type == "cpu" and A2.shape[0] <= CPU_MAX_FUSED_ROWS:
+        _matmul_cpu(A2, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, out2, nested)
+        return out
     fused = A.device.type == "cuda" and A.dtype != torch.float32 and A2.shape[0] <= MAX_FUSED_ROWS
     if not fused:
         # Dense path: dequantize once into the GEMM's dtype (float32 on the CPU, A's dtype on the GPU).
@@ -359,6 +366,57 @@ def matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape
     _matmul_cuda(A2, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out2,
                  nested)
     return out
+
+
+def _matmul_cpu(A2, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, out2, nested):
+    """The CPU matmul (lowra_matmul_cpu) on checked, contiguous arguments; out2 [m, rows] contiguous."""
+    PreparedMatmulCPU(packed, absmax, bits, codebook, row_offsets, blocksize, shape, nested, checked=True).launch(
+        A2, bias, out2)
+
+
+class PreparedMatmulCPU:
+    """PreparedMatmul's counterpart on the CPU (lowra_matmul_cpu, at most CPU_MAX_FUSED_ROWS activation rows of any
+    float dtype): a decode step's per-layer call without the dispatcher and the per-call argument conversion."""
+
+    def __init__(self, packed, absmax, bits, codebook, row_offsets, blocksize, shape, nested=NESTED_DEFAULTS, *,
+                 checked: bool = False):
+        rows, cols = shape
+        if packed.device.type != "cpu":
+            raise ValueError(f"PreparedMatmulCPU runs the CPU kernel; the weight is on {packed.device}")
+        if not checked:
+            check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, torch.float32,
+                                  *nested)
+        packed, bits, codebook, row_offsets = (t.contiguous() for t in (packed, bits, codebook, row_offsets))
+        f32, ns = _absmax_for(absmax, nested)
+        self.rows, self.cols = rows, cols
+        self._keep = (packed, bits, codebook, row_offsets, f32, ns)  # the pointers below point into these
+        # lowra_matmul_cpu's arguments from `packed` through `blocksize`
+        self._args = (packed.data_ptr(), packed.numel(), _f32_ptr(f32), _nested_ref(ns), bits.data_ptr(),
+                      codebook.data_ptr(), row_offsets.data_ptr(), rows, cols, blocksize)
+        self._fn = _native.load().lowra_matmul_cpu
+
+    def __call__(self, A: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A [..., cols] (float32/float16/bfloat16, at most CPU_MAX_FUSED_ROWS rows, on the CPU) @ W.T + bias."""
+        rows, cols = self.rows, self.cols
+        if (A.dtype not in _native.DTYPE_CODE or A.shape[-1] != cols or A.numel() > CPU_MAX_FUSED_ROWS * cols
+                or A.device.type != "cpu"
+                or (bias is not None and (bias.dtype != A.dtype or bias.shape != (rows,) or bias.device.type != "cpu"))):
+            raise ValueError(
+                f"PreparedMatmulCPU takes float activations [..., {cols}] of at most {CPU_MAX_FUSED_ROWS} rows on the "
+                f"CPU and a bias [{rows}] of their dtype; got A {A.dtype} {tuple(A.shape)} on {A.device}"
+                + ("" if bias is None else f", bias {bias.dtype} {tuple(bias.shape)} on {bias.device}"))
+        out = torch.empty(A.shape[:-1] + (rows,), dtype=A.dtype)
+        if out.numel():
+            self.launch(A if A.is_contiguous() else A.contiguous(),
+                        bias if bias is None or bias.is_contiguous() else bias.contiguous(), out)
+        return out
+
+    def launch(self, A, bias, out) -> None:
+        """The kernel on checked, contiguous A [..., cols], bias [rows] or None, out [..., rows]."""
+        status = self._fn(A.data_ptr(), _native.DTYPE_CODE[A.dtype], A.numel() // self.cols, *self._args,
+                          None if bias is None else bias.data_ptr(), out.data_ptr())
+        if status:
+            _native.check(status, "lowra matmul (cpu)")
 
 
 def matmul(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias=None, row_order=None,
