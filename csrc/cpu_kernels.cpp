@@ -150,10 +150,15 @@ struct RowDecoder {
 
   size_t scale_buffer() const { return absmax.f32 ? 0 : (size_t)nb; }
 
+  // Row r's codebook (16 floats into code) and block scales (decoded into `scales` when double-quantized).
+  const float* tables(int64_t r, float* scales, float* code) const {
+    halves_to_floats(codebook + r * kCodebookSlots, code, kCodebookSlots);
+    return absmax.f32 ? absmax.f32 + r * nb : decode_row_scales(absmax, r * nb, nb, scales);
+  }
+
   void operator()(int64_t r, float* scales, void* out_row) const {
     float code[kCodebookSlots];
-    halves_to_floats(codebook + r * kCodebookSlots, code, kCodebookSlots);
-    const float* am = absmax.f32 ? absmax.f32 + r * nb : decode_row_scales(absmax, r * nb, nb, scales);
+    const float* am = tables(r, scales, code);
     const uint8_t* in = packed + row_offsets[r];
     switch (bits[r]) {
       case 1: dequantize_row<1>(in, am, code, cols, blocksize, dtype, out_row, vec[0], row_vec[0]); break;
@@ -185,8 +190,9 @@ int dequantize_cpu(const uint8_t* packed, const AbsmaxSrc& absmax, const uint8_t
   return LOWRA_OK;
 }
 
-// Each row decoded to float32 into a per-thread buffer (the same products as dequantize), then its dot products
-// with the m activation rows: the weight is never written out, and the row stays in L1/L2 for all m.
+// Each row decoded and dotted with the m activation rows in one vector pass where the layout allows (blocks of a
+// multiple of 16 elements, no partial last block; up to kMaxDecodeDotRows rows); otherwise decoded to float32 into a
+// per-thread buffer (the same products as dequantize), then its dot products. The weight is never written out.
 int matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed, const AbsmaxSrc& absmax,
                const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
                int64_t blocksize, const void* bias, void* out) {
@@ -194,13 +200,25 @@ int matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed, const
   for (int64_t i = 0; i < m * cols; ++i) a[i] = load_as_float(A, dtype, i);
   const RowDecoder decode(packed, absmax, bits, codebook, row_offsets, cols, blocksize, LOWRA_F32);
   const DotFn dot = dot_fn();
+  const bool whole_blocks = blocksize % 16 == 0 && cols % blocksize == 0 && m <= kMaxDecodeDotRows;
+  const DecodeDotFn fused[3] = {whole_blocks ? decode_dot_fn(1, (int)m) : nullptr,
+                                whole_blocks ? decode_dot_fn(2, (int)m) : nullptr,
+                                whole_blocks ? decode_dot_fn(4, (int)m) : nullptr};
 #pragma omp parallel
   {
-    std::vector<float> scales(decode.scale_buffer()), w((size_t)cols), acc((size_t)m);
+    std::vector<float> scales(decode.scale_buffer()), w(fused[0] ? 0 : (size_t)cols), acc((size_t)m);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-      decode(r, scales.data(), w.data());
-      dot(w.data(), a.data(), cols, (int)m, cols, acc.data());
+      const DecodeDotFn f = fused[bits[r] == 1 ? 0 : bits[r] == 2 ? 1 : 2];
+      if (f) {
+        float code[kCodebookSlots];
+        const float* am = decode.tables(r, scales.data(), code);
+        f(packed + row_offsets[r], code, am, cols / blocksize, blocksize, a.data(), cols, acc.data());
+      } else {
+        if (w.empty()) w.resize((size_t)cols);
+        decode(r, scales.data(), w.data());
+        dot(w.data(), a.data(), cols, (int)m, cols, acc.data());
+      }
       const float b = bias ? load_as_float(bias, dtype, r) : 0.0f;
       for (int64_t i = 0; i < m; ++i) store_as(out, dtype, i * rows + r, acc[i] + b);
     }

@@ -16,9 +16,11 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LOWRA_X86_SIMD 1
 #if defined(__GNUC__) && !defined(__clang__)
-// GCC 12 reports its own AVX-512 intrinsics (the undefined-vector placeholders in avx512fintrin.h) as maybe
-// uninitialized when they are inlined into target("avx512f") functions: a known false positive of the header.
+// GCC 12 reports its own AVX-512 intrinsics (the undefined-vector placeholders in avx512fintrin.h, as in
+// _mm512_reduce_add_ps) as (maybe) uninitialized when they are inlined into target("avx512f") functions: a known
+// false positive of the header.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
 #endif
@@ -80,6 +82,42 @@ __attribute__((target("avx512f"))) void decode_row_avx512(const uint8_t* p, cons
     const __m512 t = _mm512_mul_ps(c, _mm512_set1_ps(absmax[b]));
     for (int64_t e = 0; e < blocksize; e += 16, i += 16, p += 2 * BITS)
       store512<D>(out, i, _mm512_permutexvar_ps(indices512<BITS>(p), t));
+  }
+}
+
+// K independent accumulation chains per activation row (4 for one row, 2 for two, else one each), so that the FMA
+// latency is covered; chunks of 16 elements go round the chains.
+template <int BITS, int M>
+__attribute__((target("avx512f"))) void decode_dot_avx512(const uint8_t* p, const float* code, const float* absmax,
+                                                          int64_t nblocks, int64_t blocksize, const float* a,
+                                                          int64_t lda, float* acc) {
+  constexpr int K = M == 1 ? 4 : M == 2 ? 2 : 1;
+  const __m512 c = _mm512_loadu_ps(code);
+  __m512 s[M][K];
+  for (int i = 0; i < M; ++i)
+    for (int k = 0; k < K; ++k) s[i][k] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const __m512 t = _mm512_mul_ps(c, _mm512_set1_ps(absmax[b]));
+    int64_t e = 0;
+    for (; e + 16 * K <= blocksize; e += 16 * K) {
+#pragma GCC unroll 4
+      for (int k = 0; k < K; ++k, j += 16, p += 2 * BITS) {
+        const __m512 v = _mm512_permutexvar_ps(indices512<BITS>(p), t);
+#pragma GCC unroll 8
+        for (int i = 0; i < M; ++i) s[i][k] = _mm512_fmadd_ps(v, _mm512_loadu_ps(a + i * lda + j), s[i][k]);
+      }
+    }
+    for (; e < blocksize; e += 16, j += 16, p += 2 * BITS) {
+      const __m512 v = _mm512_permutexvar_ps(indices512<BITS>(p), t);
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) s[i][0] = _mm512_fmadd_ps(v, _mm512_loadu_ps(a + i * lda + j), s[i][0]);
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    __m512 u = s[i][0];
+    for (int k = 1; k < K; ++k) u = _mm512_add_ps(u, s[i][k]);
+    acc[i] = _mm512_reduce_add_ps(u);
   }
 }
 
@@ -190,6 +228,38 @@ __attribute__((target("avx2,f16c"))) void halves_to_floats_f16c(const uint16_t* 
   for (; i < n; ++i) out[i] = _cvtsh_ss(h[i]);
 }
 
+// 8 lanes: each 16-element chunk is two lookups; multiply-add without FMA (see dot_avx2). One chain per row and
+// half-chunk (16 registers: 8 rows x 2 would not leave room for the tables).
+template <int BITS, int M>
+__attribute__((target("avx2,f16c"))) void decode_dot_avx2(const uint8_t* p, const float* code, const float* absmax,
+                                                           int64_t nblocks, int64_t blocksize, const float* a,
+                                                           int64_t lda, float* acc) {
+  const __m256 c0 = _mm256_loadu_ps(code), c1 = _mm256_loadu_ps(code + 8);
+  __m256 s[M];
+  for (int i = 0; i < M; ++i) s[i] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const __m256 am = _mm256_set1_ps(absmax[b]);
+    const __m256 t0 = _mm256_mul_ps(c0, am), t1 = _mm256_mul_ps(c1, am);
+    for (int64_t e = 0; e < blocksize; e += 16, j += 16, p += 2 * BITS) {
+      __m256i x, y;
+      indices256<BITS>(p, &x, &y);
+      const __m256 v = lookup256<BITS>(x, t0, t1), w = lookup256<BITS>(y, t0, t1);
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) {
+        s[i] = _mm256_add_ps(s[i], _mm256_mul_ps(v, _mm256_loadu_ps(a + i * lda + j)));
+        s[i] = _mm256_add_ps(s[i], _mm256_mul_ps(w, _mm256_loadu_ps(a + i * lda + j + 8)));
+      }
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s[i]), _mm256_extractf128_ps(s[i], 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    acc[i] = _mm_cvtss_f32(h);
+  }
+}
+
 // FMA is a separate feature from AVX2; multiply-add keeps this level at AVX2 + F16C.
 __attribute__((target("avx2"))) void dot_avx2(const float* w, const float* a, int64_t lda, int m, int64_t n,
                                               float* acc) {
@@ -236,6 +306,27 @@ DecodeFn pick_dtype(int isa, int dtype) {
 }
 #undef LOWRA_BY_DTYPE
 
+template <int BITS, int M>
+DecodeDotFn pick_dot_rows(int isa) {
+  return isa == kIsaAvx512 ? decode_dot_avx512<BITS, M> : decode_dot_avx2<BITS, M>;
+}
+
+template <int BITS>
+DecodeDotFn pick_dot(int isa, int m) {
+  static_assert(kMaxDecodeDotRows == 8, "one instantiation per row count");
+  switch (m) {
+    case 1: return pick_dot_rows<BITS, 1>(isa);
+    case 2: return pick_dot_rows<BITS, 2>(isa);
+    case 3: return pick_dot_rows<BITS, 3>(isa);
+    case 4: return pick_dot_rows<BITS, 4>(isa);
+    case 5: return pick_dot_rows<BITS, 5>(isa);
+    case 6: return pick_dot_rows<BITS, 6>(isa);
+    case 7: return pick_dot_rows<BITS, 7>(isa);
+    case 8: return pick_dot_rows<BITS, 8>(isa);
+    default: return nullptr;
+  }
+}
+
 }  // namespace
 #else
 namespace {
@@ -273,28 +364,27 @@ int cpu_set_isa(int isa) {
   return use;
 }
 
-DecodeFn decode_fn(int bits, int dtype) {
+// pick<bits>(level, arg) at the current vector level; nullptr at the scalar level or without x86 SIMD.
 #ifdef LOWRA_X86_SIMD
+namespace {
+template <typename Fn, Fn (*P1)(int, int), Fn (*P2)(int, int), Fn (*P4)(int, int)>
+Fn vector_fn(int bits, int arg) {
   const int isa = cpu_isa();
   if (isa == kIsaScalar) return nullptr;
-  return bits == 1 ? pick_dtype<1>(isa, dtype) : bits == 2 ? pick_dtype<2>(isa, dtype) : pick_dtype<4>(isa, dtype);
-#else
-  (void)bits, (void)dtype;
-  return nullptr;
-#endif
+  return bits == 1 ? P1(isa, arg) : bits == 2 ? P2(isa, arg) : P4(isa, arg);
 }
+}  // namespace
+#define LOWRA_VECTOR_FN(Fn, pick, bits, arg) vector_fn<Fn, pick<1>, pick<2>, pick<4>>(bits, arg)
+#else
+#define LOWRA_VECTOR_FN(Fn, pick, bits, arg) ((void)(bits), (void)(arg), (Fn) nullptr)
+#endif
 
-DecodeRowFn decode_row_fn(int bits, int dtype) {
-#ifdef LOWRA_X86_SIMD
-  const int isa = cpu_isa();
-  if (isa == kIsaScalar) return nullptr;
-  return bits == 1 ? pick_row_dtype<1>(isa, dtype)
-         : bits == 2 ? pick_row_dtype<2>(isa, dtype) : pick_row_dtype<4>(isa, dtype);
-#else
-  (void)bits, (void)dtype;
-  return nullptr;
-#endif
-}
+DecodeFn decode_fn(int bits, int dtype) { return LOWRA_VECTOR_FN(DecodeFn, pick_dtype, bits, dtype); }
+
+DecodeRowFn decode_row_fn(int bits, int dtype) { return LOWRA_VECTOR_FN(DecodeRowFn, pick_row_dtype, bits, dtype); }
+
+DecodeDotFn decode_dot_fn(int bits, int m) { return LOWRA_VECTOR_FN(DecodeDotFn, pick_dot, bits, m); }
+#undef LOWRA_VECTOR_FN
 
 void halves_to_floats(const uint16_t* h, float* out, int64_t n) {
 #ifdef LOWRA_X86_SIMD

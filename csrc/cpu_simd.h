@@ -34,6 +34,16 @@ void halves_to_floats(const uint16_t* h, float* out, int64_t n);
 
 // The dot products at the current level (never nullptr: a scalar loop below AVX2).
 DotFn dot_fn();
+
+// Decode and dot in one pass, for nblocks whole blocks (blocksize a multiple of 16) of one row:
+// acc[i] = sum_j (code[c_j] * absmax[j / blocksize]) * a[i * lda + j], i < m, the weight never stored. The
+// products are the dequantize's; the sums are float32 in an order fixed for a level and m.
+using DecodeDotFn = void (*)(const uint8_t* p, const float* code, const float* absmax, int64_t nblocks,
+                             int64_t blocksize, const float* a, int64_t lda, float* acc);
+
+// For a precision and m activation rows (1 to kMaxDecodeDotRows) at the current level, or nullptr.
+constexpr int kMaxDecodeDotRows = 8;
+DecodeDotFn decode_dot_fn(int bits, int m);
 int cpu_isa();               // the current level
 int cpu_set_isa(int isa);    // at most the CPU's best; -1 = the CPU's best. Returns the level now in use.
 

@@ -253,6 +253,20 @@ def test_property_cpu_matmul_matches_float64(rows, cols, bs_log, dtype_i, m, see
     assert_matmul_close(y, A, W32, bias)
 
 
+@pytest.mark.parametrize("m", range(1, native.CPU_MAX_FUSED_ROWS + 1))
+@pytest.mark.parametrize("blocksize, cols", [(16, 48), (48, 480), (64, 1536), (256, 512)])
+def test_cpu_matmul_whole_blocks_every_row_count(m, blocksize, cols, cpu_isa):
+    """Rows of whole blocks of a multiple of 16 elements take the one-pass decode + dot (one instantiation per row
+    count and precision at each level); random shapes above mostly take the buffered path."""
+    W, bits, code, thr, off = make_case(19, cols, blocksize, torch.float32, seed=m * 1000 + blocksize)
+    packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, blocksize)
+    W32 = reference.dequantize(packed, absmax, bits, code, off, blocksize, [19, cols], torch.float32)
+    A = torch.randn(m, cols, generator=torch.Generator().manual_seed(m))
+    bias = torch.randn(19, generator=torch.Generator().manual_seed(1))
+    y = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, blocksize, [19, cols], bias)
+    assert_matmul_close(y, A, W32, bias)
+
+
 def test_cpu_matmul_takes_the_fused_path_up_to_its_row_limit(monkeypatch):
     """lowra::matmul on the CPU: up to CPU_MAX_FUSED_ROWS activation rows through lowra_matmul_cpu, more through
     dequantize + GEMM; both agree; a 3-D input, a non-contiguous one and out= work."""

@@ -27,9 +27,10 @@ from ..format import CODEBOOK_SLOTS, FLOAT_DTYPES, blocks_per_row, padded_cols
 # The fused matmul streams the packed weight once per call; above this many activation rows, dequantizing once and
 # using the dense GEMM is faster (training, prefill).
 MAX_FUSED_ROWS = 16
-# The CPU matmul (row decoded into cache, then m dot products) against dequantize + dense GEMM, 2 threads, 1.75
-# bits (ms): 576x1536 float32 m = 1: 0.17 / 0.34, m = 8: 0.25 / 0.38, m = 16: 0.83 / 0.55; 4096x4096 m = 8: 4.3 /
-# 24.0 (the dense path pays the new weight's page faults). docs/benchmarks.md "CPU matmul".
+# The CPU matmul (csrc/cpu_kernels.cpp matmul_cpu; one-pass decode + dot up to 8 rows) against dequantize + GEMM, 2
+# threads, 1.75 bits, 8 rows (ms): 1536x576 0.20 / 0.32, 4096x4096 2.3 / 23 (the GEMM path pays the new weight's
+# page faults). With the buffered path at 16 rows the GEMM won on 576x1536 (0.83 / 0.55). docs/benchmarks.md "CPU
+# decode".
 CPU_MAX_FUSED_ROWS = 8
 
 
