@@ -196,8 +196,9 @@ int dequantize_cpu(const uint8_t* packed, const AbsmaxSrc& absmax, const uint8_t
 int matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed, const AbsmaxSrc& absmax,
                const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
                int64_t blocksize, const void* bias, void* out) {
-  std::vector<float> a((size_t)(m * cols));
-  for (int64_t i = 0; i < m * cols; ++i) a[i] = load_as_float(A, dtype, i);
+  std::vector<float> a16(dtype == LOWRA_F32 ? 0 : (size_t)(m * cols));  // 16-bit activations as float32
+  for (int64_t i = 0; i < (int64_t)a16.size(); ++i) a16[i] = load_as_float(A, dtype, i);
+  const float* a = dtype == LOWRA_F32 ? (const float*)A : a16.data();
   const RowDecoder decode(packed, absmax, bits, codebook, row_offsets, cols, blocksize, LOWRA_F32);
   const DotFn dot = dot_fn();
   const bool whole_blocks = blocksize % 16 == 0 && cols % blocksize == 0 && m <= kMaxDecodeDotRows;
@@ -213,11 +214,11 @@ int matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed, const
       if (f) {
         float code[kCodebookSlots];
         const float* am = decode.tables(r, scales.data(), code);
-        f(packed + row_offsets[r], code, am, cols / blocksize, blocksize, a.data(), cols, acc.data());
+        f(packed + row_offsets[r], code, am, cols / blocksize, blocksize, a, cols, acc.data());
       } else {
         if (w.empty()) w.resize((size_t)cols);
         decode(r, scales.data(), w.data());
-        dot(w.data(), a.data(), cols, (int)m, cols, acc.data());
+        dot(w.data(), a, cols, (int)m, cols, acc.data());
       }
       const float b = bias ? load_as_float(bias, dtype, r) : 0.0f;
       for (int64_t i = 0; i < m; ++i) store_as(out, dtype, i * rows + r, acc[i] + b);
