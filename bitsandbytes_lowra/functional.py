@@ -24,6 +24,7 @@ from bitsandbytes.functional import QuantState
 from bitsandbytes.utils import pack_dict_to_tensor
 
 from . import codebooks as _codebooks
+from .backends.native import CPU_MAX_FUSED_ROWS
 from .backends.reference import decode_absmax
 from .format import (
     ALLOWED_BITS,
@@ -679,7 +680,7 @@ def _check_pair(packed, quant_state) -> None:
 # The fused decode kernels (lowra::matmul) never materialize W; they pay off for a few tokens at a time
 # (docs/benchmarks.md). Training (input gradients) and long prompts take dequantize + matmul.
 FUSED_DECODE_MAX_TOKENS = 16  # CUDA, float16 / bfloat16 activations
-CPU_FUSED_DECODE_MAX_TOKENS = 8  # CPU, any float dtype (backends.native.CPU_MAX_FUSED_ROWS)
+CPU_FUSED_DECODE_MAX_TOKENS = CPU_MAX_FUSED_ROWS  # CPU, any float dtype: the CPU matmul's own limit
 
 
 def _needs_grad(A: torch.Tensor, bias) -> bool:

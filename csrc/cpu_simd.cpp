@@ -167,6 +167,13 @@ __attribute__((target("avx2"))) inline void indices256(const uint8_t* p, __m256i
   }
 }
 
+// The sum of the 8 lanes (a fixed order: halves, then pairs, then the last two).
+__attribute__((target("avx2"))) inline float hsum256(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
 // tab[idx] for 8 indices: one permute for tables of up to 8 entries, two and a select on index bit 3 for 16.
 template <int BITS>
 __attribute__((target("avx2"))) inline __m256 lookup256(__m256i idx, __m256 t0, __m256 t1) {
@@ -253,10 +260,7 @@ __attribute__((target("avx2,f16c"))) void decode_dot_avx2(const uint8_t* p, cons
     }
   }
   for (int i = 0; i < M; ++i) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s[i]), _mm256_extractf128_ps(s[i], 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    acc[i] = _mm_cvtss_f32(h);
+    acc[i] = hsum256(s[i]);
   }
 }
 
@@ -274,11 +278,7 @@ __attribute__((target("avx2"))) void dot_avx2(const float* w, const float* a, in
       s3 = _mm256_add_ps(s3, _mm256_mul_ps(_mm256_loadu_ps(w + j + 24), _mm256_loadu_ps(x + j + 24)));
     }
     for (; j + 8 <= n; j += 8) s0 = _mm256_add_ps(s0, _mm256_mul_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j)));
-    const __m256 t = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    float s = _mm_cvtss_f32(h);
+    float s = hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
     for (; j < n; ++j) s += w[j] * x[j];
     acc[i] = s;
   }

@@ -81,9 +81,9 @@ LOWRA_API int lowra_matmul_cpu(const void* A, int dtype, int64_t m, const uint8_
                                const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
                                int64_t blocksize, const void* bias, void* out);
 
-// Instruction-set level of the CPU dequantize and matmul: 0 scalar, 1 AVX2 + F16C, 2 AVX-512F. lowra_cpu_set_isa takes at
-// most the CPU's best (-1: the best, the default) and returns the level now in use; results are identical at every
-// level (tests run each one).
+// Instruction-set level of the CPU dequantize and matmul: 0 scalar, 1 AVX2 + F16C, 2 AVX-512F. lowra_cpu_set_isa
+// takes at most the CPU's best (-1: the best, the default) and returns the level now in use. Dequantize results are
+// identical at every level; the matmul's float32 sums are ordered per level (tests run each one).
 LOWRA_API int lowra_cpu_isa(void);
 LOWRA_API int lowra_cpu_set_isa(int isa);
 

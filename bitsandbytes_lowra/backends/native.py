@@ -401,7 +401,8 @@ class PreparedMatmulCPU:
         rows, cols = self.rows, self.cols
         if (A.dtype not in _native.DTYPE_CODE or A.shape[-1] != cols or A.numel() > CPU_MAX_FUSED_ROWS * cols
                 or A.device.type != "cpu"
-                or (bias is not None and (bias.dtype != A.dtype or bias.shape != (rows,) or bias.device.type != "cpu"))):
+                or (bias is not None
+                    and (bias.dtype != A.dtype or bias.shape != (rows,) or bias.device.type != "cpu"))):
             raise ValueError(
                 f"PreparedMatmulCPU takes float activations [..., {cols}] of at most {CPU_MAX_FUSED_ROWS} rows on the "
                 f"CPU and a bias [{rows}] of their dtype; got A {A.dtype} {tuple(A.shape)} on {A.device}"

@@ -136,12 +136,14 @@ static void test_rejects_bad_metadata() {
   std::vector<float> nested(4, 1.f), table(256, 0.5f), offset(1, 0.f);
   LowraNestedAbsmax ns{q.data(), nested.data(), table.data(), offset.data(), 1};
   CHECK(lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), absmax.data(), &ns, L.bits.data(), code.data(),
-                             L.offsets.data(), 4, 64, 64, 0, W.data()) == LOWRA_ERR_ARGUMENT, "both scale forms accepted");
+                             L.offsets.data(), 4, 64, 64, 0, W.data()) == LOWRA_ERR_ARGUMENT,
+        "both scale forms accepted");
   CHECK(lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), nullptr, nullptr, L.bits.data(), code.data(),
                              L.offsets.data(), 4, 64, 64, 0, W.data()) == LOWRA_ERR_ARGUMENT, "no scales accepted");
   ns.blocksize = 3;
   CHECK(lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), nullptr, &ns, L.bits.data(), code.data(),
-                             L.offsets.data(), 4, 64, 64, 0, W.data()) == LOWRA_ERR_ARGUMENT, "nested blocksize 3 accepted");
+                             L.offsets.data(), 4, 64, 64, 0, W.data()) == LOWRA_ERR_ARGUMENT,
+        "nested blocksize 3 accepted");
   ns.blocksize = 2;  // scale i = max(0.5 * 1 + 0, 0): every output is code * 0.5
   CHECK(lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), nullptr, &ns, L.bits.data(), code.data(),
                              L.offsets.data(), 4, 64, 64, 0, W.data()) == LOWRA_OK, "nested scales refused");
