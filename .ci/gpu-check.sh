@@ -16,14 +16,16 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 step "build" bash -c "cmake -S . -B build-gpu -G Ninja -DLOWRA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build-gpu -j 16"
 step "ctest" bash -c "cd build-gpu && ctest --output-on-failure"
 step "pytest (cuda + kernels)" python3 -m pytest -q -m "cuda" tests ${LOWRA_PYTEST_ARGS:-}
-if [ -n "${LOWRA_MEMCHECK:-}" ]; then  # compute-sanitizer over the C++ tests and the CUDA suite (one process: ~2 min)
+if [ -n "${LOWRA_MEMCHECK:-}" ]; then  # compute-sanitizer over the C++ tests and the CUDA suite (one process: ~5 min)
   cs=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" .device/site/nvidia/cu*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [ -z "$cs" ]; then
     echo "!! LOWRA_MEMCHECK set but compute-sanitizer not found"; status=1
   else
     step "memcheck (ctest binary)" "$cs" --tool memcheck --leak-check full --error-exitcode 1 build-gpu/test_kernels_cuda
+    # Deselected: torch.compile(mode="reduce-overhead") fails its own CUDA-graph pool check under the sanitizer,
+    # for a dense model without any LowRA op too (docs/benchmarks.md, tenth round); it passes in the step above.
     step "memcheck (pytest -m cuda)" "$cs" --tool memcheck --error-exitcode 1 python3 -m pytest -q -m cuda tests \
-      -p no:xdist -k "not bench"
+      -p no:xdist -k "not bench and not test_cuda_compile_reduce_overhead_matches_eager"
   fi
 fi
 if [ -z "${LOWRA_SKIP_BENCH:-}" ]; then
