@@ -393,6 +393,12 @@ struct QIn<__nv_bfloat16> {
 
 template <typename T>
 constexpr int kQChunks = 128 / sizeof(QIn<T>);  // 8 chunks of 2-byte weights, 4 of float
+// 1- and 2-bit rows encode their chunks in two passes of one unrolled half-body, so that the three precisions'
+// hot loops fit the instruction cache together: a mix of precisions was bound by instruction fetch (ncu, sixth
+// round), and this took 16-29% off the 1.75-bit mix. 4-bit rows keep one pass: alone (all rows 4-bit) their body
+// is the only hot one, and halving it cost them 8-10% (docs/benchmarks.md, tenth round).
+template <int B>
+constexpr int kQPasses = B <= 2 ? 2 : 1;
 template <typename T>
 constexpr int kQSegElems = kQChunks<T> * 256;
 
@@ -553,56 +559,67 @@ __device__ __noinline__ uint32_t encode_exact(F8 x, float amax, QRow s) {
 // the number of padded columns from the lane's first chunk on (chunks at or past the padding write nothing).
 // GS = log2(lanes per block) when fixed at compile time (3: blocksize 64), else -1 and group_shift has it.
 template <typename T, int B, int GS>
-__device__ __forceinline__ void quantize_task(const QIn<T> (&in)[kQChunks<T>], int lane, int group_shift,
+__device__ __forceinline__ void quantize_task(QIn<T> (&in)[kQChunks<T>], int lane, int group_shift,
                                               const QRow& s, uint8_t* __restrict__ out, bool al,
                                               float* __restrict__ am, int64_t left) {
   if (GS >= 0) group_shift = GS;
   const int group = 1 << group_shift;  // lanes per block
+  constexpr int kPer = kQChunks<T> / kQPasses<B>;
+#pragma unroll 1
+  for (int h = 0; h < kQPasses<B>; ++h) {
+    if (h) {  // the next kPer chunks move down (register moves), so one unrolled body serves every pass
 #pragma unroll
-  for (int q = 0; q < kQChunks<T>; ++q) {
-    F8 x;
-    in[q].get(x.v);
-    float amax = 0.0f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x.v[e]));
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      if (GS >= 0 && o >= group) break;
-      const float other = __shfl_xor_sync(kFull, amax, o);  // every lane shuffles: no branch when GS < 0
-      if (o < group) amax = fmaxf(amax, other);
+      for (int q = 0; q + kPer < kQChunks<T>; ++q) in[q] = in[q + kPer];
+      out += kPer * 32 * B;
+      am += kPer << (5 - group_shift);
+      left -= kPer * 256;
     }
-    float y;  // ftz changes nothing for the normal amax the fast path uses
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(amax));
-    const bool in_range = amax >= 0x1p-120f && amax <= 0x1p120f;
-    if (!in_range) y = 0.0f;  // q = 0 (exactly v when amax = 0, as in padding), or NaN; either stays in the bins
-    bool near = !in_range && amax != 0.0f;
-    uint32_t word = 0;
-    float v[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = __fmul_rn(x.v[e], y);
-    if (B == 4) {
-      uint32_t w[8];
-      load_bins(v, s.bins, w);
+    for (int q = 0; q < kPer; ++q) {
+      F8 x;
+      in[q].get(x.v);
+      float amax = 0.0f;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) encode4_fast(v[e], w[e], 4 * e, word, near);
-    } else {
+      for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x.v[e]));
 #pragma unroll
-      for (int e = 0; e < 8; ++e) word |= encode12<B>(v[e], s.n1, s.n2, s.n3, &near) << (e * B);
-    }
-    if (__any_sync(kFull, near)) {
-      const uint32_t exact = encode_exact<B>(x, amax, s);
-      if (near) word = exact;
-    }
-    if (q * 256 < left) {
-      if ((lane & (group - 1)) == 0) am[q << (5 - group_shift)] = amax;
-      uint8_t* p = out + q * 32 * B;
-      if (al) {
-        if (B == 4) *reinterpret_cast<uint32_t*>(p) = word;
-        else if (B == 2) *reinterpret_cast<uint16_t*>(p) = (uint16_t)word;
-        else *p = (uint8_t)word;
+      for (int o = 1; o < 32; o <<= 1) {
+        if (GS >= 0 && o >= group) break;
+        const float other = __shfl_xor_sync(kFull, amax, o);  // every lane shuffles: no branch when GS < 0
+        if (o < group) amax = fmaxf(amax, other);
+      }
+      float y;  // ftz changes nothing for the normal amax the fast path uses
+      asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(amax));
+      const bool in_range = amax >= 0x1p-120f && amax <= 0x1p120f;
+      if (!in_range) y = 0.0f;  // q = 0 (exactly v when amax = 0, as in padding), or NaN; either stays in the bins
+      bool near = !in_range && amax != 0.0f;
+      uint32_t word = 0;
+      float v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = __fmul_rn(x.v[e], y);
+      if (B == 4) {
+        uint32_t w[8];
+        load_bins(v, s.bins, w);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) encode4_fast(v[e], w[e], 4 * e, word, near);
       } else {
 #pragma unroll
-        for (int i = 0; i < B; ++i) p[i] = (uint8_t)(word >> (8 * i));
+        for (int e = 0; e < 8; ++e) word |= encode12<B>(v[e], s.n1, s.n2, s.n3, &near) << (e * B);
+      }
+      if (__any_sync(kFull, near)) {
+        const uint32_t exact = encode_exact<B>(x, amax, s);
+        if (near) word = exact;
+      }
+      if (q * 256 < left) {
+        if ((lane & (group - 1)) == 0) am[q << (5 - group_shift)] = amax;
+        uint8_t* p = out + q * 32 * B;
+        if (al) {
+          if (B == 4) *reinterpret_cast<uint32_t*>(p) = word;
+          else if (B == 2) *reinterpret_cast<uint16_t*>(p) = (uint16_t)word;
+          else *p = (uint8_t)word;
+        } else {
+#pragma unroll
+          for (int i = 0; i < B; ++i) p[i] = (uint8_t)(word >> (8 * i));
+        }
       }
     }
   }
