@@ -108,11 +108,14 @@ def test_opcheck_new_ops():
 # (blocksize 24, 512, 4096, odd cols), tiny rows (1 column, 1 byte per 1-bit row) and a huge row. Dequantize's
 # full-segment path (2048-column segments of 16-bit outputs) runs on the rows of >= 2048 columns: with blocks of 8
 # and rows that start unaligned (9 x 2056: a 1-bit row is 257 bytes), blocks of 32, a non-power-of-two blocksize
-# that must stay off it (2400 x 24), and blocks longer than a segment (4096).
+# that must stay off it (2400 x 24), and blocks longer than a segment (4096). The streamed kernel (16-bit outputs,
+# columns a multiple of 256, blocks of 32 to 2048) runs on 1536, 4096, 6144 and 65536 columns, and on a last
+# segment of 256 (2304) or 768 columns (11008, a Llama MLP width), rows shorter than a segment (768) and one
+# block per segment (2048).
 QD_SHAPES = [
     (1, 1, 8), (3, 7, 8), (5, 8, 8), (33, 100, 64), (16, 576, 64), (9, 130, 32), (7, 1536, 64), (4, 4100, 128),
     (6, 200, 24), (3, 1000, 512), (2, 4096, 4096), (64, 4096, 64), (2, 65536, 256), (130, 264, 8),
-    (9, 2056, 8), (5, 6144, 32), (3, 2400, 24),
+    (9, 2056, 8), (5, 6144, 32), (3, 2400, 24), (3, 2304, 64), (5, 11008, 64), (4, 768, 128), (2, 4096, 2048),
 ]
 
 
@@ -148,6 +151,29 @@ def test_cuda_unaligned_views_take_the_safe_paths(dtype):
     out = buf[1:].view(rows, cols)
     torch.ops.lowra.dequantize.out(packed, absmax, bits.cuda(), code.cuda(), off.cuda(), bs, [rows, cols], dtype, out=out)
     assert torch.equal(out.cpu(), reference.dequantize(ref_packed, ref_absmax, bits, code, off, bs, [rows, cols], dtype))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_dequantize_rows_off_the_16_byte_grid(dtype):
+    """Row offsets that row_offsets() would not lay out (row r moved 3 r + 1 bytes into a larger buffer) reach the
+    streamed kernel's byte-copy path and still decode bit-identically; a row with bits 3 is skipped and counted."""
+    rows, cols, bs = 10, 2304, 64
+    W, bits, code, thr, off = make_case(rows, cols, bs, dtype, seed=11)
+    packed, absmax = reference.quantize(W, bits, thr, off, bs)
+    moved = off + torch.arange(rows + 1, dtype=torch.int64) * 3 + 1
+    buf = torch.randint(0, 256, (int(moved[-1]) + 5,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    for r in range(rows):
+        buf[moved[r]:moved[r] + off[r + 1] - off[r]] = packed[off[r]:off[r + 1]]
+    ref = reference.dequantize(packed, absmax, bits, code, off, bs, [rows, cols], dtype)
+    bad_bits = bits.clone()
+    bad_bits[4] = 3
+    native.skipped_rows()  # drain earlier counts
+    out = torch.ops.lowra.dequantize(buf.cuda(), absmax.cuda(), bad_bits.cuda(), code.cuda(), moved.cuda(), bs,
+                                     [rows, cols], dtype)
+    assert native.skipped_rows() == 1
+    keep = [r for r in range(rows) if r != 4]
+    assert torch.equal(out.cpu()[keep], ref[keep])
 
 
 # ---------------------------------------------------------------------------------------------------------------

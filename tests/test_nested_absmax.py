@@ -143,8 +143,11 @@ def test_linear_forward_backward_with_nested_scales_equals_decoded():
 @cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 8), (3, 7, 8), (33, 100, 64), (9, 130, 32), (4, 4100, 128),
-                                   (6, 200, 24), (64, 4096, 64), (2, 65536, 256), (9, 2056, 8), (5, 6144, 32)])
+                                   (6, 200, 24), (64, 4096, 64), (2, 65536, 256), (9, 2056, 8), (5, 6144, 32),
+                                   (3, 2304, 128), (7, 768, 256), (5, 11008, 64)])
 def test_cuda_nested_dequantize_bit_identical(shape, dtype):
+    """The last three: rows whose scale codes start off the 4-byte grid (18 and 3 blocks per row) and a last segment
+    of 768 columns (11008, a Llama MLP width)."""
     rows, cols, bs = shape
     for nbs in (64, 256):
         for i, mix in enumerate(MIXES):

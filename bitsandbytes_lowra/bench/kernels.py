@@ -223,7 +223,8 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
     # dequantize to bf16
     d = {}
     out_bytes = rows * cols * 2
-    for name, s in (states.items() if only in (None, "dequantize") else ()):
+    # (and on double-quantized scales, which dequantize decodes in the kernel)
+    for name, s in ({**states, **dq_states}.items() if only in (None, "dequantize") else ()):
         sb = state_bytes(s)
         reps = [clone_state(s) for _ in range(copies_for(sb["total"] + out_bytes))]
         outs = [torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda") for _ in reps]
@@ -231,7 +232,8 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
         def make(i, reps=reps, outs=outs):
             r = reps[i]
             return lambda: torch.ops.lowra.dequantize.out(r["packed"], r["absmax"], r["bits"], r["code"], r["off"],
-                                                          BLOCKSIZE, r["shape"], torch.bfloat16, out=outs[i])
+                                                          BLOCKSIZE, r["shape"], torch.bfloat16, *r["nested"],
+                                                          out=outs[i])
 
         fns = [make(i) for i in range(len(reps))] * max(1, math.ceil(min_calls / len(reps)))
         ms, how = time_calls(fns, replays)
@@ -446,6 +448,8 @@ def table(res: dict) -> str:
             line += (f"{d['lowra_4bit']['frac_of_copy']:>9.0%} / {d['lowra_1.75bit']['frac_of_copy']:>4.0%} / "
                      f"{d['bnb_nf4']['frac_of_copy']:>4.0%} ({d['speedup_4bit_vs_bnb']:.2f}x; lowra4 "
                      f"{d['lowra_4bit']['frac_of_same_size_copy']:.0%} of a same-size copy)")
+            if "lowra_1.75bit_dq" in d:
+                line += f" 1.75 dq {d['lowra_1.75bit_dq']['ms'] * 1e3:.1f} us"
         else:
             line += f"(lowra 1.75-bit quantize {q['lowra_1.75bit']['tb_s']:.2f} TB/s)"
         lines.append(line)
