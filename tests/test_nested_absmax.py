@@ -146,8 +146,8 @@ def test_linear_forward_backward_with_nested_scales_equals_decoded():
                                    (6, 200, 24), (64, 4096, 64), (2, 65536, 256), (9, 2056, 8), (5, 6144, 32),
                                    (3, 2304, 128), (7, 768, 256), (5, 11008, 64)])
 def test_cuda_nested_dequantize_bit_identical(shape, dtype):
-    """The last three: rows whose scale codes start off the 4-byte grid (18 and 3 blocks per row) and a last segment
-    of 768 columns (11008, a Llama MLP width)."""
+    """The last three: last segments of 256 and 768 columns (2304; 11008, a Llama MLP width) and rows shorter than a
+    segment (768), on double-quantized scales (dequantize_fast serves them; only float32 scales are streamed)."""
     rows, cols, bs = shape
     for nbs in (64, 256):
         for i, mix in enumerate(MIXES):
