@@ -272,6 +272,19 @@ __device__ __forceinline__ void dequantize_full_seg(const uint8_t* __restrict__ 
   }
 }
 
+// A warp's walk over (row, segment) tasks: from task `first` on, in steps of the grid's warp count, kept as a
+// (rows, segments) stride so that no 64-bit division runs per task.
+struct TaskWalk {
+  int64_t r, seg;
+  int64_t dr, dseg, segs;
+  __device__ __forceinline__ TaskWalk(int64_t first, int64_t warps, int64_t segs_)
+      : r(first / segs_), seg(first % segs_), dr(warps / segs_), dseg(warps % segs_), segs(segs_) {}
+  __device__ __forceinline__ void next() {
+    r += dr, seg += dseg;
+    if (seg >= segs) seg -= segs, ++r;
+  }
+};
+
 template <typename T>
 __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict__ packed, int64_t packed_bytes,
                                                        const AbsmaxSrc absmax, const uint8_t* __restrict__ bits,
@@ -287,27 +300,25 @@ __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict
   const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
   const int64_t nb = pc / blocksize;
   const int64_t first = (int64_t)blockIdx.x * (blockDim.x >> 5) + wib;
-  const int64_t dr = warps / segs, dseg = warps % segs;  // the task stride in (rows, segments)
   // A task's row metadata (precision, offset, this lane's codebook entry) is loaded one task ahead, so that a task
   // starts with the loads of its codes instead of a chain of dependent metadata loads.
-  int64_t nr = first / segs, nseg = first % segs;
+  TaskWalk nt(first, warps, segs);
   int nbits = 0;
   int64_t nstart = 0;
   uint16_t ncb = 0;
   auto fetch = [&]() {
-    if (nr >= rows) return;
-    nbits = bits[nr];
-    nstart = row_offsets[nr];
-    if (lane < kCodebookSlots) ncb = __ldg(codebook + nr * kCodebookSlots + lane);
+    if (nt.r >= rows) return;
+    nbits = bits[nt.r];
+    nstart = row_offsets[nt.r];
+    if (lane < kCodebookSlots) ncb = __ldg(codebook + nt.r * kCodebookSlots + lane);
   };
   fetch();
-  while (nr < rows) {
-    const int64_t r = nr, seg = nseg;
+  while (nt.r < rows) {
+    const int64_t r = nt.r, seg = nt.seg;
     const int b = nbits;
     const int64_t start = nstart;
     const uint16_t cbh = ncb;
-    nr += dr, nseg += dseg;
-    if (nseg >= segs) nseg -= segs, ++nr;
+    nt.next();
     fetch();
     if (!row_ok(b, start, pc, packed_bytes)) {  // warp-uniform
       if (lane == 0 && seg == 0) count_skipped_row();
@@ -410,23 +421,23 @@ __global__ void __launch_bounds__(256, 5) dequantize_stream(const uint8_t* __res
   const uint32_t st0 = (uint32_t)__cvta_generic_to_shared(stages[wib][0]);
   const uint32_t cb_addr = (uint32_t)__cvta_generic_to_shared(table[wib]);
   const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5), first = (int64_t)blockIdx.x * (blockDim.x >> 5) + wib;
-  const int64_t dr = warps / segs, dseg = warps % segs, nb = pc >> bs_shift;
-  // the next task to copy (cr, cseg) and its row's metadata, loaded one copy ahead
-  int64_t cr = first / segs, cseg = first % segs;
+  const int64_t nb = pc >> bs_shift;
+  // the next task to copy (cw) and its row's metadata, loaded one copy ahead
+  TaskWalk cw(first, warps, segs);
   int cbits = 0;
   int64_t cstart = 0;
   auto fetch = [&]() {
-    if (cr < rows) cbits = bits[cr], cstart = row_offsets[cr];
+    if (cw.r < rows) cbits = bits[cw.r], cstart = row_offsets[cw.r];
   };
   auto copy_next = [&](uint32_t stg) {
     int b = 0;
-    if (cr < rows) {
+    if (cw.r < rows) {
       b = cbits;
       if (!row_ok(b, cstart, pc, packed_bytes)) {  // warp-uniform
-        if (lane == 0 && cseg == 0) count_skipped_row();
+        if (lane == 0 && cw.seg == 0) count_skipped_row();
         b = 0;
       } else {
-        const int64_t j = cseg * kSegElems;
+        const int64_t j = cw.seg * kSegElems;
         const int len = (int)min((int64_t)kSegElems, cols - j);  // a multiple of 256
         const uint8_t* src = packed + cstart + ((j * b) >> 3);
         const int nbytes = (len * b) >> 3;
@@ -436,24 +447,23 @@ __global__ void __launch_bounds__(256, 5) dequantize_stream(const uint8_t* __res
           for (int i = lane; i < nbytes; i += 32)
             asm volatile("st.shared.u8 [%0], %1;" ::"r"(stg + i), "r"((uint32_t)__ldg(src + i)));
         }
-        const float* am = absmax + cr * nb + (j >> bs_shift);
+        const float* am = absmax + cw.r * nb + (j >> bs_shift);
         const int ns = (int)(((j + len - 1) >> bs_shift) - (j >> bs_shift)) + 1;
         for (int i = lane; i < ns; i += 32) cp_async4(stg + kStScales + 4 * i, am + i);
-        if (lane < 2) cp_async16(stg + kStCodebook + 16 * lane, codebook + cr * kCodebookSlots + 8 * lane);
+        if (lane < 2) cp_async16(stg + kStCodebook + 16 * lane, codebook + cw.r * kCodebookSlots + 8 * lane);
       }
     }
     if (lane == 0) asm volatile("st.shared.s32 [%0], %1;" ::"r"(stg + kStBits), "r"(b));
     asm volatile("cp.async.commit_group;" ::: "memory");
-    cr += dr, cseg += dseg;
-    if (cseg >= segs) cseg -= segs, ++cr;
+    cw.next();
     fetch();
   };
   fetch();
 #pragma unroll
   for (int k = 0; k < kDqStages - 1; ++k) copy_next(st0 + k * kStBytes);
-  int64_t r = first / segs, seg = first % segs;  // the task decoded now, in stage `slot`
+  TaskWalk dw(first, warps, segs);  // the task decoded now, in stage `slot`
   int slot = 0;
-  while (r < rows) {
+  while (dw.r < rows) {
     __syncwarp();  // every lane is done with the stage (and table) the next copy overwrites
     copy_next(st0 + (slot == 0 ? kDqStages - 1 : slot - 1) * kStBytes);
     asm volatile("cp.async.wait_group %0;" ::"n"(kDqStages - 1) : "memory");  // this lane's copies of the task
@@ -464,16 +474,15 @@ __global__ void __launch_bounds__(256, 5) dequantize_stream(const uint8_t* __res
       if (lane < kCodebookSlots) table[wib][lane] = half_bits_to_float(lds<uint16_t>(stg + kStCodebook + 2 * lane));
       __syncwarp();
       const float c[4] = {table[wib][0], table[wib][1], table[wib][2], table[wib][3]};
-      const uint32_t j = (uint32_t)(seg * kSegElems), j0 = j + 8u * lane, b0 = j >> bs_shift;
+      const uint32_t j = (uint32_t)(dw.seg * kSegElems), j0 = j + 8u * lane, b0 = j >> bs_shift;
       const int nq = (int)min((int64_t)kSegChunks, (cols - j) >> 8);
-      T* o = out + r * cols + j0;
+      T* o = out + dw.r * cols + j0;
       if (b == 1) decode_stage<T, 1>(stg, nq, j0, b0, bs_shift, lane, cb_addr, c, o);
       else if (b == 2) decode_stage<T, 2>(stg, nq, j0, b0, bs_shift, lane, cb_addr, c, o);
       else decode_stage<T, 4>(stg, nq, j0, b0, bs_shift, lane, cb_addr, c, o);
     }
     slot = slot + 1 == kDqStages ? 0 : slot + 1;
-    r += dr, seg += dseg;
-    if (seg >= segs) seg -= segs, ++r;
+    dw.next();
   }
   asm volatile("cp.async.wait_group 0;" ::: "memory");  // the copies issued past the last task
 }
