@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 JOBS   ?= $(shell nproc)
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv build test test-python test-native demo gpu-check clean
+.PHONY: venv build test test-python test-native demo gpu-check sass clean
 
 # CPU torch from the local wheel cache where present (pip picks it), then our package with its extras.
 $(STAMP): pyproject.toml
@@ -38,6 +38,11 @@ demo: build
 # On the GPU machine (see docs/gpu.md): build with CUDA, C++ and Python CUDA tests, kernel benchmarks.
 gpu-check:
 	bash .ci/gpu-check.sh
+
+# Per-loop instruction counts of a CUDA kernel, no GPU needed, e.g. make sass SASS_ARGS="--src csrc/cuda_kernels.cu
+# --kernel quantize_fast" (bitsandbytes_lowra/bench/sass.py).
+sass: $(STAMP)
+	$(PY) -m bitsandbytes_lowra.bench.sass $(SASS_ARGS)
 
 clean:
 	rm -rf build build-cuda bitsandbytes_lowra/*.so
