@@ -14,7 +14,7 @@
 // Per 4 columns: 1 bit, one lookup and an add; 2 bit, two lookups in the row's 16-entry table of code pairs and
 // four FMAs; 4 bit, four lookups in the row's codebook and four FMAs. A byte permute (PRMT) turns a code byte
 // into the address of its entry (the row tables are 256-byte aligned), and both activation tables keep lane l's
-// entries in bank l, so no lookup conflicts. 1-bit rows keep the loads of three steps in flight, 2-bit rows two.
+// entries in bank l, so no lookup conflicts. 1- and 2-bit rows load a step ahead (kDepth).
 // Taken automatically for layers of 2^24 (16.8M) weights or more; smaller ones keep the multi-row kernel (unmeasured).
 //
 // K splits write float32 partial sums that gemv_finalize adds in split order; rows whose metadata does not fit
@@ -324,13 +324,19 @@ __device__ __forceinline__ void compute_step(const GvArgs& a, const L1Rows<R>& r
   }
 }
 
-// Steps whose loads are in flight ahead of the one computed: 1-bit rows 3, 2-bit rows 2, 4-bit and mixed rows
-// load each step just before it. H200, m = 1, 1.75 bits, with the balanced task order (us, 28672x8192 /
-// 8192x28672): 3 / 1 / 1 took 44.6 / 46.4 (dq scales 47.0 / 48.5), 3 / 2 / 1 42.2 / 46.2 (45.3 / 47.7),
-// 4 / 2 / 1 42.9 / 47.0 (50.2 / 51.1). A ring unrolled by its depth (no register moves between slots) measured
-// slower at every depth (47.0 at 3 / 1 / 1): the step body is replicated per slot.
+// Steps of loads in the ring: 2 for 1- and 2-bit rows (the step computed and the next), 1 for 4-bit and mixed rows
+// (each step loaded just before it). The ring shifts by register moves, and a move waits for its load: the loads
+// must land within the step computed after they are issued whatever the depth (SASS: the moves of the previous
+// iteration's loads open the loop body), so a third slot only costs registers and moves. H200, m = 1, us (1.75 bits
+// on 28672x8192 / 8192x28672; all rows 4-bit; 1.75 bits on double-quantized scales), libraries alternated in one
+// call, means of two runs: 1-bit rows at depth 3 (before) 42.4 / 46.4, 65.5 / 62.5, 45.4 / 47.7; at depth 2
+// 42.4 / 46.0, 63.8 / 61.6, 44.9 / 47.4; at depth 1 (next call: 43.7 / 46.9 against 42.7 / 46.3 at 2) the loads
+// wait. 4-bit rows at depth 2 too: 4-bit 61.0 / 58.9, but the 1.75-bit mix 43.6 / 44.8 (+2.5% on the larger
+// layer), and double-quantized scales then spill (53.7 / 52.9; 44.9 / 47.5 with those kept at depth 1). Eighth
+// session: 3 / 1 / 1 44.6 / 46.4, 4 / 2 / 1 42.9 / 47.0; a ring unrolled by its depth (no moves, one copy of the
+// step body per slot) measured slower at every depth (47.0 at 3 / 1 / 1).
 template <int P>
-constexpr int kDepth = P == 1 ? 3 : P == 2 ? 2 : 1;
+constexpr int kDepth = P == 1 || P == 2 ? 2 : 1;
 
 // A task's steps, through a ring of kDepth<P> steps of loads. After the first step, the next task's metadata
 // (`pre`, loaded before it) has landed: its codebooks are loaded then.
