@@ -21,6 +21,8 @@ def test_bench_shape_runs_every_contender_and_checks_the_product():
             assert row[name]["ms"] > 0, name
     d = res["dequantize"]
     assert d["copy_same_bytes"]["ms"] > 0 and d["lowra_4bit"]["frac_of_same_size_copy"] > 0
+    mix = d["copy_dequant_mix"]  # the copy with dequantize's 1:4 read:write mix (Triton comes with CUDA torch)
+    assert mix["bytes_written"] == 4 * mix["bytes_read"] == 256 * 1024 * 2 and d["lowra_4bit"]["frac_of_mix_copy"] > 0
     assert res["check"]["matmul_rel_err"] < 1e-2 and res["check"]["dq_matmul_rel_err"] < 1e-2
     # double-quantized scales: 1 byte per block (+ nested scales) instead of 4
     b = res["check"]["bytes"]
@@ -42,3 +44,8 @@ def test_table_renders_a_dequantize_only_run():
                           "shapes": [{"shape": [4096, 11008], "dequantize": d}]})
     row = [line for line in text.splitlines() if line.startswith(" 4096x11008")]
     assert len(row) == 1 and "91% /  72% /  56% (1.63x; lowra4 97% of a same-size copy)" in row[0], text
+    d["copy_dequant_mix"] = {"ms": 1.0}
+    d["lowra_4bit"]["frac_of_mix_copy"] = 1.02
+    text = kernels.table({"environment": env, "copy_bandwidth_tb_s": 4.2,
+                          "shapes": [{"shape": [4096, 11008], "dequantize": d}]})
+    assert "97% of a same-size copy, 102% of a 1:4 copy)" in text, text

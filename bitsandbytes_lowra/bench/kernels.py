@@ -82,6 +82,41 @@ def time_calls(fns, replays: int, graph: bool = True) -> tuple[float, str]:
     return _median_ms(loop, len(fns), replays), "eager"
 
 
+# A copy with dequantize's traffic and no decode: each program reads BLOCK words and writes them four times, so it
+# reads the bytes of 4-bit codes and writes those of their bf16 output (1:4). Writes dominate dequantize's traffic,
+# and a 1:1 copy of the same total does not show what such a mix reaches. Triton ships with torch's CUDA wheels.
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _expand4(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + offs, mask=offs < n, eviction_policy="evict_first")
+        out = pid * BLOCK * 4 + tl.arange(0, BLOCK)
+        for k in tl.static_range(4):
+            tl.store(y_ptr + out + k * BLOCK, v, mask=offs < n, cache_modifier=".cs")
+except ImportError:  # pragma: no cover  (CPU-only torch)
+    triton = None
+
+
+def copy_dequant_mix(out_bytes: int, min_calls: int, replays: int) -> dict | None:
+    """Device time of _expand4 writing `out_bytes` (reading a quarter of that), timed like every contender; None
+    without Triton."""
+    if triton is None:
+        return None
+    n = out_bytes // 16  # int32 words read
+    k = copies_for(5 * 4 * n)
+    xs = [torch.zeros(n, dtype=torch.int32, device="cuda") for _ in range(k)]
+    ys = [torch.empty(4 * n, dtype=torch.int32, device="cuda") for _ in range(k)]
+    block = 1024  # of 1024 / 2048 / 4096 words and 4 / 8 warps, the fastest on the H200
+    fns = [(lambda i=i: _expand4[(triton.cdiv(n, block),)](xs[i], ys[i], n, BLOCK=block, num_warps=4))
+           for i in range(k)] * max(1, math.ceil(min_calls / k))
+    ms, how = time_calls(fns, replays)
+    return dict(ms=ms, tb_s=20 * n / (ms * 1e-3) / 1e12, bytes_read=4 * n, bytes_written=16 * n, timing=how)
+
+
 def copies_for(nbytes: int) -> int:
     """Rotating copies so that one pass over them is several times the L2."""
     return max(1, min(32, math.ceil(4 * L2_BYTES / max(nbytes, 1))))
@@ -263,6 +298,11 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
         d["copy_same_bytes"] = dict(ms=ms, tb_s=8 * half / (ms * 1e-3) / 1e12, timing=how)
         d["lowra_4bit"]["frac_of_same_size_copy"] = ms / d["lowra_4bit"]["ms"]
         del bufs
+        mix = copy_dequant_mix(out_bytes, min_calls, replays)
+        if mix is not None:
+            d["copy_dequant_mix"] = mix
+            lw = d["lowra_4bit"]
+            lw["frac_of_mix_copy"] = lw["tb_s"] / mix["tb_s"]
         res["dequantize"] = d
     if only == "dequantize":
         return res
@@ -447,7 +487,8 @@ def table(res: dict) -> str:
             d = s["dequantize"]
             line += (f"{d['lowra_4bit']['frac_of_copy']:>9.0%} / {d['lowra_1.75bit']['frac_of_copy']:>4.0%} / "
                      f"{d['bnb_nf4']['frac_of_copy']:>4.0%} ({d['speedup_4bit_vs_bnb']:.2f}x; lowra4 "
-                     f"{d['lowra_4bit']['frac_of_same_size_copy']:.0%} of a same-size copy)")
+                     f"{d['lowra_4bit']['frac_of_same_size_copy']:.0%} of a same-size copy"
+                     + (f", {d['lowra_4bit']['frac_of_mix_copy']:.0%} of a 1:4 copy)" if "copy_dequant_mix" in d else ")"))
             if "lowra_1.75bit_dq" in d:
                 line += f" 1.75 dq {d['lowra_1.75bit_dq']['ms'] * 1e3:.1f} us"
         else:
