@@ -35,7 +35,7 @@ test: test-native test-python
 demo: build
 	$(PY) -m bitsandbytes_lowra demo
 
-# On the GPU machine (see docs/gpu.md): build with CUDA, C++ and Python CUDA tests, kernel benchmarks.
+# On the GPU machine (README, "GPU check"): build with CUDA, C++ and Python CUDA tests, kernel benchmarks.
 gpu-check:
 	bash .ci/gpu-check.sh
 
