@@ -146,8 +146,9 @@ def test_cpu_prepared_matmul_checks_its_inputs():
                       (A.expand(CPU_MAX_FUSED_ROWS + 1, 256), f"at most {CPU_MAX_FUSED_ROWS} rows")):
         with pytest.raises(ValueError, match=what):
             launch(bad)
-    with pytest.raises(ValueError, match="bias"):
-        launch(A, torch.zeros(63))
+    for bad_bias in (torch.zeros(63), torch.zeros(64, dtype=torch.float64), torch.zeros(64, device="meta")):
+        with pytest.raises(ValueError, match="bias"):
+            launch(A, bad_bias)
     assert torch.equal(launch(A), via_op(A, packed, qs))
     assert launch(A[:0]).shape == (0, 64)  # no rows: nothing launched
 

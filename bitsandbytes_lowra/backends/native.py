@@ -273,13 +273,44 @@ def _matmul_cuda(A2, packed, absmax, bits, codebook, row_offsets, blocksize, sha
 _HALF_CODES = {torch.float16: _native.DTYPE_CODE[torch.float16], torch.bfloat16: _native.DTYPE_CODE[torch.bfloat16]}
 
 
-class PreparedMatmul:
+class _Prepared:
+    """What both prepared matmuls share: __call__ checks the activations and bias in one expression (it runs once per
+    layer per decoded token), allocates the output and hands contiguous tensors to the subclass's launch(A, bias,
+    out). A subclass sets rows, cols, device and index (the device index: -1 on the CPU, as Tensor.get_device gives)."""
+
+    _DTYPES: dict  # activation dtypes the kernel takes
+    _MAX_ROWS: int
+    _KIND: str  # those dtypes, in the error message
+
+    def __call__(self, A: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A [..., cols] (at most _MAX_ROWS rows, on the weight's device) @ W.T + bias."""
+        rows, cols, index = self.rows, self.cols, self.index
+        cpu = index < 0  # and a tensor on the CPU: a meta tensor's index is -1 too
+        if (A.dtype not in self._DTYPES or A.shape[-1] != cols or A.numel() > self._MAX_ROWS * cols
+                or A.get_device() != index or A.is_cpu != cpu
+                or (bias is not None and (bias.dtype != A.dtype or bias.shape != (rows,)
+                                          or bias.get_device() != index or bias.is_cpu != cpu))):
+            raise ValueError(
+                f"{type(self).__name__} takes {self._KIND} activations [..., {cols}] of at most {self._MAX_ROWS} "
+                f"rows on {'the CPU' if index < 0 else self.device} and a bias [{rows}] of their dtype; got A "
+                f"{A.dtype} {tuple(A.shape)} on {A.device}"
+                + ("" if bias is None else f", bias {bias.dtype} {tuple(bias.shape)} on {bias.device}"))
+        out = torch.empty(A.shape[:-1] + (rows,), dtype=A.dtype, device=self.device)
+        if out.numel():
+            self.launch(A if A.is_contiguous() else A.contiguous(),
+                        bias if bias is None or bias.is_contiguous() else bias.contiguous(), out)
+        return out
+
+
+class PreparedMatmul(_Prepared):
     """The fused CUDA matmul of one quantized weight with the weight's launch arguments checked and converted once.
 
     Eager decoding calls the matmul once per layer per token, and rebuilding the same ~20 ctypes arguments and
     re-checking the same tensors every time cost more host time than the kernel takes (docs/benchmarks.md, "Host
     path"). It holds the weight's tensors (its pointers stay valid); its owner rebuilds it when any of them changes
     (QuantStateLowRA.prepared_matmul). The op kernel (`lowra::matmul` on CUDA) launches through one as well."""
+
+    _DTYPES, _MAX_ROWS, _KIND = _HALF_CODES, MAX_FUSED_ROWS, "float16/bfloat16"
 
     def __init__(self, packed, absmax, bits, codebook, row_offsets, blocksize, shape, row_order, group_rows,
                  nested=NESTED_DEFAULTS, *, checked: bool = False):
@@ -301,24 +332,6 @@ class PreparedMatmul:
                       codebook.data_ptr(), row_offsets.data_ptr(), rows, cols, blocksize, row_order.data_ptr(),
                       (_native.ctypes.c_int64 * 3)(*self.groups))
         self._fn = _native.load().lowra_matmul_cuda
-
-    def __call__(self, A: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """A [..., cols] (float16/bfloat16, at most MAX_FUSED_ROWS rows, on the weight's device) @ W.T + bias."""
-        rows, cols = self.rows, self.cols
-        # one expression: this runs once per layer per decoded token
-        if (A.dtype not in _HALF_CODES or A.shape[-1] != cols or A.numel() > MAX_FUSED_ROWS * cols
-                or A.get_device() != self.index
-                or (bias is not None and (bias.dtype != A.dtype or bias.shape != (rows,)
-                                          or bias.get_device() != self.index))):
-            raise ValueError(
-                f"PreparedMatmul takes float16/bfloat16 activations [..., {cols}] of at most {MAX_FUSED_ROWS} rows on "
-                f"{self.device} and a bias [{rows}] of their dtype; got A {A.dtype} {tuple(A.shape)} on {A.device}"
-                + ("" if bias is None else f", bias {bias.dtype} {tuple(bias.shape)} on {bias.device}"))
-        out = torch.empty(A.shape[:-1] + (rows,), dtype=A.dtype, device=self.device)
-        if out.numel():
-            self.launch(A if A.is_contiguous() else A.contiguous(),
-                        bias if bias is None or bias.is_contiguous() else bias.contiguous(), out)
-        return out
 
     def launch(self, A, bias, out) -> None:
         """The kernel on checked, contiguous A [..., cols], bias [rows] or None, out [..., rows]."""
@@ -375,9 +388,12 @@ def _matmul_cpu(A2, packed, absmax, bits, codebook, row_offsets, blocksize, shap
         A2, bias, out2)
 
 
-class PreparedMatmulCPU:
+class PreparedMatmulCPU(_Prepared):
     """PreparedMatmul's counterpart on the CPU (lowra_matmul_cpu, at most CPU_MAX_FUSED_ROWS activation rows of any
     float dtype): a decode step's per-layer call without the dispatcher and the per-call argument conversion."""
+
+    _DTYPES, _MAX_ROWS, _KIND = _native.DTYPE_CODE, CPU_MAX_FUSED_ROWS, "float"
+    device, index = torch.device("cpu"), -1
 
     def __init__(self, packed, absmax, bits, codebook, row_offsets, blocksize, shape, nested=NESTED_DEFAULTS, *,
                  checked: bool = False):
@@ -395,23 +411,6 @@ class PreparedMatmulCPU:
         self._args = (packed.data_ptr(), packed.numel(), _f32_ptr(f32), _nested_ref(ns), bits.data_ptr(),
                       codebook.data_ptr(), row_offsets.data_ptr(), rows, cols, blocksize)
         self._fn = _native.load().lowra_matmul_cpu
-
-    def __call__(self, A: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """A [..., cols] (float32/float16/bfloat16, at most CPU_MAX_FUSED_ROWS rows, on the CPU) @ W.T + bias."""
-        rows, cols = self.rows, self.cols
-        if (A.dtype not in _native.DTYPE_CODE or A.shape[-1] != cols or A.numel() > CPU_MAX_FUSED_ROWS * cols
-                or A.device.type != "cpu"
-                or (bias is not None
-                    and (bias.dtype != A.dtype or bias.shape != (rows,) or bias.device.type != "cpu"))):
-            raise ValueError(
-                f"PreparedMatmulCPU takes float activations [..., {cols}] of at most {CPU_MAX_FUSED_ROWS} rows on the "
-                f"CPU and a bias [{rows}] of their dtype; got A {A.dtype} {tuple(A.shape)} on {A.device}"
-                + ("" if bias is None else f", bias {bias.dtype} {tuple(bias.shape)} on {bias.device}"))
-        out = torch.empty(A.shape[:-1] + (rows,), dtype=A.dtype)
-        if out.numel():
-            self.launch(A if A.is_contiguous() else A.contiguous(),
-                        bias if bias is None or bias.is_contiguous() else bias.contiguous(), out)
-        return out
 
     def launch(self, A, bias, out) -> None:
         """The kernel on checked, contiguous A [..., cols], bias [rows] or None, out [..., rows]."""
