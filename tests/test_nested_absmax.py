@@ -69,6 +69,25 @@ def test_nested_ops_equal_decoded_cpu(dtype, nbs):
         assert torch.equal(y, torch.ops.lowra.matmul(A, packed, q, bits, code, off, bs, shape, **kw))
 
 
+def test_nan_nested_scales_decode_to_zero_everywhere():
+    """A NaN nested scale or offset (a corrupt state; the ops do not scan for it) decodes to a 0 block scale in the
+    reference as in the native kernels (fmaxf(NaN, 0) = 0), so the backends agree on what such a state gives."""
+    packed, q, nested, bits, code, off = case(9, 512, 64, torch.bfloat16, seed=3, nested_blocksize=64)
+    n_absmax, n_code, offset, nbs = nested
+    bad = n_absmax.clone()
+    bad[0] = float("nan")  # the first 64 blocks: rows 0..7
+    for args in ((bad, n_code, offset, nbs), (n_absmax, n_code, torch.full_like(offset, float("nan")), nbs)):
+        dec = decode_absmax(q, *args)
+        assert not dec.isnan().any()
+        zero = dec == 0
+        assert zero.reshape(-1)[:64].all() if args[0] is bad else zero.all()
+        shape = [9, 512]
+        W = torch.ops.lowra.dequantize(packed, q, bits, code, off, 64, shape, torch.bfloat16, *args)
+        assert torch.equal(W, reference._dequantize_kernel(packed, q, bits, code, off, 64, shape, torch.bfloat16,
+                                                           *args))
+        assert torch.equal(W, torch.ops.lowra.dequantize(packed, dec, bits, code, off, 64, shape, torch.bfloat16))
+
+
 def test_nested_argument_errors_name_the_problem():
     packed, q, nested, bits, code, off = case(8, 128, 64, torch.float32, seed=3)
     n_absmax, n_code, offset, nbs = nested

@@ -64,13 +64,14 @@ def unpack_codes(packed: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor
 
 def decode_absmax(absmax, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256):
     """float32 block scales: `absmax` itself, or decoded from its double-quantized form (csrc/lowra.h
-    LowraNestedAbsmax): max(code[q] * nested[i // nested_blocksize] + offset, 0), product and sum rounded apart."""
+    LowraNestedAbsmax): max(code[q] * nested[i // nested_blocksize] + offset, 0), product and sum rounded apart. The
+    max is C's fmaxf, as in the kernels: a NaN (a corrupt nested scale or offset) decodes to 0, not NaN."""
     if nested_absmax is None:
         return absmax
     q = absmax.reshape(-1).long()
     group = torch.arange(q.numel(), device=q.device) // nested_blocksize
-    scales = nested_code[q] * nested_absmax[group]
-    return (scales + nested_offset.reshape(())).clamp_min(0).view(absmax.shape)
+    scales = nested_code[q] * nested_absmax[group] + nested_offset.reshape(())
+    return torch.where(scales > 0, scales, 0.0).view(absmax.shape)
 
 
 def dequantize(
