@@ -292,7 +292,7 @@ class _Prepared:
                                           or bias.get_device() != index or bias.is_cpu != cpu))):
             raise ValueError(
                 f"{type(self).__name__} takes {self._KIND} activations [..., {cols}] of at most {self._MAX_ROWS} "
-                f"rows on {'the CPU' if index < 0 else self.device} and a bias [{rows}] of their dtype; got A "
+                f"rows on {'the CPU' if cpu else self.device} and a bias [{rows}] of their dtype; got A "
                 f"{A.dtype} {tuple(A.shape)} on {A.device}"
                 + ("" if bias is None else f", bias {bias.dtype} {tuple(bias.shape)} on {bias.device}"))
         out = torch.empty(A.shape[:-1] + (rows,), dtype=A.dtype, device=self.device)

@@ -106,9 +106,8 @@ def find_nvdisasm() -> str:
             return cand
     for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
         for cand in sorted(glob.glob(os.path.join(site, "nvidia", "*", "bin", "nvdisasm"))):
-            if not os.access(cand, os.X_OK):
-                os.chmod(cand, 0o755)  # wheels do not always keep the executable bit
-            return cand
+            if os.access(cand, os.X_OK):
+                return cand
     raise FileNotFoundError("nvdisasm not found: install it with `pip install nvidia-cuda-nvdisasm` "
                             "(or put a CUDA toolkit's bin/ on PATH)")
 
