@@ -485,10 +485,11 @@ def table(res: dict) -> str:
             line += f"{'-':>28} | "
         if "dequantize" in s:
             d = s["dequantize"]
-            line += (f"{d['lowra_4bit']['frac_of_copy']:>9.0%} / {d['lowra_1.75bit']['frac_of_copy']:>4.0%} / "
+            lw = d["lowra_4bit"]
+            mix = f", {lw['frac_of_mix_copy']:.0%} of a 1:4 copy" if "frac_of_mix_copy" in lw else ""
+            line += (f"{lw['frac_of_copy']:>9.0%} / {d['lowra_1.75bit']['frac_of_copy']:>4.0%} / "
                      f"{d['bnb_nf4']['frac_of_copy']:>4.0%} ({d['speedup_4bit_vs_bnb']:.2f}x; lowra4 "
-                     f"{d['lowra_4bit']['frac_of_same_size_copy']:.0%} of a same-size copy"
-                     + (f", {d['lowra_4bit']['frac_of_mix_copy']:.0%} of a 1:4 copy)" if "copy_dequant_mix" in d else ")"))
+                     f"{lw['frac_of_same_size_copy']:.0%} of a same-size copy{mix})")
             if "lowra_1.75bit_dq" in d:
                 line += f" 1.75 dq {d['lowra_1.75bit_dq']['ms'] * 1e3:.1f} us"
         else:
