@@ -183,6 +183,7 @@ __device__ __forceinline__ void issue_step(const GvArgs& a, const L1Rows<R>& rw,
 #pragma unroll
   for (int j = 0; j < R; ++j) {
     const int b = P ? P : rw.bits[j];
+    // A skipped slot is never computed with, yet dropping these zeroings measured 5-10% slower (thirteenth round)
 #pragma unroll
     for (int i = 0; i < W; ++i) d.q[j][i] = 0u;
     d.am[j] = 0.f;
@@ -209,6 +210,7 @@ __device__ __forceinline__ void issue_step(const GvArgs& a, const L1Rows<R>& rw,
 
 // One 32-column code word of a 1-bit row: the subset sums of its 8 groups (lut: this step and lane; group g,
 // columns 4g..4g+3, at lut + g * 2048 + e * 128) and the row's value am * (c0 * sum x + (c1 - c0) * sum_{b=1} x).
+// Addresses by byte permute (8% fewer instructions in the 1-bit loop) measured level: the loop is not issue-bound.
 __device__ __forceinline__ float word1(uint32_t w, uint32_t lut, float am, float c0, float dl, float sxl, float acc) {
   float m0 = lds_f32(lut | ((w << 7) & 0x780u));
   float m1 = lds_f32((lut | ((w << 3) & 0x780u)) + 2048);
@@ -441,7 +443,8 @@ L1Fn pick(int r, bool nested) {
 // 4 rows per task, or 2 where 4 would leave fewer than 3 tasks per 4 warps. H200, m = 1, 1.75 bits (us, 4 / 2
 // rows): 4096x4096 (0.48 tasks per warp at 4 rows) 10.3 / 8.3; 4096x11008 (0.97) 18.2 / 19.6; 11008x4096 (1.30)
 // 16.5 / 17.4; 8192x8192 (0.97) 19.2 / 20.8. Extra K splits for small layers measured slower: each adds a
-// finalize pass and shortens the tasks that hide the loads' latency.
+// finalize pass and shortens the tasks that hide the loads' latency. 2-row tasks on 24 warps per SM (80 registers;
+// branch gemv1-768) took 9% off 11008x4096 but added 9-12% on 4096x11008 and 8192x8192 (thirteenth round).
 int rows_per_task(int64_t rows, int64_t ks) {
   if (g_batch1 == 2 || g_batch1 == 4) return g_batch1;
   return 4 * ((rows + 3) / 4 * ks) < 3 * kL1Warps * (int64_t)sm_count() ? 2 : 4;

@@ -240,7 +240,8 @@ __device__ __forceinline__ uint4 decode_chunk16(uint32_t w, float s, const float
                       Pair16<T>::pack(v[6], v[7]));
   } else if (B == 2) {
     const uint32_t lo = Pair16<T>::pack(c[0] * s, c[1] * s), hi = Pair16<T>::pack(c[2] * s, c[3] * s);
-    // X byte k = P[code 2k], Y byte k = P[code 2k + 1]; output pair k's selector = (X byte k, Y byte k)
+    // X byte k = P[code 2k], Y byte k = P[code 2k + 1]; output pair k's selector = (X byte k, Y byte k).
+    // __byte_perm masks each run-time selector (a LOP3); prmt.b32 without them measured level (thirteenth round).
     const uint32_t X = __byte_perm(kPairSel, 0u, w & 0x3333u), Y = __byte_perm(kPairSel, 0u, (w >> 2) & 0x3333u);
     return make_uint4(__byte_perm(lo, hi, __byte_perm(X, Y, 0x40u)), __byte_perm(lo, hi, __byte_perm(X, Y, 0x51u)),
                       __byte_perm(lo, hi, __byte_perm(X, Y, 0x62u)), __byte_perm(lo, hi, __byte_perm(X, Y, 0x73u)));
@@ -806,7 +807,7 @@ __global__ void __launch_bounds__(256, 3) quantize_fast(const T* __restrict__ W,
     const int64_t j_seg = seg * kQSegElems<T>;
     QIn<T> in[kQChunks<T>];
 #pragma unroll
-    for (int q = 0; q < kQChunks<T>; ++q) {  // all loads first
+    for (int q = 0; q < kQChunks<T>; ++q) {  // all loads first (before the metadata, or L2 prefetch: not faster)
       const int64_t j0 = j_seg + q * 256 + 8 * lane;
       if (j0 < cols) in[q].load(W + r * cols + j0);
       else in[q].zero();
