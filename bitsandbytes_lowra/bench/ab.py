@@ -1,0 +1,158 @@
+"""Builds of our native library against each other, side by side: the way a kernel change is judged.
+
+    python -m bitsandbytes_lowra.bench.ab --lib main=build-a/lib.so --lib new=build-b/lib.so [--rounds 2]
+        [--time-limit 540] [--json ab.json] -- --only matmul --no-sweep --batches 1
+
+Runs `python -m bitsandbytes_lowra.bench <the arguments after -->` once per library and round, one process each
+with LOWRA_LIBRARY set, alternating the libraries and reversing their order every other round (a, b, b, a, ...)
+so that a drift of the device's clocks or temperature does not favour one. Every run times the bitsandbytes and
+bf16 contenders again, so each library's figures sit next to references measured minutes apart, in the same
+call. Prints, per timed operation, each library's mean over its runs and its ratio to the first library; writes
+every run's JSON with the order they ran in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def parse_lib(spec: str) -> tuple[str, Path]:
+    """`name=path` -> (name, path); the path must be an existing file."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lib wants NAME=PATH, got {spec!r}")
+    p = Path(path)
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"--lib {name}: no such library file: {path}")
+    return name, p
+
+
+def schedule(names: list[str], rounds: int) -> list[str]:
+    """The run order: every library once per round, in reverse order every other round."""
+    return [n for r in range(rounds) for n in (names if r % 2 == 0 else names[::-1])]
+
+
+def timings(res: dict) -> dict[str, float]:
+    """Every timed figure of a bench result, flattened: "matmul/28672x8192/m=1/lowra_1.75bit" -> ms."""
+    out: dict[str, float] = {}
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            ms = node.get("ms")
+            if isinstance(ms, (int, float)) and not isinstance(ms, bool):
+                out["/".join(path)] = float(ms)
+            for k, v in node.items():
+                walk(v, path + [str(k)])
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, path + [str(i)])
+
+    for shape in res.get("shapes", []):
+        tag = "x".join(map(str, shape.get("shape", [])))
+        for kind, block in shape.items():
+            if kind == "matmul" and isinstance(block, dict):  # keyed by batch size
+                for m, per_m in block.items():
+                    walk(per_m, [kind, tag, f"m={m}"])
+            elif kind != "shape":
+                walk(block, [kind, tag])
+    return out
+
+
+def summarize(runs: list[tuple[str, dict]], names: list[str]) -> dict[str, dict[str, float]]:
+    """metric -> library -> mean ms over that library's runs (metrics every library measured)."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for name, res in runs:
+        for k, v in timings(res).items():
+            per.setdefault(k, {}).setdefault(name, []).append(v)
+    return {k: {n: statistics.fmean(v[n]) for n in names} for k, v in per.items() if all(n in v for n in names)}
+
+
+def table(means: dict[str, dict[str, float]], names: list[str]) -> str:
+    base = names[0]
+    head = "operation (us, mean of runs)".ljust(56) + "".join(n.rjust(12) for n in names)
+    head += "".join(f"{n}/{base}".rjust(14) for n in names[1:])
+    lines = [head]
+    for k in sorted(means):
+        m = means[k]
+        row = k.ljust(56) + "".join(f"{m[n] * 1e3:12.1f}" for n in names)
+        row += "".join(f"{m[n] / m[base]:14.3f}" for n in names[1:])
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def run(libs: list[tuple[str, Path]], bench_args: list[str], rounds: int, time_limit: float | None,
+        module: str = "bitsandbytes_lowra.bench") -> dict:
+    names = [n for n, _ in libs]
+    paths = dict(libs)
+    order = schedule(names, rounds)
+    runs: list[tuple[str, dict]] = []
+    record: dict = {"command": [sys.executable, "-m", module] + bench_args,
+                    "libraries": {n: str(p) for n, p in libs}, "order": [], "runs": {}, "failed": {}}
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(order, 1):
+            if time_limit is not None and time.monotonic() - t0 > time_limit:
+                print(f"ab: time limit reached after {i - 1} of {len(order)} runs", file=sys.stderr)
+                break
+            out = Path(tmp) / f"{i}.json"
+            env = dict(os.environ, LOWRA_LIBRARY=str(paths[name].resolve()))
+            proc = subprocess.run([sys.executable, "-m", module] + bench_args + ["--json", str(out)], env=env,
+                                  capture_output=True, text=True)
+            key = f"{i}_{name}"
+            record["order"].append(key)
+            if proc.returncode != 0 or not out.exists():
+                tail = (proc.stdout + proc.stderr)[-2000:]
+                record["failed"][key] = {"returncode": proc.returncode, "output_tail": tail}
+                print(f"ab: run {key} failed (exit {proc.returncode}):\n{tail}", file=sys.stderr)
+                continue
+            res = json.loads(out.read_text())
+            record["runs"][key] = res
+            runs.append((name, res))
+            print(f"ab: run {key} done, {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    ran = {n for n, _ in runs}
+    record["means_ms"] = summarize(runs, names) if ran == set(names) else {}
+    return record
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    bench_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, bench_args = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.ab", description=__doc__.splitlines()[0],
+                                 epilog="Arguments after -- go to python -m bitsandbytes_lowra.bench (not --json).")
+    ap.add_argument("--lib", action="append", type=parse_lib, required=True, metavar="NAME=PATH",
+                    help="a build of the native library; the first is the baseline (give two or more)")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each library (default 2)")
+    ap.add_argument("--time-limit", type=float, help="start no run after this many seconds (a device call's limit)")
+    ap.add_argument("--json", help="write every run and the means here")
+    ap.add_argument("--module", default="bitsandbytes_lowra.bench", help=argparse.SUPPRESS)  # tests
+    args = ap.parse_args(argv)
+    names = [n for n, _ in args.lib]
+    if len(names) < 2 or len(set(names)) != len(names):
+        ap.error(f"give two or more libraries with distinct names, got {names}")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    if "--json" in bench_args:
+        ap.error("the bench's --json is set by ab itself: give ab's --json instead")
+    record = run(args.lib, bench_args, args.rounds, args.time_limit, module=args.module)
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1))
+    if not record["means_ms"]:
+        print("ab: not every library has a finished run: no comparison", file=sys.stderr)
+        return 1
+    print(table(record["means_ms"], names))
+    return 1 if record["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
