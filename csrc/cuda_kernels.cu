@@ -662,11 +662,19 @@ __device__ __forceinline__ void load_bins(const float (&q)[8], uint32_t bins, ui
   }
 }
 
-// Adds code << shift to word for one value and its bin word.
+// The base codes of 8 bin words as one packed word (nibble e = element e): bits 4-12 of a word are zero (the
+// threshold is a float16's float32 bits), so w0 + (w1 << 4) has both bases in its low byte, and three byte permutes
+// gather the four bytes. 7 instructions instead of a mask and a shift-add per element: 4-bit quantize 7-8% faster.
+__device__ __forceinline__ uint32_t pack_bases(const uint32_t (&w)[8]) {
+  const uint32_t x01 = w[0] + (w[1] << 4), x23 = w[2] + (w[3] << 4);
+  const uint32_t x45 = w[4] + (w[5] << 4), x67 = w[6] + (w[7] << 4);
+  return __byte_perm(__byte_perm(x01, x23, 0x40u), __byte_perm(x45, x67, 0x40u), 0x5410u);
+}
+
+// Adds 1 << shift to word where the value is above its bin's threshold.
 __device__ __forceinline__ void encode4_fast(float q, uint32_t w, int shift, uint32_t& word, bool& near) {
   const float t = __uint_as_float(w);
   near |= !(fabsf(q - t) > kNear4);
-  word += (w & 15u) << shift;
   asm("{\n\t.reg .pred p;\n\tsetp.gt.f32 p, %1, %2;\n\t@p add.u32 %0, %0, %3;\n\t}"  // C++ makes it a select
       : "+r"(word)
       : "f"(q), "f"(t), "r"(1u << shift));
@@ -747,6 +755,7 @@ __device__ __forceinline__ void quantize_task(QIn<T> (&in)[kQChunks<T>], int lan
       if (B == 4) {
         uint32_t w[8];
         load_bins(v, s.bins, w);
+        word = pack_bases(w);
 #pragma unroll
         for (int e = 0; e < 8; ++e) encode4_fast(v[e], w[e], 4 * e, word, near);
       } else {
@@ -794,10 +803,12 @@ __global__ void __launch_bounds__(256, 3) quantize_fast(const T* __restrict__ W,
   const int group_shift = 28 - __clz((int)blocksize);  // log2(blocksize / 8)
   const int64_t tasks = rows * segs, warps = (int64_t)gridDim.x * (blockDim.x >> 5);
   const int64_t w = (int64_t)blockIdx.x * (blockDim.x >> 5) + wib, per = tasks / warps, extra = tasks % warps;
-  int64_t task = w * per + min(w, extra);
-  const int64_t end = task + per + (w < extra ? 1 : 0);
-  int64_t r = task / segs, seg = task % segs, cur = -1;
-  for (; task < end; ++task, seg = seg + 1 == segs ? (++r, 0) : seg + 1) {
+  const int64_t first = w * per + min(w, extra);
+  // 32-bit loop counters (a warp's task count needs a weight of over 2^45 elements to overflow): the registers they
+  // save keep pack_bases from spilling loop state at every task, which cost the 1.75-bit mix 3-4% (fourteenth round).
+  int n = (int)(per + (w < extra ? 1 : 0)), seg = (int)(first % segs);
+  int64_t r = first / segs, cur = -1;
+  for (; n > 0; --n, seg = seg + 1 == segs ? (++r, 0) : seg + 1) {
     const int b = bits[r];
     const int64_t start = row_offsets[r];
     if (!row_ok(b, start, pc, packed_bytes)) {  // warp-uniform
