@@ -390,6 +390,8 @@ __global__ void __launch_bounds__(kL1Threads, 1) gemv1_kernel(const __grid_const
   if (threadIdx.x == 0) taken = kL1Warps;
   int task = task_at(warp);
   L1Pre pre = load_row<R>(a, task, s, lane);
+  // Batching build_tables' activation loads, and issuing the first task's codebooks and an L2 prefetch of its first
+  // step before it, measured level (fourteenth round; 11008x4096 alone gained 12% at 1.75 bits, 4-bit rows lost).
   build_tables<T>(a, k0, klen, nsteps, reinterpret_cast<float*>(smem + (lut - base)),
                   reinterpret_cast<float4*>(smem + (xs - base)), reinterpret_cast<float*>(smem + (sx - base)));
   load_codebooks<R>(a, pre, lane);

@@ -423,7 +423,8 @@ __global__ void __launch_bounds__(256, 5) dequantize_stream(const uint8_t* __res
   const uint32_t cb_addr = (uint32_t)__cvta_generic_to_shared(table[wib]);
   const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5), first = (int64_t)blockIdx.x * (blockDim.x >> 5) + wib;
   const int64_t nb = pc >> bs_shift;
-  // the next task to copy (cw) and its row's metadata, loaded one copy ahead
+  // the next task to copy (cw) and its row's metadata, loaded one copy ahead (loading the first 4 tasks' metadata
+  // together measured level or slower, fourteenth round)
   TaskWalk cw(first, warps, segs);
   int cbits = 0;
   int64_t cstart = 0;
@@ -544,7 +545,8 @@ constexpr int kQChunks = 128 / sizeof(QIn<T>);  // 8 chunks of 2-byte weights, 4
 // 1- and 2-bit rows encode their chunks in two passes of one unrolled half-body, so that the three precisions'
 // hot loops fit the instruction cache together: a mix of precisions was bound by instruction fetch (ncu, sixth
 // round), and this took 16-29% off the 1.75-bit mix. 4-bit rows keep one pass: alone (all rows 4-bit) their body
-// is the only hot one, and halving it cost them 8-10% (docs/benchmarks.md, tenth round).
+// is the only hot one, and halving it cost them 8-10% (docs/benchmarks.md, tenth round). The mix is still fetch-bound
+// (ncu, fourteenth round: 4.0 cycles per issue wait for instructions, against 0.2 for all rows 4-bit).
 template <int B>
 constexpr int kQPasses = B <= 2 ? 2 : 1;
 template <typename T>
@@ -712,7 +714,8 @@ __device__ __noinline__ uint32_t encode_exact(F8 x, float amax, QRow s) {
 }
 
 // One warp task of precision B. `out` and `am` point at the lane's first chunk's codes and block maximum; `left` is
-// the number of padded columns from the lane's first chunk on (chunks at or past the padding write nothing).
+// the number of padded columns from the lane's first chunk on (chunks at or past the padding write nothing; their
+// encoding is not skipped: a per-chunk break measured 2-7% slower everywhere but on short last segments).
 // GS = log2(lanes per block) when fixed at compile time (3: blocksize 64), else -1 and group_shift has it.
 template <typename T, int B, int GS>
 __device__ __forceinline__ void quantize_task(QIn<T> (&in)[kQChunks<T>], int lane, int group_shift,
