@@ -77,7 +77,32 @@ def test_runs_alternate_with_each_library_and_report_means(fake, tmp_path, capsy
     assert record["means_ms"]["quantize/4x8/bnb_nf4"] == {"base": 5.0, "new": 5.0}
     table = capsys.readouterr().out
     row = next(line for line in table.splitlines() if line.startswith("quantize/4x8/lowra_4bit"))
-    assert row.split()[1:] == ["1000.0", "2000.0", "2.000"]  # us per library, then new / base
+    # us per library, new / base (marked: beyond the runs' scatter), then that scatter
+    assert row.split()[1:] == ["1000.0", "2000.0", "2.000*", "0.0%"]
+    assert record["spread"]["quantize/4x8/lowra_4bit"] == 0.0
+
+
+def _res(ms, other=5.0):
+    return {"shapes": [{"shape": [4, 8], "quantize": {"lowra_4bit": {"ms": ms}, "bnb_nf4": {"ms": other}}}]}
+
+
+def test_spread_marks_only_ratios_beyond_the_runs_scatter():
+    runs = [("a", _res(1.0)), ("b", _res(1.0, 10.0)), ("b", _res(1.1, 10.0)), ("a", _res(1.0))]
+    spread = ab.spreads(runs, ["a", "b"])
+    assert spread["quantize/4x8/lowra_4bit"] == pytest.approx(0.1 / 1.05)
+    assert spread["quantize/4x8/bnb_nf4"] == 0.0
+    rows = {line.split()[0]: line.split()[1:] for line in
+            ab.table(ab.summarize(runs, ["a", "b"]), ["a", "b"], spread).splitlines()[1:]}
+    assert rows["quantize/4x8/lowra_4bit"] == ["1000.0", "1050.0", "1.050", "9.5%"]  # within b's own scatter
+    assert rows["quantize/4x8/bnb_nf4"] == ["5000.0", "10000.0", "2.000*", "0.0%"]
+
+
+def test_one_round_has_no_spread():
+    runs = [("a", _res(1.0)), ("b", _res(2.0))]
+    assert ab.spreads(runs, ["a", "b"]) == {}
+    lines = ab.table(ab.summarize(runs, ["a", "b"]), ["a", "b"], {}).splitlines()
+    row = next(line for line in lines if line.startswith("quantize/4x8/lowra_4bit"))
+    assert row.split()[1:] == ["1000.0", "2000.0", "2.000", "-"]  # unmarked: nothing to judge a ratio by
 
 
 def test_a_failed_run_is_reported_and_fails_the_command(fake, tmp_path, capsys):

@@ -7,8 +7,9 @@ Runs `python -m bitsandbytes_lowra.bench <the arguments after -->` once per libr
 with LOWRA_LIBRARY set, alternating the libraries and reversing their order every other round (a, b, b, a, ...)
 so that a drift of the device's clocks or temperature does not favour one. Every run times the bitsandbytes and
 bf16 contenders again, so each library's figures sit next to references measured minutes apart, in the same
-call. Prints, per timed operation, each library's mean over its runs and its ratio to the first library; writes
-every run's JSON with the order they ran in.
+call. Prints, per timed operation, each library's mean over its runs, its ratio to the first library and the
+spread of the runs (the largest (max - min) / mean of any library); a ratio further from 1 than that spread is
+marked *. Writes every run's JSON with the order they ran in.
 """
 
 from __future__ import annotations
@@ -66,24 +67,40 @@ def timings(res: dict) -> dict[str, float]:
     return out
 
 
-def summarize(runs: list[tuple[str, dict]], names: list[str]) -> dict[str, dict[str, float]]:
-    """metric -> library -> mean ms over that library's runs (metrics every library measured)."""
+def per_library(runs: list[tuple[str, dict]], names: list[str]) -> dict[str, dict[str, list[float]]]:
+    """metric -> library -> its runs' ms, for the metrics every library measured."""
     per: dict[str, dict[str, list[float]]] = {}
     for name, res in runs:
         for k, v in timings(res).items():
             per.setdefault(k, {}).setdefault(name, []).append(v)
-    return {k: {n: statistics.fmean(v[n]) for n in names} for k, v in per.items() if all(n in v for n in names)}
+    return {k: v for k, v in per.items() if all(n in v for n in names)}
 
 
-def table(means: dict[str, dict[str, float]], names: list[str]) -> str:
-    base = names[0]
+def summarize(runs: list[tuple[str, dict]], names: list[str]) -> dict[str, dict[str, float]]:
+    """metric -> library -> mean ms over that library's runs (metrics every library measured)."""
+    return {k: {n: statistics.fmean(v[n]) for n in names} for k, v in per_library(runs, names).items()}
+
+
+def spreads(runs: list[tuple[str, dict]], names: list[str]) -> dict[str, float]:
+    """metric -> the largest (max - min) / mean over any library's runs: how far apart runs of one build land.
+    Only where every library ran at least twice."""
+    return {k: max((max(v[n]) - min(v[n])) / statistics.fmean(v[n]) for n in names)
+            for k, v in per_library(runs, names).items() if all(len(v[n]) > 1 for n in names)}
+
+
+def table(means: dict[str, dict[str, float]], names: list[str], spread: dict[str, float] | None = None) -> str:
+    base, spread = names[0], spread or {}
     head = "operation (us, mean of runs)".ljust(56) + "".join(n.rjust(12) for n in names)
-    head += "".join(f"{n}/{base}".rjust(14) for n in names[1:])
+    head += "".join(f"{n}/{base}".rjust(14) for n in names[1:]) + "spread".rjust(9)
     lines = [head]
     for k in sorted(means):
-        m = means[k]
+        m, sp = means[k], spread.get(k)
         row = k.ljust(56) + "".join(f"{m[n] * 1e3:12.1f}" for n in names)
-        row += "".join(f"{m[n] / m[base]:14.3f}" for n in names[1:])
+        for n in names[1:]:
+            r = m[n] / m[base]
+            mark = "*" if sp is not None and abs(r - 1) > sp else " "  # beyond the runs' own scatter
+            row += f"{r:13.3f}{mark}"
+        row += f"{sp * 100:8.1f}%" if sp is not None else "-".rjust(9)
         lines.append(row)
     return "\n".join(lines)
 
@@ -118,6 +135,7 @@ def run(libs: list[tuple[str, Path]], bench_args: list[str], rounds: int, time_l
             runs.append((name, res))
             print(f"ab: run {key} done, {time.monotonic() - t0:.0f} s", file=sys.stderr)
     record["means_ms"] = summarize(runs, names)  # empty unless every library finished a run
+    record["spread"] = spreads(runs, names)
     return record
 
 
@@ -149,7 +167,7 @@ def main(argv=None) -> int:
     if not record["means_ms"]:
         print("ab: not every library has a finished run: no comparison", file=sys.stderr)
         return 1
-    print(table(record["means_ms"], names))
+    print(table(record["means_ms"], names, record["spread"]))
     return 1 if record["failed"] else 0
 
 
