@@ -807,7 +807,7 @@ __global__ void __launch_bounds__(256, 3) quantize_fast(const T* __restrict__ W,
   const int64_t tasks = rows * segs, warps = (int64_t)gridDim.x * (blockDim.x >> 5);
   const int64_t w = (int64_t)blockIdx.x * (blockDim.x >> 5) + wib, per = tasks / warps, extra = tasks % warps;
   const int64_t first = w * per + min(w, extra);
-  // 32-bit loop counters (a warp's task count needs a weight of over 2^45 elements to overflow): the registers they
+  // 32-bit loop counters (a warp's task count needs a weight of over 2^44 elements to overflow): the registers they
   // save keep pack_bases from spilling loop state at every task, which cost the 1.75-bit mix 3-4% (fourteenth round).
   int n = (int)(per + (w < extra ? 1 : 0)), seg = (int)(first % segs);
   int64_t r = first / segs, cur = -1;
