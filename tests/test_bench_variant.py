@@ -1,0 +1,92 @@
+"""bench/variant.py: a library built from the baseline build's own commands with some sources swapped.
+
+The integration tests use the repository's `build/` directory (`make build`, which CI runs before pytest): the CPU
+library always, the CUDA library where the build has it (CI compiles it; nvcc is there). The baseline build and its
+library are checked to stay untouched.
+"""
+
+import ctypes
+import hashlib
+import json
+import os
+
+import pytest
+
+from bitsandbytes_lowra.bench import variant
+
+BUILD = variant.ROOT / "build"
+PROBE = '\nextern "C" __attribute__((visibility("default"))) int lowra_variant_probe() { return 42; }\n'
+
+
+def test_header_changes_rebuild_everything_and_other_sources_nothing():
+    sources = ["csrc/c_api.cpp", "csrc/cuda_gemv1.cu", "csrc/cuda_kernels.cu"]
+    assert variant.to_rebuild(["csrc/cuda_kernels.cu"], sources) == ["csrc/cuda_kernels.cu"]
+    assert variant.to_rebuild(["csrc/cuda_common.cuh", "csrc/cuda_gemv1.cu"], sources) == sorted(sources)
+    assert variant.to_rebuild(["csrc/tests/test_kernels.cu"], sources) == []  # not in the library
+
+
+def test_compile_args_take_the_variant_source_and_object_without_dependency_files(tmp_path):
+    entry = {"directory": "/b", "file": "/r/csrc/x.cu", "output": "CMakeFiles/t.dir/csrc/x.cu.o",
+             "command": "nvcc -O3 -MD -MT CMakeFiles/t.dir/csrc/x.cu.o -MF dep.d -x cu -c /r/csrc/x.cu "
+                        "-o CMakeFiles/t.dir/csrc/x.cu.o"}
+    args = variant.compile_args(entry, tmp_path / "x.cu", tmp_path / "x.o")
+    assert args == ["nvcc", "-O3", "-x", "cu", "-c", str(tmp_path / "x.cu"), "-o", str(tmp_path / "x.o")]
+    assert variant.entry_output(entry) == variant.Path("/b/CMakeFiles/t.dir/csrc/x.cu.o")
+
+
+def _build_or_skip(target: str) -> None:
+    db = BUILD / "compile_commands.json"
+    if not db.is_file():
+        if os.environ.get("CI"):  # CI always builds first (make test): a missing database is a failure there
+            pytest.fail(f"{db} missing: CMakeLists.txt should export it")
+        pytest.skip("needs the repository's build/ (make build)")
+    if not any(f"CMakeFiles/{target}.dir/" in e.get("output", "") for e in json.loads(db.read_text())):
+        pytest.skip(f"build/ has no {target} (the CUDA library needs nvcc)")
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("target, source", [("cpu", "csrc/c_api.cpp"), ("cuda", "csrc/cuda_gemv1.cu")])
+def test_a_swapped_source_is_compiled_and_linked_beside_the_untouched_build(target, source, tmp_path, capsys):
+    name = variant.TARGETS[target]
+    _build_or_skip(name)
+    own = variant.ROOT / "bitsandbytes_lowra" / f"lib{name}.so"
+    before = _digest(own)
+    swapped = tmp_path / "swapped.src"
+    swapped.write_text((variant.ROOT / source).read_text() + PROBE)
+    out = tmp_path / "variants" / "lib_probe.so"
+    assert variant.main(["--build", str(BUILD), "--target", target, "--file", f"{source}={swapped}",
+                         "-o", str(out)]) == 0
+    assert f"compiling {source}" in capsys.readouterr().out
+    lib = ctypes.CDLL(str(out))
+    assert lib.lowra_variant_probe() == 42  # the swapped source is in it
+    assert hasattr(lib, "lowra_quantize_cpu")  # and the build's other objects
+    assert _digest(own) == before
+
+
+def test_errors_name_the_problem(tmp_path, capsys):
+    empty = tmp_path / "empty-build"
+    empty.mkdir()
+    src = tmp_path / "x.cu"
+    src.write_text("// nothing\n")
+    assert variant.main(["--build", str(empty), "--file", f"csrc/cuda_gemv1.cu={src}", "-o", str(tmp_path / "a.so")]) == 2
+    assert "compile_commands.json not found" in capsys.readouterr().err
+    assert variant.main(["--build", str(empty), "--ref", "no-such-ref-here", "-o", str(tmp_path / "a.so")]) == 2
+    assert "no-such-ref-here" in capsys.readouterr().err
+    assert variant.main(["--build", str(empty), "--file", f"csrc/cuda_gemv1.cu={src}",
+                         "-o", str(variant.ROOT / "bitsandbytes_lowra" / "libbitsandbytes_lowra_cuda.so")]) == 2
+    assert "outside the package" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        variant.main(["--build", str(empty), "--file", "csrc/x.cu", "-o", "a.so"])
+    assert "wants csrc/PATH=LOCAL_FILE" in capsys.readouterr().err
+
+
+def test_a_change_outside_the_library_builds_nothing(tmp_path, capsys):
+    _build_or_skip(variant.TARGETS["cpu"])
+    src = tmp_path / "t.cu"
+    src.write_text("// a test source\n")
+    assert variant.main(["--build", str(BUILD), "--target", "cpu", "--file", f"csrc/tests/new_test.cu={src}",
+                         "-o", str(tmp_path / "a.so")]) == 2
+    assert "no source of bitsandbytes_lowra_cpu differs" in capsys.readouterr().err
