@@ -71,16 +71,26 @@ def test_errors_name_the_problem(tmp_path, capsys):
     empty.mkdir()
     src = tmp_path / "x.cu"
     src.write_text("// nothing\n")
-    assert variant.main(["--build", str(empty), "--file", f"csrc/cuda_gemv1.cu={src}", "-o", str(tmp_path / "a.so")]) == 2
+    swap = f"csrc/cuda_gemv1.cu={src}"
+    assert variant.main(["--build", str(empty), "--file", swap, "-o", str(tmp_path / "a.so")]) == 2
     assert "compile_commands.json not found" in capsys.readouterr().err
     assert variant.main(["--build", str(empty), "--ref", "no-such-ref-here", "-o", str(tmp_path / "a.so")]) == 2
     assert "no-such-ref-here" in capsys.readouterr().err
-    assert variant.main(["--build", str(empty), "--file", f"csrc/cuda_gemv1.cu={src}",
+    assert variant.main(["--build", str(empty), "--file", swap,
                          "-o", str(variant.ROOT / "bitsandbytes_lowra" / "libbitsandbytes_lowra_cuda.so")]) == 2
     assert "outside the package" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         variant.main(["--build", str(empty), "--file", "csrc/x.cu", "-o", "a.so"])
     assert "wants csrc/PATH=LOCAL_FILE" in capsys.readouterr().err
+
+
+def test_an_installed_package_without_sources_is_told_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(variant, "ROOT", tmp_path)  # as in site-packages: no csrc/ beside the package
+    src = tmp_path / "x.cu"
+    src.write_text("// nothing\n")
+    swap = f"csrc/cuda_gemv1.cu={src}"
+    assert variant.main(["--build", str(tmp_path), "--file", swap, "-o", str(tmp_path / "o.so")]) == 2
+    assert "run from a source checkout" in capsys.readouterr().err
 
 
 def test_a_change_outside_the_library_builds_nothing(tmp_path, capsys):

@@ -127,6 +127,8 @@ def build_variant(build: Path, target: str, changes: dict[str, bytes | None], ou
                   log=print) -> list[str]:
     """Compile the sources `changes` touches (repository-relative path -> new content, None = deleted) and link
     the library to `output`. Returns the sources compiled."""
+    if not (ROOT / "csrc").is_dir():
+        raise VariantError(f"{ROOT} has no csrc/: run from a source checkout, not an installed package")
     build = build.resolve()
     commands = target_commands(build, target)
     unknown = [p for p in changes if not p.startswith("csrc/")]
