@@ -493,8 +493,8 @@ __global__ void __launch_bounds__(256, 5) dequantize_stream(const uint8_t* __res
 // Fast quantize: blocksize a power of two in [8, 256] (a block is blocksize / 8 consecutive lanes of a warp), cols
 // a multiple of 8 and a 16-byte aligned weight.
 
-// Warp task = (row, segment of kQChunks<T> * 256 elements): lane l quantizes the 8-element chunks
-// seg * kQChunks * 256 + q * 256 + 8 l, loading all of them (128 bytes per lane) before any use. Warps walk their
+// Warp task = (row, segment of kQChunks<T, LB> * 256 elements): lane l quantizes the 8-element chunks
+// seg * kQChunks * 256 + q * 256 + 8 l, loading all of them (LB = 128 or 64 bytes per lane) before any use. Warps walk their
 // tasks with a fixed (rows, segments) stride, as dequantize does, and set up a row's thresholds only when the row
 // changes.
 template <typename T>
@@ -540,17 +540,21 @@ struct QIn<__nv_bfloat16> {
   }
 };
 
-template <typename T>
-constexpr int kQChunks = 128 / sizeof(QIn<T>);  // 8 chunks of 2-byte weights, 4 of float
+// LB = bytes of weights a lane loads per task: 128 (8 chunks of 2-byte weights, 4 of float) when every row has one
+// precision, 64 when rows mix precisions. A mix runs three precisions' unrolled bodies on every SM at once and waits
+// on instruction fetch (ncu, fourteenth round: 4.0 cycles per issue, 0.2 for all rows 4-bit); 64 bytes per lane
+// halves the bodies (tenth round: 12-20% off the mix, 5-7% onto all-4-bit large layers).
+template <typename T, int LB = 128>
+constexpr int kQChunks = LB / sizeof(QIn<T>);
 // 1- and 2-bit rows encode their chunks in two passes of one unrolled half-body, so that the three precisions'
 // hot loops fit the instruction cache together: a mix of precisions was bound by instruction fetch (ncu, sixth
 // round), and this took 16-29% off the 1.75-bit mix. 4-bit rows keep one pass: alone (all rows 4-bit) their body
 // is the only hot one, and halving it cost them 8-10% (docs/benchmarks.md, tenth round). The mix is still fetch-bound
 // (ncu, fourteenth round: 4.0 cycles per issue wait for instructions, against 0.2 for all rows 4-bit).
-template <int B>
-constexpr int kQPasses = B <= 2 ? 2 : 1;
-template <typename T>
-constexpr int kQSegElems = kQChunks<T> * 256;
+template <int B, int LB>
+constexpr int kQPasses = B <= 2 && LB == 128 ? 2 : 1;
+template <typename T, int LB = 128>
+constexpr int kQSegElems = kQChunks<T, LB> * 256;
 
 // Encoding. The reference encodes v = RN(x / a) (a = the block's absmax) as #{thresholds t < v}. The fast path never
 // forms v: with y = rcp.approx(a) once per block (within 1 ulp of 1/a) and a in [2^-120, 2^120], q = RN(x y) lies
@@ -717,18 +721,18 @@ __device__ __noinline__ uint32_t encode_exact(F8 x, float amax, QRow s) {
 // the number of padded columns from the lane's first chunk on (chunks at or past the padding write nothing; their
 // encoding is not skipped: a per-chunk break measured 2-7% slower everywhere but on short last segments).
 // GS = log2(lanes per block) when fixed at compile time (3: blocksize 64), else -1 and group_shift has it.
-template <typename T, int B, int GS>
-__device__ __forceinline__ void quantize_task(QIn<T> (&in)[kQChunks<T>], int lane, int group_shift,
+template <typename T, int LB, int B, int GS>
+__device__ __forceinline__ void quantize_task(QIn<T> (&in)[kQChunks<T, LB>], int lane, int group_shift,
                                               const QRow& s, uint8_t* __restrict__ out, bool al,
                                               float* __restrict__ am, int64_t left) {
   if (GS >= 0) group_shift = GS;
   const int group = 1 << group_shift;  // lanes per block
-  constexpr int kPer = kQChunks<T> / kQPasses<B>;
+  constexpr int kPer = kQChunks<T, LB> / kQPasses<B, LB>;
 #pragma unroll 1
-  for (int h = 0; h < kQPasses<B>; ++h) {
+  for (int h = 0; h < kQPasses<B, LB>; ++h) {
     if (h) {  // the next kPer chunks move down (register moves), so one unrolled body serves every pass
 #pragma unroll
-      for (int q = 0; q + kPer < kQChunks<T>; ++q) in[q] = in[q + kPer];
+      for (int q = 0; q + kPer < kQChunks<T, LB>; ++q) in[q] = in[q + kPer];
       out += kPer * 32 * B;
       am += kPer << (5 - group_shift);
       left -= kPer * 256;
@@ -787,7 +791,7 @@ __device__ __forceinline__ void quantize_task(QIn<T> (&in)[kQChunks<T>], int lan
 
 // Warps take contiguous runs of (row, segment) tasks, so a warp sets a row up (thresholds, and the bins for 4 bits)
 // about once per row rather than once per task.
-template <typename T, int GS>
+template <typename T, int GS, int LB>
 __global__ void __launch_bounds__(256, 3) quantize_fast(const T* __restrict__ W, int64_t rows, int64_t cols,
                                                      int64_t blocksize, int64_t pc, int64_t segs,
                                                      const uint8_t* __restrict__ bits,
@@ -818,10 +822,10 @@ __global__ void __launch_bounds__(256, 3) quantize_fast(const T* __restrict__ W,
       if (lane == 0 && seg == 0) count_skipped_row();
       continue;
     }
-    const int64_t j_seg = seg * kQSegElems<T>;
-    QIn<T> in[kQChunks<T>];
+    const int64_t j_seg = seg * kQSegElems<T, LB>;
+    QIn<T> in[kQChunks<T, LB>];
 #pragma unroll
-    for (int q = 0; q < kQChunks<T>; ++q) {  // all loads first (before the metadata, or L2 prefetch: not faster)
+    for (int q = 0; q < kQChunks<T, LB>; ++q) {  // all loads first (before the metadata, or L2 prefetch: not faster)
       const int64_t j0 = j_seg + q * 256 + 8 * lane;
       if (j0 < cols) in[q].load(W + r * cols + j0);
       else in[q].zero();
@@ -850,9 +854,9 @@ __global__ void __launch_bounds__(256, 3) quantize_fast(const T* __restrict__ W,
     uint8_t* out = row + (j >> 3) * b;
     float* am = absmax + r * nb + (j >> (group_shift + 3));
     const int64_t left = pc - j;
-    if (b == 1) quantize_task<T, 1, GS>(in, lane, group_shift, s, out, al, am, left);
-    else if (b == 2) quantize_task<T, 2, GS>(in, lane, group_shift, s, out, al, am, left);
-    else quantize_task<T, 4, GS>(in, lane, group_shift, s, out, al, am, left);
+    if (b == 1) quantize_task<T, LB, 1, GS>(in, lane, group_shift, s, out, al, am, left);
+    else if (b == 2) quantize_task<T, LB, 2, GS>(in, lane, group_shift, s, out, al, am, left);
+    else quantize_task<T, LB, 4, GS>(in, lane, group_shift, s, out, al, am, left);
   }
 }
 
@@ -907,12 +911,23 @@ int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t 
   const int64_t pc = padded_cols(cols, blocksize);
   const bool pow2 = (blocksize & (blocksize - 1)) == 0;
   if (pow2 && blocksize <= 256 && cols % 8 == 0 && aligned(W, 16)) {
+    // One precision for every row, as far as the buffer size tells (the byte count of all rows at 4, 2 or 1 bits, or
+    // a larger buffer): 128 bytes per lane, else 64 (see kQChunks). A mix taken for uniform keeps the wide layout.
+    const int64_t bytes4 = rows * (pc / 2);
+    const bool uniform = packed_bytes >= bytes4 || packed_bytes * 2 == bytes4 || packed_bytes * 4 == bytes4;
+#define LOWRA_QF3(T, GS, LB)                                                                                         \
+  do {                                                                                                               \
+    const int64_t segs = (pc + kQSegElems<T, LB> - 1) / kQSegElems<T, LB>;                                           \
+    quantize_fast<T, GS, LB><<<resident_grid(quantize_fast<T, GS, LB>, rows * segs, 8), 256, 0, stream>>>(           \
+        (const T*)W, rows, cols, blocksize, pc, segs, bits, thresholds, row_offsets, packed, packed_bytes, absmax);   \
+  } while (0)
 #define LOWRA_QF2(T, GS)                                                                                             \
-  quantize_fast<T, GS><<<resident_grid(quantize_fast<T, GS>, rows * segs, 8), 256, 0, stream>>>(                     \
-      (const T*)W, rows, cols, blocksize, pc, segs, bits, thresholds, row_offsets, packed, packed_bytes, absmax)
+  do {                                                                                                               \
+    if (uniform) LOWRA_QF3(T, GS, 128);                                                                              \
+    else LOWRA_QF3(T, GS, 64);                                                                                       \
+  } while (0)
 #define LOWRA_QF(T)                                                                                                  \
   do {                                                                                                               \
-    const int64_t segs = (pc + kQSegElems<T> - 1) / kQSegElems<T>;                                                   \
     if (blocksize == 64) LOWRA_QF2(T, 3);                                                                            \
     else LOWRA_QF2(T, -1);                                                                                           \
   } while (0)
@@ -921,6 +936,7 @@ int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t 
     else LOWRA_QF(float);
 #undef LOWRA_QF
 #undef LOWRA_QF2
+#undef LOWRA_QF3
   } else {
     quantize_generic<<<(unsigned)rows, 256, 0, stream>>>(W, dtype, cols, blocksize, pc, bits, thresholds, row_offsets,
                                                          packed, packed_bytes, absmax);
