@@ -137,6 +137,32 @@ def test_cuda_quantize_dequantize_bit_identical(shape, dtype):
 
 
 @cuda
+@pytest.mark.parametrize("shape", [(64, 4096, 64), (5, 11008, 64), (130, 264, 8), (33, 100, 64), (7, 1536, 32)])
+def test_cuda_quantize_both_lane_widths_on_a_mix(shape):
+    """Rows of mixed precision take 64 bytes per lane; a buffer of all rows' 4-bit size (or larger) takes the
+    uniform launch's 128. Both are bit-identical to the reference, and bytes past the rows stay untouched."""
+    rows, cols, bs = shape
+    pc = -(-cols // bs) * bs
+    uniform_sizes = {rows * pc // 8, rows * pc // 4, rows * pc // 2}  # what the launcher reads as one precision
+    seed = rows + cols
+    while True:  # the first seed whose rows are a mix by the launcher's test too
+        W, bits, code, thr, off = make_case(rows, cols, bs, torch.bfloat16, seed=seed, mix=(1, 2, 4))
+        if int(off[-1]) not in uniform_sizes:
+            break
+        seed += 1
+    ref_packed, ref_absmax = reference.quantize(W, bits, thr, off, bs)
+    d = [t.cuda() for t in (W, bits, thr, off)]
+    for nbytes in (ref_packed.numel(), rows * pc // 2 + 64):
+        packed = torch.full((nbytes,), 0xAB, dtype=torch.uint8, device="cuda")
+        absmax = torch.empty_like(ref_absmax, device="cuda")
+        torch.ops.lowra.quantize.out(*d, bs, packed=packed, absmax=absmax)
+        n = ref_packed.numel()
+        assert torch.equal(packed[:n].cpu(), ref_packed), f"packed differs ({nbytes}-byte buffer)"
+        assert torch.equal(absmax.cpu(), ref_absmax), f"absmax differs ({nbytes}-byte buffer)"
+        assert bool((packed[n:] == 0xAB).all()), f"bytes past the rows written ({nbytes}-byte buffer)"
+
+
+@cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_unaligned_views_take_the_safe_paths(dtype):
     """A weight view starting one element in, and an output view likewise: byte-wise and scalar paths."""
