@@ -557,12 +557,12 @@ template <typename T, int LB = 128>
 constexpr int kQSegElems = kQChunks<T, LB> * 256;
 
 // Encoding. The reference encodes v = RN(x / a) (a = the block's absmax) as #{thresholds t < v}. The fast path never
-// forms v: with y = rcp.approx(a) once per block (within 1 ulp of 1/a) and a in [2^-120, 2^120], q = RN(x y) lies
-// within 2^-22 of v for every |x| <= a (a y = 1 + e with |e| <= 2^-23, so |x y - x/a| <= 2^-23; rounding q adds at
-// most 2^-24 and rounding v at most 2^-25; subnormal results err less). So q > t decides v > t whenever
-// |q - t| > kNear = 2^-21 (kNear4 at 4 bits, below). A chunk with an element nearer than that to a threshold it is
-// compared with (or NaN, or a block maximum outside the range) is recomputed exactly: __fdiv_rn, then the binary
-// search of encode4 / encode12.
+// forms v, nor even q = x y: with y = rcp.approx(a) once per block (within 1 ulp of 1/a) and a in [2^-120, 2^100],
+// the exact product x y lies within 2^-23 of x/a for every |x| <= a (a y = 1 + e with |e| <= 2^-23), and v within
+// 2^-25 of x/a. Each comparison with a threshold t is one FMA, d = RN(x y - t), whose sign decides v > t whenever
+// |d| > kNear = 2^-21 (kNear4 at 4 bits, below): one instruction per element less than forming q first. A chunk with
+// an element nearer than that to a threshold it is compared with (or NaN, or a block maximum outside the range) is
+// recomputed exactly: __fdiv_rn, then the binary search of encode4 / encode12.
 // Ordinary weights send a few chunks in 10^5 there; the adversarial tests (tests/test_quantize_exact.py) send many.
 constexpr float kNear = 0x1p-21f;
 
@@ -593,29 +593,39 @@ __device__ __forceinline__ uint32_t encode4(float v, float n1, float n2, float n
   return a;
 }
 
-// The code of v for B = 1 or 2 (thresholds t0 = node 2 and t2 = node 3 around the median n1 for B = 2). With
-// `near` it is the fast path on q: it also records whether q is within kNear of a threshold it compared with.
+// The code of v for B = 1 or 2 (thresholds t0 = node 2 and t2 = node 3 around the median n1 for B = 2).
 template <int B>
-__device__ __forceinline__ uint32_t encode12(float v, float n1, float n2, float n3, bool* near = nullptr) {
+__device__ __forceinline__ uint32_t encode12(float v, float n1, float n2, float n3) {
   const bool p1 = v > n1;
-  if (near) *near |= !(fabsf(v - n1) > kNear);
   if (B == 1) return p1;
-  const float t = p1 ? n3 : n2;
-  if (near) *near |= !(fabsf(v - t) > kNear);
-  return (p1 ? 2u : 0u) + (v > t);
+  return (p1 ? 2u : 0u) + (v > (p1 ? n3 : n2));
 }
 
-// Fast 4-bit encoding through a per-warp table of kQBins one-word bins, bin k = RN(128 q + 130): one FMA of q 2^-15
-// onto 2 + 130 2^-22 leaves k in the low bits (the float grid in [2, 4) is 2^-22 apart), and the bits of 2.0,
+// The same code on the fast path, from x and y = ~1/a: each comparison is the sign of RN(x y - t), and `near`
+// records whether that difference was within kNear.
+template <int B>
+__device__ __forceinline__ uint32_t encode12_fast(float x, float y, float n1, float n2, float n3, bool& near) {
+  const float d1 = __fmaf_rn(x, y, -n1);
+  near |= !(fabsf(d1) > kNear);
+  const bool p1 = d1 > 0.0f;
+  if (B == 1) return p1;
+  const float d2 = __fmaf_rn(x, y, -(p1 ? n3 : n2));
+  near |= !(fabsf(d2) > kNear);
+  return (p1 ? 2u : 0u) + (d2 > 0.0f);
+}
+
+// Fast 4-bit encoding through a per-warp table of kQBins one-word bins, bin k = RN(128 q + 130) with q = x y exact:
+// one FMA of x (y 2^-15) onto 2 + 130 2^-22 leaves k in the low bits (the float grid in [2, 4) is 2^-22 apart), and the bits of 2.0,
 // 0x40000000, vanish from the bin's byte offset 4 k mod 2^32. Bin k holds the q in [L, H] = [(k - 130.5) / 128,
 // (k - 129.5) / 128], so v lies inside (L - kNear, H + kNear). Its word is the bits of the only threshold t in
 // [L - kNear, H + kNear) (2^100 when none; NaN when several, which sends the bin's elements to the exact path) with
 // base = #{t < L - kNear} in the low 4 bits, where a float16 threshold has 13 zero bits. Then code = base + (v > t).
 // Those 4 bits move t by at most 15 ulps (|t| < 1.25 in a bin: under 2^-19), so q decides v > t when it is more
-// than kNear4 = 2^-18 from the stored value. |q| <= 1 + 2^-23 keeps k in [2, 258]; NaN and infinite q are clamped
-// to the last bin, where q - t is NaN or the block is already on the exact path. 288 = 9 bins per lane to build.
+// than kNear4 = 2^-18 from the stored value. |q| <= 1 + 2^-23 keeps k in [2, 258] with no clamp: the only other
+// result, a NaN x (or an infinite one, whose block maximum is out of range, so y = 0), makes the FMA's canonical NaN
+// 0x7fffffff, word address bins - 4 (the table's last threshold word, in the same shared buffer), and its x y - t is
+// NaN, which sends the chunk to the exact path. (y 2^-15 stays normal: a <= 2^100.) 288 = 9 bins per lane to build.
 constexpr int kQBins = 288;
-constexpr uint32_t kBinMagic = 0x40000000u;     // the bits of 2.0
 constexpr float kNear4 = 0x1p-18f;
 constexpr uint32_t kNoThreshold = 0x71800000u;  // 2^100: above every q
 struct QBins {
@@ -658,13 +668,13 @@ __device__ __forceinline__ void build_bins(QBins& b, float t, int lane) {
   for (int s = 0; s < 9; ++s) b.e[k0 + s] = __float_as_uint(b.t[k0 + s]) | (lanes - run + incl[s]);
 }
 
-// The bin words of 8 values, all loads issued before any is used; `bins` is the warp's word table (shared address).
-__device__ __forceinline__ void load_bins(const float (&q)[8], uint32_t bins, uint32_t (&w)[8]) {
+// The bin words of 8 elements x with y15 = y 2^-15, all loads issued before any is used; `bins` is the warp's word
+// table (shared address).
+__device__ __forceinline__ void load_bins(const float (&x)[8], float y15, uint32_t bins, uint32_t (&w)[8]) {
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
-    const float f = __fmaf_rn(q[e], 0x1p-15f, 2.0f + 130.0f * 0x1p-22f);
-    const uint32_t k = min(__float_as_uint(f), kBinMagic + (kQBins - 1));
-    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(w[e]) : "r"(k * 4 + bins) : "memory");
+    const float f = __fmaf_rn(x[e], y15, 2.0f + 130.0f * 0x1p-22f);
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(w[e]) : "r"(__float_as_uint(f) * 4 + bins) : "memory");
   }
 }
 
@@ -677,13 +687,13 @@ __device__ __forceinline__ uint32_t pack_bases(const uint32_t (&w)[8]) {
   return __byte_perm(__byte_perm(x01, x23, 0x40u), __byte_perm(x45, x67, 0x40u), 0x5410u);
 }
 
-// Adds 1 << shift to word where the value is above its bin's threshold.
-__device__ __forceinline__ void encode4_fast(float q, uint32_t w, int shift, uint32_t& word, bool& near) {
-  const float t = __uint_as_float(w);
-  near |= !(fabsf(q - t) > kNear4);
-  asm("{\n\t.reg .pred p;\n\tsetp.gt.f32 p, %1, %2;\n\t@p add.u32 %0, %0, %3;\n\t}"  // C++ makes it a select
+// Adds 1 << shift to word where x y is above its bin's threshold.
+__device__ __forceinline__ void encode4_fast(float x, float y, uint32_t w, int shift, uint32_t& word, bool& near) {
+  const float d = __fmaf_rn(x, y, -__uint_as_float(w));
+  near |= !(fabsf(d) > kNear4);
+  asm("{\n\t.reg .pred p;\n\tsetp.gt.f32 p, %1, 0f00000000;\n\t@p add.u32 %0, %0, %2;\n\t}"  // C++: a select
       : "+r"(word)
-      : "f"(q), "f"(t), "r"(1u << shift));
+      : "f"(d), "r"(1u << shift));
 }
 
 // A row's encoding state: the Eytzinger nodes 1..3, the lane's own node, the node table and the 4-bit bins.
@@ -752,22 +762,19 @@ __device__ __forceinline__ void quantize_task(QIn<T> (&in)[kQChunks<T, LB>], int
       }
       float y;  // ftz changes nothing for the normal amax the fast path uses
       asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(amax));
-      const bool in_range = amax >= 0x1p-120f && amax <= 0x1p120f;
-      if (!in_range) y = 0.0f;  // q = 0 (exactly v when amax = 0, as in padding), or NaN; either stays in the bins
+      const bool in_range = amax >= 0x1p-120f && amax <= 0x1p100f;
+      if (!in_range) y = 0.0f;  // x y = 0 (exactly v when amax = 0, as in padding), or NaN; either stays in the bins
       bool near = !in_range && amax != 0.0f;
       uint32_t word = 0;
-      float v[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] = __fmul_rn(x.v[e], y);
       if (B == 4) {
         uint32_t w[8];
-        load_bins(v, s.bins, w);
+        load_bins(x.v, y * 0x1p-15f, s.bins, w);
         word = pack_bases(w);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) encode4_fast(v[e], w[e], 4 * e, word, near);
+        for (int e = 0; e < 8; ++e) encode4_fast(x.v[e], y, w[e], 4 * e, word, near);
       } else {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) word |= encode12<B>(v[e], s.n1, s.n2, s.n3, &near) << (e * B);
+        for (int e = 0; e < 8; ++e) word |= encode12_fast<B>(x.v[e], y, s.n1, s.n2, s.n3, near) << (e * B);
       }
       if (__any_sync(kFull, near)) {
         const uint32_t exact = encode_exact<B>(x, amax, s);
