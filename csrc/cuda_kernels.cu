@@ -678,7 +678,7 @@ __device__ __forceinline__ void load_bins(const float (&x)[8], float y15, uint32
   }
 }
 
-// The base codes of 8 bin words as one packed word (nibble e = element e): bits 4-12 of a word are zero (the
+// The codes of 8 bin words as one packed word (nibble e = element e): bits 4-12 of a word are zero (the
 // threshold is a float16's float32 bits), so w0 + (w1 << 4) has both bases in its low byte, and three byte permutes
 // gather the four bytes. 7 instructions instead of a mask and a shift-add per element: 4-bit quantize 7-8% faster.
 __device__ __forceinline__ uint32_t pack_bases(const uint32_t (&w)[8]) {
@@ -687,13 +687,12 @@ __device__ __forceinline__ uint32_t pack_bases(const uint32_t (&w)[8]) {
   return __byte_perm(__byte_perm(x01, x23, 0x40u), __byte_perm(x45, x67, 0x40u), 0x5410u);
 }
 
-// Adds 1 << shift to word where x y is above its bin's threshold.
-__device__ __forceinline__ void encode4_fast(float x, float y, uint32_t w, int shift, uint32_t& word, bool& near) {
-  const float d = __fmaf_rn(x, y, -__uint_as_float(w));
+// The bin word w with its base raised to the code: + 1 where x y is above the bin's threshold t, which is the sign
+// bit of t - x y (one LEA.HI; a zero or NaN difference is near). The bits above the base stay those of t.
+__device__ __forceinline__ uint32_t encode4_fast(float x, float y, uint32_t w, bool& near) {
+  const float d = __fmaf_rn(-x, y, __uint_as_float(w));
   near |= !(fabsf(d) > kNear4);
-  asm("{\n\t.reg .pred p;\n\tsetp.gt.f32 p, %1, 0f00000000;\n\t@p add.u32 %0, %0, %2;\n\t}"  // C++: a select
-      : "+r"(word)
-      : "f"(d), "r"(1u << shift));
+  return w + (__float_as_uint(d) >> 31);
 }
 
 // A row's encoding state: the Eytzinger nodes 1..3, the lane's own node, the node table and the 4-bit bins.
@@ -769,9 +768,9 @@ __device__ __forceinline__ void quantize_task(QIn<T> (&in)[kQChunks<T, LB>], int
       if (B == 4) {
         uint32_t w[8];
         load_bins(x.v, y * 0x1p-15f, s.bins, w);
-        word = pack_bases(w);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) encode4_fast(x.v[e], y, w[e], 4 * e, word, near);
+        for (int e = 0; e < 8; ++e) w[e] = encode4_fast(x.v[e], y, w[e], near);
+        word = pack_bases(w);
       } else {
 #pragma unroll
         for (int e = 0; e < 8; ++e) word |= encode12_fast<B>(x.v[e], y, s.n1, s.n2, s.n3, near) << (e * B);
