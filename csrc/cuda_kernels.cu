@@ -730,7 +730,7 @@ __device__ __noinline__ uint32_t encode_exact(F8 x, float amax, QRow s) {
 // the number of padded columns from the lane's first chunk on (chunks at or past the padding write nothing; their
 // encoding is not skipped: a per-chunk break measured 2-7% slower everywhere but on short last segments).
 // GS = log2(lanes per block) when fixed at compile time (3: blocksize 64), else -1 and group_shift has it.
-template <typename T, int LB, int B, int GS>
+template <typename T, int LB, int B, int GS, bool AL>
 __device__ __forceinline__ void quantize_task(QIn<T> (&in)[kQChunks<T, LB>], int lane, int group_shift,
                                               const QRow& s, uint8_t* __restrict__ out, bool al,
                                               float* __restrict__ am, int64_t left) {
@@ -782,7 +782,7 @@ __device__ __forceinline__ void quantize_task(QIn<T> (&in)[kQChunks<T, LB>], int
       if (q * 256 < left) {
         if ((lane & (group - 1)) == 0) am[q << (5 - group_shift)] = amax;
         uint8_t* p = out + q * 32 * B;
-        if (al) {
+        if (AL || al) {
           if (B == 4) *reinterpret_cast<uint32_t*>(p) = word;
           else if (B == 2) *reinterpret_cast<uint16_t*>(p) = (uint16_t)word;
           else *p = (uint8_t)word;
@@ -860,9 +860,13 @@ __global__ void __launch_bounds__(256, 3) quantize_fast(const T* __restrict__ W,
     uint8_t* out = row + (j >> 3) * b;
     float* am = absmax + r * nb + (j >> (group_shift + 3));
     const int64_t left = pc - j;
-    if (b == 1) quantize_task<T, LB, 1, GS>(in, lane, group_shift, s, out, al, am, left);
-    else if (b == 2) quantize_task<T, LB, 2, GS>(in, lane, group_shift, s, out, al, am, left);
-    else quantize_task<T, LB, 4, GS>(in, lane, group_shift, s, out, al, am, left);
+    // aligned rows (all of them in the usual layouts) get bodies without the byte-store fallback: 7 predicated
+    // instructions per chunk that issue even when their predicate is off
+    if (b == 1) quantize_task<T, LB, 1, GS, true>(in, lane, group_shift, s, out, true, am, left);
+    else if (b == 2 && al) quantize_task<T, LB, 2, GS, true>(in, lane, group_shift, s, out, true, am, left);
+    else if (b == 2) quantize_task<T, LB, 2, GS, false>(in, lane, group_shift, s, out, false, am, left);
+    else if (al) quantize_task<T, LB, 4, GS, true>(in, lane, group_shift, s, out, true, am, left);
+    else quantize_task<T, LB, 4, GS, false>(in, lane, group_shift, s, out, false, am, left);
   }
 }
 
