@@ -543,7 +543,7 @@ struct QIn<__nv_bfloat16> {
 // LB = bytes of weights a lane loads per task: 128 (8 chunks of 2-byte weights, 4 of float) when every row has one
 // precision, 64 when rows mix precisions. A mix runs three precisions' unrolled bodies on every SM at once and waits
 // on instruction fetch (ncu, fourteenth round: 4.0 cycles per issue, 0.2 for all rows 4-bit); 64 bytes per lane
-// halves the bodies (tenth round: 12-20% off the mix, 5-7% onto all-4-bit large layers).
+// halves the bodies (fifteenth round: 14-25% off the mix; tenth round: 5-7% onto all-4-bit large layers).
 template <typename T, int LB = 128>
 constexpr int kQChunks = LB / sizeof(QIn<T>);
 // 1- and 2-bit rows encode their chunks in two passes of one unrolled half-body, so that the three precisions'
@@ -728,7 +728,8 @@ __device__ __noinline__ uint32_t encode_exact(F8 x, float amax, QRow s) {
 
 // One warp task of precision B. `out` and `am` point at the lane's first chunk's codes and block maximum; `left` is
 // the number of padded columns from the lane's first chunk on (chunks at or past the padding write nothing; their
-// encoding is not skipped: a per-chunk break measured 2-7% slower everywhere but on short last segments).
+// encoding is not skipped: a per-chunk break measured 2-7% slower everywhere but on short last segments, and 64
+// bytes per lane for rows whose last segment is mostly padding 1% slower on 4096x11008, fifteenth round).
 // GS = log2(lanes per block) when fixed at compile time (3: blocksize 64), else -1 and group_shift has it.
 template <typename T, int LB, int B, int GS, bool AL>
 __device__ __forceinline__ void quantize_task(QIn<T> (&in)[kQChunks<T, LB>], int lane, int group_shift,
