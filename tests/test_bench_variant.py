@@ -84,6 +84,16 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert "wants csrc/PATH=LOCAL_FILE" in capsys.readouterr().err
 
 
+def test_a_ninja_build_without_the_target_is_told_so(tmp_path, monkeypatch):
+    (tmp_path / "build.ninja").write_text("# no rules\n")
+    fake = tmp_path / "ninja"  # stands in for ninja: fails the way it does for an unknown target
+    fake.write_text("#!/bin/sh\necho \"ninja: error: unknown target 'bitsandbytes_lowra_cuda'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(variant.shutil, "which", lambda name: str(fake))
+    with pytest.raises(variant.VariantError, match="unknown target 'bitsandbytes_lowra_cuda'"):
+        variant.link_command(tmp_path, "bitsandbytes_lowra_cuda")
+
+
 def test_an_installed_package_without_sources_is_told_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(variant, "ROOT", tmp_path)  # as in site-packages: no csrc/ beside the package
     src = tmp_path / "x.cu"

@@ -65,8 +65,11 @@ def link_command(build: Path, target: str) -> list[str]:
         ninja = shutil.which("ninja")
         if ninja is None:
             raise VariantError("the build uses Ninja but no ninja is on PATH")
-        lines = subprocess.run([ninja, "-C", str(build), "-t", "commands", target], capture_output=True, text=True,
-                               check=True).stdout.strip().splitlines()
+        proc = subprocess.run([ninja, "-C", str(build), "-t", "commands", target], capture_output=True, text=True)
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            raise VariantError(f"ninja -C {build} -t commands {target} gave no link command: "
+                               f"{(proc.stderr or proc.stdout).strip() or 'no output'}")
         cmd = lines[-1].strip()
         cmd = cmd.removeprefix(": &&").removesuffix("&& :").strip()  # Ninja wraps links in `: && ... && :`
         return shlex.split(cmd)
