@@ -163,6 +163,36 @@ def test_cuda_quantize_both_lane_widths_on_a_mix(shape):
 
 
 @cuda
+@pytest.mark.parametrize("mix", [False, True])
+def test_cuda_quantize_corrupt_metadata_is_skipped_not_followed(mix):
+    """A row whose bits is not 1, 2 or 4 and one whose offset runs past the buffer are skipped and counted (the
+    kernel cannot raise); every other row is bit-identical to the reference, the skipped rows' bytes and scales are
+    untouched, and warps carry on with their later tasks (about two per warp at this size). mix: rows of 1, 2 and 4
+    bits (64 bytes per lane); else all rows 4-bit (128)."""
+    rows, cols, bs = 2048, 4096, 64
+    W, bits, code, thr, off = make_case(rows, cols, bs, torch.bfloat16, seed=9, mix=(1, 2, 4) if mix else (4,))
+    ref_packed, ref_absmax = reference.quantize(W, bits, thr, off, bs)
+    bad_bits, bad_off = bits.clone(), off.clone()
+    bad_bits[100] = 3
+    bad_off[1000] = ref_packed.numel() - 1  # row 1000 would run past the end
+    packed = torch.full((ref_packed.numel(),), 0xAB, dtype=torch.uint8, device="cuda")
+    absmax = torch.full(ref_absmax.shape, float("nan"), device="cuda")
+    native.skipped_rows()  # drain earlier counts
+    torch.ops.lowra.quantize.out(W.cuda(), bad_bits.cuda(), thr.cuda(), bad_off.cuda(), bs, packed=packed,
+                                 absmax=absmax)
+    assert native.skipped_rows() == 2
+    packed, absmax = packed.cpu(), absmax.cpu()
+    keep = torch.ones(rows, dtype=torch.bool)
+    keep[[100, 1000]] = False
+    assert torch.equal(absmax[keep], ref_absmax[keep]) and bool(absmax[~keep].isnan().all())
+    untouched = torch.zeros(ref_packed.numel(), dtype=torch.bool)
+    for r in (100, 1000):
+        untouched[int(off[r]):int(off[r + 1])] = True
+    assert torch.equal(packed[~untouched], ref_packed[~untouched])
+    assert bool((packed[untouched] == 0xAB).all())
+
+
+@cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_unaligned_views_take_the_safe_paths(dtype):
     """A weight view starting one element in, and an output view likewise: byte-wise and scalar paths."""
