@@ -543,7 +543,7 @@ struct QIn<__nv_bfloat16> {
 // LB = bytes of weights a lane loads per task: 128 (8 chunks of 2-byte weights, 4 of float) when every row has one
 // precision, 64 when rows mix precisions. A mix runs three precisions' unrolled bodies on every SM at once and waits
 // on instruction fetch (ncu, fourteenth round: 4.0 cycles per issue, 0.2 for all rows 4-bit); 64 bytes per lane
-// halves the bodies (fifteenth round: 14-25% off the mix; tenth round: 5-7% onto all-4-bit large layers).
+// halves the bodies (fifteenth round: 14-24% off the mix; tenth round: 5-7% onto all-4-bit large layers).
 template <typename T, int LB = 128>
 constexpr int kQChunks = LB / sizeof(QIn<T>);
 // 1- and 2-bit rows encode their chunks in two passes of one unrolled half-body, so that the three precisions'
