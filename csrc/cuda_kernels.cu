@@ -494,9 +494,9 @@ __global__ void __launch_bounds__(256, 5) dequantize_stream(const uint8_t* __res
 // a multiple of 8 and a 16-byte aligned weight.
 
 // Warp task = (row, segment of kQChunks<T, LB> * 256 elements): lane l quantizes the 8-element chunks
-// seg * kQChunks * 256 + q * 256 + 8 l, loading all of them (LB = 128 or 64 bytes per lane) before any use. Warps walk their
-// tasks with a fixed (rows, segments) stride, as dequantize does, and set up a row's thresholds only when the row
-// changes.
+// seg * kQChunks * 256 + q * 256 + 8 l, loading all of them (LB = 128 or 64 bytes per lane) before any use. Warps
+// walk their tasks with a fixed (rows, segments) stride, as dequantize does, and set up a row's thresholds only when
+// the row changes.
 template <typename T>
 struct QIn;  // the raw 16 or 32 bytes of one 8-element chunk, converted to float only when used
 template <>
@@ -615,16 +615,17 @@ __device__ __forceinline__ uint32_t encode12_fast(float x, float y, float n1, fl
 }
 
 // Fast 4-bit encoding through a per-warp table of kQBins one-word bins, bin k = RN(128 q + 130) with q = x y exact:
-// one FMA of x (y 2^-15) onto 2 + 130 2^-22 leaves k in the low bits (the float grid in [2, 4) is 2^-22 apart), and the bits of 2.0,
-// 0x40000000, vanish from the bin's byte offset 4 k mod 2^32. Bin k holds the q in [L, H] = [(k - 130.5) / 128,
-// (k - 129.5) / 128], so v lies inside (L - kNear, H + kNear). Its word is the bits of the only threshold t in
-// [L - kNear, H + kNear) (2^100 when none; NaN when several, which sends the bin's elements to the exact path) with
-// base = #{t < L - kNear} in the low 4 bits, where a float16 threshold has 13 zero bits. Then code = base + (v > t).
-// Those 4 bits move t by at most 15 ulps (|t| < 1.25 in a bin: under 2^-19), so q decides v > t when it is more
-// than kNear4 = 2^-18 from the stored value. |q| <= 1 + 2^-23 keeps k in [2, 258] with no clamp: the only other
-// result, a NaN x (or an infinite one, whose block maximum is out of range, so y = 0), makes the FMA's canonical NaN
-// 0x7fffffff, word address bins - 4 (the table's last threshold word, in the same shared buffer), and its x y - t is
-// NaN, which sends the chunk to the exact path. (y 2^-15 stays normal: a <= 2^100.) 288 = 9 bins per lane to build.
+// one FMA of x (y 2^-15) onto 2 + 130 2^-22 leaves k in the low bits (the float grid in [2, 4) is 2^-22 apart),
+// and the bits of 2.0, 0x40000000, vanish from the bin's byte offset 4 k mod 2^32. Bin k holds the q in
+// [L, H] = [(k - 130.5) / 128, (k - 129.5) / 128], so v lies inside (L - kNear, H + kNear). Its word is the bits of
+// the only threshold t in [L - kNear, H + kNear) (2^100 when none; NaN when several, which sends the bin's elements
+// to the exact path) with base = #{t < L - kNear} in the low 4 bits, where a float16 threshold has 13 zero bits.
+// Then code = base + (v > t). Those 4 bits move t by at most 15 ulps (|t| < 1.25 in a bin: under 2^-19), so q
+// decides v > t when it is more than kNear4 = 2^-18 from the stored value. |q| <= 1 + 2^-23 keeps k in [2, 258]
+// with no clamp: the only other result, a NaN x (or an infinite one, whose block maximum is out of range, so
+// y = 0), makes the FMA's canonical NaN 0x7fffffff, word address bins - 4 (the table's last threshold word, in the
+// same shared buffer), and its x y - t is NaN, which sends the chunk to the exact path. (y 2^-15 stays normal:
+// a <= 2^100.) 288 = 9 bins per lane to build.
 constexpr int kQBins = 288;
 constexpr float kNear4 = 0x1p-18f;
 constexpr uint32_t kNoThreshold = 0x71800000u;  // 2^100: above every q
@@ -733,7 +734,7 @@ __device__ __noinline__ uint32_t encode_exact(F8 x, float amax, QRow s) {
 // GS = log2(lanes per block) when fixed at compile time (3: blocksize 64), else -1 and group_shift has it.
 template <typename T, int LB, int B, int GS, bool AL>
 __device__ __forceinline__ void quantize_task(QIn<T> (&in)[kQChunks<T, LB>], int lane, int group_shift,
-                                              const QRow& s, uint8_t* __restrict__ out, bool al,
+                                              const QRow& s, uint8_t* __restrict__ out,
                                               float* __restrict__ am, int64_t left) {
   if (GS >= 0) group_shift = GS;
   const int group = 1 << group_shift;  // lanes per block
@@ -783,7 +784,7 @@ __device__ __forceinline__ void quantize_task(QIn<T> (&in)[kQChunks<T, LB>], int
       if (q * 256 < left) {
         if ((lane & (group - 1)) == 0) am[q << (5 - group_shift)] = amax;
         uint8_t* p = out + q * 32 * B;
-        if (AL || al) {
+        if (AL) {
           if (B == 4) *reinterpret_cast<uint32_t*>(p) = word;
           else if (B == 2) *reinterpret_cast<uint16_t*>(p) = (uint16_t)word;
           else *p = (uint8_t)word;
@@ -863,11 +864,11 @@ __global__ void __launch_bounds__(256, 3) quantize_fast(const T* __restrict__ W,
     const int64_t left = pc - j;
     // aligned rows (all of them in the usual layouts) get bodies without the byte-store fallback: 7 predicated
     // instructions per chunk that issue even when their predicate is off
-    if (b == 1) quantize_task<T, LB, 1, GS, true>(in, lane, group_shift, s, out, true, am, left);
-    else if (b == 2 && al) quantize_task<T, LB, 2, GS, true>(in, lane, group_shift, s, out, true, am, left);
-    else if (b == 2) quantize_task<T, LB, 2, GS, false>(in, lane, group_shift, s, out, false, am, left);
-    else if (al) quantize_task<T, LB, 4, GS, true>(in, lane, group_shift, s, out, true, am, left);
-    else quantize_task<T, LB, 4, GS, false>(in, lane, group_shift, s, out, false, am, left);
+    if (b == 1) quantize_task<T, LB, 1, GS, true>(in, lane, group_shift, s, out, am, left);
+    else if (b == 2 && al) quantize_task<T, LB, 2, GS, true>(in, lane, group_shift, s, out, am, left);
+    else if (b == 2) quantize_task<T, LB, 2, GS, false>(in, lane, group_shift, s, out, am, left);
+    else if (al) quantize_task<T, LB, 4, GS, true>(in, lane, group_shift, s, out, am, left);
+    else quantize_task<T, LB, 4, GS, false>(in, lane, group_shift, s, out, am, left);
   }
 }
 
