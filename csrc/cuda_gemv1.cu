@@ -11,8 +11,8 @@
 // precision, and its warps take their next task from a shared counter, costliest first. Lane l covers columns
 // 32 l .. 32 l + 31 of every 1024-column step: one 4-, 8- or 16-byte code load per row and step, all in one absmax
 // block (blocksize >= 32).
-// Per 4 columns: 1 bit, one lookup and an add; 2 bit, two lookups in the row's 16-entry table of code pairs and
-// four FMAs; 4 bit, four lookups in the row's codebook and four FMAs. A byte permute (PRMT) turns a code byte
+// Per 4 columns: 1 bit, one lookup and an add; 2 bit, two lookups in the row's 16-entry table of code pairs (half2)
+// and four FMAs; 4 bit, four lookups in the row's codebook and four FMAs. A byte permute (PRMT) turns a code byte
 // into the address of its entry (the row tables are 256-byte aligned), and both activation tables keep lane l's
 // entries in bank l, so no lookup conflicts. 1- and 2-bit rows load a step ahead (kDepth).
 // Taken automatically for layers of 2^24 (16.8M) weights or more; smaller ones keep the multi-row kernel (unmeasured).
@@ -159,7 +159,7 @@ __device__ __forceinline__ void setup_rows(const GvArgs& a, const L1Pre& p, int6
     rw.dl[j] = __shfl_sync(kFull, v, 1) - rw.c0[j];
     const float first = __shfl_sync(kFull, v, lane & 3), second = __shfl_sync(kFull, v, (lane >> 2) & 3);
     if (lane < 16) {  // 2 bit: entry n = c_first | c_second << 2 -> (cb[n & 3], cb[n >> 2])
-      if (b == 2) reinterpret_cast<float2*>(tab + j * (kL1TabBytes / 4))[lane] = make_float2(first, second);
+      if (b == 2) reinterpret_cast<__half2*>(tab + j * (kL1TabBytes / 4))[lane] = __floats2half2_rn(first, second);
       else if (b == 4) tab[j * (kL1TabBytes / 4) + lane] = v;
     }
   }
@@ -226,7 +226,12 @@ __device__ __forceinline__ float word1(uint32_t w, uint32_t lut, float am, float
 // The 8 table entries selected by a word's nibbles, in nibble order: even nibbles from the bytes of `ev`, odd ones
 // from `od` (each byte = nibble x entry size), table t.
 __device__ __forceinline__ void lds_entry(uint32_t addr, float& v) { v = lds_f32(addr); }
-__device__ __forceinline__ void lds_entry(uint32_t addr, float2& v) { v = lds_f32x2(addr); }
+struct H2 {
+  uint32_t u;  // a half2 entry: two float16 codebook values, converted where used
+};
+__device__ __forceinline__ void lds_entry(uint32_t addr, H2& v) {
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v.u) : "r"(addr));
+}
 template <typename V>
 __device__ __forceinline__ void lookup8(uint32_t ev, uint32_t od, uint32_t t, V (&v)[8]) {
   lds_entry(entry<0>(ev, t), v[0]), lds_entry(entry<0>(od, t), v[1]);
@@ -236,14 +241,18 @@ __device__ __forceinline__ void lookup8(uint32_t ev, uint32_t od, uint32_t t, V 
 }
 
 // One word of a 2-bit row (16 columns; nibble n = columns 2n, 2n+1) against x[0..15], through the row's pair
-// table t: partial sums p0 (even columns), p1 (odd).
+// table t: partial sums p0 (even columns), p1 (odd). The pairs are half2, not float2: a 64-bit lookup costs two
+// shared-memory wavefronts, which made 2-bit rows as costly in wavefronts as 4-bit ones. H200, m = 1, 1.75 bits,
+// alternated with float2 pairs (sixteenth round): 28672x8192 42.4 -> 41.0 us, 8192x28672 45.9 -> 43.7. Activations
+// stored as 16-bit pairs too (half their wavefronts) measured level.
 __device__ __forceinline__ void word2(uint32_t w, uint32_t t, const float* x, float& p0, float& p1) {
-  float2 f[8];
-  lookup8((w << 3) & 0x78787878u, (w >> 1) & 0x78787878u, t, f);  // nibbles 2i / 2i+1, x 8 bytes
+  H2 h[8];
+  lookup8((w << 2) & 0x3c3c3c3cu, (w >> 2) & 0x3c3c3c3cu, t, h);  // nibbles 2i / 2i+1, x 4 bytes
 #pragma unroll
   for (int n = 0; n < 8; ++n) {
-    p0 = fmaf(f[n].x, x[2 * n], p0);
-    p1 = fmaf(f[n].y, x[2 * n + 1], p1);
+    const float2 f = Cvt<__half>::f2(h[n].u);  // exact: the entries are float16 codebook values
+    p0 = fmaf(f.x, x[2 * n], p0);
+    p1 = fmaf(f.y, x[2 * n + 1], p1);
   }
 }
 
