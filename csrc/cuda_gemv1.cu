@@ -210,7 +210,8 @@ __device__ __forceinline__ void issue_step(const GvArgs& a, const L1Rows<R>& rw,
 
 // One 32-column code word of a 1-bit row: the subset sums of its 8 groups (lut: this step and lane; group g,
 // columns 4g..4g+3, at lut + g * 2048 + e * 128) and the row's value am * (c0 * sum x + (c1 - c0) * sum_{b=1} x).
-// Addresses by byte permute (8% fewer instructions in the 1-bit loop) measured level: the loop is not issue-bound.
+// Addresses by byte permute (8% fewer instructions in the 1-bit loop) measured level: the kernel is co-limited by its
+// loads and its decode, each near 35 us alone on 28672x8192 (ablations, sixteenth round), not by issue alone.
 __device__ __forceinline__ float word1(uint32_t w, uint32_t lut, float am, float c0, float dl, float sxl, float acc) {
   float m0 = lds_f32(lut | ((w << 7) & 0x780u));
   float m1 = lds_f32((lut | ((w << 3) & 0x780u)) + 2048);
