@@ -6,6 +6,7 @@ library are checked to stay untouched.
 """
 
 import ctypes
+import difflib
 import hashlib
 import json
 import os
@@ -48,17 +49,30 @@ def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("target, source", [("cpu", "csrc/c_api.cpp"), ("cuda", "csrc/cuda_gemv1.cu")])
-def test_a_swapped_source_is_compiled_and_linked_beside_the_untouched_build(target, source, tmp_path, capsys):
+def _diff(source: str, new: str) -> str:
+    """A unified diff of one file of the checkout, as `git diff` would write it."""
+    old = (variant.ROOT / source).read_text()
+    return "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"a/{source}", f"b/{source}"))
+
+
+@pytest.mark.parametrize("target, source, how", [("cpu", "csrc/c_api.cpp", "file"), ("cpu", "csrc/c_api.cpp", "patch"),
+                                                 ("cuda", "csrc/cuda_gemv1.cu", "file")])
+def test_a_swapped_source_is_compiled_and_linked_beside_the_untouched_build(target, source, how, tmp_path, capsys):
     name = variant.TARGETS[target]
     _build_or_skip(name)
     own = variant.ROOT / "bitsandbytes_lowra" / f"lib{name}.so"
-    before = _digest(own)
+    before, source_before = _digest(own), _digest(variant.ROOT / source)
     swapped = tmp_path / "swapped.src"
     swapped.write_text((variant.ROOT / source).read_text() + PROBE)
+    if how == "patch":
+        patch = tmp_path / "probe.diff"
+        patch.write_text(_diff(source, swapped.read_text()))
+        change = ["--patch", str(patch)]
+    else:
+        change = ["--file", f"{source}={swapped}"]
     out = tmp_path / "variants" / "lib_probe.so"
-    assert variant.main(["--build", str(BUILD), "--target", target, "--file", f"{source}={swapped}",
-                         "-o", str(out)]) == 0
+    assert variant.main(["--build", str(BUILD), "--target", target, *change, "-o", str(out)]) == 0
+    assert _digest(variant.ROOT / source) == source_before  # a patch is applied to a copy
     assert f"compiling {source}" in capsys.readouterr().out
     lib = ctypes.CDLL(str(out))
     assert lib.lowra_variant_probe() == 42  # the swapped source is in it
@@ -110,3 +124,32 @@ def test_a_change_outside_the_library_builds_nothing(tmp_path, capsys):
     assert variant.main(["--build", str(BUILD), "--target", "cpu", "--file", f"csrc/tests/new_test.cu={src}",
                          "-o", str(tmp_path / "a.so")]) == 2
     assert "no source of bitsandbytes_lowra_cpu differs" in capsys.readouterr().err
+
+
+def test_a_patch_that_cannot_be_used_is_told_so(tmp_path):
+    with pytest.raises(variant.VariantError, match="no such file"):
+        variant.patch_changes(tmp_path / "missing.diff")
+    readme = tmp_path / "readme.diff"
+    readme.write_text(_diff("README.md", "# changed\n"))
+    with pytest.raises(variant.VariantError, match=r"only files under csrc/ can change, not \['README.md'\]"):
+        variant.patch_changes(readme)
+    stale = tmp_path / "stale.diff"  # context that the checkout no longer has
+    stale.write_text("--- a/csrc/lowra.h\n+++ b/csrc/lowra.h\n@@ -1,2 +1,2 @@\n-no such line\n+new line\n"
+                     " nor this one\n")
+    with pytest.raises(variant.VariantError, match="does not apply to this checkout's csrc/"):
+        variant.patch_changes(stale)
+    empty = tmp_path / "empty.diff"
+    empty.write_text("just text\n")
+    with pytest.raises(variant.VariantError, match="not a diff git can read"):
+        variant.patch_changes(empty)
+
+
+@pytest.mark.parametrize("diff", sorted((variant.ROOT / "docs" / "experiments").glob("*.diff")), ids=lambda p: p.stem)
+def test_every_kept_experiment_applies_and_says_what_it_measured(diff):
+    """docs/experiments/ keeps measured kernel changes that did not land; each must still build as a variant. When a
+    change to csrc/ breaks one, rebase it (git apply --3way, then git diff) or delete it with a word in the docs."""
+    header = diff.read_text().split("diff --git", 1)[0]
+    assert "Measured:" in header  # every kept experiment states its result
+    changes = variant.patch_changes(diff)
+    assert changes and all(path.startswith("csrc/") and content for path, content in changes.items())
+    assert diff.name in (variant.ROOT / "docs" / "experiments" / "README.md").read_text()

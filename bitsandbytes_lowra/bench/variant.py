@@ -1,7 +1,8 @@
-"""A build of the native library with some sources taken from another git ref or file: what bench.ab compares.
+"""A build of the native library with some sources taken from a git ref, a file or a diff: what bench.ab compares.
 
     python -m bitsandbytes_lowra.bench.variant --build build-gpu --ref my-branch -o variants/lib_my-branch.so
     python -m bitsandbytes_lowra.bench.variant --build build-gpu --file csrc/cuda_gemv1.cu=try.cu -o lib_try.so
+    python -m bitsandbytes_lowra.bench.variant --build build-gpu --patch docs/experiments/x.diff -o lib_x.so
 
 Reuses a configured and built CMake directory (`cmake -S . -B build-gpu -DLOWRA_CUDA=ON ...`; CMakeLists.txt
 exports compile_commands.json): only the sources that differ are compiled again, with the build's own commands,
@@ -10,7 +11,9 @@ and its library are not touched, so one build serves as the baseline and as the 
 
 With --ref, the sources are compared with the working tree (which the build is assumed to match): a changed
 source is compiled again, and a changed header of csrc/ recompiles every source of the library. Either way each
-compiled source sees the variant's csrc/ (a copy with the changes), as its headers are included by quotes.
+compiled source sees the variant's csrc/ (a copy with the changes), as its headers are included by quotes. With
+--patch, the diff is applied to a copy of the working tree's csrc/: docs/experiments/ keeps the diffs of measured
+kernel changes that did not land, since branches do not outlive a session's checkout.
 """
 
 from __future__ import annotations
@@ -90,6 +93,40 @@ def ref_changes(ref: str) -> dict[str, bytes | None]:
     for name in names:
         proc = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:{name}"], capture_output=True)
         out[name] = proc.stdout if proc.returncode == 0 else None
+    return out
+
+
+def patch_changes(patch: Path) -> dict[str, bytes | None]:
+    """csrc/ files a unified diff (as `git diff` writes it) changes when applied to the working tree: path -> new
+    content (None: deleted). Nothing in the checkout is touched: the diff is applied to a copy of csrc/."""
+    if not patch.is_file():
+        raise VariantError(f"--patch {patch}: no such file")
+    proc = subprocess.run(["git", "apply", "--numstat", str(patch.resolve())], capture_output=True, text=True,
+                          cwd=ROOT)
+    if proc.returncode != 0:
+        raise VariantError(f"--patch {patch}: not a diff git can read: {proc.stderr.strip()}")
+    touched = [line.split("\t", 2)[2] for line in proc.stdout.splitlines() if line.count("\t") >= 2]
+    if not touched:
+        raise VariantError(f"--patch {patch}: the diff changes no file")
+    outside = [t for t in touched if not t.startswith("csrc/")]
+    if outside:
+        raise VariantError(f"--patch {patch}: only files under csrc/ can change, not {outside}")
+    with tempfile.TemporaryDirectory(prefix="lowra-patch-") as tmp:
+        copy = Path(tmp)
+        shutil.copytree(ROOT / "csrc", copy / "csrc")
+        # outside a repository, git apply is a plain patch tool on the current directory
+        proc = subprocess.run(["git", "apply", "--whitespace=nowarn", str(patch.resolve())], capture_output=True,
+                              text=True, cwd=copy, env=dict(os.environ, GIT_CEILING_DIRECTORIES=tmp))
+        if proc.returncode != 0:
+            raise VariantError(f"--patch {patch} does not apply to this checkout's csrc/ (rebase it): "
+                               f"{proc.stderr.strip()}")
+        out: dict[str, bytes | None] = {}
+        for name in touched:
+            new = copy / name
+            content = new.read_bytes() if new.is_file() else None
+            old = ROOT / name
+            if content != (old.read_bytes() if old.is_file() else None):
+                out[name] = content
     return out
 
 
@@ -201,10 +238,13 @@ def main(argv=None) -> int:
     src.add_argument("--ref", help="take csrc/ from this git ref (a branch, tag or commit)")
     src.add_argument("--file", action="append", type=parse_file, metavar="csrc/PATH=FILE",
                      help="replace one file of csrc/ (repeatable)")
+    src.add_argument("--patch", type=Path, metavar="DIFF",
+                     help="apply a unified diff of csrc/ (git diff's output), e.g. one of docs/experiments/")
     ap.add_argument("-o", "--output", type=Path, required=True, help="the variant library to write")
     args = ap.parse_args(argv)
     try:
-        changes = ref_changes(args.ref) if args.ref else dict(args.file)
+        changes = (ref_changes(args.ref) if args.ref else patch_changes(args.patch) if args.patch
+                   else dict(args.file))
         if args.output.resolve().parent == ROOT / "bitsandbytes_lowra":  # where the package loads its own from
             raise VariantError(f"-o {args.output}: write variants outside the package (bench.ab loads them by path)")
         build_variant(args.build, TARGETS[args.target], changes, args.output)
