@@ -157,3 +157,15 @@ def test_command_line_help_runs():
     out = subprocess.run([sys.executable, "-m", "bitsandbytes_lowra.bench.ab", "--help"], capture_output=True,
                          text=True)
     assert out.returncode == 0 and "NAME=PATH" in out.stdout and "--rounds" in out.stdout
+
+
+def test_long_library_names_keep_their_columns_apart():
+    means = {"matmul/8x8/m=1/lowra_1.75bit": {"main": 0.043, "nomath_prefetch": 0.0341, "noload_half2": 0.0343}}
+    names = ["main", "nomath_prefetch", "noload_half2"]
+    head, row = ab.table(means, names, {"matmul/8x8/m=1/lowra_1.75bit": 0.016}).splitlines()
+    assert head.split()[5:] == ["main", "nomath_prefetch", "noload_half2", "nomath_prefetch/main",
+                                "noload_half2/main", "spread"]
+    assert row.split()[1:] == ["43.0", "34.1", "34.3", "0.793*", "0.798*", "1.6%"]
+    # each figure ends where its column's title ends
+    assert row.index("0.798*") + len("0.798*") == head.index("noload_half2/main") + len("noload_half2/main")
+    assert row.index("34.1") + len("34.1") == head.index("nomath_prefetch ") + len("nomath_prefetch")

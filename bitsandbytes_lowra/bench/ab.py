@@ -90,16 +90,19 @@ def spreads(runs: list[tuple[str, dict]], names: list[str]) -> dict[str, float]:
 
 def table(means: dict[str, dict[str, float]], names: list[str], spread: dict[str, float] | None = None) -> str:
     base, spread = names[0], spread or {}
-    head = "operation (us, mean of runs)".ljust(56) + "".join(n.rjust(12) for n in names)
-    head += "".join(f"{n}/{base}".rjust(14) for n in names[1:]) + "spread".rjust(9)
+    # columns at least two wider than their titles, so that long library names stay apart
+    width = {n: max(12, len(n) + 2) for n in names}
+    ratio = {n: max(14, len(f"{n}/{base}") + 2) for n in names[1:]}
+    head = "operation (us, mean of runs)".ljust(56) + "".join(n.rjust(width[n]) for n in names)
+    head += "".join(f"{n}/{base}".rjust(ratio[n]) for n in names[1:]) + "spread".rjust(9)
     lines = [head]
     for k in sorted(means):
         m, sp = means[k], spread.get(k)
-        row = k.ljust(56) + "".join(f"{m[n] * 1e3:12.1f}" for n in names)
+        row = k.ljust(56) + "".join(f"{m[n] * 1e3:{width[n]}.1f}" for n in names)
         for n in names[1:]:
             r = m[n] / m[base]
             mark = "*" if sp is not None and abs(r - 1) > sp else " "  # beyond the runs' own scatter
-            row += f"{r:13.3f}{mark}"
+            row += f"{r:{ratio[n] - 1}.3f}{mark}"
         row += f"{sp * 100:8.1f}%" if sp is not None else "-".rjust(9)
         lines.append(row)
     return "\n".join(lines)
