@@ -230,9 +230,7 @@ __device__ __forceinline__ void lds_entry(uint32_t addr, float& v) { v = lds_f32
 struct H2 {
   uint32_t u;  // a half2 entry: two float16 codebook values, converted where used
 };
-__device__ __forceinline__ void lds_entry(uint32_t addr, H2& v) {
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v.u) : "r"(addr));
-}
+__device__ __forceinline__ void lds_entry(uint32_t addr, H2& v) { v.u = __float_as_uint(lds_f32(addr)); }
 template <typename V>
 __device__ __forceinline__ void lookup8(uint32_t ev, uint32_t od, uint32_t t, V (&v)[8]) {
   lds_entry(entry<0>(ev, t), v[0]), lds_entry(entry<0>(od, t), v[1]);
