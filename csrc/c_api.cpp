@@ -144,6 +144,14 @@ void lowra_matmul_cuda_set_tuning(int ksplit, int ctas_per_sm, int depth, int ne
 #endif
 }
 
+void lowra_quantize_cuda_set_tuning(int task_bytes) {
+#ifdef LOWRA_WITH_CUDA
+  lowra::quantize_cuda_set_tuning(task_bytes);
+#else
+  (void)task_bytes;
+#endif
+}
+
 void lowra_matmul_cuda_set_gemv_tuning(int max_rows, int rows_per_warp, int wk, int batch1) {
 #ifdef LOWRA_WITH_CUDA
   lowra::gemv_set_tuning(max_rows, rows_per_warp, wk, batch1);

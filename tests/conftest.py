@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -32,6 +34,23 @@ def smollm2_weights():
         if os.environ.get("CI"):
             raise
         pytest.skip(f"real SmolLM2 weights unavailable here: {e}")
+
+
+# Task widths of the fast CUDA quantize (bytes of weights per lane): the automatic choice takes 128 only for large
+# layers of one precision, which the tests do not reach, so they force each width (both encode any mix).
+QUANTIZE_TASK_BYTES = (64, 128)
+
+
+@contextlib.contextmanager
+def quantize_task_bytes(n: int):
+    """The fast CUDA quantize at `n` bytes per lane and task within the block (0: automatic); automatic after."""
+    from bitsandbytes_lowra.backends import native
+
+    native.set_quantize_tuning(n)
+    try:
+        yield
+    finally:
+        native.set_quantize_tuning()
 
 
 def mixed_bits(rows: int, seed: int = 0) -> torch.Tensor:

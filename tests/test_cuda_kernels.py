@@ -1,6 +1,8 @@
 """CUDA kernels (quantize, dequantize: bit-identical to the reference; fused matmul: within float tolerance) and the
 lowra::matmul / lowra::quantize.out ops. Tests marked `cuda` need a GPU (`make gpu-check`); the rest run in CI."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from bitsandbytes_lowra import _native
 from bitsandbytes_lowra._ops import matmul_plan
 from bitsandbytes_lowra.backends import native, reference
 
+from .conftest import QUANTIZE_TASK_BYTES, quantize_task_bytes
 from .test_ops import DTYPES, make_case
 
 cuda = pytest.mark.cuda
@@ -129,18 +132,27 @@ def test_cuda_quantize_dequantize_bit_identical(shape, dtype):
         ref_packed, ref_absmax = reference.quantize(W, bits, thr, off, bs)
         ref_out = reference.dequantize(ref_packed, ref_absmax, bits, code, off, bs, [rows, cols], dtype)
         d = [t.cuda() for t in (W, bits, code, thr, off)]
-        packed, absmax = torch.ops.lowra.quantize(d[0], d[1], d[3], d[4], bs)
+        for width in QUANTIZE_TASK_BYTES:
+            with quantize_task_bytes(width):
+                packed, absmax = torch.ops.lowra.quantize(d[0], d[1], d[3], d[4], bs)
+            assert torch.equal(packed.cpu(), ref_packed), f"packed differs, mix {mix}, {width}-byte tasks"
+            assert torch.equal(absmax.cpu(), ref_absmax), f"absmax differs, mix {mix}, {width}-byte tasks"
         out = torch.ops.lowra.dequantize(packed, absmax, d[1], d[2], d[4], bs, [rows, cols], dtype)
-        assert torch.equal(packed.cpu(), ref_packed), f"packed differs, mix {mix}"
-        assert torch.equal(absmax.cpu(), ref_absmax), f"absmax differs, mix {mix}"
         assert torch.equal(out.cpu(), ref_out), f"dequantized differs, mix {mix}"
+
+
+def test_set_quantize_tuning_takes_only_the_two_task_widths():
+    with pytest.raises(ValueError, match="task_bytes must be 0 .automatic., 64 or 128, got 96"):
+        native.set_quantize_tuning(96)
+    native.set_quantize_tuning()  # automatic: accepted with or without CUDA
 
 
 @cuda
 @pytest.mark.parametrize("shape", [(64, 4096, 64), (5, 11008, 64), (130, 264, 8), (33, 100, 64), (7, 1536, 32)])
 def test_cuda_quantize_both_lane_widths_on_a_mix(shape):
-    """Rows of mixed precision take 64 bytes per lane; a buffer of all rows' 4-bit size (or larger) takes the
-    uniform launch's 128. Both are bit-identical to the reference, and bytes past the rows stay untouched."""
+    """Rows of mixed precision, in a buffer of their own size and in one of all rows' 4-bit size (or larger, which
+    the launcher reads as one precision), at 64 and 128 bytes per lane forced and at the automatic choice: always
+    bit-identical to the reference, and bytes past the rows stay untouched."""
     rows, cols, bs = shape
     pc = -(-cols // bs) * bs
     uniform_sizes = {rows * pc // 8, rows * pc // 4, rows * pc // 2}  # what the launcher reads as one precision
@@ -152,14 +164,15 @@ def test_cuda_quantize_both_lane_widths_on_a_mix(shape):
         seed += 1
     ref_packed, ref_absmax = reference.quantize(W, bits, thr, off, bs)
     d = [t.cuda() for t in (W, bits, thr, off)]
-    for nbytes in (ref_packed.numel(), rows * pc // 2 + 64):
+    for nbytes, width in itertools.product((ref_packed.numel(), rows * pc // 2 + 64), (0, *QUANTIZE_TASK_BYTES)):
         packed = torch.full((nbytes,), 0xAB, dtype=torch.uint8, device="cuda")
         absmax = torch.empty_like(ref_absmax, device="cuda")
-        torch.ops.lowra.quantize.out(*d, bs, packed=packed, absmax=absmax)
-        n = ref_packed.numel()
-        assert torch.equal(packed[:n].cpu(), ref_packed), f"packed differs ({nbytes}-byte buffer)"
-        assert torch.equal(absmax.cpu(), ref_absmax), f"absmax differs ({nbytes}-byte buffer)"
-        assert bool((packed[n:] == 0xAB).all()), f"bytes past the rows written ({nbytes}-byte buffer)"
+        with quantize_task_bytes(width):
+            torch.ops.lowra.quantize.out(*d, bs, packed=packed, absmax=absmax)
+        n, how = ref_packed.numel(), f"{nbytes}-byte buffer, task width {width or 'automatic'}"
+        assert torch.equal(packed[:n].cpu(), ref_packed), f"packed differs ({how})"
+        assert torch.equal(absmax.cpu(), ref_absmax), f"absmax differs ({how})"
+        assert bool((packed[n:] == 0xAB).all()), f"bytes past the rows written ({how})"
 
 
 @cuda

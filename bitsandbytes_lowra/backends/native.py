@@ -108,6 +108,16 @@ def set_matmul_tuning(ksplit: int = 0, ctas_per_sm: int = 0, depth: int = 0, gem
         _workspace_bytes.cache_clear()  # the knobs change the plans
 
 
+def set_quantize_tuning(task_bytes: int = 0) -> None:
+    """Knob of the fast CUDA quantize: bytes of weights per lane and warp task, 64 or 128 (0 = automatic: 128 for
+    large layers of one precision, else 64). Either width encodes any mix of precisions, bit-identically; the knob is
+    for benchmarks and tests. Process-wide; called without arguments it restores the automatic choice."""
+    if task_bytes not in (0, 64, 128):
+        raise ValueError(f"task_bytes must be 0 (automatic), 64 or 128, got {task_bytes!r}")
+    if _native.has_cuda():
+        _fn("lowra_quantize_cuda_set_tuning", [_native.ctypes.c_int], None)(task_bytes)
+
+
 def _quantize_into(A, bits, thresholds, row_offsets, blocksize, packed, absmax):
     rows, cols = A.shape
     with _on(A.device):
