@@ -7,6 +7,8 @@ replay and the compiled step must give the eager loop's tokens exactly.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -229,3 +231,26 @@ def test_compile_survives_a_graph_break_inside_forward(monkeypatch):
     finally:
         torch._dynamo.reset()
     assert torch.equal(got, want)
+
+
+def test_e2e_finetune_step_trains_the_adapters_only(tiny_dir):
+    """The whole-model fine-tuning step of the end-to-end benchmark on a LowRA model: peft LoRA on every linear
+    layer, the adapters change, the packed base weights do not, and the row says what was timed."""
+    from bitsandbytes_lowra.bench.e2e import finetune_bench, model_table
+
+    model = _load(tiny_dir, lowra=True)
+    packed = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, LinearLowRA)}
+    row = finetune_bench(model, tokens=16, r=4, steps=2, device="cpu")
+    assert row["finetune_tokens"] == 16 and row["finetune_lora_rank"] == 4 and row["finetune_step_ms"] > 0
+    # r (in + out) per linear: q, o 64 -> 64; k, v 64 -> 32 (2 KV heads of 16); gate, up, down 64 <-> 128; 2 layers
+    assert row["finetune_trainable_params"] == 2 * 4 * (2 * 128 + 2 * 96 + 3 * 192)
+    first, last = row["finetune_loss_first_last"]
+    assert math.isfinite(first) and math.isfinite(last) and last != first  # four steps ran, on a moving adapter
+    lowra_layers = {n: m for n, m in model.named_modules() if isinstance(m, LinearLowRA)}
+    assert len(lowra_layers) == 14
+    for name, layer in lowra_layers.items():
+        key = name.removeprefix("base_model.model.").removesuffix(".base_layer")
+        assert torch.equal(layer.weight, packed[key]), f"{key}: packed codes changed"
+    assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)  # B starts at zero
+    table = model_table([{"model": "lowra-1.75", "load_s": 1.0, **row}])
+    assert table.splitlines()[1].startswith("lowra-1.75 | 1.0 | - | - | ")

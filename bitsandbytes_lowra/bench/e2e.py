@@ -2,17 +2,19 @@
 
     python -m bitsandbytes_lowra.bench.e2e --json out.json [--skip-model | --skip-training] [--bits 4 2 1.75]
                                        [--new-tokens 64] [--repeats 3] [--no-graph] [--compile]
+                                       [--finetune-tokens 512]
 
 1. Training step of one layer: base + LoRA (r=64) forward + backward at 512 tokens, base frozen, for LinearLowRA
    (1.75 and 4 bits), bnb.nn.Linear4bit (NF4) and a bf16 nn.Linear, on Llama-2-7B / 70B layer shapes.
 2. A Llama-2-7B-shaped model from its config with random weights (synthetic: speed and memory only), saved once as a
    bf16 safetensors checkpoint, then loaded with from_pretrained as bf16, bnb NF4 and LowRA at each budget:
    load time (LowRA: the first load plans, later budgets reuse the cached fits), peak GPU memory, batch-1 greedy
-   decode tokens/s, and for LowRA a save_pretrained + reload of the pre-quantized checkpoint. Decode is measured
-   (bench/decode.py) as eager `generate` (`decode_tok_s`) and as a static-KV-cache loop run eagerly
-   (`static_eager_tok_s`) and replayed from a CUDA graph per token (`graph_tok_s`; with --compile also
-   torch.compile(mode="reduce-overhead"), `compile_tok_s`): the graph takes host overhead out for every contender
-   alike. Its tokens must equal the eager static loop's (`graph_matches_static_eager`: same kernels, same inputs);
+   decode tokens/s, a whole-model LoRA fine-tuning step (finetune_bench: peft LoRA r=64 on every linear layer,
+   one sequence of --finetune-tokens, AdamW; time and peak memory), and for LowRA a save_pretrained + reload of the
+   pre-quantized checkpoint. Decode is measured (bench/decode.py) as eager `generate` (`decode_tok_s`) and as a
+   static-KV-cache loop run eagerly (`static_eager_tok_s`) and replayed from a CUDA graph per token (`graph_tok_s`;
+   with --compile also torch.compile(mode="reduce-overhead"), `compile_tok_s`): the graph takes host overhead out
+   for every contender alike. Its tokens must equal the eager static loop's (`graph_matches_static_eager`: same kernels, same inputs);
    a capture that fails is recorded as `graph_error`, never fatal. Tokens against `generate`'s
    (`*_matches_generate`, `*_first_mismatch_vs_generate`) are recorded, not required: generate's dynamic cache
    runs attention over other lengths and masks, so bf16 rounding can flip a near-tied argmax of a random model.
@@ -35,10 +37,17 @@ LLAMA2_7B = dict(
 )
 
 
-def cuda_time(fn, warmup: int = 3, iters: int = 10) -> float:
-    """Median milliseconds of fn() between CUDA events."""
+def cuda_time(fn, warmup: int = 3, iters: int = 10, device="cuda") -> float:
+    """Median milliseconds of fn() between CUDA events (wall clock on the CPU)."""
     for _ in range(warmup):
         fn()
+    if torch.device(device).type != "cuda":
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[len(times) // 2]
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
@@ -152,6 +161,41 @@ def decode_bench(model, new_tokens: int = 64, repeats: int = 3, graph: bool = Tr
     return row
 
 
+def finetune_bench(model, tokens: int = 512, r: int = 64, steps: int = 5, device="cuda") -> dict:
+    """One LoRA fine-tuning step of the whole model, as a QLoRA script takes it: peft LoRA (rank r, alpha 2r) on
+    every linear layer, a causal-LM loss on one sequence of `tokens` random ids, backward, AdamW on the adapters.
+    Median of `steps` timed steps after two warm-up steps; peak memory over them. Injects the adapters into `model`
+    (drop it afterwards)."""
+    from peft import LoraConfig, get_peft_model
+
+    model.config.use_cache = False
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear",
+                                                  task_type="CAUSAL_LM"))
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=gen).to(device)
+    losses = []
+
+    def step():
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms = cuda_time(step, warmup=2, iters=steps, device=device)
+    row = {"finetune_tokens": tokens, "finetune_lora_rank": r, "finetune_step_ms": ms,
+           "finetune_trainable_params": sum(p.numel() for p in params),
+           "finetune_loss_first_last": [float(losses[0]), float(losses[-1])]}
+    if torch.device(device).type == "cuda":
+        row["peak_finetune_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
 def _recover(device: torch.device) -> None:
     """After a failed capture: let pending work finish so the next contender starts clean (errors ignored)."""
     gc.collect()
@@ -163,7 +207,7 @@ def _recover(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def model_bench(bits_list, workdir: str, decode_kw: dict | None = None) -> list[dict]:
+def model_bench(bits_list, workdir: str, decode_kw: dict | None = None, finetune_kw: dict | None = None) -> list[dict]:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
     from bitsandbytes_lowra import LowRAConfig
@@ -182,7 +226,8 @@ def model_bench(bits_list, workdir: str, decode_kw: dict | None = None) -> list[
 
     rows = []
 
-    def measure(name, **kw):
+    def measure(name, save_to=None, finetune=True, **kw):
+        """Load, decode, save the quantized model to `save_to` (before any adapter exists), fine-tune a step."""
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         m = AutoModelForCausalLM.from_pretrained(kw.pop("path", ckpt), device_map="cuda", **kw)
@@ -193,31 +238,35 @@ def model_bench(bits_list, workdir: str, decode_kw: dict | None = None) -> list[
         with torch.no_grad():
             row.update(decode_bench(m, **(decode_kw or {})))
         row["peak_decode_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if save_to:
+            m.save_pretrained(save_to)
+        if finetune and finetune_kw is not None:
+            try:
+                row.update(finetune_bench(m, **finetune_kw))
+            except Exception as e:  # noqa: BLE001  (recorded; the other contenders still run)
+                row["finetune_error"] = f"{type(e).__name__}: {e}"[:2000]
+                _recover(torch.device("cuda"))
         print(json.dumps(row), flush=True)
         rows.append(row)
-        return m
+        del m
 
     def free():
         gc.collect()
         torch.cuda.empty_cache()
 
-    measure("bf16", dtype=torch.bfloat16)  # the model is dropped on return
+    measure("bf16", dtype=torch.bfloat16)  # each model is dropped on return
     free()
-    m = measure("bnb-nf4", dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(
+    measure("bnb-nf4", dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_use_double_quant=True))
-    m = None
     free()
     for bits in bits_list:
-        m = measure(f"lowra-{bits:g}", dtype=torch.bfloat16, quantization_config=LowRAConfig(bits=bits))
-        if bits == bits_list[-1]:
-            saved = os.path.join(workdir, f"lowra-{bits:g}")
-            m.save_pretrained(saved)
-            m = None
-            free()
-            m = measure(f"lowra-{bits:g} (pre-quantized reload)", path=saved, dtype=torch.bfloat16)
-        m = None
+        saved = os.path.join(workdir, f"lowra-{bits:g}") if bits == bits_list[-1] else None
+        measure(f"lowra-{bits:g}", save_to=saved, dtype=torch.bfloat16, quantization_config=LowRAConfig(bits=bits))
         free()
+        if saved:  # load time from a saved LowRA checkpoint (its fine-tuning step is the row above's)
+            measure(f"lowra-{bits:g} (pre-quantized reload)", path=saved, finetune=False, dtype=torch.bfloat16)
+            free()
     return rows
 
 
@@ -236,6 +285,19 @@ def decode_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def model_table(rows: list[dict]) -> str:
+    """Load, memory and the fine-tuning step per contender."""
+    def f(r, key, fmt):
+        return "error" if key == "finetune_step_ms" and "finetune_error" in r else (fmt % r[key] if key in r else "-")
+
+    lines = ["model | load s | weights GiB | peak decode GiB | fine-tune step ms | peak fine-tune GiB"]
+    for r in rows:
+        lines.append(" | ".join([r["model"], f(r, "load_s", "%.1f"), f(r, "weights_gib", "%.2f"),
+                                 f(r, "peak_decode_gib", "%.2f"), f(r, "finetune_step_ms", "%.1f"),
+                                 f(r, "peak_finetune_gib", "%.2f")]))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write results here")
@@ -247,6 +309,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per decode (batch 1)")
     ap.add_argument("--repeats", type=int, default=3, help="timed generations per decode path (median)")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph decode")
+    ap.add_argument("--finetune-tokens", type=int, default=512,
+                    help="tokens of the whole-model LoRA fine-tuning step (one sequence; 0 skips it)")
     ap.add_argument("--compile", action="store_true",
                     help='also decode with torch.compile(mode="reduce-overhead") (compiles once per contender: slow)')
     args = ap.parse_args(argv)
@@ -254,6 +318,8 @@ def main(argv=None) -> int:
         ap.error("needs a CUDA GPU")
     if args.new_tokens < 1 or args.repeats < 1:
         ap.error("--new-tokens and --repeats must be positive")
+    if args.finetune_tokens < 0:
+        ap.error("--finetune-tokens must be 0 (skip) or positive")
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     try:
         import transformers
@@ -278,9 +344,11 @@ def main(argv=None) -> int:
         if args.workdir:
             os.makedirs(args.workdir, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
-            results["model"] = model_bench(sorted(args.bits, reverse=True), workdir, decode_kw)
+            finetune_kw = dict(tokens=args.finetune_tokens) if args.finetune_tokens else None
+            results["model"] = model_bench(sorted(args.bits, reverse=True), workdir, decode_kw, finetune_kw)
         dump()
         print(decode_table(results["model"]))
+        print(model_table(results["model"]))
     return 0
 
 
