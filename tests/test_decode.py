@@ -244,8 +244,8 @@ def test_e2e_finetune_step_trains_the_adapters_only(tiny_dir):
     assert row["finetune_tokens"] == 16 and row["finetune_lora_rank"] == 4 and row["finetune_step_ms"] > 0
     # r (in + out) per linear: q, o 64 -> 64; k, v 64 -> 32 (2 KV heads of 16); gate, up, down 64 <-> 128; 2 layers
     assert row["finetune_trainable_params"] == 2 * 4 * (2 * 128 + 2 * 96 + 3 * 192)
-    first, last = row["finetune_loss_first_last"]
-    assert math.isfinite(first) and math.isfinite(last) and last != first  # four steps ran, on a moving adapter
+    losses = row["finetune_losses"]
+    assert len(losses) == 4 and all(map(math.isfinite, losses)) and losses[-1] != losses[0]  # 2 warm-up + 2 timed
     lowra_layers = {n: m for n, m in model.named_modules() if isinstance(m, LinearLowRA)}
     assert len(lowra_layers) == 14
     for name, layer in lowra_layers.items():

@@ -190,7 +190,7 @@ def finetune_bench(model, tokens: int = 512, r: int = 64, steps: int = 5, device
     ms = cuda_time(step, warmup=2, iters=steps, device=device)
     row = {"finetune_tokens": tokens, "finetune_lora_rank": r, "finetune_step_ms": ms,
            "finetune_trainable_params": sum(p.numel() for p in params),
-           "finetune_loss_first_last": [float(losses[0]), float(losses[-1])]}
+           "finetune_losses": [float(v) for v in losses]}  # warm-up steps first
     if torch.device(device).type == "cuda":
         row["peak_finetune_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
