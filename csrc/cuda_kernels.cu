@@ -940,7 +940,7 @@ int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t 
     const bool uniform = packed_bytes >= bytes4 || packed_bytes * 2 == bytes4 || packed_bytes * 4 == bytes4;
     // A uniform layer with fewer than 8 wide tasks per resident warp takes 64-byte tasks too: shorter tasks at the
     // end of the launch, and 32 warps per SM (kQBlocksPerSm). All rows 4-bit, H200, seventeenth round: 4096x4096
-    // 8% less time, 4096x11008 6% less, 11008x4096 level (1.008); the large layers (37 tasks per warp) lost 3%.
+    // 8-9% less time, 4096x11008 5-6% less, 11008x4096 1% more; the large layers (37 tasks per warp) lost 3%.
     const int64_t seg128 = dtype == LOWRA_F32 ? kQSegElems<float, 128> : kQSegElems<__half, 128>;
     const bool many = rows * ((pc + seg128 - 1) / seg128) >= 8 * (int64_t)sm_count() * kQBlocksPerSm<128> * 8;
     const bool wide = g_quantize_task_bytes ? g_quantize_task_bytes == 128 : uniform && many;
