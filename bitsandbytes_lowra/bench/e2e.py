@@ -14,8 +14,8 @@
    pre-quantized checkpoint. Decode is measured (bench/decode.py) as eager `generate` (`decode_tok_s`) and as a
    static-KV-cache loop run eagerly (`static_eager_tok_s`) and replayed from a CUDA graph per token (`graph_tok_s`;
    with --compile also torch.compile(mode="reduce-overhead"), `compile_tok_s`): the graph takes host overhead out
-   for every contender alike. Its tokens must equal the eager static loop's (`graph_matches_static_eager`: same kernels, same inputs);
-   a capture that fails is recorded as `graph_error`, never fatal. Tokens against `generate`'s
+   for every contender alike. Its tokens must equal the eager static loop's (`graph_matches_static_eager`: same
+   kernels, same inputs); a capture that fails is recorded as `graph_error`, never fatal. Tokens against `generate`'s
    (`*_matches_generate`, `*_first_mismatch_vs_generate`) are recorded, not required: generate's dynamic cache
    runs attention over other lengths and masks, so bf16 rounding can flip a near-tied argmax of a random model.
 """
@@ -41,22 +41,22 @@ def cuda_time(fn, warmup: int = 3, iters: int = 10, device="cuda") -> float:
     """Median milliseconds of fn() between CUDA events (wall clock on the CPU)."""
     for _ in range(warmup):
         fn()
-    if torch.device(device).type != "cuda":
-        times = []
-        for _ in range(iters):
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        if on_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
             t = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t) * 1e3)
-        return sorted(times)[len(times) // 2]
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
 
 
@@ -185,13 +185,14 @@ def finetune_bench(model, tokens: int = 512, r: int = 64, steps: int = 5, device
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
 
-    if torch.device(device).type == "cuda":
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     ms = cuda_time(step, warmup=2, iters=steps, device=device)
     row = {"finetune_tokens": tokens, "finetune_lora_rank": r, "finetune_step_ms": ms,
            "finetune_trainable_params": sum(p.numel() for p in params),
            "finetune_losses": [float(v) for v in losses]}  # warm-up steps first
-    if torch.device(device).type == "cuda":
+    if on_cuda:
         row["peak_finetune_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
 
