@@ -144,11 +144,11 @@ void lowra_matmul_cuda_set_tuning(int ksplit, int ctas_per_sm, int depth, int ne
 #endif
 }
 
-void lowra_quantize_cuda_set_tuning(int task_bytes) {
+void lowra_quantize_cuda_set_tuning(int task_bytes, int run) {
 #ifdef LOWRA_WITH_CUDA
-  lowra::quantize_cuda_set_tuning(task_bytes);
+  lowra::quantize_cuda_set_tuning(task_bytes, run);
 #else
-  (void)task_bytes;
+  (void)task_bytes, (void)run;
 #endif
 }
 

@@ -802,11 +802,12 @@ __device__ __forceinline__ void quantize_task(QIn<T> (&in)[kQChunks<T, LB>], int
 }
 
 // Warps take contiguous runs of (row, segment) tasks, so a warp sets a row up (thresholds, and the bins for 4 bits)
-// about once per row rather than once per task.
+// about once per row rather than once per task: runs of `run` tasks (warp w: tasks w run .. w run + run - 1), or
+// with run = 0 an even split of the tasks over the grid's warps (quantize_grid picks).
 template <typename T, int GS, int LB>
 __global__ void __launch_bounds__(256, kQBlocksPerSm<LB>)
     quantize_fast(const T* __restrict__ W, int64_t rows, int64_t cols, int64_t blocksize, int64_t pc, int64_t segs,
-                  const uint8_t* __restrict__ bits, const uint16_t* __restrict__ thresholds,
+                  int64_t run, const uint8_t* __restrict__ bits, const uint16_t* __restrict__ thresholds,
                   const int64_t* __restrict__ row_offsets, uint8_t* packed, int64_t packed_bytes,
                   float* __restrict__ absmax) {
   __shared__ float table[8][kCodebookSlots];  // each warp's current thresholds in Eytzinger order (slot 0 unused)
@@ -821,10 +822,11 @@ __global__ void __launch_bounds__(256, kQBlocksPerSm<LB>)
   const int group_shift = 28 - __clz((int)blocksize);  // log2(blocksize / 8)
   const int64_t tasks = rows * segs, warps = (int64_t)gridDim.x * (blockDim.x >> 5);
   const int64_t w = (int64_t)blockIdx.x * (blockDim.x >> 5) + wib, per = tasks / warps, extra = tasks % warps;
-  const int64_t first = w * per + min(w, extra);
+  const int64_t first = run ? w * run : w * per + min(w, extra);
   // 32-bit loop counters (a warp's task count needs a weight of over 2^44 elements to overflow): the registers they
   // save keep pack_bases from spilling loop state at every task, which cost the 1.75-bit mix 3-4% (fourteenth round).
-  int n = (int)(per + (w < extra ? 1 : 0)), seg = (int)(first % segs);
+  int n = (int)(run ? max(min(run, tasks - first), (int64_t)0) : per + (w < extra ? 1 : 0));
+  int seg = (int)(first % segs);
   int64_t r = first / segs, cur = -1;
   for (; n > 0; --n, seg = seg + 1 == segs ? (++r, 0) : seg + 1) {
     const int b = bits[r];
@@ -921,10 +923,35 @@ int64_t take_skipped_rows() {
 
 namespace {
 int g_quantize_task_bytes = 0;  // 0: automatic; 64 or 128 forced (quantize_cuda_set_tuning)
+int g_quantize_run = 0;         // 0: automatic; -1: the resident grid's even split; n > 0: runs of n tasks
+
+// Grid and run length of quantize_fast (run 0: an even split over a resident grid). A layer of one precision keeps
+// the even split: its tasks cost alike. A mix's do not (a 4-bit row's task costs several 1-bit ones), so equal runs
+// leave SMs idle at the end; short runs on a grid of several waves let the block scheduler hand CTAs to SMs as they
+// free up. Runs of about an eighth of an even share, 2 to 8 tasks (powers of two; at least two waves). H200, bf16,
+// 1.75-bit mix, eighteenth round, time against the even split's (A B B A) with runs of 2 / 4 / 8 tasks: 11008x4096
+// 0.97 / 0.98 / 0.99, 4096x11008 0.96 / 0.97 / 1.02, 28672x8192 0.96 / 0.94 / 0.93, 8192x28672 0.90 / 0.86 / 0.86,
+// 4096x4096 0.94 (2 tasks: two waves). For one precision, whole rows per warp (one row setup each) measured level on
+// 4096x4096 and 2% slower on 4096x11008; runs of 1 or 2 tasks 5-31% slower (a row setup per run).
+template <typename K>
+void quantize_grid(K kernel, int64_t rows, int64_t segs, bool uniform, int* grid, int64_t* run) {
+  const int64_t tasks = rows * segs;
+  *grid = resident_grid(kernel, tasks, 8);
+  const int64_t warps = (int64_t)*grid * 8;  // resident (fewer where the tasks are fewer)
+  int64_t r = g_quantize_run;
+  if (r == 0 && !uniform) {
+    const int64_t eighth = (tasks + 8 * warps - 1) / (8 * warps);
+    r = eighth <= 2 ? 2 : eighth <= 4 ? 4 : 8;
+    r = std::min(r, (tasks + 2 * warps - 1) / (2 * warps));
+  }
+  *run = r > 0 ? r : 0;
+  if (r > 0) *grid = (int)std::min<int64_t>((tasks + 8 * r - 1) / (8 * r), 0x7fffffff);
+}
 }  // namespace
 
-void quantize_cuda_set_tuning(int task_bytes) {
+void quantize_cuda_set_tuning(int task_bytes, int run) {
   g_quantize_task_bytes = task_bytes == 64 || task_bytes == 128 ? task_bytes : 0;
+  g_quantize_run = run >= -1 ? run : 0;
 }
 
 int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
@@ -947,8 +974,11 @@ int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t 
 #define LOWRA_QF3(T, GS, LB)                                                                                         \
   do {                                                                                                               \
     const int64_t segs = (pc + kQSegElems<T, LB> - 1) / kQSegElems<T, LB>;                                           \
-    quantize_fast<T, GS, LB><<<resident_grid(quantize_fast<T, GS, LB>, rows * segs, 8), 256, 0, stream>>>(           \
-        (const T*)W, rows, cols, blocksize, pc, segs, bits, thresholds, row_offsets, packed, packed_bytes, absmax);   \
+    int grid;                                                                                                        \
+    int64_t run;                                                                                                     \
+    quantize_grid(quantize_fast<T, GS, LB>, rows, segs, uniform, &grid, &run);                                       \
+    quantize_fast<T, GS, LB><<<grid, 256, 0, stream>>>((const T*)W, rows, cols, blocksize, pc, segs, run, bits,      \
+                                                       thresholds, row_offsets, packed, packed_bytes, absmax);       \
   } while (0)
 #define LOWRA_QF2(T, GS)                                                                                             \
   do {                                                                                                               \

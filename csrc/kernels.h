@@ -16,7 +16,7 @@ int matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed, const
 int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
                   const uint16_t* thresholds, const int64_t* row_offsets, uint8_t* packed, int64_t packed_bytes,
                   float* absmax, void* stream);
-void quantize_cuda_set_tuning(int task_bytes);  // 0: automatic; 64 or 128: bytes per lane and task, forced
+void quantize_cuda_set_tuning(int task_bytes, int run);  // as lowra_quantize_cuda_set_tuning
 int dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const AbsmaxSrc& absmax, const uint8_t* bits,
                     const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
                     int64_t blocksize, int dtype, void* out, void* stream);

@@ -129,9 +129,10 @@ LOWRA_API void lowra_matmul_cuda_set_tuning(int ksplit, int ctas_per_sm, int dep
 // m takes the tensor-core path), rows_per_warp 4 or 8 (0: 8 for 1-2 rows, else 4), wk = warps along K (1, 2, 4, 8; 0: automatic),
 // batch1 = the one-row kernel (0: automatic, -1: off, 2 or 4: rows per warp task). Process-wide; for benchmarks and tests.
 LOWRA_API void lowra_matmul_cuda_set_gemv_tuning(int max_rows, int rows_per_warp, int wk, int batch1);
-// Knob of the fast quantize: bytes of weights per lane and task (0: automatic; 64 or 128 forced, for any mix of
-// precisions). Process-wide; for benchmarks and tests.
-LOWRA_API void lowra_quantize_cuda_set_tuning(int task_bytes);
+// Knobs of the fast quantize: bytes of weights per lane and task (0: automatic; 64 or 128 forced, for any mix of
+// precisions); tasks per warp run (0: automatic; -1: an even split over a resident grid; n > 0: runs of n tasks).
+// Process-wide; for benchmarks and tests.
+LOWRA_API void lowra_quantize_cuda_set_tuning(int task_bytes, int run);
 
 #ifdef __cplusplus
 }

@@ -36,17 +36,18 @@ def smollm2_weights():
         pytest.skip(f"real SmolLM2 weights unavailable here: {e}")
 
 
-# Task widths of the fast CUDA quantize (bytes of weights per lane): the automatic choice takes 128 only for large
-# layers of one precision, which the tests do not reach, so they force each width (both encode any mix).
-QUANTIZE_TASK_BYTES = (64, 128)
+# Settings of the fast CUDA quantize, (bytes of weights per lane and task, tasks per warp run): the automatic choices
+# take 128-byte tasks and runs of more than one task only on layers larger than the tests', so the tests force them.
+# Each width automatic; runs of 3 tasks (they straddle rows and segments); the even split over a resident grid.
+QUANTIZE_TUNINGS = ((64, 0), (128, 0), (64, 3), (128, -1))
 
 
 @contextlib.contextmanager
-def quantize_task_bytes(n: int):
-    """The fast CUDA quantize at `n` bytes per lane and task within the block (0: automatic); automatic after."""
+def quantize_tuning(task_bytes: int, run: int = 0):
+    """The fast CUDA quantize with these knobs (native.set_quantize_tuning) within the block; automatic after."""
     from bitsandbytes_lowra.backends import native
 
-    native.set_quantize_tuning(n)
+    native.set_quantize_tuning(task_bytes, run)
     try:
         yield
     finally:

@@ -11,7 +11,7 @@ from bitsandbytes_lowra import _native
 from bitsandbytes_lowra._ops import matmul_plan
 from bitsandbytes_lowra.backends import native, reference
 
-from .conftest import QUANTIZE_TASK_BYTES, quantize_task_bytes
+from .conftest import QUANTIZE_TUNINGS, quantize_tuning
 from .test_ops import DTYPES, make_case
 
 cuda = pytest.mark.cuda
@@ -132,19 +132,22 @@ def test_cuda_quantize_dequantize_bit_identical(shape, dtype):
         ref_packed, ref_absmax = reference.quantize(W, bits, thr, off, bs)
         ref_out = reference.dequantize(ref_packed, ref_absmax, bits, code, off, bs, [rows, cols], dtype)
         d = [t.cuda() for t in (W, bits, code, thr, off)]
-        for width in QUANTIZE_TASK_BYTES:
-            with quantize_task_bytes(width):
+        for tuning in QUANTIZE_TUNINGS:
+            with quantize_tuning(*tuning):
                 packed, absmax = torch.ops.lowra.quantize(d[0], d[1], d[3], d[4], bs)
-            assert torch.equal(packed.cpu(), ref_packed), f"packed differs, mix {mix}, {width}-byte tasks"
-            assert torch.equal(absmax.cpu(), ref_absmax), f"absmax differs, mix {mix}, {width}-byte tasks"
+            assert torch.equal(packed.cpu(), ref_packed), f"packed differs, mix {mix}, tuning {tuning}"
+            assert torch.equal(absmax.cpu(), ref_absmax), f"absmax differs, mix {mix}, tuning {tuning}"
         out = torch.ops.lowra.dequantize(packed, absmax, d[1], d[2], d[4], bs, [rows, cols], dtype)
         assert torch.equal(out.cpu(), ref_out), f"dequantized differs, mix {mix}"
 
 
-def test_set_quantize_tuning_takes_only_the_two_task_widths():
+def test_set_quantize_tuning_takes_only_the_two_task_widths_and_valid_runs():
     with pytest.raises(ValueError, match="task_bytes must be 0 .automatic., 64 or 128, got 96"):
         native.set_quantize_tuning(96)
-    native.set_quantize_tuning()  # automatic: accepted with or without CUDA
+    with pytest.raises(ValueError, match="run must be 0 .automatic., -1 .even split. or a positive task count, got -2"):
+        native.set_quantize_tuning(64, -2)
+    native.set_quantize_tuning(128, 5)  # accepted with or without CUDA
+    native.set_quantize_tuning()
 
 
 @cuda
@@ -164,12 +167,12 @@ def test_cuda_quantize_both_lane_widths_on_a_mix(shape):
         seed += 1
     ref_packed, ref_absmax = reference.quantize(W, bits, thr, off, bs)
     d = [t.cuda() for t in (W, bits, thr, off)]
-    for nbytes, width in itertools.product((ref_packed.numel(), rows * pc // 2 + 64), (0, *QUANTIZE_TASK_BYTES)):
+    for nbytes, tuning in itertools.product((ref_packed.numel(), rows * pc // 2 + 64), QUANTIZE_TUNINGS):
         packed = torch.full((nbytes,), 0xAB, dtype=torch.uint8, device="cuda")
         absmax = torch.empty_like(ref_absmax, device="cuda")
-        with quantize_task_bytes(width):
+        with quantize_tuning(*tuning):
             torch.ops.lowra.quantize.out(*d, bs, packed=packed, absmax=absmax)
-        n, how = ref_packed.numel(), f"{nbytes}-byte buffer, task width {width or 'automatic'}"
+        n, how = ref_packed.numel(), f"{nbytes}-byte buffer, tuning {tuning}"
         assert torch.equal(packed[:n].cpu(), ref_packed), f"packed differs ({how})"
         assert torch.equal(absmax.cpu(), ref_absmax), f"absmax differs ({how})"
         assert bool((packed[n:] == 0xAB).all()), f"bytes past the rows written ({how})"

@@ -10,7 +10,7 @@ import torch
 from bitsandbytes_lowra.backends import reference
 from bitsandbytes_lowra.format import padded_cols, row_offsets
 
-from .conftest import QUANTIZE_TASK_BYTES, devices, quantize_task_bytes
+from .conftest import QUANTIZE_TUNINGS, devices, quantize_tuning
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -60,12 +60,12 @@ def assert_quantize_matches_reference(W, bits, thr, blocksize, device):
     off = row_offsets(bits, W.shape[1], blocksize)
     ref_packed, ref_absmax = reference.quantize(W, bits, thr, off, blocksize)
     d = [t.to(device) for t in (W, bits, thr, off)]
-    for width in QUANTIZE_TASK_BYTES if torch.device(device).type == "cuda" else (0,):
-        with quantize_task_bytes(width):
+    for tuning in QUANTIZE_TUNINGS if torch.device(device).type == "cuda" else ((0, 0),):
+        with quantize_tuning(*tuning):
             packed, absmax = (t.cpu() for t in torch.ops.lowra.quantize(d[0], d[1], d[2], d[3], blocksize))
-        assert torch.equal(absmax, ref_absmax), f"absmax differs ({width}-byte tasks)"
+        assert torch.equal(absmax, ref_absmax), f"absmax differs (tuning {tuning})"
         assert torch.equal(packed, ref_packed), \
-            f"{int((packed != ref_packed).sum())} packed bytes differ ({width}-byte tasks)"
+            f"{int((packed != ref_packed).sum())} packed bytes differ (tuning {tuning})"
     return ref_absmax
 
 

@@ -108,14 +108,19 @@ def set_matmul_tuning(ksplit: int = 0, ctas_per_sm: int = 0, depth: int = 0, gem
         _workspace_bytes.cache_clear()  # the knobs change the plans
 
 
-def set_quantize_tuning(task_bytes: int = 0) -> None:
-    """Knob of the fast CUDA quantize: bytes of weights per lane and warp task, 64 or 128 (0 = automatic: 128 for
-    large layers of one precision, else 64). Either width encodes any mix of precisions, bit-identically; the knob is
-    for benchmarks and tests. Process-wide; called without arguments it restores the automatic choice."""
+def set_quantize_tuning(task_bytes: int = 0, run: int = 0) -> None:
+    """Knobs of the fast CUDA quantize: bytes of weights per lane and warp task, 64 or 128 (0 = automatic: 128 for
+    large layers of one precision, else 64); tasks per warp run (0 = automatic, -1 = an even split over a resident
+    grid, n > 0 = runs of n tasks on as many CTAs as that takes). Every setting encodes any mix of precisions,
+    bit-identically; the knobs are for benchmarks and tests. Process-wide; called without arguments it restores the
+    automatic choices."""
     if task_bytes not in (0, 64, 128):
         raise ValueError(f"task_bytes must be 0 (automatic), 64 or 128, got {task_bytes!r}")
+    if not isinstance(run, int) or run < -1:
+        raise ValueError(f"run must be 0 (automatic), -1 (even split) or a positive task count, got {run!r}")
     if _native.has_cuda():
-        _fn("lowra_quantize_cuda_set_tuning", [_native.ctypes.c_int], None)(task_bytes)
+        i32 = _native.ctypes.c_int
+        _fn("lowra_quantize_cuda_set_tuning", [i32, i32], None)(task_bytes, min(run, 2**31 - 1))
 
 
 def _quantize_into(A, bits, thresholds, row_offsets, blocksize, packed, absmax):
