@@ -152,10 +152,10 @@ def test_set_quantize_tuning_takes_only_the_two_task_widths_and_valid_runs():
 
 @cuda
 @pytest.mark.parametrize("shape", [(64, 4096, 64), (5, 11008, 64), (130, 264, 8), (33, 100, 64), (7, 1536, 32)])
-def test_cuda_quantize_both_lane_widths_on_a_mix(shape):
+def test_cuda_quantize_every_tuning_on_a_mix(shape):
     """Rows of mixed precision, in a buffer of their own size and in one of all rows' 4-bit size (or larger, which
-    the launcher reads as one precision), at 64 and 128 bytes per lane forced and at the automatic choice: always
-    bit-identical to the reference, and bytes past the rows stay untouched."""
+    the launcher reads as one precision), at every setting of QUANTIZE_TUNINGS (both lane widths, runs of 3 tasks,
+    the even split): always bit-identical to the reference, and bytes past the rows stay untouched."""
     rows, cols, bs = shape
     pc = -(-cols // bs) * bs
     uniform_sizes = {rows * pc // 8, rows * pc // 4, rows * pc // 2}  # what the launcher reads as one precision
