@@ -152,11 +152,11 @@ void lowra_quantize_cuda_set_tuning(int task_bytes, int run) {
 #endif
 }
 
-void lowra_matmul_cuda_set_gemv_tuning(int max_rows, int rows_per_warp, int wk, int batch1) {
+void lowra_matmul_cuda_set_gemv_tuning(int max_rows, int rows_per_warp, int wk, int batch1, int wide) {
 #ifdef LOWRA_WITH_CUDA
-  lowra::gemv_set_tuning(max_rows, rows_per_warp, wk, batch1);
+  lowra::gemv_set_tuning(max_rows, rows_per_warp, wk, batch1, wide);
 #else
-  (void)max_rows, (void)rows_per_warp, (void)wk, (void)batch1;
+  (void)max_rows, (void)rows_per_warp, (void)wk, (void)batch1, (void)wide;
 #endif
 }
 

@@ -514,11 +514,11 @@ int64_t take_gemv_skipped_rows() {
   return a < 0 || b < 0 ? -1 : a + b;
 }
 
-void gemv_set_tuning(int max_rows, int rows_per_warp, int wk, int batch1) {
+void gemv_set_tuning(int max_rows, int rows_per_warp, int wk, int batch1, int wide) {
   g_gemv_max_rows = max_rows < 0 ? 0 : max_rows == 0 ? 2 : max_rows;
   g_gemv_r = rows_per_warp;
   g_gemv_wk = wk;
-  gemv1_set_tuning(batch1);
+  gemv1_set_tuning(batch1, wide);
 }
 
 int64_t gemv_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize) {
@@ -527,7 +527,7 @@ int64_t gemv_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols, in
   // does not apply to the actual operands
   GvArgs a1{};
   size_t smem1 = 0;
-  const int64_t b1 = gemv1_plan(dtype, m, rows, cols, blocksize, p16, (const uint8_t*)p16, &a1, &smem1)
+  const int64_t b1 = gemv1_plan(dtype, m, rows, cols, blocksize, p16, (const uint8_t*)p16, nullptr, &a1, &smem1)
                          ? (a1.ks > 1 ? (int64_t)a1.ks * rows * 4 : 0) : -1;
   GvPlan plan;
   if (!gemv_plan(dtype, m, rows, cols, blocksize, p16, (const uint8_t*)p16, (const uint16_t*)p16, &plan)) return b1;
@@ -554,14 +554,14 @@ int launch_finalize(const GvArgs& a, int dtype, cudaStream_t stream) {
 
 int gemv_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes, const AbsmaxSrc& absmax,
               const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
-              int64_t blocksize, const int32_t* row_order, const void* bias, void* out, void* workspace,
-              int64_t workspace_bytes, void* stream_) {
+              int64_t blocksize, const int32_t* row_order, const int64_t* group_rows, const void* bias, void* out,
+              void* workspace, int64_t workspace_bytes, void* stream_) {
   cudaStream_t stream = (cudaStream_t)stream_;
   const bool nested = absmax.f32 == nullptr;
   GvArgs a1{};
   size_t smem1 = 0;
   if (packed_bytes < ((int64_t)1 << 32) &&  // one activation row (32-bit row offsets)
-      gemv1_plan(dtype, m, rows, cols, blocksize, A, packed, &a1, &smem1)) {
+      gemv1_plan(dtype, m, rows, cols, blocksize, A, packed, group_rows, &a1, &smem1)) {
     if (!workspace_ok(a1, workspace, workspace_bytes)) return LOWRA_ERR_ARGUMENT;
     set_matmul_operands(a1, A, packed, packed_bytes, bits, codebook, row_offsets, row_order, bias, out, workspace);
     a1.am = absmax;

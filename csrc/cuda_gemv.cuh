@@ -26,6 +26,7 @@ struct GvArgs {
   int64_t krange;            // columns per split (a multiple of 1024)
   int64_t ngroups;           // row groups (tasks per K split)
   int sm_meta;               // cuda_gemv.cu: shared-memory offset of the row metadata (after the activations)
+  bool wide;                 // cuda_gemv1.cu: wide steps (its WIDE kernels)
   const void* bias;
   void* out;
   float* ws;
@@ -111,13 +112,16 @@ __global__ void gemv_finalize(const __grid_constant__ GvArgs a) {
 }
 
 // cuda_gemv1.cu, the batch-1 kernel. gemv1_plan fills the shape fields of `a` (K splits included) and the shared
-// memory size when it applies (m = 1, 16-bit activations, aligned operands); gemv1_launch starts it once the
+// memory size when it applies (m = 1, 16-bit activations, aligned operands), and picks wide steps from the layer's
+// shape and group_rows (host int64[3]: its 1-, 2- and 4-bit rows; NULL: unknown); gemv1_launch starts it once the
 // operands are set (the caller adds the finalize launch when a.ks > 1).
 bool gemv1_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize, const void* A,
-                const uint8_t* packed, GvArgs* a, size_t* smem);
+                const uint8_t* packed, const int64_t* group_rows, GvArgs* a, size_t* smem);
 int gemv1_launch(const GvArgs& a, int dtype, bool nested, size_t smem, cudaStream_t stream);
 int64_t take_gemv1_skipped_rows();
-void gemv1_set_tuning(int batch1);  // 0: automatic, -1: never, 2 or 4: rows per warp task
+// batch1: 0 automatic, -1 never, 2 or 4 rows per warp task; wide: 0 automatic, 1 wide steps wherever the batch-1
+// kernel runs, -1 never
+void gemv1_set_tuning(int batch1, int wide);
 
 }  // namespace gv
 }  // namespace lowra

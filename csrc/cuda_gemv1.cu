@@ -15,6 +15,23 @@
 // and four FMAs; 4 bit, four lookups in the row's codebook and four FMAs. A byte permute (PRMT) turns a code byte
 // into the address of its entry (the row tables are 256-byte aligned), and both activation tables keep lane l's
 // entries in bank l, so no lookup conflicts. 1- and 2-bit rows load a step ahead (kDepth).
+//
+// Wide steps (WIDE; layers with 1- or 2-bit rows and at least kL1WideTasks tasks per warp, blocksize >= 64): warps
+// of one precision load 16 bytes of codes per row and lane at a time, four (1 bit) or two (2 bit) times the bytes in
+// flight of 1024-column steps, whose loads alone held the kernel near 35 us on 28672x8192 (ablations, sixteenth
+// round; ncu, eighteenth: the loads stall on latency, the decode is most of the instructions).
+//   - 1-bit rows go in 4096-column steps, lane l on columns 128 l .. 128 l + 127; the subset sums are laid out for
+//     them (mixed warps, still in 1024-column steps, read them with 4-way bank conflicts);
+//   - 2-bit rows go in 2048-column steps on a third table, the activations as float16 pairs scaled by a power of
+//     two (max |x'| in [2^7, 2^8)): a pair lookup times an activation pair is one HFMA2, summed in float16 over a
+//     16-column word (8 products per half), then in float32. CPU emulation (bf16 and fp16 x with outlier columns,
+//     8192 columns): 5e-4 relative error, against 1e-7 in float32 sums; bf16 outputs round at ~2e-3. Codebooks
+//     beyond +-kL1H16MaxCode (or NaN) take the float32 path.
+// Per weight, the step loops execute 1.38 (1 bit) and 2.51 (2 bit) instructions instead of 1.77 and 4.13 (make
+// sass). The third table and the wide layout cost 1.2-1.9 us more table building per launch (H200, nineteenth
+// round), which only layers with several tasks per warp earn back: H200, m = 1, 1.75 bits, us, narrow -> wide:
+// 28672x8192 41.4 -> 37.7 (double-quantized scales 44.9 -> 38.4), 8192x28672 43.9 -> 40.8 (46.1 -> 43.3), but
+// 4096x4096 8.3 -> 9.6, 4096x11008 17.9 -> 20.9, 11008x4096 16.5 -> 17.4, and all-4-bit layers 4-14% slower.
 // Taken automatically for layers of 2^24 (16.8M) weights or more; smaller ones keep the multi-row kernel (unmeasured).
 //
 // K splits write float32 partial sums that gemv_finalize adds in split order; rows whose metadata does not fit
@@ -32,15 +49,25 @@ constexpr int kL1Warps = kL1Threads / 32;
 constexpr int kL1Step = 1024;       // columns per warp step (32 lanes x 32 columns)
 constexpr int kL1MaxSteps = 8;      // steps per K split (20 bytes of tables per column: ~165 KB)
 constexpr int kL1LutStep = 16384;   // bytes of subset sums per step: 8 groups x 16 sums x 32 lanes x 4 bytes
+constexpr int kL1Wide = 4096;       // columns per wide step (32 lanes x 128 columns)
+constexpr int kL1LutWide = 4 * kL1LutStep;
 constexpr int kL1XStep = kL1Step * 4;
+constexpr int kL1HStep = kL1Step * 2;  // bytes of float16 activation pairs per step
+constexpr float kL1H16MaxCode = 16.f;  // 2-bit codebooks beyond +-16 take the float32 path: 8 products < 2^15
 constexpr int kL1TabBytes = 256;    // per row: 16 code pairs (2 bit) or the 16-entry codebook (4 bit)
+constexpr int kL1WideTasks = 3;     // wide steps from this many tasks per warp (measured: ~1 lost, 3.4-3.9 won)
 
-constexpr size_t smem_bytes(int nsteps, int r) {
-  return 2048 + (size_t)nsteps * (kL1LutStep + kL1XStep + 128) + 256 + (size_t)kL1Warps * r * kL1TabBytes;
+// Wide steps allocate the subset sums and lane sums per wide step (4 steps), and the float16 pairs.
+constexpr size_t smem_bytes(int nsteps, int r, bool wide) {
+  const size_t tables = wide ? (size_t)(nsteps + 3) / 4 * 4 * (kL1LutStep + 128) + (size_t)nsteps * kL1XStep +
+                                   (size_t)(nsteps + 1) / 2 * 2 * kL1HStep
+                             : (size_t)nsteps * (kL1LutStep + kL1XStep + 128);
+  return 2048 + tables + 256 + (size_t)kL1Warps * r * kL1TabBytes;
 }
-constexpr size_t kL1MaxSmem = smem_bytes(kL1MaxSteps, 4);
+constexpr size_t kL1MaxSmem = smem_bytes(kL1MaxSteps, 4, true);
 
 int g_batch1 = 0;  // 0: automatic; -1: never (the multi-row kernel serves m = 1); 2 or 4: rows per task
+int g_wide = 0;    // 0: automatic; 1: wide steps wherever they apply; -1: never
 
 // A warp task's rows, known to every lane.
 template <int R>
@@ -48,6 +75,7 @@ struct L1Rows {
   uint32_t code[R];   // byte offset in `packed` of the row's codes at this lane's first column of the split
   int32_t am[R];      // index of the row's scale at this lane's first column of the split
   int bits[R];        // 0: nothing to compute (past the end, or metadata that does not fit)
+  bool h16;           // every 2-bit row's codebook within +-kL1H16MaxCode (float16 sums cannot overflow)
   float c0[R], dl[R]; // 1 bit: codebook entry 0, entry 1 - entry 0
   int32_t row;        // lane j < R: row j (-1: none), which this lane writes at the end
 };
@@ -65,15 +93,33 @@ __device__ __forceinline__ uint32_t entry(uint32_t codes, uint32_t tab) {
   return __byte_perm(codes, tab, 0x7650u | K);
 }
 
-// The split's tables: subset sums [step][group j][entry e][lane] and activations [step][j][lane][4], both float32,
-// then the lanes' sums of their 32 columns [step][lane].
-template <typename T>
-__device__ __forceinline__ void build_tables(const GvArgs& a, int64_t k0, int klen, int nsteps, float* lut, float4* xs,
-                                             float* sx) {
+// The split's tables: subset sums [step][group j][entry e][lane] (WIDE: [wide step S][group g][entry e][wide lane
+// l'], columns 4096 S + 128 l' + 4 g .. + 3) and activations [step][j][lane][4] (columns 1024 st + 32 lane + 4 j ..
+// + 3), both float32, then the lanes' sums of their 32 columns [step][lane] (WIDE: of each 32-column word [S][word
+// w][l'], columns 4096 S + 128 l' + 32 w .. + 31) and, WIDE only, the activations as scaled float16 pairs
+// [2048-column step S2][word k][half i][l'][4 pairs] (columns 2048 S2 + 64 l' + 16 k + 8 i .. + 7). Returns the
+// float16 pairs' inverse scale.
+template <typename T, bool WIDE>
+__device__ __forceinline__ float build_tables(const GvArgs& a, int64_t k0, int klen, int nsteps, float* lut,
+                                              float4* xs, float* sx, uint2* xh) {
+  __shared__ float wmax[kL1Warps];
   const T* A = static_cast<const T*>(a.A) + k0;
-  for (int g = threadIdx.x; g < nsteps * 256; g += kL1Threads) {
-    const int l = g & 31, j = (g >> 5) & 7, st = g >> 8;  // consecutive threads: consecutive lanes, conflict-free
-    const int c = st * kL1Step + 32 * l + 4 * j;
+  float mx = 0.f;
+  const int nwide = (nsteps + 3) / 4;
+  // Consecutive threads take consecutive lanes (WIDE: wide lanes): the subset sums' stores are conflict-free (WIDE:
+  // the activations' float4 stores, one in 17 stores, have 4-way conflicts).
+  for (int it = threadIdx.x; it < (WIDE ? nwide * 1024 : nsteps * 256); it += kL1Threads) {
+    int c, st, l, j, t0;
+    if constexpr (WIDE) {
+      const int lw = it & 31, gw = (it >> 5) & 31, sw = it >> 10;
+      c = sw * kL1Wide + 128 * lw + 4 * gw;
+      st = c >> 10, l = (c >> 5) & 31, j = (c >> 2) & 7;
+      t0 = (sw * 32 + gw) * 16 * 32 + lw;
+    } else {
+      l = it & 31, j = (it >> 5) & 7, st = it >> 8;
+      c = st * kL1Step + 32 * l + 4 * j;
+      t0 = (st * 8 + j) * 16 * 32 + l;
+    }
     float e[16];
     e[0] = e[1] = e[2] = e[4] = e[8] = 0.f;
     if (c < klen) {
@@ -81,25 +127,52 @@ __device__ __forceinline__ void build_tables(const GvArgs& a, int64_t k0, int kl
       const float2 lo = Cvt<T>::f2(u.x), hi = Cvt<T>::f2(u.y);
       e[1] = lo.x, e[2] = lo.y, e[4] = hi.x, e[8] = hi.y;
     }
-    xs[(st * 8 + j) * 32 + l] = make_float4(e[1], e[2], e[4], e[8]);
+    if (!WIDE || st < nsteps) xs[(st * 8 + j) * 32 + l] = make_float4(e[1], e[2], e[4], e[8]);
+    if constexpr (WIDE) mx = fmaxf(mx, fmaxf(fmaxf(fabsf(e[1]), fabsf(e[2])), fmaxf(fabsf(e[4]), fabsf(e[8]))));
     e[3] = e[1] + e[2];
 #pragma unroll
     for (int i = 5; i < 8; ++i) e[i] = e[4] + e[i - 4];
 #pragma unroll
     for (int i = 9; i < 16; ++i) e[i] = e[8] + e[i - 8];
-    float* t = lut + (st * 8 + j) * 16 * 32 + l;
 #pragma unroll
-    for (int i = 0; i < 16; ++i) t[32 * i] = e[i];
+    for (int k = 0; k < 16; ++k) lut[t0 + 32 * k] = e[k];
+  }
+  if constexpr (WIDE) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, o));
+    if ((threadIdx.x & 31) == 0) wmax[threadIdx.x >> 5] = mx;
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < nsteps * 32; i += kL1Threads) {
+  // (narrow: i = step * 32 + lane; WIDE: i = (S * 4 + w) * 32 + l'; either way 8 groups of 16 entries per row of 32)
+  for (int i = threadIdx.x; i < (WIDE ? nwide * 128 : nsteps * 32); i += kL1Threads) {
     const float* t = lut + (i >> 5) * 8 * 16 * 32 + 15 * 32 + (i & 31);
     float v = 0.f;
 #pragma unroll
     for (int j = 0; j < 8; ++j) v += t[j * 16 * 32];
     sx[i] = v;
   }
+  if constexpr (!WIDE) {
+    __syncthreads();
+    return 1.f;
+  }
+  // The float16 pairs: x 2^s with max |x 2^s| in [2^7, 2^8) (s from max |x|'s exponent; both powers of two normal,
+  // so the scaling is exact wherever x 2^s stays a normal float16)
+  mx = 0.f;
+#pragma unroll
+  for (int w = 0; w < kL1Warps; ++w) mx = fmaxf(mx, wmax[w]);
+  const int e = min(max(134 - (int)((__float_as_uint(mx) >> 23) & 0xffu) + 127, 1), 253);  // biased exponent of 2^s
+  const float sf = __uint_as_float((uint32_t)e << 23), inv = __uint_as_float((uint32_t)(254 - e) << 23);
+  for (int g = threadIdx.x; g < nsteps * 256; g += kL1Threads) {
+    const int l = g & 31, j = (g >> 5) & 7, st = g >> 8;
+    const float4 v = xs[(st * 8 + j) * 32 + l];
+    const __half2 lo = __floats2half2_rn(v.x * sf, v.y * sf), hi = __floats2half2_rn(v.z * sf, v.w * sf);
+    const int c = st * kL1Step + 32 * l + 4 * j, n = (c & 15) >> 1;  // n: the first pair's index in its word
+    const int byte = (c >> 11) * 2 * kL1HStep + ((((c & 63) >> 4) * 2 + (n >> 2)) * 32 + ((c & 2047) >> 6)) * 16;
+    xh[byte / 8 + ((n & 3) >> 1)] =
+        make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+  }
   __syncthreads();
+  return inv;
 }
 
 // Row metadata of task `task` (lanes 0..R-1 look up one row each), loaded one task ahead; the rows' codebooks
@@ -140,11 +213,12 @@ __device__ __forceinline__ void load_codebooks(const GvArgs& a, L1Pre& p, int la
 }
 
 // Broadcasts the task's rows and writes their decode tables into the warp's slots (`tab`, 256 bytes per row).
-template <int R>
+template <int R, bool WIDE>
 __device__ __forceinline__ void setup_rows(const GvArgs& a, const L1Pre& p, int64_t k0, int lane, float* tab,
                                            L1Rows<R>& rw) {
   __syncwarp();  // the previous task's lookups are done
   rw.row = p.bits ? p.row : -1;
+  rw.h16 = true;
 #pragma unroll
   for (int j = 0; j < R; ++j) {
     const int b = __shfl_sync(kFull, p.bits, j);
@@ -157,6 +231,8 @@ __device__ __forceinline__ void setup_rows(const GvArgs& a, const L1Pre& p, int6
     const float v = b && lane < 16 ? half_bits_to_float((uint16_t)(two >> (16 * (lane & 1)))) : 0.f;
     rw.c0[j] = __shfl_sync(kFull, v, 0);
     rw.dl[j] = __shfl_sync(kFull, v, 1) - rw.c0[j];
+    if constexpr (WIDE)  // false for NaN entries too
+      rw.h16 &= __all_sync(kFull, b != 2 || lane >= 4 || fabsf(v) <= kL1H16MaxCode);
     const float first = __shfl_sync(kFull, v, lane & 3), second = __shfl_sync(kFull, v, (lane >> 2) & 3);
     if (lane < 16) {  // 2 bit: entry n = c_first | c_second << 2 -> (cb[n & 3], cb[n >> 2])
       if (b == 2) reinterpret_cast<__half2*>(tab + j * (kL1TabBytes / 4))[lane] = __floats2half2_rn(first, second);
@@ -255,6 +331,21 @@ __device__ __forceinline__ void word2(uint32_t w, uint32_t t, const float* x, fl
   }
 }
 
+// One word of a 2-bit row as word2, against the word's 8 scaled float16 activation pairs xp: each pair entry times
+// its activation pair is one HFMA2, summed in float16 over the word, then added to p0, p1 in float32 (the table
+// entries are the row's float16 codebook values, exact; the caller keeps them within +-kL1H16MaxCode).
+__device__ __forceinline__ void word2h(uint32_t w, uint32_t t, const uint32_t (&xp)[8], float& p0, float& p1) {
+  H2 h[8];
+  lookup8((w << 2) & 0x3c3c3c3cu, (w >> 2) & 0x3c3c3c3cu, t, h);  // nibbles 2i / 2i+1, x 4 bytes
+  auto h2 = [](uint32_t u) { return *reinterpret_cast<const __half2*>(&u); };
+  __half2 sum = __hmul2(h2(h[0].u), h2(xp[0]));
+#pragma unroll
+  for (int n = 1; n < 8; ++n) sum = __hfma2(h2(h[n].u), h2(xp[n]), sum);
+  const float2 f = __half22float2(sum);
+  p0 += f.x;
+  p1 += f.y;
+}
+
 // One word of a 4-bit row (8 columns; nibble n = column n) against x[0..7], through the row's codebook t.
 __device__ __forceinline__ void word4(uint32_t w, uint32_t t, const float* x, float& p0, float& p1) {
   float v[8];
@@ -350,7 +441,7 @@ constexpr int kDepth = P == 1 || P == 2 ? 2 : 1;
 
 // A task's steps, through a ring of kDepth<P> steps of loads. After the first step, the next task's metadata
 // (`pre`, loaded before it) has landed: its codebooks are loaded then.
-template <int R, int P, bool NESTED>
+template <int R, int P, bool NESTED, bool WIDE>
 __device__ __forceinline__ void run_steps(const GvArgs& a, const L1Rows<R>& rw, int klen, int nsteps, int lane,
                                           uint32_t lut, uint32_t xs, uint32_t sx, uint32_t tab, float (&acc)[R],
                                           L1Pre& pre) {
@@ -363,16 +454,126 @@ __device__ __forceinline__ void run_steps(const GvArgs& a, const L1Rows<R>& rw, 
   for (int st = 0; st < nsteps; ++st) {
     const int cl = st * kL1Step + 32 * lane;
     if (st + D - 1 < nsteps) issue_step<R, P, NESTED>(a, rw, st + D - 1, cl + (D - 1) * kL1Step, klen, ring[D - 1]);
+    // this step's and lane's subset sums and lane sums (WIDE, in the wide layout of build_tables: wide lane
+    // 8 (st % 4) + lane / 4, groups from 8 (lane % 4), word lane % 4)
+    const uint32_t lw = 4 * (8 * (st & 3) + (lane >> 2));
+    const uint32_t lut_st =
+        WIDE ? lut + (st >> 2) * kL1LutWide + (lane & 3) * 16384 + lw : lut + st * kL1LutStep + 4 * lane;
+    const uint32_t sx_st = WIDE ? sx + ((st >> 2) * 4 + (lane & 3)) * 128 + lw : sx + st * 128 + 4 * lane;
     if (cl < klen)  // false only in the last step of a split whose columns are not a multiple of 1024
-      compute_step<R, P, NESTED>(a, rw, ring[0], lut + st * kL1LutStep + 4 * lane, xs + st * kL1XStep + 16 * lane,
-                                 sx + st * 128 + 4 * lane, tab, acc);
+      compute_step<R, P, NESTED>(a, rw, ring[0], lut_st, xs + st * kL1XStep + 16 * lane, sx_st, tab, acc);
     if (st == 0) load_codebooks<R>(a, pre, lane);
 #pragma unroll
     for (int i = 0; i < D - 1; ++i) ring[i] = ring[i + 1];
   }
 }
 
-template <typename T, int R, bool NESTED>
+// Wide steps of P-bit rows (P = 1 or 2, blocksize >= 64): lane l covers columns kWideCols<P> l .. of each step of
+// 32 kWideCols<P> columns, 16 bytes of codes per row (words 0-3).
+template <int P>
+constexpr int kWideCols = P == 1 ? 128 : 64;
+
+// A wide step's loads for R rows: the codes, and the scales of each 64 columns (one block at least) as loaded.
+template <int R, int P>
+struct L1Wide {
+  uint4 q[R];
+  AbsmaxRaw ar[R][kWideCols<P> / 64];
+};
+
+template <int R, int P, bool NESTED>
+__device__ __forceinline__ void issue_wide(const GvArgs& a, const L1Rows<R>& rw, const int32_t (&amrow)[R], int64_t k0,
+                                           int sw, int klen, int lane, L1Wide<R, P>& d) {
+  constexpr int kCols = kWideCols<P>, kH = kCols / 64;
+  const int cw = sw * 32 * kCols + kCols * lane;  // the lane's first column in the split
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    d.q[j] = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int h = 0; h < kH; ++h) d.ar[j][h] = AbsmaxRaw{0.f, 0u};
+    if (rw.bits[j] && cw < klen) {
+      // rw.code[j]: the row's codes at column 32 lane of the split
+      d.q[j] = ld_cs128(a.packed + (rw.code[j] + (kCols - 32) * P / 8 * lane + sw * (32 * kCols * P / 8)));
+#pragma unroll
+      for (int h = 0; h < kH; ++h) {
+        const int32_t ai = amrow[j] + (int32_t)((k0 + cw + 64 * h) >> a.bs_shift);
+        if constexpr (NESTED) d.ar[j][h] = nested_issue(a.am, ai);
+        else d.ar[j][h] = AbsmaxRaw{__ldg(a.am.f32 + ai), 0u};
+      }
+    }
+  }
+}
+
+// 1 bit: t0 = lut, t1 = sx (this wide step's and lane's subset sums and word sums); word w uses the scale of its
+// 64-column half.
+// 2 bit: t0 = xh (this step's and lane's float16 pairs), t1 = tab (the warp's row tables); the sums are in units of
+// the pairs' scale 2^s.
+template <int R, int P, bool NESTED>
+__device__ __forceinline__ void compute_wide(const GvArgs& a, const L1Rows<R>& rw, const L1Wide<R, P>& d, uint32_t t0,
+                                             uint32_t t1, float (&acc)[R]) {
+  constexpr int kH = kWideCols<P> / 64;
+  auto word = [&](int j, int k) { return k == 0 ? d.q[j].x : k == 1 ? d.q[j].y : k == 2 ? d.q[j].z : d.q[j].w; };
+  float am[R][kH];
+#pragma unroll
+  for (int j = 0; j < R; ++j)
+#pragma unroll
+    for (int h = 0; h < kH; ++h) am[j][h] = NESTED && rw.bits[j] ? nested_finish(a.am, d.ar[j][h]) : d.ar[j][h].v;
+  if constexpr (P == 1) {
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const float sxl = lds_f32(t1 + w * 128);
+#pragma unroll
+      for (int j = 0; j < R; ++j)
+        acc[j] = word1(word(j, w), t0 + w * 16384, am[j][w >> 1], rw.c0[j], rw.dl[j], sxl, acc[j]);
+    }
+  } else {
+    float p0[R], p1[R];
+#pragma unroll
+    for (int j = 0; j < R; ++j) p0[j] = p1[j] = 0.f;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      uint32_t xp[8];
+      asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(xp[0]), "=r"(xp[1]), "=r"(xp[2]), "=r"(xp[3])
+                   : "r"(t0 + k * 1024));
+      asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(xp[4]), "=r"(xp[5]), "=r"(xp[6]), "=r"(xp[7])
+                   : "r"(t0 + k * 1024 + 512));
+#pragma unroll
+      for (int j = 0; j < R; ++j) word2h(word(j, k), t1 + j * kL1TabBytes, xp, p0[j], p1[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < R; ++j) acc[j] = fmaf(am[j][0], p0[j] + p1[j], acc[j]);
+  }
+}
+
+// A task of P-bit rows in wide steps (2 bit: codebooks within +-kL1H16MaxCode; its sums come out scaled by 2^s, which
+// the caller undoes), through a ring of two steps of loads; one for 1-bit rows on double-quantized scales (a second
+// step's raw scales spilled: 72 bytes, some inside the 4-bit step loop).
+template <int R, int P, bool NESTED>
+__device__ __forceinline__ void run_wide(const GvArgs& a, const L1Rows<R>& rw, int64_t k0, int klen, int lane,
+                                         uint32_t lut, uint32_t sx, uint32_t xh, uint32_t tab, float (&acc)[R],
+                                         L1Pre& pre) {
+  constexpr int kCols = kWideCols<P>, kStep = 32 * kCols, D = P == 1 && NESTED ? 1 : 2;
+  const int nw = (klen + kStep - 1) / kStep;
+  int32_t amrow[R];  // the rows' first scale index
+#pragma unroll
+  for (int j = 0; j < R; ++j) amrow[j] = rw.am[j] - (int32_t)((k0 + 32 * lane) >> a.bs_shift);
+  L1Wide<R, P> ring[D];
+  if (D > 1) issue_wide<R, P, NESTED>(a, rw, amrow, k0, 0, klen, lane, ring[0]);
+#pragma unroll 1
+  for (int sw = 0; sw < nw; ++sw) {
+    if (sw + D - 1 < nw) issue_wide<R, P, NESTED>(a, rw, amrow, k0, sw + D - 1, klen, lane, ring[D - 1]);
+    if (sw * kStep + kCols * lane < klen) {
+      if constexpr (P == 1)
+        compute_wide<R, P, NESTED>(a, rw, ring[0], lut + sw * kL1LutWide + 4 * lane, sx + sw * 512 + 4 * lane, acc);
+      else
+        compute_wide<R, P, NESTED>(a, rw, ring[0], xh + sw * 2 * kL1HStep + 16 * lane, tab, acc);
+    }
+    if (sw == 0) load_codebooks<R>(a, pre, lane);
+#pragma unroll
+    for (int i = 0; i < D - 1; ++i) ring[i] = ring[i + 1];
+  }
+}
+
+template <typename T, int R, bool NESTED, bool WIDE>
 __global__ void __launch_bounds__(kL1Threads, 1) gemv1_kernel(const __grid_constant__ GvArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -380,13 +581,15 @@ __global__ void __launch_bounds__(kL1Threads, 1) gemv1_kernel(const __grid_const
   const int64_t k0 = (int64_t)s * a.krange;
   const int klen = (int)min(a.cols - k0, a.krange);
   const int nsteps = (klen + kL1Step - 1) / kL1Step;
-  // shared addresses: subset sums (2048-byte aligned, so that lane | entry | group is one OR), activations, lane
-  // sums, then the warps' row tables (256-byte aligned)
+  // shared addresses (smem_bytes): subset sums (2048-byte aligned, so that lane | entry | group is one OR),
+  // activations, lane sums, WIDE the float16 pairs, then the warps' row tables (256-byte aligned)
   const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
   const uint32_t lut = (base + 2047u) & ~2047u;
-  const uint32_t xs = lut + nsteps * kL1LutStep;
+  const int nwide = (nsteps + 3) / 4;
+  const uint32_t xs = lut + (WIDE ? nwide * kL1LutWide : nsteps * kL1LutStep);
   const uint32_t sx = xs + nsteps * kL1XStep;
-  const uint32_t tab = ((sx + nsteps * 128 + 255u) & ~255u) + warp * R * kL1TabBytes;
+  const uint32_t xh = sx + (WIDE ? nwide * 512 : nsteps * 128);
+  const uint32_t tab = ((xh + (WIDE ? (nsteps + 1) / 2 * 2 * kL1HStep : 0) + 255u) & ~255u) + warp * R * kL1TabBytes;
   // This CTA's tasks are bi + nbs i (i = 0 .. n - 1): an equal share of every precision for every CTA. Its warps
   // take them through a shared counter, costliest first (rows are ordered 1, 2, then 4 bits: descending i), so
   // that warps finishing early take more and the last tasks taken are short. Static strides left up to a quarter
@@ -400,13 +603,14 @@ __global__ void __launch_bounds__(kL1Threads, 1) gemv1_kernel(const __grid_const
   L1Pre pre = load_row<R>(a, task, s, lane);
   // Batching build_tables' activation loads, and issuing the first task's codebooks and an L2 prefetch of its first
   // step before it, measured level (fourteenth round; 11008x4096 alone gained 12% at 1.75 bits, 4-bit rows lost).
-  build_tables<T>(a, k0, klen, nsteps, reinterpret_cast<float*>(smem + (lut - base)),
-                  reinterpret_cast<float4*>(smem + (xs - base)), reinterpret_cast<float*>(smem + (sx - base)));
+  const float inv = build_tables<T, WIDE>(
+      a, k0, klen, nsteps, reinterpret_cast<float*>(smem + (lut - base)), reinterpret_cast<float4*>(smem + (xs - base)),
+      reinterpret_cast<float*>(smem + (sx - base)), reinterpret_cast<uint2*>(smem + (xh - base)));
   load_codebooks<R>(a, pre, lane);
 
   while (task < ntasks) {
     L1Rows<R> rw;
-    setup_rows<R>(a, pre, k0, lane, reinterpret_cast<float*>(smem + (tab - base)), rw);
+    setup_rows<R, WIDE>(a, pre, k0, lane, reinterpret_cast<float*>(smem + (tab - base)), rw);
     int got = 0;
     if (lane == 0) got = atomicAdd(&taken, 1);
     const int next = task_at(__shfl_sync(kFull, got, 0));
@@ -417,10 +621,21 @@ __global__ void __launch_bounds__(kL1Threads, 1) gemv1_kernel(const __grid_const
     float acc[R];
 #pragma unroll
     for (int j = 0; j < R; ++j) acc[j] = 0.f;
-    if (uni == 1) run_steps<R, 1, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc, pre);
-    else if (uni == 2) run_steps<R, 2, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc, pre);
-    else if (uni == 4) run_steps<R, 4, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc, pre);
-    else run_steps<R, 0, NESTED>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc, pre);
+    if (WIDE && uni == 1 && a.bs_shift >= 6) {
+      run_wide<R, 1, NESTED>(a, rw, k0, klen, lane, lut, sx, xh, tab, acc, pre);
+    } else if (uni == 1) {
+      run_steps<R, 1, NESTED, WIDE>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc, pre);
+    } else if (WIDE && uni == 2 && rw.h16 && a.bs_shift >= 6) {
+      run_wide<R, 2, NESTED>(a, rw, k0, klen, lane, lut, sx, xh, tab, acc, pre);
+#pragma unroll
+      for (int j = 0; j < R; ++j) acc[j] *= inv;  // the float16 pairs were scaled by 2^s
+    } else if (uni == 2) {  // (WIDE: codebooks too large for float16 sums, or blocksize 32)
+      run_steps<R, 2, NESTED, WIDE>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc, pre);
+    } else if (uni == 4) {
+      run_steps<R, 4, NESTED, WIDE>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc, pre);
+    } else {
+      run_steps<R, 0, NESTED, WIDE>(a, rw, klen, nsteps, lane, lut, xs, sx, tab, acc, pre);
+    }
 #pragma unroll
     for (int j = 0; j < R; ++j) {
       float v = acc[j];
@@ -441,13 +656,14 @@ __global__ void __launch_bounds__(kL1Threads, 1) gemv1_kernel(const __grid_const
 
 using L1Fn = void (*)(const GvArgs);
 
-template <typename T, int R>
+template <typename T, int R, bool WIDE>
 L1Fn pick(bool nested) {
-  return nested ? gemv1_kernel<T, R, true> : gemv1_kernel<T, R, false>;
+  return nested ? gemv1_kernel<T, R, true, WIDE> : gemv1_kernel<T, R, false, WIDE>;
 }
 template <typename T>
-L1Fn pick(int r, bool nested) {
-  return r == 2 ? pick<T, 2>(nested) : pick<T, 4>(nested);
+L1Fn pick(int r, bool nested, bool wide) {
+  if (wide) return r == 2 ? pick<T, 2, true>(nested) : pick<T, 4, true>(nested);
+  return r == 2 ? pick<T, 2, false>(nested) : pick<T, 4, false>(nested);
 }
 
 // 4 rows per task, or 2 where 4 would leave fewer than 3 tasks per 4 warps. H200, m = 1, 1.75 bits (us, 4 / 2
@@ -464,10 +680,10 @@ int rows_per_task(int64_t rows, int64_t ks) {
 
 int64_t take_gemv1_skipped_rows() { return take_local_skipped_rows(); }
 
-void gemv1_set_tuning(int batch1) { g_batch1 = batch1; }
+void gemv1_set_tuning(int batch1, int wide) { g_batch1 = batch1, g_wide = wide; }
 
 bool gemv1_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize, const void* A,
-                const uint8_t* packed, GvArgs* a, size_t* smem) {
+                const uint8_t* packed, const int64_t* group_rows, GvArgs* a, size_t* smem) {
   if (g_batch1 < 0 || m != 1 || (dtype != LOWRA_F16 && dtype != LOWRA_BF16)) return false;
   // Automatic from 2^24 weights. H200, 1.75 bits, against the multi-row kernel (us): 4096x4096 8.3 / 8.8,
   // 11008x4096 16.5 / 18.6, 4096x11008 18.2 / 18.5, 8192x8192 19.2 / 24.1, 28672x8192 42.2 / 55.8. Smaller layers
@@ -495,13 +711,18 @@ bool gemv1_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocks
   a->ngroups = ngroups;
   a->wk = r;  // rows per task: the launch picks the kernel the shared-memory size was planned for
   a->sm_meta = 0;
-  *smem = smem_bytes((int)spl, r);
+  // Wide steps where their costlier table building is earned back: layers with 1- or 2-bit rows (unknown without
+  // group_rows) and several tasks per warp (class comment)
+  const bool low_bits = !group_rows || group_rows[0] + group_rows[1] > 0;
+  const int64_t warps = a->ks * (sms / a->ks) * kL1Warps;
+  a->wide = g_wide > 0 || (g_wide == 0 && blocksize >= 64 && low_bits && ngroups * a->ks >= kL1WideTasks * warps);
+  *smem = smem_bytes((int)spl, r, a->wide);
   return true;
 }
 
 int gemv1_launch(const GvArgs& a, int dtype, bool nested, size_t smem, cudaStream_t stream) {
   const int r = a.wk;
-  const L1Fn fn = dtype == LOWRA_F16 ? pick<__half>(r, nested) : pick<__nv_bfloat16>(r, nested);
+  const L1Fn fn = dtype == LOWRA_F16 ? pick<__half>(r, nested, a.wide) : pick<__nv_bfloat16>(r, nested, a.wide);
   {  // the shared-memory opt-in, once per kernel and device
     static std::mutex mu;
     static L1Fn done_fn[64];

@@ -36,10 +36,10 @@ void matmul_cuda_set_tuning(int ks, int ctas_per_sm, int depth, int nested_prepa
 // (gemv_cuda, gemv_workspace_size) when it does not apply.
 int gemv_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes,
               const AbsmaxSrc& absmax, const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
-              int64_t blocksize, const int32_t* row_order, const void* bias, void* out, void* workspace,
-              int64_t workspace_bytes, void* stream);
+              int64_t blocksize, const int32_t* row_order, const int64_t* group_rows, const void* bias, void* out,
+              void* workspace, int64_t workspace_bytes, void* stream);
 int64_t gemv_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize);
 int64_t take_gemv_skipped_rows();
-void gemv_set_tuning(int max_rows, int rows_per_warp, int wk, int batch1);
+void gemv_set_tuning(int max_rows, int rows_per_warp, int wk, int batch1, int wide);
 #endif
 }  // namespace lowra

@@ -127,8 +127,9 @@ LOWRA_API int64_t lowra_matmul_cuda_workspace_size(int dtype, int64_t m, int64_t
 LOWRA_API void lowra_matmul_cuda_set_tuning(int ksplit, int ctas_per_sm, int depth, int nested_prepass);
 // Knobs of the GEMV path (1 to 4 activation rows): max_rows = the most rows it takes (0: default 2; -1: none, every
 // m takes the tensor-core path), rows_per_warp 4 or 8 (0: 8 for 1-2 rows, else 4), wk = warps along K (1, 2, 4, 8; 0: automatic),
-// batch1 = the one-row kernel (0: automatic, -1: off, 2 or 4: rows per warp task). Process-wide; for benchmarks and tests.
-LOWRA_API void lowra_matmul_cuda_set_gemv_tuning(int max_rows, int rows_per_warp, int wk, int batch1);
+// batch1 = the one-row kernel (0: automatic, -1: off, 2 or 4: rows per warp task), wide = its wide steps (0: automatic,
+// 1: wherever it runs, -1: never). Process-wide; for benchmarks and tests.
+LOWRA_API void lowra_matmul_cuda_set_gemv_tuning(int max_rows, int rows_per_warp, int wk, int batch1, int wide);
 // Knobs of the fast quantize: bytes of weights per lane and task (0: automatic; 64 or 128 forced, for any mix of
 // precisions); tasks per warp run (0: automatic; -1: an even split over a resident grid; n > 0: runs of n tasks).
 // Process-wide; for benchmarks and tests.

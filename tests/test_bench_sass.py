@@ -68,7 +68,12 @@ def test_real_kernels_compile_and_show_their_step_loops():
         pytest.fail(f"{e} (the test extra installs nvidia-cuda-nvdisasm)")
     kernels = [k for k in sass.parse(sass.disassemble(sass.ROOT / "csrc" / "cuda_gemv1.cu", "sm_90", []))
                if "gemv1_kernel" in k.name]
-    assert len(kernels) == 8  # {half, bf16} x {2, 4 rows} x {float32, double-quantized scales}
+    # {half, bf16} x {2, 4 rows} x {float32, double-quantized scales} x {1024-column, wide steps}
+    assert len(kernels) == 16
+    wide = [k for k in kernels if "Lb1EE" in k.name]  # the last template argument, WIDE, true
+    assert len(wide) == 8
+    for k in wide:  # the 2-bit rows' wide step: HFMA2 on float16 activation pairs
+        assert any(lp.innermost and lp.ops["HFMA2"] >= 32 for lp in k.loops)
     for k in kernels:
         assert len(k.instructions) > 1000
         # the step loops (innermost, table lookups and FMAs): 2- and 4-bit rows through byte permutes, 1-bit rows

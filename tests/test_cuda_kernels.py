@@ -354,11 +354,20 @@ def test_cuda_matmul_gemv_launch_shapes(r, wk, m):
 BATCH1_SHAPES = [(1, 128, 32), (45, 2304, 128), (130, 4096, 64), (64, 11008, 64), (21, 9216, 256), (33, 28672, 64)]
 
 
+# The batch-1 kernel forced (automatic from 2^24 weights) at 2 and 4 rows per task, in 1024-column and in wide steps
+# (automatic on large layers), and off (the multi-row GEMV serves m = 1).
+BATCH1_TUNINGS = [dict(gemv_batch1=r, gemv_wide=w) for w in (-1, 1) for r in (2, 4)] + [dict(gemv_batch1=-1)]
+
+
+def batch1_id(t):
+    return "off" if t["gemv_batch1"] < 0 else f"r{t['gemv_batch1']}-{'wide' if t['gemv_wide'] > 0 else 'narrow'}"
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", BATCH1_SHAPES)
-@pytest.mark.parametrize("batch1", [2, 4, -1])
-def test_cuda_matmul_batch1(shape, dtype, batch1):
+@pytest.mark.parametrize("tuning", BATCH1_TUNINGS, ids=batch1_id)
+def test_cuda_matmul_batch1(shape, dtype, tuning):
     rows, cols, bs = shape
     for i, mix in enumerate(MIXES):
         A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, bs, dtype, seed=rows + cols + i, mix=mix)
@@ -366,12 +375,76 @@ def test_cuda_matmul_batch1(shape, dtype, batch1):
         ref = reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], b)
         order, groups = matmul_plan(bits) if i % 3 else (None, None)
         out = torch.full_like(ref, float("nan"))
-        native.set_matmul_tuning(gemv_batch1=batch1)
+        native.set_matmul_tuning(**tuning)
         try:
             torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], b, order, groups, out=out)
         finally:
             native.set_matmul_tuning()
         assert rel_err(out, ref) < TOL[dtype], f"mix {mix}: {rel_err(out, ref)}"
+
+
+def batch1_wide(A, packed, absmax, bits, code, off, bs, shape, order, groups):
+    """The batch-1 kernel in wide steps, forced."""
+    native.set_matmul_tuning(gemv_batch1=4, gemv_wide=1)
+    try:
+        return torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, bs, shape, None, order, groups)
+    finally:
+        native.set_matmul_tuning()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_matmul_batch1_wide_activations_over_many_binades(dtype):
+    """Wide steps sum 2-bit rows in float16 on activations scaled by one power of two per K split: columns spread over
+    2^-12 .. 2^4 (and a K split of zeros) keep the float32 paths' accuracy, with no overflow to inf."""
+    rows, cols, bs = 64, 16384, 64
+    for mix in [(2,), (1, 2, 4)]:
+        A, packed, absmax, bits, code, off, _ = matmul_case(rows, cols, bs, dtype, seed=len(mix), mix=mix)
+        gen = torch.Generator().manual_seed(5)
+        A = A * torch.exp2(torch.randint(-12, 5, (cols,), generator=gen).float()).to(dtype).cuda()
+        A[:, 8192:] = 0  # the second K split: all zero
+        order, groups = matmul_plan(bits)
+        out = batch1_wide(A, packed, absmax, bits, code, off, bs, [rows, cols], order, groups)
+        ref = reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols])
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < TOL[dtype], f"mix {mix}: {rel_err(out, ref)}"
+
+
+@cuda
+def test_cuda_matmul_batch1_wide_large_2bit_codebooks_take_float32_sums():
+    """A 2-bit codebook beyond +-16 would overflow float16 sums; such rows take the float32 path in wide steps:
+    each entry scaled by 2^10 (still exact float16) scales the output exactly as much."""
+    rows, cols, bs = 32, 8192, 64
+    A, packed, absmax, bits, code, off, _ = matmul_case(rows, cols, bs, torch.bfloat16, seed=3, mix=(2,))
+    A = A * 64
+    order, groups = matmul_plan(bits)
+    big = (code.float() * 1024).half()  # entries up to 1024 (float16 exact)
+    out = batch1_wide(A, packed, absmax, bits, big, off, bs, [rows, cols], order, groups)
+    ref = reference.matmul(A, packed, absmax, bits, big, off, bs, [rows, cols])
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+@cuda
+@pytest.mark.parametrize("mix", [(1, 2, 4), (4,)])
+def test_cuda_matmul_batch1_automatic_on_a_large_layer(mix):
+    """The automatic choice on a layer of 42M weights, 10240 tasks of 4 rows (wide steps on GPUs of up to 213 SMs when
+    it has 1- or 2-bit rows; 1024-column steps for all-4-bit rows), against the reference and the forced choices."""
+    rows, cols, bs = 40960, 1024, 64
+    A, packed, absmax, bits, code, off, _ = matmul_case(rows, cols, bs, torch.bfloat16, seed=11, mix=mix)
+    order, groups = matmul_plan(bits)
+    outs = {}
+    for wide in (0, -1, 1):
+        native.set_matmul_tuning(gemv_wide=wide)
+        try:
+            outs[wide] = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], None, order,
+                                                groups)
+        finally:
+            native.set_matmul_tuning()
+    ref = reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols])
+    for wide, out in outs.items():
+        assert rel_err(out, ref) < TOL[torch.bfloat16], f"wide={wide}"
+    assert torch.equal(outs[0], outs[1 if 1 in mix or 2 in mix else -1])
 
 
 @cuda

@@ -204,8 +204,9 @@ def test_cuda_nested_matmul_equals_decoded(shape, m, dtype):
 
 @cuda
 @pytest.mark.parametrize("batch1", [2, 4])
+@pytest.mark.parametrize("wide", [-1, 1])
 @pytest.mark.parametrize("shape", [(130, 4096, 64), (45, 2304, 128), (33, 28672, 64)])
-def test_cuda_nested_batch1_equals_decoded(shape, batch1):
+def test_cuda_nested_batch1_equals_decoded(shape, batch1, wide):
     """The batch-1 kernel (forced: automatic from 2^24 weights) decodes the scales where it reads them: the same
     output as on the decoded float32 scales, bit for bit (K splits at 28672 columns)."""
     from bitsandbytes_lowra.backends import native
@@ -216,7 +217,7 @@ def test_cuda_nested_batch1_equals_decoded(shape, batch1):
         dec = decode_absmax(q, *nested)
         A = (torch.randn(1, cols, generator=torch.Generator().manual_seed(i)) * 2).to(torch.bfloat16).cuda()
         order, groups = matmul_plan(bits)
-        native.set_matmul_tuning(gemv_batch1=batch1)
+        native.set_matmul_tuning(gemv_batch1=batch1, gemv_wide=wide)
         try:
             y = torch.ops.lowra.matmul(A, packed, q, bits, code, off, bs, [rows, cols], None, order, groups, *nested)
             ref = torch.ops.lowra.matmul(A, packed, dec, bits, code, off, bs, [rows, cols], None, order, groups)

@@ -92,19 +92,20 @@ def cpu_isa() -> str:
 
 def set_matmul_tuning(ksplit: int = 0, ctas_per_sm: int = 0, depth: int = 0, gemv_max_rows: int = 0,
                       gemv_rows_per_warp: int = 0, gemv_wk: int = 0, nested_prepass: int = 0,
-                      gemv_batch1: int = 0) -> None:
+                      gemv_batch1: int = 0, gemv_wide: int = 0) -> None:
     """Benchmark knobs of the fused CUDA matmul (0 = automatic). Tensor-core path (3+ activation rows): K splits,
     resident CTAs per SM, prefetch depth 2/3. GEMV path: the most activation rows it takes (default 2, at most 4;
     -1 sends every m to the tensor-core path), rows per warp (4 or 8), warps along K (1, 2, 4, 8); nested_prepass=1:
     double-quantized scales decoded in a pass of their own before the GEMV instead of inside it;
     gemv_batch1: the batch-1 kernel (one activation row, subset-sum tables): 0 automatic, -1 off (the multi-row
-    GEMV serves m = 1), 2 or 4 rows per warp task.
+    GEMV serves m = 1), 2 or 4 rows per warp task; gemv_wide: its wide steps (float16 pair sums for 2-bit rows),
+    0 automatic (large layers with 1- or 2-bit rows), 1 wherever it runs, -1 never.
     Process-wide; called without arguments it restores the automatic choice."""
     if _native.has_cuda():
         i32 = _native.ctypes.c_int
         _fn("lowra_matmul_cuda_set_tuning", [i32, i32, i32, i32], None)(ksplit, ctas_per_sm, depth, nested_prepass)
-        _fn("lowra_matmul_cuda_set_gemv_tuning", [i32, i32, i32, i32], None)(gemv_max_rows, gemv_rows_per_warp,
-                                                                              gemv_wk, gemv_batch1)
+        _fn("lowra_matmul_cuda_set_gemv_tuning", [i32] * 5, None)(gemv_max_rows, gemv_rows_per_warp, gemv_wk,
+                                                                   gemv_batch1, gemv_wide)
         _workspace_bytes.cache_clear()  # the knobs change the plans
 
 

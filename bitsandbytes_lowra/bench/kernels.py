@@ -313,8 +313,12 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
     mm = {}
     # The same states timed under a knob, to compare: "_prepass", double-quantized scales decoded in a pass of their
     # own before the GEMV instead of inside it; at m = 1 only, "_multirow" the multi-row GEMV instead of the batch-1
-    # kernel, "_b1r2" / "_b1r4" the batch-1 kernel at 2 / 4 rows per task.
+    # kernel, "_b1r2" / "_b1r4" the batch-1 kernel at 2 / 4 rows per task, "_narrow" / "_wide" the batch-1 kernel
+    # never / always in wide steps.
     variants = {"lowra_1.75bit_dq_prepass": ("lowra_1.75bit_dq", dict(nested_prepass=1)),
+                "lowra_1.75bit_narrow": ("lowra_1.75bit", dict(gemv_batch1=0, gemv_wide=-1)),
+                "lowra_1.75bit_wide": ("lowra_1.75bit", dict(gemv_batch1=0, gemv_wide=1)),
+                "lowra_1.75bit_dq_narrow": ("lowra_1.75bit_dq", dict(gemv_batch1=0, gemv_wide=-1)),
                 "lowra_1.75bit_multirow": ("lowra_1.75bit", dict(gemv_batch1=-1)),
                 "lowra_1.75bit_dq_multirow": ("lowra_1.75bit_dq", dict(gemv_batch1=-1)),
                 "lowra_1.75bit_b1r2": ("lowra_1.75bit", dict(gemv_batch1=2)),

@@ -134,7 +134,7 @@ static void test_quant(int64_t rows, int64_t cols, int64_t bs, int dtype, uint32
 // Fused matmul against a double-precision product of the CPU-dequantized weight.
 static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64_t m, std::vector<uint8_t> mix,
                         uint32_t seed, int ks = 0, int depth = 0, bool plan = true, int gemv = 0, int gemv_r = 0,
-                        int gemv_wk = 0, int batch1 = 0) {
+                        int gemv_wk = 0, int batch1 = 0, int wide = 0) {
   std::mt19937 rng(seed);
   Case c = make_case(rows, cols, bs, rng, mix);
   std::normal_distribution<float> g(0.f, 1.f);
@@ -195,7 +195,7 @@ static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64
   std::vector<uint8_t> poison(m * rows * esz, 0xff);  // NaN in every float type: every output must be written
   uint8_t* dout = to_device(poison);
   lowra_matmul_cuda_set_tuning(ks, 0, depth, 0);
-  lowra_matmul_cuda_set_gemv_tuning(gemv, gemv_r, gemv_wk, batch1);
+  lowra_matmul_cuda_set_gemv_tuning(gemv, gemv_r, gemv_wk, batch1, wide);
   const int64_t ws_bytes = lowra_matmul_cuda_workspace_size(dtype, m, rows, cols, bs, groups, 0);
   float* dws = nullptr;
   if (ws_bytes > 0) CUDA_OK(cudaMalloc(&dws, ws_bytes));
@@ -210,9 +210,9 @@ static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64
   }
   const double rel = sqrt(err / (norm > 0 ? norm : 1));
   const double tol = dtype == LOWRA_BF16 ? 8e-3 : dtype == LOWRA_F16 ? 2e-3 : 1e-5;
-  CHECK(rel < tol, "matmul rows=%lld cols=%lld bs=%lld dtype=%d m=%lld ks=%d depth=%d plan=%d gemv=%d/%d/%d/%d: rel err %g",
+  CHECK(rel < tol, "matmul rows=%lld cols=%lld bs=%lld dtype=%d m=%lld ks=%d depth=%d plan=%d gemv=%d/%d/%d/%d/%d: rel err %g",
         (long long)rows, (long long)cols, (long long)bs, dtype, (long long)m, ks, depth, (int)plan, gemv, gemv_r,
-        gemv_wk, batch1, rel);
+        gemv_wk, batch1, wide, rel);
   CHECK(lowra_cuda_take_skipped_rows() == 0, "valid metadata reported as skipped");
   if (plan && m <= 16 && dtype != LOWRA_F32 && cols % 256 == 0 && bs % 64 == 0) {  // the fast path reads row_order
     // a row_order naming an out-of-range row and a row of the wrong precision: skipped, counted, in bounds
@@ -227,7 +227,7 @@ static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64
     CUDA_OK(cudaFree(dbad));
   }
   lowra_matmul_cuda_set_tuning(0, 0, 0, 0);  // after the last call sized by this tuning's workspace
-  lowra_matmul_cuda_set_gemv_tuning(0, 0, 0, 0);
+  lowra_matmul_cuda_set_gemv_tuning(0, 0, 0, 0, 0);
   for (void* p : {(void*)dA, (void*)dbias, (void*)dpacked, (void*)dabsmax, (void*)dbits, (void*)dcode, (void*)doff,
                   (void*)dorder, (void*)dout, (void*)dws})
     CUDA_OK(cudaFree(p));
@@ -265,14 +265,18 @@ int main() {
     for (int wk : {1, 2, 4, 8})
       for (int64_t m : {1, 3}) test_matmul(77, 4096, 64, LOWRA_BF16, m, {1, 2, 4}, seed++, 0, 0, true, 4, r, wk);
   // m = 1 on the multi-row kernel (the batch-1 kernel off), and the batch-1 kernel at every rows-per-task setting:
-  // partial steps, K splits, natural row order, a mixed warp (rows not grouped), blocksize 32 and 256
+  // partial steps, K splits, natural row order, a mixed warp (rows not grouped), blocksize 32 and 256; in 1024-column
+  // steps and in wide steps
   for (int b1 : {-1, 2, 4})
-    for (const auto& mix : mixes) test_matmul(45, 2304, 128, LOWRA_BF16, 1, mix, seed++, 0, 0, true, 0, 0, 0, b1);
-  for (int b1 : {2, 4}) {
-    test_matmul(9, 28672, 64, LOWRA_F16, 1, {1, 2, 4}, seed++, 0, 0, true, 0, 0, 0, b1);
-    test_matmul(37, 3200, 32, LOWRA_BF16, 1, {1, 2, 4}, seed++, 0, 0, /*plan=*/false, 0, 0, 0, b1);
-    test_matmul(21, 9216, 256, LOWRA_F16, 1, {4, 1}, seed++, 0, 0, true, 0, 0, 0, b1);
-  }
+    for (int wide : {-1, 1})
+      for (const auto& mix : mixes)
+        test_matmul(45, 2304, 128, LOWRA_BF16, 1, mix, seed++, 0, 0, true, 0, 0, 0, b1, wide);
+  for (int b1 : {2, 4})
+    for (int wide : {-1, 1}) {
+      test_matmul(9, 28672, 64, LOWRA_F16, 1, {1, 2, 4}, seed++, 0, 0, true, 0, 0, 0, b1, wide);
+      test_matmul(37, 3200, 32, LOWRA_BF16, 1, {1, 2, 4}, seed++, 0, 0, /*plan=*/false, 0, 0, 0, b1, wide);
+      test_matmul(21, 9216, 256, LOWRA_F16, 1, {4, 1}, seed++, 0, 0, true, 0, 0, 0, b1, wide);
+    }
   for (int64_t m : {1, 4}) test_matmul(70, 1024, 64, LOWRA_BF16, m, {1, 2, 4}, seed++, 0, 0, true, /*gemv=*/-1);
   test_matmul(24, 576, 64, LOWRA_BF16, 3, {1, 2, 4}, seed++);                         // generic: odd width
   test_matmul(12, 300, 32, LOWRA_F32, 20, {1, 2, 4}, seed++);                          // generic: fp32, many rows
