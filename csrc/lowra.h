@@ -40,7 +40,9 @@ typedef enum {
 typedef enum { LOWRA_F32 = 0, LOWRA_F16 = 1, LOWRA_BF16 = 2 } LowraDtype;
 
 // Bumped whenever an entry point's arguments change: the Python side refuses a library of another ABI (a stale
-// build) instead of calling it with the wrong arguments.
+// build) instead of calling it with the wrong arguments. Exception: the *_set_tuning knobs (benchmarks and tests)
+// are only extended by trailing int arguments, which an older build ignores, so that bench.ab can still time builds
+// from before such a change against the current package.
 #define LOWRA_ABI_VERSION 3
 LOWRA_API int lowra_abi_version(void);
 LOWRA_API const char* lowra_version(void);
