@@ -666,6 +666,9 @@ L1Fn pick(int r, bool nested, bool wide) {
   return r == 2 ? pick<T, 2, false>(nested) : pick<T, 4, false>(nested);
 }
 
+// CTAs of a launch with ks K splits: one per SM, the same number on every split.
+int grid_ctas(int ks) { return ks * (sm_count() / ks); }
+
 // 4 rows per task, or 2 where 4 would leave fewer than 3 tasks per 4 warps. H200, m = 1, 1.75 bits (us, 4 / 2
 // rows): 4096x4096 (0.48 tasks per warp at 4 rows) 10.3 / 8.3; 4096x11008 (0.97) 18.2 / 19.6; 11008x4096 (1.30)
 // 16.5 / 17.4; 8192x8192 (0.97) 19.2 / 20.8. Extra K splits for small layers measured slower: each adds a
@@ -714,7 +717,7 @@ bool gemv1_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocks
   // Wide steps where their costlier table building is earned back: layers with 1- or 2-bit rows (unknown without
   // group_rows) and several tasks per warp (class comment)
   const bool low_bits = !group_rows || group_rows[0] + group_rows[1] > 0;
-  const int64_t warps = a->ks * (sms / a->ks) * kL1Warps;
+  const int64_t warps = (int64_t)grid_ctas(a->ks) * kL1Warps;
   a->wide = g_wide > 0 || (g_wide == 0 && blocksize >= 64 && low_bits && ngroups * a->ks >= kL1WideTasks * warps);
   *smem = smem_bytes((int)spl, r, a->wide);
   return true;
@@ -739,7 +742,7 @@ int gemv1_launch(const GvArgs& a, int dtype, bool nested, size_t smem, cudaStrea
       if (n < 64) done_fn[n] = fn, done_dev[n++] = dev;
     }
   }
-  const int grid = a.ks * (sm_count() / a.ks);
+  const int grid = grid_ctas(a.ks);
   fn<<<grid, kL1Threads, smem, stream>>>(a);
   return launch_status("lowra matmul kernel (batch-1 gemv)");
 }
