@@ -54,6 +54,18 @@ def quantize_tuning(task_bytes: int, run: int = 0):
         native.set_quantize_tuning()
 
 
+@contextlib.contextmanager
+def matmul_tuning(**knobs):
+    """The fused CUDA matmul with these knobs (native.set_matmul_tuning keywords) within the block; automatic after."""
+    from bitsandbytes_lowra.backends import native
+
+    native.set_matmul_tuning(**knobs)
+    try:
+        yield
+    finally:
+        native.set_matmul_tuning()
+
+
 def mixed_bits(rows: int, seed: int = 0) -> torch.Tensor:
     """A seeded random mix of 1/2/4-bit rows."""
     g = torch.Generator().manual_seed(seed)

@@ -11,7 +11,7 @@ from bitsandbytes_lowra import _native
 from bitsandbytes_lowra._ops import matmul_plan
 from bitsandbytes_lowra.backends import native, reference
 
-from .conftest import QUANTIZE_TUNINGS, quantize_tuning
+from .conftest import QUANTIZE_TUNINGS, matmul_tuning, quantize_tuning
 from .test_ops import DTYPES, make_case
 
 cuda = pytest.mark.cuda
@@ -293,11 +293,8 @@ def test_cuda_matmul_launch_shapes(ks, depth):
     A, packed, absmax, bits, code, off, bias = matmul_case(200, 2048, 64, torch.bfloat16, seed=5, m=4)
     ref = reference.matmul(A, packed, absmax, bits, code, off, 64, [200, 2048], bias)
     order, groups = matmul_plan(bits)
-    native.set_matmul_tuning(ksplit=ks, depth=depth, gemv_max_rows=-1)  # m = 4 would take the GEMV
-    try:
+    with matmul_tuning(ksplit=ks, depth=depth, gemv_max_rows=-1):  # m = 4 would take the GEMV
         out = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [200, 2048], bias, order, groups)
-    finally:
-        native.set_matmul_tuning()
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
@@ -320,11 +317,8 @@ def test_cuda_matmul_gemv_path(shape, m, dtype):
         ref = reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], b)
         order, groups = matmul_plan(bits)
         out = torch.full_like(ref, float("nan"))
-        native.set_matmul_tuning(gemv_max_rows=4)
-        try:
+        with matmul_tuning(gemv_max_rows=4):
             torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], b, order, groups, out=out)
-        finally:
-            native.set_matmul_tuning()
         assert rel_err(out, ref) < TOL[dtype], f"mix {mix}: {rel_err(out, ref)}"
 
 
@@ -338,12 +332,9 @@ def test_cuda_matmul_gemv_launch_shapes(r, wk, m):
     order, groups = matmul_plan(bits)
     outs = []
     for gemv in (4, -1):
-        native.set_matmul_tuning(gemv_max_rows=gemv, gemv_rows_per_warp=r, gemv_wk=wk)
-        try:
+        with matmul_tuning(gemv_max_rows=gemv, gemv_rows_per_warp=r, gemv_wk=wk):
             outs.append(torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [150, 5120], bias, order,
                                                groups))
-        finally:
-            native.set_matmul_tuning()
     for out in outs:
         assert rel_err(out, ref) < TOL[torch.bfloat16]
 
@@ -375,21 +366,15 @@ def test_cuda_matmul_batch1(shape, dtype, tuning):
         ref = reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], b)
         order, groups = matmul_plan(bits) if i % 3 else (None, None)
         out = torch.full_like(ref, float("nan"))
-        native.set_matmul_tuning(**tuning)
-        try:
+        with matmul_tuning(**tuning):
             torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], b, order, groups, out=out)
-        finally:
-            native.set_matmul_tuning()
         assert rel_err(out, ref) < TOL[dtype], f"mix {mix}: {rel_err(out, ref)}"
 
 
 def batch1_wide(A, packed, absmax, bits, code, off, bs, shape, order, groups):
     """The batch-1 kernel in wide steps, forced."""
-    native.set_matmul_tuning(gemv_batch1=4, gemv_wide=1)
-    try:
+    with matmul_tuning(gemv_batch1=4, gemv_wide=1):
         return torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, bs, shape, None, order, groups)
-    finally:
-        native.set_matmul_tuning()
 
 
 @cuda
@@ -412,8 +397,8 @@ def test_cuda_matmul_batch1_wide_activations_over_many_binades(dtype):
 
 @cuda
 def test_cuda_matmul_batch1_wide_large_2bit_codebooks_take_float32_sums():
-    """A 2-bit codebook beyond +-16 would overflow float16 sums; such rows take the float32 path in wide steps:
-    each entry scaled by 2^10 (still exact float16) scales the output exactly as much."""
+    """A 2-bit codebook beyond +-16 would overflow float16 sums; such rows take the float32 path in wide steps.
+    Entries scaled by 2^10 (still exact in float16), activations by 64: finite, and the reference's product."""
     rows, cols, bs = 32, 8192, 64
     A, packed, absmax, bits, code, off, _ = matmul_case(rows, cols, bs, torch.bfloat16, seed=3, mix=(2,))
     A = A * 64
@@ -435,12 +420,9 @@ def test_cuda_matmul_batch1_automatic_on_a_large_layer(mix):
     order, groups = matmul_plan(bits)
     outs = {}
     for wide in (0, -1, 1):
-        native.set_matmul_tuning(gemv_wide=wide)
-        try:
+        with matmul_tuning(gemv_wide=wide):
             outs[wide] = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], None, order,
                                                 groups)
-        finally:
-            native.set_matmul_tuning()
     ref = reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols])
     for wide, out in outs.items():
         assert rel_err(out, ref) < TOL[torch.bfloat16], f"wide={wide}"
@@ -461,8 +443,7 @@ def test_cuda_matmul_gemv_k_splits_capture_in_cuda_graph(rows, m, dtype, tuning)
     def step():
         torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], bias, order, groups, out=y)
 
-    native.set_matmul_tuning(**tuning)
-    try:
+    with matmul_tuning(**tuning):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -471,8 +452,6 @@ def test_cuda_matmul_gemv_k_splits_capture_in_cuda_graph(rows, m, dtype, tuning)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-    finally:
-        native.set_matmul_tuning()
     A.copy_(torch.randn_like(A))
     y.fill_(float("nan"))
     graph.replay()
@@ -568,11 +547,8 @@ def test_cuda_corrupt_metadata_is_skipped_not_followed(gemv, m, batch1):
     bad_order = order.clone()
     bad_order[0] = rows + 100  # out of range
     bad_order[-1] = bad_order[0 + groups[0]]  # a 2-bit row in the 4-bit group
-    native.set_matmul_tuning(gemv_max_rows=gemv, gemv_batch1=batch1)
-    try:
+    with matmul_tuning(gemv_max_rows=gemv, gemv_batch1=batch1):
         y = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], None, bad_order, groups)
-    finally:
-        native.set_matmul_tuning()
     assert native.skipped_rows() >= (2 if gemv else 1)
     yref = reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols])
     good = sorted(set(range(rows)) - {int(order[0]), int(order[-1]), int(order[groups[0]])})

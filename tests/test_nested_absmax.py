@@ -12,6 +12,7 @@ from bitsandbytes_lowra.backends import reference
 from bitsandbytes_lowra.backends.reference import decode_absmax
 from bitsandbytes_lowra.functional import double_quantize_absmax, quantize_lowra
 
+from .conftest import matmul_tuning
 from .test_ops import DTYPES, make_case
 
 cuda = pytest.mark.cuda
@@ -209,20 +210,15 @@ def test_cuda_nested_matmul_equals_decoded(shape, m, dtype):
 def test_cuda_nested_batch1_equals_decoded(shape, batch1, wide):
     """The batch-1 kernel (forced: automatic from 2^24 weights) decodes the scales where it reads them: the same
     output as on the decoded float32 scales, bit for bit (K splits at 28672 columns)."""
-    from bitsandbytes_lowra.backends import native
-
     rows, cols, bs = shape
     for i, mix in enumerate(MIXES):
         packed, q, nested, bits, code, off = case(rows, cols, bs, torch.float32, seed=rows + i, mix=mix, device="cuda")
         dec = decode_absmax(q, *nested)
         A = (torch.randn(1, cols, generator=torch.Generator().manual_seed(i)) * 2).to(torch.bfloat16).cuda()
         order, groups = matmul_plan(bits)
-        native.set_matmul_tuning(gemv_batch1=batch1, gemv_wide=wide)
-        try:
+        with matmul_tuning(gemv_batch1=batch1, gemv_wide=wide):
             y = torch.ops.lowra.matmul(A, packed, q, bits, code, off, bs, [rows, cols], None, order, groups, *nested)
             ref = torch.ops.lowra.matmul(A, packed, dec, bits, code, off, bs, [rows, cols], None, order, groups)
-        finally:
-            native.set_matmul_tuning()
         assert torch.equal(y, ref), f"mix {mix}"
 
 
@@ -268,16 +264,11 @@ def test_cuda_nested_tensors_on_another_device_are_refused():
 @pytest.mark.parametrize("m", [1, 2])
 def test_cuda_nested_gemv_prepass_knob_equals_in_kernel_decode(m):
     """The benchmark knob that decodes the scales in a pass of their own before the GEMV: the same product."""
-    from bitsandbytes_lowra.backends import native
-
     rows, cols, bs = 77, 28672, 64  # K splits through the workspace behind the decoded scales
     packed, q, nested, bits, code, off = case(rows, cols, bs, torch.float32, seed=m, device="cuda")
     order, groups = matmul_plan(bits)
     A = torch.randn(m, cols, device="cuda", dtype=torch.bfloat16)
     y = torch.ops.lowra.matmul(A, packed, q, bits, code, off, bs, [rows, cols], None, order, groups, *nested)
-    native.set_matmul_tuning(nested_prepass=1)
-    try:
+    with matmul_tuning(nested_prepass=1):
         y2 = torch.ops.lowra.matmul(A, packed, q, bits, code, off, bs, [rows, cols], None, order, groups, *nested)
-    finally:
-        native.set_matmul_tuning()
     assert torch.equal(y, y2)
