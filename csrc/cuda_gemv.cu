@@ -561,7 +561,7 @@ int gemv_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_
   GvArgs a1{};
   size_t smem1 = 0;
   if (packed_bytes < ((int64_t)1 << 32) &&  // one activation row (32-bit row offsets)
-      gemv1_plan(dtype, m, rows, cols, blocksize, A, packed, group_rows, &a1, &smem1)) {
+      gemv1_plan(dtype, m, rows, cols, blocksize, A, packed, row_order ? group_rows : nullptr, &a1, &smem1)) {
     if (!workspace_ok(a1, workspace, workspace_bytes)) return LOWRA_ERR_ARGUMENT;
     set_matmul_operands(a1, A, packed, packed_bytes, bits, codebook, row_offsets, row_order, bias, out, workspace);
     a1.am = absmax;

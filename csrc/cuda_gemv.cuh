@@ -113,8 +113,8 @@ __global__ void gemv_finalize(const __grid_constant__ GvArgs a) {
 
 // cuda_gemv1.cu, the batch-1 kernel. gemv1_plan fills the shape fields of `a` (K splits included) and the shared
 // memory size when it applies (m = 1, 16-bit activations, aligned operands), and picks wide steps from the layer's
-// shape and group_rows (host int64[3]: its 1-, 2- and 4-bit rows; NULL: unknown); gemv1_launch starts it once the
-// operands are set (the caller adds the finalize launch when a.ks > 1).
+// shape and group_rows (host int64[3]: its 1-, 2- and 4-bit rows; NULL: rows in natural order, no wide steps unless
+// forced); gemv1_launch starts it once the operands are set (the caller adds the finalize launch when a.ks > 1).
 bool gemv1_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize, const void* A,
                 const uint8_t* packed, const int64_t* group_rows, GvArgs* a, size_t* smem);
 int gemv1_launch(const GvArgs& a, int dtype, bool nested, size_t smem, cudaStream_t stream);

@@ -16,10 +16,10 @@
 // into the address of its entry (the row tables are 256-byte aligned), and both activation tables keep lane l's
 // entries in bank l, so no lookup conflicts. 1- and 2-bit rows load a step ahead (kDepth).
 //
-// Wide steps (WIDE; layers with 1- or 2-bit rows and at least kL1WideTasks tasks per warp, blocksize >= 64): warps
-// of one precision load 16 bytes of codes per row and lane at a time, four (1 bit) or two (2 bit) times the bytes in
-// flight of 1024-column steps, whose loads alone held the kernel near 35 us on 28672x8192 (ablations, sixteenth
-// round; ncu, eighteenth: the loads stall on latency, the decode is most of the instructions).
+// Wide steps (WIDE; rows grouped by precision with 1- or 2-bit rows, at least kL1WideTasks tasks per warp, blocksize
+// >= 64): warps of one precision load 16 bytes of codes per row and lane at a time, four (1 bit) or two (2 bit) times
+// the bytes in flight of 1024-column steps, whose loads alone held the kernel near 35 us on 28672x8192 (ablations,
+// sixteenth round; ncu, eighteenth: the loads stall on latency, the decode is most of the instructions).
 //   - 1-bit rows go in 4096-column steps, lane l on columns 128 l .. 128 l + 127; the subset sums are laid out for
 //     them (mixed warps, still in 1024-column steps, read them with 4-way bank conflicts);
 //   - 2-bit rows go in 2048-column steps on a third table, the activations as float16 pairs scaled by a power of
@@ -714,9 +714,10 @@ bool gemv1_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocks
   a->ngroups = ngroups;
   a->wk = r;  // rows per task: the launch picks the kernel the shared-memory size was planned for
   a->sm_meta = 0;
-  // Wide steps where their costlier table building is earned back: layers with 1- or 2-bit rows (unknown without
-  // group_rows) and several tasks per warp (class comment)
-  const bool low_bits = !group_rows || group_rows[0] + group_rows[1] > 0;
+  // Wide steps where their costlier table building is earned back: layers with 1- or 2-bit rows and several tasks per
+  // warp (class comment). Not without group_rows (rows in natural order): nearly every task would then mix
+  // precisions and read the wide subset sums with 4-way bank conflicts.
+  const bool low_bits = group_rows && group_rows[0] + group_rows[1] > 0;
   const int64_t warps = (int64_t)grid_ctas(a->ks) * kL1Warps;
   a->wide = g_wide > 0 || (g_wide == 0 && blocksize >= 64 && low_bits && ngroups * a->ks >= kL1WideTasks * warps);
   *smem = smem_bytes((int)spl, r, a->wide);

@@ -341,7 +341,8 @@ def test_cuda_matmul_gemv_launch_shapes(r, wk, m):
 
 # The batch-1 kernel (m = 1 through subset-sum tables, csrc/cuda_gemv1.cu) at both task sizes and the multi-row
 # GEMV at m = 1 (batch-1 kernel off): K splits (9216 and 28672 columns), partial 1024-column steps, blocksizes
-# 32-256; every third case in natural row order (warps of mixed precision)
+# 32-256; every third case without a plan, which the op then derives (natural row order, where warps mix precisions,
+# only C callers reach: csrc/tests/test_kernels_cuda.cu)
 BATCH1_SHAPES = [(1, 128, 32), (45, 2304, 128), (130, 4096, 64), (64, 11008, 64), (21, 9216, 256), (33, 28672, 64)]
 
 

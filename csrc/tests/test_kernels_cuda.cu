@@ -131,8 +131,8 @@ static void test_quant(int64_t rows, int64_t cols, int64_t bs, int dtype, uint32
     CUDA_OK(cudaFree(p));
 }
 
-// Fused matmul against a double-precision product of the CPU-dequantized weight.
-static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64_t m, std::vector<uint8_t> mix,
+// Fused matmul against a double-precision product of the CPU-dequantized weight; returns the output's bytes.
+static std::vector<uint8_t> test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64_t m, std::vector<uint8_t> mix,
                         uint32_t seed, int ks = 0, int depth = 0, bool plan = true, int gemv = 0, int gemv_r = 0,
                         int gemv_wk = 0, int batch1 = 0, int wide = 0) {
   std::mt19937 rng(seed);
@@ -231,6 +231,7 @@ static void test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64
   for (void* p : {(void*)dA, (void*)dbias, (void*)dpacked, (void*)dabsmax, (void*)dbits, (void*)dcode, (void*)doff,
                   (void*)dorder, (void*)dout, (void*)dws})
     CUDA_OK(cudaFree(p));
+  return out;
 }
 
 int main() {
@@ -277,6 +278,15 @@ int main() {
       test_matmul(37, 3200, 32, LOWRA_BF16, 1, {1, 2, 4}, seed++, 0, 0, /*plan=*/false, 0, 0, 0, b1, wide);
       test_matmul(21, 9216, 256, LOWRA_F16, 1, {4, 1}, seed++, 0, 0, true, 0, 0, 0, b1, wide);
     }
+  {  // the automatic step kind on a large layer (10240 tasks of 4 rows: >= 3 per warp up to 213 SMs): wide steps for
+     // rows grouped by precision, 1024-column steps in natural row order, where tasks mix precisions
+    const auto run = [&](bool plan, int wide) {
+      return test_matmul(40960, 1024, 64, LOWRA_BF16, 1, {1, 2, 4}, 1234, 0, 0, plan, 0, 0, 0, 0, wide);
+    };
+    CHECK(run(true, 0) == run(true, 1), "grouped rows: the automatic step kind is not wide steps");
+    CHECK(run(false, 0) == run(false, -1), "natural row order: the automatic step kind is not 1024-column steps");
+    CHECK(run(false, 1) != run(false, -1), "both step kinds give the same bytes: the two checks above prove nothing");
+  }
   for (int64_t m : {1, 4}) test_matmul(70, 1024, 64, LOWRA_BF16, m, {1, 2, 4}, seed++, 0, 0, true, /*gemv=*/-1);
   test_matmul(24, 576, 64, LOWRA_BF16, 3, {1, 2, 4}, seed++);                         // generic: odd width
   test_matmul(12, 300, 32, LOWRA_F32, 20, {1, 2, 4}, seed++);                          // generic: fp32, many rows
