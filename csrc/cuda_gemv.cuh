@@ -76,8 +76,7 @@ __device__ __forceinline__ uint4 ld_cs128(const void* p) {
 __device__ __forceinline__ bool gv_row_ok(const GvArgs& a, int64_t r, int* b, int64_t* off) {
   if (r < 0 || r >= a.rows) return false;
   *b = a.bits[r];
-  if (!valid_bits(*b)) return false;
-  *off = a.row_offsets[r];
+  *off = a.row_offsets[r];  // loaded beside the bits, not after their check (row_ok checks them): one latency
   return row_ok(*b, *off, a.cols, a.packed_bytes) && ((uintptr_t)(a.packed + *off) & 15) == 0;
 }
 

@@ -183,12 +183,20 @@ struct L1Pre {
   uint32_t cb;  // lane l: entries 2 (l & 7), 2 (l & 7) + 1 of row l >> 3's codebook (two halves)
 };
 
+// The row of task `task` that lane < R looks up (kNoRow: none; row_order's entries, int32, are checked by load_row).
+constexpr int64_t kNoRow = INT64_MIN;
+
 template <int R>
-__device__ __forceinline__ L1Pre load_row(const GvArgs& a, int task, int s, int lane) {
-  L1Pre p{0, 0, 0, 0u};
+__device__ __forceinline__ int64_t task_row(const GvArgs& a, int task, int lane) {
   const int64_t pos = (int64_t)task * R + lane;
-  if (lane >= R || task >= a.ngroups || pos >= a.rows) return p;
-  const int64_t r = a.row_order ? (int64_t)a.row_order[pos] : pos;
+  if (lane >= R || task >= a.ngroups || pos >= a.rows) return kNoRow;
+  return a.row_order ? (int64_t)a.row_order[pos] : pos;
+}
+
+template <int R>
+__device__ __forceinline__ L1Pre load_row(const GvArgs& a, int64_t r, int s, int lane) {
+  L1Pre p{0, 0, 0, 0u};
+  if (r == kNoRow) return p;
   int b = 0;
   int64_t off = 0;
   if (!gv_row_ok(a, r, &b, &off)) {
@@ -600,12 +608,16 @@ __global__ void __launch_bounds__(kL1Threads, 1) gemv1_kernel(const __grid_const
   auto task_at = [&](int j) { return j < n ? bi + nbs * (n - 1 - j) : ntasks; };
   if (threadIdx.x == 0) taken = kL1Warps;
   int task = task_at(warp);
-  L1Pre pre = load_row<R>(a, task, s, lane);
-  // Batching build_tables' activation loads, and issuing the first task's codebooks and an L2 prefetch of its first
-  // step before it, measured level (fourteenth round; 11008x4096 alone gained 12% at 1.75 bits, 4-bit rows lost).
+  // The first task's row index loads beside the tables' activation loads; its bits, offset and codebook after them.
+  // Checking the rows before the tables held the warps on three dependent loads first (twentieth round, m = 1: 1-4%
+  // less time on four of the five benchmark layers, 11008x4096 at 4 bits 2.7% more). Batching build_tables'
+  // activation loads, and issuing the first task's codebooks and an L2 prefetch of its first step before it,
+  // measured level (fourteenth round; 11008x4096 alone gained 12% at 1.75 bits, 4-bit rows lost).
+  const int64_t first = task_row<R>(a, task, lane);
   const float inv = build_tables<T, WIDE>(
       a, k0, klen, nsteps, reinterpret_cast<float*>(smem + (lut - base)), reinterpret_cast<float4*>(smem + (xs - base)),
       reinterpret_cast<float*>(smem + (sx - base)), reinterpret_cast<uint2*>(smem + (xh - base)));
+  L1Pre pre = load_row<R>(a, first, s, lane);
   load_codebooks<R>(a, pre, lane);
 
   while (task < ntasks) {
@@ -614,7 +626,7 @@ __global__ void __launch_bounds__(kL1Threads, 1) gemv1_kernel(const __grid_const
     int got = 0;
     if (lane == 0) got = atomicAdd(&taken, 1);
     const int next = task_at(__shfl_sync(kFull, got, 0));
-    pre = load_row<R>(a, next, s, lane);  // the next task's rows, used a task later
+    pre = load_row<R>(a, task_row<R>(a, next, lane), s, lane);  // the next task's rows, used a task later
     int uni = rw.bits[0];
 #pragma unroll
     for (int j = 1; j < R; ++j) uni = rw.bits[j] == uni ? uni : 0;
