@@ -477,9 +477,9 @@ __device__ __forceinline__ void run_steps(const GvArgs& a, const L1Rows<R>& rw, 
 }
 
 // Wide steps of P-bit rows (P = 1 or 2, blocksize >= 64): lane l covers columns kWideCols<P> l .. of each step of
-// 32 kWideCols<P> columns, 16 bytes of codes per row (words 0-3).
+// 32 kWideCols<P> columns (kL1Wide for 1 bit, half that for 2), 16 bytes of codes per row (words 0-3).
 template <int P>
-constexpr int kWideCols = P == 1 ? 128 : 64;
+constexpr int kWideCols = (P == 1 ? kL1Wide : kL1Wide / 2) / 32;
 
 // A wide step's loads for R rows: the codes, and the scales of each 64 columns (one block at least) as loaded.
 template <int R, int P>
