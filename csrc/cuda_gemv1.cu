@@ -175,8 +175,8 @@ __device__ __forceinline__ float build_tables(const GvArgs& a, int64_t k0, int k
   return inv;
 }
 
-// Row metadata of task `task` (lanes 0..R-1 look up one row each), loaded one task ahead; the rows' codebooks
-// follow once the metadata has landed (load_codebooks, after the current task's first step).
+// Row metadata of a task (lanes 0..R-1 look up one row each: task_row, then load_row), loaded one task ahead; the
+// rows' codebooks follow once the metadata has landed (load_codebooks, after the current task's first step).
 struct L1Pre {
   uint32_t off;  // 32 bits: the plan checks the sizes
   int32_t row, bits;

@@ -132,9 +132,10 @@ static void test_quant(int64_t rows, int64_t cols, int64_t bs, int dtype, uint32
 }
 
 // Fused matmul against a double-precision product of the CPU-dequantized weight; returns the output's bytes.
-static std::vector<uint8_t> test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64_t m, std::vector<uint8_t> mix,
-                        uint32_t seed, int ks = 0, int depth = 0, bool plan = true, int gemv = 0, int gemv_r = 0,
-                        int gemv_wk = 0, int batch1 = 0, int wide = 0) {
+static std::vector<uint8_t> test_matmul(int64_t rows, int64_t cols, int64_t bs, int dtype, int64_t m,
+                                        std::vector<uint8_t> mix, uint32_t seed, int ks = 0, int depth = 0,
+                                        bool plan = true, int gemv = 0, int gemv_r = 0, int gemv_wk = 0,
+                                        int batch1 = 0, int wide = 0) {
   std::mt19937 rng(seed);
   Case c = make_case(rows, cols, bs, rng, mix);
   std::normal_distribution<float> g(0.f, 1.f);
