@@ -57,12 +57,21 @@ constexpr float kL1H16MaxCode = 16.f;  // 2-bit codebooks beyond +-16 take the f
 constexpr int kL1TabBytes = 256;    // per row: 16 code pairs (2 bit) or the 16-entry codebook (4 bit)
 constexpr int kL1WideTasks = 3;     // wide steps from this many tasks per warp (measured: ~1 lost, 3.4-3.9 won)
 
-// Wide steps allocate the subset sums and lane sums per wide step (4 steps), and the float16 pairs.
+// The sizes in bytes of a CTA's shared tables with nsteps steps, in their order from the 2048-byte aligned start:
+// subset sums (per wide step of 4 steps when wide), activations, lane sums, the float16 pairs (wide only). The
+// host sizes the allocation and the kernel places its tables by these same figures.
+struct L1Layout {
+  int lut, xs, sx, xh;
+};
+__host__ __device__ constexpr L1Layout l1_layout(int nsteps, bool wide) {
+  const int nwide = (nsteps + 3) / 4;
+  return {wide ? nwide * kL1LutWide : nsteps * kL1LutStep, nsteps * kL1XStep, wide ? nwide * 512 : nsteps * 128,
+          wide ? (nsteps + 1) / 2 * 2 * kL1HStep : 0};
+}
+// 2048 bytes to align the subset sums, 256 to align the warps' row tables after the other tables.
 constexpr size_t smem_bytes(int nsteps, int r, bool wide) {
-  const size_t tables = wide ? (size_t)(nsteps + 3) / 4 * 4 * (kL1LutStep + 128) + (size_t)nsteps * kL1XStep +
-                                   (size_t)(nsteps + 1) / 2 * 2 * kL1HStep
-                             : (size_t)nsteps * (kL1LutStep + kL1XStep + 128);
-  return 2048 + tables + 256 + (size_t)kL1Warps * r * kL1TabBytes;
+  const L1Layout l = l1_layout(nsteps, wide);
+  return 2048 + (size_t)l.lut + l.xs + l.sx + l.xh + 256 + (size_t)kL1Warps * r * kL1TabBytes;
 }
 constexpr size_t kL1MaxSmem = smem_bytes(kL1MaxSteps, 4, true);
 
@@ -589,15 +598,15 @@ __global__ void __launch_bounds__(kL1Threads, 1) gemv1_kernel(const __grid_const
   const int64_t k0 = (int64_t)s * a.krange;
   const int klen = (int)min(a.cols - k0, a.krange);
   const int nsteps = (klen + kL1Step - 1) / kL1Step;
-  // shared addresses (smem_bytes): subset sums (2048-byte aligned, so that lane | entry | group is one OR),
+  // shared addresses (l1_layout): subset sums (2048-byte aligned, so that lane | entry | group is one OR),
   // activations, lane sums, WIDE the float16 pairs, then the warps' row tables (256-byte aligned)
   const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
   const uint32_t lut = (base + 2047u) & ~2047u;
-  const int nwide = (nsteps + 3) / 4;
-  const uint32_t xs = lut + (WIDE ? nwide * kL1LutWide : nsteps * kL1LutStep);
-  const uint32_t sx = xs + nsteps * kL1XStep;
-  const uint32_t xh = sx + (WIDE ? nwide * 512 : nsteps * 128);
-  const uint32_t tab = ((xh + (WIDE ? (nsteps + 1) / 2 * 2 * kL1HStep : 0) + 255u) & ~255u) + warp * R * kL1TabBytes;
+  const L1Layout lay = l1_layout(nsteps, WIDE);
+  const uint32_t xs = lut + lay.lut;
+  const uint32_t sx = xs + lay.xs;
+  const uint32_t xh = sx + lay.sx;
+  const uint32_t tab = ((xh + lay.xh + 255u) & ~255u) + warp * R * kL1TabBytes;
   // This CTA's tasks are bi + nbs i (i = 0 .. n - 1): an equal share of every precision for every CTA. Its warps
   // take them through a shared counter, costliest first (rows are ordered 1, 2, then 4 bits: descending i), so
   // that warps finishing early take more and the last tasks taken are short. Static strides left up to a quarter
