@@ -12,6 +12,7 @@ namespace lowra {
 int record_cuda(cudaError_t e, const char* what);  // LOWRA_OK or LOWRA_ERR_CUDA (message kept for the C API)
 int launch_status(const char* what);                // record_cuda(cudaGetLastError(), what)
 int sm_count();                                     // multiprocessors of the current device (cached per device)
+bool has_pdl();                                     // programmatic dependent launch (sm_90+; cached per device)
 
 // Rows whose metadata does not fit the buffer are skipped, never followed; the kernels count them here instead of
 // synchronizing (lowra_cuda_take_skipped_rows reads and resets the count). Without relocatable device code every

@@ -317,6 +317,7 @@ __device__ __forceinline__ void gv_step(const GvArgs& a, const GvRow* mr, uint32
 template <typename T, int M, int R, bool NESTED>
 __global__ void __launch_bounds__(kGvThreads, R == 4 && M <= 2 ? 3 : 2) gemv_kernel(const __grid_constant__ GvArgs a) {
   constexpr int kGvR = R;
+  griddep_launch_dependents();  // the finalize pass (K splits) may launch now; it waits for this grid to finish
   extern __shared__ __align__(16) unsigned char smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int WK = a.wk, nr = R * (kGvWarps / WK);
@@ -545,9 +546,18 @@ bool workspace_ok(const GvArgs& a, void* workspace, int64_t workspace_bytes) {
 int launch_finalize(const GvArgs& a, int dtype, cudaStream_t stream) {
   const int64_t n = a.m * a.rows;
   const int fgrid = (int)((n + 255) / 256 < 4 * sm_count() ? (n + 255) / 256 : 4 * sm_count());
-  if (dtype == LOWRA_F16) gemv_finalize<__half><<<fgrid, 256, 0, stream>>>(a);
-  else gemv_finalize<__nv_bfloat16><<<fgrid, 256, 0, stream>>>(a);
-  return launch_status("lowra matmul finalize kernel (gemv)");
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)fgrid);
+  cfg.blockDim = dim3(256);
+  cfg.stream = stream;
+  cudaLaunchAttribute pdl[1];
+  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = pdl;
+  cfg.numAttrs = has_pdl() ? 1 : 0;
+  const cudaError_t e = dtype == LOWRA_F16 ? cudaLaunchKernelEx(&cfg, gemv_finalize<__half>, a)
+                                           : cudaLaunchKernelEx(&cfg, gemv_finalize<__nv_bfloat16>, a);
+  return record_cuda(e, "lowra matmul finalize kernel (gemv)");
 }
 
 }  // namespace

@@ -93,21 +93,43 @@ __device__ __forceinline__ float2 lds_f32x2(uint32_t addr) {
   return v;
 }
 
+// Programmatic dependent launch (sm_90+; a no-op below): the GEMV kernels let the finalize pass launch as soon as
+// each of their CTAs has started, and the finalize pass waits for the GEMV's completion (and its memory) before it
+// reads the partial sums. Its launch, and its row lookups, then overlap the GEMV instead of following it. H200,
+// twenty-first round, A B B A: m = 1 with two K splits 4096x11008 5-8% less time, 8192x28672 2-4%; m = 4 and
+// layers of one split level.
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // Several K splits: adds the partial sums in split order, adds the bias, converts (rows skipped above stay so).
+// Launched as the GEMV's programmatic dependent: everything read before griddep_wait (row order, metadata, bias)
+// was written before the GEMV started; the partial sums only after it.
 template <typename T>
 __global__ void gemv_finalize(const __grid_constant__ GvArgs a) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.m * a.rows;
-       i += (int64_t)gridDim.x * blockDim.x) {
+  const int64_t n_all = a.m * a.rows, stride = (int64_t)gridDim.x * blockDim.x;
+  bool waited = false;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n_all; i += stride) {
     const int64_t n = i / a.rows, pos = i % a.rows;
     const int64_t r = a.row_order ? (int64_t)a.row_order[pos] : pos;
     int b = 0;
     int64_t off = 0;
-    if (!gv_row_ok(a, r, &b, &off)) continue;
+    const bool ok = gv_row_ok(a, r, &b, &off);
+    const float bias = ok && a.bias ? Cvt<T>::load(a.bias, r) : 0.f;
+    if (!waited) griddep_wait(), waited = true;
+    if (!ok) continue;
     float sum = 0.f;
     for (int k = 0; k < a.ks; ++k) sum += a.ws[(k * a.m + n) * a.rows + r];
-    if (a.bias) sum += Cvt<T>::load(a.bias, r);
-    Cvt<T>::store(a.out, n * a.rows + r, sum);
+    Cvt<T>::store(a.out, n * a.rows + r, a.bias ? sum + bias : sum);
   }
+  if (!waited) griddep_wait();  // a thread with no element still orders itself after the GEMV
 }
 
 // cuda_gemv1.cu, the batch-1 kernel. gemv1_plan fills the shape fields of `a` (K splits included) and the shared

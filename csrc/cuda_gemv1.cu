@@ -593,6 +593,7 @@ __device__ __forceinline__ void run_wide(const GvArgs& a, const L1Rows<R>& rw, i
 template <typename T, int R, bool NESTED, bool WIDE>
 __global__ void __launch_bounds__(kL1Threads, 1) gemv1_kernel(const __grid_constant__ GvArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
+  griddep_launch_dependents();  // the finalize pass (K splits) may launch now; it waits for this grid to finish
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int s = blockIdx.x % a.ks;  // this CTA's K split
   const int64_t k0 = (int64_t)s * a.krange;

@@ -913,6 +913,18 @@ int sm_count() {
   return cache[dev];
 }
 
+bool has_pdl() {
+  static int cache[64] = {0};  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (!cache[dev]) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cache[dev] = major >= 9 ? 2 : 1;
+  }
+  return cache[dev] == 2;
+}
+
 const char* last_cuda_error() { return g_last_error; }
 
 int64_t take_skipped_rows() {
