@@ -2,10 +2,10 @@
 # One-command GPU check, run on the GPU machine from the repository root (CI has no GPU):
 #   build with CUDA (sm_90) -> C++ CUDA tests -> Python CUDA tests (8 processes where pytest-xdist is installed;
 #   LOWRA_PYTEST_ARGS replaces that) -> [LOWRA_MEMCHECK=1: compute-sanitizer memcheck over both, the Python suite
-#   in one process, 7-8 min (444 of 560 tests in 320 s, eighteenth round): LOWRA_MEMCHECK_TESTS (default "tests")
-#   takes part of it, test files or node ids, where a device call cannot hold it all; LOWRA_MEMCHECK=cpp: over the
-#   C++ tests only, seconds] -> kernel benchmarks (LOWRA_SKIP_BENCH=1 skips them; LOWRA_BENCH_ARGS narrows them,
-#   e.g. "--only matmul --no-sweep --batches 1").
+#   in three sanitized processes side by side, under 3 min (one process took 7-8; twenty-first round), logs in
+#   $OUT/memcheck-py*.log: LOWRA_MEMCHECK_TESTS runs part of it instead, test files or node ids, in one process;
+#   LOWRA_MEMCHECK=cpp: over the C++ tests only, seconds] -> kernel benchmarks (LOWRA_SKIP_BENCH=1 skips them;
+#   LOWRA_BENCH_ARGS narrows them, e.g. "--only matmul --no-sweep --batches 1").
 # Locally: ../shared/device/pack.sh, then device `run` with carry=[".device"] and command `bash .ci/gpu-check.sh`.
 # Logs and JSON land in $OUT (or ./gpu-out) when set.
 set -uo pipefail
@@ -24,18 +24,39 @@ elif python3 -c "import xdist" 2>/dev/null; then pytest_args="-n 8"  # the suite
 else pytest_args=""; fi
 step "pytest (cuda + kernels)" python3 -m pytest -q -m "cuda" tests $pytest_args
 if [ -n "${LOWRA_MEMCHECK:-}" ]; then  # compute-sanitizer over the C++ tests and the CUDA suite
-  # One process: in pytest-xdist workers (--target-processes all) the sanitized suite ran no test in 310 s
-  # (docs/benchmarks.md, twentieth round).
   cs=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" .device/site/nvidia/cu*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [ -z "$cs" ]; then
     echo "!! LOWRA_MEMCHECK set but compute-sanitizer not found"; status=1
   else
     step "memcheck (ctest binary)" "$cs" --tool memcheck --leak-check full --error-exitcode 1 build-gpu/test_kernels_cuda
-    # Deselected: torch.compile(mode="reduce-overhead") fails its own CUDA-graph pool check under the sanitizer,
-    # for a dense model without any LowRA op too (docs/benchmarks.md, tenth round); it passes in the step above.
-    [ "${LOWRA_MEMCHECK}" = cpp ] ||
-      step "memcheck (pytest -m cuda)" "$cs" --tool memcheck --error-exitcode 1 python3 -m pytest -q -m cuda \
-        ${LOWRA_MEMCHECK_TESTS:-tests} -p no:xdist -k "not bench and not test_cuda_compile_reduce_overhead_matches_eager"
+    if [ "${LOWRA_MEMCHECK}" != cpp ]; then
+      # Separate sanitized processes on disjoint test files: in pytest-xdist workers (--target-processes all) the
+      # sanitized suite ran no test in 310 s (twentieth round). The two largest files alone, every other file together.
+      if [ -n "${LOWRA_MEMCHECK_TESTS:-}" ]; then
+        groups=("$LOWRA_MEMCHECK_TESTS")
+      else
+        rest=$(ls tests/test_*.py | grep -v -x -F -e tests/test_cuda_kernels.py -e tests/test_nested_absmax.py \
+               -e tests/test_quantize_exact.py | tr '\n' ' ')
+        groups=("tests/test_cuda_kernels.py" "tests/test_nested_absmax.py tests/test_quantize_exact.py" "$rest")
+      fi
+      # Deselected: torch.compile(mode="reduce-overhead") fails its own CUDA-graph pool check under the sanitizer,
+      # for a dense model without any LowRA op too (docs/benchmarks.md, tenth round); it passes in the step above.
+      echo "== memcheck (pytest -m cuda, ${#groups[@]} sanitized process(es))" | tee -a "$OUT/gpu-check.log"
+      pids=()
+      for i in "${!groups[@]}"; do
+        # shellcheck disable=SC2086  # a group is a space-separated list of test paths
+        "$cs" --tool memcheck --error-exitcode 1 python3 -m pytest -q -m cuda ${groups[$i]} -p no:xdist \
+          -p no:cacheprovider -k "not bench and not test_cuda_compile_reduce_overhead_matches_eager" \
+          > "$OUT/memcheck-py$i.log" 2>&1 &
+        pids+=($!)
+      done
+      for i in "${!pids[@]}"; do
+        wait "${pids[$i]}"; rc=$?
+        { echo "-- ${groups[$i]}"; grep -E "ERROR SUMMARY|passed|skipped|failed|error" "$OUT/memcheck-py$i.log" | tail -n 2; } |
+          tee -a "$OUT/gpu-check.log"
+        [ $rc -eq 0 ] || { echo "!! memcheck failed ($rc): ${groups[$i]} (see $OUT/memcheck-py$i.log)"; status=1; }
+      done
+    fi
   fi
 fi
 if [ -z "${LOWRA_SKIP_BENCH:-}" ]; then
