@@ -123,7 +123,10 @@ __global__ void gemv_finalize(const __grid_constant__ GvArgs a) {
     int64_t off = 0;
     const bool ok = gv_row_ok(a, r, &b, &off);
     const float bias = ok && a.bias ? Cvt<T>::load(a.bias, r) : 0.f;
-    if (!waited) griddep_wait(), waited = true;
+    if (!waited) {
+      griddep_wait();
+      waited = true;
+    }
     if (!ok) continue;
     float sum = 0.f;
     for (int k = 0; k < a.ks; ++k) sum += a.ws[(k * a.m + n) * a.rows + r];

@@ -901,28 +901,29 @@ int record_cuda(cudaError_t e, const char* what) {
 
 int launch_status(const char* what) { return record_cuda(cudaGetLastError(), what); }
 
-int sm_count() {
-  static int cache[64] = {0};
+namespace {
+// Attribute `attr` of the current device, read once per device into `cache` (device attributes do not change while
+// the process runs); `fallback` where there is no current device or the attribute cannot be read.
+int device_attribute(cudaDeviceAttr attr, int (&cache)[64], int fallback) {
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return fallback;
   if (!cache[dev]) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    cache[dev] = n > 0 ? n : 132;
+    int v = 0;
+    cudaDeviceGetAttribute(&v, attr, dev);
+    cache[dev] = v > 0 ? v : fallback;
   }
   return cache[dev];
 }
+}  // namespace
+
+int sm_count() {
+  static int cache[64] = {0};
+  return device_attribute(cudaDevAttrMultiProcessorCount, cache, 132);
+}
 
 bool has_pdl() {
-  static int cache[64] = {0};  // 0 unknown, 1 no, 2 yes
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (!cache[dev]) {
-    int major = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cache[dev] = major >= 9 ? 2 : 1;
-  }
-  return cache[dev] == 2;
+  static int cache[64] = {0};
+  return device_attribute(cudaDevAttrComputeCapabilityMajor, cache, 0) >= 9;
 }
 
 const char* last_cuda_error() { return g_last_error; }
