@@ -432,10 +432,12 @@ def test_cuda_matmul_batch1_automatic_on_a_large_layer(mix):
 
 @cuda
 @pytest.mark.parametrize("rows,m,dtype,tuning", [(40, 4, torch.float16, dict(gemv_max_rows=4)),
-                                                 (300, 1, torch.bfloat16, dict(gemv_batch1=4))])
+                                                 (300, 1, torch.bfloat16, dict(gemv_batch1=4)),
+                                                 (200, 8, torch.bfloat16, dict(ksplit=3, gemv_max_rows=-1))])
 def test_cuda_matmul_gemv_k_splits_capture_in_cuda_graph(rows, m, dtype, tuning):
-    """The GEMV kernels with K splits (workspace + finalize kernel) captured in a graph and replayed on new
-    activations: the multi-row kernel at m = 4, the batch-1 kernel (forced: automatic from 2^24 weights)."""
+    """The kernels with K splits (workspace + finalize kernel) captured in a graph and replayed on new activations:
+    the multi-row GEMV at m = 4, the batch-1 kernel (forced: automatic from 2^24 weights), the tiled tensor-core
+    kernel at m = 8 (three splits forced; the GEMV kept out)."""
     cols, bs = 28672, 64
     A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, bs, dtype, seed=8 + m, m=m)
     order, groups = matmul_plan(bits)
