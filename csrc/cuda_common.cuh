@@ -5,6 +5,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <utility>
+
 #include "common.h"
 
 namespace lowra {
@@ -42,6 +44,38 @@ __device__ __forceinline__ void store_elem(void* p, int dtype, int64_t i, float 
 }
 
 __device__ __forceinline__ float half_bits_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+
+// Programmatic dependent launch (sm_90+; a no-op below): a kernel started by launch_dependent may launch once every
+// CTA of the stream's previous kernel has run griddep_launch_dependents (or exited), and waits for that kernel's
+// completion and memory (griddep_wait) before it reads what that kernel writes. The finalize passes of K splits use
+// it, so that their launch and row lookups overlap the main kernel. H200, A B B A: the GEMVs at m = 1 with two K
+// splits 4096x11008 5-8% less time, 8192x28672 2-4% (twenty-first round); the tiled matmul at m = 4-16 2-7% less
+// on 4096x4096, 4096x11008 and 11008x4096 (twenty-second round; docs/benchmarks.md).
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// `kernel` as a programmatic dependent of the stream's previous kernel (a plain launch where has_pdl() is false).
+template <typename... P, typename... A>
+cudaError_t launch_dependent(void (*kernel)(P...), int grid, int block, size_t smem, cudaStream_t stream, A&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)grid);
+  cfg.blockDim = dim3((unsigned)block);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute pdl[1];
+  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = pdl;
+  cfg.numAttrs = has_pdl() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
+}
 
 // Row r's bytes are [row_offsets[r], row_offsets[r] + pc * bits / 8) and must lie inside the buffer.
 __device__ __forceinline__ bool row_ok(int b, int64_t start, int64_t pc, int64_t packed_bytes) {

@@ -546,17 +546,8 @@ bool workspace_ok(const GvArgs& a, void* workspace, int64_t workspace_bytes) {
 int launch_finalize(const GvArgs& a, int dtype, cudaStream_t stream) {
   const int64_t n = a.m * a.rows;
   const int fgrid = (int)((n + 255) / 256 < 4 * sm_count() ? (n + 255) / 256 : 4 * sm_count());
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)fgrid);
-  cfg.blockDim = dim3(256);
-  cfg.stream = stream;
-  cudaLaunchAttribute pdl[1];
-  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = pdl;
-  cfg.numAttrs = has_pdl() ? 1 : 0;
-  const cudaError_t e = dtype == LOWRA_F16 ? cudaLaunchKernelEx(&cfg, gemv_finalize<__half>, a)
-                                           : cudaLaunchKernelEx(&cfg, gemv_finalize<__nv_bfloat16>, a);
+  const cudaError_t e = dtype == LOWRA_F16 ? launch_dependent(gemv_finalize<__half>, fgrid, 256, 0, stream, a)
+                                           : launch_dependent(gemv_finalize<__nv_bfloat16>, fgrid, 256, 0, stream, a);
   return record_cuda(e, "lowra matmul finalize kernel (gemv)");
 }
 

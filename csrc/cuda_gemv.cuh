@@ -93,22 +93,6 @@ __device__ __forceinline__ float2 lds_f32x2(uint32_t addr) {
   return v;
 }
 
-// Programmatic dependent launch (sm_90+; a no-op below): the GEMV kernels let the finalize pass launch as soon as
-// each of their CTAs has started, and the finalize pass waits for the GEMV's completion (and its memory) before it
-// reads the partial sums. Its launch, and its row lookups, then overlap the GEMV instead of following it. H200,
-// twenty-first round, A B B A: m = 1 with two K splits 4096x11008 5-8% less time, 8192x28672 2-4%; m = 4 and
-// layers of one split level.
-__device__ __forceinline__ void griddep_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void griddep_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // Several K splits: adds the partial sums in split order, adds the bias, converts (rows skipped above stay so).
 // Launched as the GEMV's programmatic dependent: everything read before griddep_wait (row order, metadata, bias)
 // was written before the GEMV started; the partial sums only after it.
