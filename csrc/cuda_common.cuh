@@ -61,6 +61,13 @@ __device__ __forceinline__ void griddep_wait() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// Grid of a finalize pass over n outputs: 256-thread CTAs striding over them, at most 4 per SM (the matmul's
+// shared-memory cap on an early launch relies on that bound).
+inline int finalize_grid(int64_t n) {
+  const int64_t want = (n + 255) / 256, cap = 4 * (int64_t)sm_count();
+  return (int)(want < cap ? want : cap);
+}
+
 // `kernel` as a programmatic dependent of the stream's previous kernel (a plain launch where has_pdl() is false).
 template <typename... P, typename... A>
 cudaError_t launch_dependent(void (*kernel)(P...), int grid, int block, size_t smem, cudaStream_t stream, A&&... args) {

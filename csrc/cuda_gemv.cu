@@ -544,8 +544,7 @@ bool workspace_ok(const GvArgs& a, void* workspace, int64_t workspace_bytes) {
 
 // K splits: the partial sums in split order, plus the bias, into the output.
 int launch_finalize(const GvArgs& a, int dtype, cudaStream_t stream) {
-  const int64_t n = a.m * a.rows;
-  const int fgrid = (int)((n + 255) / 256 < 4 * sm_count() ? (n + 255) / 256 : 4 * sm_count());
+  const int fgrid = finalize_grid(a.m * a.rows);
   const cudaError_t e = dtype == LOWRA_F16 ? launch_dependent(gemv_finalize<__half>, fgrid, 256, 0, stream, a)
                                            : launch_dependent(gemv_finalize<__nv_bfloat16>, fgrid, 256, 0, stream, a);
   return record_cuda(e, "lowra matmul finalize kernel (gemv)");

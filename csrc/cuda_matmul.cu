@@ -889,12 +889,11 @@ int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int6
     f.bias = bias;
     f.dtype = dtype;
     f.out = out;
-    const int64_t n = m * rows;
-    const int grid = (int)((n + 255) / 256 < 4 * sm_count() ? (n + 255) / 256 : 4 * sm_count());
-    // Launched early (programmatic dependent), it gets 48 KB of unused shared memory: at most 4 CTAs per SM, so the
-    // grid (at most 4 per SM) spreads over every SM instead of piling onto the SMs that free up first. Without the
-    // cap 28672x8192 and 8192x28672 at m = 16 lost 1.4-2.3%; with it the first is level (twenty-second round). A
-    // plain launch (below sm_90) needs no cap.
+    const int grid = finalize_grid(m * rows);
+    // Launched early (programmatic dependent), its CTAs get 48 KB of unused shared memory each: at most 4 per SM,
+    // as many as finalize_grid sizes it for, so the grid spreads over every SM instead of piling onto the SMs that
+    // free up first. Without the cap 28672x8192 and 8192x28672 at m = 16 lost 1.4-2.3%; with it the first is level
+    // (twenty-second round). A plain launch (below sm_90) needs no cap.
     const size_t spread_smem = has_pdl() ? 48 * 1024 : 0;
     return record_cuda(launch_dependent(matmul_finalize, grid, 256, spread_smem, stream, f),
                        "lowra matmul finalize kernel");
