@@ -1,11 +1,13 @@
 """End-to-end and training benchmarks on a GPU: LowRA vs bitsandbytes NF4 vs bf16, side by side in one process.
 
     python -m bitsandbytes_lowra.bench.e2e --json out.json [--skip-model | --skip-training] [--bits 4 2 1.75]
-                                       [--new-tokens 64] [--repeats 3] [--no-graph] [--compile]
-                                       [--finetune-tokens 512]
+                                       [--train-tokens 512 4096] [--new-tokens 64] [--repeats 3] [--no-graph]
+                                       [--compile] [--finetune-tokens 512]
 
-1. Training step of one layer: base + LoRA (r=64) forward + backward at 512 tokens, base frozen, for LinearLowRA
-   (1.75 and 4 bits), bnb.nn.Linear4bit (NF4) and a bf16 nn.Linear, on Llama-2-7B / 70B layer shapes.
+1. Training step of one layer: base + LoRA (r=64) forward + backward at 512 tokens (--train-tokens), base frozen,
+   for LinearLowRA (1.75 and 4 bits), bnb.nn.Linear4bit (NF4) and a bf16 nn.Linear, on Llama-2-7B / 70B layer
+   shapes: launched eagerly (`fwd_bwd_ms`, which the host bounds at 512 tokens), and replayed from a CUDA graph
+   (`graph_ms`: the device's time alone; a capture that fails is recorded as `graph_error`).
 2. A Llama-2-7B-shaped model from its config with random weights (synthetic: speed and memory only), saved once as a
    bf16 safetensors checkpoint, then loaded with from_pretrained as bf16, bnb NF4 and LowRA at each budget:
    load time (LowRA: the first load plans, later budgets reuse the cached fits), peak GPU memory, batch-1 greedy
@@ -60,6 +62,22 @@ def cuda_time(fn, warmup: int = 3, iters: int = 10, device="cuda") -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graphed(fn, warmup: int = 3):
+    """fn captured in a CUDA graph (after warm-up calls on a side stream, which also create the gradient buffers a
+    backward inside the graph accumulates into); returns the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 class LoRA(torch.nn.Module):
     """The same plain LoRA branch on every base, so only the base differs between contenders."""
 
@@ -74,7 +92,7 @@ class LoRA(torch.nn.Module):
         return self.base(x) + (x @ self.A.t()) @ self.B.t()
 
 
-def training_layer_bench(shapes, tokens: int = 512) -> list[dict]:
+def training_layer_bench(shapes, tokens=(512,)) -> list[dict]:
     import bitsandbytes as bnb
 
     from bitsandbytes_lowra.functional import quantize_lowra_at_bits
@@ -86,7 +104,6 @@ def training_layer_bench(shapes, tokens: int = 512) -> list[dict]:
         dense = torch.nn.Linear(n_in, n_out, bias=False, device="cuda", dtype=torch.bfloat16)
         dense.weight.data.normal_(0, 0.02)
         dense.weight.requires_grad_(False)
-        x = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         bases = {"bf16": dense}
         nf4 = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
         nf4.weight = bnb.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4")
@@ -97,19 +114,30 @@ def training_layer_bench(shapes, tokens: int = 512) -> list[dict]:
             bases[f"lowra-{bits:g}"] = LinearLowRA.from_linear(
                 dense, state.bits, state.code, state.thresholds, compute_dtype=torch.bfloat16, device="cuda"
             )
-        for name, base in bases.items():
-            model = LoRA(base, n_in, n_out)
+        for n_tok in tokens:
+            x = torch.randn(n_tok, n_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            this = []
+            for name, base in bases.items():
+                model = LoRA(base, n_in, n_out)
 
-            def step():
-                y = model(x)
-                y.float().pow(2).mean().backward()
+                def step():
+                    y = model(x)
+                    y.float().pow(2).mean().backward()
 
-            ms = cuda_time(step)
-            rows.append({"shape": f"{n_out}x{n_in}", "tokens": tokens, "base": name, "fwd_bwd_ms": ms})
-        ref = next(r["fwd_bwd_ms"] for r in rows if r["shape"] == f"{n_out}x{n_in}" and r["base"] == "bf16")
-        for r in rows:
-            if r["shape"] == f"{n_out}x{n_in}":
-                r["vs_bf16"] = r["fwd_bwd_ms"] / ref
+                row = {"shape": f"{n_out}x{n_in}", "tokens": n_tok, "base": name, "fwd_bwd_ms": cuda_time(step)}
+                try:
+                    row["graph_ms"] = cuda_time(graphed(step), iters=20)
+                except Exception as e:  # noqa: BLE001  (recorded; the eager figure stands)
+                    row["graph_error"] = f"{type(e).__name__}: {e}"[:2000]
+                    _recover(torch.device("cuda"))
+                this.append(row)
+                x.grad = None
+            ref = this[0]  # bf16
+            for r in this:
+                for key in ("fwd_bwd", "graph"):
+                    if f"{key}_ms" in r and f"{key}_ms" in ref:
+                        r[f"{key}_vs_bf16"] = r[f"{key}_ms"] / ref[f"{key}_ms"]
+            rows += this
         del bases, dense
         gc.collect()
         torch.cuda.empty_cache()
@@ -307,6 +335,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=float, nargs="+", default=[4.0, 2.0, 1.75])
     ap.add_argument("--workdir", default=None,
                     help="folder (created if missing) for the random checkpoint's temp dir (default: the system's)")
+    ap.add_argument("--train-tokens", type=int, nargs="+", default=[512],
+                    help="tokens of the one-layer training step, one run per value")
     ap.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per decode (batch 1)")
     ap.add_argument("--repeats", type=int, default=3, help="timed generations per decode path (median)")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph decode")
@@ -317,8 +347,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
-    if args.new_tokens < 1 or args.repeats < 1:
-        ap.error("--new-tokens and --repeats must be positive")
+    if args.new_tokens < 1 or args.repeats < 1 or min(args.train_tokens) < 1:
+        ap.error("--new-tokens, --repeats and --train-tokens must be positive")
     if args.finetune_tokens < 0:
         ap.error("--finetune-tokens must be 0 (skip) or positive")
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -335,9 +365,13 @@ def main(argv=None) -> int:
                 json.dump(results, f, indent=2)
 
     if not args.skip_training:
-        results["training"] = training_layer_bench([(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)])
+        results["training"] = training_layer_bench([(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)],
+                                                   tokens=args.train_tokens)
         for r in results["training"]:
-            print(f"train {r['shape']:>11} {r['base']:>10}: {r['fwd_bwd_ms']:.3f} ms  ({r['vs_bf16']:.2f}x bf16)")
+            graph = (f"graph {r['graph_ms']:.3f} ms ({r['graph_vs_bf16']:.2f}x bf16)" if "graph_ms" in r
+                     else f"graph error: {r['graph_error'][:200]}")
+            print(f"train {r['shape']:>11} {r['tokens']:>5} tok {r['base']:>10}: eager {r['fwd_bwd_ms']:.3f} ms "
+                  f"({r['fwd_bwd_vs_bf16']:.2f}x bf16), {graph}", flush=True)
         dump()
     if not args.skip_model:
         decode_kw = dict(new_tokens=args.new_tokens, repeats=args.repeats, graph=not args.no_graph,
