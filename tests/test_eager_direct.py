@@ -237,6 +237,27 @@ def test_cuda_direct_equals_op(rows, cols, m, dtype, nested):
 
 
 @cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("rows,cols", [(4096, 4096), (4096, 11008)])
+def test_cuda_compiled_equals_eager_on_large_layers(rows, cols, m):
+    """Inductor-compiled decode (the op path, inside a generated graph) against eager (the direct launcher) on layers
+    of 2^24 weights or more, where the batch-1 GEMV takes its wide steps and K splits: the same kernels on the same
+    inputs, so bitwise equal. The tiny decode models of test_decode never reach these paths."""
+    packed, qs = state(rows, cols, seed=m, device="cuda", nested=True)
+    g = torch.Generator(device="cuda").manual_seed(rows + m)
+    A = torch.randn(1, m, cols, device="cuda", dtype=torch.bfloat16, generator=g)
+    bias = torch.randn(rows, device="cuda", dtype=torch.bfloat16, generator=g)
+    with torch.inference_mode():
+        want = matmul_lowra(A, packed, qs, bias)
+        try:
+            got = torch.compile(lambda a: matmul_lowra(a, packed, qs, bias), fullgraph=True)(A)
+        finally:
+            torch._dynamo.reset()
+    assert torch.equal(got, want)
+
+
+@cuda
 def test_cuda_direct_rebuilds_when_the_state_changes():
     packed, qs = state(128, 512, device="cuda")
     A = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
