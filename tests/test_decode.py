@@ -65,6 +65,9 @@ def test_static_eager_matches_generate(which, request):
     assert run.tokens.tolist() == ref.tokens.tolist()
     assert decode.first_mismatch(run.tokens, ref.tokens) is None
     assert run.tok_s > 0 and len(run.runs_s) == 2
+    # the steps after the prefill are part of each whole run
+    assert 0 < run.step_ms * (NEW - 1) < min(run.runs_s) * 1e3
+    assert decode.static_greedy(model, _ids(), 1, device="cpu").step_ms is None  # the prefill alone: no step
 
 
 def test_lowra_changes_the_tokens(dense, lowra):
@@ -207,6 +210,30 @@ def test_e2e_decode_bench_records_failures(lowra):
     assert "graph_tok_s" not in row
     table = decode_table([{"model": "lowra", **row}])
     assert table.splitlines()[1].startswith("lowra | ") and "| error |" in table
+
+
+def test_e2e_decode_bench_compiled_tokens_may_differ_graph_tokens_may_not(lowra, monkeypatch):
+    """A CUDA-graph replay runs the eager loop's kernels, so different tokens are an error; compiled tokens may part
+    from them (inductor's fused ops round differently) and are recorded, with the rate and the step time."""
+    from bitsandbytes_lowra.bench.e2e import decode_bench, decode_table
+
+    real = decode.static_greedy
+
+    def fake(model, ids, new_tokens, *, mode="eager", **kw):
+        run = real(model, ids, new_tokens, mode="eager", **kw)
+        if mode != "eager":  # as if this mode had run: its tokens part from the eager loop's at token 3
+            run.tokens = run.tokens.clone()
+            run.tokens[3:] += 1
+            run.mode = mode
+        return run
+
+    monkeypatch.setattr(decode, "static_greedy", fake)
+    row = decode_bench(lowra, new_tokens=8, repeats=1, graph=True, compile=True, device="cpu", prompt=PROMPT[0])
+    assert row["graph_error"].startswith("cuda-graph tokens differ from the eager static-cache loop from token 3")
+    assert "compile_error" not in row and row["compile_tok_s"] > 0 and row["compile_step_ms"] > 0
+    assert row["compile_matches_static_eager"] is False and row["compile_first_mismatch_vs_static_eager"] == 3
+    line = decode_table([{"model": "lowra", **row}]).splitlines()[1]
+    assert "| error |" in line and "ms/step)" in line  # graph: error; static eager and compile: rate (step time)
 
 
 def test_compile_survives_a_graph_break_inside_forward(monkeypatch):

@@ -35,6 +35,11 @@ class DecodeRun:
     new_tokens: int
     mode: str
     runs_s: list[float] = field(default_factory=list)
+    # Static-cache loops: median milliseconds of one step after the prefill (CUDA: device time between events; CPU:
+    # wall time); None with a single new token. The prefill runs eagerly in every mode, so its host time weighs on
+    # `seconds` of a graph-replayed or compiled loop too (at batch 1 on the H200's host, about a sixth of a
+    # 32-token run); step_ms is the replayed part alone.
+    step_ms: float | None = None
 
     @property
     def tok_s(self) -> float:
@@ -214,9 +219,30 @@ class StaticGreedy:
             self.prepare(input_ids)
         with torch.no_grad():
             self.prefill(input_ids)
+            start = self._mark()
             for _ in range(self.new_tokens - 1):
                 self._step()
+            self._steps_marks = (start, self._mark())
         return self.tokens[0]
+
+    def _mark(self):
+        if self.device.type != "cuda":
+            return time.perf_counter()  # CPU ops run synchronously
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def last_step_ms(self) -> float | None:
+        """Milliseconds per step after the prefill in the last generate() (waits for it); None without steps."""
+        if self.new_tokens < 2:
+            return None
+        start, end = self._steps_marks
+        if isinstance(start, float):
+            total = (end - start) * 1e3
+        else:
+            end.synchronize()
+            total = start.elapsed_time(end)
+        return total / (self.new_tokens - 1)
 
 
 def static_greedy(model, input_ids: torch.Tensor, new_tokens: int, *, device=None, mode: str = "eager",
@@ -228,19 +254,21 @@ def static_greedy(model, input_ids: torch.Tensor, new_tokens: int, *, device=Non
     device = torch.device(device) if device is not None else input_ids.device
     dec = StaticGreedy(model, input_ids.shape[1], new_tokens, device=device, mode=mode, warmup=warmup)
     dec.prepare(input_ids)
-    times, first = [], None
+    times, steps, first = [], [], None
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
         tokens = dec.generate(input_ids)
         _sync(device)
         times.append(time.perf_counter() - t0)
+        steps.append(dec.last_step_ms())
         tokens = tokens.cpu()
         if first is None:
             first = tokens.clone()
         elif not torch.equal(first, tokens):
             raise RuntimeError(f"{mode} decoding is not repeatable: {first.tolist()} then {tokens.tolist()}")
-    return DecodeRun(first, statistics.median(times), new_tokens, mode, times)
+    return DecodeRun(first, statistics.median(times), new_tokens, mode, times,
+                     None if steps[0] is None else statistics.median(steps))
 
 
 def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int | None:
