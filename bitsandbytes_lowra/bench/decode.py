@@ -155,6 +155,7 @@ class StaticGreedy:
         self._suppress = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
         self._graph = None
         self._step = self._eager_step
+        self._steps_marks = None  # (start, end) of the last generate()'s steps: events on CUDA, seconds on the CPU
         self._ready = False
 
     # -- the computation ----------------------------------------------------------------------------------------
@@ -233,8 +234,9 @@ class StaticGreedy:
         return event
 
     def last_step_ms(self) -> float | None:
-        """Milliseconds per step after the prefill in the last generate() (waits for it); None without steps."""
-        if self.new_tokens < 2:
+        """Milliseconds per step after the prefill in the last generate() (waits for it); None without steps or
+        before any generate()."""
+        if self.new_tokens < 2 or self._steps_marks is None:
             return None
         start, end = self._steps_marks
         if isinstance(start, float):
