@@ -49,3 +49,59 @@ def test_table_renders_a_dequantize_only_run():
     text = kernels.table({"environment": env, "copy_bandwidth_tb_s": 4.2,
                           "shapes": [{"shape": [4096, 11008], "dequantize": d}]})
     assert "97% of a same-size copy, 102% of a 1:4 copy)" in text, text
+
+
+def _training_row(shape, base, ms, graph_ms, ref_ms, ref_graph):
+    return {"shape": shape, "tokens": 512, "base": base, "fwd_bwd_ms": ms, "graph_ms": graph_ms,
+            "fwd_bwd_vs_bf16": ms / ref_ms, "graph_vs_bf16": graph_ms / ref_graph}
+
+
+def test_bench_main_runs_the_kernels_then_the_training_step(monkeypatch, tmp_path, capsys):
+    """`python -m bitsandbytes_lowra.bench`: every comparison in one process and one JSON, the training step of each
+    layer shape after the kernels; --only training skips the kernels. Measurement functions stubbed (GPU only)."""
+    import json
+
+    from bitsandbytes_lowra.bench import __main__ as bench_main
+    from bitsandbytes_lowra.bench import e2e, kernels
+
+    calls = []
+    env = dict(gpu="GPU", torch="2", cuda="13", bitsandbytes="0.50", date="today")
+    monkeypatch.setattr(kernels, "require_gpu_bench", lambda: calls.append("require"))
+    monkeypatch.setattr(kernels, "environment", lambda: env)
+    monkeypatch.setattr(kernels, "run", lambda shapes, batches, **kw: calls.append(("kernels", shapes, kw["only"]))
+                        or {"environment": env, "shapes": []})
+    monkeypatch.setattr(kernels, "table", lambda res: "KERNEL TABLE")
+
+    def training(shapes, tokens):
+        calls.append(("training", shapes, tokens))
+        return [_training_row("64x128", "bf16", 1.0, 0.1, 1.0, 0.1),
+                _training_row("64x128", "lowra-1.75", 1.5, 0.12, 1.0, 0.1)]
+
+    monkeypatch.setattr(e2e, "training_layer_bench", training)
+    out = tmp_path / "bench.json"
+    assert bench_main.main(["--shapes", "64x128", "--json", str(out), "--train-tokens", "512", "4096"]) == 0
+    assert calls == [("kernels", [(64, 128)], None), ("training", [(64, 128)], [512, 4096])]
+    res = json.loads(out.read_text())
+    assert [r["base"] for r in res["training"]] == ["bf16", "lowra-1.75"] and res["environment"] == env
+    text = capsys.readouterr().out
+    assert text.index("KERNEL TABLE") < text.index("lowra-1.75: eager 1.500 ms (1.50x bf16), graph 0.120 ms (1.20x bf16)")
+    calls.clear()
+    assert bench_main.main(["--shapes", "64x128", "--only", "training"]) == 0
+    assert calls == ["require", ("training", [(64, 128)], [512])]
+    calls.clear()
+    assert bench_main.main(["--shapes", "64x128", "--only", "matmul"]) == 0
+    assert calls == [("kernels", [(64, 128)], "matmul")]
+
+
+def test_bench_main_says_why_it_cannot_run(monkeypatch, capsys):
+    from bitsandbytes_lowra.bench import __main__ as bench_main
+    from bitsandbytes_lowra.bench import kernels
+
+    def unavailable():
+        raise kernels.BenchUnavailable("needs a CUDA GPU")
+
+    monkeypatch.setattr(kernels, "require_gpu_bench", unavailable)
+    assert bench_main.main(["--only", "training"]) == 2
+    assert "bench: needs a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main.main(["--train-tokens", "0"])

@@ -308,6 +308,17 @@ def model_bench(bits_list, workdir: str, decode_kw: dict | None = None, finetune
     return rows
 
 
+def training_table(rows: list[dict]) -> str:
+    """One line per shape, token count and base: the eager step and the graph-replayed one, each against bf16."""
+    lines = []
+    for r in rows:
+        graph = (f"graph {r['graph_ms']:.3f} ms ({r['graph_vs_bf16']:.2f}x bf16)" if "graph_ms" in r
+                 else f"graph error: {r['graph_error'][:200]}")
+        lines.append(f"train {r['shape']:>11} {r['tokens']:>5} tok {r['base']:>10}: eager {r['fwd_bwd_ms']:.3f} ms "
+                     f"({r['fwd_bwd_vs_bf16']:.2f}x bf16), {graph}")
+    return "\n".join(lines)
+
+
 def decode_table(rows: list[dict]) -> str:
     """Decode tokens/s per contender: eager generate, static cache eager, CUDA graph (and compile when run)."""
     def cell(r, key):
@@ -379,11 +390,7 @@ def main(argv=None) -> int:
     if not args.skip_training:
         results["training"] = training_layer_bench([(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)],
                                                    tokens=args.train_tokens)
-        for r in results["training"]:
-            graph = (f"graph {r['graph_ms']:.3f} ms ({r['graph_vs_bf16']:.2f}x bf16)" if "graph_ms" in r
-                     else f"graph error: {r['graph_error'][:200]}")
-            print(f"train {r['shape']:>11} {r['tokens']:>5} tok {r['base']:>10}: eager {r['fwd_bwd_ms']:.3f} ms "
-                  f"({r['fwd_bwd_vs_bf16']:.2f}x bf16), {graph}", flush=True)
+        print(training_table(results["training"]), flush=True)
         dump()
     if not args.skip_model:
         decode_kw = dict(new_tokens=args.new_tokens, repeats=args.repeats, graph=not args.no_graph,

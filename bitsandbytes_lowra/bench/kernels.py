@@ -442,8 +442,8 @@ def environment() -> dict:
                 bitsandbytes_lowra=__version__, python=platform.python_version())
 
 
-def run(shapes, batches, quick: bool = False, sweep: bool = True, only: str | None = None) -> dict:
-    """only="quantize" / "dequantize" / "matmul" measures that comparison alone (the sweep goes with the matmul)."""
+def require_gpu_bench():
+    """bitsandbytes, once this machine can run the comparisons (BenchUnavailable says why not)."""
     if not torch.cuda.is_available():
         raise BenchUnavailable("needs a CUDA GPU")
     from .. import _native
@@ -454,6 +454,12 @@ def run(shapes, batches, quick: bool = False, sweep: bool = True, only: str | No
         import bitsandbytes as bnb
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise BenchUnavailable(f"bitsandbytes is not importable: {e}") from e
+    return bnb
+
+
+def run(shapes, batches, quick: bool = False, sweep: bool = True, only: str | None = None) -> dict:
+    """only="quantize" / "dequantize" / "matmul" measures that comparison alone (the sweep goes with the matmul)."""
+    bnb = require_gpu_bench()
     torch.manual_seed(0)
     replays, min_calls = (3, 8) if quick else (10, 24)
     res = dict(environment=environment(), method=__doc__.split("\n\n")[1].replace("\n", " "), blocksize=BLOCKSIZE)
