@@ -35,22 +35,27 @@ def main(argv=None) -> int:
         ap.error("--train-tokens must be positive")
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
     batches = [int(b) for b in args.batches.split(",") if b]
+
+    def dump(results):  # after each part: a failure later keeps what was measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
     try:
         if args.only == "training":
             kernels.require_gpu_bench()
             results = {"environment": kernels.environment()}
         else:
             results = kernels.run(shapes, batches, quick=args.quick, sweep=not args.no_sweep, only=args.only)
+            dump(results)
             print(kernels.table(results), flush=True)
     except kernels.BenchUnavailable as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
     if args.only in (None, "training"):
         results["training"] = e2e.training_layer_bench(shapes, tokens=args.train_tokens)
+        dump(results)
         print(e2e.training_table(results["training"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
     return 0
 
 
