@@ -51,6 +51,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def graphed(fn, warmup: int, device=None):
+    """fn captured in a CUDA graph on `device` (default: the current one) after `warmup` calls on a side stream,
+    which also do the lazy work a capture cannot (allocations, cuBLAS handles, the gradient buffers a backward
+    inside the graph accumulates into); returns the graph's replay (which keeps the graph alive)."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    _sync(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def _check_args(input_ids: torch.Tensor, new_tokens: int) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         shape = getattr(input_ids, "shape", input_ids)
@@ -153,7 +171,6 @@ class StaticGreedy:
         self.counter = torch.zeros(1, dtype=torch.long, device=device)  # next slot of `tokens`
         eos = eos_ids(model)
         self._suppress = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
-        self._graph = None
         self._step = self._eager_step
         self._steps_marks = None  # (start, end) of the last generate()'s steps: events on CUDA, seconds on the CPU
         self._ready = False
@@ -196,18 +213,7 @@ class StaticGreedy:
                 for _ in range(self.warmup + 1):  # compile, then cudagraph-tree warm-up and recording
                     self._step()
             elif self.mode == "cuda-graph":
-                stream = torch.cuda.Stream(self.device)
-                stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(stream):
-                    for _ in range(self.warmup):
-                        self._eager_step()
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                _sync(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self._eager_step()
-                self._graph = graph
-                self._step = graph.replay
+                self._step = graphed(self._eager_step, self.warmup, self.device)
             else:
                 for _ in range(self.warmup):
                     self._eager_step()

@@ -65,22 +65,6 @@ def cuda_time(fn, warmup: int = 3, iters: int = 10, device="cuda") -> float:
     return sorted(times)[len(times) // 2]
 
 
-def graphed(fn, warmup: int = 3):
-    """fn captured in a CUDA graph (after warm-up calls on a side stream, which also create the gradient buffers a
-    backward inside the graph accumulates into); returns the graph's replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 class LoRA(torch.nn.Module):
     """The same plain LoRA branch on every base, so only the base differs between contenders."""
 
@@ -97,6 +81,8 @@ class LoRA(torch.nn.Module):
 
 def training_layer_bench(shapes, tokens=(512,)) -> list[dict]:
     import bitsandbytes as bnb
+
+    from .decode import graphed
 
     from bitsandbytes_lowra.functional import quantize_lowra_at_bits
     from bitsandbytes_lowra.nn import LinearLowRA
@@ -129,7 +115,7 @@ def training_layer_bench(shapes, tokens=(512,)) -> list[dict]:
 
                 row = {"shape": f"{n_out}x{n_in}", "tokens": n_tok, "base": name, "fwd_bwd_ms": cuda_time(step)}
                 try:
-                    row["graph_ms"] = cuda_time(graphed(step), iters=20)
+                    row["graph_ms"] = cuda_time(graphed(step, warmup=3), iters=20)
                 except Exception as e:  # noqa: BLE001  (recorded; the eager figure stands)
                     row["graph_error"] = f"{type(e).__name__}: {e}"[:2000]
                     _recover(torch.device("cuda"))
