@@ -66,7 +66,7 @@ def test_static_eager_matches_generate(which, request):
     assert decode.first_mismatch(run.tokens, ref.tokens) is None
     assert run.tok_s > 0 and len(run.runs_s) == 2
     # the steps after the prefill are part of each whole run
-    assert 0 < run.step_ms * (NEW - 1) < min(run.runs_s) * 1e3
+    assert 0 < run.step_ms * (NEW - 1) < max(run.runs_s) * 1e3  # each run holds its steps; step_ms is their median
     assert decode.static_greedy(model, _ids(), 1, device="cpu").step_ms is None  # the prefill alone: no step
 
 
