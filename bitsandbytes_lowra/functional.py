@@ -302,36 +302,58 @@ class QuantStateLowRA(QuantState):
 
     def prepared_matmul(self, packed: torch.Tensor, cache_absmax: bool = False):
         """backends.native.PreparedMatmul (CUDA) or PreparedMatmulCPU of this state and `packed`: the eager decode
-        path's launcher, its arguments converted once. Cached, keyed on the address of every tensor it points into
-        and on the version of `bits` (which the CUDA row plan derives from), so a move, a reload or a replaced
-        tensor rebuilds it."""
+        path's launcher, its arguments converted once (cached as _prepared says)."""
         cuda = packed.is_cuda
         row_order, group_rows = self.matmul_plan() if cuda else (None, None)
+
+        def build(absmax, nested):
+            from .backends.native import PreparedMatmul, PreparedMatmulCPU
+
+            if cuda:
+                return PreparedMatmul(packed, absmax, self.bits, self.code, self.row_offsets, self.blocksize,
+                                      list(self.shape), row_order, group_rows, tuple(nested))
+            return PreparedMatmulCPU(packed, absmax, self.bits, self.code, self.row_offsets, self.blocksize,
+                                     list(self.shape), tuple(nested))
+
+        return self._prepared("_prepared_matmul", packed, cache_absmax, build,
+                              None if row_order is None else row_order.data_ptr())
+
+    def prepared_dequantize(self, packed: torch.Tensor, cache_absmax: bool = False):
+        """backends.native.PreparedDequantize of this state and `packed` (CUDA or CPU): called with a dtype, the
+        dense weight; the eager training path's launcher (MatMulLowRA), cached as _prepared says."""
+
+        def build(absmax, nested):
+            from .backends.native import PreparedDequantize
+
+            return PreparedDequantize(packed, absmax, self.bits, self.code, self.row_offsets, self.blocksize,
+                                      list(self.shape), tuple(nested))
+
+        return self._prepared("_prepared_dequantize", packed, cache_absmax, build)
+
+    # Launchers that hold ctypes pointers into the state's tensors: not copyable, meaningless elsewhere, stale after
+    # a move. A copy, an unpickled state or a moved one builds its own on first use.
+    _LAUNCHERS = ("_prepared_matmul", "_prepared_dequantize")
+
+    def _prepared(self, name: str, packed: torch.Tensor, cache_absmax: bool, build, extra=None):
+        """The launcher `build(absmax, nested)` made for this state and `packed`, cached under `name` and keyed on
+        the address of every tensor it points into (and `extra`) and on the version of `bits` (the CUDA row plan
+        derives from it), so a move, a reload or a replaced tensor rebuilds it."""
         absmax, *nested = self.scale_args(cache_absmax)
         s2 = self.state2 if nested[0] is not None else None
         key = (packed.data_ptr(), packed.numel(), packed.get_device(), absmax.data_ptr(), self.bits.data_ptr(),
-               self.bits._version, self.code.data_ptr(), self.row_offsets.data_ptr(),
-               None if row_order is None else row_order.data_ptr(),
+               self.bits._version, self.code.data_ptr(), self.row_offsets.data_ptr(), extra,
                None if s2 is None else (s2.absmax.data_ptr(), s2.code.data_ptr(), self.offset.data_ptr()))
-        hit = self.__dict__.get("_prepared_matmul")
+        hit = self.__dict__.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
-        from .backends.native import PreparedMatmul, PreparedMatmulCPU
-
-        if cuda:
-            prepared = PreparedMatmul(packed, absmax, self.bits, self.code, self.row_offsets, self.blocksize,
-                                      list(self.shape), row_order, group_rows, tuple(nested))
-        else:
-            prepared = PreparedMatmulCPU(packed, absmax, self.bits, self.code, self.row_offsets, self.blocksize,
-                                         list(self.shape), tuple(nested))
-        self.__dict__["_prepared_matmul"] = (key, prepared)
+        prepared = build(absmax, nested)
+        self.__dict__[name] = (key, prepared)
         return prepared
 
     def __getstate__(self) -> dict:
-        # The prepared launcher holds ctypes pointers (not copyable, meaningless elsewhere): a copy or an unpickled
-        # state builds its own on first use.
         state = dict(self.__dict__)
-        state.pop("_prepared_matmul", None)
+        for name in self._LAUNCHERS:
+            state.pop(name, None)
         return state
 
     def scale_args(self, cache: bool = False) -> tuple:
@@ -526,7 +548,8 @@ class QuantStateLowRA(QuantState):
         self.bits = self.bits.to(device)
         self.thresholds = self.thresholds.to(device)
         self.row_offsets = self.row_offsets.to(device)
-        self.__dict__.pop("_prepared_matmul", None)  # it holds the tensors just moved away from
+        for name in self._LAUNCHERS:  # they hold the tensors just moved away from
+            self.__dict__.pop(name, None)
         if self.nested:
             self.offset = self.offset.to(device)
             self.state2.absmax = self.state2.absmax.to(device)
@@ -745,9 +768,13 @@ def _native_cpu() -> bool:
 _NATIVE_CUDA = _NATIVE_CPU = None
 
 
-def _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias, nested):
-    # The single place the forward kernel is chosen: a fused dequantize-matmul op replaces these two lines.
-    W = torch.ops.lowra.dequantize.default(packed, absmax, bits, code, offsets, blocksize, shape, A.dtype, *nested)
+def _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias, nested, prepared=None):
+    # The single place the forward kernel is chosen: a fused dequantize-matmul op replaces these lines. `prepared`
+    # (QuantStateLowRA.prepared_dequantize, where _eager_direct allows it) launches the op's kernel directly.
+    if prepared is not None:
+        W = prepared(A.dtype)
+    else:
+        W = torch.ops.lowra.dequantize.default(packed, absmax, bits, code, offsets, blocksize, shape, A.dtype, *nested)
     return torch.nn.functional.linear(A, W, bias)
 
 
@@ -755,28 +782,35 @@ class MatMulLowRA(torch.autograd.Function):
     """A @ W.T + bias with W = dequantize(packed); gradients for A and bias only (the quantized base is frozen).
 
     W is recomputed in backward rather than saved, so training holds only the packed weight (as bnb's MatMul4Bit).
+    `prepared` (eager only, else None): the weight's PreparedDequantize, which both passes call instead of the op
+    (the backward only while it still points where the saved tensors are stored).
     """
 
     @staticmethod
     def forward(ctx, A, packed, absmax, bits, code, offsets, blocksize: int, shape: list[int], bias, nested_absmax,
-                nested_code, nested_offset, nested_blocksize: int):
+                nested_code, nested_offset, nested_blocksize: int, prepared):
         ctx.save_for_backward(packed, absmax, bits, code, offsets, nested_absmax, nested_code, nested_offset)
-        ctx.blocksize, ctx.shape, ctx.nested_blocksize = blocksize, shape, nested_blocksize
+        ctx.blocksize, ctx.shape, ctx.nested_blocksize, ctx.prepared = blocksize, shape, nested_blocksize, prepared
         ctx.bias_dtype = None if bias is None else bias.dtype
         nested = (nested_absmax, nested_code, nested_offset, nested_blocksize)
-        return _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias, nested)
+        return _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias, nested, prepared)
 
     @staticmethod
     def backward(ctx, grad):
         grad_A = grad_bias = None
         if ctx.needs_input_grad[0]:
             packed, absmax, bits, code, offsets, *nested = ctx.saved_tensors
-            W = torch.ops.lowra.dequantize(packed, absmax, bits, code, offsets, ctx.blocksize, ctx.shape, grad.dtype,
-                                           *nested, ctx.nested_blocksize)
+            prepared = ctx.prepared
+            if prepared is not None and _eager_direct(grad, None) and prepared.reads(packed, absmax, bits, code,
+                                                                                     offsets, *nested):
+                W = prepared(grad.dtype)
+            else:
+                W = torch.ops.lowra.dequantize(packed, absmax, bits, code, offsets, ctx.blocksize, ctx.shape,
+                                               grad.dtype, *nested, ctx.nested_blocksize)
             grad_A = torch.matmul(grad, W)
         if ctx.needs_input_grad[8]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_A, None, None, None, None, None, None, None, grad_bias, None, None, None, None
+        return grad_A, None, None, None, None, None, None, None, grad_bias, None, None, None, None, None
 
 
 def matmul_lowra(
@@ -794,12 +828,15 @@ def matmul_lowra(
         bias = bias.to(A.dtype)
     grad = _needs_grad(A, bias)
     fused = not grad and _fused_decode_shape(A)
-    if fused and _eager_direct(A, bias):
+    direct = _eager_direct(A, bias)
+    if fused and direct:
         return qs.prepared_matmul(packed, cache_absmax)(A, bias)
     (absmax, *nested), shape = qs.scale_args(cache_absmax), list(qs.shape)
+    # the dense path's dequantize launched directly where nothing watches ops, as the fused one above
+    prepared = qs.prepared_dequantize(packed, cache_absmax) if direct and not fused else None
     if grad:
         return MatMulLowRA.apply(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias,
-                                 *nested)
+                                 *nested, prepared)
     if fused:
         row_order, group_rows = qs.matmul_plan() if A.is_cuda else (None, None)  # the CUDA kernels' row grouping
         return torch.ops.lowra.matmul.default(
@@ -808,7 +845,8 @@ def matmul_lowra(
         )
     # Inference: the same two ops as MatMulLowRA.forward, without the autograd.Function machinery (which builds a
     # context object per call for a backward that cannot happen).
-    return _linear_dequantized(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias, nested)
+    return _linear_dequantized(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias, nested,
+                               prepared)
 
 
 def bits_report(states) -> dict[str, float]:

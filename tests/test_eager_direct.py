@@ -1,8 +1,9 @@
-"""The eager decode path: matmul_lowra calls the fused matmul directly (QuantStateLowRA.prepared_matmul,
-backends.native.PreparedMatmul on CUDA, PreparedMatmulCPU on the CPU) instead of through torch.ops.lowra.matmul,
-where nothing can tell the difference. It must give exactly what the op gives, rebuild its launcher whenever the
-state changes, and step aside for every mode that watches ops (torch.compile tracing, function/dispatch modes,
-functorch, the profiler).
+"""The eager direct paths: matmul_lowra calls the fused matmul directly (QuantStateLowRA.prepared_matmul,
+backends.native.PreparedMatmul on CUDA, PreparedMatmulCPU on the CPU) instead of through torch.ops.lowra.matmul, and
+its dense path (training; inference beyond the fused kernels' rows) dequantizes through
+QuantStateLowRA.prepared_dequantize instead of torch.ops.lowra.dequantize, where nothing can tell the difference.
+Each must give exactly what the op gives, rebuild its launcher whenever the state changes, and step aside for every
+mode that watches ops (torch.compile tracing, function/dispatch modes, functorch, the profiler).
 CPU tests run in CI; `cuda` ones on the GPU check."""
 
 import copy
@@ -201,6 +202,120 @@ def test_prepared_call_hands_activations_bias_and_output_to_the_launch(monkeypat
         prepared(A, b.half())
 
 
+# The dense path (training; inference beyond the fused kernels' rows): PreparedDequantize in place of the op, in the
+# forward and in MatMulLowRA's backward alike.
+
+def dense_step(A, packed, qs, bias=None, grad=True):
+    """matmul_lowra's output and, with grad, the gradients of A and bias for a fixed upstream gradient."""
+    A = A.detach().requires_grad_(grad)
+    bias = None if bias is None else bias.detach().requires_grad_(grad)
+    if not grad:
+        with torch.no_grad():
+            return matmul_lowra(A, packed, qs, bias), ()
+    y = matmul_lowra(A, packed, qs, bias)
+    g = torch.linspace(-1, 1, y.numel(), dtype=torch.float32, device=y.device).reshape(y.shape).to(y.dtype)
+    return y, torch.autograd.grad(y, [A] + ([] if bias is None else [bias]), g)
+
+
+def dense_direct_equals_op(monkeypatch, A, packed, qs, bias, grad):
+    """The direct run (which must build the weight's PreparedDequantize) against the op path, bitwise."""
+    from bitsandbytes_lowra.backends.native import PreparedDequantize
+
+    qs.__dict__.pop("_prepared_dequantize", None)
+    y, grads = dense_step(A, packed, qs, bias, grad)
+    assert isinstance(qs.__dict__["_prepared_dequantize"][1], PreparedDequantize)  # the direct path ran
+    with monkeypatch.context() as m:
+        m.setattr(F, "_eager_direct", lambda A, bias: False)  # as under the profiler or a dispatch mode
+        qs.__dict__.pop("_prepared_dequantize")
+        y_ref, grads_ref = dense_step(A, packed, qs, bias, grad)
+        assert "_prepared_dequantize" not in qs.__dict__  # the op path ran
+    assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
+    assert len(grads) == len(grads_ref) and all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,cols", [(64, 256), (33, 1000), (7, 72)])
+def test_cpu_dense_direct_equals_op(monkeypatch, rows, cols, dtype, nested, grad):
+    packed, qs = state(rows, cols, seed=rows, nested=nested)
+    g = torch.Generator().manual_seed(cols)
+    A = torch.randn(3, F.CPU_FUSED_DECODE_MAX_TOKENS, cols, generator=g).to(dtype)  # past the fused CPU decode
+    bias = torch.randn(rows, generator=g).to(dtype)
+    for b in (None, bias):
+        dense_direct_equals_op(monkeypatch, A, packed, qs, b, grad)
+
+
+def test_cpu_dense_direct_rebuilds_when_the_state_changes(monkeypatch):
+    packed, qs = state(128, 512)
+    A = torch.randn(40, 512)
+    y0, (g0,) = dense_step(A, packed, qs)
+    first = qs.__dict__["_prepared_dequantize"][1]
+    y, (g,) = dense_step(A, packed, qs)
+    assert torch.equal(y, y0) and torch.equal(g, g0) and qs.__dict__["_prepared_dequantize"][1] is first  # reused
+    packed2, qs2 = state(128, 512, seed=5)  # a reload: new tensors
+    take_tensors(qs, qs2)
+    y2, _ = dense_step(A, packed2, qs)
+    assert qs.__dict__["_prepared_dequantize"][1] is not first and not torch.equal(y2, y0)
+    dense_direct_equals_op(monkeypatch, A, packed2, qs, None, True)
+
+
+def test_cpu_dense_backward_steps_aside_under_a_dispatch_mode():
+    """A forward run directly and a backward run where ops are watched: the backward dequantizes through the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    packed, qs = state(64, 256)
+    A = torch.randn(40, 256, requires_grad=True)
+    y = matmul_lowra(A, packed, qs)
+    assert "_prepared_dequantize" in qs.__dict__  # the forward ran directly
+    seen = []
+    with Record():
+        y.sum().backward()
+    assert torch.ops.lowra.dequantize.default in seen
+    B = A.detach().requires_grad_()
+    matmul_lowra(B, packed, qs).sum().backward()  # forward and backward direct
+    assert torch.equal(A.grad, B.grad)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_cpu_dense_backward_follows_storage_moved_after_the_forward(nested):
+    """FSDP2 frees a parameter's gathered storage after the forward and gathers it again for the backward, possibly
+    at another address: the backward must read the weight where it is now, not where the forward's launcher points."""
+    packed, qs = state(64, 256, nested=nested)
+    A = torch.randn(40, 256)
+    _, (want,) = dense_step(A, packed, qs)
+    A1 = A.clone().requires_grad_()
+    y = matmul_lowra(A1, packed, qs)
+    old = packed.data
+    packed.data = old.clone()  # re-gathered elsewhere; the old storage then holds something else
+    old.zero_()
+    y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+    assert torch.equal(A1.grad, want)
+
+
+def test_prepared_dequantize_checks_its_inputs():
+    from bitsandbytes_lowra.backends.native import PreparedDequantize
+
+    packed, qs = state(64, 256, nested=False)
+    args = (packed, qs.absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize)
+    with pytest.raises(RuntimeError, match="absmax size does not match shape"):  # the op's own checks
+        PreparedDequantize(*args, [64, 128])
+    with pytest.raises(RuntimeError, match="bits"):
+        PreparedDequantize(packed, qs.absmax, qs.bits[:-1], qs.code, qs.row_offsets, qs.blocksize, [64, 256])
+    launch = PreparedDequantize(*args, [64, 256])
+    with pytest.raises(ValueError, match="not torch.int32"):
+        launch(torch.int32)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        W = launch(dtype)
+        assert W.dtype == dtype and W.shape == (64, 256)
+        assert torch.equal(W, torch.ops.lowra.dequantize(*args, [64, 256], dtype))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CUDA (GPU check)
 
@@ -234,6 +349,46 @@ def test_cuda_direct_equals_op(rows, cols, m, dtype, nested):
     with torch.inference_mode():
         y = matmul_lowra(At, packed, qs, bias.float())
     assert torch.equal(y, via_op(At.contiguous(), packed, qs, bias))
+
+
+@cuda
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows,cols", [(64, 256), (300, 4096), (33, 1000)])
+def test_cuda_dense_direct_equals_op(monkeypatch, rows, cols, dtype, nested):
+    """Training (forward and backward) and dense inference (more tokens than the fused kernels take) through
+    PreparedDequantize, against the op path."""
+    packed, qs = state(rows, cols, seed=rows, device="cuda", nested=nested)
+    g = torch.Generator(device="cuda").manual_seed(cols)
+    A = torch.randn(2, F.FUSED_DECODE_MAX_TOKENS + 1, cols, device="cuda", dtype=dtype, generator=g)
+    bias = torch.randn(rows, device="cuda", dtype=dtype, generator=g)
+    for b in (None, bias):
+        for grad in (True, False):
+            dense_direct_equals_op(monkeypatch, A, packed, qs, b, grad)
+
+
+@cuda
+def test_cuda_dense_direct_steps_aside_under_the_profiler_and_is_capturable():
+    packed, qs = state(256, 1024, device="cuda")
+    A = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        matmul_lowra(A, packed, qs).sum().backward()
+    assert sum("lowra::dequantize" in e.name for e in prof.events()) >= 2  # forward and backward, by name
+    # a training step on the direct path, captured and replayed on new activations, equals the eager step
+    from bitsandbytes_lowra.bench.decode import graphed
+
+    static = A.detach().clone().requires_grad_()
+
+    def grad_of():  # a loss whose gradient depends on the activations
+        return torch.autograd.grad(matmul_lowra(static, packed, qs).float().pow(2).sum(), static)[0]
+
+    out = torch.empty_like(static)
+    replay = graphed(lambda: out.copy_(grad_of()), warmup=1)
+    with torch.no_grad():
+        static.copy_(torch.randn_like(static))
+    replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, grad_of())
 
 
 @cuda

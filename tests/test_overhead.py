@@ -49,7 +49,7 @@ def original_forward(q: LinearLowRA, x: torch.Tensor) -> torch.Tensor:
         if A.device.type == "cpu" and not needs_grad and A.numel() // A.shape[-1] <= CPU_FUSED_DECODE_MAX_TOKENS:
             out = torch.ops.lowra.matmul(A, *args, bias)  # decoding on the CPU: the fused CPU matmul
         else:
-            out = MatMulLowRA.apply(A, *args, bias, None, None, None, 256)
+            out = MatMulLowRA.apply(A, *args, bias, None, None, None, 256, None)
     return out.to(out_dtype)
 
 

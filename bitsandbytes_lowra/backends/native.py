@@ -234,24 +234,70 @@ def dequantize_into(packed, absmax, bits, codebook, row_offsets, blocksize, shap
             and _out_ok(out, shape, dtype, packed.device)):
         check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, *nested)
         check_out(out, shape, dtype, packed.device)
-    packed, bits, codebook, row_offsets = (t.contiguous() for t in (packed, bits, codebook, row_offsets))
-    f32, ns = _absmax_for(absmax, nested)
-    lib = _native.load()
-    with _on(packed.device):
-        if packed.device.type == "cuda":
-            status = lib.lowra_dequantize_cuda(
-                _native.ptr(packed), packed.numel(), _f32_ptr(f32), _nested_ref(ns), _native.ptr(bits),
-                _native.ptr(codebook), _native.ptr(row_offsets), shape[0], shape[1], blocksize,
-                _native.DTYPE_CODE[dtype], _native.ptr(out), *_stream_args(packed.device),
-            )
-        else:
-            status = lib.lowra_dequantize_cpu(
-                _native.ptr(packed), packed.numel(), _f32_ptr(f32), _nested_ref(ns), _native.ptr(bits),
-                _native.ptr(codebook), _native.ptr(row_offsets), shape[0], shape[1], blocksize,
-                _native.DTYPE_CODE[dtype], _native.ptr(out),
-            )
-    _native.check(status, "lowra dequantize")
+    PreparedDequantize(packed, absmax, bits, codebook, row_offsets, blocksize, shape, nested, checked=True).launch(out)
     return out
+
+
+def _addresses(*tensors) -> tuple:
+    return tuple(0 if t is None else t.data_ptr() for t in tensors)
+
+
+class PreparedDequantize:
+    """The dequantize of one quantized weight (CUDA or CPU) with its launch arguments checked and converted once.
+
+    LoRA training dequantizes every frozen weight twice per step (the forward, and the backward for the input's
+    gradient), and at 512 tokens the host sets the pace of a training step. Through torch.ops.lowra.dequantize a
+    call paid the dispatcher and the argument checks and conversions: 37 us on the development machine's CPU for an
+    8x64 weight, against 8 through the state's cached launcher (the kernel itself ~4). It holds the weight's tensors
+    (its pointers stay valid); its owner rebuilds it when any of them changes (QuantStateLowRA.prepared_dequantize).
+    dequantize_into launches through one as well."""
+
+    def __init__(self, packed, absmax, bits, codebook, row_offsets, blocksize, shape, nested=NESTED_DEFAULTS, *,
+                 checked: bool = False):
+        rows, cols = shape
+        if not checked:
+            check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, torch.float32,
+                                  *nested)
+        self._sources = _addresses(packed, absmax, bits, codebook, row_offsets, *nested[:3])
+        packed, bits, codebook, row_offsets = (t.contiguous() for t in (packed, bits, codebook, row_offsets))
+        f32, ns = _absmax_for(absmax, nested)
+        self.device, self.index, self.shape = packed.device, packed.get_device(), (rows, cols)
+        self._keep = (packed, bits, codebook, row_offsets, f32, ns)  # the pointers below point into these
+        # the arguments from `packed` through `blocksize`, shared by lowra_dequantize_cpu and lowra_dequantize_cuda
+        self._args = (packed.data_ptr(), packed.numel(), _f32_ptr(f32), _nested_ref(ns), bits.data_ptr(),
+                      codebook.data_ptr(), row_offsets.data_ptr(), rows, cols, blocksize)
+        lib = _native.load()
+        self._fn = lib.lowra_dequantize_cuda if packed.device.type == "cuda" else lib.lowra_dequantize_cpu
+
+    def reads(self, packed, absmax, bits, codebook, row_offsets, nested_absmax=None, nested_code=None,
+              nested_offset=None) -> bool:
+        """Whether it was built on these tensors as they are stored now. FSDP2 frees a parameter's gathered storage
+        after the forward and gathers it again for the backward, possibly elsewhere, so MatMulLowRA checks the
+        forward's launcher against its saved tensors before its backward calls it."""
+        return self._sources == _addresses(packed, absmax, bits, codebook, row_offsets, nested_absmax, nested_code,
+                                           nested_offset)
+
+    def __call__(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense weight [rows, cols] in `dtype` (a float dtype), on the weight's device."""
+        if dtype not in _native.DTYPE_CODE:
+            raise ValueError(f"PreparedDequantize writes float16, bfloat16 or float32, not {dtype}")
+        out = torch.empty(self.shape, dtype=dtype, device=self.device)
+        self.launch(out)
+        return out
+
+    def launch(self, out: torch.Tensor) -> None:
+        """The kernel into a checked, contiguous `out` [rows, cols] of a float dtype on the weight's device."""
+        args = (*self._args, _native.DTYPE_CODE[out.dtype], out.data_ptr())
+        dev = self.index
+        if dev < 0:
+            status = self._fn(*args)
+        elif torch._C._cuda_getDevice() == dev:
+            status = self._fn(*args, _stream(dev))
+        else:
+            with torch.cuda.device(dev):
+                status = self._fn(*args, _stream(dev))
+        if status:
+            _native.check(status, "lowra dequantize")
 
 
 def dequantize(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, nested_absmax=None,
