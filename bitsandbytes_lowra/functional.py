@@ -741,7 +741,7 @@ def _eager_direct(A: torch.Tensor, bias) -> bool:
         and torch._C._len_torch_dispatch_stack() == 0
         and not _profiler_enabled()
         and (_functorch_wrapped is None or not _functorch_wrapped(A))
-        and (_native_cuda() if A.is_cuda else _native_cpu())
+        and (_native_cuda() if A.is_cuda else A.is_cpu and _native_cpu())  # not meta, nor devices we do not build for
     )
 
 
@@ -832,8 +832,10 @@ def matmul_lowra(
     if fused and direct:
         return qs.prepared_matmul(packed, cache_absmax)(A, bias)
     (absmax, *nested), shape = qs.scale_args(cache_absmax), list(qs.shape)
-    # the dense path's dequantize launched directly where nothing watches ops, as the fused one above
-    prepared = qs.prepared_dequantize(packed, cache_absmax) if direct and not fused else None
+    # the dense path's dequantize launched directly where nothing watches ops, as the fused one above (a weight on
+    # another device than the activations keeps the op path)
+    direct = direct and not fused and packed.device == A.device
+    prepared = qs.prepared_dequantize(packed, cache_absmax) if direct else None
     if grad:
         return MatMulLowRA.apply(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias,
                                  *nested, prepared)

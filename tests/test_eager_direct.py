@@ -63,6 +63,7 @@ def test_eager_direct_only_where_nothing_watches_ops(native_cuda):
         assert not F._eager_direct(x, None)
     with FakeTensorMode():
         assert not F._eager_direct(torch.empty(1, 8), None)
+    assert not F._eager_direct(torch.empty(1, 8, device="meta"), None)  # no kernel of ours runs on meta tensors
     seen = torch.func.vmap(lambda a: torch.tensor(F._eager_direct(a, None)))(torch.randn(2, 8))
     assert not seen.any()
     traced = torch.compile(lambda a: a + int(F._eager_direct(a, None)), backend="eager", fullgraph=True)(x)
@@ -296,6 +297,19 @@ def test_cpu_dense_backward_follows_storage_moved_after_the_forward(nested):
     old.zero_()
     y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
     assert torch.equal(A1.grad, want)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_dense_path_on_meta_tensors_keeps_the_op(grad):
+    """Shape inference on a model built on the meta device: the op's meta kernel answers, no native launch."""
+    packed, qs = state(64, 256)
+    qs.to("meta")
+    A = torch.randn(40, 256, device="meta", requires_grad=grad)
+    y = matmul_lowra(A, packed.to("meta"), qs)
+    assert y.device.type == "meta" and y.shape == (40, 64) and "_prepared_dequantize" not in qs.__dict__
+    if grad:
+        y.sum().backward()
+        assert A.grad.shape == A.shape and A.grad.device.type == "meta"
 
 
 def test_prepared_dequantize_checks_its_inputs():
