@@ -238,6 +238,18 @@ def dequantize_into(packed, absmax, bits, codebook, row_offsets, blocksize, shap
     return out
 
 
+def _run(fn, args: tuple, index: int, what: str) -> None:
+    """The prepared launchers' call: fn(*args) with CUDA device `index` current for it (-1: a CPU kernel), then the
+    library's status turned into its error."""
+    if index < 0 or torch._C._cuda_getDevice() == index:
+        status = fn(*args)
+    else:
+        with torch.cuda.device(index):
+            status = fn(*args)
+    if status:
+        _native.check(status, what)
+
+
 def _addresses(*tensors) -> tuple:
     return tuple(0 if t is None else t.data_ptr() for t in tensors)
 
@@ -287,17 +299,9 @@ class PreparedDequantize:
 
     def launch(self, out: torch.Tensor) -> None:
         """The kernel into a checked, contiguous `out` [rows, cols] of a float dtype on the weight's device."""
-        args = (*self._args, _native.DTYPE_CODE[out.dtype], out.data_ptr())
         dev = self.index
-        if dev < 0:
-            status = self._fn(*args)
-        elif torch._C._cuda_getDevice() == dev:
-            status = self._fn(*args, _stream(dev))
-        else:
-            with torch.cuda.device(dev):
-                status = self._fn(*args, _stream(dev))
-        if status:
-            _native.check(status, "lowra dequantize")
+        args = (*self._args, _native.DTYPE_CODE[out.dtype], out.data_ptr()) + (() if dev < 0 else (_stream(dev),))
+        _run(self._fn, args, dev, "lowra dequantize")
 
 
 def dequantize(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, nested_absmax=None,
@@ -404,13 +408,7 @@ class PreparedMatmul(_Prepared):
         dev = self.index
         args = (A.data_ptr(), dt, m, *self._args, None if bias is None else bias.data_ptr(), out.data_ptr(),
                 None if ws is None else ws.data_ptr(), ws_bytes, _stream(dev))
-        if torch._C._cuda_getDevice() == dev:
-            status = self._fn(*args)
-        else:
-            with torch.cuda.device(dev):
-                status = self._fn(*args)
-        if status:
-            _native.check(status, "lowra matmul")
+        _run(self._fn, args, dev, "lowra matmul")
 
 
 def matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order, group_rows, out,
@@ -476,10 +474,8 @@ class PreparedMatmulCPU(_Prepared):
 
     def launch(self, A, bias, out) -> None:
         """The kernel on checked, contiguous A [..., cols], bias [rows] or None, out [..., rows]."""
-        status = self._fn(A.data_ptr(), _native.DTYPE_CODE[A.dtype], A.numel() // self.cols, *self._args,
-                          None if bias is None else bias.data_ptr(), out.data_ptr())
-        if status:
-            _native.check(status, "lowra matmul (cpu)")
+        _run(self._fn, (A.data_ptr(), _native.DTYPE_CODE[A.dtype], A.numel() // self.cols, *self._args,
+                        None if bias is None else bias.data_ptr(), out.data_ptr()), -1, "lowra matmul (cpu)")
 
 
 def matmul(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias=None, row_order=None,
