@@ -243,3 +243,27 @@ def test_overhead_bench_kernel_rows_take_the_inference_path(monkeypatch):
     assert layer.bias.requires_grad
     overhead._lowra_kernel_only(layer, torch.randn(1, 1, 64))
     assert seen == [False]
+
+
+def test_overhead_bench_training_rows_on_cpu(monkeypatch, capsys):
+    """--training times a LoRA step per base layer; its op rows really dequantize through the op and the others
+    through the prepared launcher, and the patch the op rows need is undone afterwards."""
+    from bitsandbytes_lowra import functional
+    from bitsandbytes_lowra.bench import overhead
+
+    direct = functional._eager_direct
+    launched = []  # per forward: whether the prepared launcher (not the op) made W
+    real = functional._linear_dequantized
+    monkeypatch.setattr(functional, "_linear_dequantized", lambda *a: launched.append(a[10] is not None) or real(*a))
+    res = overhead.run_training("cpu", size=64, tokens=4, rank=4, calls=3, repeats=1, dtypes=("bfloat16",), bnb=False)
+    assert [r["layer"] for r in res] == ["nn.Linear (dense)", "LinearLowRA", overhead.OP_ROW, "LinearLowRA",
+                                         overhead.OP_ROW]
+    assert all(r["us_per_call"] > 0 and r["mode"] == "training" for r in res)
+    assert launched.count(True) == launched.count(False) > 0  # as many steps through each path
+    assert functional._eager_direct is direct
+    assert "us/step" in overhead.table(res)
+    assert overhead.main(["--device", "cpu", "--training", "--calls", "2", "--repeats", "1", "--dtypes", "float32",
+                          "--no-bnb"]) == 0
+    assert overhead.OP_ROW in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        overhead.main(["--device", "cpu", "--training", "--tokens", "0"])

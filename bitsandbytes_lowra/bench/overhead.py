@@ -14,6 +14,11 @@ by every one of a model's ~224 linear layers per generated token. Rows:
 
 Times are medians over --repeats runs of --calls forward calls under torch.inference_mode() (on CUDA synchronized
 once per run, not per call: the host side is what is measured). Use OMP_NUM_THREADS=1 on a shared CPU.
+
+`--training`: the same for one LoRA training step instead (`--tokens` activations that require grad through the
+layer and a rank-`--rank` adapter beside it, a loss, backward into the input and the adapter), the regime where a
+fine-tuning step at a few hundred tokens is host-bound: nn.Linear, LinearLowRA, LinearLowRA with its dequantize
+through the op dispatcher (as before the direct training path), bitsandbytes Linear4bit.
 """
 
 from __future__ import annotations
@@ -108,6 +113,51 @@ def run(device: str = "cpu", size: int = 64, calls: int = 2000, repeats: int = 5
     return results
 
 
+OP_ROW = "LinearLowRA via the op"  # --training: its dequantize through torch.ops, not the prepared launcher
+
+
+def run_training(device: str = "cpu", size: int = 64, tokens: int = 8, rank: int = 8, calls: int = 500,
+                 repeats: int = 5, dtypes=("bfloat16",), bnb: bool = True) -> list[dict]:
+    """Host microseconds per LoRA training step of each base layer (module docstring, `--training`)."""
+    from .. import functional
+    from ..nn import LinearLowRA
+    from .e2e import LoRA
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    base = nn.Linear(size, size, bias=True)
+    base.requires_grad_(False)
+    results = []
+    for dname in dtypes:
+        dtype = getattr(torch, dname)
+        x = torch.randn(tokens, size, device=dev, dtype=dtype, requires_grad=True)
+        rows = [("nn.Linear (dense)", None, nn.Linear(size, size, bias=True).to(dev, dtype).requires_grad_(False))]
+        for nested in (True, False):
+            layer = LinearLowRA.from_linear(base, _mixed_bits(size), compress_statistics=nested, device=dev)
+            layer.requires_grad_(False)
+            rows += [("LinearLowRA", nested, layer), (OP_ROW, nested, layer)]
+            if bnb:
+                q = _bnb_linear4bit(base, nested, dtype, dev)
+                if q is not None:
+                    rows.append(("bnb Linear4bit nf4", nested, q.requires_grad_(False)))
+        for name, nested, layer in rows:
+            model = LoRA(layer, size, size, r=rank, device=dev, dtype=dtype)
+
+            def step(a, model=model):
+                model(a).float().pow(2).mean().backward()
+
+            direct = functional._eager_direct
+            if name == OP_ROW:
+                functional._eager_direct = lambda A, bias: False  # matmul_lowra's op path, as before dd25231
+            try:
+                us = _timeit(step, x, calls, repeats, dev)
+            finally:
+                functional._eager_direct = direct
+            results.append({"layer": name, "dtype": dname, "double_quant": nested, "us_per_call": us,
+                            "device": str(dev), "size": size, "mode": "training", "tokens": tokens, "rank": rank})
+    return results
+
+
 def _bnb_linear4bit(base: nn.Linear, nested: bool, dtype, dev):
     try:
         import bitsandbytes as bnb
@@ -125,7 +175,8 @@ def _bnb_linear4bit(base: nn.Linear, nested: bool, dtype, dev):
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"{'layer':<24} {'dtype':<9} {'double-quant':<13} {'us/call':>9}"]
+    unit = "us/step" if results and results[0].get("mode") == "training" else "us/call"
+    lines = [f"{'layer':<24} {'dtype':<9} {'double-quant':<13} {unit:>9}"]
     for r in results:
         dq = "-" if r["double_quant"] is None else ("on" if r["double_quant"] else "off")
         lines.append(f"{r['layer']:<24} {r['dtype']:<9} {dq:<13} {r['us_per_call']:>9.1f}")
@@ -141,9 +192,20 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs (the median is reported)")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes Linear4bit")
+    ap.add_argument("--training", action="store_true",
+                    help="time a LoRA training step (forward + backward) per call instead of a decode call")
+    ap.add_argument("--tokens", type=int, default=8, help="--training: activation rows per step")
+    ap.add_argument("--rank", type=int, default=8, help="--training: LoRA rank")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    results = run(args.device, args.size, args.calls, args.repeats, tuple(args.dtypes.split(",")), not args.no_bnb)
+    if min(args.size, args.calls, args.repeats, args.tokens, args.rank) < 1:
+        ap.error("--size, --calls, --repeats, --tokens and --rank must be positive")
+    dtypes = tuple(args.dtypes.split(","))
+    if args.training:
+        results = run_training(args.device, args.size, args.tokens, args.rank, args.calls, args.repeats, dtypes,
+                               not args.no_bnb)
+    else:
+        results = run(args.device, args.size, args.calls, args.repeats, dtypes, not args.no_bnb)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}, f,
