@@ -300,13 +300,14 @@ class QuantStateLowRA(QuantState):
     def drop_absmax_cache(self) -> None:
         self.__dict__.pop("_absmax_cache", None)
 
-    def prepared_matmul(self, packed: torch.Tensor, cache_absmax: bool = False):
+    def prepared_matmul(self, packed: torch.Tensor, cache_absmax: bool = False, *, build: bool = True):
         """backends.native.PreparedMatmul (CUDA) or PreparedMatmulCPU of this state and `packed`: the eager decode
-        path's launcher, its arguments converted once (cached as _prepared says)."""
+        path's launcher, its arguments converted once (cached as _prepared says). build=False: the cached launcher
+        if it is still current, else None (LinearLowRA's decode shortcut asks so; a miss takes the full path)."""
         cuda = packed.is_cuda
         row_order, group_rows = self.matmul_plan() if cuda else (None, None)
 
-        def build(absmax, nested):
+        def make(absmax, nested):
             from .backends.native import PreparedMatmul, PreparedMatmulCPU
 
             if cuda:
@@ -315,7 +316,7 @@ class QuantStateLowRA(QuantState):
             return PreparedMatmulCPU(packed, absmax, self.bits, self.code, self.row_offsets, self.blocksize,
                                      list(self.shape), tuple(nested))
 
-        return self._prepared("_prepared_matmul", packed, cache_absmax, build,
+        return self._prepared("_prepared_matmul", packed, cache_absmax, make if build else None,
                               None if row_order is None else row_order.data_ptr())
 
     def prepared_dequantize(self, packed: torch.Tensor, cache_absmax: bool = False):
@@ -337,7 +338,7 @@ class QuantStateLowRA(QuantState):
     def _prepared(self, name: str, packed: torch.Tensor, cache_absmax: bool, build, extra=None):
         """The launcher `build(absmax, nested)` made for this state and `packed`, cached under `name` and keyed on
         the address of every tensor it points into (and `extra`) and on the version of `bits` (the CUDA row plan
-        derives from it), so a move, a reload or a replaced tensor rebuilds it."""
+        derives from it), so a move, a reload or a replaced tensor rebuilds it. build=None: None instead."""
         absmax, *nested = self.scale_args(cache_absmax)
         s2 = self.state2 if nested[0] is not None else None
         key = (packed.data_ptr(), packed.numel(), packed.get_device(), absmax.data_ptr(), self.bits.data_ptr(),
@@ -346,6 +347,8 @@ class QuantStateLowRA(QuantState):
         hit = self.__dict__.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
+        if build is None:
+            return None
         prepared = build(absmax, nested)
         self.__dict__[name] = (key, prepared)
         return prepared
@@ -736,13 +739,22 @@ def _eager_direct(A: torch.Tensor, bias) -> bool:
     return (
         type(A) in PLAIN_TENSOR_TYPES
         and (bias is None or type(bias) in PLAIN_TENSOR_TYPES)
-        and not torch.compiler.is_compiling()
-        and not torch._C._is_torch_function_mode_enabled()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not _profiler_enabled()
-        and (_functorch_wrapped is None or not _functorch_wrapped(A))
+        and _unwatched()
+        and not _functorch(A)
         and (_native_cuda() if A.is_cuda else A.is_cpu and _native_cpu())  # not meta, nor devices we do not build for
     )
+
+
+def _unwatched() -> bool:
+    """_eager_direct's conditions that are not about the tensors: no torch.compile tracing, no torch function or
+    dispatch mode, no profiler."""
+    return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._len_torch_dispatch_stack() or _profiler_enabled())
+
+
+def _functorch(A: torch.Tensor) -> bool:
+    """A is wrapped by a functorch transform (vmap, grad): a plain-typed tensor that the transform watches."""
+    return _functorch_wrapped is not None and _functorch_wrapped(A)
 
 
 def _native_cuda() -> bool:

@@ -225,6 +225,7 @@ def test_overhead_bench_runs_every_row_on_cpu():
     names = [r["layer"] for r in res]
     # a decode step on the CPU ends in the fused lowra::matmul (no dequantize + GEMM)
     assert names.count("LinearLowRA") == 2 and "lowra op only" in names and "nn.Linear (dense)" in names
+    assert names.count(overhead.FULL_ROW) == 2  # the same layers with the decode shortcut off
     assert all(r["us_per_call"] > 0 for r in res)
     assert "LinearLowRA" in overhead.table(res)
 

@@ -367,6 +367,11 @@ class _Prepared:
                         bias if bias is None or bias.is_contiguous() else bias.contiguous(), out)
         return out
 
+    @property
+    def packed(self) -> torch.Tensor:
+        """The packed codes this launcher reads (as QuantStateLowRA.prepared_matmul got them)."""
+        return self._keep[0]
+
 
 class PreparedMatmul(_Prepared):
     """The fused CUDA matmul of one quantized weight with the weight's launch arguments checked and converted once.

@@ -6,6 +6,8 @@ by every one of a model's ~224 linear layers per generated token. Rows:
 
 - LinearLowRA.forward (mixed 1/2/4-bit rows), double-quantized absmax on and off, bf16 and fp32 activations, and
   with the opt-in decoded-absmax cache (LinearLowRA.set_absmax_cache; not the default: it costs memory);
+- "LinearLowRA full path": the same layer with its decode shortcut off (every call through matmul_lowra, as before
+  the shortcut: what a call costs when the shortcut's guard refuses);
 - bitsandbytes Linear4bit (NF4) with the same settings, for comparison;
 - torch.nn.Linear (dense, the floor of a module call);
 - "kernel only" / "op only": the lowra op LinearLowRA ends in, called directly with precomputed arguments (what is
@@ -24,6 +26,7 @@ through the op dispatcher (as before the direct training path), bitsandbytes Lin
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -81,6 +84,9 @@ def _lowra_kernel_only(layer, x) -> list:
         a, deq(packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, a.dtype, *nested), bias))]
 
 
+FULL_ROW = "LinearLowRA full path"  # decode: the shortcut off (nn.modules._DecodeCall)
+
+
 def run(device: str = "cpu", size: int = 64, calls: int = 2000, repeats: int = 5, dtypes=("bfloat16", "float32"),
         bnb: bool = True) -> list[dict]:
     from ..nn import LinearLowRA
@@ -97,6 +103,9 @@ def run(device: str = "cpu", size: int = 64, calls: int = 2000, repeats: int = 5
         for nested in (True, False):
             layer = LinearLowRA.from_linear(base, _mixed_bits(size), compress_statistics=nested, device=dev)
             rows.append(("LinearLowRA", nested, layer))
+            full = copy.deepcopy(layer)
+            full._decode_shortcut = False
+            rows.append((FULL_ROW, nested, full))
             if nested:  # opt-in: decoded scales kept between calls (costs the 0.5 bit/param double quant saves)
                 cached = LinearLowRA.from_linear(base, _mixed_bits(size), compress_statistics=True, device=dev)
                 rows.append(("  + set_absmax_cache", nested, cached.set_absmax_cache(True)))

@@ -18,6 +18,7 @@ parameter object FSDP hands the module (docs/distributed.md).
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any
 
 import torch
@@ -25,9 +26,15 @@ from torch import nn
 
 from ..format import DEFAULT_BLOCKSIZE, LowRAFormatError, check_blocksize
 from ..functional import (
+    CPU_FUSED_DECODE_MAX_TOKENS,
+    FUSED_DECODE_MAX_TOKENS,
     PLAIN_TENSOR_TYPES,
     LowRAPlan,
     QuantStateLowRA,
+    _eager_direct,
+    _functorch,
+    _unwatched,
+    _use_fused_decode,
     dequantize_lowra,
     make_plan,
     matmul_lowra,
@@ -363,6 +370,59 @@ def _expose_state(param, state: QuantStateLowRA) -> None:
         setattr(param, name, get(state))
 
 
+def _no_bias():
+    return None
+
+
+class _DecodeCall:
+    """LinearLowRA.forward's shortcut for eager decoding: the launch that matmul_lowra's fused direct path makes (the
+    state's prepared launcher, QuantStateLowRA.prepared_matmul), behind a guard on everything that choice and that
+    launcher depend on. A decode step calls every layer once per token, and the full path's checks cost more host time
+    than the launch itself (docs/benchmarks.md); the guard re-checks what can change between two calls in a fraction
+    of that. forward remembers one after a call that took that path; a call the guard refuses takes the full path.
+    It holds weak references only: a weight, state or launcher replaced (a reload, FSDP's sharding, a move that
+    drops the state's launchers) must not stay alive through it."""
+
+    __slots__ = ("weight", "bias", "state", "launch", "address", "size", "dtype", "device", "cols", "numel")
+
+    @staticmethod
+    def remember(module, weight, bias, state, packed, x) -> None:
+        """Keep the call module(x) just made on module.__dict__ if it took the fused direct path."""
+        if _use_fused_decode(x, bias) and _eager_direct(x, bias):
+            call = _DecodeCall()
+            call.weight, call.state = weakref.ref(weight), weakref.ref(state)
+            call.bias = _no_bias if bias is None else weakref.ref(bias)
+            call.launch = weakref.ref(state.prepared_matmul(packed))
+            with torch._C.DisableTorchFunctionSubclass():
+                call.address, call.size = weight.data_ptr(), weight.numel()
+            call.dtype, call.device, call.cols = x.dtype, x.device, state.cols
+            call.numel = state.cols * (FUSED_DECODE_MAX_TOKENS if x.is_cuda else CPU_FUSED_DECODE_MAX_TOKENS)
+            module.__dict__["_decode_call"] = call
+        else:
+            module.__dict__.pop("_decode_call", None)
+
+    def __call__(self, module, x: torch.Tensor) -> torch.Tensor | None:
+        """module(x) through the launcher, or None where the full path must decide. The guard follows the full
+        path's choices: the same parameter objects, codes at the same address, the same state with its launcher
+        still current; activations of the same type, dtype, device and features, at most the fused kernels' rows;
+        no gradient to track, no autocast, compute dtype and absmax cache as then, nothing watching ops."""
+        params = module._parameters
+        w, bias, state, launch = self.weight(), self.bias(), self.state(), self.launch()
+        if (w is None or params.get("weight") is not w or params.get("bias") is not bias or launch is None
+                or type(x) is not torch.Tensor or x.dtype is not self.dtype or x.device != self.device
+                or x.shape[-1] != self.cols or x.numel() > self.numel
+                or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+                or torch.is_autocast_enabled(x.device.type) or not _unwatched() or _functorch(x)
+                or w.quant_state is not state or module.compute_dtype not in (None, x.dtype) or module.cache_absmax):
+            return None
+        with torch._C.DisableTorchFunctionSubclass():
+            if w.data_ptr() != self.address or w.numel() != self.size:  # new codes: `weight.data = ...`, a re-gather
+                return None
+        if state.prepared_matmul(launch.packed, build=False) is not launch:  # a tensor of the state changed
+            return None
+        return launch(x, bias if bias is None or bias.dtype == x.dtype else module._bias_as(bias, x.dtype))
+
+
 class LinearLowRA(nn.Linear):
     """nn.Linear with a LowRA-quantized, frozen weight (1/2/4 bits per output channel).
 
@@ -505,10 +565,21 @@ class LinearLowRA(nn.Linear):
                     state.drop_absmax_cache()
         return self
 
+    # Eager decoding calls through _DecodeCall where it can (a switch for benchmarks and tests of the full path).
+    _decode_shortcut = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Hot path of decoding (once per layer per token): every step below is the cheap form of the same operation.
+        if self._decode_shortcut and not torch.compiler.is_compiling():  # Dynamo folds it: graphs never trace it
+            call = self.__dict__.get("_decode_call")
+            if call is not None:
+                out = call(self, x)
+                if out is not None:
+                    return out
+        # The full path; on the hot path of decoding too where the shortcut refused: every step below is the cheap
+        # form of the same operation.
         w = self.weight
-        if type(w) is ParamsLowRA and w.lowra_quantized and w.quant_state is not None:
+        plain = type(w) is ParamsLowRA and w.lowra_quantized and w.quant_state is not None
+        if plain:
             state = w.quant_state  # what _packed_and_state would pick; it repairs weights that lost their state
             with torch._C.DisableTorchFunctionSubclass():  # `.data` without a trip through __torch_function__
                 packed = packed_bytes(w, state, getattr(self, "quant_storage", None))
@@ -529,7 +600,15 @@ class LinearLowRA(nn.Linear):
         out = matmul_lowra(x if x.dtype == compute else x.to(compute), packed, state,
                            bias if bias is None or bias.dtype == compute else self._bias_as(bias, compute),
                            cache_absmax=self.cache_absmax)
+        if plain and compute == x.dtype and self._decode_shortcut and not self.cache_absmax:
+            _DecodeCall.remember(self, w, bias, state, packed, x)
         return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def __getstate__(self) -> dict:
+        # copies and pickles drop the decode shortcut: its launcher points into this layer's tensors
+        state = super().__getstate__()
+        state.pop("_decode_call", None)
+        return state
 
     def _bias_as(self, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`bias` cast to the compute dtype. A frozen bias's cast is kept between calls (a decode step would cast
