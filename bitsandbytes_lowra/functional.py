@@ -835,6 +835,9 @@ def matmul_lowra(
     _check_pair(packed, quant_state)
     if A.shape[-1] != quant_state.cols:
         raise ValueError(f"input has {A.shape[-1]} features, the quantized weight expects {quant_state.cols}")
+    if A.dtype not in FLOAT_DTYPES:  # named here: the kernels' own checks would name their launchers
+        raise ValueError(f"input is {A.dtype}; LowRA computes in float32, float16 or bfloat16 (cast the input, or give "
+                         "LinearLowRA a compute_dtype: it casts the input and returns the output in the input's dtype)")
     qs = quant_state
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)

@@ -137,6 +137,23 @@ def test_compute_dtype_and_no_grad():
     torch.testing.assert_close(q(x), x @ q.dequantize().T)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("tokens", [2, 12])  # the fused decode path and dequantize + GEMM
+@pytest.mark.parametrize("grad", [False, True])
+def test_float64_input_is_a_clear_error_and_compute_dtype_serves_it(device, tokens, grad):
+    q = quantized(device=device)
+    x = torch.randn(tokens, 200, dtype=torch.float64, device=device, requires_grad=grad)
+    with pytest.raises(ValueError, match="input is torch.float64; LowRA computes in float32, float16 or bfloat16"):
+        q(x)
+    q.compute_dtype = torch.float32
+    y = q(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, reference_linear(q, torch.float32)(x.float()).double(), atol=1e-5, rtol=1e-5)
+    if grad:
+        y.sum().backward()
+        assert x.grad is not None and x.grad.dtype == torch.float64
+
+
 def test_autocast_behaves_like_nn_linear():
     q = quantized()
     ref = reference_linear(q, torch.float32)
