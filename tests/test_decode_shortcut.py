@@ -223,6 +223,10 @@ def test_changed_weights_state_and_bias_take_the_full_path(monkeypatch):
         lin.bias.copy_(fresh.bias)  # float32 bias, cast per its version
         assert torch.equal(took_full_path(lin, x, counting), fresh(x))
         assert torch.equal(took_shortcut(lin, x, counting), fresh(x))
+        # the state's launchers dropped (as a move does): the shortcut's weak reference is dead
+        lin.quant_state.to("cpu")
+        assert lin.__dict__["_decode_call"].launch() is None
+        assert torch.equal(took_full_path(lin, x, counting), fresh(x))
         # another state for the same codes (the parameter's, which the full path reads)
         lin.weight.quant_state = layer(seed=5, plan=7).quant_state
         y = took_full_path(lin, x, counting)
