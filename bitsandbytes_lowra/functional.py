@@ -833,6 +833,8 @@ def matmul_lowra(
 
     cache_absmax: keep the decoded double-quantized block scales for the next call (QuantStateLowRA.absmax_fp32)."""
     _check_pair(packed, quant_state)
+    if A.dim() == 0:
+        raise ValueError(f"input is a 0-d tensor; the quantized weight expects [..., {quant_state.cols}]")
     if A.shape[-1] != quant_state.cols:
         raise ValueError(f"input has {A.shape[-1]} features, the quantized weight expects {quant_state.cols}")
     if A.dtype not in FLOAT_DTYPES:  # named here: the kernels' own checks would name their launchers

@@ -27,7 +27,8 @@ def layer(rows=48, cols=128, seed=0, device="cpu", bias=True, nested=True, bias_
         base.weight.copy_(torch.randn(rows, cols, generator=g) * 0.05)
         if bias:
             base.bias.copy_(torch.randn(rows, generator=g))
-    lin = LinearLowRA.from_linear(base, mixed_bits(rows, seed if plan is None else plan), compress_statistics=nested, device=device)
+    bits = mixed_bits(rows, seed if plan is None else plan)
+    lin = LinearLowRA.from_linear(base, bits, compress_statistics=nested, device=device)
     if bias:
         lin.bias.data = lin.bias.data.to(bias_dtype)
     return lin.requires_grad_(False)
@@ -137,6 +138,8 @@ def test_activation_and_setting_changes_take_the_full_path(monkeypatch, change):
         elif change == "features":
             with pytest.raises(ValueError, match="input has 64 features, the quantized weight expects 128"):
                 lin(torch.randn(2, 64))
+            with pytest.raises(ValueError, match=r"input is a 0-d tensor; the quantized weight expects \[..., 128\]"):
+                lin(torch.tensor(1.0))
         elif change == "autocast":
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = took_full_path(lin, x, counting)

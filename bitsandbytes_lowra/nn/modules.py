@@ -395,7 +395,7 @@ class _DecodeCall:
             call.launch = weakref.ref(state.prepared_matmul(packed))
             with torch._C.DisableTorchFunctionSubclass():
                 call.address, call.size = weight.data_ptr(), weight.numel()
-            call.dtype, call.device, call.cols = x.dtype, x.device, state.cols
+            call.dtype, call.device, call.cols = x.dtype, x.device, (state.cols,)  # as x.shape[-1:], 0-d included
             call.numel = state.cols * (FUSED_DECODE_MAX_TOKENS if x.is_cuda else CPU_FUSED_DECODE_MAX_TOKENS)
             module.__dict__["_decode_call"] = call
         else:
@@ -410,7 +410,7 @@ class _DecodeCall:
         w, bias, state, launch = self.weight(), self.bias(), self.state(), self.launch()
         if (w is None or params.get("weight") is not w or params.get("bias") is not bias or launch is None
                 or type(x) is not torch.Tensor or x.dtype is not self.dtype or x.device != self.device
-                or x.shape[-1] != self.cols or x.numel() > self.numel
+                or x.shape[-1:] != self.cols or x.numel() > self.numel
                 or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
                 or torch.is_autocast_enabled(x.device.type) or not _unwatched() or _functorch(x)
                 or w.quant_state is not state or module.compute_dtype not in (None, x.dtype) or module.cache_absmax):
