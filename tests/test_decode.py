@@ -109,6 +109,25 @@ def test_compile_traces_lowra_step_in_one_graph(lowra):
     assert explained.graph_count == 1
 
 
+def test_compiled_steps_never_recompile_between_eager_prefills(lowra, monkeypatch):
+    """Each generation prefills eagerly (LinearLowRA remembers its decode shortcut), then runs compiled steps: the
+    traced forward must leave the module's __dict__ alone, or every prefill changes what the graph was traced
+    against (on the H200, a 32-layer model then hit Dynamo's recompile limit: 73-101 ms compiled steps)."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter, compile_ = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: compile_(fn, backend=counter))
+    dec = decode.StaticGreedy(lowra, 6, 8, device="cpu", mode="compile")
+    try:
+        for _ in range(3):
+            dec.generate(_ids())
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
+    layers = [m for m in lowra.modules() if isinstance(m, LinearLowRA)]
+    assert all("_decode_call" in m.__dict__ for m in layers)  # the eager prefill's, untouched by the compiled steps
+
+
 def test_compile_traces_fused_decode_branch(monkeypatch):
     """The branch LinearLowRA takes when decoding on a GPU (lowra::matmul with the cached row grouping), forced on
     the CPU, must trace into one graph too."""

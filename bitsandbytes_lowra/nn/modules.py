@@ -600,7 +600,9 @@ class LinearLowRA(nn.Linear):
         out = matmul_lowra(x if x.dtype == compute else x.to(compute), packed, state,
                            bias if bias is None or bias.dtype == compute else self._bias_as(bias, compute),
                            cache_absmax=self.cache_absmax)
-        if plain and compute == x.dtype and self._decode_shortcut and not self.cache_absmax:
+        # not while compiling: the traced graph must not touch the module's __dict__ (Dynamo folds is_compiling)
+        if plain and self._decode_shortcut and not torch.compiler.is_compiling() and compute == x.dtype \
+                and not self.cache_absmax:
             _DecodeCall.remember(self, w, bias, state, packed, x)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
