@@ -840,6 +840,9 @@ def matmul_lowra(
     if A.dtype not in FLOAT_DTYPES:  # named here: the kernels' own checks would name their launchers
         raise ValueError(f"input is {A.dtype}; LowRA computes in float32, float16 or bfloat16 (cast the input, or give "
                          "LinearLowRA a compute_dtype: it casts the input and returns the output in the input's dtype)")
+    if A.device != packed.device:  # as nn.Linear; F.linear itself returns a CPU result for a meta weight
+        raise ValueError(f"input is on {A.device} but the quantized weight is on {packed.device}: move them to one "
+                         "device")
     qs = quant_state
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
@@ -849,9 +852,8 @@ def matmul_lowra(
     if fused and direct:
         return qs.prepared_matmul(packed, cache_absmax)(A, bias)
     (absmax, *nested), shape = qs.scale_args(cache_absmax), list(qs.shape)
-    # the dense path's dequantize launched directly where nothing watches ops, as the fused one above (a weight on
-    # another device than the activations keeps the op path)
-    direct = direct and not fused and packed.device == A.device
+    # the dense path's dequantize launched directly where nothing watches ops, as the fused one above
+    direct = direct and not fused
     prepared = qs.prepared_dequantize(packed, cache_absmax) if direct else None
     if grad:
         return MatMulLowRA.apply(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias,

@@ -312,6 +312,19 @@ def test_dense_path_on_meta_tensors_keeps_the_op(grad):
         assert A.grad.shape == A.shape and A.grad.device.type == "meta"
 
 
+@pytest.mark.parametrize("tokens,grad", [(1, False), (1, True), (12, False), (12, True)])  # all four paths
+def test_activations_on_another_device_than_the_weight_are_refused(tokens, grad):
+    """As nn.Linear: F.linear itself would return a CPU tensor of garbage for CPU activations and a meta weight."""
+    packed, qs = state(64, 256)
+    qs.to("meta")
+    A = torch.randn(tokens, 256, requires_grad=grad)
+    with pytest.raises(ValueError, match="input is on cpu but the quantized weight is on meta"):
+        matmul_lowra(A, packed.to("meta"), qs)
+    packed, qs = state(64, 256)
+    with pytest.raises(ValueError, match="input is on meta but the quantized weight is on cpu"):
+        matmul_lowra(torch.empty(tokens, 256, device="meta", requires_grad=grad), packed, qs)
+
+
 def test_prepared_dequantize_checks_its_inputs():
     from bitsandbytes_lowra.backends.native import PreparedDequantize
 
