@@ -281,6 +281,34 @@ def test_merge_then_unmerge_is_exact_while_the_adapters_are_unchanged(model, bat
         pm.unmerge_adapter()
 
 
+def test_decode_shortcut_follows_merge_and_unmerge(model):
+    """Decoding a few tokens at a time (the fused CPU matmul, through LinearLowRA's decode shortcut after the first
+    call) gives the full path's logits before a merge, after it (re-quantized codes) and after the unmerge."""
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    _randomize_lora(pm, std=0.05)
+    ids = {"input_ids": torch.tensor([[1, 504, 3340, 282]])}  # 4 tokens: within the fused CPU matmul's rows
+
+    def full():
+        LinearLowRA._decode_shortcut = False
+        try:
+            return _logits(pm, ids)
+        finally:
+            LinearLowRA._decode_shortcut = True
+
+    layers = [m for m in pm.modules() if isinstance(m, LinearLowRA)]
+    _logits(pm, ids)
+    assert all("_decode_call" in m.__dict__ for m in layers)
+    before = _logits(pm, ids)
+    assert torch.equal(before, full())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the re-quantization warning
+        pm.merge_adapter()
+    merged = _logits(pm, ids)
+    assert torch.equal(merged, full()) and not torch.equal(merged, before)
+    pm.unmerge_adapter()
+    assert torch.equal(_logits(pm, ids), before)
+
+
 def test_merge_then_unmerge_restores_within_requantization_tolerance(model, smol, batch):
     """Without the stored codes (keep_premerge_codes=False, e.g. to save memory) unmerge re-quantizes."""
     targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
