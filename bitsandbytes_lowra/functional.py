@@ -717,11 +717,16 @@ def _use_fused_decode(A: torch.Tensor, bias) -> bool:
     return not _needs_grad(A, bias) and _fused_decode_shape(A)
 
 
+def _fused_decode_max_tokens(cuda: bool) -> int:
+    """The most activation rows the fused matmul takes on a CUDA device or on the CPU."""
+    return FUSED_DECODE_MAX_TOKENS if cuda else CPU_FUSED_DECODE_MAX_TOKENS
+
+
 def _fused_decode_shape(A: torch.Tensor) -> bool:
     tokens = A.numel() // max(A.shape[-1], 1)
     if A.is_cuda:
-        return A.dtype in (torch.float16, torch.bfloat16) and tokens <= FUSED_DECODE_MAX_TOKENS
-    return A.device.type == "cpu" and tokens <= CPU_FUSED_DECODE_MAX_TOKENS
+        return A.dtype in (torch.float16, torch.bfloat16) and tokens <= _fused_decode_max_tokens(True)
+    return A.device.type == "cpu" and tokens <= _fused_decode_max_tokens(False)
 
 
 _profiler_enabled = getattr(torch.autograd, "_profiler_enabled", lambda: True)

@@ -26,13 +26,12 @@ from torch import nn
 
 from ..format import DEFAULT_BLOCKSIZE, LowRAFormatError, check_blocksize
 from ..functional import (
-    CPU_FUSED_DECODE_MAX_TOKENS,
-    FUSED_DECODE_MAX_TOKENS,
     PLAIN_TENSOR_TYPES,
     LowRAPlan,
     QuantStateLowRA,
     _eager_direct,
     _functorch,
+    _fused_decode_max_tokens,
     _unwatched,
     _use_fused_decode,
     dequantize_lowra,
@@ -396,7 +395,7 @@ class _DecodeCall:
             with torch._C.DisableTorchFunctionSubclass():
                 call.address, call.size = weight.data_ptr(), weight.numel()
             call.dtype, call.device, call.cols = x.dtype, x.device, (state.cols,)  # as x.shape[-1:], 0-d included
-            call.numel = state.cols * (FUSED_DECODE_MAX_TOKENS if x.is_cuda else CPU_FUSED_DECODE_MAX_TOKENS)
+            call.numel = state.cols * _fused_decode_max_tokens(x.is_cuda)
             module.__dict__["_decode_call"] = call
         else:
             module.__dict__.pop("_decode_call", None)
@@ -412,7 +411,7 @@ class _DecodeCall:
                 or type(x) is not torch.Tensor or x.dtype is not self.dtype or x.device != self.device
                 or x.shape[-1:] != self.cols or x.numel() > self.numel
                 or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
-                or torch.is_autocast_enabled(x.device.type) or not _unwatched() or _functorch(x)
+                or torch.is_autocast_enabled(self.device.type) or not _unwatched() or _functorch(x)
                 or w.quant_state is not state or module.compute_dtype not in (None, x.dtype) or module.cache_absmax):
             return None
         with torch._C.DisableTorchFunctionSubclass():
