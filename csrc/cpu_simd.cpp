@@ -1,7 +1,8 @@
 // Vector decode for the CPU dequantize (cpu_kernels.cpp), and the CPU matmul's dot products.
 // Decode: 16 elements at a time, out[i] = tab[code_i], where tab is the block's codebook already scaled by its
 // absmax (16 floats, zero-padded below 4 bits). The codes of 16 elements are 2 * BITS bytes: broadcast into the
-// lanes, shifted right by each lane's bit offset, masked, then used as indices into the table held in registers.
+// lanes and shifted right by each lane's bit offset, they index the table held in registers (repeated every 2^BITS
+// entries, so no mask of the shifted codes); at 1 bit, the 16 code bits select one of two entries (a blend).
 // Outputs are rounded as the scalar path does (round to nearest even; bfloat16 NaN kept quiet), so results are
 // bit-identical.
 //
@@ -40,20 +41,53 @@ inline void load_codes(const uint8_t* p, uint32_t* lo, uint32_t* hi) {
 
 // ----------------------------------------------------------------------------------------------- AVX-512 (16 lanes)
 
+// A block's scaled codebook as lookup512 reads it (per element 2 uops on ports 0 and 5 at 1 bit, 3 at 2 bits, 4 at 4
+// bits, against 5-6 with a permute of masked codes broadcast from a general register):
+//   - 1 bit: entries 0 and 1 broadcast; the 16 code bits, loaded into a mask register, blend them;
+//   - 2 and 4 bits: the table repeated every 2^BITS entries, so the permute (which reads the low 4 bits of each
+//     index) needs no mask of the shifted codes.
+struct Table512 {
+  __m512 t, t1;  // t1: 1 bit only
+};
+
 template <int BITS>
-__attribute__((target("avx512f"))) inline __m512i indices512(const uint8_t* p) {
-  uint32_t lo, hi;
-  load_codes<BITS>(p, &lo, &hi);
-  __m512i w, sh;
+__attribute__((target("avx512f"))) inline Table512 table512(const float* tab) {
+  if (BITS == 1) return {_mm512_set1_ps(tab[0]), _mm512_set1_ps(tab[1])};
+  const __m512 t = _mm512_loadu_ps(tab);
+  if (BITS == 4) return {t, t};
+  return {_mm512_permutexvar_ps(_mm512_and_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                 _mm512_set1_epi32((1 << BITS) - 1)), t), t};
+}
+
+// The table scaled by a block's absmax (each entry the float32 product code[k] * absmax, as the scalar path).
+template <int BITS>
+__attribute__((target("avx512f"))) inline Table512 scaled512(const Table512& c, float absmax) {
+  const __m512 a = _mm512_set1_ps(absmax);
+  return {_mm512_mul_ps(c.t, a), BITS == 1 ? _mm512_mul_ps(c.t1, a) : c.t1};
+}
+
+// tab[code_i] for the 16 elements whose codes start at byte p (little-endian: element i at bits BITS i ..).
+template <int BITS>
+__attribute__((target("avx512f"))) inline __m512 lookup512(const uint8_t* p, const Table512& tab) {
+  if (BITS == 1) {
+    // kmovw from memory, a load: GCC's _load_mask16 goes through a general register (port 5). The address goes in
+    // as a register, not a memory operand, which made GCC keep the accumulator arrays in memory; the codes are
+    // read-only for the whole call, so the asm need not be ordered against any store.
+    __mmask16 k;
+    asm("kmovw (%1), %0" : "=k"(k) : "r"(p));
+    return _mm512_mask_blend_ps(k, tab.t, tab.t1);
+  }
+  int32_t lo, hi;
+  memcpy(&lo, p, 4);  // broadcast from memory: a load, not a port-5 move from a general register
+  __m512i w = _mm512_set1_epi32(lo), sh;
   if (BITS == 4) {
-    w = _mm512_mask_blend_epi32((__mmask16)0xFF00, _mm512_set1_epi32((int)lo), _mm512_set1_epi32((int)hi));
+    memcpy(&hi, p + 4, 4);
+    w = _mm512_mask_blend_epi32((__mmask16)0xFF00, w, _mm512_set1_epi32(hi));
     sh = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
   } else {
-    w = _mm512_set1_epi32((int)lo);
-    sh = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                            _mm512_set1_epi32(BITS));
+    sh = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   }
-  return _mm512_and_si512(_mm512_srlv_epi32(w, sh), _mm512_set1_epi32((1 << BITS) - 1));
+  return _mm512_permutexvar_ps(_mm512_srlv_epi32(w, sh), tab.t);
 }
 
 template <int D>
@@ -77,11 +111,10 @@ __attribute__((target("avx512f"))) inline void store512(void* out, int64_t i, __
 template <int BITS, int D>
 __attribute__((target("avx512f"))) void decode_row_avx512(const uint8_t* p, const float* code, const float* absmax,
                                                           int64_t nblocks, int64_t blocksize, void* out) {
-  const __m512 c = _mm512_loadu_ps(code);
+  const Table512 c = table512<BITS>(code);
   for (int64_t b = 0, i = 0; b < nblocks; ++b) {
-    const __m512 t = _mm512_mul_ps(c, _mm512_set1_ps(absmax[b]));
-    for (int64_t e = 0; e < blocksize; e += 16, i += 16, p += 2 * BITS)
-      store512<D>(out, i, _mm512_permutexvar_ps(indices512<BITS>(p), t));
+    const Table512 t = scaled512<BITS>(c, absmax[b]);
+    for (int64_t e = 0; e < blocksize; e += 16, i += 16, p += 2 * BITS) store512<D>(out, i, lookup512<BITS>(p, t));
   }
 }
 
@@ -92,24 +125,24 @@ __attribute__((target("avx512f"))) void decode_dot_avx512(const uint8_t* p, cons
                                                           int64_t nblocks, int64_t blocksize, const float* a,
                                                           int64_t lda, float* acc) {
   constexpr int K = M == 1 ? 4 : M == 2 ? 2 : 1;
-  const __m512 c = _mm512_loadu_ps(code);
+  const Table512 c = table512<BITS>(code);
   __m512 s[M][K];
   for (int i = 0; i < M; ++i)
     for (int k = 0; k < K; ++k) s[i][k] = _mm512_setzero_ps();
   int64_t j = 0;
   for (int64_t b = 0; b < nblocks; ++b) {
-    const __m512 t = _mm512_mul_ps(c, _mm512_set1_ps(absmax[b]));
+    const Table512 t = scaled512<BITS>(c, absmax[b]);
     int64_t e = 0;
     for (; e + 16 * K <= blocksize; e += 16 * K) {
 #pragma GCC unroll 4
       for (int k = 0; k < K; ++k, j += 16, p += 2 * BITS) {
-        const __m512 v = _mm512_permutexvar_ps(indices512<BITS>(p), t);
+        const __m512 v = lookup512<BITS>(p, t);
 #pragma GCC unroll 8
         for (int i = 0; i < M; ++i) s[i][k] = _mm512_fmadd_ps(v, _mm512_loadu_ps(a + i * lda + j), s[i][k]);
       }
     }
     for (; e < blocksize; e += 16, j += 16, p += 2 * BITS) {
-      const __m512 v = _mm512_permutexvar_ps(indices512<BITS>(p), t);
+      const __m512 v = lookup512<BITS>(p, t);
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i) s[i][0] = _mm512_fmadd_ps(v, _mm512_loadu_ps(a + i * lda + j), s[i][0]);
     }
@@ -143,29 +176,11 @@ __attribute__((target("avx512f"))) void dot_avx512(const float* w, const float* 
 
 template <int BITS, int D>
 __attribute__((target("avx512f"))) void decode_avx512(const uint8_t* p, const float* tab, int64_t n, void* out) {
-  const __m512 t = _mm512_loadu_ps(tab);
-  for (int64_t i = 0; i < n; i += 16, p += 2 * BITS) store512<D>(out, i, _mm512_permutexvar_ps(indices512<BITS>(p), t));
+  const Table512 t = table512<BITS>(tab);
+  for (int64_t i = 0; i < n; i += 16, p += 2 * BITS) store512<D>(out, i, lookup512<BITS>(p, t));
 }
 
 // ------------------------------------------------------------------------------------------- AVX2 + F16C (8 lanes)
-
-template <int BITS>
-__attribute__((target("avx2"))) inline void indices256(const uint8_t* p, __m256i* a, __m256i* b) {
-  uint32_t lo, hi;
-  load_codes<BITS>(p, &lo, &hi);
-  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
-  const __m256i step = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
-  if (BITS == 4) {
-    const __m256i sh = _mm256_slli_epi32(step, 2);
-    *a = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)lo), sh), mask);
-    *b = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)hi), sh), mask);
-  } else {
-    const __m256i w = _mm256_set1_epi32((int)lo);
-    const __m256i sh = _mm256_mullo_epi32(step, _mm256_set1_epi32(BITS));
-    *a = _mm256_and_si256(_mm256_srlv_epi32(w, sh), mask);
-    *b = _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_add_epi32(sh, _mm256_set1_epi32(8 * BITS))), mask);
-  }
-}
 
 // The sum of the 8 lanes (a fixed order: halves, then pairs, then the last two).
 __attribute__((target("avx2"))) inline float hsum256(__m256 v) {
@@ -174,12 +189,58 @@ __attribute__((target("avx2"))) inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
 }
 
-// tab[idx] for 8 indices: one permute for tables of up to 8 entries, two and a select on index bit 3 for 16.
+// A block's scaled codebook as lookup256 reads it, none of which needs a mask of the shifted codes (the permute reads
+// their low 3 bits, the blend only the sign):
+//   - 1 bit: entries 0 and 1 broadcast; the code bit, shifted into the sign, selects with one blend;
+//   - 2 bits: the table repeated every 4 entries, one permute;
+//   - 4 bits: entries 0-7 and 8-15, two permutes and a blend on code bit 3.
+struct Table256 {
+  __m256 t0, t1;
+};
+
 template <int BITS>
-__attribute__((target("avx2"))) inline __m256 lookup256(__m256i idx, __m256 t0, __m256 t1) {
-  const __m256 v0 = _mm256_permutevar8x32_ps(t0, idx);
+__attribute__((target("avx2"))) inline Table256 table256(const float* tab) {
+  if (BITS == 1) return {_mm256_set1_ps(tab[0]), _mm256_set1_ps(tab[1])};
+  const __m256 t0 = _mm256_loadu_ps(tab);
+  if (BITS == 2) return {_mm256_permutevar8x32_ps(t0, _mm256_set_epi32(3, 2, 1, 0, 3, 2, 1, 0)), t0};
+  return {t0, _mm256_loadu_ps(tab + 8)};
+}
+
+// The table scaled by a block's absmax (each entry the float32 product code[k] * absmax, as the scalar path).
+template <int BITS>
+__attribute__((target("avx2"))) inline Table256 scaled256(const Table256& c, float absmax) {
+  const __m256 a = _mm256_set1_ps(absmax);
+  return {_mm256_mul_ps(c.t0, a), BITS == 2 ? c.t1 : _mm256_mul_ps(c.t1, a)};
+}
+
+template <int BITS>
+__attribute__((target("avx2"))) inline __m256 pick256(__m256i idx, const Table256& t) {
+  const __m256 v0 = _mm256_permutevar8x32_ps(t.t0, idx);
   if (BITS < 4) return v0;
-  return _mm256_blendv_ps(v0, _mm256_permutevar8x32_ps(t1, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+  return _mm256_blendv_ps(v0, _mm256_permutevar8x32_ps(t.t1, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+// tab[code_i] for the 16 elements whose codes start at byte p: elements 0-7 into *a, 8-15 into *b.
+template <int BITS>
+__attribute__((target("avx2"))) inline void lookup256(const uint8_t* p, const Table256& t, __m256* a, __m256* b) {
+  uint32_t lo, hi;
+  load_codes<BITS>(p, &lo, &hi);
+  const __m256i step = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+  const __m256i w = _mm256_set1_epi32((int)lo);
+  if (BITS == 1) {  // bit i into the sign: shift left by 31 - i
+    const __m256i sh = _mm256_sub_epi32(_mm256_set1_epi32(31), step);
+    const __m256i sh8 = _mm256_sub_epi32(sh, _mm256_set1_epi32(8));
+    *a = _mm256_blendv_ps(t.t0, t.t1, _mm256_castsi256_ps(_mm256_sllv_epi32(w, sh)));
+    *b = _mm256_blendv_ps(t.t0, t.t1, _mm256_castsi256_ps(_mm256_sllv_epi32(w, sh8)));
+  } else if (BITS == 2) {
+    const __m256i sh = _mm256_slli_epi32(step, 1);
+    *a = pick256<BITS>(_mm256_srlv_epi32(w, sh), t);
+    *b = pick256<BITS>(_mm256_srlv_epi32(w, _mm256_add_epi32(sh, _mm256_set1_epi32(16))), t);
+  } else {
+    const __m256i sh = _mm256_slli_epi32(step, 2);
+    *a = pick256<BITS>(_mm256_srlv_epi32(w, sh), t);
+    *b = pick256<BITS>(_mm256_srlv_epi32(_mm256_set1_epi32((int)hi), sh), t);
+  }
 }
 
 template <int D>
@@ -204,27 +265,26 @@ __attribute__((target("avx2,f16c"))) inline void store256(void* out, int64_t i, 
 
 template <int BITS, int D>
 __attribute__((target("avx2,f16c"))) void decode_avx2(const uint8_t* p, const float* tab, int64_t n, void* out) {
-  const __m256 t0 = _mm256_loadu_ps(tab), t1 = _mm256_loadu_ps(tab + 8);
+  const Table256 t = table256<BITS>(tab);
   for (int64_t i = 0; i < n; i += 16, p += 2 * BITS) {
-    __m256i a, b;
-    indices256<BITS>(p, &a, &b);
-    store256<D>(out, i, lookup256<BITS>(a, t0, t1));
-    store256<D>(out, i + 8, lookup256<BITS>(b, t0, t1));
+    __m256 a, b;
+    lookup256<BITS>(p, t, &a, &b);
+    store256<D>(out, i, a);
+    store256<D>(out, i + 8, b);
   }
 }
 
 template <int BITS, int D>
 __attribute__((target("avx2,f16c"))) void decode_row_avx2(const uint8_t* p, const float* code, const float* absmax,
                                                            int64_t nblocks, int64_t blocksize, void* out) {
-  const __m256 c0 = _mm256_loadu_ps(code), c1 = _mm256_loadu_ps(code + 8);
+  const Table256 c = table256<BITS>(code);
   for (int64_t b = 0, i = 0; b < nblocks; ++b) {
-    const __m256 a = _mm256_set1_ps(absmax[b]);
-    const __m256 t0 = _mm256_mul_ps(c0, a), t1 = _mm256_mul_ps(c1, a);
+    const Table256 t = scaled256<BITS>(c, absmax[b]);
     for (int64_t e = 0; e < blocksize; e += 16, i += 16, p += 2 * BITS) {
-      __m256i x, y;
-      indices256<BITS>(p, &x, &y);
-      store256<D>(out, i, lookup256<BITS>(x, t0, t1));
-      store256<D>(out, i + 8, lookup256<BITS>(y, t0, t1));
+      __m256 x, y;
+      lookup256<BITS>(p, t, &x, &y);
+      store256<D>(out, i, x);
+      store256<D>(out, i + 8, y);
     }
   }
 }
@@ -241,17 +301,15 @@ template <int BITS, int M>
 __attribute__((target("avx2,f16c"))) void decode_dot_avx2(const uint8_t* p, const float* code, const float* absmax,
                                                            int64_t nblocks, int64_t blocksize, const float* a,
                                                            int64_t lda, float* acc) {
-  const __m256 c0 = _mm256_loadu_ps(code), c1 = _mm256_loadu_ps(code + 8);
+  const Table256 c = table256<BITS>(code);
   __m256 s[M];
   for (int i = 0; i < M; ++i) s[i] = _mm256_setzero_ps();
   int64_t j = 0;
   for (int64_t b = 0; b < nblocks; ++b) {
-    const __m256 am = _mm256_set1_ps(absmax[b]);
-    const __m256 t0 = _mm256_mul_ps(c0, am), t1 = _mm256_mul_ps(c1, am);
+    const Table256 t = scaled256<BITS>(c, absmax[b]);
     for (int64_t e = 0; e < blocksize; e += 16, j += 16, p += 2 * BITS) {
-      __m256i x, y;
-      indices256<BITS>(p, &x, &y);
-      const __m256 v = lookup256<BITS>(x, t0, t1), w = lookup256<BITS>(y, t0, t1);
+      __m256 v, w;
+      lookup256<BITS>(p, t, &v, &w);
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i) {
         s[i] = _mm256_add_ps(s[i], _mm256_mul_ps(v, _mm256_loadu_ps(a + i * lda + j)));
