@@ -67,7 +67,10 @@ def test_static_eager_matches_generate(which, request):
     assert run.tok_s > 0 and len(run.runs_s) == 2
     # the steps after the prefill are part of each whole run
     assert 0 < run.step_ms * (NEW - 1) < max(run.runs_s) * 1e3  # each run holds its steps; step_ms is their median
-    assert decode.static_greedy(model, _ids(), 1, device="cpu").step_ms is None  # the prefill alone: no step
+    # On the CPU the ops run as they are issued: issuing a step takes the step's time (marks microseconds apart)
+    assert run.host_step_ms == pytest.approx(run.step_ms, rel=0.1)
+    one = decode.static_greedy(model, _ids(), 1, device="cpu")
+    assert one.step_ms is None and one.host_step_ms is None  # the prefill alone: no step
 
 
 def test_lowra_changes_the_tokens(dense, lowra):
@@ -96,6 +99,16 @@ def test_prefill_resets_between_prompts(dense):
     second = dec.generate(other).clone()
     assert dec.generate(_ids()).tolist() == first.tolist()
     assert second.tolist() == decode.generate_greedy(dense, other, NEW).tokens.tolist()
+
+
+def test_step_times_exist_only_after_a_generate_with_steps(dense):
+    dec = decode.StaticGreedy(dense, 6, NEW, device="cpu")
+    assert dec.last_step_ms() is None and dec.last_step_host_ms() is None  # nothing timed yet
+    dec.generate(_ids())
+    assert dec.last_step_ms() > 0 and dec.last_step_host_ms() > 0
+    single = decode.StaticGreedy(dense, 6, 1, device="cpu")
+    single.generate(_ids())
+    assert single.last_step_ms() is None and single.last_step_host_ms() is None  # the prefill alone
 
 
 def test_compile_traces_lowra_step_in_one_graph(lowra):
@@ -250,9 +263,10 @@ def test_e2e_decode_bench_compiled_tokens_may_differ_graph_tokens_may_not(lowra,
     row = decode_bench(lowra, new_tokens=8, repeats=1, graph=True, compile=True, device="cpu", prompt=PROMPT[0])
     assert row["graph_error"].startswith("cuda-graph tokens differ from the eager static-cache loop from token 3")
     assert "compile_error" not in row and row["compile_tok_s"] > 0 and row["compile_step_ms"] > 0
+    assert row["compile_host_step_ms"] > 0 and row["static_eager_host_step_ms"] > 0
     assert row["compile_matches_static_eager"] is False and row["compile_first_mismatch_vs_static_eager"] == 3
     line = decode_table([{"model": "lowra", **row}]).splitlines()[1]
-    assert "| error |" in line and "ms/step)" in line  # graph: error; static eager and compile: rate (step time)
+    assert "| error |" in line and "ms/step, host " in line  # graph: error; the others: rate (step, host times)
 
 
 def test_compile_survives_a_graph_break_inside_forward(monkeypatch):

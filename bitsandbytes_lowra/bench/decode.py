@@ -35,11 +35,15 @@ class DecodeRun:
     new_tokens: int
     mode: str
     runs_s: list[float] = field(default_factory=list)
-    # Static-cache loops: median milliseconds of one step after the prefill (CUDA: device time between events; CPU:
-    # wall time); None with a single new token. The prefill runs eagerly in every mode, so its host time weighs on
-    # `seconds` of a graph-replayed or compiled loop too (at batch 1 on the H200's host, about a sixth of a
-    # 32-token run); step_ms is the replayed part alone.
+    # Static-cache loops: median milliseconds of one step after the prefill (CUDA: time between events on the
+    # device's stream; CPU: wall time); None with a single new token. The prefill runs eagerly in every mode, so its
+    # host time weighs on `seconds` of a graph-replayed or compiled loop too (at batch 1 on the H200's host, about a
+    # sixth of a 32-token run); step_ms is the replayed part alone.
     step_ms: float | None = None
+    # The host's milliseconds to issue one of those steps (nothing synchronized). Well below step_ms, the device
+    # sets the pace and step_ms is its time; close to it, the loop waits on the host (Dynamo's guards before each
+    # compiled call, for instance: twenty-sixth round) and step_ms measures the host, not the device.
+    host_step_ms: float | None = None
 
     @property
     def tok_s(self) -> float:
@@ -173,6 +177,7 @@ class StaticGreedy:
         self._suppress = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
         self._step = self._eager_step
         self._steps_marks = None  # (start, end) of the last generate()'s steps: events on CUDA, seconds on the CPU
+        self._host_marks = None  # (start, end) host seconds around issuing those steps
         self._ready = False
 
     # -- the computation ----------------------------------------------------------------------------------------
@@ -227,9 +232,12 @@ class StaticGreedy:
         with torch.no_grad():
             self.prefill(input_ids)
             start = self._mark()
+            t0 = time.perf_counter()
             for _ in range(self.new_tokens - 1):
                 self._step()
+            t1 = time.perf_counter()
             self._steps_marks = (start, self._mark())
+            self._host_marks = (t0, t1)
         return self.tokens[0]
 
     def _mark(self):
@@ -252,6 +260,14 @@ class StaticGreedy:
             total = start.elapsed_time(end)
         return total / (self.new_tokens - 1)
 
+    def last_step_host_ms(self) -> float | None:
+        """Milliseconds the host took to issue one step of the last generate() (no synchronization inside: on CUDA
+        the device may still be running them); None without steps or before any generate()."""
+        if self.new_tokens < 2 or self._host_marks is None:
+            return None
+        start, end = self._host_marks
+        return (end - start) * 1e3 / (self.new_tokens - 1)
+
 
 def static_greedy(model, input_ids: torch.Tensor, new_tokens: int, *, device=None, mode: str = "eager",
                   repeats: int = 1, warmup: int = 2) -> DecodeRun:
@@ -262,7 +278,7 @@ def static_greedy(model, input_ids: torch.Tensor, new_tokens: int, *, device=Non
     device = torch.device(device) if device is not None else input_ids.device
     dec = StaticGreedy(model, input_ids.shape[1], new_tokens, device=device, mode=mode, warmup=warmup)
     dec.prepare(input_ids)
-    times, steps, first = [], [], None
+    times, steps, host_steps, first = [], [], [], None
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
@@ -270,13 +286,15 @@ def static_greedy(model, input_ids: torch.Tensor, new_tokens: int, *, device=Non
         _sync(device)
         times.append(time.perf_counter() - t0)
         steps.append(dec.last_step_ms())
+        host_steps.append(dec.last_step_host_ms())
         tokens = tokens.cpu()
         if first is None:
             first = tokens.clone()
         elif not torch.equal(first, tokens):
             raise RuntimeError(f"{mode} decoding is not repeatable: {first.tolist()} then {tokens.tolist()}")
+    no_steps = steps[0] is None
     return DecodeRun(first, statistics.median(times), new_tokens, mode, times,
-                     None if steps[0] is None else statistics.median(steps))
+                     None if no_steps else statistics.median(steps), None if no_steps else statistics.median(host_steps))
 
 
 def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int | None:

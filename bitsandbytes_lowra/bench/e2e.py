@@ -17,10 +17,11 @@
    static-KV-cache loop run eagerly (`static_eager_tok_s`) and replayed from a CUDA graph per token (`graph_tok_s`;
    with --compile also torch.compile(mode="reduce-overhead"), `compile_tok_s`): the graph takes host overhead out
    for every contender alike. Those rates include the prompt's eager prefill; `*_step_ms` is one replayed step
-   alone (device time). The graph's tokens must equal the eager static loop's (`graph_matches_static_eager`: same
-   kernels, same inputs); a capture that fails is recorded as `graph_error`, never fatal. Compiled tokens are
-   compared, not required to match (`compile_matches_static_eager`): inductor's fused ops round differently.
-   Tokens against `generate`'s
+   alone (time on the device's stream) and `*_host_step_ms` the host's time to issue one: where the two are close
+   the loop waits on the host (a compiled LowRA step did: Dynamo's guards, twenty-sixth round). The graph's tokens
+   must equal the eager static loop's (`graph_matches_static_eager`: same kernels, same inputs); a capture that
+   fails is recorded as `graph_error`, never fatal. Compiled tokens are compared, not required to match
+   (`compile_matches_static_eager`): inductor's fused ops round differently. Tokens against `generate`'s
    (`*_matches_generate`, `*_first_mismatch_vs_generate`) are recorded, not required: generate's dynamic cache
    runs attention over other lengths and masks, so bf16 rounding can flip a near-tied argmax of a random model.
 """
@@ -162,6 +163,7 @@ def decode_bench(model, new_tokens: int = 64, repeats: int = 3, graph: bool = Tr
         row[f"{key}_tok_s"] = run.tok_s
         if run.step_ms is not None:
             row[f"{key}_step_ms"] = run.step_ms
+            row[f"{key}_host_step_ms"] = run.host_step_ms
         mismatch = first_mismatch(run.tokens, ref.tokens)
         row[f"{key}_matches_generate"] = mismatch is None
         if mismatch is not None:
@@ -312,7 +314,10 @@ def decode_table(rows: list[dict]) -> str:
             return "error"
         if f"{key}_tok_s" not in r:
             return "-"
-        step = f" ({r[key + '_step_ms']:.2f} ms/step)" if f"{key}_step_ms" in r else ""
+        step = ""
+        if f"{key}_step_ms" in r:  # the step on the device's stream, and the host's time to issue one
+            host = f", host {r[key + '_host_step_ms']:.2f}" if r.get(f"{key}_host_step_ms") is not None else ""
+            step = f" ({r[key + '_step_ms']:.2f} ms/step{host})"
         return f"{r[key + '_tok_s']:.1f}{step}"
 
     lines = ["model | generate tok/s | static eager | CUDA graph | compile | graph == static eager | graph == generate"]
