@@ -164,10 +164,20 @@ struct RowDecoder {
 
   size_t scale_buffer() const { return absmax.f32 ? 0 : (size_t)nb; }
 
-  // Row r's codebook (16 floats into code) and block scales (decoded into `scales` when double-quantized).
-  const float* tables(int64_t r, float* scales, float* code) const {
+  // Row r's codebook (16 floats into code).
+  void codebook_of(int64_t r, float* code) const {
     halves_to_floats(codebook + r * kCodebookSlots, code, kCodebookSlots);
-    return absmax.f32 ? absmax.f32 + r * nb : decode_row_scales(absmax, r * nb, nb, scales);
+  }
+
+  // The scales of row r's blocks b0 .. b0 + n - 1 (decoded into `scales` when double-quantized).
+  const float* scales_of(int64_t r, int64_t b0, int64_t n, float* scales) const {
+    return absmax.f32 ? absmax.f32 + r * nb + b0 : decode_row_scales(absmax, r * nb + b0, n, scales);
+  }
+
+  // Row r's codebook and all its block scales.
+  const float* tables(int64_t r, float* scales, float* code) const {
+    codebook_of(r, code);
+    return scales_of(r, 0, nb, scales);
   }
 
   void operator()(int64_t r, float* scales, void* out_row) const {
@@ -204,9 +214,56 @@ int dequantize_cpu(const uint8_t* packed, const AbsmaxSrc& absmax, const uint8_t
   return LOWRA_OK;
 }
 
+namespace {
+
+// The fused path's working set: each pass over a tile of weight rows covers as many whole blocks as keep the m
+// activation rows' share of them within this many bytes (about a core's L1 data cache). 8 rows of a 4096-wide layer
+// are 128 KB: dotted a whole row at a time, every weight row streamed them again from L2 (1.1x bitsandbytes' CPU
+// time at 8 rows, twenty-sixth round).
+constexpr int64_t kActivationPassBytes = 32 * 1024;
+constexpr int64_t kTileRows = 16;  // weight rows per tile: the threads' static share; a pass reuses the activations
+
+// The vector pass for whole blocks: rows in tiles, each tile in passes of `chunk` blocks. Where one pass covers the
+// row (one activation row, or narrow layers) the sums are the one-pass sums exactly; otherwise a row's pass sums are
+// added in pass order.
+void matmul_fused_rows(const RowDecoder& decode, const DecodeDotFn fused[3], const float* a, int64_t m, int64_t rows,
+                       const void* bias, int dtype, void* out) {
+  const int64_t cols = decode.cols, bs = decode.blocksize, nb = decode.nb;
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(nb, kActivationPassBytes / (m * bs * 4)));
+#pragma omp parallel
+  {
+    std::vector<float> scales(decode.scale_buffer()), code(kTileRows * kCodebookSlots), acc(kTileRows * m), part(m);
+#pragma omp for schedule(static)
+    for (int64_t t0 = 0; t0 < rows; t0 += kTileRows) {
+      const int64_t t1 = std::min(rows, t0 + kTileRows);
+      for (int64_t r = t0; r < t1; ++r) decode.codebook_of(r, &code[(r - t0) * kCodebookSlots]);
+      for (int64_t b0 = 0; b0 < nb; b0 += chunk) {
+        const int64_t n = std::min(chunk, nb - b0);
+        for (int64_t r = t0; r < t1; ++r) {
+          const int bits = decode.bits[r];
+          const DecodeDotFn f = fused[bits == 1 ? 0 : bits == 2 ? 1 : 2];
+          const float* am = decode.scales_of(r, b0, n, scales.data());
+          float* row_acc = &acc[(r - t0) * m];
+          f(decode.packed + decode.row_offsets[r] + b0 * bs * bits / 8, &code[(r - t0) * kCodebookSlots], am, n, bs,
+            a + b0 * bs, cols, b0 == 0 ? row_acc : part.data());
+          if (b0 != 0)
+            for (int64_t i = 0; i < m; ++i) row_acc[i] += part[i];
+        }
+      }
+      for (int64_t r = t0; r < t1; ++r) {
+        const float b = bias ? load_as_float(bias, dtype, r) : 0.0f;
+        for (int64_t i = 0; i < m; ++i) store_as(out, dtype, i * rows + r, acc[(r - t0) * m + i] + b);
+      }
+    }
+  }
+}
+
+}  // namespace
+
 // Each row decoded and dotted with the m activation rows in one vector pass where the layout allows (blocks of a
-// multiple of 16 elements, no partial last block; up to kMaxDecodeDotRows rows); otherwise decoded to float32 into a
-// per-thread buffer (the same products as dequantize), then its dot products. The weight is never written out.
+// multiple of 16 elements, no partial last block; up to kMaxDecodeDotRows rows; matmul_fused_rows); otherwise decoded
+// to float32 into a per-thread buffer (the same products as dequantize), then its dot products. The weight is never
+// written out.
 int matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed, const AbsmaxSrc& absmax,
                const uint8_t* bits, const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
                int64_t blocksize, const void* bias, void* out) {
@@ -214,26 +271,22 @@ int matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed, const
   for (int64_t i = 0; i < (int64_t)a16.size(); ++i) a16[i] = load_as_float(A, dtype, i);
   const float* a = dtype == LOWRA_F32 ? (const float*)A : a16.data();
   const RowDecoder decode(packed, absmax, bits, codebook, row_offsets, cols, blocksize, LOWRA_F32);
-  const DotFn dot = dot_fn();
   const bool whole_blocks = blocksize % 16 == 0 && cols % blocksize == 0 && m <= kMaxDecodeDotRows;
   const DecodeDotFn fused[3] = {whole_blocks ? decode_dot_fn(1, (int)m) : nullptr,
                                 whole_blocks ? decode_dot_fn(2, (int)m) : nullptr,
                                 whole_blocks ? decode_dot_fn(4, (int)m) : nullptr};
+  if (fused[0]) {  // one vector level serves all three precisions
+    matmul_fused_rows(decode, fused, a, m, rows, bias, dtype, out);
+    return LOWRA_OK;
+  }
+  const DotFn dot = dot_fn();
 #pragma omp parallel
   {
-    std::vector<float> scales(decode.scale_buffer()), w(fused[0] ? 0 : (size_t)cols), acc((size_t)m);
+    std::vector<float> scales(decode.scale_buffer()), w((size_t)cols), acc((size_t)m);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-      const DecodeDotFn f = fused[bits[r] == 1 ? 0 : bits[r] == 2 ? 1 : 2];
-      if (f) {
-        float code[kCodebookSlots];
-        const float* am = decode.tables(r, scales.data(), code);
-        f(packed + row_offsets[r], code, am, cols / blocksize, blocksize, a, cols, acc.data());
-      } else {
-        if (w.empty()) w.resize((size_t)cols);
-        decode(r, scales.data(), w.data());
-        dot(w.data(), a, cols, (int)m, cols, acc.data());
-      }
+      decode(r, scales.data(), w.data());
+      dot(w.data(), a, cols, (int)m, cols, acc.data());
       const float b = bias ? load_as_float(bias, dtype, r) : 0.0f;
       for (int64_t i = 0; i < m; ++i) store_as(out, dtype, i * rows + r, acc[i] + b);
     }

@@ -270,6 +270,38 @@ def test_cpu_matmul_whole_blocks_every_row_count(m, blocksize, cols, cpu_isa):
     assert_matmul_close(y, A, W32, bias)
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_cpu_matmul_wide_rows_in_passes(nested, cpu_isa):
+    """8 activation rows of a 4480-wide layer do not fit the fused path's ~32 KB pass: each tile of weight rows (37
+    rows: tiles of 16, 16, 5) is dotted in passes of 16 blocks (16, 16, 16, 16, 6), the passes' sums added. Each
+    activation row's result stays within float32 rounding of its one-pass result (one row: a single pass) and of
+    the float64 product."""
+    from bitsandbytes_lowra.functional import double_quantize_absmax
+
+    rows, cols, bs = 37, 64 * 70, 64
+    W, bits, code, thr, off = make_case(rows, cols, bs, torch.float32, seed=11, mix=(1, 2, 4))
+    packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, bs)
+    scales = (absmax,)
+    if nested:
+        q, s2, offset = double_quantize_absmax(absmax, 64)
+        scales = (q, s2.absmax, s2.code, offset, 64)
+    A = torch.randn(8, cols, generator=torch.Generator().manual_seed(3))
+    bias = torch.randn(rows, generator=torch.Generator().manual_seed(4))
+
+    def mm(x):
+        return torch.ops.lowra.matmul(x, packed, scales[0], bits, code, off, bs, [rows, cols], bias, None, None,
+                                      *scales[1:])
+
+    y = mm(A)
+    W32 = reference.dequantize(packed, reference.decode_absmax(*scales), bits, code, off, bs, [rows, cols],
+                               torch.float32)
+    assert_matmul_close(y, A, W32, bias)
+    one_pass = torch.cat([mm(A[i:i + 1]) for i in range(8)])
+    if cpu_isa != "scalar":  # the vector levels' fused path: the passes' sums really are added in another order
+        assert not torch.equal(y, one_pass)
+    assert (y - one_pass).abs().max() <= 1e-5 * one_pass.abs().max()
+
+
 def test_cpu_matmul_takes_the_fused_path_up_to_its_row_limit(monkeypatch):
     """lowra::matmul on the CPU: up to CPU_MAX_FUSED_ROWS activation rows through lowra_matmul_cpu, more through
     dequantize + GEMM; both agree; a 3-D input, a non-contiguous one and out= work."""
