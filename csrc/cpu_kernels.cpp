@@ -223,6 +223,12 @@ namespace {
 constexpr int64_t kActivationPassBytes = 32 * 1024;
 constexpr int64_t kTileRows = 16;  // weight rows per tile: the threads' static share; a pass reuses the activations
 
+// Weight row r's m dot products (acc) plus its bias, into column r of out [m, rows] in the activations' dtype.
+void store_row_results(const float* acc, int64_t m, int64_t r, int64_t rows, const void* bias, int dtype, void* out) {
+  const float b = bias ? load_as_float(bias, dtype, r) : 0.0f;
+  for (int64_t i = 0; i < m; ++i) store_as(out, dtype, i * rows + r, acc[i] + b);
+}
+
 // The vector pass for whole blocks: rows in tiles, each tile in passes of `chunk` blocks. Where one pass covers the
 // row (one activation row, or narrow layers) the sums are the one-pass sums exactly; otherwise a row's pass sums are
 // added in pass order.
@@ -250,10 +256,7 @@ void matmul_fused_rows(const RowDecoder& decode, const DecodeDotFn fused[3], con
             for (int64_t i = 0; i < m; ++i) row_acc[i] += part[i];
         }
       }
-      for (int64_t r = t0; r < t1; ++r) {
-        const float b = bias ? load_as_float(bias, dtype, r) : 0.0f;
-        for (int64_t i = 0; i < m; ++i) store_as(out, dtype, i * rows + r, acc[(r - t0) * m + i] + b);
-      }
+      for (int64_t r = t0; r < t1; ++r) store_row_results(&acc[(r - t0) * m], m, r, rows, bias, dtype, out);
     }
   }
 }
@@ -287,8 +290,7 @@ int matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed, const
     for (int64_t r = 0; r < rows; ++r) {
       decode(r, scales.data(), w.data());
       dot(w.data(), a, cols, (int)m, cols, acc.data());
-      const float b = bias ? load_as_float(bias, dtype, r) : 0.0f;
-      for (int64_t i = 0; i < m; ++i) store_as(out, dtype, i * rows + r, acc[i] + b);
+      store_row_results(acc.data(), m, r, rows, bias, dtype, out);
     }
   }
   return LOWRA_OK;
