@@ -270,6 +270,33 @@ def test_cpu_matmul_whole_blocks_every_row_count(m, blocksize, cols, cpu_isa):
     assert_matmul_close(y, A, W32, bias)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 40), blocks=st.integers(1, 160), bs=st.sampled_from([16, 32, 48, 64, 128, 256]),
+       m=st.integers(2, native.CPU_MAX_FUSED_ROWS), dtype_i=st.integers(0, 2), seed=st.integers(0, 2**31 - 1),
+       mix=st.sampled_from([(1,), (2,), (4,), (1, 2, 4)]), nested=st.booleans(), with_bias=st.booleans())
+def test_property_cpu_matmul_in_passes_matches_float64(rows, blocks, bs, m, dtype_i, seed, mix, nested, with_bias,
+                                                       cpu_isa):
+    """Whole-block rows with several activation rows, wide enough (up to 40960 columns) that the fused path dots each
+    tile of weight rows in several passes (32 KB of activations each): random shapes, blocksizes, precision mixes,
+    dtypes and scales, within float32 rounding of the float64 product."""
+    from bitsandbytes_lowra.functional import double_quantize_absmax
+
+    cols, dtype = blocks * bs, DTYPES[dtype_i]
+    W, bits, code, thr, off = make_case(rows, cols, bs, dtype, seed, mix)
+    packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, bs)
+    gen = torch.Generator().manual_seed(seed)
+    A = (torch.randn(m, cols, generator=gen) / cols**0.5).to(dtype)  # products of float16's range at 40960 columns
+    bias = torch.randn(rows, generator=gen).to(dtype) if with_bias else None
+    scales = (absmax,)
+    if nested:
+        q, s2, offset = double_quantize_absmax(absmax, 64)
+        scales = (q, s2.absmax, s2.code, offset, 64)
+    y = torch.ops.lowra.matmul(A, packed, scales[0], bits, code, off, bs, [rows, cols], bias, None, None, *scales[1:])
+    W32 = reference.dequantize(packed, reference.decode_absmax(*scales), bits, code, off, bs, [rows, cols],
+                               torch.float32)
+    assert_matmul_close(y, A, W32, bias)
+
+
 @pytest.mark.parametrize("nested", [False, True])
 def test_cpu_matmul_wide_rows_in_passes(nested, cpu_isa):
     """8 activation rows of a 4480-wide layer do not fit the fused path's ~32 KB pass: each tile of weight rows (37
