@@ -234,26 +234,35 @@ def assert_matmul_close(y, A, W32, bias):
     assert torch.all(err <= tol), f"max error {(err - tol).max().item():.3g} over the bound"
 
 
+def scale_args(absmax, nested):
+    """lowra::matmul's scale arguments: float32 absmax, or its double-quantized form (nested blocks of 64)."""
+    from bitsandbytes_lowra.functional import double_quantize_absmax
+
+    if not nested:
+        return (absmax,)
+    q, s2, offset = double_quantize_absmax(absmax, 64)
+    return (q, s2.absmax, s2.code, offset, 64)
+
+
+def cpu_matmul_checked(A, packed, scales, bits, code, off, bs, shape, bias):
+    """lowra::matmul on the CPU, checked against the float64 product with the reference-dequantized weight."""
+    y = torch.ops.lowra.matmul(A, packed, scales[0], bits, code, off, bs, shape, bias, None, None, *scales[1:])
+    W32 = reference.dequantize(packed, reference.decode_absmax(*scales), bits, code, off, bs, shape, torch.float32)
+    assert_matmul_close(y, A, W32, bias)
+    return y
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(**LAYERS, m=st.integers(1, native.CPU_MAX_FUSED_ROWS), nested=st.booleans(), with_bias=st.booleans())
 def test_property_cpu_matmul_matches_float64(rows, cols, bs_log, dtype_i, m, seed, mix, nested, with_bias, cpu_isa):
-    from bitsandbytes_lowra.functional import double_quantize_absmax
-
     bs, dtype = 2**bs_log, DTYPES[dtype_i]
     W, bits, code, thr, off = make_case(rows, cols, bs, dtype, seed, mix)
     packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, bs)
     gen = torch.Generator().manual_seed(seed)
     A = torch.randn(m, cols, generator=gen).to(dtype)
     bias = torch.randn(rows, generator=gen).to(dtype) if with_bias else None
-    scales = (absmax,)
-    if nested:
-        q, s2, offset = double_quantize_absmax(absmax, 64)
-        scales = (q, s2.absmax, s2.code, offset, 64)
-    y = torch.ops.lowra.matmul(A, packed, scales[0], bits, code, off, bs, [rows, cols], bias, None, None, *scales[1:])
+    y = cpu_matmul_checked(A, packed, scale_args(absmax, nested), bits, code, off, bs, [rows, cols], bias)
     assert y.dtype == dtype and y.shape == (m, rows)
-    W32 = reference.dequantize(packed, reference.decode_absmax(*scales), bits, code, off, bs, [rows, cols],
-                               torch.float32)
-    assert_matmul_close(y, A, W32, bias)
 
 
 @pytest.mark.parametrize("m", range(1, native.CPU_MAX_FUSED_ROWS + 1))
@@ -279,22 +288,13 @@ def test_property_cpu_matmul_in_passes_matches_float64(rows, blocks, bs, m, dtyp
     """Whole-block rows with several activation rows, wide enough (up to 40960 columns) that the fused path dots each
     tile of weight rows in several passes (32 KB of activations each): random shapes, blocksizes, precision mixes,
     dtypes and scales, within float32 rounding of the float64 product."""
-    from bitsandbytes_lowra.functional import double_quantize_absmax
-
     cols, dtype = blocks * bs, DTYPES[dtype_i]
     W, bits, code, thr, off = make_case(rows, cols, bs, dtype, seed, mix)
     packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, bs)
     gen = torch.Generator().manual_seed(seed)
     A = (torch.randn(m, cols, generator=gen) / cols**0.5).to(dtype)  # products of float16's range at 40960 columns
     bias = torch.randn(rows, generator=gen).to(dtype) if with_bias else None
-    scales = (absmax,)
-    if nested:
-        q, s2, offset = double_quantize_absmax(absmax, 64)
-        scales = (q, s2.absmax, s2.code, offset, 64)
-    y = torch.ops.lowra.matmul(A, packed, scales[0], bits, code, off, bs, [rows, cols], bias, None, None, *scales[1:])
-    W32 = reference.dequantize(packed, reference.decode_absmax(*scales), bits, code, off, bs, [rows, cols],
-                               torch.float32)
-    assert_matmul_close(y, A, W32, bias)
+    cpu_matmul_checked(A, packed, scale_args(absmax, nested), bits, code, off, bs, [rows, cols], bias)
 
 
 @pytest.mark.parametrize("nested", [False, True])
@@ -303,27 +303,16 @@ def test_cpu_matmul_wide_rows_in_passes(nested, cpu_isa):
     rows: tiles of 16, 16, 5) is dotted in passes of 16 blocks (16, 16, 16, 16, 6), the passes' sums added. Each
     activation row's result stays within float32 rounding of its one-pass result (one row: a single pass) and of
     the float64 product."""
-    from bitsandbytes_lowra.functional import double_quantize_absmax
-
     rows, cols, bs = 37, 64 * 70, 64
     W, bits, code, thr, off = make_case(rows, cols, bs, torch.float32, seed=11, mix=(1, 2, 4))
     packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, bs)
-    scales = (absmax,)
-    if nested:
-        q, s2, offset = double_quantize_absmax(absmax, 64)
-        scales = (q, s2.absmax, s2.code, offset, 64)
+    scales = scale_args(absmax, nested)
     A = torch.randn(8, cols, generator=torch.Generator().manual_seed(3))
     bias = torch.randn(rows, generator=torch.Generator().manual_seed(4))
 
-    def mm(x):
-        return torch.ops.lowra.matmul(x, packed, scales[0], bits, code, off, bs, [rows, cols], bias, None, None,
-                                      *scales[1:])
-
-    y = mm(A)
-    W32 = reference.dequantize(packed, reference.decode_absmax(*scales), bits, code, off, bs, [rows, cols],
-                               torch.float32)
-    assert_matmul_close(y, A, W32, bias)
-    one_pass = torch.cat([mm(A[i:i + 1]) for i in range(8)])
+    y = cpu_matmul_checked(A, packed, scales, bits, code, off, bs, [rows, cols], bias)
+    one_pass = torch.cat([cpu_matmul_checked(A[i:i + 1], packed, scales, bits, code, off, bs, [rows, cols], bias)
+                          for i in range(8)])
     if cpu_isa != "scalar":  # the vector levels' fused path: the passes' sums really are added in another order
         assert not torch.equal(y, one_pass)
     assert (y - one_pass).abs().max() <= 1e-5 * one_pass.abs().max()
