@@ -15,6 +15,7 @@ midpoints of the codebook (nearest-level encoding); codebooks default to the Nor
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any, NamedTuple
 
@@ -187,6 +188,41 @@ def make_plan(bits, codebooks=None, thresholds=None, rows: int | None = None) ->
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Unique stamps: QuantStateLowRA.operands_stamp changes whenever a field the kernels read is set, and no two states
+# (copies included) ever share one, so an equal stamp means the same operands; ParamsLowRA.lowra_stamp likewise
+# names a weight's codes and state (LinearLowRA.kept_operands keeps both for torch.compile's calls).
+_STAMPS = itertools.count(1)
+
+
+class KernelOperands(NamedTuple):
+    """What matmul_lowra takes from a QuantStateLowRA: the checks' facts, then the lowra ops' arguments in order."""
+
+    packed_nbytes: int
+    device: torch.device
+    cols: int
+    absmax: torch.Tensor
+    bits: torch.Tensor
+    code: torch.Tensor
+    row_offsets: torch.Tensor
+    blocksize: int
+    shape: list
+    row_order: torch.Tensor | None  # the CUDA kernels' per-precision row grouping (QuantStateLowRA.matmul_plan)
+    group_rows: list | None
+    nested_absmax: torch.Tensor | None
+    nested_code: torch.Tensor | None
+    nested_offset: torch.Tensor | None
+    nested_blocksize: int
+
+    @classmethod
+    def of(cls, state: QuantStateLowRA, cache_absmax: bool = False, plan: bool = True) -> KernelOperands:
+        """Read from `state`'s fields; plan=False leaves the CUDA row plan out (None, as on the CPU)."""
+        cuda = plan and state.device.type == "cuda"
+        row_order, group_rows = state.matmul_plan() if cuda else (None, None)
+        absmax, *nested = state.scale_args(cache_absmax)
+        return cls(state.packed_nbytes, state.device, state.cols, absmax, state.bits, state.code, state.row_offsets,
+                   state.blocksize, list(state.shape), row_order, group_rows, *nested)
+
+
 class QuantStateLowRA(QuantState):
     """bitsandbytes QuantState of a LowRA weight: per-row bits, codebooks, thresholds and row offsets.
 
@@ -300,6 +336,15 @@ class QuantStateLowRA(QuantState):
     def drop_absmax_cache(self) -> None:
         self.__dict__.pop("_absmax_cache", None)
 
+    # Fields the kernels read (KernelOperands): setting one gives the state a new operands_stamp.
+    _OPERAND_FIELDS = frozenset(("absmax", "shape", "code", "blocksize", "bits", "row_offsets", "offset", "state2",
+                                 "packed_nbytes"))
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._OPERAND_FIELDS:
+            self.__dict__["operands_stamp"] = next(_STAMPS)
+        super().__setattr__(name, value)
+
     def prepared_matmul(self, packed: torch.Tensor, cache_absmax: bool = False, *, build: bool = True):
         """backends.native.PreparedMatmul (CUDA) or PreparedMatmulCPU of this state and `packed`: the eager decode
         path's launcher, its arguments converted once (cached as _prepared says). build=False: the cached launcher
@@ -357,6 +402,7 @@ class QuantStateLowRA(QuantState):
         state = dict(self.__dict__)
         for name in self._LAUNCHERS:
             state.pop(name, None)
+        state["operands_stamp"] = next(_STAMPS)  # a copy has tensors of its own
         return state
 
     def scale_args(self, cache: bool = False) -> tuple:
@@ -690,17 +736,25 @@ def dequantize_lowra(
 
 
 def _check_pair(packed, quant_state) -> None:
+    _check_state(quant_state)
+    _check_packed(packed, quant_state.packed_nbytes, quant_state.device)
+
+
+def _check_state(quant_state) -> None:
     if not isinstance(quant_state, QuantStateLowRA):
         raise LowRAFormatError(f"quant_state must be a QuantStateLowRA, got {type(quant_state).__name__}")
+
+
+def _check_packed(packed, nbytes: int, device: torch.device) -> None:
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
         raise LowRAFormatError("packed codes must be a 1-D uint8 tensor")
-    if packed.numel() != quant_state.packed_nbytes:
+    if packed.numel() != nbytes:
         raise LowRAFormatError(
-            f"packed buffer has {packed.numel()} bytes but the state describes {quant_state.packed_nbytes} "
+            f"packed buffer has {packed.numel()} bytes but the state describes {nbytes} "
             "(mismatched weight and quant_state)"
         )
-    if packed.device != quant_state.device:
-        raise LowRAFormatError(f"packed codes are on {packed.device} but the quant_state is on {quant_state.device}")
+    if packed.device != device:
+        raise LowRAFormatError(f"packed codes are on {packed.device} but the quant_state is on {device}")
 
 
 # The fused decode kernels (lowra::matmul) never materialize W; they pay off for a few tokens at a time
@@ -832,47 +886,52 @@ class MatMulLowRA(torch.autograd.Function):
 
 def matmul_lowra(
     A: torch.Tensor, packed: torch.Tensor, quant_state: QuantStateLowRA, bias: torch.Tensor | None = None, *,
-    cache_absmax: bool = False,
+    cache_absmax: bool = False, operands: KernelOperands | None = None,
 ) -> torch.Tensor:
     """A @ W.T (+ bias) computed in A's dtype, W the dequantized LowRA weight (cf. bitsandbytes.matmul_4bit).
 
-    cache_absmax: keep the decoded double-quantized block scales for the next call (QuantStateLowRA.absmax_fp32)."""
-    _check_pair(packed, quant_state)
+    cache_absmax: keep the decoded double-quantized block scales for the next call (QuantStateLowRA.absmax_fp32).
+    operands: KernelOperands.of(quant_state, cache_absmax) where the caller keeps them (LinearLowRA.kept_operands;
+    a compiled call then reads none of the state's fields)."""
+    _check_state(quant_state)
+    ops = operands
+    nbytes, device, cols = ((quant_state.packed_nbytes, quant_state.device, quant_state.cols) if ops is None
+                            else (ops.packed_nbytes, ops.device, ops.cols))
+    _check_packed(packed, nbytes, device)
     if A.dim() == 0:
-        raise ValueError(f"input is a 0-d tensor; the quantized weight expects [..., {quant_state.cols}]")
-    if A.shape[-1] != quant_state.cols:
-        raise ValueError(f"input has {A.shape[-1]} features, the quantized weight expects {quant_state.cols}")
+        raise ValueError(f"input is a 0-d tensor; the quantized weight expects [..., {cols}]")
+    if A.shape[-1] != cols:
+        raise ValueError(f"input has {A.shape[-1]} features, the quantized weight expects {cols}")
     if A.dtype not in FLOAT_DTYPES:  # named here: the kernels' own checks would name their launchers
         raise ValueError(f"input is {A.dtype}; LowRA computes in float32, float16 or bfloat16 (cast the input, or give "
                          "LinearLowRA a compute_dtype: it casts the input and returns the output in the input's dtype)")
     if A.device != packed.device:  # as nn.Linear; F.linear itself returns a CPU result for a meta weight
         raise ValueError(f"input is on {A.device} but the quantized weight is on {packed.device}: move them to one "
                          "device")
-    qs = quant_state
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
     grad = _needs_grad(A, bias)
     fused = not grad and _fused_decode_shape(A)
     direct = _eager_direct(A, bias)
     if fused and direct:
-        return qs.prepared_matmul(packed, cache_absmax)(A, bias)
-    (absmax, *nested), shape = qs.scale_args(cache_absmax), list(qs.shape)
+        return quant_state.prepared_matmul(packed, cache_absmax)(A, bias)
+    if ops is None:
+        ops = KernelOperands.of(quant_state, cache_absmax, plan=fused and A.is_cuda)
+    args = (ops.absmax, ops.bits, ops.code, ops.row_offsets, ops.blocksize, ops.shape)
+    nested = (ops.nested_absmax, ops.nested_code, ops.nested_offset, ops.nested_blocksize)
     # the dense path's dequantize launched directly where nothing watches ops, as the fused one above
     direct = direct and not fused
-    prepared = qs.prepared_dequantize(packed, cache_absmax) if direct else None
+    prepared = quant_state.prepared_dequantize(packed, cache_absmax) if direct else None
     if grad:
-        return MatMulLowRA.apply(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias,
-                                 *nested, prepared)
+        return MatMulLowRA.apply(A, packed, *args, bias, *nested, prepared)
     if fused:
-        row_order, group_rows = qs.matmul_plan() if A.is_cuda else (None, None)  # the CUDA kernels' row grouping
-        return torch.ops.lowra.matmul.default(
-            A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias, row_order, group_rows,
-            *nested,
-        )
+        row_order, group_rows = ops.row_order, ops.group_rows  # the CUDA kernels' row grouping
+        if A.is_cuda and row_order is None:  # operands read without it
+            row_order, group_rows = quant_state.matmul_plan()
+        return torch.ops.lowra.matmul.default(A, packed, *args, bias, row_order, group_rows, *nested)
     # Inference: the same two ops as MatMulLowRA.forward, without the autograd.Function machinery (which builds a
     # context object per call for a backward that cannot happen).
-    return _linear_dequantized(A, packed, absmax, qs.bits, qs.code, qs.row_offsets, qs.blocksize, shape, bias, nested,
-                               prepared)
+    return _linear_dequantized(A, packed, *args, bias, nested, prepared)
 
 
 def bits_report(states) -> dict[str, float]:

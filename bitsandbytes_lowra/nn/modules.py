@@ -27,6 +27,8 @@ from torch import nn
 from ..format import DEFAULT_BLOCKSIZE, LowRAFormatError, check_blocksize
 from ..functional import (
     PLAIN_TENSOR_TYPES,
+    _STAMPS,
+    KernelOperands,
     LowRAPlan,
     QuantStateLowRA,
     _eager_direct,
@@ -193,6 +195,17 @@ class ParamsLowRA(nn.Parameter):
 
     def __copy__(self):
         return ParamsLowRA(self.data, requires_grad=self.requires_grad, module=self.module, **self._meta())
+
+    # -- what LinearLowRA's kept operands were taken from ---------------------------------------------------------
+    lowra_stamp = 0  # a unique number, new whenever `data` or `quant_state` is set (LinearLowRA.kept_operands)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("data", "quant_state"):
+            self.__dict__["lowra_stamp"] = next(_STAMPS)
+            module = self.__dict__.get("module")
+            if module is not None:  # let the old codes go now, not at the module's next eager call
+                module.__dict__.pop("_kept_operands", None)
+        super().__setattr__(name, value)
 
     # -- FSDP-style attribute access to the state (properties, not __getattr__: no torch.compile graph breaks) -----
     def _state_field(self, name: str):
@@ -578,10 +591,16 @@ class LinearLowRA(nn.Linear):
         # form of the same operation.
         w = self.weight
         plain = type(w) is ParamsLowRA and w.lowra_quantized and w.quant_state is not None
+        ops = None  # the kept operands: read in place of the weight's and the state's fields
         if plain:
             state = w.quant_state  # what _packed_and_state would pick; it repairs weights that lost their state
-            with torch._C.DisableTorchFunctionSubclass():  # `.data` without a trip through __torch_function__
-                packed = packed_bytes(w, state, getattr(self, "quant_storage", None))
+            storage = getattr(self, "quant_storage", None)
+            kept = None if self.cache_absmax else self.kept_operands(w, state, storage)
+            if kept is not None:
+                packed, ops = kept
+            else:
+                with torch._C.DisableTorchFunctionSubclass():  # `.data` without a trip through __torch_function__
+                    packed = packed_bytes(w, state, storage)
         else:
             packed, state = self._packed_and_state()
         device_type = x.device.type
@@ -591,14 +610,14 @@ class LinearLowRA(nn.Linear):
             compute = torch.get_autocast_dtype(device_type)
             with torch.autocast(device_type, enabled=False):
                 out = matmul_lowra(x.to(compute), packed, state, None if bias is None else bias.to(compute),
-                                   cache_absmax=self.cache_absmax)
+                                   cache_absmax=self.cache_absmax, operands=ops)
             return out.to(compute)
         # No autocast on this device: nothing to switch off (autocast of another device type does not touch ops on
         # this one), and dtype conversions only where the dtype differs.
         compute = self.compute_dtype or x.dtype
         out = matmul_lowra(x if x.dtype == compute else x.to(compute), packed, state,
                            bias if bias is None or bias.dtype == compute else self._bias_as(bias, compute),
-                           cache_absmax=self.cache_absmax)
+                           cache_absmax=self.cache_absmax, operands=ops)
         # not while compiling: the traced graph must not touch the module's __dict__ (Dynamo folds is_compiling)
         if plain and self._decode_shortcut and not torch.compiler.is_compiling() and compute == x.dtype \
                 and not self.cache_absmax:
@@ -606,10 +625,55 @@ class LinearLowRA(nn.Linear):
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def __getstate__(self) -> dict:
-        # copies and pickles drop the decode shortcut: its launcher points into this layer's tensors
+        # copies and pickles drop the decode shortcut and the kept operands: they point into this layer's tensors
         state = super().__getstate__()
         state.pop("_decode_call", None)
+        state.pop("_kept_operands", None)
         return state
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight":  # let the old codes go now, not at the next eager call
+            self.__dict__.pop("_kept_operands", None)
+        super().__setattr__(name, value)
+
+    def kept_operands(self, weight: ParamsLowRA, state: QuantStateLowRA, quant_storage: torch.dtype | None):
+        """(packed codes, KernelOperands) of `weight` and its `state`, kept between calls (stored scales).
+
+        Why: a compiled call fetches each input of its graph the way the trace reached it, attribute by attribute.
+        Reached through the weight (a tensor subclass) and its state (weight.quant_state.state2.absmax, ...), a
+        layer's eight operands made most of a compiled decode step's host time (docs/benchmarks.md, twenty-sixth and
+        twenty-seventh rounds); one flat tuple of plain tensors on this module costs far less. Eager calls read them
+        too: checking them costs less than reading the fields.
+
+        An eager call rebuilds them when stale: taken from another weight object or before its `data` or
+        `quant_state` was set (ParamsLowRA.lowra_stamp), before a field of the state was set
+        (QuantStateLowRA.operands_stamp), before `bits` was edited in place (the CUDA row plan derives from it), or
+        from codes or nested scales since moved (set_(), state.state2.absmax = t). A trace checks the stamps only (it
+        cannot guard on in-place versions or addresses): it takes the kept operands if the stamps are current, else
+        returns None and reads the fields. None also where the codes would be a copy, or while a CUDA graph is
+        being captured (the row plan costs a host sync)."""
+        kept = self.__dict__.get("_kept_operands")
+        if kept is not None and kept[0] == weight.lowra_stamp and kept[1] == state.operands_stamp:
+            if torch.compiler.is_compiling():
+                return kept[3], KernelOperands(*kept[4:])
+            ops = KernelOperands(*kept[4:])
+            s2 = state.state2 if state.nested else None
+            with torch._C.DisableTorchFunctionSubclass():
+                address = weight.data_ptr()
+            if (kept[2] == state.bits._version and kept[3].data_ptr() == address
+                    and (s2 is None or (ops.nested_absmax is s2.absmax and ops.nested_code is s2.code))):
+                return kept[3], ops
+        if torch.compiler.is_compiling():
+            return None
+        with torch._C.DisableTorchFunctionSubclass():
+            packed = packed_bytes(weight, state, quant_storage)
+            view = packed.data_ptr() == weight.data_ptr()  # not a copy (codes stored as a float dtype, not contiguous)
+        if not view or (state.bits.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None
+        ops = KernelOperands.of(state)
+        # flat: each item one subscript away from the module, the shortest fetch for a compiled call
+        self.__dict__["_kept_operands"] = (weight.lowra_stamp, state.operands_stamp, state.bits._version, packed, *ops)
+        return packed, ops
 
     def _bias_as(self, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`bias` cast to the compute dtype. A frozen bias's cast is kept between calls (a decode step would cast

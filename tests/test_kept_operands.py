@@ -1,0 +1,179 @@
+"""LinearLowRA's kept operands (LinearLowRA.kept_operands): a compiled call reads the packed codes and the state's
+tensors from one tuple on the module, not through the weight and its state. It must give what the full path gives,
+and no replacement of codes, weight, state or state field may reach a compiled call as stale operands, whether or
+not an eager call came between. CPU tests run in CI; `cuda` ones on the GPU check."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from bitsandbytes_lowra import functional as F
+from bitsandbytes_lowra.nn import LinearLowRA, ParamsLowRA
+
+from .conftest import devices
+from .test_decode_shortcut import dtype_for, full, layer
+
+
+def compiled(lin, seen=None):
+    """lin compiled in one graph; `seen` collects each traced graph's input names."""
+
+    def backend(gm, example_inputs):
+        if seen is not None:
+            seen.append([n.name for n in gm.graph.nodes if n.op == "placeholder"])
+        return gm.forward
+
+    return torch.compile(lin, backend=backend, fullgraph=True)
+
+
+def reads_state(names) -> bool:
+    return any("quant_state" in n or "parameters_weight" in n for n in names)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("nested", [False, True])
+def test_compiled_call_reads_the_kept_operands_not_the_weight_and_state(device, nested):
+    torch._dynamo.reset()
+    lin = layer(nested=nested, bias=False, device=device)
+    x = torch.randn(1, 128, device=device, dtype=dtype_for(device))
+    seen = []
+    with torch.no_grad():
+        cold = compiled(lin, seen)(x)  # no eager call yet: nothing kept, the trace reads the fields
+        ref = full(lin, x)  # an eager call keeps them
+        assert "_kept_operands" in lin.__dict__
+        torch._dynamo.reset()
+        warm = compiled(lin, seen)(x)
+    assert torch.equal(cold, ref) and torch.equal(warm, ref)
+    assert reads_state(seen[0])
+    # codes, absmax, bits, code, row offsets (+ the nested scales, code and offset); on CUDA the row plan too
+    tensors = (8 if nested else 5) + (1 if device == "cuda" else 0)
+    assert not reads_state(seen[1]) and sum("kept_operands" in n for n in seen[1]) == tensors
+
+
+def _twins(nested=True):
+    """Two layers of different weights on one plan (so one's codes and fields fit the other), and an input."""
+    return layer(seed=0, plan=7, nested=nested), layer(seed=3, plan=7, nested=nested), torch.randn(2, 128)
+
+
+REPLACEMENTS = {
+    "codes set": lambda lin, other: setattr(lin.weight, "data", other.weight.data.clone()),
+    "codes copied in place": lambda lin, other: lin.weight.data.copy_(other.weight.data),
+    "state set": lambda lin, other: setattr(lin.weight, "quant_state", other.quant_state),
+    "weight set": lambda lin, other: setattr(lin, "weight", other.weight),
+    "absmax set": lambda lin, other: setattr(lin.quant_state, "absmax", other.quant_state.absmax.clone()),
+    "absmax copied in place": lambda lin, other: lin.quant_state.absmax.copy_(other.quant_state.absmax),
+    "codebook set": lambda lin, other: setattr(lin.quant_state, "code", lin.quant_state.code * 0.5),  # one plan
+    "nested scales set": lambda lin, other: (setattr(lin.quant_state, "state2", copy.deepcopy(other.quant_state.state2)),
+                                             setattr(lin.quant_state, "offset", other.quant_state.offset.clone())),
+    "moved": lambda lin, other: (lin.quant_state.absmax.copy_(other.quant_state.absmax), lin.quant_state.to("cpu")),
+}
+
+
+@pytest.mark.parametrize("how", list(REPLACEMENTS))
+def test_a_compiled_call_after_a_replacement_computes_with_the_new_operands(how):
+    torch._dynamo.reset()
+    lin, other, x = _twins()
+    call = compiled(lin)
+    with torch.no_grad():
+        before = full(lin, x)
+        assert torch.equal(call(x), before)  # traced with the kept operands
+        REPLACEMENTS[how](lin, other)
+        after = call(x)  # no eager call in between
+        ref = full(lin, x)  # the full path, fields read afresh (and the operands kept again)
+        assert torch.equal(after, ref) and not torch.equal(ref, before)
+        assert torch.equal(call(x), ref)  # traced again with the operands kept anew
+
+
+def test_replaced_codes_weight_or_state_are_not_kept_alive():
+    lin, other, x = _twins()
+    with torch.no_grad():
+        for replace in (lambda: setattr(lin.weight, "data", other.weight.data.clone()),
+                        lambda: setattr(lin.weight, "quant_state", other.quant_state),
+                        lambda: setattr(lin, "weight", copy.deepcopy(other.weight))):
+            lin(x)
+            assert "_kept_operands" in lin.__dict__
+            replace()
+            assert "_kept_operands" not in lin.__dict__
+
+
+def test_stamps_name_what_the_operands_were_taken_from():
+    lin, other, x = _twins()
+    state, w = lin.quant_state, lin.weight
+    stamp = state.operands_stamp
+    state.thresholds = state.thresholds.clone()  # not read by the kernels
+    assert state.operands_stamp == stamp
+    state.bits = state.bits.clone()
+    assert state.operands_stamp != stamp
+    copies = (copy.deepcopy(state), pickle.loads(pickle.dumps(state)), copy.copy(state))
+    assert len({state.operands_stamp, *(c.operands_stamp for c in copies)}) == 4
+    p = w.lowra_stamp
+    assert p != other.weight.lowra_stamp
+    w.data = w.data.clone()
+    assert w.lowra_stamp != p and copy.deepcopy(w).lowra_stamp != w.lowra_stamp
+    p = w.lowra_stamp
+    w.quant_state = other.quant_state
+    assert w.lowra_stamp != p
+
+
+def test_bits_edited_in_place_are_kept_anew_at_the_next_eager_call():
+    lin, other, x = _twins()
+    with torch.no_grad():
+        lin(x)
+        kept = lin.__dict__["_kept_operands"]
+        lin(x)
+        assert lin.__dict__["_kept_operands"] is kept
+        lin.quant_state.bits.copy_(other.quant_state.bits)  # same plan: the same values, a new version
+        full(lin, x)
+        assert lin.__dict__["_kept_operands"] is not kept
+
+
+def test_copies_keep_no_operands_and_compile_on_their_own():
+    torch._dynamo.reset()
+    lin, other, x = _twins()
+    with torch.no_grad():
+        ref = lin(x)
+        for twin in (copy.deepcopy(lin), pickle.loads(pickle.dumps(lin))):
+            assert "_kept_operands" not in twin.__dict__
+            assert torch.equal(compiled(twin)(x), ref)
+            twin(x)
+            kept = twin.__dict__["_kept_operands"]
+            assert kept[3].data_ptr() == twin.weight.data_ptr() != lin.weight.data_ptr()
+            assert torch.equal(compiled(twin)(x), ref)
+
+
+def test_float_storage_is_kept_as_a_view_and_the_absmax_cache_reads_the_state():
+    torch._dynamo.reset()
+    x = torch.randn(1, 128)
+    base = layer(bias=False)
+    with torch.no_grad():
+        ref = base(x)
+        stored = LinearLowRA.from_linear(torch.nn.Linear(128, 48, bias=False), base.quant_state.bits,
+                                         quant_storage=torch.bfloat16)
+        stored.weight = ParamsLowRA(base.weight.data.view(torch.bfloat16), quant_state=base.quant_state,
+                                    quant_storage=torch.bfloat16, module=stored)
+        stored.quant_state = base.quant_state
+        assert torch.equal(stored(x), ref)
+        assert stored.__dict__["_kept_operands"][3].data_ptr() == stored.weight.data_ptr()
+        seen = []
+        assert torch.equal(compiled(stored, seen)(x), ref) and not reads_state(seen[0])
+        base.set_absmax_cache(True)
+        torch._dynamo.reset()
+        seen = []
+        assert torch.equal(compiled(base, seen)(x), ref) and reads_state(seen[0])
+
+
+def test_an_eager_call_sees_nested_scales_and_codes_moved_behind_the_stamps():
+    """What no stamp records (a tensor of state2 replaced, codes moved by set_()) still reaches eager calls."""
+    lin, other, x = _twins()
+    with torch.no_grad():
+        before = full(lin, x)
+        lin.quant_state.state2.absmax = other.quant_state.state2.absmax.clone()
+        after = full(lin, x)
+        assert torch.equal(after, F.matmul_lowra(x, lin.weight.packed, lin.quant_state, lin.bias))
+        assert not torch.equal(after, before)
+        with torch._C.DisableTorchFunctionSubclass():
+            torch.Tensor.set_(lin.weight, other.weight.data.clone())
+        moved = full(lin, x)
+        assert torch.equal(moved, F.matmul_lowra(x, lin.weight.packed, lin.quant_state, lin.bias))
+        assert not torch.equal(moved, after)
