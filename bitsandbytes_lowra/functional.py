@@ -294,17 +294,18 @@ class QuantStateLowRA(QuantState):
         """Every stored bit divided by the number of quantized parameters (docs/format.md "Bits accounting")."""
         return 8.0 * self.nbytes / (self.rows * self.cols)
 
-    def matmul_plan(self) -> tuple[torch.Tensor, list[int]]:
+    def matmul_plan(self) -> tuple[torch.Tensor | None, list[int] | None]:
         """Per-precision row grouping for the fused matmul, derived from `bits` once and cached (one host sync).
 
         The cache is keyed on the `bits` tensor object and its in-place version counter, so a move (.to), a
-        reassigned or an edited `bits` is never served a stale plan."""
+        reassigned or an edited `bits` is never served a stale plan. While tracing, (None, None) where nothing is
+        cached: the plan's counts are data a trace cannot read (lowra::matmul then plans at each call)."""
         bits = self.bits
         cached = self.__dict__.get("_matmul_plan")
-        if cached is not None and cached[0] is bits and torch.compiler.is_compiling():
-            # torch.compile cannot guard on a version counter (a graph break); the eager warm-up that precedes any
-            # capture filled this entry, and identity still catches a replaced `bits`
-            return cached[2]
+        if torch.compiler.is_compiling():
+            # torch.compile cannot guard on a version counter (a graph break); an eager call before the trace fills
+            # this entry, and identity still catches a replaced `bits`
+            return cached[2] if cached is not None and cached[0] is bits else (None, None)
         if cached is None or cached[0] is not bits or cached[1] != bits._version:
             from ._ops import matmul_plan
 
@@ -925,10 +926,7 @@ def matmul_lowra(
     if grad:
         return MatMulLowRA.apply(A, packed, *args, bias, *nested, prepared)
     if fused:
-        row_order, group_rows = ops.row_order, ops.group_rows  # the CUDA kernels' row grouping
-        if A.is_cuda and row_order is None:  # operands read without it
-            row_order, group_rows = quant_state.matmul_plan()
-        return torch.ops.lowra.matmul.default(A, packed, *args, bias, row_order, group_rows, *nested)
+        return torch.ops.lowra.matmul.default(A, packed, *args, bias, ops.row_order, ops.group_rows, *nested)
     # Inference: the same two ops as MatMulLowRA.forward, without the autograd.Function machinery (which builds a
     # context object per call for a backward that cannot happen).
     return _linear_dequantized(A, packed, *args, bias, nested, prepared)
