@@ -49,6 +49,9 @@ def test_compiled_call_reads_the_kept_operands_not_the_weight_and_state(device, 
     # codes, absmax, bits, code, row offsets (+ the nested scales, code and offset); on CUDA the row plan too
     tensors = (8 if nested else 5) + (1 if device == "cuda" else 0)
     assert not reads_state(seen[1]) and sum("kept_operands" in n for n in seen[1]) == tensors
+    # static addresses to CUDA graph trees, which would otherwise copy them (the codes too) at every replay
+    kept = [t for t in lin.__dict__["_kept_operands"] if isinstance(t, torch.Tensor)]
+    assert len(kept) == tensors and all(getattr(t, "_dynamo_static_input_type", None) for t in kept)
 
 
 def _twins(nested=True):

@@ -651,7 +651,9 @@ class LinearLowRA(nn.Linear):
         from codes or nested scales since moved (set_(), state.state2.absmax = t). A trace checks the stamps only (it
         cannot guard on in-place versions or addresses): it takes the kept operands if the stamps are current, else
         returns None and reads the fields. None also where the codes would be a copy, or while a CUDA graph is
-        being captured (the row plan costs a host sync)."""
+        being captured (the row plan costs a host sync). Its tensors are marked as static addresses: a parameter is
+        one to CUDA graph trees, but the codes' view and the state's tensors are not, and every replay would copy
+        them (the codes: the whole model's weights)."""
         kept = self.__dict__.get("_kept_operands")
         if kept is not None and kept[0] == weight.lowra_stamp and kept[1] == state.operands_stamp:
             if torch.compiler.is_compiling():
@@ -671,6 +673,9 @@ class LinearLowRA(nn.Linear):
         if not view or (state.bits.is_cuda and torch.cuda.is_current_stream_capturing()):
             return None
         ops = KernelOperands.of(state)
+        for t in (packed, *ops):  # CUDA graph trees (mode="reduce-overhead") would copy any other input each replay
+            if isinstance(t, torch.Tensor):
+                torch._dynamo.mark_static_address(t, guard=False)  # the stamps already guard what changes
         # flat: each item one subscript away from the module, the shortest fetch for a compiled call
         self.__dict__["_kept_operands"] = (weight.lowra_stamp, state.operands_stamp, state.bits._version, packed, *ops)
         return packed, ops
