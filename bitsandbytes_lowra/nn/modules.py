@@ -637,7 +637,8 @@ class LinearLowRA(nn.Linear):
         super().__setattr__(name, value)
 
     def kept_operands(self, weight: ParamsLowRA, state: QuantStateLowRA, quant_storage: torch.dtype | None):
-        """(packed codes, KernelOperands) of `weight` and its `state`, kept between calls (stored scales).
+        """(packed codes, KernelOperands) of `weight` and its `state`, kept between calls (with the stored scales:
+        forward does not ask for them where set_absmax_cache is on).
 
         Why: a compiled call fetches each input of its graph the way the trace reached it, attribute by attribute.
         Reached through the weight (a tensor subclass) and its state (weight.quant_state.state2.absmax, ...), a
