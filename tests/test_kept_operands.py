@@ -89,15 +89,19 @@ def test_a_compiled_call_after_a_replacement_computes_with_the_new_operands(how)
 
 
 def test_replaced_codes_weight_or_state_are_not_kept_alive():
+    """Nor are the codes of a move, whether or not the weight knows its module (a deep copy of a lone weight does
+    not)."""
     lin, other, x = _twins()
     with torch.no_grad():
         for replace in (lambda: setattr(lin.weight, "data", other.weight.data.clone()),
                         lambda: setattr(lin.weight, "quant_state", other.quant_state),
-                        lambda: setattr(lin, "weight", copy.deepcopy(other.weight))):
-            lin(x)
+                        lambda: setattr(lin, "weight", copy.deepcopy(other.weight)),
+                        lambda: lin.to("cpu")):
+            ref = full(lin, x)
             assert "_kept_operands" in lin.__dict__
             replace()
             assert "_kept_operands" not in lin.__dict__
+        assert torch.equal(lin(x), ref)  # the moved layer computes as before
 
 
 def test_stamps_name_what_the_operands_were_taken_from():

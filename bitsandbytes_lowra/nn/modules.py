@@ -636,6 +636,12 @@ class LinearLowRA(nn.Linear):
             self.__dict__.pop("_kept_operands", None)
         super().__setattr__(name, value)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to / .cuda / .cpu: the kept operands must not hold the codes on the old device (a weight assigned to the
+        # module need not know its module, so its own setattr cannot always drop them)
+        self.__dict__.pop("_kept_operands", None)
+        return super()._apply(fn, *args, **kwargs)
+
     def kept_operands(self, weight: ParamsLowRA, state: QuantStateLowRA, quant_storage: torch.dtype | None):
         """(packed codes, KernelOperands) of `weight` and its `state`, kept between calls (with the stored scales:
         forward does not ask for them where set_absmax_cache is on).
