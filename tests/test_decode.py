@@ -122,6 +122,32 @@ def test_compile_traces_lowra_step_in_one_graph(lowra):
     assert explained.graph_count == 1
 
 
+def test_transformers_compiled_generate_matches_eager(lowra, monkeypatch):
+    """transformers' own compiled decoding (generate with a static cache and a compile_config) gives the eager
+    static generate's tokens, its LinearLowRA reading their kept operands. transformers compiles a quantized model
+    only if its quantizer says `is_compileable` (ours does not yet: it changes what generate does on CUDA, which wants
+    a GPU run first), and on the CPU only when asked to: both forced here."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    monkeypatch.setattr(type(lowra.hf_quantizer), "is_compileable", property(lambda self: True))
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, cache_implementation="static")
+    torch._dynamo.reset()
+    graphs, compiled = [], []
+    try:
+        with torch.no_grad():
+            eager = lowra.generate(_ids(), **kw)
+            for _ in range(2):
+                compiled.append(lowra.generate(_ids(), compile_config=config, **kw))
+                graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    finally:
+        torch._dynamo.reset()
+    assert all(torch.equal(c, eager) for c in compiled)
+    assert graphs[0] >= 1 and graphs[1] == graphs[0]  # compiled, and reused as is by the second generate
+    assert all("_kept_operands" in m.__dict__ for m in lowra.modules() if isinstance(m, LinearLowRA))
+
+
 def test_compiled_steps_never_recompile_between_eager_prefills(lowra, monkeypatch):
     """Each generation prefills eagerly (LinearLowRA remembers its decode shortcut), then runs compiled steps: the
     traced forward must leave the module's __dict__ alone, or every prefill changes what the graph was traced
