@@ -73,6 +73,34 @@ def test_move_without_plan_is_a_clear_error():
         quantized().weight.set_plan(2)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("mode", ["overwrite", "swap"])
+def test_moves_under_torch_future_conversion_modes(mode, device):
+    """torch.__future__'s other conversion modes (a new parameter per move, or swap_tensors in place) used to fail
+    on LinearLowRA: torch rewraps the converted weight in nn.Parameter(...), which refuses ParamsLowRA (bnb's
+    Params4bit too). The layer converts its weight itself there."""
+    set_mode = {"overwrite": torch.__future__.set_overwrite_module_params_on_conversion,
+                "swap": torch.__future__.set_swap_module_params_on_conversion}[mode]
+    q = quantized()
+    x = torch.randn(4, 200)
+    y = q(x)  # an eager call first: the layer keeps its operands (and a decode shortcut, on a GPU)
+    weight, packed, state = q.weight, q.weight.data.clone(), q.quant_state
+    set_mode(True)
+    try:
+        q.to(device)
+        moved = q.weight
+        q.half()  # the bias only: float casts leave packed codes alone
+        assert q.bias.dtype == torch.float16 and q.weight.dtype == torch.uint8
+        q.float().cpu()
+    finally:
+        set_mode(False)
+    assert isinstance(moved, ParamsLowRA) and moved.device.type == device
+    assert isinstance(q.weight, ParamsLowRA) and (q.weight is weight) == (mode == "swap")  # swap keeps the object
+    assert q.weight.module is q and q.weight.quant_state is state and q.quant_state is state
+    assert torch.equal(q.weight.data, packed) and state.device.type == "cpu"
+    torch.testing.assert_close(q(x), y, atol=1e-3, rtol=1e-3)  # the bias went through float16
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("nested", [False, True])
 def test_device_moves_cpu_cuda(nested):

@@ -640,7 +640,34 @@ class LinearLowRA(nn.Linear):
         # .to / .cuda / .cpu: the kept operands must not hold the codes on the old device (a weight assigned to the
         # module need not know its module, so its own setattr cannot always drop them)
         self.__dict__.pop("_kept_operands", None)
-        return super()._apply(fn, *args, **kwargs)
+        weight = self._parameters.get("weight")
+        overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+        swap = torch.__future__.get_swap_module_params_on_conversion()
+        if not isinstance(weight, ParamsLowRA) or not (overwrite or swap):
+            return super()._apply(fn, *args, **kwargs)
+        # Those modes rewrap the converted weight in nn.Parameter(...), which needs a detach() that keeps the class;
+        # ParamsLowRA's returns a plain tensor (as bnb's Params4bit's does), so the weight is converted here and the
+        # rest of the module as torch does. The weight is frozen: no gradient to convert with it.
+        self._parameters["weight"] = None
+        try:
+            super()._apply(fn, *args, **kwargs)
+        finally:
+            self._parameters["weight"] = weight
+        with torch.no_grad():
+            new = fn(weight)
+        if new is weight:  # nothing to convert (.float() leaves packed codes alone)
+            return self
+        if not isinstance(new, ParamsLowRA):  # a function that builds plain tensors (to_empty's empty_like)
+            new = ParamsLowRA(new, requires_grad=weight.requires_grad, module=weight.module, **weight._meta())
+        if swap:  # the same Python object keeps its identity, with the converted tensor and metadata
+            self.__dict__.pop("_decode_call", None)  # its weak reference to the weight would block the swap
+            try:
+                torch.utils.swap_tensors(weight, new)
+            except Exception as e:
+                raise RuntimeError(f"_apply(): couldn't swap {self._get_name()}.weight: {e}") from e
+        else:
+            self._parameters["weight"] = new
+        return self
 
     def kept_operands(self, weight: ParamsLowRA, state: QuantStateLowRA, quant_storage: torch.dtype | None):
         """(packed codes, KernelOperands) of `weight` and its `state`, kept between calls (with the stored scales:
