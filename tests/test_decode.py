@@ -122,14 +122,14 @@ def test_compile_traces_lowra_step_in_one_graph(lowra):
     assert explained.graph_count == 1
 
 
-def test_transformers_compiled_generate_matches_eager(lowra, monkeypatch):
+def test_transformers_compiled_generate_matches_eager(lowra):
     """transformers' own compiled decoding (generate with a static cache and a compile_config) gives the eager
     static generate's tokens, its LinearLowRA reading their kept operands. transformers compiles a quantized model
-    only if its quantizer says `is_compileable` (ours does not yet: it changes what generate does on CUDA, which wants
-    a GPU run first), and on the CPU only when asked to: both forced here."""
+    only if its quantizer says `is_compileable` (ours does), and on the CPU only when asked to (forced here; on a GPU
+    it compiles by itself: test_cuda_generate_static_cache_compiles_by_itself)."""
     from transformers.generation.configuration_utils import CompileConfig
 
-    monkeypatch.setattr(type(lowra.hf_quantizer), "is_compileable", property(lambda self: True))
+    assert lowra.hf_quantizer.is_compileable
     config = CompileConfig(fullgraph=True, mode="default")
     config._compile_all_devices = True
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, cache_implementation="static")
@@ -143,6 +143,7 @@ def test_transformers_compiled_generate_matches_eager(lowra, monkeypatch):
                 graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     finally:
         torch._dynamo.reset()
+        lowra.__dict__.pop("_compiled_call", None)
     assert all(torch.equal(c, eager) for c in compiled)
     assert graphs[0] >= 1 and graphs[1] == graphs[0]  # compiled, and reused as is by the second generate
     assert all("_kept_operands" in m.__dict__ for m in lowra.modules() if isinstance(m, LinearLowRA))
@@ -255,19 +256,49 @@ def test_cuda_compile_reduce_overhead_matches_eager(cuda_models):
     assert compiled.tokens.tolist() == eager.tokens.tolist()
 
 
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_cuda_generate_static_cache_compiles_by_itself(cuda_models):
+    """On a GPU, `generate(cache_implementation="static")` compiles a LowRA model's decode step (reduce-overhead: CUDA
+    graph trees) with no compile_config: the tokens are those of the same generate with compilation disabled, and
+    a second generate reuses the first's graphs."""
+    model = cuda_models["lowra"]
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, cache_implementation="static")
+    torch._dynamo.reset()
+    model.__dict__.pop("_compiled_call", None)
+    graphs, compiled = [], []
+    try:
+        with torch.no_grad():
+            eager = model.generate(_ids("cuda"), disable_compile=True, **kw)
+            for _ in range(2):
+                compiled.append(model.generate(_ids("cuda"), **kw))
+                graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    finally:
+        built = model.__dict__.pop("_compiled_call", None)  # transformers' own compiled forward, made by generate
+        torch._dynamo.reset()
+    assert built is not None
+    assert graphs[0] >= 1 and graphs[1] == graphs[0]
+    assert len(set(eager[0].tolist())) > 3
+    assert all(c.tolist() == eager.tolist() for c in compiled)
+
+
 def test_e2e_decode_bench_records_failures(lowra):
     """The benchmark row: eager generate and the static loop measured, tokens compared; a path that cannot run (here
     the CUDA graph on the CPU) is recorded as its error, not raised."""
     from bitsandbytes_lowra.bench.e2e import decode_bench, decode_table
 
-    row = decode_bench(lowra, new_tokens=8, repeats=1, graph=True, device="cpu", prompt=PROMPT[0])
+    row = decode_bench(lowra, new_tokens=8, repeats=1, graph=True, static_generate=True, device="cpu",
+                       prompt=PROMPT[0])
     assert row["decode_tok_s"] > 0 and row["static_eager_tok_s"] > 0
     assert row["static_eager_matches_generate"] is True
+    # generate over a static cache: on the CPU transformers does not compile it unless asked
+    assert row["static_generate_tok_s"] > 0 and row["static_generate_compiled"] is False
+    assert row["static_generate_matches_generate"] is True and "_compiled_call" not in lowra.__dict__
     assert "first_mismatch" not in " ".join(row)
     assert row["graph_error"].startswith("ValueError: mode 'cuda-graph' needs a CUDA device")
     assert "graph_tok_s" not in row
     table = decode_table([{"model": "lowra", **row}])
-    assert table.splitlines()[1].startswith("lowra | ") and "| error |" in table
+    assert table.splitlines()[1].startswith("lowra | ") and "| error |" in table and " (eager) | " in table
 
 
 def test_e2e_decode_bench_compiled_tokens_may_differ_graph_tokens_may_not(lowra, monkeypatch):

@@ -128,13 +128,26 @@ def mark_quant_states_static(model) -> int:
     return len(seen)
 
 
-def generate_greedy(model, input_ids: torch.Tensor, new_tokens: int, repeats: int = 1) -> DecodeRun:
-    """`model.generate` greedy, exactly new_tokens tokens (one warm-up of 4 tokens first); median of `repeats`."""
+def generate_greedy(model, input_ids: torch.Tensor, new_tokens: int, repeats: int = 1,
+                    static: bool = False) -> DecodeRun:
+    """`model.generate` greedy, exactly new_tokens tokens; median of `repeats`.
+
+    static=True passes `cache_implementation="static"`, with which transformers compiles the decode step itself
+    (reduce-overhead) on a GPU where the model allows it: unquantized models, and quantized ones whose quantizer is
+    compileable (LowRA's is, bnb's is not, so bnb runs it eagerly). Its warm-up is two whole generations (the first
+    compiles, the second records the CUDA graphs), a dynamic cache's one of 4 tokens."""
     _check_args(input_ids, new_tokens)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if static:
+        kw["cache_implementation"] = "static"
+        warmups = [kw, kw]
+    else:
+        short = min(4, new_tokens)
+        warmups = [{**kw, "max_new_tokens": short, "min_new_tokens": short}]
     device = input_ids.device
     with torch.no_grad():
-        model.generate(input_ids, **{**kw, "max_new_tokens": min(4, new_tokens), "min_new_tokens": min(4, new_tokens)})
+        for w in warmups:
+            model.generate(input_ids, **w)
         times, out = [], None
         for _ in range(repeats):
             _sync(device)
@@ -143,7 +156,7 @@ def generate_greedy(model, input_ids: torch.Tensor, new_tokens: int, repeats: in
             _sync(device)
             times.append(time.perf_counter() - t0)
     tokens = out[0, input_ids.shape[1]:].cpu()
-    return DecodeRun(tokens, statistics.median(times), new_tokens, "generate", times)
+    return DecodeRun(tokens, statistics.median(times), new_tokens, "generate-static" if static else "generate", times)
 
 
 class StaticGreedy:

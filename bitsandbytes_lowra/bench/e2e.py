@@ -138,15 +138,30 @@ PROMPT = [1, 450, 4996, 17354, 1701, 29916]  # token ids of a Llama-2 prompt (th
 
 
 def decode_bench(model, new_tokens: int = 64, repeats: int = 3, graph: bool = True, compile: bool = False,
-                 device="cuda", prompt=PROMPT) -> dict:
+                 static_generate: bool = False, device="cuda", prompt=PROMPT) -> dict:
     """Batch-1 greedy decode of `new_tokens` tokens: eager generate, the static-cache loop eagerly, and (each
-    optional) the same loop replayed from a CUDA graph / torch.compile'd. A failing static path is recorded as
-    `<key>_error` and the others still run."""
+    optional) the same loop replayed from a CUDA graph / torch.compile'd, and `generate` over a static cache (which
+    transformers compiles itself where the model allows: `static_generate_compiled`). A failing static path is
+    recorded as `<key>_error` and the others still run."""
     from .decode import first_mismatch, generate_greedy, static_greedy
 
     ids = torch.tensor([prompt], device=device)
     ref = generate_greedy(model, ids, new_tokens, repeats=repeats)
     row = {"new_tokens": new_tokens, "decode_tok_s": ref.tok_s}
+    if static_generate:  # what a user gets from generate(..., cache_implementation="static")
+        model.__dict__.pop("_compiled_call", None)  # so that one found after the run is this run's
+        try:
+            run = generate_greedy(model, ids, new_tokens, repeats=repeats, static=True)
+            row["static_generate_tok_s"] = run.tok_s
+            row["static_generate_compiled"] = getattr(model, "_compiled_call", None) is not None
+            row["static_generate_matches_generate"] = torch.equal(run.tokens, ref.tokens)
+        except Exception as e:  # noqa: BLE001  (recorded; the other paths still run)
+            row["static_generate_error"] = f"{type(e).__name__}: {e}"[:2000]
+            print(f"  static generate failed: {row['static_generate_error'][:300]}", flush=True)
+            _recover(ids.device)
+        finally:
+            torch._dynamo.reset()  # drop transformers' compiled graphs (and their CUDA graph pools)
+            model.__dict__.pop("_compiled_call", None)
     static_tokens = None
     modes = [("static_eager", "eager")] + [("graph", "cuda-graph")] * graph + [("compile", "compile")] * compile
     for key, mode in modes:
@@ -320,10 +335,16 @@ def decode_table(rows: list[dict]) -> str:
             step = f" ({r[key + '_step_ms']:.2f} ms/step{host})"
         return f"{r[key + '_tok_s']:.1f}{step}"
 
-    lines = ["model | generate tok/s | static eager | CUDA graph | compile | graph == static eager | graph == generate"]
+    def static_generate(r):
+        if "static_generate_tok_s" not in r:
+            return cell(r, "static_generate")
+        return f"{r['static_generate_tok_s']:.1f} ({'compiled' if r['static_generate_compiled'] else 'eager'})"
+
+    lines = ["model | generate tok/s | static generate | static eager | CUDA graph | compile | graph == static eager | "
+             "graph == generate"]
     for r in rows:
-        lines.append(" | ".join([r["model"], f"{r['decode_tok_s']:.1f}", cell(r, "static_eager"), cell(r, "graph"),
-                                 cell(r, "compile"), str(r.get("graph_matches_static_eager", "-")),
+        lines.append(" | ".join([r["model"], f"{r['decode_tok_s']:.1f}", static_generate(r), cell(r, "static_eager"),
+                                 cell(r, "graph"), cell(r, "compile"), str(r.get("graph_matches_static_eager", "-")),
                                  str(r.get("graph_matches_generate", "-"))]))
     return "\n".join(lines)
 
@@ -358,6 +379,9 @@ def main(argv=None) -> int:
                     help="tokens of the whole-model LoRA fine-tuning step (one sequence; 0 skips it)")
     ap.add_argument("--compile", action="store_true",
                     help='also decode with torch.compile(mode="reduce-overhead") (compiles once per contender: slow)')
+    ap.add_argument("--static-generate", action="store_true",
+                    help='also time generate(cache_implementation="static"), which transformers compiles itself for '
+                         "the contenders that allow it (slow, as --compile)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
@@ -385,7 +409,7 @@ def main(argv=None) -> int:
         dump()
     if not args.skip_model:
         decode_kw = dict(new_tokens=args.new_tokens, repeats=args.repeats, graph=not args.no_graph,
-                         compile=args.compile)
+                         compile=args.compile, static_generate=args.static_generate)
         if args.workdir:
             os.makedirs(args.workdir, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:

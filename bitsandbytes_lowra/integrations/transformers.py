@@ -608,6 +608,12 @@ class LowRAHfQuantizer(HfQuantizer):
     def is_qat_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        # generate(cache_implementation="static") then compiles the decode step on a GPU (reduce-overhead) as it does
+        # for unquantized models: LinearLowRA traces into one graph with its kernels as custom ops (tests/test_decode.py)
+        return True
+
     def _dequantize(self, model, dtype=None):
         for name in self.lowra_modules:
             module = model.get_submodule(name)
