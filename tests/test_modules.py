@@ -88,13 +88,13 @@ def test_moves_under_torch_future_conversion_modes(mode, device):
     set_mode(True)
     try:
         q.to(device)
-        moved = q.weight
+        moved = (type(q.weight), q.weight.device.type, q.quant_state.device.type)
         q.half()  # the bias only: float casts leave packed codes alone
         assert q.bias.dtype == torch.float16 and q.weight.dtype == torch.uint8
         q.float().cpu()
     finally:
         set_mode(False)
-    assert isinstance(moved, ParamsLowRA) and moved.device.type == device
+    assert moved == (ParamsLowRA, device, device)
     assert isinstance(q.weight, ParamsLowRA) and (q.weight is weight) == (mode == "swap")  # swap keeps the object
     assert q.weight.module is q and q.weight.quant_state is state and q.quant_state is state
     assert torch.equal(q.weight.data, packed) and state.device.type == "cpu"
