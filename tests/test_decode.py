@@ -149,6 +149,36 @@ def test_transformers_compiled_generate_matches_eager(lowra):
     assert all("_kept_operands" in m.__dict__ for m in lowra.modules() if isinstance(m, LinearLowRA))
 
 
+def test_transformers_compiled_generate_with_lora_adapters(tiny_dir):
+    """The fine-tuned model as users generate with it: peft LoRA adapters (nonzero) on LinearLowRA layers, generate
+    over a static cache compiled with fullgraph=True (no graph break in the adapter's forward either): the tokens of
+    the uncompiled generate, one graph reused by the second generate."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.generation.configuration_utils import CompileConfig
+
+    torch.manual_seed(0)
+    model = get_peft_model(_load(tiny_dir, lowra=True), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)).eval()
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, cache_implementation="static")
+    torch._dynamo.reset()
+    graphs, compiled = [], []
+    try:
+        with torch.no_grad():
+            eager = model.generate(input_ids=_ids(), **kw)
+            for _ in range(2):
+                compiled.append(model.generate(input_ids=_ids(), compile_config=config, **kw))
+                graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    finally:
+        torch._dynamo.reset()
+    with torch.no_grad(), model.disable_adapter():
+        base = model.generate(input_ids=_ids(), **kw)
+    assert not torch.equal(base, eager)  # the adapters change the tokens: they are in the compiled graph
+    assert all(torch.equal(c, eager) for c in compiled)
+    assert graphs[0] >= 1 and graphs[1] == graphs[0]
+
+
 def test_compiled_steps_never_recompile_between_eager_prefills(lowra, monkeypatch):
     """Each generation prefills eagerly (LinearLowRA remembers its decode shortcut), then runs compiled steps: the
     traced forward must leave the module's __dict__ alone, or every prefill changes what the graph was traced
