@@ -288,23 +288,32 @@ def test_cuda_compile_reduce_overhead_matches_eager(cuda_models):
 
 @pytest.mark.cuda
 @pytest.mark.slow
-def test_cuda_generate_static_cache_compiles_by_itself(cuda_models):
+@pytest.mark.parametrize("adapters", [False, True])
+def test_cuda_generate_static_cache_compiles_by_itself(tiny_dir, cuda_models, adapters):
     """On a GPU, `generate(cache_implementation="static")` compiles a LowRA model's decode step (reduce-overhead: CUDA
-    graph trees) with no compile_config: the tokens are those of the same generate with compilation disabled, and
-    a second generate reuses the first's graphs."""
-    model = cuda_models["lowra"]
+    graph trees) with no compile_config, with or without peft LoRA adapters: the tokens are those of the same
+    generate with compilation disabled, and a second generate reuses the first's graphs."""
+    if adapters:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        base = _load(tiny_dir, "cuda", lowra=True, dtype=torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                init_lora_weights=False)).eval()
+    else:
+        model = base = cuda_models["lowra"]
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, cache_implementation="static")
     torch._dynamo.reset()
-    model.__dict__.pop("_compiled_call", None)
+    base.__dict__.pop("_compiled_call", None)
     graphs, compiled = [], []
     try:
         with torch.no_grad():
-            eager = model.generate(_ids("cuda"), disable_compile=True, **kw)
+            eager = model.generate(input_ids=_ids("cuda"), disable_compile=True, **kw)
             for _ in range(2):
-                compiled.append(model.generate(_ids("cuda"), **kw))
+                compiled.append(model.generate(input_ids=_ids("cuda"), **kw))
                 graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     finally:
-        built = model.__dict__.pop("_compiled_call", None)  # transformers' own compiled forward, made by generate
+        built = base.__dict__.pop("_compiled_call", None)  # transformers' own compiled forward, made by generate
         torch._dynamo.reset()
     assert built is not None
     assert graphs[0] >= 1 and graphs[1] == graphs[0]
