@@ -229,6 +229,32 @@ def test_one_training_step_on_cpu_moves_only_lora(model, smol, tmp_path):
         assert torch.equal(after[name][0], packed) and after[name][1] == state
 
 
+def test_compiled_training_step_matches_eager(smol):
+    """torch.compile (Trainer's torch_compile=True does the same) traces a LoRA step on LowRA layers into one graph,
+    forward and backward (fullgraph=True: a graph break fails), and gives the eager loss and LoRA gradients."""
+    tok = smol[1]
+    batch = tok(TEXTS, return_tensors="pt", padding=True)
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        pm = get_peft_model(prepare_model_for_kbit_training(copy.deepcopy(smol[0]), use_gradient_checkpointing=False),
+                            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+        pm.train()
+        step = torch.compile(pm, fullgraph=True) if compiled else pm
+        torch._dynamo.reset()
+        try:
+            loss = step(**batch, labels=batch["input_ids"]).loss
+            loss.backward()
+        finally:
+            torch._dynamo.reset()
+        runs.append((loss.detach(), {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}))
+    (eager_loss, eager_grads), (loss, grads) = runs
+    assert grads.keys() == eager_grads.keys() and all(g is not None for g in grads.values())
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for n, g in grads.items():  # inductor fuses and reorders float32 sums: close, not equal
+        torch.testing.assert_close(g, eager_grads[n], rtol=1e-3, atol=1e-6, msg=n)
+
+
 # -- merging --------------------------------------------------------------------------------------------------------
 
 
