@@ -20,6 +20,7 @@ from bitsandbytes_lowra.bench import decode
 hf_logging.disable_progress_bar()
 
 PROMPT = [[1, 45, 17, 99, 3, 200]]
+BATCH4 = [PROMPT[0], [7, 8, 9, 10, 11, 12], [200, 3, 99, 17, 45, 1], [5, 5, 6, 6, 7, 7]]
 NEW = 16
 
 
@@ -122,7 +123,8 @@ def test_compile_traces_lowra_step_in_one_graph(lowra):
     assert explained.graph_count == 1
 
 
-def test_transformers_compiled_generate_matches_eager(lowra):
+@pytest.mark.parametrize("batch", [1, 4])
+def test_transformers_compiled_generate_matches_eager(lowra, batch):
     """transformers' own compiled decoding (generate with a static cache and a compile_config) gives the eager
     static generate's tokens, its LinearLowRA reading their kept operands. transformers compiles a quantized model
     only if its quantizer says `is_compileable` (ours does), and on the CPU only when asked to (forced here; on a GPU
@@ -133,13 +135,14 @@ def test_transformers_compiled_generate_matches_eager(lowra):
     config = CompileConfig(fullgraph=True, mode="default")
     config._compile_all_devices = True
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, cache_implementation="static")
+    ids = _ids() if batch == 1 else torch.tensor(BATCH4)
     torch._dynamo.reset()
     graphs, compiled = [], []
     try:
         with torch.no_grad():
-            eager = lowra.generate(_ids(), **kw)
+            eager = lowra.generate(ids, **kw)
             for _ in range(2):
-                compiled.append(lowra.generate(_ids(), compile_config=config, **kw))
+                compiled.append(lowra.generate(ids, compile_config=config, **kw))
                 graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     finally:
         torch._dynamo.reset()
@@ -288,11 +291,12 @@ def test_cuda_compile_reduce_overhead_matches_eager(cuda_models):
 
 @pytest.mark.cuda
 @pytest.mark.slow
-@pytest.mark.parametrize("adapters", [False, True])
-def test_cuda_generate_static_cache_compiles_by_itself(tiny_dir, cuda_models, adapters):
+@pytest.mark.parametrize("adapters, batch", [(False, 1), (True, 1), (False, 4)])
+def test_cuda_generate_static_cache_compiles_by_itself(tiny_dir, cuda_models, adapters, batch):
     """On a GPU, `generate(cache_implementation="static")` compiles a LowRA model's decode step (reduce-overhead: CUDA
-    graph trees) with no compile_config, with or without peft LoRA adapters: the tokens are those of the same
-    generate with compilation disabled, and a second generate reuses the first's graphs."""
+    graph trees) with no compile_config, with or without peft LoRA adapters, at batch 1 (the GEMV) and 4 (the
+    tensor-core kernel): the tokens are those of the same generate with compilation disabled, and a second generate
+    reuses the first's graphs."""
     if adapters:
         from peft import LoraConfig, get_peft_model
 
@@ -303,21 +307,22 @@ def test_cuda_generate_static_cache_compiles_by_itself(tiny_dir, cuda_models, ad
     else:
         model = base = cuda_models["lowra"]
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, cache_implementation="static")
+    ids = _ids("cuda") if batch == 1 else torch.tensor(BATCH4, device="cuda")
     torch._dynamo.reset()
     base.__dict__.pop("_compiled_call", None)
     graphs, compiled = [], []
     try:
         with torch.no_grad():
-            eager = model.generate(input_ids=_ids("cuda"), disable_compile=True, **kw)
+            eager = model.generate(input_ids=ids, disable_compile=True, **kw)
             for _ in range(2):
-                compiled.append(model.generate(input_ids=_ids("cuda"), **kw))
+                compiled.append(model.generate(input_ids=ids, **kw))
                 graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     finally:
         built = base.__dict__.pop("_compiled_call", None)  # transformers' own compiled forward, made by generate
         torch._dynamo.reset()
     assert built is not None
     assert graphs[0] >= 1 and graphs[1] == graphs[0]
-    assert len(set(eager[0].tolist())) > 3
+    assert eager.shape[0] == batch and len(set(eager[0].tolist())) > 3
     assert all(c.tolist() == eager.tolist() for c in compiled)
 
 
