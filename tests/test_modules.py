@@ -101,6 +101,25 @@ def test_moves_under_torch_future_conversion_modes(mode, device):
     torch.testing.assert_close(q(x), y, atol=1e-3, rtol=1e-3)  # the bias went through float16
 
 
+@pytest.mark.parametrize("mode", ["overwrite", "swap"])
+def test_dense_weight_keeps_its_gradient_under_torch_future_conversion_modes(mode):
+    """A weight not yet quantized may require and hold a gradient (set here by hand: an unquantized layer does not
+    run); a dtype conversion in those modes converts it too."""
+    set_mode = {"overwrite": torch.__future__.set_overwrite_module_params_on_conversion,
+                "swap": torch.__future__.set_swap_module_params_on_conversion}[mode]
+    layer = LinearLowRA(64, 16)
+    layer.weight.requires_grad_(True)
+    layer.weight.grad = grad = torch.randn(16, 64)
+    set_mode(True)
+    try:
+        layer.double()
+    finally:
+        set_mode(False)
+    assert isinstance(layer.weight, ParamsLowRA) and layer.weight.dtype == torch.float64
+    assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.float64
+    assert torch.equal(layer.weight.grad, grad.double())
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("nested", [False, True])
 def test_device_moves_cpu_cuda(nested):

@@ -647,7 +647,7 @@ class LinearLowRA(nn.Linear):
             return super()._apply(fn, *args, **kwargs)
         # Those modes rewrap the converted weight in nn.Parameter(...), which needs a detach() that keeps the class;
         # ParamsLowRA's returns a plain tensor (as bnb's Params4bit's does), so the weight is converted here and the
-        # rest of the module as torch does. The weight is frozen: no gradient to convert with it.
+        # rest of the module as torch does.
         self._parameters["weight"] = None
         try:
             super()._apply(fn, *args, **kwargs)
@@ -659,14 +659,21 @@ class LinearLowRA(nn.Linear):
             return self
         if not isinstance(new, ParamsLowRA):  # a function that builds plain tensors (to_empty's empty_like)
             new = ParamsLowRA(new, requires_grad=weight.requires_grad, module=weight.module, **weight._meta())
+        grad = weight.grad  # only a dense (not yet quantized) weight can have one; converted with it, as torch does
         if swap:  # the same Python object keeps its identity, with the converted tensor and metadata
             self.__dict__.pop("_decode_call", None)  # its weak reference to the weight would block the swap
+            weight.grad = None  # a gradient held by the weight would block it too
             try:
                 torch.utils.swap_tensors(weight, new)
             except Exception as e:
+                weight.grad = grad
                 raise RuntimeError(f"_apply(): couldn't swap {self._get_name()}.weight: {e}") from e
+            new = weight
         else:
             self._parameters["weight"] = new
+        if grad is not None:
+            with torch.no_grad():
+                new.grad = fn(grad)
         return self
 
     def kept_operands(self, weight: ParamsLowRA, state: QuantStateLowRA, quant_storage: torch.dtype | None):
