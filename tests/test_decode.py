@@ -152,6 +152,27 @@ def test_transformers_compiled_generate_matches_eager(lowra, batch):
     assert all("_kept_operands" in m.__dict__ for m in lowra.modules() if isinstance(m, LinearLowRA))
 
 
+def test_transformers_does_not_compile_a_model_split_over_devices(lowra, monkeypatch):
+    """A model whose device map spans several devices (the quantizer saw it in validate_environment) is not
+    compileable: accelerate's hooks would make every LinearLowRA a recompile (two H200s, twenty-eighth round), so
+    generate runs it eagerly even when asked to compile, with the eager tokens."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    monkeypatch.setattr(lowra.hf_quantizer, "_several_devices", True)
+    assert not lowra.hf_quantizer.is_compileable
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, cache_implementation="static")
+    lowra.__dict__.pop("_compiled_call", None)
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        eager = lowra.generate(_ids(), **kw)
+        out = lowra.generate(_ids(), compile_config=config, **kw)
+    assert "_compiled_call" not in lowra.__dict__ and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(out, eager)
+
+
 def test_transformers_compiled_generate_with_lora_adapters(tiny_dir):
     """The fine-tuned model as users generate with it: peft LoRA adapters (nonzero) on LinearLowRA layers, generate
     over a static cache compiled with fullgraph=True (no graph break in the adapter's forward either): the tokens of

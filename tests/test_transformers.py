@@ -343,7 +343,12 @@ def test_offload_is_refused(tiny_dir, plan_cache):
     with pytest.raises(ValueError, match="offload"):
         quantizer.validate_environment(device_map={"model.layers.0": 0, "model.layers.1": "cpu"})
     quantizer.validate_environment(device_map={"": "cpu"})  # all on the CPU is fine
+    assert quantizer.is_compileable
     quantizer.validate_environment(device_map={"model.layers.0": 0, "model.layers.1": 1})  # several GPUs too
+    # but generate does not compile a model split over devices (accelerate's hooks: a recompile per layer)
+    assert not quantizer.is_compileable
+    quantizer.validate_environment(device_map={"model.layers.0": 0, "model.layers.1": "cuda:0"})  # one device
+    assert quantizer.is_compileable
 
 
 def test_non_safetensors_checkpoint_refused(tiny_dir, tmp_path, plan_cache):

@@ -382,6 +382,7 @@ class LowRAHfQuantizer(HfQuantizer):
         self.lowra_modules: list[str] = []
         self._errors: dict[str, str] = {}
         _last_errors = self._errors
+        self._several_devices = False
 
     # -- environment ----------------------------------------------------------------------------------------------
 
@@ -389,7 +390,8 @@ class LowRAHfQuantizer(HfQuantizer):
         # Called with the user's device_map and again with the resolved one (device_map="auto").
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict):
-            values = {str(v) for v in device_map.values()}
+            values = {f"cuda:{v}" if isinstance(v, int) else str(v) for v in device_map.values()}  # 0 is cuda:0
+            self._several_devices = len(values) > 1  # see is_compileable
             if "disk" in values or ("cpu" in values and values != {"cpu"}):
                 raise ValueError(
                     "LowRA does not support CPU or disk offload: the device map puts some modules on "
@@ -611,8 +613,11 @@ class LowRAHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         # generate(cache_implementation="static") then compiles the decode step on a GPU (reduce-overhead) as it does
-        # for unquantized models: LinearLowRA traces into one graph with its kernels as custom ops (tests/test_decode.py)
-        return True
+        # for unquantized models: LinearLowRA traces into one graph with its kernels as custom ops (tests/test_decode.py).
+        # Not for a model split over several devices: accelerate's hooks break the graph at every module, and each
+        # LinearLowRA frame (guarded on its own stamps) is then a recompile until Dynamo's limit (on two H200s:
+        # tokens right, but the limit hit and most layers eager). generate then runs eagerly, as before.
+        return not self._several_devices
 
     def _dequantize(self, model, dtype=None):
         for name in self.lowra_modules:
