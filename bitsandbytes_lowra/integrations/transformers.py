@@ -613,7 +613,7 @@ class LowRAHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         # generate(cache_implementation="static") then compiles the decode step on a GPU (reduce-overhead) as it does
-        # for unquantized models: LinearLowRA traces into one graph with its kernels as custom ops (tests/test_decode.py).
+        # for unquantized models: LinearLowRA traces into one graph, its kernels as custom ops (tests/test_decode.py).
         # Not for a model split over several devices: accelerate's hooks break the graph at every module, and each
         # LinearLowRA frame (guarded on its own stamps) is then a recompile until Dynamo's limit (on two H200s:
         # tokens right, but the limit hit and most layers eager). generate then runs eagerly, as before.
