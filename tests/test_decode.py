@@ -56,6 +56,39 @@ def _ids(device="cpu"):
     return torch.tensor(PROMPT, device=device)
 
 
+STATIC = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, cache_implementation="static")
+
+
+def _forced_compile_config():
+    """A compile_config for generate that also compiles on the CPU (transformers compiles on GPUs only, by default)."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True
+    return config
+
+
+def _static_generates(model, ids, base=None, **compile_kw):
+    """generate over a static cache with compilation disabled, then twice as it comes (compile_kw: a compile_config):
+    (eager tokens, [tokens of the two], [Dynamo graphs built by then], the compiled call transformers made or None).
+    `base` is the transformers model under a peft wrapper; its compiled call and Dynamo's caches are dropped after."""
+    base = model if base is None else base
+    torch._dynamo.reset()
+    base.__dict__.pop("_compiled_call", None)
+    start = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled, graphs = [], []
+    try:
+        with torch.no_grad():
+            eager = model.generate(input_ids=ids, disable_compile=True, **STATIC)
+            for _ in range(2):
+                compiled.append(model.generate(input_ids=ids, **STATIC, **compile_kw))
+                graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - start)
+    finally:
+        built = base.__dict__.pop("_compiled_call", None)
+        torch._dynamo.reset()
+    return eager, compiled, graphs, built
+
+
 @pytest.mark.parametrize("which", ["dense", "lowra"])
 def test_static_eager_matches_generate(which, request):
     model = request.getfixturevalue(which)
@@ -129,25 +162,10 @@ def test_transformers_compiled_generate_matches_eager(lowra, batch):
     static generate's tokens, its LinearLowRA reading their kept operands. transformers compiles a quantized model
     only if its quantizer says `is_compileable` (ours does), and on the CPU only when asked to (forced here; on a GPU
     it compiles by itself: test_cuda_generate_static_cache_compiles_by_itself)."""
-    from transformers.generation.configuration_utils import CompileConfig
-
     assert lowra.hf_quantizer.is_compileable
-    config = CompileConfig(fullgraph=True, mode="default")
-    config._compile_all_devices = True
-    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, cache_implementation="static")
     ids = _ids() if batch == 1 else torch.tensor(BATCH4)
-    torch._dynamo.reset()
-    graphs, compiled = [], []
-    try:
-        with torch.no_grad():
-            eager = lowra.generate(ids, **kw)
-            for _ in range(2):
-                compiled.append(lowra.generate(ids, compile_config=config, **kw))
-                graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-    finally:
-        torch._dynamo.reset()
-        lowra.__dict__.pop("_compiled_call", None)
-    assert all(torch.equal(c, eager) for c in compiled)
+    eager, compiled, graphs, built = _static_generates(lowra, ids, compile_config=_forced_compile_config())
+    assert built is not None and all(torch.equal(c, eager) for c in compiled)
     assert graphs[0] >= 1 and graphs[1] == graphs[0]  # compiled, and reused as is by the second generate
     assert all("_kept_operands" in m.__dict__ for m in lowra.modules() if isinstance(m, LinearLowRA))
 
@@ -156,21 +174,11 @@ def test_transformers_does_not_compile_a_model_split_over_devices(lowra, monkeyp
     """A model whose device map spans several devices (the quantizer saw it in validate_environment) is not
     compileable: accelerate's hooks would make every LinearLowRA a recompile (two H200s, twenty-eighth round), so
     generate runs it eagerly even when asked to compile, with the eager tokens."""
-    from transformers.generation.configuration_utils import CompileConfig
-
     monkeypatch.setattr(lowra.hf_quantizer, "_several_devices", True)
     assert not lowra.hf_quantizer.is_compileable
-    config = CompileConfig(fullgraph=True, mode="default")
-    config._compile_all_devices = True
-    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, cache_implementation="static")
-    lowra.__dict__.pop("_compiled_call", None)
-    torch._dynamo.reset()
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    with torch.no_grad():
-        eager = lowra.generate(_ids(), **kw)
-        out = lowra.generate(_ids(), compile_config=config, **kw)
-    assert "_compiled_call" not in lowra.__dict__ and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-    assert torch.equal(out, eager)
+    eager, out, graphs, built = _static_generates(lowra, _ids(), compile_config=_forced_compile_config())
+    assert built is None and graphs == [0, 0]
+    assert all(torch.equal(o, eager) for o in out)
 
 
 def test_transformers_compiled_generate_with_lora_adapters(tiny_dir):
@@ -178,28 +186,16 @@ def test_transformers_compiled_generate_with_lora_adapters(tiny_dir):
     over a static cache compiled with fullgraph=True (no graph break in the adapter's forward either): the tokens of
     the uncompiled generate, one graph reused by the second generate."""
     from peft import LoraConfig, get_peft_model
-    from transformers.generation.configuration_utils import CompileConfig
 
     torch.manual_seed(0)
-    model = get_peft_model(_load(tiny_dir, lowra=True), LoraConfig(
-        r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)).eval()
-    config = CompileConfig(fullgraph=True, mode="default")
-    config._compile_all_devices = True
-    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, cache_implementation="static")
-    torch._dynamo.reset()
-    graphs, compiled = [], []
-    try:
-        with torch.no_grad():
-            eager = model.generate(input_ids=_ids(), **kw)
-            for _ in range(2):
-                compiled.append(model.generate(input_ids=_ids(), compile_config=config, **kw))
-                graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-    finally:
-        torch._dynamo.reset()
+    base = _load(tiny_dir, lowra=True)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            init_lora_weights=False)).eval()
+    eager, compiled, graphs, built = _static_generates(model, _ids(), base, compile_config=_forced_compile_config())
     with torch.no_grad(), model.disable_adapter():
-        base = model.generate(input_ids=_ids(), **kw)
-    assert not torch.equal(base, eager)  # the adapters change the tokens: they are in the compiled graph
-    assert all(torch.equal(c, eager) for c in compiled)
+        without = model.generate(input_ids=_ids(), **STATIC)
+    assert not torch.equal(without, eager)  # the adapters change the tokens: they are in the compiled graph
+    assert built is not None and all(torch.equal(c, eager) for c in compiled)
     assert graphs[0] >= 1 and graphs[1] == graphs[0]
 
 
@@ -327,21 +323,9 @@ def test_cuda_generate_static_cache_compiles_by_itself(tiny_dir, cuda_models, ad
                                                 init_lora_weights=False)).eval()
     else:
         model = base = cuda_models["lowra"]
-    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, cache_implementation="static")
     ids = _ids("cuda") if batch == 1 else torch.tensor(BATCH4, device="cuda")
-    torch._dynamo.reset()
-    base.__dict__.pop("_compiled_call", None)
-    graphs, compiled = [], []
-    try:
-        with torch.no_grad():
-            eager = model.generate(input_ids=ids, disable_compile=True, **kw)
-            for _ in range(2):
-                compiled.append(model.generate(input_ids=ids, **kw))
-                graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-    finally:
-        built = base.__dict__.pop("_compiled_call", None)  # transformers' own compiled forward, made by generate
-        torch._dynamo.reset()
-    assert built is not None
+    eager, compiled, graphs, built = _static_generates(model, ids, base)
+    assert built is not None  # transformers' own compiled forward, made by generate
     assert graphs[0] >= 1 and graphs[1] == graphs[0]
     assert eager.shape[0] == batch and len(set(eager[0].tolist())) > 3
     assert all(c.tolist() == eager.tolist() for c in compiled)
