@@ -1,5 +1,6 @@
 """ParamsLowRA and LinearLowRA, modelled on what bitsandbytes tests for Params4bit / Linear4bit."""
 
+import contextlib
 import copy
 import pickle
 
@@ -73,27 +74,34 @@ def test_move_without_plan_is_a_clear_error():
         quantized().weight.set_plan(2)
 
 
+@contextlib.contextmanager
+def conversion_mode(mode: str):
+    """torch.__future__'s "overwrite" or "swap" module conversion mode while inside (torch's default after)."""
+    set_mode = {"overwrite": torch.__future__.set_overwrite_module_params_on_conversion,
+                "swap": torch.__future__.set_swap_module_params_on_conversion}[mode]
+    set_mode(True)
+    try:
+        yield
+    finally:
+        set_mode(False)
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("mode", ["overwrite", "swap"])
 def test_moves_under_torch_future_conversion_modes(mode, device):
     """torch.__future__'s other conversion modes (a new parameter per move, or swap_tensors in place) used to fail
     on LinearLowRA: torch rewraps the converted weight in nn.Parameter(...), which refuses ParamsLowRA (bnb's
     Params4bit too). The layer converts its weight itself there."""
-    set_mode = {"overwrite": torch.__future__.set_overwrite_module_params_on_conversion,
-                "swap": torch.__future__.set_swap_module_params_on_conversion}[mode]
     q = quantized()
     x = torch.randn(4, 200)
     y = q(x)  # an eager call first: the layer keeps its operands (and a decode shortcut, on a GPU)
     weight, packed, state = q.weight, q.weight.data.clone(), q.quant_state
-    set_mode(True)
-    try:
+    with conversion_mode(mode):
         q.to(device)
         moved = (type(q.weight), q.weight.device.type, q.quant_state.device.type)
         q.half()  # the bias only: float casts leave packed codes alone
         assert q.bias.dtype == torch.float16 and q.weight.dtype == torch.uint8
         q.float().cpu()
-    finally:
-        set_mode(False)
     assert moved == (ParamsLowRA, device, device)
     assert isinstance(q.weight, ParamsLowRA) and (q.weight is weight) == (mode == "swap")  # swap keeps the object
     assert q.weight.module is q and q.weight.quant_state is state and q.quant_state is state
@@ -105,16 +113,11 @@ def test_moves_under_torch_future_conversion_modes(mode, device):
 def test_dense_weight_keeps_its_gradient_under_torch_future_conversion_modes(mode):
     """A weight not yet quantized may require and hold a gradient (set here by hand: an unquantized layer does not
     run); a dtype conversion in those modes converts it too."""
-    set_mode = {"overwrite": torch.__future__.set_overwrite_module_params_on_conversion,
-                "swap": torch.__future__.set_swap_module_params_on_conversion}[mode]
     layer = LinearLowRA(64, 16)
     layer.weight.requires_grad_(True)
     layer.weight.grad = grad = torch.randn(16, 64)
-    set_mode(True)
-    try:
+    with conversion_mode(mode):
         layer.double()
-    finally:
-        set_mode(False)
     assert isinstance(layer.weight, ParamsLowRA) and layer.weight.dtype == torch.float64
     assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.float64
     assert torch.equal(layer.weight.grad, grad.double())
