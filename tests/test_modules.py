@@ -110,6 +110,18 @@ def test_moves_under_torch_future_conversion_modes(mode, device):
 
 
 @pytest.mark.parametrize("mode", ["overwrite", "swap"])
+def test_to_empty_under_torch_future_conversion_modes_keeps_the_weight_class_and_state(mode):
+    """to_empty's conversion builds plain tensors: the layer wraps the new storage as its ParamsLowRA again, with the
+    quantization state, as torch's default mode (`param.data = ...`) leaves it."""
+    q = quantized()
+    state, nbytes = q.quant_state, q.weight.numel()
+    with conversion_mode(mode):
+        q.to_empty(device="cpu")
+    assert type(q.weight) is ParamsLowRA and q.weight.lowra_quantized and q.weight.module is q
+    assert q.weight.quant_state is state and q.weight.dtype == torch.uint8 and q.weight.numel() == nbytes
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "swap"])
 def test_dense_weight_keeps_its_gradient_under_torch_future_conversion_modes(mode):
     """A weight not yet quantized may require and hold a gradient (set here by hand: an unquantized layer does not
     run); a dtype conversion in those modes converts it too."""
