@@ -8,6 +8,7 @@ Kernels are registered per device in backends/: "default" (the pure-PyTorch refe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 
@@ -194,3 +195,82 @@ def check_quantize_out(A, blocksize, packed, absmax) -> None:
 def _(A, bits, thresholds, row_offsets, blocksize, *, packed, absmax):
     check_quantize_args(A, bits, thresholds, row_offsets, blocksize)
     check_quantize_out(A, blocksize, packed, absmax)
+
+
+# ---- the fused matmul reading a state's tensors from one operand buffer ----
+# A compiled call fetches and guards every tensor input of its graph, one by one, before each call: for a layer read
+# through lowra::matmul that is eight or nine tensors where a dense layer has one, and it made most of a compiled
+# LowRA decode step's host time (docs/benchmarks.md, twenty-ninth round). QuantStateLowRA keeps those tensors as
+# views of one uint8 buffer laid out by operand_layout (a function of the shape alone, so the graph needs no offsets
+# of its own), and LinearLowRA hands a compiled graph that buffer.
+OPERAND_ALIGN = 16  # bytes: every field starts aligned for its dtype (and for vector loads)
+
+
+@lru_cache(maxsize=1024)  # a pure function of its ints, asked for at every eager check of a kept buffer
+def operand_layout(rows: int, cols: int, blocksize: int, nested: bool,
+                   nested_blocksize: int = 256) -> tuple[dict[str, tuple[int, int, torch.dtype]], int]:
+    """Where each kernel operand of a [rows, cols] state lives in its operand buffer: {field: (byte offset, element
+    count, dtype)} and the buffer's size in bytes. Fields: absmax (uint8 codes when nested, else float32 [rows,
+    nblocks]), bits, code (the codebooks), row_offsets, row_order (the CUDA row plan: matmul_plan, filled in by
+    QuantStateLowRA.matmul_plan), then when nested the second-level scales, their code and the offset."""
+    nb = rows * blocks_per_row(cols, blocksize)
+    fields = [("absmax", nb, torch.uint8 if nested else torch.float32), ("bits", rows, torch.uint8),
+              ("code", rows * CODEBOOK_SLOTS, torch.float16), ("row_offsets", rows + 1, torch.int64),
+              ("row_order", rows, torch.int32)]
+    if nested:
+        fields += [("nested_absmax", -(-nb // nested_blocksize), torch.float32), ("nested_code", 256, torch.float32),
+                   ("nested_offset", 1, torch.float32)]
+    layout, offset = {}, 0
+    for name, n, dtype in fields:
+        layout[name] = (offset, n, dtype)
+        offset += -(-n * dtype.itemsize // OPERAND_ALIGN) * OPERAND_ALIGN
+    return layout, offset
+
+
+def operand_views(buffer: torch.Tensor, rows: int, cols: int, blocksize: int, nested: bool,
+                  nested_blocksize: int = 256) -> dict[str, torch.Tensor]:
+    """The fields of an operand buffer as typed views (flat; absmax [rows, nblocks], code [rows, 16])."""
+    layout, _ = operand_layout(rows, cols, blocksize, nested, nested_blocksize)
+    views = {name: buffer[off:off + n * dt.itemsize].view(dt) for name, (off, n, dt) in layout.items()}
+    views["absmax"] = views["absmax"].view(rows, -1)
+    views["code"] = views["code"].view(rows, CODEBOOK_SLOTS)
+    return views
+
+
+torch.library.define(
+    "lowra::matmul_buffered",
+    "(Tensor A, Tensor packed, Tensor operands, SymInt[] shape, int blocksize, bool nested, int nested_blocksize, "
+    "int[]? group_rows=None, Tensor? bias=None) -> Tensor",
+)
+
+
+def check_operand_buffer(packed, operands, shape, blocksize, nested, nested_blocksize) -> None:
+    torch._check(len(shape) == 2, lambda: f"shape must be [rows, cols], got {shape}")
+    _, size = operand_layout(shape[0], shape[1], blocksize, nested, nested_blocksize)
+    torch._check(operands.dtype == torch.uint8 and operands.dim() == 1 and operands.is_contiguous(),
+                 lambda: "operands must be a contiguous 1-D uint8 buffer")
+    torch._check(operands.numel() == size, lambda: f"operands must hold {size} bytes for this shape, got "
+                                                   f"{operands.numel()}")
+    torch._check(operands.device == packed.device, lambda: f"operands are on {operands.device}, the codes on "
+                                                           f"{packed.device}")
+
+
+@torch.library.register_fake("lowra::matmul_buffered")
+def _(A, packed, operands, shape, blocksize, nested, nested_blocksize, group_rows=None, bias=None):
+    check_operand_buffer(packed, operands, shape, blocksize, nested, nested_blocksize)
+    torch._check(A.dim() >= 1 and A.shape[-1] == shape[1], lambda: f"A must have {shape[1]} features")
+    return A.new_empty((*A.shape[:-1], shape[0]))
+
+
+def _matmul_buffered(A, packed, operands, shape, blocksize, nested, nested_blocksize, group_rows=None, bias=None):
+    """One kernel for every device: lowra::matmul on the buffer's fields (opaque to the graph, so a compiled call
+    fetches and guards the buffer alone; its views cost nothing inside a replayed CUDA graph)."""
+    check_operand_buffer(packed, operands, shape, blocksize, nested, nested_blocksize)
+    v = operand_views(operands, shape[0], shape[1], blocksize, nested, nested_blocksize)
+    row_order = v["row_order"] if group_rows is not None else None
+    nested_args = ((v["nested_absmax"], v["nested_code"], v["nested_offset"]) if nested else (None, None, None))
+    return torch.ops.lowra.matmul.default(A, packed, v["absmax"], v["bits"], v["code"], v["row_offsets"], blocksize,
+                                          shape, bias, row_order, group_rows, *nested_args, nested_blocksize)
+
+
+torch.library.register_kernel("lowra::matmul_buffered", "default", _matmul_buffered)

@@ -223,6 +223,38 @@ class KernelOperands(NamedTuple):
                    state.blocksize, list(state.shape), row_order, group_rows, *nested)
 
 
+class BufferedOperands(NamedTuple):
+    """What a compiled fused matmul takes from a QuantStateLowRA whose kernel operands are views of one buffer
+    (QuantStateLowRA.operand_buffer): the checks' facts, then lowra::matmul_buffered's arguments. One tensor where
+    KernelOperands has eight, so a compiled call fetches and guards far less per layer."""
+
+    packed_nbytes: int
+    device: torch.device
+    cols: int
+    buffer: torch.Tensor
+    shape: list
+    blocksize: int
+    nested: bool
+    nested_blocksize: int
+    group_rows: list | None  # with the row order in the buffer (CUDA), as KernelOperands' row_order / group_rows
+    # Where the state's fields were (QuantStateLowRA.operand_addresses) when these were made: an eager call compares
+    # (a field's storage swapped leaves the buffer behind); a compiled call never reads it, so it guards nothing.
+    addresses: tuple
+
+    @classmethod
+    def of(cls, state: QuantStateLowRA, ops: KernelOperands) -> BufferedOperands | None:
+        """From `state`'s operand buffer and `ops` (KernelOperands.of(state)); None where the fields are not the
+        buffer's views, or `ops`' row order is not the one in the buffer."""
+        buffer = state.operand_buffer()
+        if buffer is None or ops.absmax is not state.absmax:
+            return None
+        if ops.row_order is not None and ops.row_order.data_ptr() != state._operand_slot("row_order").data_ptr():
+            return None
+        nested_blocksize = state.state2.blocksize if state.nested else NESTED_BLOCKSIZE
+        return cls(ops.packed_nbytes, ops.device, ops.cols, buffer, list(state.shape), state.blocksize,
+                   bool(state.nested), nested_blocksize, ops.group_rows, state.operand_addresses())
+
+
 class QuantStateLowRA(QuantState):
     """bitsandbytes QuantState of a LowRA weight: per-row bits, codebooks, thresholds and row offsets.
 
@@ -265,6 +297,7 @@ class QuantStateLowRA(QuantState):
         self._validate_metadata()
         # Packed size as a Python int: forward passes compare against it without a device sync.
         self.packed_nbytes = int(row_offsets[-1])
+        self._pack_operands()
 
     # -- accessors ------------------------------------------------------------------------------------------------
     @property
@@ -309,7 +342,12 @@ class QuantStateLowRA(QuantState):
         if cached is None or cached[0] is not bits or cached[1] != bits._version:
             from ._ops import matmul_plan
 
-            cached = (bits, bits._version, matmul_plan(bits))
+            order, groups = matmul_plan(bits)
+            slot = self._operand_slot("row_order")
+            if slot is not None:  # where lowra::matmul_buffered reads it
+                slot.copy_(order)
+                order = slot
+            cached = (bits, bits._version, (order, groups))
             self.__dict__["_matmul_plan"] = cached
         return cached[2]
 
@@ -405,6 +443,11 @@ class QuantStateLowRA(QuantState):
             state.pop(name, None)
         state["operands_stamp"] = next(_STAMPS)  # a copy has tensors of its own
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.__dict__.get("_operands") is not None and self.operand_buffer() is None:
+            self._pack_operands()  # pickle restores each view with a storage of its own
 
     def scale_args(self, cache: bool = False) -> tuple:
         """(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize) as the lowra ops take them: the
@@ -593,18 +636,108 @@ class QuantStateLowRA(QuantState):
     # -- device, equality -----------------------------------------------------------------------------------------
     def to(self, device) -> "QuantStateLowRA":
         """Move every tensor to `device` in place (as bitsandbytes does: modules and params share one state)."""
+        self.thresholds = self.thresholds.to(device)
+        for name in self._LAUNCHERS:  # they hold the tensors moved away from
+            self.__dict__.pop(name, None)
+        buffer = self.operand_buffer()
+        if buffer is not None:  # one copy for every kernel operand, which stay its views
+            moved = buffer.to(device)
+            if moved is not buffer:
+                self._point_operands_at(moved)
+            return self
         self.absmax = self.absmax.to(device)
         self.code = self.code.to(device)
         self.bits = self.bits.to(device)
-        self.thresholds = self.thresholds.to(device)
         self.row_offsets = self.row_offsets.to(device)
-        for name in self._LAUNCHERS:  # they hold the tensors just moved away from
-            self.__dict__.pop(name, None)
         if self.nested:
             self.offset = self.offset.to(device)
             self.state2.absmax = self.state2.absmax.to(device)
             self.state2.code = self.state2.code.to(device)
+        self._pack_operands()
         return self
+
+    # -- the operand buffer (_ops.operand_layout) -----------------------------------------------------------------
+    # Every tensor the kernels read is a view of one uint8 buffer, so that a compiled call hands its graph one tensor
+    # per layer instead of eight (LinearLowRA.kept_operands, lowra::matmul_buffered). The views are the fields
+    # themselves: an in-place edit of a field is an edit of the buffer. A field set to a tensor of its own leaves
+    # the buffer behind (operand_buffer() is None until the next move packs the fields again); the kernels then
+    # read the fields one by one, as before.
+    def _operand_layout(self):
+        from ._ops import operand_layout
+
+        rows, cols = self.shape
+        return operand_layout(rows, cols, self.blocksize, self.nested,
+                              self.state2.blocksize if self.nested else NESTED_BLOCKSIZE)
+
+    def _operand_fields(self) -> dict[str, torch.Tensor]:
+        fields = {"absmax": self.absmax, "bits": self.bits, "code": self.code, "row_offsets": self.row_offsets}
+        if self.nested:
+            fields.update(nested_absmax=self.state2.absmax, nested_code=self.state2.code, nested_offset=self.offset)
+        return fields
+
+    def _pack_operands(self) -> None:
+        """Copy the kernel operands into a new buffer and make the fields its views (values unchanged)."""
+        self.__dict__["_operands"] = None
+        fields = self._operand_fields()
+        device = self.absmax.device
+        layout, size = self._operand_layout()
+        if any(t.device != device or t.dtype != layout[name][2] or t.numel() != layout[name][1]
+               for name, t in fields.items()):
+            return  # not one device, or an offset of another dtype: the fields stay as they are
+        buffer = torch.zeros(size, dtype=torch.uint8, device=device)
+        for name, t in fields.items():
+            off, n, dtype = layout[name]
+            buffer[off:off + n * dtype.itemsize].view(dtype).copy_(t.reshape(-1))
+        self._point_operands_at(buffer)
+
+    def _point_operands_at(self, buffer: torch.Tensor) -> None:
+        from ._ops import operand_views
+
+        rows, cols = self.shape
+        views = operand_views(buffer, rows, cols, self.blocksize, self.nested,
+                              self.state2.blocksize if self.nested else NESTED_BLOCKSIZE)
+        self.absmax, self.bits, self.code = views["absmax"], views["bits"], views["code"]
+        self.row_offsets = views["row_offsets"]
+        if self.nested:
+            self.offset = views["nested_offset"].view(self.offset.shape)
+            self.state2.absmax, self.state2.code = views["nested_absmax"], views["nested_code"]
+        self.__dict__["_operands"] = buffer
+        self.__dict__.pop("_matmul_plan", None)  # its row order lives in the buffer it moved away from
+
+    def _operand_slot(self, name: str) -> torch.Tensor | None:
+        """The view of `name` in the operand buffer, while the fields are its views."""
+        buffer = self.operand_buffer()
+        if buffer is None:
+            return None
+        off, n, dtype = self._operand_layout()[0][name]
+        return buffer[off:off + n * dtype.itemsize].view(dtype)
+
+    def operand_addresses(self) -> tuple:
+        """The fields' data addresses: while they equal those of a valid operand_buffer(), it still is (only a
+        swapped storage moves a field without setting it, and setting one changes operands_stamp)."""
+        s2 = self.state2 if self.nested else None
+        return (self.absmax.data_ptr(), self.bits.data_ptr(), self.code.data_ptr(), self.row_offsets.data_ptr(),
+                *(() if s2 is None else (s2.absmax.data_ptr(), s2.code.data_ptr(), self.offset.data_ptr())))
+
+    def operand_buffer(self) -> torch.Tensor | None:
+        """The uint8 buffer whose views every kernel operand is (_ops.operand_layout), or None where a field has
+        since been set to a tensor of its own, or its storage swapped (`.data = ...`, `set_`)."""
+        buffer = self.__dict__.get("_operands")
+        if buffer is None:
+            return None
+        layout, size = self._operand_layout()
+        if buffer.numel() != size:
+            return None
+        rows, cols = self.shape
+        shapes = {"absmax": (rows, blocks_per_row(cols, self.blocksize)), "code": (rows, CODEBOOK_SLOTS)}
+        base = buffer.data_ptr()
+        for name, t in self._operand_fields().items():
+            off, n, dtype = layout[name]
+            if (not isinstance(t, torch.Tensor) or t.data_ptr() != base + off or t.dtype != dtype
+                    or t.numel() != n or not t.is_contiguous() or t.device != buffer.device
+                    or (name in shapes and tuple(t.shape) != shapes[name])):
+                return None
+        return buffer
 
     @property
     def device(self) -> torch.device:
@@ -887,13 +1020,14 @@ class MatMulLowRA(torch.autograd.Function):
 
 def matmul_lowra(
     A: torch.Tensor, packed: torch.Tensor, quant_state: QuantStateLowRA, bias: torch.Tensor | None = None, *,
-    cache_absmax: bool = False, operands: KernelOperands | None = None,
+    cache_absmax: bool = False, operands: KernelOperands | BufferedOperands | None = None,
 ) -> torch.Tensor:
     """A @ W.T (+ bias) computed in A's dtype, W the dequantized LowRA weight (cf. bitsandbytes.matmul_4bit).
 
     cache_absmax: keep the decoded double-quantized block scales for the next call (QuantStateLowRA.absmax_fp32).
     operands: KernelOperands.of(quant_state, cache_absmax) where the caller keeps them (LinearLowRA.kept_operands;
-    a compiled call then reads none of the state's fields)."""
+    a compiled call then reads none of the state's fields), or BufferedOperands for a compiled call's fused matmul
+    (the dense paths then read the fields)."""
     _check_state(quant_state)
     ops = operands
     nbytes, device, cols = ((quant_state.packed_nbytes, quant_state.device, quant_state.cols) if ops is None
@@ -916,6 +1050,11 @@ def matmul_lowra(
     direct = _eager_direct(A, bias)
     if fused and direct:
         return quant_state.prepared_matmul(packed, cache_absmax)(A, bias)
+    if isinstance(ops, BufferedOperands):  # a compiled call (LinearLowRA.kept_operands)
+        if fused:
+            return torch.ops.lowra.matmul_buffered.default(A, packed, ops.buffer, ops.shape, ops.blocksize,
+                                                           ops.nested, ops.nested_blocksize, ops.group_rows, bias)
+        ops = None  # the dense paths take the fields
     if ops is None:
         ops = KernelOperands.of(quant_state, cache_absmax, plan=fused and A.is_cuda)
     args = (ops.absmax, ops.bits, ops.code, ops.row_offsets, ops.blocksize, ops.shape)

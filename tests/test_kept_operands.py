@@ -46,12 +46,16 @@ def test_compiled_call_reads_the_kept_operands_not_the_weight_and_state(device, 
         warm = compiled(lin, seen)(x)
     assert torch.equal(cold, ref) and torch.equal(warm, ref)
     assert reads_state(seen[0])
-    # codes, absmax, bits, code, row offsets (+ the nested scales, code and offset); on CUDA the row plan too
-    tensors = (8 if nested else 5) + (1 if device == "cuda" else 0)
-    assert not reads_state(seen[1]) and sum("kept_operands" in n for n in seen[1]) == tensors
-    # static addresses to CUDA graph trees, which would otherwise copy them (the codes too) at every replay
-    kept = [t for t in lin.__dict__["_kept_operands"] if isinstance(t, torch.Tensor)]
-    assert len(kept) == tensors and all(getattr(t, "_dynamo_static_input_type", None) for t in kept)
+    # the codes and the state's operand buffer (absmax, bits, code, row offsets, the row plan on CUDA, the nested
+    # scales, code and offset): two tensors where the fields are eight
+    assert not reads_state(seen[1]) and sum("kept_operands" in n for n in seen[1]) == 2
+    # static addresses to CUDA graph trees, which would otherwise copy them (the codes too) at every replay; the
+    # fields too (the dense paths of a compiled call read them)
+    kept = lin.__dict__["_kept_operands"]
+    assert kept[4].buffer is lin.quant_state.operand_buffer()
+    tensors = [t for t in (*kept, kept[4].buffer) if isinstance(t, torch.Tensor)]
+    assert len(tensors) == (8 if nested else 5) + (1 if device == "cuda" else 0) + 1
+    assert all(getattr(t, "_dynamo_static_input_type", None) for t in tensors)
 
 
 def _twins(nested=True):
@@ -86,6 +90,23 @@ def test_a_compiled_call_after_a_replacement_computes_with_the_new_operands(how)
         ref = full(lin, x)  # the full path, fields read afresh (and the operands kept again)
         assert torch.equal(after, ref) and not torch.equal(ref, before)
         assert torch.equal(call(x), ref)  # traced again with the operands kept anew
+
+
+def test_a_field_storage_swapped_is_seen_from_the_next_eager_call_on():
+    """`.data = ...` on a state field moves it off the operand buffer without setting it (no stamp): a compiled call
+    cannot tell (it reads the buffer; eager calls check the fields' addresses), so the next eager call keeps the
+    operands anew, without the buffer, and compiled calls after it read the new values."""
+    torch._dynamo.reset()
+    lin, other, x = _twins()
+    call = compiled(lin)
+    with torch.no_grad():
+        before = full(lin, x)
+        assert torch.equal(call(x), before)
+        lin.quant_state.absmax.data = other.quant_state.absmax.clone()
+        assert lin.quant_state.operand_buffer() is None
+        ref = full(lin, x)
+        assert not torch.equal(ref, before) and lin.__dict__["_kept_operands"][4] is None
+        assert torch.equal(call(x), ref)
 
 
 def test_replaced_codes_weight_or_state_are_not_kept_alive():

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from .. import _native
+from .. import _native, _ops
 from .._ops import (
     check_dequantize_args,
     check_matmul_args,
@@ -21,6 +21,7 @@ from .._ops import (
     check_quantize_args,
     check_quantize_out,
     matmul_plan,
+    operand_layout,
 )
 from ..format import CODEBOOK_SLOTS, FLOAT_DTYPES, blocks_per_row, padded_cols
 
@@ -497,6 +498,69 @@ def matmul_out(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape,
                 (nested_absmax, nested_code, nested_offset, nested_blocksize))
 
 
+# lowra::matmul_buffered's launch arguments by operand buffer address and layout: raw pointers into the buffer, a
+# function of the key alone (a buffer freed and another allocated at the same address with the same layout gets the
+# same, correct pointers), so the cache keeps no tensor alive. The nested scales' struct lives here, as the C entry
+# points take it by reference.
+_BUFFERED_ARGS: dict = {}
+
+
+def _buffered_args(base: int, rows: int, cols: int, blocksize: int, nested: bool, nested_blocksize: int,
+                   groups: tuple | None) -> tuple:
+    key = (base, rows, cols, blocksize, nested, nested_blocksize, groups)
+    hit = _BUFFERED_ARGS.get(key)
+    if hit is None:
+        layout, _ = operand_layout(rows, cols, blocksize, nested, nested_blocksize)
+        p = {name: base + off for name, (off, _, _) in layout.items()}
+        ns = (_native.NestedAbsmax(p["absmax"], p["nested_absmax"], p["nested_code"], p["nested_offset"],
+                                   nested_blocksize) if nested else None)
+        hit = (None if nested else p["absmax"], ns, p["bits"], p["code"], p["row_offsets"], p["row_order"],
+               None if groups is None else (_native.ctypes.c_int64 * 3)(*groups))
+        if len(_BUFFERED_ARGS) >= 4096:  # a bound, not a working set: a model has one entry per layer
+            _BUFFERED_ARGS.clear()
+        _BUFFERED_ARGS[key] = hit
+    return hit
+
+
+def matmul_buffered(A, packed, operands, shape, blocksize, nested, nested_blocksize, group_rows=None, bias=None):
+    """lowra::matmul_buffered: the fused kernel launched on pointers into the operand buffer (no views, no
+    lowra::matmul call: a compiled call without CUDA graphs runs this per layer and token). Anything off its fast
+    path (more rows than the fused kernels take, float32 activations on CUDA, no row plan, arguments to check and
+    name) takes the views through lowra::matmul."""
+    rows, cols = shape
+    cuda = A.is_cuda
+    m = A.numel() // cols if cols > 0 else 0
+    dtypes = _HALF_CODES if cuda else _native.DTYPE_CODE
+    if not (0 < m <= (MAX_FUSED_ROWS if cuda else CPU_MAX_FUSED_ROWS) and A.dim() >= 1 and A.shape[-1] == cols
+            and A.dtype in dtypes and A.device == packed.device == operands.device
+            and packed.dtype == torch.uint8 and packed.is_contiguous() and operands.dtype == torch.uint8
+            and operands.dim() == 1 and operands.is_contiguous()
+            and operands.numel() == operand_layout(rows, cols, blocksize, nested, nested_blocksize)[1]
+            and (bias is None or (bias.dtype == A.dtype and bias.shape == (rows,) and bias.device == A.device))
+            and (not cuda or (group_rows is not None and len(group_rows) == 3))):
+        return _ops._matmul_buffered(A, packed, operands, shape, blocksize, nested, nested_blocksize, group_rows,
+                                     bias)
+    groups = tuple(group_rows) if cuda else None
+    f32, ns, bits, code, offsets, order, groups_c = _buffered_args(operands.data_ptr(), rows, cols, blocksize,
+                                                                   nested, nested_blocksize, groups)
+    A = A if A.is_contiguous() else A.contiguous()
+    bias_ptr = None if bias is None else (bias if bias.is_contiguous() else bias.contiguous()).data_ptr()
+    out = torch.empty(A.shape[:-1] + (rows,), dtype=A.dtype, device=A.device)
+    nested_ref = None if ns is None else _native.ctypes.byref(ns)
+    head = (A.data_ptr(), dtypes[A.dtype], m, packed.data_ptr(), packed.numel(), f32, nested_ref, bits, code, offsets,
+            rows, cols, blocksize)
+    if not cuda:
+        _run(_native.load().lowra_matmul_cpu, (*head, bias_ptr, out.data_ptr()), -1, "lowra matmul (cpu)")
+        return out
+    dev = A.get_device()
+    ws_bytes = _workspace_bytes(dtypes[A.dtype], m, rows, cols, blocksize, groups, nested, dev)
+    ws = torch.empty(-(-ws_bytes // 4), dtype=torch.float32, device=A.device) if ws_bytes else None
+    _run(_native.load().lowra_matmul_cuda, (*head, order, groups_c, bias_ptr, out.data_ptr(),
+                                            None if ws is None else ws.data_ptr(), ws_bytes, _stream(dev)),
+         dev, "lowra matmul")
+    return out
+
+
 def _on(device: torch.device):
     """Make `device` current for the launch (CUDA); nothing to do on the CPU."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -514,4 +578,5 @@ def register() -> list[str]:
         torch.library.register_kernel("lowra::quantize.out", device, quantize_out)
         torch.library.register_kernel("lowra::matmul", device, matmul)
         torch.library.register_kernel("lowra::matmul.out", device, matmul_out)
+        torch.library.register_kernel("lowra::matmul_buffered", device, matmul_buffered)
     return devices

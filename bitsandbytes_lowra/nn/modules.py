@@ -28,6 +28,7 @@ from ..format import DEFAULT_BLOCKSIZE, LowRAFormatError, check_blocksize
 from ..functional import (
     PLAIN_TENSOR_TYPES,
     _STAMPS,
+    BufferedOperands,
     KernelOperands,
     LowRAPlan,
     QuantStateLowRA,
@@ -697,14 +698,15 @@ class LinearLowRA(nn.Linear):
         them (the codes: the whole model's weights)."""
         kept = self.__dict__.get("_kept_operands")
         if kept is not None and kept[0] == weight.lowra_stamp and kept[1] == state.operands_stamp:
-            if torch.compiler.is_compiling():
-                return kept[3], KernelOperands(*kept[4:])
-            ops = KernelOperands(*kept[4:])
+            if torch.compiler.is_compiling():  # the buffer alone where the state has one (a fused matmul reads it)
+                return kept[3], kept[4] if kept[4] is not None else KernelOperands(*kept[5:])
+            ops = KernelOperands(*kept[5:])
             s2 = state.state2 if state.nested else None
             with torch._C.DisableTorchFunctionSubclass():
                 address = weight.data_ptr()
             if (kept[2] == state.bits._version and kept[3].data_ptr() == address
-                    and (s2 is None or (ops.nested_absmax is s2.absmax and ops.nested_code is s2.code))):
+                    and (s2 is None or (ops.nested_absmax is s2.absmax and ops.nested_code is s2.code))
+                    and (kept[4] is None or state.operand_addresses() == kept[4].addresses)):
                 return kept[3], ops
         if torch.compiler.is_compiling():
             return None
@@ -714,11 +716,13 @@ class LinearLowRA(nn.Linear):
         if not view or (state.bits.is_cuda and torch.cuda.is_current_stream_capturing()):
             return None
         ops = KernelOperands.of(state)
-        for t in (packed, *ops):  # CUDA graph trees (mode="reduce-overhead") would copy any other input each replay
-            if isinstance(t, torch.Tensor):
+        buffered = BufferedOperands.of(state, ops)
+        for t in (packed, *ops, buffered and buffered.buffer):  # CUDA graph trees (mode="reduce-overhead") would
+            if isinstance(t, torch.Tensor):                     # copy any other input at each replay
                 torch._dynamo.mark_static_address(t, guard=False)  # the stamps already guard what changes
         # flat: each item one subscript away from the module, the shortest fetch for a compiled call
-        self.__dict__["_kept_operands"] = (weight.lowra_stamp, state.operands_stamp, state.bits._version, packed, *ops)
+        self.__dict__["_kept_operands"] = (weight.lowra_stamp, state.operands_stamp, state.bits._version, packed,
+                                           buffered, *ops)
         return packed, ops
 
     def _bias_as(self, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
