@@ -446,8 +446,8 @@ class QuantStateLowRA(QuantState):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        if self.__dict__.get("_operands") is not None and self.operand_buffer() is None:
-            self._pack_operands()  # pickle restores each view with a storage of its own
+        if self.operand_buffer() is None:  # pickle restores each view with a storage of its own (or an older
+            self._pack_operands()  # version pickled a state without a buffer)
 
     def scale_args(self, cache: bool = False) -> tuple:
         """(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize) as the lowra ops take them: the
@@ -669,11 +669,16 @@ class QuantStateLowRA(QuantState):
         return operand_layout(rows, cols, self.blocksize, self.nested,
                               self.state2.blocksize if self.nested else NESTED_BLOCKSIZE)
 
+    _OPERANDS = ("absmax", "bits", "code", "row_offsets")  # operand_layout's names of _operand_tensors()
+    _NESTED_OPERANDS = ("nested_absmax", "nested_code", "nested_offset")
+
+    def _operand_tensors(self) -> tuple:
+        fields = (self.absmax, self.bits, self.code, self.row_offsets)
+        return fields + (self.state2.absmax, self.state2.code, self.offset) if self.nested else fields
+
     def _operand_fields(self) -> dict[str, torch.Tensor]:
-        fields = {"absmax": self.absmax, "bits": self.bits, "code": self.code, "row_offsets": self.row_offsets}
-        if self.nested:
-            fields.update(nested_absmax=self.state2.absmax, nested_code=self.state2.code, nested_offset=self.offset)
-        return fields
+        names = self._OPERANDS + self._NESTED_OPERANDS if self.nested else self._OPERANDS
+        return dict(zip(names, self._operand_tensors()))
 
     def _pack_operands(self) -> None:
         """Copy the kernel operands into a new buffer and make the fields its views (values unchanged)."""
@@ -715,9 +720,7 @@ class QuantStateLowRA(QuantState):
     def operand_addresses(self) -> tuple:
         """The fields' data addresses: while they equal those of a valid operand_buffer(), it still is (only a
         swapped storage moves a field without setting it, and setting one changes operands_stamp)."""
-        s2 = self.state2 if self.nested else None
-        return (self.absmax.data_ptr(), self.bits.data_ptr(), self.code.data_ptr(), self.row_offsets.data_ptr(),
-                *(() if s2 is None else (s2.absmax.data_ptr(), s2.code.data_ptr(), self.offset.data_ptr())))
+        return tuple(t.data_ptr() for t in self._operand_tensors())
 
     def operand_buffer(self) -> torch.Tensor | None:
         """The uint8 buffer whose views every kernel operand is (_ops.operand_layout), or None where a field has

@@ -685,7 +685,9 @@ class LinearLowRA(nn.Linear):
         Reached through the weight (a tensor subclass) and its state (weight.quant_state.state2.absmax, ...), a
         layer's eight operands made most of a compiled decode step's host time (docs/benchmarks.md, twenty-sixth and
         twenty-seventh rounds); one flat tuple of plain tensors on this module costs far less. Eager calls read them
-        too: checking them costs less than reading the fields.
+        too: checking them costs less than reading the fields. Where the state keeps its tensors as views of one
+        buffer (QuantStateLowRA.operand_buffer), a compiled call takes that buffer alone (BufferedOperands): each
+        graph input is also guarded before each call, and one tensor costs less than eight (twenty-ninth round).
 
         An eager call rebuilds them when stale: taken from another weight object or before its `data` or
         `quant_state` was set (ParamsLowRA.lowra_stamp), before a field of the state was set
@@ -693,7 +695,8 @@ class LinearLowRA(nn.Linear):
         from codes or nested scales since moved (set_(), state.state2.absmax = t). A trace checks the stamps only (it
         cannot guard on in-place versions or addresses): it takes the kept operands if the stamps are current, else
         returns None and reads the fields. None also where the codes would be a copy, or while a CUDA graph is
-        being captured (the row plan costs a host sync). Its tensors are marked as static addresses: a parameter is
+        being captured (the row plan costs a host sync). Eager calls also check the fields' addresses against the
+        buffer's (a swapped storage leaves it behind). Its tensors are marked as static addresses: a parameter is
         one to CUDA graph trees, but the codes' view and the state's tensors are not, and every replay would copy
         them (the codes: the whole model's weights)."""
         kept = self.__dict__.get("_kept_operands")
