@@ -665,9 +665,16 @@ class QuantStateLowRA(QuantState):
     def _operand_layout(self):
         from ._ops import operand_layout
 
+        return operand_layout(*self._layout_args())
+
+    def _operand_views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        from ._ops import operand_views
+
+        return operand_views(buffer, *self._layout_args())
+
+    def _layout_args(self) -> tuple:
         rows, cols = self.shape
-        return operand_layout(rows, cols, self.blocksize, self.nested,
-                              self.state2.blocksize if self.nested else NESTED_BLOCKSIZE)
+        return rows, cols, self.blocksize, self.nested, self.state2.blocksize if self.nested else NESTED_BLOCKSIZE
 
     _OPERANDS = ("absmax", "bits", "code", "row_offsets")  # operand_layout's names of _operand_tensors()
     _NESTED_OPERANDS = ("nested_absmax", "nested_code", "nested_offset")
@@ -690,17 +697,13 @@ class QuantStateLowRA(QuantState):
                for name, t in fields.items()):
             return  # not one device, or an offset of another dtype: the fields stay as they are
         buffer = torch.zeros(size, dtype=torch.uint8, device=device)
+        views = self._operand_views(buffer)
         for name, t in fields.items():
-            off, n, dtype = layout[name]
-            buffer[off:off + n * dtype.itemsize].view(dtype).copy_(t.reshape(-1))
-        self._point_operands_at(buffer)
+            views[name].view(-1).copy_(t.reshape(-1))
+        self._point_operands_at(buffer, views)
 
-    def _point_operands_at(self, buffer: torch.Tensor) -> None:
-        from ._ops import operand_views
-
-        rows, cols = self.shape
-        views = operand_views(buffer, rows, cols, self.blocksize, self.nested,
-                              self.state2.blocksize if self.nested else NESTED_BLOCKSIZE)
+    def _point_operands_at(self, buffer: torch.Tensor, views: dict | None = None) -> None:
+        views = self._operand_views(buffer) if views is None else views
         self.absmax, self.bits, self.code = views["absmax"], views["bits"], views["code"]
         self.row_offsets = views["row_offsets"]
         if self.nested:
@@ -712,10 +715,7 @@ class QuantStateLowRA(QuantState):
     def _operand_slot(self, name: str) -> torch.Tensor | None:
         """The view of `name` in the operand buffer, while the fields are its views."""
         buffer = self.operand_buffer()
-        if buffer is None:
-            return None
-        off, n, dtype = self._operand_layout()[0][name]
-        return buffer[off:off + n * dtype.itemsize].view(dtype)
+        return None if buffer is None else self._operand_views(buffer)[name]
 
     def operand_addresses(self) -> tuple:
         """The fields' data addresses: while they equal those of a valid operand_buffer(), it still is (only a
