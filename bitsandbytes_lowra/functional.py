@@ -240,6 +240,7 @@ class BufferedOperands(NamedTuple):
     # Where the state's fields were (QuantStateLowRA.operand_addresses) when these were made: an eager call compares
     # (a field's storage swapped leaves the buffer behind); a compiled call never reads it, so it guards nothing.
     addresses: tuple
+    fields: KernelOperands  # the same operands one by one, for the paths that do not read the buffer (dense, grad)
 
     @classmethod
     def of(cls, state: QuantStateLowRA, ops: KernelOperands) -> BufferedOperands | None:
@@ -252,7 +253,7 @@ class BufferedOperands(NamedTuple):
             return None
         nested_blocksize = state.state2.blocksize if state.nested else NESTED_BLOCKSIZE
         return cls(ops.packed_nbytes, ops.device, ops.cols, buffer, list(state.shape), state.blocksize,
-                   bool(state.nested), nested_blocksize, ops.group_rows, state.operand_addresses())
+                   bool(state.nested), nested_blocksize, ops.group_rows, state.operand_addresses(), ops)
 
 
 class QuantStateLowRA(QuantState):
@@ -1030,7 +1031,7 @@ def matmul_lowra(
     cache_absmax: keep the decoded double-quantized block scales for the next call (QuantStateLowRA.absmax_fp32).
     operands: KernelOperands.of(quant_state, cache_absmax) where the caller keeps them (LinearLowRA.kept_operands;
     a compiled call then reads none of the state's fields), or BufferedOperands for a compiled call's fused matmul
-    (the dense paths then read the fields)."""
+    (the dense paths then take its `fields`)."""
     _check_state(quant_state)
     ops = operands
     nbytes, device, cols = ((quant_state.packed_nbytes, quant_state.device, quant_state.cols) if ops is None
@@ -1057,7 +1058,7 @@ def matmul_lowra(
         if fused:
             return torch.ops.lowra.matmul_buffered.default(A, packed, ops.buffer, ops.shape, ops.blocksize,
                                                            ops.nested, ops.nested_blocksize, ops.group_rows, bias)
-        ops = None  # the dense paths take the fields
+        ops = ops.fields  # the dense paths take the kept fields
     if ops is None:
         ops = KernelOperands.of(quant_state, cache_absmax, plan=fused and A.is_cuda)
     args = (ops.absmax, ops.bits, ops.code, ops.row_offsets, ops.blocksize, ops.shape)

@@ -51,6 +51,12 @@ def test_compiled_call_reads_the_kept_operands_not_the_weight_and_state(device, 
     assert not reads_state(seen[1]) and sum("kept_operands" in n for n in seen[1]) == 2
     # static addresses to CUDA graph trees, which would otherwise copy them (the codes too) at every replay; the
     # fields too (the dense paths of a compiled call read them)
+    # more rows than the fused kernels take (the dense path) or a gradient: the kept fields, not the state's
+    many = torch.randn(20, 128, device=device, dtype=dtype_for(device))
+    with torch.no_grad():
+        torch._dynamo.reset()
+        assert torch.equal(compiled(lin, seen)(many), full(lin, many))
+    assert not reads_state(seen[2]) and sum("kept_operands" in n for n in seen[2]) == (8 if nested else 5)
     kept = lin.__dict__["_kept_operands"]
     assert kept[4].buffer is lin.quant_state.operand_buffer()
     tensors = [t for t in (*kept, kept[4].buffer) if isinstance(t, torch.Tensor)]
