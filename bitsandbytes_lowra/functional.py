@@ -249,7 +249,8 @@ class BufferedOperands(NamedTuple):
         buffer = state.operand_buffer()
         if buffer is None or ops.absmax is not state.absmax:
             return None
-        if ops.row_order is not None and ops.row_order.data_ptr() != state._operand_slot("row_order").data_ptr():
+        slot = state._operand_views(buffer)["row_order"]  # the buffer's (checked just above, not again)
+        if ops.row_order is not None and ops.row_order.data_ptr() != slot.data_ptr():
             return None
         nested_blocksize = state.state2.blocksize if state.nested else NESTED_BLOCKSIZE
         return cls(ops.packed_nbytes, ops.device, ops.cols, buffer, list(state.shape), state.blocksize,
