@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -194,6 +196,27 @@ def make_plan(bits, codebooks=None, thresholds=None, rows: int | None = None) ->
 _STAMPS = itertools.count(1)
 
 
+# Modules holding kept operands taken from an object (a ParamsLowRA or a QuantStateLowRA), so that a change to the
+# object drops them at once: a compiled LinearLowRA call takes its kept operands without reading the weight or the
+# state (LinearLowRA.kept_operands), so nothing in the graph's guards would notice the change. Weak: a module's
+# lifetime is not the object's business; not copied or pickled with the object.
+_KEEPERS = "_lowra_keepers"
+
+
+def watch_operands(source, module) -> None:
+    """Make `module` one whose kept operands `drop_kept_operands(source)` drops."""
+    keepers = source.__dict__.get(_KEEPERS)
+    if keepers is None:
+        keepers = source.__dict__[_KEEPERS] = weakref.WeakSet()
+    keepers.add(module)
+
+
+def drop_kept_operands(source) -> None:
+    """Drop the kept operands of every module that took them from `source` (it changed)."""
+    for module in list(source.__dict__.get(_KEEPERS, ())):
+        module.__dict__.pop("_kept_operands", None)
+
+
 class KernelOperands(NamedTuple):
     """What matmul_lowra takes from a QuantStateLowRA: the checks' facts, then the lowra ops' arguments in order."""
 
@@ -223,24 +246,57 @@ class KernelOperands(NamedTuple):
                    state.blocksize, list(state.shape), row_order, group_rows, *nested)
 
 
-class BufferedOperands(NamedTuple):
-    """What a compiled fused matmul takes from a QuantStateLowRA whose kernel operands are views of one buffer
-    (QuantStateLowRA.operand_buffer): the checks' facts, then lowra::matmul_buffered's arguments. One tensor where
-    KernelOperands has eight, so a compiled call fetches and guards far less per layer."""
+class BufferedMeta(NamedTuple):
+    """The plain values a compiled fused matmul takes with a state's operand buffer: the checks' facts, then
+    lowra::matmul_buffered's arguments after the buffer. Hashable (tuples), so it can be interned (buffered_meta)."""
 
     packed_nbytes: int
-    device: torch.device
     cols: int
-    buffer: torch.Tensor
-    shape: list
+    shape: tuple
     blocksize: int
     nested: bool
     nested_blocksize: int
-    group_rows: list | None  # with the row order in the buffer (CUDA), as KernelOperands' row_order / group_rows
+    group_rows: tuple | None  # with the row order in the buffer (CUDA), as KernelOperands' row_order / group_rows
+
+
+# Every BufferedMeta met so far, each under one number for the life of the process (a key never changes meaning).
+_BUFFERED_META: dict[int, BufferedMeta] = {}
+_BUFFERED_KEYS: dict[BufferedMeta, int] = {}
+_BUFFERED_LOCK = threading.Lock()
+
+
+def _intern_buffered_meta(meta: BufferedMeta) -> int:
+    with _BUFFERED_LOCK:
+        key = _BUFFERED_KEYS.get(meta)
+        if key is None:
+            key = _BUFFERED_KEYS[meta] = len(_BUFFERED_META)
+            _BUFFERED_META[key] = meta
+        return key
+
+
+@torch.compiler.assume_constant_result
+def buffered_meta(key: int) -> BufferedMeta:
+    """The BufferedMeta interned under `key`. A compiled call guards on the key alone (one integer guard where the
+    seven values would take about fourteen) and takes the values as constants, which is sound because a key never
+    changes meaning."""
+    return _BUFFERED_META[key]
+
+
+class BufferedOperands(NamedTuple):
+    """What a compiled fused matmul takes from a QuantStateLowRA whose kernel operands are views of one buffer
+    (QuantStateLowRA.operand_buffer): the buffer and the key of its BufferedMeta. One tensor and one integer where
+    KernelOperands has eight tensors and seven values, so a compiled call fetches and guards far less per layer."""
+
+    buffer: torch.Tensor
+    key: int  # of the BufferedMeta (buffered_meta)
     # Where the state's fields were (QuantStateLowRA.operand_addresses) when these were made: an eager call compares
     # (a field's storage swapped leaves the buffer behind); a compiled call never reads it, so it guards nothing.
     addresses: tuple
     fields: KernelOperands  # the same operands one by one, for the paths that do not read the buffer (dense, grad)
+
+    @property
+    def meta(self) -> BufferedMeta:
+        return buffered_meta(self.key)
 
     @classmethod
     def of(cls, state: QuantStateLowRA, ops: KernelOperands) -> BufferedOperands | None:
@@ -252,9 +308,10 @@ class BufferedOperands(NamedTuple):
         slot = state._operand_views(buffer)["row_order"]  # the buffer's (checked just above, not again)
         if ops.row_order is not None and ops.row_order.data_ptr() != slot.data_ptr():
             return None
-        nested_blocksize = state.state2.blocksize if state.nested else NESTED_BLOCKSIZE
-        return cls(ops.packed_nbytes, ops.device, ops.cols, buffer, list(state.shape), state.blocksize,
-                   bool(state.nested), nested_blocksize, ops.group_rows, state.operand_addresses(), ops)
+        meta = BufferedMeta(ops.packed_nbytes, ops.cols, tuple(state.shape), state.blocksize, bool(state.nested),
+                            state.state2.blocksize if state.nested else NESTED_BLOCKSIZE,
+                            None if ops.group_rows is None else tuple(ops.group_rows))
+        return cls(buffer, _intern_buffered_meta(meta), state.operand_addresses(), ops)
 
 
 class QuantStateLowRA(QuantState):
@@ -384,6 +441,7 @@ class QuantStateLowRA(QuantState):
     def __setattr__(self, name: str, value) -> None:
         if name in self._OPERAND_FIELDS:
             self.__dict__["operands_stamp"] = next(_STAMPS)
+            drop_kept_operands(self)
         super().__setattr__(name, value)
 
     def prepared_matmul(self, packed: torch.Tensor, cache_absmax: bool = False, *, build: bool = True):
@@ -444,6 +502,7 @@ class QuantStateLowRA(QuantState):
         for name in self._LAUNCHERS:
             state.pop(name, None)
         state["operands_stamp"] = next(_STAMPS)  # a copy has tensors of its own
+        state.pop(_KEEPERS, None)  # and no module's kept operands
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -1032,11 +1091,17 @@ def matmul_lowra(
     cache_absmax: keep the decoded double-quantized block scales for the next call (QuantStateLowRA.absmax_fp32).
     operands: KernelOperands.of(quant_state, cache_absmax) where the caller keeps them (LinearLowRA.kept_operands;
     a compiled call then reads none of the state's fields), or BufferedOperands for a compiled call's fused matmul
-    (the dense paths then take its `fields`)."""
-    _check_state(quant_state)
+    (the dense paths then take its `fields`). quant_state may be None where operands are given: a compiled
+    LinearLowRA call does not reach for its state at all."""
     ops = operands
-    nbytes, device, cols = ((quant_state.packed_nbytes, quant_state.device, quant_state.cols) if ops is None
-                            else (ops.packed_nbytes, ops.device, ops.cols))
+    if quant_state is not None or ops is None:
+        _check_state(quant_state)
+    if isinstance(ops, BufferedOperands):
+        meta = buffered_meta(ops.key)  # not the property: a compiled call would guard the property's code too
+        nbytes, device, cols = meta.packed_nbytes, ops.buffer.device, meta.cols
+    else:
+        nbytes, device, cols = ((quant_state.packed_nbytes, quant_state.device, quant_state.cols) if ops is None
+                                else (ops.packed_nbytes, ops.device, ops.cols))
     _check_packed(packed, nbytes, device)
     if A.dim() == 0:
         raise ValueError(f"input is a 0-d tensor; the quantized weight expects [..., {cols}]")
@@ -1052,13 +1117,14 @@ def matmul_lowra(
         bias = bias.to(A.dtype)
     grad = _needs_grad(A, bias)
     fused = not grad and _fused_decode_shape(A)
-    direct = _eager_direct(A, bias)
+    direct = quant_state is not None and _eager_direct(A, bias)
     if fused and direct:
         return quant_state.prepared_matmul(packed, cache_absmax)(A, bias)
     if isinstance(ops, BufferedOperands):  # a compiled call (LinearLowRA.kept_operands)
         if fused:
-            return torch.ops.lowra.matmul_buffered.default(A, packed, ops.buffer, ops.shape, ops.blocksize,
-                                                           ops.nested, ops.nested_blocksize, ops.group_rows, bias)
+            return torch.ops.lowra.matmul_buffered.default(
+                A, packed, ops.buffer, list(meta.shape), meta.blocksize, meta.nested, meta.nested_blocksize,
+                None if meta.group_rows is None else list(meta.group_rows), bias)
         ops = ops.fields  # the dense paths take the kept fields
     if ops is None:
         ops = KernelOperands.of(quant_state, cache_absmax, plan=fused and A.is_cuda)

@@ -1,7 +1,8 @@
 """LinearLowRA's kept operands (LinearLowRA.kept_operands): a compiled call reads the packed codes and the state's
-tensors from one tuple on the module, not through the weight and its state. It must give what the full path gives,
-and no replacement of codes, weight, state or state field may reach a compiled call as stale operands, whether or
-not an eager call came between. CPU tests run in CI; `cuda` ones on the GPU check."""
+tensors from one tuple on the module, not through the weight and its state, and guards neither. It must give what
+the full path gives, and no replacement of codes, weight, state or state field may reach a compiled call as stale
+operands, whether or not an eager call came between: each drops the tuple. CPU tests run in CI; `cuda` ones on the
+GPU check."""
 
 import copy
 import pickle
@@ -80,7 +81,30 @@ REPLACEMENTS = {
     "nested scales set": lambda lin, other: (setattr(lin.quant_state, "state2", copy.deepcopy(other.quant_state.state2)),
                                              setattr(lin.quant_state, "offset", other.quant_state.offset.clone())),
     "moved": lambda lin, other: (lin.quant_state.absmax.copy_(other.quant_state.absmax), lin.quant_state.to("cpu")),
+    "weight registered": lambda lin, other: lin.register_parameter("weight", other.weight),
+    "weight loaded": lambda lin, other: lin.load_state_dict(other.state_dict()),
 }
+
+
+def guard_lines(module) -> list[str]:
+    """The guards of `module`'s compiled forward (its one cache entry)."""
+    entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list(type(module).forward.__code__)
+    assert len(entries) == 1
+    return list(entries[0].guard_manager.code_parts)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_compiled_call_guards_neither_the_weight_nor_its_state(nested):
+    """Every input of a graph is guarded before each call: reaching the weight (a tensor subclass) and its state for
+    their stamps cost a 7B decode step most of its guards (thirtieth round)."""
+    torch._dynamo.reset()
+    lin, x = layer(nested=nested, bias=False), torch.randn(1, 128)
+    with torch.no_grad():
+        ref = full(lin, x)
+        assert torch.equal(torch.compile(lin, backend="eager", fullgraph=True)(x), ref)
+    lines = guard_lines(lin)
+    assert not [g for g in lines if "_parameters['weight']" in g or "quant_state" in g]
+    assert sum("check_tensor(" in g and "_kept_operands" in g for g in lines) == 2  # the codes and the buffer
 
 
 @pytest.mark.parametrize("how", list(REPLACEMENTS))
@@ -211,3 +235,69 @@ def test_an_eager_call_sees_nested_scales_and_codes_moved_behind_the_stamps():
         moved = full(lin, x)
         assert torch.equal(moved, F.matmul_lowra(x, lin.weight.packed, lin.quant_state, lin.bias))
         assert not torch.equal(moved, after)
+
+
+def test_a_change_drops_the_operands_of_every_layer_that_kept_them():
+    """A weight that does not know its module (a deep copy of a lone weight), and a state two layers share."""
+    torch._dynamo.reset()
+    lin, other, x = _twins()
+    twin = copy.deepcopy(lin)
+    with torch.no_grad():
+        lin.weight = copy.deepcopy(lin.weight)
+        assert lin.weight.module is None
+        twin.weight.quant_state = lin.weight.quant_state
+        before = full(lin, x)
+        assert torch.equal(full(twin, x), before)
+        calls = (compiled(lin), compiled(twin))
+        assert all(torch.equal(call(x), before) for call in calls)
+        lin.weight.data = other.weight.data.clone()
+        assert "_kept_operands" not in lin.__dict__ and "_kept_operands" in twin.__dict__
+        assert torch.equal(calls[0](x), full(lin, x)) and not torch.equal(full(lin, x), before)
+        lin.weight.quant_state.absmax = other.quant_state.absmax.clone()  # the shared state
+        assert "_kept_operands" not in lin.__dict__ and "_kept_operands" not in twin.__dict__
+        assert torch.equal(calls[1](x), full(twin, x)) and not torch.equal(full(twin, x), before)
+
+
+def _traced_twins():
+    """_twins, and the first one's forward compiled and traced with its kept operands."""
+    torch._dynamo.reset()
+    lin, other, x = _twins()
+    call = compiled(lin)
+    with torch.no_grad():
+        full(lin, x)
+        call(x)
+    return lin, other, x, call
+
+
+def test_a_deleted_weight_is_not_computed_with():
+    lin, other, x, call = _traced_twins()
+    with torch.no_grad():
+        del lin.weight
+        assert "_kept_operands" not in lin.__dict__
+        with pytest.raises(Exception, match="weight"):
+            call(x)
+
+
+def test_a_compiled_call_guards_the_metadata_key():
+    """The buffer's metadata reaches a graph as constants behind one guard on its key (functional.buffered_meta): a
+    different key traces again, here into the packed-size check."""
+    lin, other, x, call = _traced_twins()
+    with torch.no_grad():
+        kept = lin.__dict__["_kept_operands"]
+        meta = kept[4].meta
+        assert F.buffered_meta(kept[4].key) is meta and other(x) is not None
+        assert other.__dict__["_kept_operands"][4].key == kept[4].key  # one plan, one shape: interned once
+        wrong = F._intern_buffered_meta(meta._replace(packed_nbytes=meta.packed_nbytes + 1))
+        lin.__dict__["_kept_operands"] = (*kept[:4], kept[4]._replace(key=wrong), *kept[5:])
+        with pytest.raises(Exception, match="packed buffer has"):
+            call(x)
+
+
+def test_copies_and_pickles_of_a_state_or_weight_carry_no_keepers():
+    lin, other, x = _twins()
+    with torch.no_grad():
+        lin(x)
+    for source in (lin.quant_state, lin.weight):
+        assert F._KEEPERS in source.__dict__
+        for twin in (copy.deepcopy(source), pickle.loads(pickle.dumps(source)), copy.copy(source)):
+            assert F._KEEPERS not in twin.__dict__

@@ -33,6 +33,8 @@ from ..functional import (
     LowRAPlan,
     QuantStateLowRA,
     _eager_direct,
+    drop_kept_operands,
+    watch_operands,
     _functorch,
     _fused_decode_max_tokens,
     _unwatched,
@@ -203,9 +205,7 @@ class ParamsLowRA(nn.Parameter):
     def __setattr__(self, name: str, value) -> None:
         if name in ("data", "quant_state"):
             self.__dict__["lowra_stamp"] = next(_STAMPS)
-            module = self.__dict__.get("module")
-            if module is not None:  # let the old codes go now, not at the module's next eager call
-                module.__dict__.pop("_kept_operands", None)
+            drop_kept_operands(self)  # a compiled call would not notice; and the old codes go now
         super().__setattr__(name, value)
 
     # -- FSDP-style attribute access to the state (properties, not __getattr__: no torch.compile graph breaks) -----
@@ -582,7 +582,8 @@ class LinearLowRA(nn.Linear):
     _decode_shortcut = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._decode_shortcut and not torch.compiler.is_compiling():  # Dynamo folds it: graphs never trace it
+        compiling = torch.compiler.is_compiling()  # Dynamo folds it: a graph traces one branch, and guards nothing
+        if not compiling and self._decode_shortcut:
             call = self.__dict__.get("_decode_call")
             if call is not None:
                 out = call(self, x)
@@ -590,9 +591,14 @@ class LinearLowRA(nn.Linear):
                     return out
         # The full path; on the hot path of decoding too where the shortcut refused: every step below is the cheap
         # form of the same operation.
-        w = self.weight
-        plain = type(w) is ParamsLowRA and w.lowra_quantized and w.quant_state is not None
         ops = None  # the kept operands: read in place of the weight's and the state's fields
+        kept = self.__dict__.get("_kept_operands") if compiling and not self.cache_absmax else None
+        if kept is not None:  # current, or a change would have dropped them; the weight is not read (kept_operands)
+            w, state, plain = None, None, False
+            packed, ops = kept[3], kept[4] if kept[4] is not None else KernelOperands(*kept[5:])
+        else:
+            w = self.weight
+            plain = type(w) is ParamsLowRA and w.lowra_quantized and w.quant_state is not None
         if plain:
             state = w.quant_state  # what _packed_and_state would pick; it repairs weights that lost their state
             storage = getattr(self, "quant_storage", None)
@@ -602,7 +608,7 @@ class LinearLowRA(nn.Linear):
             else:
                 with torch._C.DisableTorchFunctionSubclass():  # `.data` without a trip through __torch_function__
                     packed = packed_bytes(w, state, storage)
-        else:
+        elif kept is None:
             packed, state = self._packed_and_state()
         device_type = x.device.type
         bias = self.bias
@@ -619,9 +625,8 @@ class LinearLowRA(nn.Linear):
         out = matmul_lowra(x if x.dtype == compute else x.to(compute), packed, state,
                            bias if bias is None or bias.dtype == compute else self._bias_as(bias, compute),
                            cache_absmax=self.cache_absmax, operands=ops)
-        # not while compiling: the traced graph must not touch the module's __dict__ (Dynamo folds is_compiling)
-        if plain and self._decode_shortcut and not torch.compiler.is_compiling() and compute == x.dtype \
-                and not self.cache_absmax:
+        # not while compiling: the traced graph must not touch the module's __dict__
+        if plain and not compiling and self._decode_shortcut and compute == x.dtype and not self.cache_absmax:
             _DecodeCall.remember(self, w, bias, state, packed, x)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
@@ -632,10 +637,18 @@ class LinearLowRA(nn.Linear):
         state.pop("_kept_operands", None)
         return state
 
-    def __setattr__(self, name: str, value) -> None:
-        if name == "weight":  # let the old codes go now, not at the next eager call
+    # A new or deleted weight drops the kept operands: a compiled call would not notice (it does not read the weight),
+    # and the old codes go now. Assignment (`lin.weight = p`) comes here through register_parameter; only a write
+    # straight into `_parameters` (accelerate's offload hooks do it) is seen by eager calls alone (kept_operands).
+    def register_parameter(self, name: str, param) -> None:
+        if name == "weight":
             self.__dict__.pop("_kept_operands", None)
-        super().__setattr__(name, value)
+        super().register_parameter(name, param)
+
+    def __delattr__(self, name: str) -> None:
+        if name == "weight":
+            self.__dict__.pop("_kept_operands", None)
+        super().__delattr__(name)
 
     def _apply(self, fn, *args, **kwargs):
         # .to / .cuda / .cpu: the kept operands must not hold the codes on the old device (a weight assigned to the
@@ -678,31 +691,36 @@ class LinearLowRA(nn.Linear):
         return self
 
     def kept_operands(self, weight: ParamsLowRA, state: QuantStateLowRA, quant_storage: torch.dtype | None):
-        """(packed codes, KernelOperands) of `weight` and its `state`, kept between calls (with the stored scales:
-        forward does not ask for them where set_absmax_cache is on).
+        """(packed codes, KernelOperands) of `weight` and its `state`, kept between eager calls (with the stored
+        scales: forward does not ask for them where set_absmax_cache is on); None while compiling.
 
-        Why: a compiled call fetches each input of its graph the way the trace reached it, attribute by attribute.
-        Reached through the weight (a tensor subclass) and its state (weight.quant_state.state2.absmax, ...), a
-        layer's eight operands made most of a compiled decode step's host time (docs/benchmarks.md, twenty-sixth and
-        twenty-seventh rounds); one flat tuple of plain tensors on this module costs far less. Eager calls read them
-        too: checking them costs less than reading the fields. Where the state keeps its tensors as views of one
-        buffer (QuantStateLowRA.operand_buffer), a compiled call takes that buffer alone (BufferedOperands): each
-        graph input is also guarded before each call, and one tensor costs less than eight (twenty-ninth round).
+        Why: a compiled call fetches each input of its graph the way the trace reached it, attribute by attribute,
+        and evaluates a guard on each before every call. Reached through the weight (a tensor subclass) and its state
+        (weight.quant_state.state2.absmax, ...), a layer's eight operands made most of a compiled decode step's host
+        time (docs/benchmarks.md, twenty-sixth to thirtieth rounds). So they are kept as one flat tuple on this
+        module, and a compiled call (forward) takes them from there without reading the weight at all: the codes,
+        and where the state keeps its tensors as views of one buffer (QuantStateLowRA.operand_buffer) that buffer
+        and one integer key (BufferedOperands), else the fields. Eager calls read them too: checking them costs less
+        than reading the fields.
 
-        An eager call rebuilds them when stale: taken from another weight object or before its `data` or
-        `quant_state` was set (ParamsLowRA.lowra_stamp), before a field of the state was set
-        (QuantStateLowRA.operands_stamp), before `bits` was edited in place (the CUDA row plan derives from it), or
-        from codes or nested scales since moved (set_(), state.state2.absmax = t). A trace checks the stamps only (it
-        cannot guard on in-place versions or addresses): it takes the kept operands if the stamps are current, else
-        returns None and reads the fields. None also where the codes would be a copy, or while a CUDA graph is
-        being captured (the row plan costs a host sync). Eager calls also check the fields' addresses against the
-        buffer's (a swapped storage leaves it behind). Its tensors are marked as static addresses: a parameter is
-        one to CUDA graph trees, but the codes' view and the state's tensors are not, and every replay would copy
-        them (the codes: the whole model's weights)."""
+        Freshness. A compiled call cannot check anything, so every change that could make them stale drops them at
+        once: setting the weight's `data` or `quant_state` (ParamsLowRA), a field of the state the kernels read
+        (QuantStateLowRA), this module's weight (register_parameter, delattr), or a move (_apply). The next compiled
+        call then fails its guard on the tuple and traces again, reading the fields; the next eager call keeps them
+        anew. An eager call also rebuilds them when they were taken from another weight object or before its `data`
+        or `quant_state` was set (ParamsLowRA.lowra_stamp; a weight written straight into `_parameters` gets here),
+        before a field of the state was set (QuantStateLowRA.operands_stamp), before `bits` was edited in place (the
+        CUDA row plan derives from it), or from codes, fields or nested scales since moved (set_(), `.data =`,
+        state.state2.absmax = t), none of which a compiled call sees until an eager call comes between.
+
+        None where the codes would be a copy, or while a CUDA graph is being captured (the row plan costs a host
+        sync). The tensors are marked as static addresses: a parameter is one to CUDA graph trees, but the codes'
+        view and the state's tensors are not, and every replay would copy them (the codes: the whole model's
+        weights)."""
+        if torch.compiler.is_compiling():  # forward took them if there were any
+            return None
         kept = self.__dict__.get("_kept_operands")
         if kept is not None and kept[0] == weight.lowra_stamp and kept[1] == state.operands_stamp:
-            if torch.compiler.is_compiling():  # the buffer alone where the state has one (a fused matmul reads it)
-                return kept[3], kept[4] if kept[4] is not None else KernelOperands(*kept[5:])
             ops = KernelOperands(*kept[5:])
             s2 = state.state2 if state.nested else None
             with torch._C.DisableTorchFunctionSubclass():
@@ -711,18 +729,19 @@ class LinearLowRA(nn.Linear):
                     and (s2 is None or (ops.nested_absmax is s2.absmax and ops.nested_code is s2.code))
                     and (kept[4] is None or state.operand_addresses() == kept[4].addresses)):
                 return kept[3], ops
-        if torch.compiler.is_compiling():
-            return None
         with torch._C.DisableTorchFunctionSubclass():
             packed = packed_bytes(weight, state, quant_storage)
             view = packed.data_ptr() == weight.data_ptr()  # not a copy (codes stored as a float dtype, not contiguous)
         if not view or (state.bits.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self.__dict__.pop("_kept_operands", None)
             return None
         ops = KernelOperands.of(state)
         buffered = BufferedOperands.of(state, ops)
         for t in (packed, *ops, buffered and buffered.buffer):  # CUDA graph trees (mode="reduce-overhead") would
             if isinstance(t, torch.Tensor):                     # copy any other input at each replay
-                torch._dynamo.mark_static_address(t, guard=False)  # the stamps already guard what changes
+                torch._dynamo.mark_static_address(t, guard=False)  # changes drop the tuple (above)
+        watch_operands(weight, self)
+        watch_operands(state, self)
         # flat: each item one subscript away from the module, the shortest fetch for a compiled call
         self.__dict__["_kept_operands"] = (weight.lowra_stamp, state.operands_stamp, state.bits._version, packed,
                                            buffered, *ops)
