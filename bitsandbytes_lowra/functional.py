@@ -674,7 +674,8 @@ class QuantStateLowRA(QuantState):
                 raise LowRAFormatError(f"nested_dtype must be 'float32', got {ndt!r}")
             if not isinstance(noff, (int, float)) or isinstance(noff, bool):
                 raise LowRAFormatError(f"nested_offset must be a number, got {noff!r}")
-            offset = torch.tensor(float(noff), dtype=torch.float32)
+            # on the scales' device: as_dict() stores the offset as a number, and the state's tensors share one device
+            offset = torch.tensor(float(noff), dtype=torch.float32, device=fields["absmax"].device)
             state2 = QuantState(
                 absmax=fields["nested_absmax"], code=fields["nested_quant_map"], blocksize=nb_size, dtype=torch.float32
             )

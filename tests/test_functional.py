@@ -208,6 +208,18 @@ def test_state_round_trip_through_safetensors(tmp_path, nested):
     assert QuantStateLowRA.from_dict(state.as_dict()) == state
 
 
+@pytest.mark.parametrize("device", devices())
+def test_from_dict_keeps_every_tensor_on_the_dicts_device(device):
+    """as_dict() keeps the nested offset as a number; it must come back on the scales' device (it came back on the
+    CPU beside CUDA tensors before)."""
+    packed, state = quantize_lowra(weight().to(device), mixed_bits(24).to(device), compress_statistics=True)
+    back = QuantStateLowRA.from_dict(state.as_dict())
+    tensors = (back.absmax, back.bits, back.code, back.thresholds, back.row_offsets, back.offset, back.state2.absmax,
+               back.state2.code)
+    assert {t.device.type for t in tensors} == {device}
+    assert back == state and torch.equal(dequantize_lowra(packed, back), dequantize_lowra(packed, state))
+
+
 def test_state_equality_and_copy():
     W = weight()
     _, a = quantize_lowra(W, mixed_bits(24), compress_statistics=True)
