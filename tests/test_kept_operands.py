@@ -301,3 +301,26 @@ def test_copies_and_pickles_of_a_state_or_weight_carry_no_keepers():
         assert F._KEEPERS in source.__dict__
         for twin in (copy.deepcopy(source), pickle.loads(pickle.dumps(source)), copy.copy(source)):
             assert F._KEEPERS not in twin.__dict__
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_compiled_training_call_takes_the_kept_fields(device, nested):
+    """With a gradient to track (the dense path through MatMulLowRA, no state at hand): forward and backward as
+    eager, from the kept tuple."""
+    torch._dynamo.reset()
+    lin = layer(nested=nested, bias=True, device=device, bias_dtype=dtype_for(device))
+    x = torch.randn(3, 128, dtype=dtype_for(device), device=device, requires_grad=True)
+    ref = full(lin, x)  # keeps them
+    ref.sum().backward()
+    ref_grad, x.grad = x.grad, None
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append([n.name for n in gm.graph.nodes if n.op == "placeholder"])
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    out = torch.compile(lin, backend=backend, fullgraph=True)(x)
+    out.sum().backward()
+    assert torch.equal(out, ref) and torch.equal(x.grad, ref_grad)
+    assert not reads_state(seen[0]) and sum("kept_operands" in n for n in seen[0]) == (8 if nested else 5)
