@@ -288,15 +288,11 @@ class BufferedOperands(NamedTuple):
     KernelOperands has eight tensors and seven values, so a compiled call fetches and guards far less per layer."""
 
     buffer: torch.Tensor
-    key: int  # of the BufferedMeta (buffered_meta)
+    key: int  # of the BufferedMeta: buffered_meta(key) (a function, not a property: a trace guards a property's code)
     # Where the state's fields were (QuantStateLowRA.operand_addresses) when these were made: an eager call compares
     # (a field's storage swapped leaves the buffer behind); a compiled call never reads it, so it guards nothing.
     addresses: tuple
     fields: KernelOperands  # the same operands one by one, for the paths that do not read the buffer (dense, grad)
-
-    @property
-    def meta(self) -> BufferedMeta:
-        return buffered_meta(self.key)
 
     @classmethod
     def of(cls, state: QuantStateLowRA, ops: KernelOperands) -> BufferedOperands | None:
@@ -1098,7 +1094,7 @@ def matmul_lowra(
     if quant_state is not None or ops is None:
         _check_state(quant_state)
     if isinstance(ops, BufferedOperands):
-        meta = buffered_meta(ops.key)  # not the property: a compiled call would guard the property's code too
+        meta = buffered_meta(ops.key)
         nbytes, device, cols = meta.packed_nbytes, ops.buffer.device, meta.cols
     else:
         nbytes, device, cols = ((quant_state.packed_nbytes, quant_state.device, quant_state.cols) if ops is None

@@ -284,8 +284,8 @@ def test_a_compiled_call_guards_the_metadata_key():
     lin, other, x, call = _traced_twins()
     with torch.no_grad():
         kept = lin.__dict__["_kept_operands"]
-        meta = kept[4].meta
-        assert F.buffered_meta(kept[4].key) is meta and other(x) is not None
+        meta = F.buffered_meta(kept[4].key)
+        assert other(x) is not None
         assert other.__dict__["_kept_operands"][4].key == kept[4].key  # one plan, one shape: interned once
         wrong = F._intern_buffered_meta(meta._replace(packed_nbytes=meta.packed_nbytes + 1))
         lin.__dict__["_kept_operands"] = (*kept[:4], kept[4]._replace(key=wrong), *kept[5:])
