@@ -33,16 +33,16 @@ from ..functional import (
     LowRAPlan,
     QuantStateLowRA,
     _eager_direct,
-    drop_kept_operands,
-    watch_operands,
     _functorch,
     _fused_decode_max_tokens,
     _unwatched,
     _use_fused_decode,
     dequantize_lowra,
+    drop_kept_operands,
     make_plan,
     matmul_lowra,
     quantize_lowra,
+    watch_operands,
 )
 
 _META_ATTRS = ("quant_state", "blocksize", "compress_statistics", "lowra_plan", "lowra_quantized", "quant_storage")
@@ -651,8 +651,8 @@ class LinearLowRA(nn.Linear):
         super().__delattr__(name)
 
     def _apply(self, fn, *args, **kwargs):
-        # .to / .cuda / .cpu: the kept operands must not hold the codes on the old device (a weight assigned to the
-        # module need not know its module, so its own setattr cannot always drop them)
+        # .to / .cuda / .cpu: the kept operands must not hold the codes on the old device (dropped here, whichever
+        # way the conversion below replaces the weight or its data)
         self.__dict__.pop("_kept_operands", None)
         weight = self._parameters.get("weight")
         overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
