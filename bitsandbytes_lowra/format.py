@@ -12,6 +12,7 @@ ALLOWED_BITS = (1, 2, 4)
 CODEBOOK_SLOTS = 16  # codebook [rows, 16]: room for 2^4 codes whatever the row's precision
 THRESHOLD_SLOTS = 15  # thresholds [rows, 15]: 2^bits - 1 of them used
 DEFAULT_BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256  # groups of absmax values in double quantization (as bitsandbytes' quantize_4bit)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Codebooks and thresholds are stored as float16: values live in [-1, 1] where float16 keeps 11 bits of mantissa.
 META_DTYPE = torch.float16

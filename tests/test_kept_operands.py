@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bitsandbytes_lowra import functional as F
+from bitsandbytes_lowra import operands
 from bitsandbytes_lowra.nn import LinearLowRA, ParamsLowRA
 
 from .conftest import devices
@@ -279,15 +280,15 @@ def test_a_deleted_weight_is_not_computed_with():
 
 
 def test_a_compiled_call_guards_the_metadata_key():
-    """The buffer's metadata reaches a graph as constants behind one guard on its key (functional.buffered_meta): a
+    """The buffer's metadata reaches a graph as constants behind one guard on its key (operands.buffered_meta): a
     different key traces again, here into the packed-size check."""
     lin, other, x, call = _traced_twins()
     with torch.no_grad():
         kept = lin.__dict__["_kept_operands"]
-        meta = F.buffered_meta(kept[4].key)
+        meta = operands.buffered_meta(kept[4].key)
         assert other(x) is not None
         assert other.__dict__["_kept_operands"][4].key == kept[4].key  # one plan, one shape: interned once
-        wrong = F._intern_buffered_meta(meta._replace(packed_nbytes=meta.packed_nbytes + 1))
+        wrong = operands._intern_buffered_meta(meta._replace(packed_nbytes=meta.packed_nbytes + 1))
         lin.__dict__["_kept_operands"] = (*kept[:4], kept[4]._replace(key=wrong), *kept[5:])
         with pytest.raises(Exception, match="packed buffer has"):
             call(x)
@@ -298,9 +299,9 @@ def test_copies_and_pickles_of_a_state_or_weight_carry_no_keepers():
     with torch.no_grad():
         lin(x)
     for source in (lin.quant_state, lin.weight):
-        assert F._KEEPERS in source.__dict__
+        assert operands._KEEPERS in source.__dict__
         for twin in (copy.deepcopy(source), pickle.loads(pickle.dumps(source)), copy.copy(source)):
-            assert F._KEEPERS not in twin.__dict__
+            assert operands._KEEPERS not in twin.__dict__
 
 
 @pytest.mark.parametrize("device", devices())

@@ -27,9 +27,6 @@ from torch import nn
 from ..format import DEFAULT_BLOCKSIZE, LowRAFormatError, check_blocksize
 from ..functional import (
     PLAIN_TENSOR_TYPES,
-    _STAMPS,
-    BufferedOperands,
-    KernelOperands,
     LowRAPlan,
     QuantStateLowRA,
     _eager_direct,
@@ -38,12 +35,11 @@ from ..functional import (
     _unwatched,
     _use_fused_decode,
     dequantize_lowra,
-    drop_kept_operands,
     make_plan,
     matmul_lowra,
     quantize_lowra,
-    watch_operands,
 )
+from ..operands import _STAMPS, BufferedOperands, KernelOperands, drop_kept_operands, watch_operands
 
 _META_ATTRS = ("quant_state", "blocksize", "compress_statistics", "lowra_plan", "lowra_quantized", "quant_storage")
 # Dtypes the packed bytes may be stored as (reinterpreted, never converted): uint8 and the float dtypes of models.
