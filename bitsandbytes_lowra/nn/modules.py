@@ -588,24 +588,24 @@ class LinearLowRA(nn.Linear):
         # The full path; on the hot path of decoding too where the shortcut refused: every step below is the cheap
         # form of the same operation.
         ops = None  # the kept operands: read in place of the weight's and the state's fields
-        kept = self.__dict__.get("_kept_operands") if compiling and not self.cache_absmax else None
-        if kept is not None:  # current, or a change would have dropped them; the weight is not read (kept_operands)
-            w, state, plain = None, None, False
-            packed, ops = kept[3], kept[4] if kept[4] is not None else KernelOperands(*kept[5:])
+        w, plain = None, False
+        held = self.__dict__.get("_kept_operands") if compiling and not self.cache_absmax else None
+        if held is not None:  # current, or a change would have dropped them: the weight is not read (kept_operands)
+            packed, state, ops = held[3], None, held[4] if held[4] is not None else KernelOperands(*held[5:])
         else:
             w = self.weight
             plain = type(w) is ParamsLowRA and w.lowra_quantized and w.quant_state is not None
-        if plain:
-            state = w.quant_state  # what _packed_and_state would pick; it repairs weights that lost their state
-            storage = getattr(self, "quant_storage", None)
-            kept = None if self.cache_absmax else self.kept_operands(w, state, storage)
-            if kept is not None:
-                packed, ops = kept
+            if plain:
+                state = w.quant_state  # what _packed_and_state would pick; it repairs weights that lost their state
+                storage = getattr(self, "quant_storage", None)
+                kept = None if self.cache_absmax else self.kept_operands(w, state, storage)
+                if kept is not None:
+                    packed, ops = kept
+                else:
+                    with torch._C.DisableTorchFunctionSubclass():  # `.data` without a trip through __torch_function__
+                        packed = packed_bytes(w, state, storage)
             else:
-                with torch._C.DisableTorchFunctionSubclass():  # `.data` without a trip through __torch_function__
-                    packed = packed_bytes(w, state, storage)
-        elif kept is None:
-            packed, state = self._packed_and_state()
+                packed, state = self._packed_and_state()
         device_type = x.device.type
         bias = self.bias
         if torch.is_autocast_enabled(device_type):
