@@ -60,8 +60,8 @@ def test_compiled_call_reads_the_kept_operands_not_the_weight_and_state(device, 
         assert torch.equal(compiled(lin, seen)(many), full(lin, many))
     assert not reads_state(seen[2]) and sum("kept_operands" in n for n in seen[2]) == (8 if nested else 5)
     kept = lin.__dict__["_kept_operands"]
-    assert kept[4].buffer is lin.quant_state.operand_buffer()
-    tensors = [t for t in (*kept, kept[4].buffer) if isinstance(t, torch.Tensor)]
+    assert kept[5].buffer is lin.quant_state.operand_buffer()
+    tensors = [t for t in (*kept, kept[5].buffer) if isinstance(t, torch.Tensor)]
     assert len(tensors) == (8 if nested else 5) + (1 if device == "cuda" else 0) + 1
     assert all(getattr(t, "_dynamo_static_input_type", None) for t in tensors)
 
@@ -84,6 +84,8 @@ REPLACEMENTS = {
     "moved": lambda lin, other: (lin.quant_state.absmax.copy_(other.quant_state.absmax), lin.quant_state.to("cpu")),
     "weight registered": lambda lin, other: lin.register_parameter("weight", other.weight),
     "weight loaded": lambda lin, other: lin.load_state_dict(other.state_dict()),
+    # no setattr: torch.func.functional_call and accelerate's set_module_tensor_to_device write the dict itself
+    "weight written into _parameters": lambda lin, other: lin._parameters.__setitem__("weight", other.weight),
 }
 
 
@@ -136,7 +138,7 @@ def test_a_field_storage_swapped_is_seen_from_the_next_eager_call_on():
         lin.quant_state.absmax.data = other.quant_state.absmax.clone()
         assert lin.quant_state.operand_buffer() is None
         ref = full(lin, x)
-        assert not torch.equal(ref, before) and lin.__dict__["_kept_operands"][4] is None
+        assert not torch.equal(ref, before) and lin.__dict__["_kept_operands"][5] is None
         assert torch.equal(call(x), ref)
 
 
@@ -197,7 +199,7 @@ def test_copies_keep_no_operands_and_compile_on_their_own():
             assert torch.equal(compiled(twin)(x), ref)
             twin(x)
             kept = twin.__dict__["_kept_operands"]
-            assert kept[3].data_ptr() == twin.weight.data_ptr() != lin.weight.data_ptr()
+            assert kept[4].data_ptr() == twin.weight.data_ptr() != lin.weight.data_ptr()
             assert torch.equal(compiled(twin)(x), ref)
 
 
@@ -213,7 +215,7 @@ def test_float_storage_is_kept_as_a_view_and_the_absmax_cache_reads_the_state():
                                     quant_storage=torch.bfloat16, module=stored)
         stored.quant_state = base.quant_state
         assert torch.equal(stored(x), ref)
-        assert stored.__dict__["_kept_operands"][3].data_ptr() == stored.weight.data_ptr()
+        assert stored.__dict__["_kept_operands"][4].data_ptr() == stored.weight.data_ptr()
         seen = []
         assert torch.equal(compiled(stored, seen)(x), ref) and not reads_state(seen[0])
         base.set_absmax_cache(True)
@@ -285,11 +287,11 @@ def test_a_compiled_call_guards_the_metadata_key():
     lin, other, x, call = _traced_twins()
     with torch.no_grad():
         kept = lin.__dict__["_kept_operands"]
-        meta = operands.buffered_meta(kept[4].key)
+        meta = operands.buffered_meta(kept[5].key)
         assert other(x) is not None
-        assert other.__dict__["_kept_operands"][4].key == kept[4].key  # one plan, one shape: interned once
+        assert other.__dict__["_kept_operands"][5].key == kept[5].key  # one plan, one shape: interned once
         wrong = operands._intern_buffered_meta(meta._replace(packed_nbytes=meta.packed_nbytes + 1))
-        lin.__dict__["_kept_operands"] = (*kept[:4], kept[4]._replace(key=wrong), *kept[5:])
+        lin.__dict__["_kept_operands"] = (*kept[:5], kept[5]._replace(key=wrong), *kept[6:])
         with pytest.raises(Exception, match="packed buffer has"):
             call(x)
 
@@ -325,3 +327,34 @@ def test_a_compiled_training_call_takes_the_kept_fields(device, nested):
     out.sum().backward()
     assert torch.equal(out, ref) and torch.equal(x.grad, ref_grad)
     assert not reads_state(seen[0]) and sum("kept_operands" in n for n in seen[0]) == (8 if nested else 5)
+
+
+def test_functional_call_with_another_weight_reaches_a_compiled_layer():
+    """torch.func.functional_call swaps the weight straight in `_parameters` and back: the compiled layer computes
+    with the weight it was given, then with its own again."""
+    torch._dynamo.reset()
+    lin, other, x = _twins()
+    with torch.no_grad():
+        own = full(lin, x)
+        given = F.matmul_lowra(x, other.weight.packed, other.weight.quant_state, lin.bias)  # its weight, lin's bias
+        lin.compile(backend="eager", fullgraph=True)
+        try:
+            assert torch.equal(lin(x), own)  # traced with the kept operands
+            assert torch.equal(torch.func.functional_call(lin, {"weight": other.weight}, (x,)), given)
+            assert torch.equal(lin(x), own)
+        finally:
+            lin._compiled_call_impl = None
+
+
+def test_the_counted_parameters_survive_copies_pickles_and_old_pickles():
+    lin, other, x = _twins()
+    with torch.no_grad():
+        ref = lin(x)
+    for twin in (copy.deepcopy(lin), pickle.loads(pickle.dumps(lin))):
+        assert type(twin._parameters) is type(lin._parameters) and twin._parameters.keys() == lin._parameters.keys()
+        assert torch.equal(twin(x), ref)
+    old = lin.__getstate__()
+    old["_parameters"] = dict(old["_parameters"])  # as pickled before the counted dict existed
+    revived = LinearLowRA.__new__(LinearLowRA)
+    revived.__setstate__(old)
+    assert type(revived._parameters) is type(lin._parameters) and torch.equal(revived(x), ref)

@@ -383,6 +383,57 @@ def _no_bias():
     return None
 
 
+class _CountedParameters(dict):
+    """LinearLowRA's `_parameters`: a dict that counts its writes. A compiled call takes the kept operands without
+    reading the weight, so it compares this count with the one they were kept at: a weight written straight into
+    the dict (torch.func.functional_call, accelerate's set_module_tensor_to_device) passes no setattr that could
+    drop them. Every mutator counts (dict's own `update`, `pop`, ... do not go through __setitem__)."""
+
+    __slots__ = ("writes",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.writes = 0
+
+    def __reduce__(self):  # copies and pickles rebuild it through __init__ (dict's own way sets items first)
+        return type(self), (dict(self),)
+
+    def __setitem__(self, key, value):
+        self.writes += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.writes += 1
+        super().__delitem__(key)
+
+    def update(self, *args, **kwargs):
+        self.writes += 1
+        super().update(*args, **kwargs)
+
+    def pop(self, *args):
+        self.writes += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self.writes += 1
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        self.writes += 1
+        return super().setdefault(key, default)
+
+    def clear(self):
+        self.writes += 1
+        super().clear()
+
+
+def _params_writes(module) -> int | None:
+    """The write count of `module._parameters`, None where it is a plain dict (a module unpickled from an older
+    version keeps one until its __setstate__ swaps it)."""
+    params = module._parameters
+    return params.writes if type(params) is _CountedParameters else None
+
+
 class _DecodeCall:
     """LinearLowRA.forward's shortcut for eager decoding: the launch that matmul_lowra's fused direct path makes (the
     state's prepared launcher, QuantStateLowRA.prepared_matmul), behind a guard on everything that choice and that
@@ -455,6 +506,7 @@ class LinearLowRA(nn.Linear):
         check_blocksize(blocksize)
         quant_storage = check_quant_storage(quant_storage)
         super().__init__(in_features, out_features, bias, device)
+        self.__dict__["_parameters"] = _CountedParameters(self._parameters)
         self.weight = ParamsLowRA(
             self.weight.data, requires_grad=False, blocksize=blocksize, compress_statistics=compress_statistics,
             module=self, quant_storage=quant_storage,
@@ -590,8 +642,9 @@ class LinearLowRA(nn.Linear):
         ops = None  # the kept operands: read in place of the weight's and the state's fields
         w, plain = None, False
         held = self.__dict__.get("_kept_operands") if compiling and not self.cache_absmax else None
-        if held is not None:  # current, or a change would have dropped them: the weight is not read (kept_operands)
-            packed, state, ops = held[3], None, held[4] if held[4] is not None else KernelOperands(*held[5:])
+        writes = _params_writes(self) if held is not None else None
+        if writes is not None and held[3] == writes:  # current: a change would have dropped them (kept_operands)
+            packed, state, ops = held[4], None, held[5] if held[5] is not None else KernelOperands(*held[6:])
         else:
             w = self.weight
             plain = type(w) is ParamsLowRA and w.lowra_quantized and w.quant_state is not None
@@ -634,8 +687,8 @@ class LinearLowRA(nn.Linear):
         return state
 
     # A new or deleted weight drops the kept operands: a compiled call would not notice (it does not read the weight),
-    # and the old codes go now. Assignment (`lin.weight = p`) comes here through register_parameter; only a write
-    # straight into `_parameters` (accelerate's offload hooks do it) is seen by eager calls alone (kept_operands).
+    # and the old codes go now. Assignment (`lin.weight = p`) comes here through register_parameter; a write straight
+    # into `_parameters` (functional_call, accelerate) only counts in it (_CountedParameters), which forward compares.
     def register_parameter(self, name: str, param) -> None:
         if name == "weight":
             self.__dict__.pop("_kept_operands", None)
@@ -699,15 +752,17 @@ class LinearLowRA(nn.Linear):
         and one integer key (BufferedOperands), else the fields. Eager calls read them too: checking them costs less
         than reading the fields.
 
-        Freshness. A compiled call cannot check anything, so every change that could make them stale drops them at
-        once: setting the weight's `data` or `quant_state` (ParamsLowRA), a field of the state the kernels read
-        (QuantStateLowRA), this module's weight (register_parameter, delattr), or a move (_apply). The next compiled
-        call then fails its guard on the tuple and traces again, reading the fields; the next eager call keeps them
-        anew. An eager call also rebuilds them when they were taken from another weight object or before its `data`
-        or `quant_state` was set (ParamsLowRA.lowra_stamp; a weight written straight into `_parameters` gets here),
-        before a field of the state was set (QuantStateLowRA.operands_stamp), before `bits` was edited in place (the
-        CUDA row plan derives from it), or from codes, fields or nested scales since moved (set_(), `.data =`,
-        state.state2.absmax = t), none of which a compiled call sees until an eager call comes between.
+        Freshness. A compiled call checks one thing only, the write count of this module's `_parameters`
+        (_CountedParameters: a weight written straight into the dict, as torch.func.functional_call does, passes no
+        setattr), so every other change that could make them stale drops them at once: setting the weight's `data`
+        or `quant_state` (ParamsLowRA), a field of the state the kernels read (QuantStateLowRA), this module's weight
+        (register_parameter, delattr), or a move (_apply). The next compiled call then fails its guard on the tuple
+        (or on the count) and traces again, reading the fields; the next eager call keeps them anew. An eager call
+        also rebuilds them when they were taken from another weight object or before its `data` or `quant_state` was
+        set (ParamsLowRA.lowra_stamp), at another write count, before a field of the state was set
+        (QuantStateLowRA.operands_stamp), before `bits` was edited in place (the CUDA row plan derives from it), or
+        from codes, fields or nested scales since moved (set_(), `.data =`, state.state2.absmax = t): none of these
+        last three does a compiled call see until an eager call comes between.
 
         None where the codes would be a copy, or while a CUDA graph is being captured (the row plan costs a host
         sync). The tensors are marked as static addresses: a parameter is one to CUDA graph trees, but the codes'
@@ -716,15 +771,16 @@ class LinearLowRA(nn.Linear):
         if torch.compiler.is_compiling():  # forward took them if there were any
             return None
         kept = self.__dict__.get("_kept_operands")
-        if kept is not None and kept[0] == weight.lowra_stamp and kept[1] == state.operands_stamp:
-            ops = KernelOperands(*kept[5:])
+        if (kept is not None and kept[0] == weight.lowra_stamp and kept[1] == state.operands_stamp
+                and kept[3] == _params_writes(self)):
+            ops = KernelOperands(*kept[6:])
             s2 = state.state2 if state.nested else None
             with torch._C.DisableTorchFunctionSubclass():
                 address = weight.data_ptr()
-            if (kept[2] == state.bits._version and kept[3].data_ptr() == address
+            if (kept[2] == state.bits._version and kept[4].data_ptr() == address
                     and (s2 is None or (ops.nested_absmax is s2.absmax and ops.nested_code is s2.code))
-                    and (kept[4] is None or state.operand_addresses() == kept[4].addresses)):
-                return kept[3], ops
+                    and (kept[5] is None or state.operand_addresses() == kept[5].addresses)):
+                return kept[4], ops
         with torch._C.DisableTorchFunctionSubclass():
             packed = packed_bytes(weight, state, quant_storage)
             view = packed.data_ptr() == weight.data_ptr()  # not a copy (codes stored as a float dtype, not contiguous)
@@ -739,8 +795,8 @@ class LinearLowRA(nn.Linear):
         watch_operands(weight, self)
         watch_operands(state, self)
         # flat: each item one subscript away from the module, the shortest fetch for a compiled call
-        self.__dict__["_kept_operands"] = (weight.lowra_stamp, state.operands_stamp, state.bits._version, packed,
-                                           buffered, *ops)
+        self.__dict__["_kept_operands"] = (weight.lowra_stamp, state.operands_stamp, state.bits._version,
+                                           _params_writes(self), packed, buffered, *ops)
         return packed, ops
 
     def _bias_as(self, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -850,6 +906,8 @@ class LinearLowRA(nn.Linear):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        if type(self.__dict__.get("_parameters")) is dict:  # pickled by a version before _CountedParameters
+            self.__dict__["_parameters"] = _CountedParameters(self._parameters)
         if isinstance(self.__dict__.get("_parameters", {}).get("weight"), ParamsLowRA):
             self.weight.module = self
 
