@@ -358,3 +358,10 @@ def test_the_counted_parameters_survive_copies_pickles_and_old_pickles():
     revived = LinearLowRA.__new__(LinearLowRA)
     revived.__setstate__(old)
     assert type(revived._parameters) is type(lin._parameters) and torch.equal(revived(x), ref)
+    counted = type(lin._parameters)(a=1)  # every mutator counts, not only item assignment
+    for mutate in (lambda d: d.__setitem__("b", 2), lambda d: d.update(c=3), lambda d: d.__ior__({"e": 5}),
+                   lambda d: d.setdefault("f", 6), lambda d: d.pop("f"), lambda d: d.__delitem__("e"),
+                   lambda d: d.popitem(), lambda d: d.clear()):
+        before = counted.writes
+        mutate(counted)
+        assert counted.writes == before + 1

@@ -426,6 +426,10 @@ class _CountedParameters(dict):
         self.writes += 1
         super().clear()
 
+    def __ior__(self, other):
+        self.writes += 1
+        return super().__ior__(other)
+
 
 def _params_writes(module) -> int | None:
     """The write count of `module._parameters`, None where it is a plain dict (a module unpickled from an older
@@ -686,9 +690,10 @@ class LinearLowRA(nn.Linear):
         state.pop("_kept_operands", None)
         return state
 
-    # A new or deleted weight drops the kept operands: a compiled call would not notice (it does not read the weight),
-    # and the old codes go now. Assignment (`lin.weight = p`) comes here through register_parameter; a write straight
-    # into `_parameters` (functional_call, accelerate) only counts in it (_CountedParameters), which forward compares.
+    # A new or deleted weight drops the kept operands so that the old codes go now, not at the next eager call (the
+    # write it makes to _CountedParameters already keeps a compiled call from using them). Assignment
+    # (`lin.weight = p`) comes here through register_parameter; a write straight into `_parameters` (functional_call,
+    # accelerate) only counts there, and the operands are let go at the next eager call.
     def register_parameter(self, name: str, param) -> None:
         if name == "weight":
             self.__dict__.pop("_kept_operands", None)
