@@ -69,6 +69,16 @@ def default_precisions(budget: float) -> tuple[int, ...]:
     return (1, 2, 4) if budget < 2 else (2, 4)
 
 
+def check_ilp_options(clusters, time_limit) -> None:
+    """The "ilp" method's options: clusters per size group, seconds per solver call (None: no limit)."""
+    if isinstance(clusters, bool) or not isinstance(clusters, (int, np.integer)) or clusters < 1:
+        raise ValueError(f"clusters must be a positive integer, got {clusters!r}")
+    if time_limit is not None and (
+        isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not time_limit > 0
+    ):
+        raise ValueError(f"time_limit must be None or a positive number of seconds, got {time_limit!r}")
+
+
 def assign_precisions(
     errors,
     sizes,
@@ -95,12 +105,7 @@ def assign_precisions(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if isinstance(clusters, bool) or not isinstance(clusters, (int, np.integer)) or clusters < 1:
-        raise ValueError(f"clusters must be a positive integer, got {clusters!r}")
-    if time_limit is not None and (
-        isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not time_limit > 0
-    ):
-        raise ValueError(f"time_limit must be None or a positive number of seconds, got {time_limit!r}")
+    check_ilp_options(clusters, time_limit)
     E, sizes, prec, cap = _validate(errors, sizes, budget, precisions)
 
     lp = _lp_relaxation(E, sizes, prec, cap)

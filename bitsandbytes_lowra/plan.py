@@ -84,8 +84,13 @@ class PlanSettings:
         if not (min(ALLOWED_BITS) <= self.bits <= max(ALLOWED_BITS)):
             raise ValueError(f"bits must be in [{min(ALLOWED_BITS)}, {max(ALLOWED_BITS)}], got {self.bits}")
         if self.precisions is not None:
-            precs = tuple(sorted({int(p) for p in self.precisions}))
-            if not precs or any(p not in ALLOWED_BITS for p in precs):
+            # exact values only: int(2.7) would quietly make it 2
+            bad = isinstance(self.precisions, (str, bytes)) or any(
+                isinstance(p, bool) or not isinstance(p, (int, float)) or p not in ALLOWED_BITS
+                for p in self.precisions
+            )
+            precs = () if bad else tuple(sorted({int(p) for p in self.precisions}))
+            if not precs:
                 raise ValueError(f"precisions must be a non-empty subset of {ALLOWED_BITS}, got {self.precisions!r}")
             if self.bits < precs[0]:
                 raise ValueError(f"bits={self.bits} is below the smallest allowed precision {precs[0]}")
@@ -103,6 +108,11 @@ class PlanSettings:
             raise ValueError(f"assigner_method must be one of {ASSIGNER_METHODS}, got {self.assigner_method!r}")
         if self.solver not in ASSIGNER_SOLVERS:
             raise ValueError(f"solver must be one of {ASSIGNER_SOLVERS}, got {self.solver!r}")
+        from .assigner import check_ilp_options
+
+        check_ilp_options(self.clusters, self.time_limit)  # here, not in the assigner after every fit is learned
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
     @classmethod
     def from_config(cls, config) -> "PlanSettings":
@@ -240,15 +250,20 @@ def fingerprint(files: Iterable[Path], samples: int = 64, sample_bytes: int = 40
     return h.hexdigest()
 
 
-def checkpoint_keys(files: Iterable[Path]) -> dict[str, Path]:
-    """{tensor name: file} from the safetensors headers (no tensor is read)."""
-    keys = {}
+def checkpoint_headers(files: Iterable[Path]) -> dict[str, tuple[Path, dict]]:
+    """{tensor name: (file, its header entry: "dtype", "shape", "data_offsets")}; no tensor is read."""
+    out = {}
     for path in files:
         header = json.loads(_read_header(Path(path)))
-        for k in header:
+        for k, info in header.items():
             if k != "__metadata__":
-                keys[k] = Path(path)
-    return keys
+                out[k] = (Path(path), info)
+    return out
+
+
+def checkpoint_keys(files: Iterable[Path]) -> dict[str, Path]:
+    """{tensor name: file} from the safetensors headers (no tensor is read)."""
+    return {k: path for k, (path, _) in checkpoint_headers(files).items()}
 
 
 # Without a model to ask: every "*.weight" that is not an embedding, a norm or the output head.

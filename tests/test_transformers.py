@@ -111,6 +111,13 @@ def test_config_roundtrips_through_json():
         ({"bits": 2, "loftq_rank": -1}, "loftq_rank"),
         ({"bits": 2, "modules_to_not_convert": [1]}, "modules_to_not_convert"),
         ({"bits": 2, "unknown_option": 1}, "unknown options"),
+        ({"bits": 2, "precisions": [2.7, 4]}, "precisions"),  # not quietly 2
+        ({"bits": 2, "precisions": "24"}, "precisions"),
+        # the ILP's own options, refused before any fit is learned
+        ({"bits": 2, "assigner_method": "ilp", "clusters": 0}, "clusters"),
+        ({"bits": 2, "assigner_method": "ilp", "time_limit": -1}, "time_limit"),
+        ({"bits": 2, "time_limit": float("nan")}, "time_limit"),
+        ({"bits": 2, "seed": "0"}, "seed"),
     ],
 )
 def test_config_rejects_bad_options(kwargs, message):
@@ -217,6 +224,26 @@ def test_precomputed_plan(tiny_dir, tmp_path, plan_cache, learn_calls):
         _load(tiny_dir["opt"][0], quantization_config=LowRAConfig(bits=2.0, plan_path=tmp_path / "plan.safetensors"))
 
 
+def test_config_precisions_normalized():
+    assert LowRAConfig(bits=2, precisions=(4, 2.0, 2)).precisions == [2, 4]
+
+
+def test_modules_to_not_convert_one_name_as_a_string(tiny_dir, plan_cache):
+    """A single name is one name, not its characters (every projection ends in "j": nothing would be left)."""
+    cfg = LowRAConfig(bits=2.0, modules_to_not_convert="down_proj")
+    assert cfg.modules_to_not_convert == ["down_proj"]
+    q = _load(tiny_dir["llama"][0], quantization_config=cfg)
+    names = q.hf_quantizer.lowra_modules
+    assert names and not any("down_proj" in n for n in names) and any("up_proj" in n for n in names)
+
+
+def test_unsupported_dtype_refused_before_planning(tiny_dir, plan_cache, learn_calls):
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        AutoModelForCausalLM.from_pretrained(tiny_dir["llama"][0], device_map="cpu", dtype=torch.float64,
+                                             quantization_config=LowRAConfig(bits=2.0))  # fmt: skip
+    assert learn_calls == []
+
+
 def test_modules_to_not_convert(tiny_dir, plan_cache):
     path, _ = tiny_dir["llama"]
     skip = ["mlp.down_proj", "model.layers.1"]
@@ -319,6 +346,21 @@ def test_unknown_state_tensor_fails_before_loading(saved_llama, tmp_path):
     bad = _corrupt(saved_llama, tmp_path / "bad", lambda sd: sd.__setitem__(f"{LAYER}.lowra_future", torch.zeros(3)))
     with pytest.raises(LowRAFormatError, match="unknown LowRA state tensors"):
         AutoModelForCausalLM.from_pretrained(bad, device_map="cpu")
+
+
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (lambda sd: sd.pop(f"{LAYER}.{lt.BLOB_KEY}"), "not its metadata"),
+        (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith(f"{LAYER}.")], "packed LowRA codes"),
+    ],
+)
+def test_state_without_its_metadata_fails_before_loading(saved_llama, tmp_path, fn, message):
+    """Without the metadata entry the layer would stay dense and fail on shapes far from the cause: name it."""
+    bad = _corrupt(saved_llama, tmp_path / "bad", fn)
+    with pytest.raises(LowRAFormatError, match=message) as info:
+        AutoModelForCausalLM.from_pretrained(bad, device_map="cpu")
+    assert "model.layers.0.self_attn.q_proj" in str(info.value)
 
 
 def test_lowra_config_without_lowra_weights_fails(tiny_dir, tmp_path):
@@ -567,3 +609,39 @@ def test_loftq_through_from_pretrained_save_reload_and_peft(tiny_dir, tmp_path, 
     assert not torch.allclose(lora_logits, base_logits)
     with pytest.raises(ValueError, match="rank"):
         get_peft_model(_load(out), LoraConfig(r=8, target_modules="all-linear"))
+
+
+@pytest.fixture(scope="module")
+def saved_loftq(tiny_dir, tmp_path_factory):
+    import os
+
+    old = os.environ.get("LOWRA_PLAN_CACHE")
+    os.environ["LOWRA_PLAN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        q = _load(tiny_dir["llama"][0], quantization_config=LowRAConfig(bits=2.0, loftq_rank=4, loftq_iterations=1))
+    finally:
+        os.environ.pop("LOWRA_PLAN_CACHE") if old is None else os.environ.__setitem__("LOWRA_PLAN_CACHE", old)
+    d = tmp_path_factory.mktemp("saved-loftq")
+    q.save_pretrained(d)
+    return d
+
+
+INIT_A = "model.layers.0.self_attn.q_proj.lowra_init_A"
+
+
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (lambda sd: sd.pop(INIT_A), "lacks one or both"),
+        (lambda sd: sd.__setitem__(INIT_A, sd[INIT_A][:2].clone()), "LoftQ initialization of shapes"),
+        (lambda sd: sd.__setitem__(INIT_A, torch.full_like(sd[INIT_A], float("nan"))), "NaN or inf"),
+    ],
+)
+def test_corrupt_loftq_init_fails(saved_loftq, tmp_path, fn, message):
+    """A layer whose saved LoftQ init is gone would start LoRA at zero on a base that lacks its low-rank part; a NaN
+    one would make every output NaN. Neither may load."""
+    assert _load(saved_loftq) is not None  # the intact checkpoint loads
+    bad = _corrupt(saved_loftq, tmp_path / "bad", fn)
+    with pytest.raises(LowRAFormatError, match=message) as info:
+        AutoModelForCausalLM.from_pretrained(bad, device_map="cpu")
+    assert "model.layers.0.self_attn.q_proj" in str(info.value)

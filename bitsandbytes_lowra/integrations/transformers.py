@@ -118,7 +118,7 @@ class LowRAConfig(QuantizationConfigMixin):
             raise ValueError("LowRAConfig needs the bit budget: LowRAConfig(bits=1.75) (average bits per parameter)")
         self.quant_method = QUANT_METHOD
         self.bits = float(bits) if isinstance(bits, int) and not isinstance(bits, bool) else bits
-        self.precisions = None if precisions is None else sorted({int(p) for p in precisions})
+        self.precisions = None if precisions is None else list(precisions)  # post_init checks, then sorts them
         self.blocksize = blocksize
         self.compress_statistics = compress_statistics
         self.compute_dtype = compute_dtype
@@ -133,6 +133,8 @@ class LowRAConfig(QuantizationConfigMixin):
         self.loftq_rank = loftq_rank
         self.loftq_iterations = loftq_iterations
         self.loftq_init = loftq_init
+        if isinstance(modules_to_not_convert, str):  # one name; list("lm_head") would skip every name ending in "d"
+            modules_to_not_convert = [modules_to_not_convert]
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
         self.plan_path = None if plan_path is None else os.fspath(plan_path)
         self.plan_cache = plan_cache
@@ -140,7 +142,9 @@ class LowRAConfig(QuantizationConfigMixin):
         self.post_init()
 
     def post_init(self):
-        _plan.PlanSettings.from_config(self)  # validates every planning option with one message per problem
+        settings = _plan.PlanSettings.from_config(self)  # validates every planning option, one message per problem
+        if settings.precisions is not None:
+            self.precisions = list(settings.precisions)
         if isinstance(self.compute_dtype, str):
             if self.compute_dtype.removeprefix("torch.") not in _DTYPES:
                 raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {self.compute_dtype!r}")
@@ -315,6 +319,30 @@ def checkpoint_targets(targets: dict[str, nn.Module], keys, prefix: str) -> list
     return out
 
 
+def _check_orphan_state(model, headers, lowra_layers: set, prefix: str) -> None:
+    """A LowRA checkpoint's layers without the state's metadata entry (the blob) would load as dense layers and
+    fail on shapes, or not at all: name them instead. Two signs: LowRA state tensors, or packed 1-D codes where a
+    linear layer's [out, in] weight belongs."""
+    state = tuple(f".{n}" for n in SERIALIZED_WEIGHT_NAMES if n not in ("weight", f"weight.{BLOB_KEY}"))
+    for key in headers:
+        suffix = next((s for s in state if key.endswith(s)), None)
+        if suffix is not None and key[: -len(suffix)] not in lowra_layers:
+            raise LowRAFormatError(
+                f"{key[: -len(suffix)]}: the checkpoint holds LowRA state tensors for this layer but not its "
+                f"metadata (weight.{BLOB_KEY}): the file is incomplete or corrupt"
+            )
+    for name, module in model.named_modules():
+        key = _checkpoint_key(f"{name}.weight", headers, prefix) if _is_target(module) else None
+        if key is None or key.removesuffix(".weight") in lowra_layers:
+            continue
+        info = headers[key][1]
+        if len(info.get("shape", ())) == 1:  # a dense linear weight is [out, in]
+            raise LowRAFormatError(
+                f"{name}: the checkpoint holds packed LowRA codes for this layer but none of its LowRA state: the "
+                "file is incomplete or corrupt"
+            )
+
+
 def _replace(model, names, config: LowRAConfig, blocksize=None, compress_statistics=None) -> None:
     for name in names:
         old = model.get_submodule(name)
@@ -385,6 +413,15 @@ class LowRAHfQuantizer(HfQuantizer):
         self._several_devices = False
 
     # -- environment ----------------------------------------------------------------------------------------------
+
+    def update_dtype(self, dtype):
+        # Up front, not as one failure per layer after planning: the kernels take these three dtypes only.
+        if dtype not in _DTYPES.values():
+            raise ValueError(
+                f"LowRA loads models in float32, float16 or bfloat16 (dtype=...), got {dtype}: the quantized layers "
+                "compute in the model's dtype"
+            )
+        return dtype
 
     def validate_environment(self, *args, **kwargs):
         # Called with the user's device_map and again with the resolved one (device_map="auto").
@@ -477,7 +514,8 @@ class LowRAHfQuantizer(HfQuantizer):
         """The layers with LowRA state in the checkpoint become LinearLowRA; unknown state tensors fail here."""
         if not files:
             raise ValueError("a LowRA checkpoint must be loaded from its safetensors files")
-        keys = _plan.checkpoint_keys(files)
+        headers = _plan.checkpoint_headers(files)
+        keys = {k: path for k, (path, _) in headers.items()}
         marker = f".weight.{BLOB_KEY}"
         names = {m.removesuffix(".weight") for m, _ in model.named_parameters()}
         known = set(SERIALIZED_WEIGHT_NAMES)
@@ -504,25 +542,42 @@ class LowRAHfQuantizer(HfQuantizer):
             ]  # fmt: skip
             if extra:
                 raise LowRAFormatError(f"unknown LowRA state tensors {extra} (written by a newer version?)")
+        _check_orphan_state(model, headers, set(lowra.values()), prefix)
         _replace(model, sorted(lowra), self.quantization_config)
         self.lowra_modules = sorted(lowra)
-        self._register_saved_loftq_init(model, files, keys, lowra)
+        self._register_saved_loftq_init(model, headers, lowra)
 
     @staticmethod
-    def _register_saved_loftq_init(model, files, keys, lowra) -> None:
+    def _register_saved_loftq_init(model, headers, lowra) -> None:
         """A checkpoint saved after LoftQ holds each layer's adapter initialization: give the fresh layers the
-        buffers to load it into (shapes read from the file header)."""
-        from safetensors import safe_open
-
+        buffers to load it into (shapes read from the file header). Every layer has one or none does: a layer
+        without its own would start LoRA at zero on a base that lacks its low-rank part."""
         from .. import loftq as _loftq
 
+        inits = {}
         for layer, ckpt_layer in lowra.items():
-            key = f"{ckpt_layer}.{_loftq.INIT_A}"
-            if key not in keys or f"{ckpt_layer}.{_loftq.INIT_B}" not in keys:
-                continue
-            with safe_open(str(keys[key]), framework="pt") as f:
-                rank = f.get_slice(key).get_shape()[0]
+            a, b = (headers.get(f"{ckpt_layer}.{n}") for n in (_loftq.INIT_A, _loftq.INIT_B))
+            if a is not None or b is not None:
+                inits[layer] = (ckpt_layer, a, b)
+        if not inits:
+            return
+        missing = [layer for layer in lowra if layer not in inits or None in inits[layer][1:]]
+        if missing:
+            raise LowRAFormatError(
+                f"the checkpoint holds LoftQ adapter initializations ({_loftq.INIT_A}, {_loftq.INIT_B}) for "
+                f"{len(lowra) - len(missing)} of its {len(lowra)} LowRA layers; {missing[0]} lacks one or both "
+                f"({len(missing)} layers in all): the file is incomplete"
+            )
+        for layer, (ckpt_layer, a, b) in inits.items():
             module = model.get_submodule(layer)
+            shape_a, shape_b = list(a[1]["shape"]), list(b[1]["shape"])
+            rank = shape_a[0] if shape_a else 0
+            if rank < 1 or shape_a != [rank, module.in_features] or shape_b != [module.out_features, rank]:
+                raise LowRAFormatError(
+                    f"{ckpt_layer}: LoftQ initialization of shapes {shape_a} and {shape_b}; the layer "
+                    f"[{module.out_features}, {module.in_features}] needs [r, {module.in_features}] and "
+                    f"[{module.out_features}, r]"
+                )
             _loftq.register_init_buffers(module, int(rank), device=module.weight.device)
 
     # -- loading --------------------------------------------------------------------------------------------------
@@ -585,6 +640,7 @@ class LowRAHfQuantizer(HfQuantizer):
                 f"LowRA could not load {len(failed)} of {len(self.lowra_modules)} quantized layers "
                 f"(first: {failed[:3]})" + ("\n" + "\n".join(reasons) if reasons else "")
             )
+        self._check_loftq_init(model)
         # peft's prepare_model_for_kbit_training enables input grads / checkpointing only for these flags, and
         # Trainer skips DataParallel for them. LowRA is a 1-4-bit weight format, so "4bit" is accurate enough.
         model.is_loaded_in_4bit = True
@@ -596,6 +652,15 @@ class LowRAHfQuantizer(HfQuantizer):
             model._weight_conversions = [c for c in conversions if not _is_ours(c)]
         _guard_dtype_casts(model)
         return model
+
+    def _check_loftq_init(self, model) -> None:
+        """Saved LoftQ initializations must be finite: get_peft_model would copy NaN into lora_A / lora_B."""
+        from .. import loftq as _loftq
+
+        for name in self.lowra_modules:
+            init = _loftq.stored_init(model.get_submodule(name))
+            if init is not None and not all(bool(torch.isfinite(t).all()) for t in init):
+                raise LowRAFormatError(f"{name}: its saved LoftQ initialization holds NaN or inf values")
 
     # -- capabilities ---------------------------------------------------------------------------------------------
 
