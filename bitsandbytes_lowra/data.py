@@ -49,11 +49,12 @@ def smollm2_checkpoint(dest: str | os.PathLike | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import shutil
+
     gguf = smollm2_gguf_path()
     out = Path(dest) if dest is not None else cache_dir() / "smollm2-135m"
-    marker = out / ".converted-from"
-    stamp = f"{gguf}:{gguf.stat().st_size}"
-    if marker.is_file() and marker.read_text() == stamp:
+    stamp = gguf_stamp(gguf)
+    if _converted_from(out) == stamp:
         return out
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -61,16 +62,36 @@ def smollm2_checkpoint(dest: str | os.PathLike | None = None) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # per process: two converting at once do not collide
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / ".converted-from").write_text(stamp)
+    # The old copy is moved aside, not deleted in place: a process reading it keeps its open files.
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
     if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process put its conversion there first
+        if _converted_from(out) != stamp:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def gguf_stamp(gguf: Path) -> str:
+    """What a conversion depends on: the file's name, size and first MiB (its header and metadata), not where it is
+    installed: two environments that share the cache but install the package in different places must not keep
+    converting again (each conversion rewrites the files, and the plan cache keys on their mtimes)."""
+    with open(gguf, "rb") as fh:
+        head = hashlib.sha256(fh.read(1 << 20)).hexdigest()
+    return f"{gguf.name}:{gguf.stat().st_size}:{head}"
+
+
+def _converted_from(out: Path) -> str | None:
+    marker = out / ".converted-from"
+    return marker.read_text() if marker.is_file() else None
 
 
 def load_smollm2(dtype=None, device="cpu"):
