@@ -114,6 +114,20 @@ def test_all_linear_dispatches_every_lowra_layer(model):
     assert not isinstance(pm.base_model.model.lm_head, LowRALoraLinear)  # output layer excluded, as for nn.Linear
 
 
+def test_trainable_parameter_count_counts_lowra_weights_as_weights(model, smol):
+    """print_trainable_parameters reports the model's parameter count, not its packed bytes."""
+    cfg = LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    dense = copy.deepcopy(smol[0])
+    for key, W in smol[2].items():  # the same model with the dense weights the fixture quantized
+        parent, child = key.removesuffix(".weight").rsplit(".", 1)
+        layer = nn.Linear(W.shape[1], W.shape[0], bias=False)
+        layer.weight = nn.Parameter(W.clone())
+        setattr(dense.get_submodule(parent), child, layer)
+    want = get_peft_model(dense, cfg).get_nb_trainable_parameters()
+    got = get_peft_model(model, cfg).get_nb_trainable_parameters()
+    assert got == want and got[0] < got[1]
+
+
 def test_user_custom_module_mapping_takes_precedence(model):
     class Mine(LowRALoraLinear):
         pass

@@ -31,7 +31,7 @@ from torch import nn
 from .. import loftq as _loftq
 from ..format import padded_cols
 from ..functional import QuantStateLowRA
-from ..nn import LinearLowRA
+from ..nn import LinearLowRA, ParamsLowRA
 
 # init_lora_weights values that only touch the adapter (or, for "loftq", use what LoftQ stored on the base).
 _SUPPORTED_INITS = (True, False, "gaussian", "eva", "loftq")
@@ -406,6 +406,31 @@ def register() -> None:
     _create_new_module.__wrapped__ = original
     LoraModel._create_new_module = staticmethod(_create_new_module)
     _refuse_other_tuners()
+    _count_quantized_parameters()
+
+
+def _count_quantized_parameters() -> None:
+    """print_trainable_parameters counts a LowRA weight as its packed bytes (57 M "parameters" for SmolLM2-135M at
+    2 bits; peft corrects bnb's Params4bit by its class name only): count the weight's [out, in] instead."""
+    from peft import PeftModel
+
+    original = PeftModel.get_nb_trainable_parameters
+    if getattr(original, "_lowra_count", False):
+        return
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable, total = original(self)
+        for _, param in self.named_parameters():
+            state = getattr(param, "quant_state", None) if isinstance(param, ParamsLowRA) else None
+            if state is not None:
+                extra = math.prod(state.shape) - param.numel()
+                total += extra
+                trainable += extra if param.requires_grad else 0
+        return trainable, total
+
+    get_nb_trainable_parameters._lowra_count = True
+    get_nb_trainable_parameters.__wrapped__ = original
+    PeftModel.get_nb_trainable_parameters = get_nb_trainable_parameters
 
 
 def _refuse_other_tuners() -> None:
