@@ -320,6 +320,8 @@ class QuantStateLowRA(QuantState):
                                  "packed_nbytes"))
 
     def __setattr__(self, name: str, value) -> None:
+        if name == "blocksize":
+            check_blocksize(value)  # named now, not later as an absmax that no longer fits the shape
         if name in self._OPERAND_FIELDS:
             self.__dict__["operands_stamp"] = next(_STAMPS)
             drop_kept_operands(self)
@@ -980,10 +982,11 @@ def matmul_lowra(
         _check_state(quant_state)
     if isinstance(ops, BufferedOperands):
         meta = buffered_meta(ops.key)
-        nbytes, device, cols = meta.packed_nbytes, ops.buffer.device, meta.cols
+        nbytes, device, cols, rows = meta.packed_nbytes, ops.buffer.device, meta.cols, meta.shape[0]
     else:
-        nbytes, device, cols = ((quant_state.packed_nbytes, quant_state.device, quant_state.cols) if ops is None
-                                else (ops.packed_nbytes, ops.device, ops.cols))
+        nbytes, device, cols, rows = ((quant_state.packed_nbytes, quant_state.device, quant_state.cols,
+                                       quant_state.rows) if ops is None
+                                      else (ops.packed_nbytes, ops.device, ops.cols, ops.shape[0]))
     _check_packed(packed, nbytes, device)
     if A.dim() == 0:
         raise ValueError(f"input is a 0-d tensor; the quantized weight expects [..., {cols}]")
@@ -995,8 +998,11 @@ def matmul_lowra(
     if A.device != packed.device:  # as nn.Linear; F.linear itself returns a CPU result for a meta weight
         raise ValueError(f"input is on {A.device} but the quantized weight is on {packed.device}: move them to one "
                          "device")
-    if bias is not None and bias.dtype != A.dtype:
-        bias = bias.to(A.dtype)
+    if bias is not None:
+        if bias.shape != (rows,):  # here, not as a kernel launcher's message or a broadcast error
+            raise ValueError(f"bias has shape {tuple(bias.shape)}; the quantized weight has {rows} output features")
+        if bias.dtype != A.dtype:
+            bias = bias.to(A.dtype)
     grad = _needs_grad(A, bias)
     fused = not grad and _fused_decode_shape(A)
     direct = quant_state is not None and _eager_direct(A, bias)

@@ -378,6 +378,24 @@ def test_matmul_lowra_output_and_gradients(dtype, tol):
         matmul_lowra(x[..., :100], packed, state)
 
 
+def test_state_refuses_an_impossible_blocksize():
+    packed, state = quantize_lowra(weight(), mixed_bits(24))
+    with pytest.raises(LowRAFormatError, match="blocksize"):
+        state.blocksize = 7
+    assert state.blocksize == 64
+
+
+@pytest.mark.parametrize("tokens", [1, 12])  # the fused path's size and the dense one's
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("bias_shape", [(23,), (1,), (24, 1), ()])
+def test_matmul_lowra_names_a_wrong_bias(tokens, grad, bias_shape):
+    """A bias that is not [rows] is named as such on every path (not as a launcher's or a broadcast's error)."""
+    packed, state = quantize_lowra(weight(), mixed_bits(24))
+    x = torch.randn(tokens, 200, requires_grad=grad)
+    with pytest.raises(ValueError, match=r"bias has shape .*24 output features"):
+        matmul_lowra(x, packed, state, torch.zeros(bias_shape))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # learn + assign + quantize one real matrix
 # --------------------------------------------------------------------------------------------------------------
