@@ -17,6 +17,7 @@ docs/cli.md has examples.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,11 @@ from pathlib import Path
 from . import baselines
 
 METHOD_HELP = ("quantization method: " + ", ".join(f"{m.name} ({m.label})" for m in baselines.METHODS.values()))
+# "in [1, 4] (qlora and loftq: at least 2)": the layer-wise 2/4-bit mix of those methods cannot go below 2 bits
+BITS_RANGE = "in [1, 4]" + "".join(
+    f" ({' and '.join(m.name for m in baselines.METHODS.values() if m.min_bits == lo)}: at least {lo:g})"
+    for lo in sorted({m.min_bits for m in baselines.METHODS.values() if m.min_bits > 1})
+)
 
 
 # ------------------------------------------------------------------------------------------------------ output
@@ -34,9 +40,22 @@ METHOD_HELP = ("quantization method: " + ", ".join(f"{m.name} ({m.label})" for m
 
 def _emit(args, payload: dict, text: str) -> None:
     if getattr(args, "json", False):
-        print(json.dumps(payload, indent=2, default=_json_default))
+        # the real stdout: while a --json command runs, sys.stdout is stderr (_run_command)
+        out = getattr(args, "json_stdout", None) or sys.stdout
+        print(json.dumps(payload, indent=2, default=_json_default), file=out)
     else:
         print(text)
+
+
+def _run_command(args) -> int:
+    """args.func(args). Under --json, stdout carries the JSON document only: whatever else is printed on stdout while
+    the command runs (transformers' Trainer prints its log dicts {'loss': ...}, {'train_runtime': ...} there, through
+    PrinterCallback or tqdm.write) goes to stderr, with the logs."""
+    if not getattr(args, "json", False):
+        return args.func(args)
+    args.json_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return args.func(args)
 
 
 def _json_default(o):
@@ -85,23 +104,36 @@ def _plan_text(rec: dict, extra: list[str] = ()) -> str:
 
 def _add_common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
     if json_flag:
-        p.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+        p.add_argument("--json", action="store_true", help="machine-readable JSON on stdout (logs go to stderr)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines on stderr")
 
 
 def _add_eval_flags(p: argparse.ArgumentParser, default_tokens: int) -> None:
-    p.add_argument("--eval-tokens", type=int, default=default_tokens,
-                   help=f"held-out Wikipedia tokens to score (default {default_tokens}; 0 = the whole eval split)")
-    p.add_argument("--context", type=int, default=512, help="tokens per non-overlapping window (default 512)")
-    p.add_argument("--eval-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--eval-tokens", type=_count(2, zero_too=True), default=default_tokens,
+                   help=f"held-out Wikipedia tokens to score, 0 or >= 2 (default {default_tokens}; 0 = the whole eval "
+                   "split)")  # fmt: skip
+    p.add_argument("--context", type=_count(2), default=512,
+                   help="tokens per non-overlapping window, >= 2 (default 512)")
+    p.add_argument("--eval-batch-size", type=_count(1), default=4, help="windows per forward pass (default 4)")
 
 
 # ------------------------------------------------------------------------------------------------------ plan / quantize
 
 
+def _check_method_bits(args) -> None:
+    """--bits against --method's range (qlora / loftq: 2 to 4), before the model is resolved or loaded."""
+    if getattr(args, "bits", None) is None:
+        return
+    try:
+        baselines.check_bits(baselines.get_method(args.method), args.bits)
+    except ValueError as e:
+        raise ValueError(f"--bits {args.bits:g} with --method {args.method}: {e}") from None
+
+
 def _cmd_plan(args) -> int:
     from .sweep import plan_record, resolve_checkpoint
 
+    _check_method_bits(args)
     checkpoint = resolve_checkpoint(args.model)
     t0 = time.perf_counter()
     plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args))
@@ -133,6 +165,7 @@ def _cmd_quantize(args) -> int:
     from .finetune import load_quantized
     from .sweep import model_memory_bytes, plan_record, resolve_checkpoint
 
+    _check_method_bits(args)
     out = _fresh_output(args)  # before the model is resolved (which may convert the packaged GGUF)
     checkpoint = resolve_checkpoint(args.model)
     t0 = time.perf_counter()
@@ -161,7 +194,8 @@ def _cmd_quantize(args) -> int:
         f"size on disk   {_mib(rec['disk_bytes'])} ({out})",
         f"size in memory {_mib(rec['memory_bytes'])} (quantized layers packed; embeddings, norms in fp32)",
         f"stored layers  {stored['nominal_bits']:.4f} nominal / "
-        f"{stored['effective_bits']:.4f} effective bits",
+        f"{stored['effective_bits']:.4f} effective bits (measured on the saved layers; the lines above are the "
+        "plan's estimate)",
         f"plan {t_plan:.1f} s, quantize {t_quant:.1f} s",
         f"load it with AutoModelForCausalLM.from_pretrained('{out}') after `import bitsandbytes_lowra`",
     ]
@@ -181,7 +215,8 @@ def _load_for_eval(args):
 
     path = resolve_checkpoint(args.model)
     qc = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
-    prequantized = isinstance(qc, dict) and qc.get("quant_method") == "lowra" or getattr(qc, "quant_method", None) == "lowra"
+    prequantized = (isinstance(qc, dict) and qc.get("quant_method") == "lowra"
+                    or getattr(qc, "quant_method", None) == "lowra")  # fmt: skip
     if prequantized:
         if args.bits is not None:
             raise ValueError(f"{path} is already LowRA-quantized; drop --bits")
@@ -196,6 +231,7 @@ def _load_for_eval(args):
         desc = {"kind": "quantized-on-load", "method": args.method, "bits": args.bits,
                 "nominal_bits": plan.nominal_bits(), "effective_bits": plan.effective_bits()}  # fmt: skip
     else:
+        _refuse_lowra_state_without_config(Path(path))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         desc = {"kind": "dense", "dtype": "float32"}
     if args.adapter:
@@ -226,9 +262,22 @@ def _adapter_fits(base, adapter: Path, args) -> bool | None:
     return False
 
 
+def _refuse_lowra_state_without_config(path: Path) -> None:
+    """A LowRA checkpoint whose config.json lost its quantization_config would load as a dense model and fail on
+    every layer's shape in transformers' words: say what is wrong instead."""
+    from .functional import BLOB_KEY
+    from .plan import checkpoint_keys
+
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if any(k.endswith(f".weight.{BLOB_KEY}") for k in checkpoint_keys(files)):
+        raise ValueError(f"{path} holds LowRA-quantized layers but its config.json has no LowRA quantization_config "
+                         "(it was removed or overwritten): restore it from the saved model")  # fmt: skip
+
+
 def _cmd_eval(args) -> int:
     from .eval.perplexity import perplexity
 
+    _check_method_bits(args)  # the other flags' ranges are checked by the parser (_count and friends)
     model, tok, desc = _load_for_eval(args)
     result = {**desc}
     result["perplexity"] = perplexity(model, tok, context=args.context, max_tokens=args.eval_tokens or None,
@@ -272,6 +321,7 @@ def _cmd_finetune(args) -> int:
             "LoftQ init re-quantizes the base, which FSDP runs cannot save from shards: initialize single-process "
             "(lowra finetune --steps 0 --init loftq), or fine-tune under FSDP with --init zero"
         )
+    _check_method_bits(args)
     fa = FinetuneArgs(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, warmup_ratio=args.warmup_ratio,
@@ -279,6 +329,7 @@ def _cmd_finetune(args) -> int:
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, dataset=args.dataset,
         logging_steps=args.logging_steps,
     )  # fmt: skip
+    fa.resolved_optim()  # refuses a bitsandbytes optimizer under FSDP2
     out = _fresh_output(args)
     # arguments are checked above, before the model is resolved (which may convert the packaged GGUF)
     checkpoint = resolve_checkpoint(args.model)
@@ -464,7 +515,8 @@ def _cmd_memory(args) -> int:
 
     breakdowns = [
         memory_breakdown(args.config, b, args.lora_r, batch_size=args.batch_size, seq_len=args.seq_len,
-                         double_quant=not args.no_double_quant, gradient_checkpointing=not args.no_gradient_checkpointing,
+                         double_quant=not args.no_double_quant,
+                         gradient_checkpointing=not args.no_gradient_checkpointing,
                          shared_codebooks=args.shared_codebooks)  # fmt: skip
         for b in args.bits
     ]
@@ -483,6 +535,50 @@ def _bits(s: str) -> float:
     if not math.isfinite(v) or not 1.0 <= v <= 4.0:
         raise argparse.ArgumentTypeError(f"bits must be in [1, 4], got {s}")
     return v
+
+
+def _count(minimum: int, zero_too: bool = False):
+    """argparse type: an integer >= minimum (or 0, with zero_too)."""
+    allowed = f"0 or an integer >= {minimum}" if zero_too else f"an integer >= {minimum}"
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {s!r}") from None
+        if v < minimum and not (zero_too and v == 0):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {v}")
+        return v
+
+    return parse
+
+
+def _fraction(s: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    v = _non_negative(s)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
+    return v
+
+
+def _non_negative(s: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s}")
+    return v
+
+
+def _optim(s: str) -> str:
+    from .finetune import optimizer_names
+
+    if s not in optimizer_names():
+        raise argparse.ArgumentTypeError(f"unknown optimizer {s!r}; transformers' optim names are "
+                                         f"{', '.join(optimizer_names())}")  # fmt: skip
+    return s
 
 
 def _method(s: str) -> str:
@@ -505,7 +601,13 @@ def _add_lora_flags(p, steps_default: int, seq_len_default: int = 256) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .sweep import DEFAULT_BITS, DEFAULT_EVAL_TOKENS, DEFAULT_MODEL, DEMO_EVAL_TOKENS
 
-    parser = argparse.ArgumentParser(prog="lowra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+    from .finetune import SCHEDULERS
+
+    parser = argparse.ArgumentParser(prog="lowra", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the bitsandbytes_lowra version and exit")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="LowRA vs QLoRA at 4/2.5/2/1.75 bits on SmolLM2-135M: table + plot",
@@ -514,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "bits; it cannot go below 2), evaluate perplexity on held-out Wikipedia leads, print the "
                           "table and write the plot.")  # fmt: skip
     demo.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)
-    demo.add_argument("-o", "--output-dir", default="lowra-demo", help="where demo.json and demo.png go (default ./lowra-demo)")
+    demo.add_argument("-o", "--output-dir", default="lowra-demo",
+                      help="where demo.json and demo.png go (default ./lowra-demo)")
     _add_eval_flags(demo, DEMO_EVAL_TOKENS)
     _add_common(demo)
     demo.set_defaults(func=_cmd_demo, lora_r=16, lora_alpha=16, lr=3e-4, batch_size=4, seq_len=256, seed=0)
@@ -523,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
                            ("quantize", "plan, quantize and save a LowRA checkpoint")):  # fmt: skip
         p = sub.add_parser(name, help=helptext, description=helptext)
         p.add_argument("model", help=f"checkpoint directory or {DEFAULT_MODEL!r}")
-        p.add_argument("--bits", type=_bits, required=True, help="average bits per quantized parameter, in [1, 4]")
+        p.add_argument("--bits", type=_bits, required=True, help=f"average bits per quantized parameter, {BITS_RANGE}")
         p.add_argument("--method", type=_method, default="lowra", help=METHOD_HELP + " (default lowra)")
         if name == "plan":
             p.add_argument("-o", "--output", help="save the plan (a .safetensors file, or a directory)")
@@ -538,11 +641,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Evaluate a dense checkpoint, a dense checkpoint quantized on load (--bits), or a "
                         "saved LowRA checkpoint, optionally with a LoRA adapter.")  # fmt: skip
     ev.add_argument("model", help=f"checkpoint directory (dense or LowRA) or {DEFAULT_MODEL!r}")
-    ev.add_argument("--bits", type=_bits, default=None, help="quantize a dense checkpoint on load at these bits")
+    ev.add_argument("--bits", type=_bits, default=None,
+                    help=f"quantize a dense checkpoint on load at these bits, {BITS_RANGE}")
     ev.add_argument("--method", type=_method, default="lowra", help=METHOD_HELP + " (with --bits)")
     ev.add_argument("--adapter", default=None, help="a peft LoRA adapter directory to apply")
-    ev.add_argument("--rouge", type=int, default=0, metavar="N", help="also ROUGE on the first N ACLSum test papers")
-    ev.add_argument("--max-new-tokens", type=int, default=128, help="summary length for --rouge (default 128)")
+    ev.add_argument("--rouge", type=_count(0), default=0, metavar="N",
+                    help="also ROUGE on the first N ACLSum test papers (default 0: no ROUGE)")
+    ev.add_argument("--max-new-tokens", type=_count(1), default=128, help="summary length for --rouge (default 128)")
     _add_eval_flags(ev, 32768)
     _add_common(ev)
     ev.set_defaults(func=_cmd_eval)
@@ -552,23 +657,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "quantization config. Writes OUT/adapter, OUT/base and OUT/metrics.json.")  # fmt: skip
     ft.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or {DEFAULT_MODEL!r} (default)")
     ft.add_argument("--dataset", default="wiki", choices=["wiki", "aclsum"], help="training data (default wiki)")
-    ft.add_argument("--bits", type=_bits, required=True, help="average bits per quantized parameter")
+    ft.add_argument("--bits", type=_bits, required=True, help=f"average bits per quantized parameter, {BITS_RANGE}")
     ft.add_argument("--method", type=_method, default="lowra", help=METHOD_HELP + " (default lowra)")
     ft.add_argument("--init", choices=["zero", "loftq"], default=None, help="LoRA init (default: the method's)")
-    ft.add_argument("--loftq-iterations", type=int, default=baselines.LOFTQ_ITERATIONS)
+    ft.add_argument("--loftq-iterations", type=_count(1), default=baselines.LOFTQ_ITERATIONS,
+                    help=f"LoftQ alternating steps with --init loftq, >= 1 (default {baselines.LOFTQ_ITERATIONS})")
     _add_lora_flags(ft, 40)
     ft.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    ft.add_argument("--lora-dropout", type=float, default=0.0)
-    ft.add_argument("--warmup-ratio", type=float, default=0.03)
-    ft.add_argument("--weight-decay", type=float, default=0.1)
-    ft.add_argument("--max-grad-norm", type=float, default=0.3)
-    ft.add_argument("--scheduler", default="cosine")
-    ft.add_argument("--optim", default=None, help="transformers optim name (default paged_adamw_32bit on CUDA, "
-                    "adamw_torch on CPU)")  # fmt: skip
-    ft.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    ft.add_argument("--logging-steps", type=int, default=5)
-    ft.add_argument("--eval-tokens", type=int, default=0, help="perplexity before/after on this many tokens (0: skip; "
-                    "single-process runs only)")  # fmt: skip
+    ft.add_argument("--lora-dropout", type=_fraction, default=0.0, help="LoRA dropout, in [0, 1) (default 0)")
+    ft.add_argument("--warmup-ratio", type=_fraction, default=0.03,
+                    help="learning-rate warmup as a fraction of --steps, in [0, 1) (default 0.03)")
+    ft.add_argument("--weight-decay", type=_non_negative, default=0.1, help="AdamW weight decay, >= 0 (default 0.1)")
+    ft.add_argument("--max-grad-norm", type=_non_negative, default=0.3,
+                    help="gradient clipping norm, >= 0 (default 0.3; 0: no clipping)")
+    ft.add_argument("--scheduler", default="cosine", choices=SCHEDULERS, metavar="SCHEDULER",
+                    help="learning-rate schedule: " + ", ".join(SCHEDULERS) + " (default cosine)")
+    ft.add_argument("--optim", type=_optim, default=None, help="transformers optim name (default paged_adamw_32bit on "
+                    "CUDA, adamw_torch on CPU and under FSDP2)")  # fmt: skip
+    ft.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="recompute activations in backward to save memory (default on; --no-gradient-checkpointing "
+                    "turns it off)")  # fmt: skip
+    ft.add_argument("--logging-steps", type=int, default=5,
+                    help="log the training loss every N optimizer steps (default 5)")
+    ft.add_argument("--eval-tokens", type=_count(2, zero_too=True), default=0, help="perplexity before/after on this "
+                    "many held-out tokens, 0 or >= 2 (0: skip; single-process runs only)")  # fmt: skip
     ft.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                     help="dtype the model is loaded in (default float32)")
     ft.add_argument("--quant-storage", choices=["auto", "uint8", "bfloat16", "float16", "float32"], default="auto",
@@ -617,12 +729,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "config alone (the paper's Appendix C). Shipped configs: llama-2-7b, llama-2-13b, llama-33b, "
                          "llama-65b, smollm2-135m.")  # fmt: skip
     mem.add_argument("config", help="a config.json path, a checkpoint directory, or a shipped config name")
-    mem.add_argument("--bits", nargs="+", type=_bits, default=[4.0, 2.0, 1.75, 1.25], help="LowRA budgets")
+    mem.add_argument("--bits", nargs="+", type=_bits, default=[4.0, 2.0, 1.75, 1.25],
+                     help="LowRA budgets, each in [1, 4] (default 4 2 1.75 1.25)")
     mem.add_argument("--lora-r", type=int, default=64, help="LoRA rank (default 64, the paper's)")
-    mem.add_argument("--seq-len", type=int, default=512)
-    mem.add_argument("--batch-size", type=int, default=1)
-    mem.add_argument("--no-double-quant", action="store_true")
-    mem.add_argument("--no-gradient-checkpointing", action="store_true")
+    mem.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default 512)")
+    mem.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
+    mem.add_argument("--no-double-quant", action="store_true",
+                     help="block scales (absmax) in float32, not double-quantized (default: double-quantized, as "
+                     "QLoRA)")  # fmt: skip
+    mem.add_argument("--no-gradient-checkpointing", action="store_true",
+                     help="activations without gradient checkpointing: every layer's kept for backward (default: with "
+                     "it, one decoder layer's at a time)")  # fmt: skip
     mem.add_argument("--shared-codebooks", action="store_true", help="one codebook per layer and precision")
     _add_common(mem)
     mem.set_defaults(func=_cmd_memory)
@@ -638,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     try:
-        return args.func(args)
+        return _run_command(args)
     except (ValueError, FileNotFoundError) as e:
         from .format import LowRAFormatError
 

@@ -60,13 +60,25 @@ class FinetuneArgs:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "lora_r", "lora_alpha", "logging_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
-                raise ValueError(f"{name} must be a {'non-negative' if name == 'steps' else 'positive'} integer, got {v!r}")
+                kind = "non-negative" if name == "steps" else "positive"
+                raise ValueError(f"{name} must be a {kind} integer, got {v!r}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        for name, below_one in (("lora_dropout", True), ("warmup_ratio", True), ("weight_decay", False),
+                                ("max_grad_norm", False)):  # fmt: skip
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            if not ok or (below_one and v >= 1):
+                raise ValueError(f"{name} must be {'in [0, 1)' if below_one else 'a number >= 0'}, got {v!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.optim is not None and self.optim not in optimizer_names():
+            raise ValueError(f"optim must be one of transformers' optimizer names ({', '.join(optimizer_names())}), "
+                             f"got {self.optim!r}")  # fmt: skip
 
     def resolved_optim(self) -> str:
         # FSDP2 hands the optimizer DTensor adapters; bitsandbytes' optimizer ops have no sharding rule for them
@@ -86,6 +98,18 @@ class FinetuneArgs:
 
 
 DATASETS = ("wiki", "aclsum")
+# transformers' lr_scheduler_type names (SchedulerType) that run with no lr_scheduler_kwargs and no eval strategy;
+# the others (reduce_lr_on_plateau, greedy, cosine(_warmup)_with_min_lr, warmup_stable_decay) need one or the other.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")  # fmt: skip
+
+
+def optimizer_names() -> tuple[str, ...]:
+    """transformers' `optim` names (OptimizerNames) of the installed version. Some need packages of their own
+    (galore, apollo, lomo, schedule-free, ...) or CUDA (paged_*): Trainer says so when it builds the optimizer."""
+    from transformers.training_args import OptimizerNames
+
+    return tuple(o.value for o in OptimizerNames)
 
 
 def _fsdp_version_from_env() -> int | None:
@@ -195,6 +219,9 @@ def add_lora(model, checkpoint, init: str, args: FinetuneArgs, loftq_iterations:
 
     if init not in ("zero", "loftq"):
         raise ValueError(f"init must be 'zero' or 'loftq', got {init!r}")
+    if init == "loftq" and (isinstance(loftq_iterations, bool) or not isinstance(loftq_iterations, int)
+                            or loftq_iterations < 1):  # fmt: skip
+        raise ValueError(f"loftq_iterations must be a positive integer, got {loftq_iterations!r}")
     torch.manual_seed(args.seed)
     if prepare and _float_storage(model):
         # prepare_model_for_kbit_training would cast the bf16/fp16-stored codes to float32 (it spares only classes
@@ -293,6 +320,20 @@ def _checkpointing_kwargs(enabled: bool) -> dict:
     return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
+def _warmup_kwargs(ratio: float) -> dict:
+    """TrainingArguments' warmup as a ratio of the total steps. transformers 5 has no `warmup_ratio`: a float
+    `warmup_steps` below 1 is the ratio there (ceil(ratio x max_steps) steps; 1 or more is a number of steps, which is
+    why FinetuneArgs refuses ratios outside [0, 1)). Versions with an integer `warmup_steps` take `warmup_ratio`."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+    if "warmup_ratio" in fields and "float" not in str(fields["warmup_steps"].type):
+        return {"warmup_ratio": float(ratio)}
+    return {"warmup_steps": float(ratio)}
+
+
 def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: bool = True, adapter_dir=None,
           blocks: torch.Tensor | None = None) -> dict:
     """Train the adapters for args.steps optimizer steps with transformers' Trainer; returns the metrics.
@@ -321,7 +362,7 @@ def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: 
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr,
         lr_scheduler_type=args.scheduler,
-        warmup_steps=float(args.warmup_ratio),  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        **_warmup_kwargs(args.warmup_ratio),
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
         optim=args.resolved_optim(),
@@ -342,6 +383,12 @@ def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: 
         train_dataset=_Blocks(blocks),
         data_collator=default_data_collator,
     )
+    if not progress:
+        # Without a progress bar Trainer prints every log dict ({'loss': ...}, {'train_runtime': ...}) on stdout
+        # (PrinterCallback); quiet means quiet, and the losses are in trainer.state.log_history all the same.
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     t0 = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - t0
@@ -392,5 +439,5 @@ def write_outputs(peft_model, output_dir, metrics: dict) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
 
-__all__ = ["DATASETS", "FinetuneArgs", "add_lora", "base_fingerprint", "distributed", "load_quantized",
-           "main_process_first", "train", "train_blocks", "write_outputs"]
+__all__ = ["DATASETS", "SCHEDULERS", "FinetuneArgs", "add_lora", "base_fingerprint", "distributed", "load_quantized",
+           "main_process_first", "optimizer_names", "train", "train_blocks", "write_outputs"]

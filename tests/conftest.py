@@ -73,6 +73,23 @@ def mixed_bits(rows: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, one_thread):
+    """A 2-layer Llama with random weights and SmolLM2's real tokenizer: quantizes and fine-tunes in seconds."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from bitsandbytes_lowra import data
+
+    tok = AutoTokenizer.from_pretrained(data.smollm2_checkpoint())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """Small matrices: one thread is as fast, and on a loaded 2-core machine OpenMP threads spin-waiting on each
     other made LAPACK's SVD 10-50x slower (measured)."""

@@ -2,6 +2,7 @@
 eval budgets), and the harness' table / plot / grid helpers on synthetic records."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -109,7 +110,8 @@ def test_plan_quantize_eval_roundtrip(capsys, tmp_path):
                       "-o", str(tmp_path))  # fmt: skip
     assert rc == 0
     rec = json.loads(out)
-    assert rec["nominal_bits"] == pytest.approx(2 + 2 * 7 / 30) and rec["assignment"]["four_bit_layers"] == list(range(7))
+    assert rec["nominal_bits"] == pytest.approx(2 + 2 * 7 / 30)
+    assert rec["assignment"]["four_bit_layers"] == list(range(7))
     assert set(rec["precision_mix_by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                  "down_proj"}  # fmt: skip
     assert rec["effective_bits"] > rec["nominal_bits"]
@@ -266,3 +268,229 @@ def test_fsdp2_never_gets_a_bitsandbytes_optimizer(monkeypatch):
         FinetuneArgs(optim="paged_adamw_32bit").resolved_optim()
     monkeypatch.setenv("FSDP_VERSION", "1")  # flat plain-tensor parameters: bitsandbytes optimizers work
     assert FinetuneArgs(optim="paged_adamw_8bit").resolved_optim() == "paged_adamw_8bit"
+
+
+# ------------------------------------------------------------------------------------------------------ review fixes
+
+
+def _subparsers():
+    import argparse
+
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, action.choices
+
+
+def test_every_flag_has_help_and_states_its_default():
+    import argparse
+
+    parser, commands = _subparsers()
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in [("lowra", parser), *commands.items()]
+               for a in p._actions if a.help is None and not isinstance(a, argparse._SubParsersAction)]  # fmt: skip
+    assert not missing, f"flags without help: {missing}"
+    by_flag = {name: {o: a.help for a in p._actions for o in a.option_strings} for name, p in commands.items()}
+    assert "default on" in by_flag["finetune"]["--gradient-checkpointing"]
+    assert "--no-gradient-checkpointing" in by_flag["finetune"]["--gradient-checkpointing"]
+    assert "default 4 2 1.75 1.25" in by_flag["memory"]["--bits"]
+    for name in ("plan", "quantize", "finetune", "eval"):
+        assert "in [1, 4] (qlora and loftq: at least 2)" in by_flag[name]["--bits"], name
+
+
+def test_finetune_gradient_checkpointing_defaults_on_and_turns_off():
+    parser = cli.build_parser()
+    assert parser.parse_args(["finetune", "--bits", "2", "-o", "x"]).gradient_checkpointing is True
+    args = parser.parse_args(["finetune", "--bits", "2", "-o", "x", "--no-gradient-checkpointing"])
+    assert args.gradient_checkpointing is False
+
+
+def test_version_flag(capsys):
+    from bitsandbytes_lowra import __version__
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"lowra {__version__}"
+
+
+def _refused_before_loading(capsys, monkeypatch, *argv):
+    """(exit status, stderr) of `lowra ARGV`, failing the test if the model was resolved or loaded first."""
+    from bitsandbytes_lowra import finetune
+
+    def touched(*a, **k):
+        pytest.fail(f"lowra {' '.join(argv)} touched the model before refusing its arguments")
+
+    monkeypatch.setattr(sweep, "resolve_checkpoint", touched)
+    monkeypatch.setattr(finetune, "load_quantized", touched)
+    try:
+        rc = cli.main(list(argv))
+    except SystemExit as e:  # argparse's error
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+FINETUNE = ["finetune", "--model", "/nonexistent/model", "--bits", "2", "-q"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([*FINETUNE, "--lora-dropout", "1.5"], "argument --lora-dropout: must be in [0, 1), got 1.5"),
+    ([*FINETUNE, "--warmup-ratio", "1"], "argument --warmup-ratio: must be in [0, 1), got 1"),
+    ([*FINETUNE, "--warmup-ratio", "3"], "argument --warmup-ratio: must be in [0, 1), got 3"),
+    ([*FINETUNE, "--warmup-ratio", "-0.1"], "argument --warmup-ratio: must be a number >= 0, got -0.1"),
+    ([*FINETUNE, "--scheduler", "bogus"], "argument --scheduler: invalid choice: 'bogus'"),
+    ([*FINETUNE, "--optim", "bogus"], "argument --optim: unknown optimizer 'bogus'"),
+    ([*FINETUNE, "--eval-tokens", "-3"], "argument --eval-tokens: must be 0 or an integer >= 2, got -3"),
+    ([*FINETUNE, "--loftq-iterations", "0"], "argument --loftq-iterations: must be an integer >= 1, got 0"),
+    ([*FINETUNE, "--weight-decay", "-1"], "argument --weight-decay: must be a number >= 0, got -1"),
+    ([*FINETUNE, "--max-grad-norm", "-1"], "argument --max-grad-norm: must be a number >= 0, got -1"),
+    (["eval", "smollm2-135m", "--rouge", "-1", "-q"], "argument --rouge: must be an integer >= 0, got -1"),
+    (["eval", "smollm2-135m", "--eval-tokens", "-5", "-q"], "argument --eval-tokens: must be 0 or an integer >= 2"),
+    (["eval", "smollm2-135m", "--context", "0", "-q"], "argument --context: must be an integer >= 2, got 0"),
+    (["eval", "smollm2-135m", "--eval-batch-size", "0", "-q"], "argument --eval-batch-size: must be an integer >= 1"),
+])  # fmt: skip
+def test_argument_ranges_are_checked_by_the_parser(capsys, monkeypatch, tmp_path, argv, message):
+    rc, err = _refused_before_loading(capsys, monkeypatch, *argv, *(["-o", str(tmp_path / "run")]
+                                                                    if argv[0] == "finetune" else []))  # fmt: skip
+    assert rc == 2 and message in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan", "smollm2-135m", "--bits", "1.5", "--method", "qlora"],
+    ["quantize", "smollm2-135m", "--bits", "1.5", "--method", "loftq", "-o", "{tmp}/q"],
+    ["eval", "smollm2-135m", "--bits", "1.5", "--method", "qlora"],
+    ["finetune", "--bits", "1.5", "--method", "qlora", "-o", "{tmp}/run"],
+])  # fmt: skip
+def test_bits_below_the_methods_range_are_refused_before_the_model_is_resolved(capsys, monkeypatch, tmp_path, argv):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    rc, err = _refused_before_loading(capsys, monkeypatch, *argv, "-q")
+    assert rc == 2 and "--bits 1.5 with --method" in err and "cannot go below 2 bits" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_finetune_args_refuse_out_of_range_training_settings():
+    from bitsandbytes_lowra.finetune import SCHEDULERS, FinetuneArgs, optimizer_names
+
+    for field, value, message in [("lora_dropout", 1.5, "lora_dropout must be in [0, 1)"),
+                                  ("warmup_ratio", 1.0, "warmup_ratio must be in [0, 1)"),
+                                  ("warmup_ratio", float("nan"), "warmup_ratio must be in [0, 1)"),
+                                  ("weight_decay", -1.0, "weight_decay must be a number >= 0"),
+                                  ("max_grad_norm", -1.0, "max_grad_norm must be a number >= 0"),
+                                  ("scheduler", "bogus", "scheduler must be one of"),
+                                  ("optim", "bogus", "optim must be one of transformers' optimizer")]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            FinetuneArgs(**{field: value})
+    FinetuneArgs(lora_dropout=0.1, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=0.0, scheduler="linear",
+                 optim="adamw_torch")  # fmt: skip
+    # the schedulers offered are transformers' own names, the optimizers transformers' whole list
+    from transformers.trainer_utils import SchedulerType
+
+    assert set(SCHEDULERS) <= {s.value for s in SchedulerType}
+    assert {"adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit"} <= set(optimizer_names())
+
+
+@pytest.mark.parametrize("ratio, steps, warmup", [(0.03, 40, 2), (0.5, 40, 20), (0.0, 40, 0), (0.99, 10, 10)])
+def test_warmup_ratio_reaches_the_trainer_as_a_ratio(tmp_path, ratio, steps, warmup):
+    from transformers import TrainingArguments
+
+    from bitsandbytes_lowra.finetune import _warmup_kwargs
+
+    targs = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=steps,
+                              **_warmup_kwargs(ratio))  # fmt: skip
+    assert targs.get_warmup_steps(steps) == warmup
+
+
+def test_json_output_is_the_only_thing_on_stdout(capsys):
+    """Whatever a command (or a library under it, as Trainer's log dicts) prints on stdout goes to stderr under
+    --json; stdout holds the JSON document alone."""
+    import argparse
+
+    def noisy(args):
+        print({"loss": 10.8, "epoch": 1})
+        cli._emit(args, {"ok": True}, "text")
+        return 0
+
+    rc = cli._run_command(argparse.Namespace(json=True, func=noisy))
+    out, err = capsys.readouterr()
+    assert rc == 0 and json.loads(out) == {"ok": True} and "'loss'" in err
+    rc = cli._run_command(argparse.Namespace(json=False, func=noisy))
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.splitlines() == ["{'loss': 10.8, 'epoch': 1}", "text"] and err == ""
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_finetune_json_stdout_is_valid_json(capsys, tmp_path, monkeypatch, tiny_checkpoint, quiet):
+    """Trainer prints its log dicts ({'loss': ...}, {'train_runtime': ...}) on stdout; under --json they go to
+    stderr with the other logs (and with -q nowhere), so stdout parses as one JSON document."""
+    monkeypatch.setenv("LOWRA_PLAN_CACHE", str(tmp_path / "plans"))
+    rc, out, err = _run(capsys, "finetune", "--model", str(tiny_checkpoint), "--bits", "2", "--method", "qlora",
+                        "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--logging-steps", "1",
+                        "--no-gradient-checkpointing", "-o", str(tmp_path / "run"), "--json",
+                        *(["-q"] if quiet else []))  # fmt: skip
+    assert rc == 0, err
+    metrics = json.loads(out)
+    assert metrics["train"]["steps"] == 2 and len(metrics["train"]["loss_curve"]) == 2
+    assert metrics["args"]["warmup_ratio"] == 0.03
+    assert ("'loss'" in err) is not quiet
+
+
+def test_sweep_json_stdout_is_valid_json(capsys, tmp_path, monkeypatch, tiny_checkpoint):
+    """The sweep fine-tunes through the same Trainer: its --json output is one JSON document too."""
+    monkeypatch.setenv("LOWRA_PLAN_CACHE", str(tmp_path / "plans"))
+    rc, out, err = _run(capsys, "sweep", "--model", str(tiny_checkpoint), "--methods", "qlora", "--bits", "4",
+                        "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "256", "--context",
+                        "64", "--no-dense", "-o", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png"),
+                        "--json")  # fmt: skip
+    assert rc == 0, err
+    (record,) = json.loads(out)["records"]
+    assert record["method"] == "qlora" and record["steps"] == 2 and "'train_runtime'" in err
+
+
+def _doc_usages():
+    """(command, usage line) of each usage block in docs/cli.md (continuation lines joined)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    usages, current = [], None
+    for line in text.splitlines():
+        if line.startswith("    lowra "):
+            current = line.strip()
+            usages.append(current)
+        elif current is not None and line.startswith("        ") and usages[-1].endswith("\\"):
+            usages[-1] = usages[-1][:-1] + " " + line.strip()
+        else:
+            current = None
+    return [(u.split()[1], u) for u in usages]
+
+
+def test_docs_usage_lines_match_the_parser():
+    """Every flag in docs/cli.md's usage lines exists, a bracketed numeric value is the flag's default, and an
+    on/off flag is shown in the form that changes its default (finetune: --no-gradient-checkpointing)."""
+    import argparse
+
+    _, commands = _subparsers()
+    usages = _doc_usages()
+    assert {c for c, _ in usages} == set(COMMANDS)
+    for command, usage in usages:
+        actions = {o: a for a in commands[command]._actions for o in a.option_strings}
+        for flag in re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", usage):
+            assert flag in actions, f"docs/cli.md: lowra {command} has no {flag}"
+        for flag, value in re.findall(r"\[(--[\w-]+) ([\d.]+)\]", usage):
+            assert float(actions[flag].default) == float(value), f"docs/cli.md: lowra {command} {flag} default"
+        for flag in re.findall(r"\[(--[\w-]+)\]", usage):
+            a = actions[flag]
+            if isinstance(a, argparse.BooleanOptionalAction):
+                assert flag.startswith("--no-") is (a.default is True), f"docs/cli.md: lowra {command} {flag}"
+
+
+def test_eval_names_a_lowra_checkpoint_that_lost_its_quantization_config(capsys, tmp_path, monkeypatch,
+                                                                         tiny_checkpoint):
+    monkeypatch.setenv("LOWRA_PLAN_CACHE", str(tmp_path / "plans"))
+    out = tmp_path / "q"
+    rc, _, err = _run(capsys, "quantize", str(tiny_checkpoint), "--bits", "4", "--method", "qlora", "-o", str(out),
+                      "-q")  # fmt: skip
+    assert rc == 0, err
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    rc, _, err = _run(capsys, "eval", str(out), "--eval-tokens", "64", "--context", "32", "-q")
+    assert rc == 2 and "holds LowRA-quantized layers but its config.json has no LowRA quantization_config" in err

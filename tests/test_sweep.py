@@ -4,25 +4,8 @@ checkpoint: random Llama weights with SmolLM2's real tokenizer, scored on the re
 import math
 
 import pytest
-import torch
 
 from bitsandbytes_lowra import sweep
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, one_thread):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from bitsandbytes_lowra import data
-
-    tok = AutoTokenizer.from_pretrained(data.smollm2_checkpoint())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def _protocol(path, steps=2):
