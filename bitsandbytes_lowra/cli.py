@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import baselines
@@ -561,6 +562,14 @@ def _fraction(s: str) -> float:
     return v
 
 
+def _positive(s: str) -> float:
+    """argparse type: a finite number > 0."""
+    v = _non_negative(s)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {s}")
+    return v
+
+
 def _non_negative(s: str) -> float:
     """argparse type: a finite number >= 0."""
     try:
@@ -588,13 +597,13 @@ def _method(s: str) -> str:
 
 
 def _add_lora_flags(p, steps_default: int, seq_len_default: int = 256) -> None:
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16: scaling 1, as the paper)")
-    p.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4, the paper's)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
-    p.add_argument("--seq-len", type=int, default=seq_len_default,
+    p.add_argument("--lora-r", type=_count(1), default=16, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=_count(1), default=16, help="LoRA alpha (default 16: scaling 1, as the paper)")
+    p.add_argument("--lr", type=_positive, default=3e-4, help="learning rate (default 3e-4, the paper's)")
+    p.add_argument("--batch-size", type=_count(1), default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq-len", type=_count(2), default=seq_len_default,
                    help=f"tokens per training sequence (default {seq_len_default})")
-    p.add_argument("--steps", type=int, default=steps_default, help=f"optimizer steps (default {steps_default})")
+    p.add_argument("--steps", type=_count(0), default=steps_default, help=f"optimizer steps (default {steps_default})")
     p.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order and dropout (default 0)")
 
 
@@ -663,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--loftq-iterations", type=_count(1), default=baselines.LOFTQ_ITERATIONS,
                     help=f"LoftQ alternating steps with --init loftq, >= 1 (default {baselines.LOFTQ_ITERATIONS})")
     _add_lora_flags(ft, 40)
-    ft.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    ft.add_argument("--grad-accum", type=_count(1), default=1, help="gradient accumulation steps (default 1)")
     ft.add_argument("--lora-dropout", type=_fraction, default=0.0, help="LoRA dropout, in [0, 1) (default 0)")
     ft.add_argument("--warmup-ratio", type=_fraction, default=0.03,
                     help="learning-rate warmup as a fraction of --steps, in [0, 1) (default 0.03)")
@@ -677,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                     help="recompute activations in backward to save memory (default on; --no-gradient-checkpointing "
                     "turns it off)")  # fmt: skip
-    ft.add_argument("--logging-steps", type=int, default=5,
+    ft.add_argument("--logging-steps", type=_count(1), default=5,
                     help="log the training loss every N optimizer steps (default 5)")
     ft.add_argument("--eval-tokens", type=_count(2, zero_too=True), default=0, help="perplexity before/after on this "
                     "many held-out tokens, 0 or >= 2 (0: skip; single-process runs only)")  # fmt: skip
@@ -731,9 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("config", help="a config.json path, a checkpoint directory, or a shipped config name")
     mem.add_argument("--bits", nargs="+", type=_bits, default=[4.0, 2.0, 1.75, 1.25],
                      help="LowRA budgets, each in [1, 4] (default 4 2 1.75 1.25)")
-    mem.add_argument("--lora-r", type=int, default=64, help="LoRA rank (default 64, the paper's)")
-    mem.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default 512)")
-    mem.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
+    mem.add_argument("--lora-r", type=_count(1), default=64, help="LoRA rank (default 64, the paper's)")
+    mem.add_argument("--seq-len", type=_count(1), default=512, help="tokens per training sequence (default 512)")
+    mem.add_argument("--batch-size", type=_count(1), default=1, help="sequences per step (default 1)")
     mem.add_argument("--no-double-quant", action="store_true",
                      help="block scales (absmax) in float32, not double-quantized (default: double-quantized, as "
                      "QLoRA)")  # fmt: skip
@@ -754,6 +763,8 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        # addressed to library code (peft's prepare_model_for_kbit_training asks for it), not to our user
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
     try:
         return _run_command(args)
     except (ValueError, FileNotFoundError) as e:

@@ -345,6 +345,14 @@ FINETUNE = ["finetune", "--model", "/nonexistent/model", "--bits", "2", "-q"]
     (["eval", "smollm2-135m", "--eval-tokens", "-5", "-q"], "argument --eval-tokens: must be 0 or an integer >= 2"),
     (["eval", "smollm2-135m", "--context", "0", "-q"], "argument --context: must be an integer >= 2, got 0"),
     (["eval", "smollm2-135m", "--eval-batch-size", "0", "-q"], "argument --eval-batch-size: must be an integer >= 1"),
+    # the training flags every training command shares (finetune, sweep, demo) and memory's
+    ([*FINETUNE, "--steps", "-1"], "argument --steps: must be an integer >= 0, got -1"),
+    ([*FINETUNE, "--lora-r", "0"], "argument --lora-r: must be an integer >= 1, got 0"),
+    ([*FINETUNE, "--lr", "0"], "argument --lr: must be a number > 0, got 0"),
+    ([*FINETUNE, "--seq-len", "1"], "argument --seq-len: must be an integer >= 2, got 1"),
+    ([*FINETUNE, "--grad-accum", "0"], "argument --grad-accum: must be an integer >= 1, got 0"),
+    (["sweep", "--model", "/nonexistent/model", "--steps", "-1", "-q"], "argument --steps: must be an integer >= 0"),
+    (["memory", "llama-2-7b", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
 ])  # fmt: skip
 def test_argument_ranges_are_checked_by_the_parser(capsys, monkeypatch, tmp_path, argv, message):
     rc, err = _refused_before_loading(capsys, monkeypatch, *argv, *(["-o", str(tmp_path / "run")]
