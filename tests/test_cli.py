@@ -76,10 +76,11 @@ def test_eval_tells_whether_an_adapter_fits_its_base(capsys, tmp_path, monkeypat
 
 
 def test_finetune_checks_its_arguments_before_touching_the_model(capsys, tmp_path):
-    # a bad step count is reported as such, not after (or instead of) resolving and loading the model
-    rc, _, err = _run(capsys, "finetune", "--model", "/nonexistent/model", "--bits", "2", "--steps", "-1",
-                      "-o", str(tmp_path / "run"), "-q")  # fmt: skip
-    assert rc == 2 and "steps must be a non-negative integer, got -1" in err
+    # a bad step count is reported as such (by the parser), not after (or instead of) resolving and loading the model
+    with pytest.raises(SystemExit) as e:
+        cli.main(["finetune", "--model", "/nonexistent/model", "--bits", "2", "--steps", "-1", "-o",
+                  str(tmp_path / "run"), "-q"])  # fmt: skip
+    assert e.value.code == 2 and "argument --steps: must be an integer >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     # a previous run's outputs are not overwritten without --overwrite, and that is checked first too
     (tmp_path / "run").mkdir()
