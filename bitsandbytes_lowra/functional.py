@@ -15,6 +15,7 @@ midpoints of the codebook (nearest-level encoding); codebooks default to the Nor
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any, NamedTuple
 
@@ -386,6 +387,17 @@ class QuantStateLowRA(QuantState):
             state.pop(name, None)
         state["operands_stamp"] = next(_STAMPS)  # a copy has tensors of its own
         state.pop(_KEEPERS, None)  # and no module's kept operands
+        if state.get("_operands") is not None:
+            # Fields of several dtypes viewing one storage: torch.save refuses them ("Cannot save multiple tensors
+            # or storages that view the same data as different types"). Each goes as a copy of its own; __setstate__
+            # packs them into a buffer again.
+            state["_operands"] = None
+            for name in self._OPERANDS:
+                state[name] = state[name].clone()
+            if self.nested:
+                state["offset"] = self.offset.clone()
+                state["state2"] = s2 = copy.copy(self.state2)
+                s2.absmax, s2.code = s2.absmax.clone(), s2.code.clone()
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -946,7 +958,11 @@ class MatMulLowRA(torch.autograd.Function):
         ctx.blocksize, ctx.shape, ctx.nested_blocksize, ctx.prepared = blocksize, shape, nested_blocksize, prepared
         ctx.bias_dtype = None if bias is None else bias.dtype
         nested = (nested_absmax, nested_code, nested_offset, nested_blocksize)
-        return _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias, nested, prepared)
+        out = _linear_dequantized(A, packed, absmax, bits, code, offsets, blocksize, shape, bias, nested, prepared)
+        # With a bias and other than 2-D input, F.linear returns a view of its 2-D result; a Function's view output
+        # cannot be modified in place (out[0] += 1, peft's mixed-adapter batches), so it goes out as a tensor of its
+        # own. (Decided by shapes, not out._is_view(), which Dynamo cannot trace.)
+        return out.clone() if bias is not None and A.dim() != 2 else out
 
     @staticmethod
     def backward(ctx, grad):

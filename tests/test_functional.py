@@ -378,6 +378,20 @@ def test_matmul_lowra_output_and_gradients(dtype, tol):
         matmul_lowra(x[..., :100], packed, state)
 
 
+def test_matmul_lowra_output_can_be_modified_in_place_under_autograd():
+    """F.linear with a bias returns a view for 3-D input; a custom Function's view output refuses in-place ops
+    (peft's mixed-adapter batches add into slices of it)."""
+    W = weight()
+    packed, state = quantize_lowra(W, mixed_bits(24))
+    x = torch.randn(2, 5, 200, requires_grad=True)
+    bias = torch.randn(24, requires_grad=True)
+    out = matmul_lowra(x, packed, state, bias)
+    out[0] += 1
+    out.sum().backward()
+    Wd = dequantize_lowra(packed, state)
+    assert torch.allclose(x.grad, torch.ones(2, 5, 24) @ Wd) and torch.allclose(bias.grad, torch.full((24,), 10.0))
+
+
 def test_state_refuses_an_impossible_blocksize():
     packed, state = quantize_lowra(weight(), mixed_bits(24))
     with pytest.raises(LowRAFormatError, match="blocksize"):

@@ -336,6 +336,39 @@ def test_pickle_and_deepcopy():
     assert clone.quant_state.nominal_bits == 2.0
 
 
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_weight_refuses_gradients_when_asked(storage):
+    """Codes stored as bfloat16 (FSDP) are floats to torch: the refusal comes when gradients are asked for, not from
+    a later move or copy."""
+    q = quantized(quant_storage=storage)
+    for ask in (lambda: q.weight.requires_grad_(), lambda: q.requires_grad_(True)):
+        with pytest.raises(ValueError, match="frozen"):
+            ask()
+    assert not q.weight.requires_grad
+    q.requires_grad_(False)  # freezing stays fine
+    assert q.bias.requires_grad is False
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_torch_save_and_load_of_the_module(nested):
+    """torch.save refuses tensors of several dtypes viewing one storage (the state's operand buffer): a module, its
+    weight and its state save anyway, and load with their operands packed again."""
+    import io
+
+    q = quantized(nested=nested)
+    x = torch.randn(3, 200)
+    for obj in (q, q.weight, q.quant_state, torch.nn.Sequential(q)):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        buf.seek(0)
+        back = torch.load(buf, weights_only=False)
+        state = back.quant_state if hasattr(back, "quant_state") else getattr(back[0], "quant_state", back)
+        assert state == q.quant_state and state.operand_buffer() is not None
+        if isinstance(back, torch.nn.Module):
+            assert torch.equal(back(x), q(x))
+    assert q.quant_state.operand_buffer() is not None  # saving left the original as it was
+
+
 # --------------------------------------------------------------------------------------------------------------
 # ParamsLowRA rebuilt by wrappers
 # --------------------------------------------------------------------------------------------------------------

@@ -412,10 +412,13 @@ def test_model_flags_and_dtype_guard(tiny_dir, plan_cache):
     assert q.is_quantized and q.is_loaded_in_4bit and q.quantization_method == "lowra"
     assert q.hf_quantizer.is_trainable and q.hf_quantizer.is_serializable()
     casts = (lambda m: m.to(torch.float16), lambda m: m.to("cpu", torch.bfloat16), lambda m: m.to(dtype=torch.float16),
-             lambda m: m.half(), lambda m: m.float(), lambda m: m.bfloat16())  # fmt: skip
+             lambda m: m.half(), lambda m: m.float(), lambda m: m.bfloat16(), lambda m: m.double(),
+             lambda m: m.type(torch.float16))  # fmt: skip
+    codes = q.model.layers[0].mlp.down_proj.weight.data.clone()
     for cast in casts:
         with pytest.raises(ValueError):
             cast(q)
+    assert torch.equal(q.model.layers[0].mlp.down_proj.weight.data, codes)  # refused before anything was cast
     assert q.to("cpu") is q and q.to(torch.device("cpu")) is q  # device moves are fine (Trainer does them)
     c = copy.deepcopy(q)
     with pytest.raises(ValueError):

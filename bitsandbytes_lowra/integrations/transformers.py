@@ -721,14 +721,20 @@ def _guard_dtype_casts(model) -> None:
             )
         return cls.to(self, *args, **kwargs)
 
-    def bfloat16(self):
-        raise ValueError(
-            "`.bfloat16()` is not supported for a LowRA-quantized model: load it with dtype=torch.bfloat16"
-        )
+    def refused(name: str):
+        def cast(self, *args, **kwargs):
+            raise ValueError(
+                f"`.{name}()` would cast a LowRA-quantized model's packed codes and tables: load it with the dtype "
+                "you want instead (from_pretrained(..., dtype=...))"
+            )
 
-    # Bound per instance (deepcopy rebinds bound methods to the copy).
+        return cast
+
+    # Bound per instance (deepcopy rebinds bound methods to the copy). `.type()` and `.double()` cast the packed
+    # codes themselves (uint8 to float), which no later call can undo.
     model.to = types.MethodType(to, model)
-    model.bfloat16 = types.MethodType(bfloat16, model)
+    for name in ("bfloat16", "double", "type"):
+        setattr(model, name, types.MethodType(refused(name), model))
 
 
 # ------------------------------------------------------------------------------------------------------ plans

@@ -148,6 +148,14 @@ class ParamsLowRA(nn.Parameter):
         self.module = module
         return self
 
+    def requires_grad_(self, requires_grad: bool = True):
+        # Refused here, where it is asked (model.requires_grad_(True) comes here too), not later by a move or a copy:
+        # codes stored as bfloat16 for FSDP would otherwise accept it.
+        if requires_grad and self.lowra_quantized:
+            raise ValueError("a quantized LowRA weight is frozen: it cannot require gradients (train LoRA adapters "
+                             "on it, e.g. with peft)")
+        return super().requires_grad_(requires_grad)
+
     @property
     def packed(self) -> torch.Tensor:
         """The packed codes as 1-D uint8 (a view of the stored bytes, whatever quant_storage is)."""
