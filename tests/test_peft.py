@@ -323,6 +323,45 @@ def test_merge_then_unmerge_is_exact_while_the_adapters_are_unchanged(model, bat
         pm.unmerge_adapter()
 
 
+def test_a_refused_merge_changes_nothing(model, batch):
+    """lora_bias on a base without a bias cannot merge: refused before the codes are re-quantized."""
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False))
+    before, y_lora = _packed_snapshot(pm), _logits(pm, batch)
+    with pytest.raises(RuntimeError, match="base layer has no bias"):
+        pm.merge_adapter(safe_merge=True)
+    assert all(torch.equal(_packed_snapshot(pm)[n][0], p) for n, (p, _) in before.items())
+    assert torch.equal(_logits(pm, batch), y_lora)
+
+
+class _Biased(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = LinearLowRA.from_linear(nn.Linear(128, 64), _row_bits(64, 0))
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_unmerge_keeps_a_base_bias_trained_while_merged():
+    """bias="all" trains the base bias; an update made while merged survives the exact unmerge (the codes still go
+    back bit for bit), and without one the bias comes back bit for bit too."""
+    pm = get_peft_model(_Biased(), LoraConfig(r=4, target_modules=["proj"], bias="all", init_lora_weights=False))
+    layer = pm.base_model.model.proj
+    codes, bias0 = layer.base_layer.weight.data.clone(), layer.base_layer.bias.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.merge_adapter()
+        pm.unmerge_adapter()
+        assert torch.equal(layer.base_layer.bias, bias0) and torch.equal(layer.base_layer.weight.data, codes)
+        pm.merge_adapter()
+        with torch.no_grad():
+            layer.base_layer.bias.add_(1.0)  # an optimizer step on the trainable base bias
+        want = layer.base_layer.bias.detach().clone()
+        pm.unmerge_adapter()
+    assert torch.equal(layer.base_layer.bias, want) and torch.equal(layer.base_layer.weight.data, codes)
+
+
 def test_decode_shortcut_follows_merge_and_unmerge(model):
     """Decoding a few tokens at a time (the fused CPU matmul, through LinearLowRA's decode shortcut after the first
     call) gives the full path's logits before a merge, after it (re-quantized codes) and after the unmerge."""
@@ -422,6 +461,33 @@ def test_merge_and_unload_gives_lowra_or_dense(model, batch):
     assert kinds == {nn.Linear}
     torch.testing.assert_close(_logits(dense, batch), y_lora, rtol=1e-4, atol=1e-4)  # exact merge, fp32 rounding
     assert (_logits(merged, batch) - y_lora).norm() > (_logits(dense, batch) - y_lora).norm()
+
+
+@pytest.mark.parametrize("prepare", [False, True])
+def test_dense_unload_computes_in_the_models_dtype(tiny_checkpoint, tmp_path, monkeypatch, prepare):
+    """A bf16 load, prepared for training (norms and embeddings to float32) or not: the dense layers of
+    merge_and_unload(dense=True) take the dtype the rest of the model computes in, so the merged model runs."""
+    from transformers import AutoModelForCausalLM
+
+    from bitsandbytes_lowra import LowRAConfig
+
+    monkeypatch.setenv("LOWRA_PLAN_CACHE", str(tmp_path / "plans"))
+    with _quiet_transformers():
+        m = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, quantization_config=LowRAConfig(bits=2),
+                                                 device_map="cpu", dtype=torch.bfloat16)  # fmt: skip
+    if prepare:
+        m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=False)
+    pm = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y_lora = pm(ids).logits.float()
+    merged = lowra_peft.merge_and_unload(pm, dense=True)
+    want = torch.float32 if prepare else torch.bfloat16
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == want == merged.model.norm.weight.dtype
+    with torch.no_grad():
+        y = merged(ids).logits.float()
+    # exact merge: float32 rounding after prepare, bfloat16's (logits ~1) without (measured 3e-7 and 6e-3)
+    assert (y - y_lora).abs().max() < (1e-5 if prepare else 0.03)
 
 
 # -- several adapters, save / load ---------------------------------------------------------------------------------

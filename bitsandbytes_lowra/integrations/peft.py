@@ -135,7 +135,8 @@ class LowRALoraLinear(nn.Module, LoraLayer):
         LoraLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = False
         self.quantization_backend = LowRABackend()
-        self._dense_unload = False  # set by merge_and_unload(dense=True)
+        self._dense_unload = False  # set by merge_and_unload(dense=True), with the dense layer's dtype (None: W's)
+        self._dense_dtype: torch.dtype | None = None
         # Codes (on the CPU) and bias from before the first merge, with the merged adapters' weights: an unmerge
         # with those adapters unchanged restores them exactly instead of re-quantizing (see `unmerge`).
         self.keep_premerge_codes = True
@@ -228,6 +229,9 @@ class LowRALoraLinear(nn.Module, LoraLayer):
         if not adapter_names:
             return
         base = self.get_base_layer()
+        bias = self._bias_delta(adapter_names)
+        if bias is not None and base.bias is None:  # refused before anything is changed (safe_merge or not)
+            raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
         if isinstance(base, LinearLowRA):
             warnings.warn(_ROUNDING_WARNING.format("Merging"))
             # All adapters in one re-quantization: one rounding, not one per adapter.
@@ -241,11 +245,10 @@ class LowRALoraLinear(nn.Module, LoraLayer):
             if safe_merge and not torch.isfinite(W).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapters {adapter_names} seem to be broken")
             base.weight.data = W.to(base.weight.dtype)
-        bias = self._bias_delta(adapter_names)
         if bias is not None:
-            if base.bias is None:
-                raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
             base.bias.data += bias.to(base.bias.dtype)
+        if self._premerge is not None and base.bias is not None:
+            self._premerge["merged_bias"] = base.bias.detach().clone()  # unmerge: was the bias trained since?
         self.merged_adapters.extend(adapter_names)
 
     def _adapter_snapshot(self, name: str):
@@ -288,10 +291,17 @@ class LowRALoraLinear(nn.Module, LoraLayer):
         adapters = [a for a in self.merged_adapters if a in self.lora_A]
         base = self.get_base_layer()
         if isinstance(base, LinearLowRA) and self._premerge_matches(adapters):
-            # The adapters did not change since they were merged: put the codes and bias back, bit for bit.
+            # The adapters did not change since they were merged: put the codes back, bit for bit, and the bias too
+            # unless it changed while merged (a trainable base bias): then only the adapters' part comes off it.
             base.weight.data.copy_(self._premerge["packed"])
             if self._premerge["bias"] is not None:
-                base.bias.data.copy_(self._premerge["bias"])
+                merged = self._premerge.get("merged_bias")
+                if merged is None or torch.equal(base.bias, merged):
+                    base.bias.data.copy_(self._premerge["bias"])
+                else:
+                    bias = self._bias_delta(adapters)
+                    if bias is not None:
+                        base.bias.data -= bias.to(base.bias.dtype)
         else:
             if isinstance(base, LinearLowRA):
                 warnings.warn(_ROUNDING_WARNING.format("Unmerging"))
@@ -307,7 +317,7 @@ class LowRALoraLinear(nn.Module, LoraLayer):
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names):
         """Called by peft's merge_and_unload / unload: the base layer, merged or not (dense on request)."""
         if self._dense_unload:
-            self._dequantize_base()
+            self._dequantize_base(self._dense_dtype)
         if merge:
             keep, self.keep_premerge_codes = self.keep_premerge_codes, False  # the layer is discarded: no snapshot
             try:
@@ -321,18 +331,19 @@ class LowRALoraLinear(nn.Module, LoraLayer):
         self._premerge = None
         return base
 
-    def _dequantize_base(self) -> None:
-        """Swap the LinearLowRA base for a dense nn.Linear holding its dequantized weight (exact merges from here)."""
+    def _dequantize_base(self, dtype: torch.dtype | None = None) -> None:
+        """Swap the LinearLowRA base for a dense nn.Linear holding its dequantized weight (exact merges from here), in
+        `dtype` (default: the weight's original dtype)."""
         base = self.get_base_layer()
         if not isinstance(base, LinearLowRA):
             return
         if self.merged:
             self.unmerge()
-        W = base.dequantize()  # the original dtype
+        W = base.dequantize(dtype)
         dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         dense.weight = nn.Parameter(W, requires_grad=False)
         if base.bias is not None:
-            dense.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=base.bias.requires_grad)
+            dense.bias = nn.Parameter(base.bias.detach().to(W.dtype, copy=True), requires_grad=base.bias.requires_grad)
         self.base_layer = dense
 
     # -- forward --------------------------------------------------------------------------------------------------
@@ -479,15 +490,20 @@ def lowra_lora_layers(peft_model) -> dict[str, LowRALoraLinear]:
 def merge_and_unload(peft_model, *, dense: bool = False, progressbar: bool = False, safe_merge: bool = False,
                      adapter_names: Optional[list[str]] = None):
     """peft's merge_and_unload, with `dense=True` giving plain nn.Linear layers (dequantized base + exact deltas)
-    instead of re-quantized LinearLowRA ones."""
+    instead of re-quantized LinearLowRA ones. They take the dtype of the model's input embeddings, the dtype the
+    rest of the model computes in (float32 after prepare_model_for_kbit_training, whatever the load dtype):
+    LinearLowRA computes in its input's dtype, an nn.Linear only in its weight's."""
     layers = lowra_lora_layers(peft_model).values() if dense else ()
+    embeddings = peft_model.get_input_embeddings() if hasattr(peft_model, "get_input_embeddings") else None
+    dtype = getattr(getattr(embeddings, "weight", None), "dtype", None)
+    dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else None
     for layer in layers:
-        layer._dense_unload = True
+        layer._dense_unload, layer._dense_dtype = True, dtype
     try:
         return peft_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
     finally:
         for layer in layers:
-            layer._dense_unload = False
+            layer._dense_unload, layer._dense_dtype = False, None
 
 
 def _weight_source(weights) -> Callable[[str], torch.Tensor]:
