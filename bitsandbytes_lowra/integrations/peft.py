@@ -135,8 +135,8 @@ class LowRALoraLinear(nn.Module, LoraLayer):
         LoraLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = False
         self.quantization_backend = LowRABackend()
-        self._dense_unload = False  # set by merge_and_unload(dense=True), with the dense layer's dtype (None: W's)
-        self._dense_dtype: torch.dtype | None = None
+        self._dense_unload = False  # set by merge_and_unload(dense=True), with:
+        self._dense_dtype: torch.dtype | None = None  # the dense layer's dtype (None: the weight's original one)
         # Codes (on the CPU) and bias from before the first merge, with the merged adapters' weights: an unmerge
         # with those adapters unchanged restores them exactly instead of re-quantizing (see `unmerge`).
         self.keep_premerge_codes = True

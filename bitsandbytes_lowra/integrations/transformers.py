@@ -418,8 +418,7 @@ class LowRAHfQuantizer(HfQuantizer):
         # Up front, not as one failure per layer after planning: the kernels take these three dtypes only.
         if dtype not in _DTYPES.values():
             raise ValueError(
-                f"LowRA loads models in float32, float16 or bfloat16 (dtype=...), got {dtype}: the quantized layers "
-                "compute in the model's dtype"
+                f"LowRA loads models in float32, float16 or bfloat16 (from_pretrained(..., dtype=...)), got {dtype}"
             )
         return dtype
 
