@@ -363,6 +363,18 @@ def test_state_without_its_metadata_fails_before_loading(saved_llama, tmp_path, 
     assert "model.layers.0.self_attn.q_proj" in str(info.value)
 
 
+def test_base_saved_with_adapters_injected_is_named(tiny_dir, tmp_path, plan_cache):
+    """get_base_model().save_pretrained() with LoRA injected writes `<layer>.base_layer.weight*`: the reload says
+    what happened and what to do."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(_load(tiny_dir["llama"][0], quantization_config=LowRAConfig(bits=2.0)),
+                        LoraConfig(r=4, target_modules="all-linear"))  # fmt: skip
+    pm.get_base_model().save_pretrained(tmp_path / "base")
+    with pytest.raises(LowRAFormatError, match=r"base_layer, which this model lacks: it was saved with peft adapters"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu")
+
+
 def test_lowra_config_without_lowra_weights_fails(tiny_dir, tmp_path):
     import shutil
 

@@ -526,7 +526,12 @@ class LowRAHfQuantizer(HfQuantizer):
             candidates = (ckpt_layer, f"{prefix}.{ckpt_layer}", ckpt_layer.removeprefix(f"{prefix}."))
             layer = next((c for c in candidates if c in names), None)
             if layer is None:
-                raise LowRAFormatError(f"the checkpoint holds LowRA state for {ckpt_layer}, which this model lacks")
+                hint = (": it was saved with peft adapters injected; save the base after peft's unload() or "
+                        "merge_and_unload(), and the adapters with the PeftModel's save_pretrained"
+                        if ckpt_layer.endswith(".base_layer") else "")  # fmt: skip
+                raise LowRAFormatError(
+                    f"the checkpoint holds LowRA state for {ckpt_layer}, which this model lacks{hint}"
+                )
             module = model.get_submodule(layer)
             if not _is_target(module):
                 kind = type(module).__name__
