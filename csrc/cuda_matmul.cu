@@ -4,16 +4,18 @@
 // Fast path (fp16/bf16 activations, blocksize a multiple of 64, cols a multiple of 256): rows are taken in the
 // order of `row_order` (rows grouped by precision, see matmul_plan in _ops.py), 16 rows of one precision form a
 // tile, and tiles are multiplied on tensor cores (mma.m16n8k16, fp32 accumulation) with the decoders of
-// matmul_layout.h. A CTA (4 warps) owns a contiguous, cost-balanced range of (precision, K split, tile) units; it
-// stages the activations of its K range in shared memory in the precision's column order, then its 4 warps split
-// that K range of each tile and reduce their partial sums in shared memory. Weights stream through registers with
-// a D-deep prefetch ring; every warp reads 16 rows x 256 columns per stage. With several K splits the partial
-// sums go to a float32 workspace and a second kernel adds them (deterministic order) and the bias.
+// matmul_layout.h. A staging pass (matmul_stage) first writes the activations in each present precision's column
+// order into the workspace. Then one launch per precision group: a CTA (4 warps) owns a contiguous, cost-balanced
+// range of (K split, 4 tiles) items; it copies its K split's slice of the staged activations into shared memory,
+// and each warp multiplies one tile of an item over that split. Weights stream through registers with a D-deep
+// prefetch ring; every warp reads 16 rows x 256 columns per stage. With several K splits the partial sums go to a
+// float32 workspace and a last kernel adds them (deterministic order) and the bias.
 // Generic path (anything else: fp32, more rows, odd shapes): one CTA per output channel on CUDA cores.
 //
 // Nothing here synchronizes the host; rows whose metadata does not fit are skipped (left unwritten) and counted.
 #include <stdio.h>
 
+#include <algorithm>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -60,6 +62,8 @@ struct MatmulArgs {
   const void* bias;
   void* out;
   float* ws;
+  const uint16_t* img;    // the activations staged in this precision's column order (matmul_stage), all of K
+  const float2* img_ss;   // 1 bit: their per-unit sums S, S2
   int sm_bs, sm_ss, sm_ri, sm_cb, sm_lut;  // shared-memory offsets in bytes
 };
 
@@ -150,6 +154,8 @@ struct Fast {
   const MatmulArgs& a;
   unsigned char* smem;
   int tid, warp, lane, g, t;
+  uint32_t magic[4];  // 1 bit: decode1's constants, in registers
+  uint32_t bfrag[NT][8] = {};  // the activation fragments of the current unit (zeros for rows past m)
 
   __device__ Fast(const MatmulArgs& args, unsigned char* s) : a(args), smem(s) {
     tid = threadIdx.x;
@@ -157,6 +163,11 @@ struct Fast {
     lane = tid & 31;
     g = lane >> 2;
     t = lane & 3;
+    // a.m >> 31 is 0 (m >= 1) but unknown to the compiler, which would otherwise fold the constants back into
+    // immediates, and (u & mask) | magic takes two LOP3s with two immediates
+    const uint32_t opaque_zero = (uint32_t)(a.m >> 31);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) magic[i] = Magic<M::kHalf>::pow2(4 - i) | opaque_zero;
   }
 
   __device__ uint16_t* bs() const { return (uint16_t*)(smem + a.sm_bs); }
@@ -165,56 +176,20 @@ struct Fast {
   __device__ uint16_t* cbs() const { return (uint16_t*)(smem + a.sm_cb); }
   __device__ uint32_t* lut() const { return (uint32_t*)(smem + a.sm_lut) + warp * (kTileRows * 256); }
 
-  // Activations of K split s in the column order of precision P, plus per-unit sums S, S2 for 1-bit tiles.
+  // Activations of K split s in the column order of precision P (plus per-unit sums S, S2 for 1-bit tiles): the
+  // split's slice of the image matmul_stage wrote, copied as it lies.
   __device__ void stage_activations(int64_t s) {
-    const int64_t k0 = s * a.krange;
-    const int klen = (int)min(a.cols - k0, a.krange);
-    const int c8n = klen >> 3;  // 8-column chunks per activation row, a multiple of 32
-    const int m = a.m;
-    uint16_t* B = bs();
+    griddep_wait();  // the image is the output of the launch before (a programmatic dependency for the first group)
+    const int64_t u0 = s * a.krange / kUnitCols;
+    const int nu = (int)(min(a.cols - s * a.krange, a.krange) / kUnitCols);
+    const uint4* src = reinterpret_cast<const uint4*>(a.img + u0 * a.m * 64);
+    uint4* dst = reinterpret_cast<uint4*>(bs());
+#pragma unroll 4
+    for (int i = tid; i < nu * a.m * 8; i += kThreads) dst[i] = __ldcg(src + i);  // 8 x 16 bytes per unit and row
     if constexpr (P == 1) {
-      float2* S = ss();
-      for (int i = tid; i < (klen >> 6) * (8 * NT); i += kThreads) S[i] = make_float2(0.f, 0.f);
-      __syncthreads();
-    }
-    const uint4* src = reinterpret_cast<const uint4*>((const T*)a.A + k0);
-    const int64_t row_stride = a.cols >> 3;  // in uint4
-    constexpr int kU = 4;  // chunks in flight per thread
-    for (int c0 = tid; c0 < m * c8n; c0 += kU * kThreads) {  // whole warps: m * c8n is a multiple of 32
-      uint4 raw[kU];
-#pragma unroll
-      for (int q = 0; q < kU; ++q) {
-        const int ci = c0 + q * kThreads;
-        if (ci < m * c8n) raw[q] = __ldg(src + (ci / c8n) * row_stride + ci % c8n);
-      }
-#pragma unroll
-      for (int q = 0; q < kU; ++q) {
-        const int ci = c0 + q * kThreads;
-        if (ci >= m * c8n) break;  // warp-uniform
-        const int n = ci / c8n, c8 = ci % c8n;
-        const uint16_t* v = reinterpret_cast<const uint16_t*>(&raw[q]);
-        const int ul = c8 >> 3, cb = (c8 & 7) * 8;  // unit and first column in it
-        uint16_t* dst = B + (ul * m + n) * 64;
-        float s1 = 0.f, s2 = 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int slot = stage_slot(P, cb + e);
-          dst[stage_word(n, slot >> 4, (slot >> 1) & 7) * 2 + (slot & 1)] = v[e];
-          if constexpr (P == 1) {
-            const float x = M::to_float(v[e]);
-            s1 += x;
-            s2 += s2_weight(cb + e) * x;
-          }
-        }
-        if constexpr (P == 1) {
-#pragma unroll
-          for (int o = 1; o < 8; o <<= 1) {
-            s1 += __shfl_xor_sync(kFull, s1, o);
-            s2 += __shfl_xor_sync(kFull, s2, o);
-          }
-          if ((c8 & 7) == 0) ss()[ul * (8 * NT) + n] = make_float2(s1, s2);
-        }
-      }
+      const float4* s4 = reinterpret_cast<const float4*>(a.img_ss + u0 * 8 * NT);
+      float4* d4 = reinterpret_cast<float4*>(ss());
+      for (int i = tid; i < nu * 4 * NT; i += kThreads) d4[i] = __ldcg(s4 + i);
     }
   }
 
@@ -338,14 +313,15 @@ struct Fast {
 
   // k0[R], k1[R]: per-row constants of the tile (1 bit: c0, dl as float bits; 2 bit: L, H; 4 bit: lut offsets)
   __device__ __forceinline__ void compute_stage(const Stage<P>& S, int st, const uint32_t k0[2],
-                                                const uint32_t k1[2], float tot[NT][4]) const {
+                                                const uint32_t k1[2], float tot[NT][4]) {
     const int m = a.m;
     const uint16_t* Bst = bs() + (st * kStageUnits * m) * 64 + t * 16;
 #pragma unroll
     for (int u = 0; u < kStageUnits; ++u) {
-      uint32_t bf[NT][8];
+      uint32_t(&bf)[NT][8] = bfrag;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
+        // lanes past the last activation row load nothing (predicated, not a branch) and keep their zeros
         const int n = g + 8 * nt;
         if (n < m) {
           const uint4* src = reinterpret_cast<const uint4*>(Bst + (u * m + n) * 64);
@@ -353,9 +329,6 @@ struct Fast {
           const uint4 lo = src[sw], hi = src[sw ^ 1];
           bf[nt][0] = lo.x, bf[nt][1] = lo.y, bf[nt][2] = lo.z, bf[nt][3] = lo.w;
           bf[nt][4] = hi.x, bf[nt][5] = hi.y, bf[nt][6] = hi.z, bf[nt][7] = hi.w;
-        } else {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) bf[nt][i] = 0u;
         }
       }
       uint32_t f[2][8];
@@ -363,7 +336,7 @@ struct Fast {
       for (int R = 0; R < 2; ++R) {
         if constexpr (P == 1) {
           const uint4 q = S.q[R][u >> 1];
-          decode1<M::kHalf>((u & 1) ? q.z : q.x, (u & 1) ? q.w : q.y, t, f[R]);
+          decode1<M::kHalf>((u & 1) ? q.z : q.x, (u & 1) ? q.w : q.y, t, f[R], magic);
         } else if constexpr (P == 2) {
           decode2(S.q[R][u], k0[R], k1[R], f[R]);
         } else {
@@ -520,11 +493,11 @@ struct Fast {
 
   __device__ void segment(int64_t s, int64_t q0, int ntl, int64_t& staged_s) {
     __syncthreads();  // the previous segment is done with shared memory
+    load_rows(q0, ntl);  // first: it does not wait for the staging pass
     if (staged_s != s) {
       stage_activations(s);
       staged_s = s;
     }
-    load_rows(q0, ntl);
     __syncthreads();
     run(s, ntl);
   }
@@ -554,6 +527,64 @@ template <typename T, int NT, int D, int P>
 __global__ void __launch_bounds__(kThreads, P == 4 ? 2 : (D == 2 ? 4 : 3)) matmul_fast_kernel(const __grid_constant__ MatmulArgs args) {
   extern __shared__ __align__(16) unsigned char smem[];
   Fast<T, NT, D, P>(args, smem)();
+}
+
+// The staging pass: the activations (all of K) in each present precision's shared-memory order, [unit][row][64]
+// as stage_slot and stage_word place them, and for 1-bit tiles the per-unit sums S, S2 ([unit][npad], rows past m
+// zero). Written once per call into the workspace, so that each tiled CTA copies its split's slice instead of
+// permuting and summing it again (that took 13-17% of the tiled kernels' instructions at m = 4; thirty-second round).
+struct StageArgs {
+  const void* A;
+  int m, npad;
+  int64_t cols;
+  uint16_t* img[3];  // per precision group (1, 2, 4 bit); NULL where the group is empty
+  float2* ss;        // with img[0]
+};
+
+constexpr int kStageThreads = 64;
+
+template <typename T>
+__global__ void __launch_bounds__(kStageThreads) matmul_stage(const __grid_constant__ StageArgs s) {
+  griddep_launch_dependents();  // the first tiled kernel looks up its rows meanwhile, then waits for this pass
+  using M = MmaType<T>;
+  // 32-bit indices (make_plan keeps m * cols / 8 below 2^30): a 64-bit division would dominate this short pass
+  const int c8n = (int)(s.cols >> 3), n_all = s.m * c8n;  // a multiple of 32 (cols % 256 == 0): whole warps below
+  for (int ci = blockIdx.x * blockDim.x + threadIdx.x; ci < n_all; ci += gridDim.x * blockDim.x) {
+    const int n = ci / c8n, c8 = ci % c8n;
+    const int64_t ul = c8 >> 3;
+    const int cb = (int)(c8 & 7) * 8;  // first column in the unit
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>((const T*)s.A + (int64_t)n * s.cols) + c8);
+    const uint16_t* v = reinterpret_cast<const uint16_t*>(&raw);
+#pragma unroll
+    for (int p = 0; p < 3; ++p) {
+      if (!s.img[p]) continue;
+      uint16_t* dst = s.img[p] + (ul * s.m + n) * 64;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int slot = stage_slot(1 << p, cb + e);
+        dst[stage_word(n, slot >> 4, (slot >> 1) & 7) * 2 + (slot & 1)] = v[e];
+      }
+    }
+    if (s.ss) {  // warp-uniform
+      float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float x = M::to_float(v[e]);
+        s1 += x;
+        s2 += s2_weight(cb + e) * x;
+      }
+#pragma unroll
+      for (int o = 1; o < 8; o <<= 1) {  // the 8 lanes of one unit and row
+        s1 += __shfl_xor_sync(kFull, s1, o);
+        s2 += __shfl_xor_sync(kFull, s2, o);
+      }
+      if (cb == 0) {
+        s.ss[ul * s.npad + n] = make_float2(s1, s2);
+        if (n == 0)
+          for (int j = s.m; j < s.npad; ++j) s.ss[ul * s.npad + j] = make_float2(0.f, 0.f);
+      }
+    }
+  }
 }
 
 struct FinalizeArgs {
@@ -735,6 +766,7 @@ bool make_plan(const void* A, int dtype, int64_t m, const uint8_t* packed, const
                int64_t cols, int64_t blocksize, const int32_t* row_order, const int64_t* group_rows, Plan* plan) {
   if (dtype != LOWRA_F16 && dtype != LOWRA_BF16) return false;
   if (m < 1 || m > 16 || blocksize % kUnitCols != 0 || cols % kStageCols != 0 || cols % blocksize != 0) return false;
+  if (m * (cols / 8) >= ((int64_t)1 << 30)) return false;  // matmul_stage indexes its chunks in 32 bits
   if (!row_order || !group_rows || !aligned(A, 16) || !aligned(packed, 16) || !aligned(absmax, 16)) return false;
   int64_t sum = 0;
   for (int p = 0; p < 3; ++p) {
@@ -798,6 +830,26 @@ bool make_plan(const void* A, int dtype, int64_t m, const uint8_t* packed, const
   return true;
 }
 
+// The tiled path's workspace (after any decoded scales): the K splits' partial sums, then the staged activations of
+// each present precision group (matmul_stage), then the 1-bit sums; offsets 256-byte aligned, -1 where absent.
+struct TiledWorkspace {
+  int64_t img[3], ss, total;
+};
+
+TiledWorkspace tiled_workspace(const Plan& plan, int64_t m, int64_t rows, int64_t cols) {
+  auto up = [](int64_t x) { return (x + 255) / 256 * 256; };
+  TiledWorkspace w{};
+  int64_t at = up(plan.ks_max > 1 ? (int64_t)plan.ks_max * m * rows * 4 : 0);
+  for (int p = 0; p < 3; ++p) {
+    w.img[p] = plan.grp[p].fn ? at : -1;
+    if (plan.grp[p].fn) at += up(cols * m * 2);
+  }
+  w.ss = plan.grp[0].fn ? at : -1;
+  if (plan.grp[0].fn) at += up(cols / kUnitCols * (m <= 8 ? 8 : 16) * (int64_t)sizeof(float2));
+  w.total = at;
+  return w;
+}
+
 }  // namespace
 
 int64_t take_matmul_skipped_rows() { return take_local_skipped_rows(); }
@@ -829,7 +881,7 @@ int64_t matmul_cuda_workspace_size(int dtype, int64_t m, int64_t rows, int64_t c
   if (!make_plan(p16, dtype, m, (const uint8_t*)p16, (const float*)p16, rows, cols, blocksize, &stand_in_order,
                  group_rows, &plan))
     return dec;
-  return dec + (plan.ks_max > 1 ? (int64_t)plan.ks_max * m * rows * 4 : 0);
+  return dec + tiled_workspace(plan, m, rows, cols).total;
 }
 
 int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes,
@@ -856,8 +908,20 @@ int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int6
   const float* absmax = src.f32;
   Plan plan;
   if (make_plan(A, dtype, m, packed, absmax, rows, cols, blocksize, row_order, group_rows, &plan)) {
-    if (plan.ks_max > 1 && (!workspace || workspace_bytes < (int64_t)plan.ks_max * m * rows * 4 || !aligned(workspace, 4)))
-      return LOWRA_ERR_ARGUMENT;
+    const TiledWorkspace w = tiled_workspace(plan, m, rows, cols);
+    if (!workspace || workspace_bytes < w.total || !aligned(workspace, 16)) return LOWRA_ERR_ARGUMENT;
+    char* ws = (char*)workspace;
+    StageArgs sa{A, (int)m, m <= 8 ? 8 : 16, cols, {}, w.ss >= 0 ? (float2*)(ws + w.ss) : nullptr};
+    for (int p = 0; p < 3; ++p) sa.img[p] = w.img[p] >= 0 ? (uint16_t*)(ws + w.img[p]) : nullptr;
+    // small CTAs spread the pass's scattered 2-byte stores over every SM: 256-thread CTAs on 16 SMs took 4.1 us at
+    // m = 4 on 8192 columns, issuing stores (thirty-second round)
+    const int64_t chunks = m * (cols / 8);
+    const int sgrid = (int)std::min<int64_t>((chunks + kStageThreads - 1) / kStageThreads, 16 * (int64_t)sm_count());
+    if (dtype == LOWRA_F16) matmul_stage<__half><<<sgrid, kStageThreads, 0, stream>>>(sa);
+    else matmul_stage<__nv_bfloat16><<<sgrid, kStageThreads, 0, stream>>>(sa);
+    int st = launch_status("lowra matmul staging kernel");
+    if (st != LOWRA_OK) return st;
+    bool first = true;  // the first group's kernel starts as a programmatic dependent of the staging pass
     FinalizeArgs f{};
     for (int p = 0; p < 3; ++p) {
       GroupPlan& gp = plan.grp[p];
@@ -872,8 +936,15 @@ int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int6
       a.blocksize = blocksize;
       a.nb = cols / blocksize;
       a.absmax = absmax;
-      gp.fn<<<gp.nctas, kThreads, gp.smem, stream>>>(a);
-      const int st = launch_status("lowra matmul kernel");
+      a.img = sa.img[p];
+      a.img_ss = sa.ss;
+      if (first) {
+        st = record_cuda(launch_dependent(gp.fn, gp.nctas, kThreads, gp.smem, stream, a), "lowra matmul kernel");
+        first = false;
+      } else {
+        gp.fn<<<gp.nctas, kThreads, gp.smem, stream>>>(a);
+        st = launch_status("lowra matmul kernel");
+      }
       if (st != LOWRA_OK) return st;
     }
     if (plan.ks_max == 1) return LOWRA_OK;

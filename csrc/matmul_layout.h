@@ -45,9 +45,13 @@ struct Magic {
   }
 };
 
+// Byte permute: bytes 0-3 of a and 4-7 of b, picked by the low 16 bits of s. Selector nibbles must be 0..7: the
+// device form is the raw PRMT, whose bit 3 replicates a sign, where __byte_perm would cost a LOP3 per call to clear it.
 LOWRA_HD uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) {
 #if defined(__CUDA_ARCH__)
-  return __byte_perm(a, b, s);
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s));
+  return r;
 #else
   const uint64_t pool = (uint64_t)a | ((uint64_t)b << 32);
   uint32_t r = 0;
@@ -62,14 +66,6 @@ LOWRA_HD uint32_t rotr(uint32_t x, int r) {
 #else
   r &= 31;
   return r ? (x >> r) | (x << (32 - r)) : x;
-#endif
-}
-
-LOWRA_HD uint32_t umulhi(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __umulhi(a, b);
-#else
-  return (uint32_t)(((uint64_t)a * b) >> 32);
 #endif
 }
 
@@ -109,16 +105,17 @@ LOWRA_HD int stage_word(int n, int t, int pi) { return t * 8 + (pi ^ ((n & 1) <<
 LOWRA_HD float s2_weight(int cu) { return (float)(16 >> (cu & 3)); }
 
 // 1 bit: w0 = packed bits of columns 0..31 of the unit, w1 = columns 32..63. f[pi] = half2 of pair pi.
+// magic[i] = Magic<kHalf>::pow2(4 - i). A kernel passes them in registers: (u & mask) | magic is then one LOP3, where
+// two immediates take two.
 template <bool kHalf>
-LOWRA_HD void decode1(uint32_t w0, uint32_t w1, int t, uint32_t f[8]) {
+LOWRA_HD void decode1(uint32_t w0, uint32_t w1, int t, uint32_t f[8], const uint32_t magic[4]) {
   const int rot = (4 * t - Magic<kHalf>::kBase) & 31;
   const uint32_t u0 = rotr(w0, rot), u1 = rotr(w1, rot);
 LOWRA_UNROLL
   for (int i = 0; i < 4; ++i) {
     const uint32_t mask = 0x10001u << (Magic<kHalf>::kBase + i);
-    const uint32_t magic = Magic<kHalf>::pow2(4 - i);
-    f[i] = (u0 & mask) | magic;
-    f[4 + i] = (u1 & mask) | magic;
+    f[i] = (u0 & mask) | magic[i];
+    f[4 + i] = (u1 & mask) | magic[i];
   }
 }
 
@@ -127,9 +124,11 @@ LOWRA_UNROLL
 LOWRA_HD void decode2(uint32_t w, uint32_t L, uint32_t H, uint32_t f[8]) {
 LOWRA_UNROLL
   for (int i = 0; i < 4; ++i) {
-    const uint32_t sub = (w >> (2 * i)) & 0x03030303u;
-    f[2 * i] = prmt(L, H, sub * 0x11u + 0x4040u);
-    f[2 * i + 1] = prmt(L, H, umulhi(sub, 0x110000u) + 0x4040u);
+    // each code byte c becomes the selector byte (c, c + 4): one multiply-add for four codes; the second pair's
+    // selector is the upper half (selector nibbles stay within 0..7)
+    const uint32_t sel = ((w >> (2 * i)) & 0x03030303u) * 0x11u + 0x40404040u;
+    f[2 * i] = prmt(L, H, sel);
+    f[2 * i + 1] = prmt(L, H, sel >> 16);
   }
 }
 

@@ -67,6 +67,8 @@ static void check(int P, int m, uint32_t seed) {
     }
 
   // fragments of every lane
+  uint32_t magic[4];
+  for (int i = 0; i < 4; ++i) magic[i] = Magic<kHalf>::pow2(4 - i);
   double Wm[16][16][4];  // [row][kslot][mma j]
   double Bm[16][8][4];   // [kslot][n][mma j]
   for (int lane = 0; lane < 32; ++lane) {
@@ -79,7 +81,7 @@ static void check(int P, int m, uint32_t seed) {
       uint16_t v[16];
       for (int c = 0; c < 16; ++c) v[c] = to_bits(cb[r * 16 + c], kHalf);
       if (P == 1) {
-        decode1<kHalf>(word(0), word(1), t, f[half_row]);
+        decode1<kHalf>(word(0), word(1), t, f[half_row], magic);
       } else if (P == 2) {
         uint32_t L, H;
         prmt_tables(v, &L, &H);
