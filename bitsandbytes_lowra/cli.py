@@ -306,10 +306,11 @@ def _cmd_finetune(args) -> int:
     import torch
 
     from .eval.perplexity import perplexity
-    from .finetune import (FinetuneArgs, add_lora, base_fingerprint, distributed, load_quantized, main_process_first,
-                           train, write_outputs)  # fmt: skip
+    from .finetune import (FinetuneArgs, add_lora, base_fingerprint, check_fsdp_offload, distributed, load_quantized,
+                           main_process_first, train, write_outputs)  # fmt: skip
     from .sweep import plan_record, resolve_checkpoint, versions
 
+    check_fsdp_offload()
     dist = distributed()  # under `accelerate launch`: DDP or FSDP, run by Trainer
     m = baselines.get_method(args.method)
     init = args.init or m.init
@@ -551,6 +552,7 @@ def _count(minimum: int, zero_too: bool = False):
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {v}")
         return v
 
+    parse.range = (f"0 or >= {minimum}" if zero_too else f">= {minimum}", allowed)
     return parse
 
 
@@ -579,6 +581,26 @@ def _non_negative(s: str) -> float:
     if not math.isfinite(v) or v < 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s}")
     return v
+
+
+_fraction.range = ("[0, 1)", "in [0, 1)")
+_positive.range = ("> 0", "> 0")
+_non_negative.range = (">= 0", ">= 0")
+
+
+def _state_ranges(parser: argparse.ArgumentParser) -> None:
+    """Every flag's help states the range its type enforces, unless the help already does: `.range` on a type is
+    (what a help that states it contains, the words to add)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _state_ranges(sub)
+            continue
+        marker, words = getattr(action.type, "range", (None, None))
+        if marker is None or action.help is None or marker in action.help:
+            continue
+        i = action.help.find(" (default")
+        action.help = f"{action.help}, {words}" if i < 0 else f"{action.help[:i]}, {words}{action.help[i:]}"
 
 
 def _optim(s: str) -> str:
@@ -752,6 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--shared-codebooks", action="store_true", help="one codebook per layer and precision")
     _add_common(mem)
     mem.set_defaults(func=_cmd_memory)
+    _state_ranges(parser)
     return parser
 
 

@@ -119,6 +119,14 @@ def _fsdp_version_from_env() -> int | None:
     return int(os.environ.get("FSDP_VERSION", "1"))
 
 
+def check_fsdp_offload() -> None:
+    """Refuses FSDP's CPU offload (`fsdp_offload_params: true`, which `accelerate launch` passes as
+    FSDP_OFFLOAD_PARAMS): LowRA weights stay on their GPU, as device_map offload is refused for a single GPU."""
+    if _fsdp_version_from_env() is not None and os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+        raise ValueError("FSDP CPU offload (fsdp_offload_params: true) is not supported for LowRA's quantized "
+                         "weights; set fsdp_offload_params: false in the accelerate config (docs/distributed.md)")
+
+
 def _is_bnb_optim(name: str) -> bool:
     """transformers' optim names that run bitsandbytes optimizers (paged_*, *_8bit, *_bnb*, lion/rmsprop bnb ...)."""
     return name.startswith("paged_") or "8bit" in name or "bnb" in name

@@ -271,6 +271,24 @@ def test_fsdp2_never_gets_a_bitsandbytes_optimizer(monkeypatch):
     assert FinetuneArgs(optim="paged_adamw_8bit").resolved_optim() == "paged_adamw_8bit"
 
 
+def test_fsdp_cpu_offload_is_refused_before_anything_loads(monkeypatch, capsys, tmp_path):
+    """accelerate passes fsdp_offload_params as FSDP_OFFLOAD_PARAMS; finetune refuses it before resolving a model
+    (the model named here does not exist, which would otherwise fail first)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    assert cli.main([*FINETUNE, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "lowra finetune: error: FSDP CPU offload" in err and "fsdp_offload_params: false" in err
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "false")
+    from bitsandbytes_lowra.finetune import check_fsdp_offload
+
+    check_fsdp_offload()  # no offload: nothing to refuse
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    check_fsdp_offload()  # not an FSDP launch: the variable means nothing
+
+
 # ------------------------------------------------------------------------------------------------------ review fixes
 
 
@@ -295,6 +313,12 @@ def test_every_flag_has_help_and_states_its_default():
     assert "default 4 2 1.75 1.25" in by_flag["memory"]["--bits"]
     for name in ("plan", "quantize", "finetune", "eval"):
         assert "in [1, 4] (qlora and loftq: at least 2)" in by_flag[name]["--bits"], name
+    # every range a flag's type enforces is in its help (added where the help did not state it)
+    unstated = [f"{name} {o}" for name, p in commands.items() for a in p._actions for o in a.option_strings
+                if getattr(a.type, "range", None) and a.type.range[0] not in a.help]  # fmt: skip
+    assert not unstated, unstated
+    assert by_flag["finetune"]["--lora-r"] == "LoRA rank, an integer >= 1 (default 16)"
+    assert by_flag["finetune"]["--lr"] == "learning rate, > 0 (default 3e-4, the paper's)"
 
 
 def test_finetune_gradient_checkpointing_defaults_on_and_turns_off():
