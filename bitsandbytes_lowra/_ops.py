@@ -35,7 +35,23 @@ torch.library.define(
 )
 
 
+def check_blocksize_arg(blocksize) -> None:
+    """First: the shape checks after it divide by the blocksize."""
+    torch._check(8 <= blocksize <= 4096 and blocksize % 8 == 0,
+                 lambda: f"blocksize must be a multiple of 8 in [8, 4096], got {blocksize}")
+
+
+def check_same_device(ref_name: str, ref: torch.Tensor, **tensors) -> None:
+    """Every given tensor on ref's device. A tensor on meta among real ones would otherwise send the call to the fake
+    kernel, which hands back an uninitialized real tensor; on CUDA a CPU tensor would reach the kernel as a pointer."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == ref.device, lambda: f"{name} is on {t.device}, {ref_name} on {ref.device}")
+
+
 def check_quantize_args(A, bits, thresholds, row_offsets, blocksize) -> None:
+    check_blocksize_arg(blocksize)
+    check_same_device("A", A, bits=bits, thresholds=thresholds, row_offsets=row_offsets)
     torch._check(A.dim() == 2, lambda: f"A must be 2-D, got {A.dim()}-D")
     torch._check(A.dtype in FLOAT_DTYPES, lambda: f"A must be float32/float16/bfloat16, got {A.dtype}")
     torch._check(bits.dtype == torch.uint8, lambda: f"bits must be uint8, got {bits.dtype}")
@@ -44,7 +60,6 @@ def check_quantize_args(A, bits, thresholds, row_offsets, blocksize) -> None:
     torch._check(thresholds.shape == (A.shape[0], THRESHOLD_SLOTS), lambda: "thresholds must be [rows, 15]")
     torch._check(row_offsets.dtype == torch.int64, lambda: "row_offsets must be int64")
     torch._check(row_offsets.shape == (A.shape[0] + 1,), lambda: "row_offsets must be [rows + 1]")
-    torch._check(blocksize % 8 == 0 and blocksize >= 8, lambda: f"blocksize must be a multiple of 8, got {blocksize}")
 
 
 def check_absmax_args(packed, absmax, nested_absmax, nested_code, nested_offset, nested_blocksize) -> None:
@@ -69,6 +84,8 @@ def check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize
                           nested_code=None, nested_offset=None, nested_blocksize=256) -> None:
     torch._check(len(shape) == 2, lambda: f"shape must be [rows, cols], got {shape}")
     rows, cols = shape
+    check_blocksize_arg(blocksize)
+    check_same_device("the codes", packed, absmax=absmax, bits=bits, codebook=codebook, row_offsets=row_offsets)
     torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
     check_absmax_args(packed, absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     torch._check(absmax.numel() == rows * blocks_per_row(cols, blocksize), lambda: "absmax size does not match shape")
@@ -77,7 +94,6 @@ def check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize
     torch._check(codebook.shape == (rows, CODEBOOK_SLOTS), lambda: "codebook must be [rows, 16]")
     torch._check(row_offsets.dtype == torch.int64 and row_offsets.shape == (rows + 1,), lambda: "bad row_offsets")
     torch._check(dtype in FLOAT_DTYPES, lambda: f"dtype must be float32/float16/bfloat16, got {dtype}")
-    torch._check(blocksize % 8 == 0 and blocksize >= 8, lambda: f"blocksize must be a multiple of 8, got {blocksize}")
 
 
 @torch.library.register_fake("lowra::quantize")
@@ -154,6 +170,7 @@ def check_matmul_args(A, packed, absmax, bits, codebook, row_offsets, blocksize,
     torch._check(A.dim() >= 1, lambda: "A must have at least one dimension")
     torch._check(A.dtype in FLOAT_DTYPES, lambda: f"A must be float32/float16/bfloat16, got {A.dtype}")
     torch._check(A.shape[-1] == cols, lambda: f"A has {A.shape[-1]} features, the weight has {cols} columns")
+    check_same_device("A", A, packed=packed, bias=bias, row_order=row_order)
     check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, A.dtype, *nested)
     if bias is not None:
         torch._check(bias.dtype == A.dtype, lambda: f"bias must have A's dtype {A.dtype}, got {bias.dtype}")
@@ -246,6 +263,7 @@ torch.library.define(
 
 def check_operand_buffer(packed, operands, shape, blocksize, nested, nested_blocksize) -> None:
     torch._check(len(shape) == 2, lambda: f"shape must be [rows, cols], got {shape}")
+    check_blocksize_arg(blocksize)
     _, size = operand_layout(shape[0], shape[1], blocksize, nested, nested_blocksize)
     torch._check(operands.dtype == torch.uint8 and operands.dim() == 1 and operands.is_contiguous(),
                  lambda: "operands must be a contiguous 1-D uint8 buffer")
@@ -258,6 +276,7 @@ def check_operand_buffer(packed, operands, shape, blocksize, nested, nested_bloc
 @torch.library.register_fake("lowra::matmul_buffered")
 def _(A, packed, operands, shape, blocksize, nested, nested_blocksize, group_rows=None, bias=None):
     check_operand_buffer(packed, operands, shape, blocksize, nested, nested_blocksize)
+    check_same_device("A", A, packed=packed, bias=bias)
     torch._check(A.dim() >= 1 and A.shape[-1] == shape[1], lambda: f"A must have {shape[1]} features")
     return A.new_empty((*A.shape[:-1], shape[0]))
 

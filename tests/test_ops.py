@@ -487,3 +487,45 @@ def test_format_validation_messages():
         validate_layout(packed, -absmax, bits, off, (2, 64), 64)
     with pytest.raises(LowRAFormatError, match="blocksize"):
         validate_layout(packed, absmax, bits, off, (2, 64), 12)
+
+
+def _small_state():
+    W = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
+    return L.functional.quantize_lowra(W, 2)
+
+
+def test_an_operand_on_another_device_is_refused_by_name():
+    """One operand on meta among CPU tensors sent the call to the fake kernel, which returned an uninitialized CPU
+    tensor as the result; every operand must be on the codes' (and the activations') device."""
+    p, s = _small_state()
+    A = torch.randn(2, 64)
+    args = dict(absmax=s.absmax, bits=s.bits, codebook=s.code, row_offsets=s.row_offsets)
+    for name in args:
+        moved = [t.to("meta") if k == name else t for k, t in args.items()]
+        with pytest.raises(RuntimeError, match=f"{name} is on meta, the codes on cpu"):
+            torch.ops.lowra.dequantize(p, *moved, 64, [4, 64], torch.float32)
+        with pytest.raises(RuntimeError, match=f"{name} is on meta, the codes on cpu"):
+            torch.ops.lowra.matmul(A, p, *moved, 64, [4, 64])
+    with pytest.raises(RuntimeError, match="bias is on meta, A on cpu"):
+        torch.ops.lowra.matmul(A, p, *args.values(), 64, [4, 64], torch.zeros(4, device="meta"))
+    with pytest.raises(RuntimeError, match="packed is on meta, A on cpu"):
+        torch.ops.lowra.matmul(A, p.to("meta"), *args.values(), 64, [4, 64])
+    with pytest.raises(RuntimeError, match="thresholds is on meta, A on cpu"):
+        torch.ops.lowra.quantize(torch.randn(4, 64), s.bits, s.thresholds.to("meta"), s.row_offsets, 64)
+    # all on meta: the fake kernels' shapes, as before
+    out = torch.ops.lowra.dequantize(p.to("meta"), *(t.to("meta") for t in args.values()), 64, [4, 64], torch.float32)
+    assert out.device.type == "meta" and out.shape == (4, 64)
+
+
+@pytest.mark.parametrize("blocksize", [0, 4, 12, 8192])
+def test_a_blocksize_outside_the_format_is_refused_before_any_shape_check(blocksize):
+    """blocksize 0 was a ZeroDivisionError (the absmax size check divides by it) and 8192 surfaced as "row offsets
+    inconsistent"; the ops now name the format's rule first."""
+    p, s = _small_state()
+    args = (s.absmax, s.bits, s.code, s.row_offsets, blocksize, [4, 64])
+    with pytest.raises(RuntimeError, match=rf"blocksize must be a multiple of 8 in \[8, 4096\], got {blocksize}"):
+        torch.ops.lowra.dequantize(p, *args, torch.float32)
+    with pytest.raises(RuntimeError, match=r"blocksize must be a multiple of 8 in \[8, 4096\]"):
+        torch.ops.lowra.matmul(torch.randn(2, 64), p, *args)
+    with pytest.raises(RuntimeError, match=r"blocksize must be a multiple of 8 in \[8, 4096\]"):
+        torch.ops.lowra.quantize(torch.randn(4, 64), s.bits, s.thresholds, s.row_offsets, blocksize)

@@ -178,15 +178,17 @@ def _dequantize_args_ok(packed, absmax, bits, codebook, row_offsets, blocksize, 
     if len(shape) != 2:
         return False
     rows, cols = shape
+    dev = packed.device
     return (
-        packed.dtype == torch.uint8
+        8 <= blocksize <= 4096 and blocksize % 8 == 0  # first: blocks_per_row divides by it
+        and packed.dtype == torch.uint8
+        and absmax.device == bits.device == codebook.device == row_offsets.device == dev
         and _absmax_ok(packed, absmax, nested)
         and absmax.numel() == rows * blocks_per_row(cols, blocksize)
         and bits.dtype == torch.uint8 and bits.shape == (rows,)
         and codebook.dtype == torch.float16 and codebook.shape == (rows, CODEBOOK_SLOTS)
         and row_offsets.dtype == torch.int64 and row_offsets.shape == (rows + 1,)
         and dtype in FLOAT_DTYPES
-        and blocksize % 8 == 0 and blocksize >= 8
     )
 
 
@@ -197,6 +199,8 @@ def _out_ok(out, shape, dtype, device) -> bool:
 def _matmul_args_ok(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, row_order,
                     group_rows, nested) -> bool:
     if len(shape) != 2 or A.dim() < 1 or A.dtype not in FLOAT_DTYPES or A.shape[-1] != shape[1]:
+        return False
+    if packed.device != A.device or any(t is not None and t.device != A.device for t in (bias, row_order)):
         return False
     if not _dequantize_args_ok(packed, absmax, bits, codebook, row_offsets, blocksize, shape, A.dtype, nested):
         return False
