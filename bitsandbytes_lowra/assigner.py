@@ -193,8 +193,11 @@ def _validate(errors, sizes, budget, precisions):
     if (S <= 0).any():
         i = int(np.argwhere(S <= 0)[0, 0])
         raise ValueError(f"sizes must be positive parameter counts: sizes[{i}] = {S[i]}")
-    S = S.astype(np.int64)
     lo, hi = int(prec.min()), int(prec.max())
+    if float(S.astype(np.float64).sum()) * hi >= 2.0**62:  # before the cast: larger counts wrap in int64
+        raise ValueError(f"sizes total {float(S.astype(np.float64).sum()):.4g} parameters: too many to count their "
+                         f"bits at {hi} per parameter in 64 bits")
+    S = S.astype(np.int64)
     if not lo <= budget <= hi:
         raise ValueError(
             f"budget {budget} bits per parameter is infeasible with precisions {tuple(sorted(int(p) for p in prec))}: "
@@ -335,7 +338,12 @@ def _two_level(E, sizes, prec, budget, clusters, solver, time_limit, seed, progr
         # Step 2: B_k = B * W_k / W_sum, in units of w bits: sum_p p * y_p <= floor(budget * n_k). Summed over the
         # groups this never exceeds the global capacity.
         units = math.floor(Fraction(budget) * len(idx))
+        # The solver's tolerances are absolute: errors far below 1 (tiny weights) read as zero cost, errors near
+        # 1e19 stalled HiGHS past its time limit. Scaling a group's errors by one factor changes no optimum.
         Eg = E[idx]
+        top = float(Eg.max())
+        if top > 0:
+            Eg = Eg / top
         labels = _cluster(Eg, clusters, seed)  # Step 3
         _tick(bar, f"{int(w)}-parameter channels: K-Means done")
         counts = _cluster_ilp(Eg, labels, prec, units, solver, time_limit)  # Step 4

@@ -397,3 +397,22 @@ def test_bad_inputs_raise_clear_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         assign_precisions(**args)
+
+
+def test_ilp_answer_does_not_depend_on_the_scale_of_the_errors():
+    """Raw errors went to HiGHS as costs: at 1e-9 they read as zero (1.0 average bits, gap 0.52), near 1e19 the
+    solve stalled past its time limit. Scaling all errors by one factor changes no optimum, so neither may the answer."""
+    E = np.sort(np.random.default_rng(0).random((200, 3)), 1)[:, ::-1].copy()
+    S = np.full(200, 64)
+    ref = assign_precisions(E, S, 1.75, (1, 2, 4), method="ilp", clusters=16, time_limit=20)
+    for scale in (1e-9, 1e19, 1e300):
+        a = assign_precisions(E * scale, S, 1.75, (1, 2, 4), method="ilp", clusters=16, time_limit=20)
+        assert np.array_equal(a.bits, ref.bits), scale
+        assert a.gap == pytest.approx(ref.gap)
+
+
+@pytest.mark.parametrize("sizes", [[1e30, 64.0], [2**62, 2**62]])
+def test_parameter_counts_beyond_64_bits_are_refused(sizes):
+    """They used to wrap in the int64 cast and end in 'internal error: greedy used 256 bits, budget allows -1.6e19'."""
+    with pytest.raises(ValueError, match="too many to count their bits"):
+        assign_precisions(np.ones((2, 3)), np.array(sizes), 1.75, (1, 2, 4))
