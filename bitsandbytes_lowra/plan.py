@@ -44,6 +44,7 @@ from .format import (
     check_blocksize,
     check_codebook,
     check_thresholds,
+    check_weight,
     padded_cols,
 )
 
@@ -92,8 +93,9 @@ class PlanSettings:
             precs = () if bad else tuple(sorted({int(p) for p in self.precisions}))
             if not precs:
                 raise ValueError(f"precisions must be a non-empty subset of {ALLOWED_BITS}, got {self.precisions!r}")
-            if self.bits < precs[0]:
-                raise ValueError(f"bits={self.bits} is below the smallest allowed precision {precs[0]}")
+            if not precs[0] <= self.bits <= precs[-1]:  # the assigner would say so only after every fit is learned
+                raise ValueError(f"bits={self.bits} is outside what precisions {precs} can meet: "
+                                 f"[{precs[0]}, {precs[-1]}]")
             object.__setattr__(self, "precisions", precs)
         check_blocksize(self.blocksize)
         if self.learner_mode not in LEARNER_MODES:
@@ -111,8 +113,8 @@ class PlanSettings:
         from .assigner import check_ilp_options
 
         check_ilp_options(self.clusters, self.time_limit)  # here, not in the assigner after every fit is learned
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32) (K-Means' random_state), got {self.seed!r}")
 
     @classmethod
     def from_config(cls, config) -> "PlanSettings":
@@ -449,8 +451,7 @@ def learn_fits(
     for target, W in tensors:
         if target.transpose:
             W = W.t()
-        if W.dim() != 2:
-            raise LowRAFormatError(f"{target.key}: expected a 2-D weight, got shape {tuple(W.shape)}")
+        check_weight(W, target.key)  # the learner's own check would not say which tensor
         fits = learn_layer(
             W,
             precisions=LEARNED_PRECISIONS,

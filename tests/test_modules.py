@@ -547,3 +547,14 @@ def test_inference_fused_decode_path_equals_dense(dtype, tokens):
         y, y_ref = q(x), ref(x)
     assert y.dtype == dtype
     torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("bad", [torch.int32, torch.float64, "float16", 16])
+def test_a_compute_dtype_the_kernels_cannot_run_is_refused_at_construction(bad):
+    """It was stored as given; forward then failed with unrelated messages ("input is torch.int32" for a float32
+    input, "Invalid device string: 'float16'")."""
+    with pytest.raises(ValueError, match="compute_dtype must be None"):
+        LinearLowRA(64, 4, compute_dtype=bad)
+    with pytest.raises(ValueError, match="compute_dtype must be None"):
+        LinearLowRA.from_linear(torch.nn.Linear(64, 4), 2, compute_dtype=bad)
+    assert LinearLowRA(64, 4, compute_dtype=torch.bfloat16).compute_dtype is torch.bfloat16

@@ -290,7 +290,7 @@ def test_check_targets(checkpoint):
         ({}, "bit budget"),
         ({"bits": 0.5}, "bits must be in"),
         ({"bits": float("nan")}, "finite"),
-        ({"bits": 1.5, "precisions": [2, 4]}, "below the smallest"),
+        ({"bits": 1.5, "precisions": [2, 4]}, r"outside what precisions \(2, 4\) can meet"),
         ({"bits": 2.0, "precisions": [3]}, "subset"),
         ({"bits": 2.0, "blocksize": 12}, "blocksize"),
         ({"bits": 2.0, "learner_mode": "magic"}, "learner_mode"),
@@ -330,3 +330,20 @@ def test_progress_bar(checkpoint, capsys):
     P.make_plan(checkpoint, {"bits": 2.0}, progress=True, cache=False)
     err = capsys.readouterr().err
     assert "LowRA planning" in err and "4/4" in err
+
+
+def test_settings_the_assigner_would_refuse_are_refused_before_any_fit_is_learned():
+    """bits above what the precisions can meet and a seed K-Means cannot take used to pass PlanSettings and fail
+    only in the assigner, after every layer's tables were learned (the seed as sklearn's InvalidParameterError)."""
+    with pytest.raises(ValueError, match=r"bits=3 is outside what precisions \(1, 2\) can meet"):
+        P.PlanSettings(bits=3, precisions=(1, 2))
+    for seed in (-1, 2**32):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+            P.PlanSettings(bits=1.75, assigner_method="ilp", seed=seed)
+    assert P.PlanSettings(bits=2, precisions=(1, 2)).precisions == (1, 2)
+
+
+def test_a_nan_weight_is_named_by_its_checkpoint_key():
+    with pytest.raises(LowRAFormatError, match=r"model\.layers\.7\.mlp\.down_proj\.weight contains 256 NaN"):
+        P.make_plan({"model.layers.7.mlp.down_proj.weight": torch.full((4, 64), float("nan"))}, {"bits": 1.75},
+                  progress=False, cache=False)

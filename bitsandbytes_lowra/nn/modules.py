@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..format import DEFAULT_BLOCKSIZE, LowRAFormatError, check_blocksize
+from ..format import DEFAULT_BLOCKSIZE, FLOAT_DTYPES, LowRAFormatError, check_blocksize
 from ..functional import (
     PLAIN_TENSOR_TYPES,
     LowRAPlan,
@@ -517,6 +517,9 @@ class LinearLowRA(nn.Linear):
     ):
         check_blocksize(blocksize)
         quant_storage = check_quant_storage(quant_storage)
+        if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:  # a string or int32 failed at forward
+            raise ValueError(f"compute_dtype must be None (the input's dtype), torch.float32, torch.float16 or "
+                             f"torch.bfloat16, got {compute_dtype!r}")
         super().__init__(in_features, out_features, bias, device)
         self.__dict__["_parameters"] = _CountedParameters(self._parameters)
         self.weight = ParamsLowRA(
