@@ -222,6 +222,9 @@ class QuantStateLowRA(QuantState):
         offset: torch.Tensor | None = None,
         state2: QuantState | None = None,
     ):
+        if (offset is None) != (state2 is None):  # one without the other was silently a plain float32 state
+            raise LowRAFormatError("double-quantized absmax needs both offset and state2, got only "
+                                   f"{'offset' if state2 is None else 'state2'}")
         super().__init__(
             absmax=absmax,
             shape=torch.Size(shape),
@@ -539,7 +542,7 @@ class QuantStateLowRA(QuantState):
 
         if fields["quant_type"] != QUANT_TYPE:
             raise LowRAFormatError(f"quant_type must be {QUANT_TYPE!r}, got {fields['quant_type']!r}")
-        if fields["format_version"] != FORMAT_VERSION:
+        if type(fields["format_version"]) is not int or fields["format_version"] != FORMAT_VERSION:  # true == 1
             raise LowRAFormatError(
                 f"format_version {fields['format_version']!r} is not supported (this version reads {FORMAT_VERSION})"
             )
@@ -728,10 +731,14 @@ class QuantStateLowRA(QuantState):
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __repr__(self) -> str:
-        counts = {p: int((self.bits == p).sum()) for p in ALLOWED_BITS}
+        if self.bits.device.type == "meta":  # no values to count
+            mix = "rows per bits=?"
+        else:
+            counts = {p: int((self.bits == p).sum()) for p in ALLOWED_BITS}
+            mix = f"rows per bits={counts}, nominal_bits={self.nominal_bits:.3f}"
         return (
-            f"QuantStateLowRA(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
-            f"rows per bits={counts}, nominal_bits={self.nominal_bits:.3f}, nested={self.nested}, device={self.device})"
+            f"QuantStateLowRA(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, {mix}, "
+            f"nested={self.nested}, device={self.device})"
         )
 
 

@@ -271,6 +271,8 @@ CORRUPTIONS = [
     ("blob dtype", lambda d: d.update({BLOB_KEY: d[BLOB_KEY].float()}), "1-D uint8 tensor"),
     ("quant type", lambda d: d.update({BLOB_KEY: blob_with(d, quant_type="nf4")}), "quant_type must be 'lowra'"),
     ("version", lambda d: d.update({BLOB_KEY: blob_with(d, format_version=2)}), "format_version 2 is not supported"),
+    ("version as a bool", lambda d: d.update({BLOB_KEY: blob_with(d, format_version=True)}),
+     "format_version True is not supported"),
     ("shape", lambda d: d.update({BLOB_KEY: blob_with(d, shape=[24, 0])}), r"shape must be \[rows, cols\]"),
     ("shape vs tensors", lambda d: d.update({BLOB_KEY: blob_with(d, shape=[24, 300])}), "absmax must have shape"),
     ("dtype", lambda d: d.update({BLOB_KEY: blob_with(d, dtype="int8")}), "dtype must be one of"),
@@ -441,3 +443,17 @@ def test_quantize_lowra_at_bits_on_smollm2(q_proj):
     # an explicit precision set, double-quantized statistics
     packed, state = quantize_lowra_at_bits(W, 3.0, precisions=(2, 4), compress_statistics=True)
     assert state.nested and set(state.bits.unique().tolist()) == {2, 4} and state.nominal_bits <= 3.0
+
+
+def test_state_with_offset_but_no_state2_is_refused():
+    """The offset was silently ignored: the state read its absmax as plain float32 scales."""
+    _, s = quantize_lowra(torch.randn(4, 64), 2)
+    with pytest.raises(LowRAFormatError, match="needs both offset and state2, got only offset"):
+        QuantStateLowRA(s.absmax, s.shape, s.bits, s.code, s.thresholds, s.row_offsets, offset=torch.tensor(0.1))
+
+
+def test_repr_of_a_state_on_meta():
+    """repr counted the rows per precision with .item(), which meta tensors refuse."""
+    _, s = quantize_lowra(torch.randn(4, 64), 2)
+    assert "rows per bits={1: 0, 2: 4, 4: 0}" in repr(s)
+    assert "rows per bits=?" in repr(s.to("meta")) and "device=meta" in repr(s.to("meta"))

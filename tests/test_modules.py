@@ -558,3 +558,12 @@ def test_a_compute_dtype_the_kernels_cannot_run_is_refused_at_construction(bad):
     with pytest.raises(ValueError, match="compute_dtype must be None"):
         LinearLowRA.from_linear(torch.nn.Linear(64, 4), 2, compute_dtype=bad)
     assert LinearLowRA(64, 4, compute_dtype=torch.bfloat16).compute_dtype is torch.bfloat16
+
+
+def test_a_forward_on_meta_says_what_is_where():
+    """The autocast query raised "unknown device type for autocast" for a meta input before any check could speak."""
+    moved = LinearLowRA.from_linear(torch.nn.Linear(64, 4), 2).to("meta")
+    with pytest.raises(LowRAFormatError, match="packed codes are on meta but the quant_state is on cpu"):
+        moved(torch.randn(2, 64, device="meta"))
+    with pytest.raises(ValueError, match="input is on meta but the quantized weight is on cpu"):
+        LinearLowRA.from_linear(torch.nn.Linear(64, 4), 2)(torch.randn(2, 64, device="meta"))

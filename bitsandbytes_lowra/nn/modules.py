@@ -676,7 +676,7 @@ class LinearLowRA(nn.Linear):
                 packed, state = self._packed_and_state()
         device_type = x.device.type
         bias = self.bias
-        if torch.is_autocast_enabled(device_type):
+        if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta has no autocast state to ask
             # Behave as nn.Linear under autocast: compute in, and return, the autocast dtype.
             compute = torch.get_autocast_dtype(device_type)
             with torch.autocast(device_type, enabled=False):
