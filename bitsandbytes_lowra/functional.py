@@ -176,19 +176,34 @@ def make_plan(bits, codebooks=None, thresholds=None, rows: int | None = None) ->
         code = _codebooks.nf_tables(b, dtype=torch.float32)[0]
     else:
         code = _expand(codebooks, b, CODEBOOK_SLOTS, lambda p: 2**p, "codebooks")
+    _check_fits_float16(code, "codebooks")
     code16 = code.to(META_DTYPE)
     if thresholds is None:
         # Midpoints of the float16 levels, so encoding is nearest-level for the stored codebook.
         n = 2 ** b.to(torch.int64)
+        used = torch.arange(CODEBOOK_SLOTS)[None, :] < n[:, None]
+        c = code16.float()
+        if not ((c[:, 1:] >= c[:, :-1]) | ~used[:, 1:]).all():  # else the derived thresholds are what is unsorted
+            raise LowRAFormatError("codebooks must be ascending when the thresholds are derived from them (their "
+                                   "midpoints); sort them, or pass thresholds")
         mids = _codebooks.midpoints(code16.float())  # [rows, 15]
         used = torch.arange(THRESHOLD_SLOTS)[None, :] < (n - 1)[:, None]
         thr = torch.where(used, mids, torch.zeros(()))
     else:
         thr = _expand(thresholds, b, THRESHOLD_SLOTS, lambda p: 2**p - 1, "thresholds")
+        _check_fits_float16(thr, "thresholds")
     thr16 = thr.to(META_DTYPE)
     check_codebook(code16, b)
     check_thresholds(thr16, b)
     return LowRAPlan(b, code16, thr16)
+
+
+def _check_fits_float16(t: torch.Tensor, name: str) -> None:
+    """Finite values beyond float16's range would be stored as Inf and then refused as 'NaN/Inf'."""
+    big = torch.isfinite(t) & (t.abs() > torch.finfo(META_DTYPE).max)
+    if big.any():
+        raise LowRAFormatError(f"{name} must fit float16, the format's storage width (|value| <= 65504); got "
+                               f"{float(t[big].abs().max()):.4g}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -457,3 +457,16 @@ def test_repr_of_a_state_on_meta():
     _, s = quantize_lowra(torch.randn(4, 64), 2)
     assert "rows per bits={1: 0, 2: 4, 4: 0}" in repr(s)
     assert "rows per bits=?" in repr(s.to("meta")) and "device=meta" in repr(s.to("meta"))
+
+
+def test_user_tables_beyond_float16_or_unsorted_are_named_for_what_they_are():
+    """A codebook entry of 1e6 overflowed to Inf in storage and was refused as 'NaN/Inf'; an unsorted codebook was
+    refused as unsorted thresholds (its midpoints), tables the caller never passed."""
+    W = torch.randn(4, 64)
+    with pytest.raises(LowRAFormatError, match=r"codebooks must fit float16.*got 1e\+06"):
+        quantize_lowra(W, 2, codebooks={2: torch.tensor([-1e6, -1.0, 1.0, 2.0])})
+    with pytest.raises(LowRAFormatError, match="codebooks must be ascending when the thresholds are derived"):
+        quantize_lowra(W, 2, codebooks={2: torch.tensor([1.0, -1.0, 0.5, 2.0])})
+    with pytest.raises(LowRAFormatError, match=r"thresholds must fit float16.*got 7e\+04"):
+        quantize_lowra(W, 2, codebooks={2: torch.tensor([-1.0, -0.3, 0.3, 1.0])},
+                       thresholds={2: torch.tensor([-7e4, 0.0, 0.5])})
