@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from .format import CODEBOOK_SLOTS, FLOAT_DTYPES, THRESHOLD_SLOTS, blocks_per_row
+from .format import BLOCKSIZE_RULE, CODEBOOK_SLOTS, FLOAT_DTYPES, THRESHOLD_SLOTS, blocks_per_row, blocksize_ok
 
 torch.library.define(
     "lowra::quantize",
@@ -37,8 +37,7 @@ torch.library.define(
 
 def check_blocksize_arg(blocksize) -> None:
     """First: the shape checks after it divide by the blocksize."""
-    torch._check(8 <= blocksize <= 4096 and blocksize % 8 == 0,
-                 lambda: f"blocksize must be a multiple of 8 in [8, 4096], got {blocksize}")
+    torch._check(blocksize_ok(blocksize), lambda: f"blocksize must be {BLOCKSIZE_RULE}, got {blocksize}")
 
 
 def check_same_device(ref_name: str, ref: torch.Tensor, **tensors) -> None:

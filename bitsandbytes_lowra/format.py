@@ -22,10 +22,18 @@ class LowRAFormatError(ValueError):
     """Raised when a weight, a precision vector or stored LowRA metadata does not fit the format."""
 
 
+# A multiple of 8 keeps every 1-bit block byte-aligned, so rows never share a byte.
+BLOCKSIZE_RULE = "a multiple of 8 in [8, 4096]"
+
+
+def blocksize_ok(blocksize: int) -> bool:
+    """The format's blocksize rule as a plain test (the ops' checks and fast paths share it)."""
+    return 8 <= blocksize <= 4096 and blocksize % 8 == 0
+
+
 def check_blocksize(blocksize: int) -> None:
-    # A multiple of 8 keeps every 1-bit block byte-aligned, so rows never share a byte.
-    if not isinstance(blocksize, int) or blocksize < 8 or blocksize % 8 != 0 or blocksize > 4096:
-        raise LowRAFormatError(f"blocksize must be a multiple of 8 in [8, 4096], got {blocksize!r}")
+    if not isinstance(blocksize, int) or not blocksize_ok(blocksize):
+        raise LowRAFormatError(f"blocksize must be {BLOCKSIZE_RULE}, got {blocksize!r}")
 
 
 def padded_cols(cols: int, blocksize: int) -> int:

@@ -187,8 +187,8 @@ def _initial_tables(bits: int, device, mode: str) -> tuple[torch.Tensor, torch.T
     return c16, codebooks.initial_thresholds(bits).to(device=device, dtype=META_DTYPE)
 
 
-def _check_args(W, precisions, blocksize, iterations, mode, weight_power, chunk_rows) -> tuple[int, ...]:
-    check_weight(W, "W")
+def _check_args(W, name, precisions, blocksize, iterations, mode, weight_power, chunk_rows) -> tuple[int, ...]:
+    check_weight(W, name)
     check_blocksize(blocksize)
     try:  # any integer type (numpy, 0-d tensors), never floats or bools
         items = tuple(precisions)
@@ -226,6 +226,7 @@ def learn_layer(
     weight_power: float = 1.0,
     chunk_rows: int | None = None,
     device=None,
+    name: str = "W",
 ) -> dict[int, PrecisionFit]:
     """Learn codebooks and thresholds of every row of W [out, in] at each precision.
 
@@ -236,8 +237,9 @@ def learn_layer(
     weight_power: a block's elements weigh absmax**weight_power in the fit (1 = paper, 2 = exact weight-space error).
     chunk_rows: rows processed at once (None: sized from the layer width to bound memory).
     device: where to compute (default W.device); results are returned on W.device.
+    name: what to call W in errors (a checkpoint key).
     """
-    precs = _check_args(W, precisions, blocksize, iterations, mode, weight_power, chunk_rows)
+    precs = _check_args(W, name, precisions, blocksize, iterations, mode, weight_power, chunk_rows)
     dev = torch.device(device) if device is not None else W.device
     bounds = _chunk_bounds(W.shape[0], W.shape[1], blocksize, chunk_rows, dev)
     if mode == "shared":

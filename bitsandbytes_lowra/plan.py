@@ -44,7 +44,6 @@ from .format import (
     check_blocksize,
     check_codebook,
     check_thresholds,
-    check_weight,
     padded_cols,
 )
 
@@ -451,7 +450,6 @@ def learn_fits(
     for target, W in tensors:
         if target.transpose:
             W = W.t()
-        check_weight(W, target.key)  # the learner's own check would not say which tensor
         fits = learn_layer(
             W,
             precisions=LEARNED_PRECISIONS,
@@ -460,6 +458,7 @@ def learn_fits(
             mode=settings.learner_mode,
             weight_power=settings.weight_power,
             device=device,
+            name=target.key,
         )
         layers[target.layer] = LayerFits(
             cols=W.shape[1],
