@@ -111,10 +111,10 @@ def _add_common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
 
 def _add_eval_flags(p: argparse.ArgumentParser, default_tokens: int) -> None:
     p.add_argument("--eval-tokens", type=_count(2, zero_too=True), default=default_tokens,
-                   help=f"held-out Wikipedia tokens to score, 0 or >= 2 (default {default_tokens}; 0 = the whole eval "
+                   help=f"held-out Wikipedia tokens to score (default {default_tokens}; 0 = the whole eval "
                    "split)")  # fmt: skip
     p.add_argument("--context", type=_count(2), default=512,
-                   help="tokens per non-overlapping window, >= 2 (default 512)")
+                   help="tokens per non-overlapping window (default 512)")
     p.add_argument("--eval-batch-size", type=_count(1), default=4, help="windows per forward pass (default 4)")
 
 
@@ -552,7 +552,7 @@ def _count(minimum: int, zero_too: bool = False):
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {v}")
         return v
 
-    parse.range = (f"0 or >= {minimum}" if zero_too else f">= {minimum}", allowed)
+    parse.range = (allowed, allowed)
     return parse
 
 
@@ -692,15 +692,15 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--method", type=_method, default="lowra", help=METHOD_HELP + " (default lowra)")
     ft.add_argument("--init", choices=["zero", "loftq"], default=None, help="LoRA init (default: the method's)")
     ft.add_argument("--loftq-iterations", type=_count(1), default=baselines.LOFTQ_ITERATIONS,
-                    help=f"LoftQ alternating steps with --init loftq, >= 1 (default {baselines.LOFTQ_ITERATIONS})")
+                    help=f"LoftQ alternating steps with --init loftq (default {baselines.LOFTQ_ITERATIONS})")
     _add_lora_flags(ft, 40)
     ft.add_argument("--grad-accum", type=_count(1), default=1, help="gradient accumulation steps (default 1)")
-    ft.add_argument("--lora-dropout", type=_fraction, default=0.0, help="LoRA dropout, in [0, 1) (default 0)")
+    ft.add_argument("--lora-dropout", type=_fraction, default=0.0, help="LoRA dropout (default 0)")
     ft.add_argument("--warmup-ratio", type=_fraction, default=0.03,
-                    help="learning-rate warmup as a fraction of --steps, in [0, 1) (default 0.03)")
-    ft.add_argument("--weight-decay", type=_non_negative, default=0.1, help="AdamW weight decay, >= 0 (default 0.1)")
+                    help="learning-rate warmup as a fraction of --steps (default 0.03)")
+    ft.add_argument("--weight-decay", type=_non_negative, default=0.1, help="AdamW weight decay (default 0.1)")
     ft.add_argument("--max-grad-norm", type=_non_negative, default=0.3,
-                    help="gradient clipping norm, >= 0 (default 0.3; 0: no clipping)")
+                    help="gradient clipping norm (default 0.3; 0: no clipping)")
     ft.add_argument("--scheduler", default="cosine", choices=SCHEDULERS, metavar="SCHEDULER",
                     help="learning-rate schedule: " + ", ".join(SCHEDULERS) + " (default cosine)")
     ft.add_argument("--optim", type=_optim, default=None, help="transformers optim name (default paged_adamw_32bit on "
@@ -711,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--logging-steps", type=_count(1), default=5,
                     help="log the training loss every N optimizer steps (default 5)")
     ft.add_argument("--eval-tokens", type=_count(2, zero_too=True), default=0, help="perplexity before/after on this "
-                    "many held-out tokens, 0 or >= 2 (0: skip; single-process runs only)")  # fmt: skip
+                    "many held-out tokens (default 0: skip; single-process runs only)")  # fmt: skip
     ft.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                     help="dtype the model is loaded in (default float32)")
     ft.add_argument("--quant-storage", choices=["auto", "uint8", "bfloat16", "float16", "float32"], default="auto",
