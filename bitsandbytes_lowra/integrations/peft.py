@@ -29,7 +29,7 @@ from peft.utils.quantization_utils import QuantizationBackend
 from torch import nn
 
 from .. import loftq as _loftq
-from ..format import padded_cols
+from ..format import FLOAT_DTYPES, padded_cols
 from ..functional import QuantStateLowRA
 from ..nn import LinearLowRA, ParamsLowRA
 
@@ -496,7 +496,7 @@ def merge_and_unload(peft_model, *, dense: bool = False, progressbar: bool = Fal
     layers = lowra_lora_layers(peft_model).values() if dense else ()
     embeddings = peft_model.get_input_embeddings() if hasattr(peft_model, "get_input_embeddings") else None
     dtype = getattr(getattr(embeddings, "weight", None), "dtype", None)
-    dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else None
+    dtype = dtype if dtype in FLOAT_DTYPES else None
     for layer in layers:
         layer._dense_unload, layer._dense_dtype = True, dtype
     try:
