@@ -23,7 +23,10 @@ Both report the optimality gap against the LP relaxation of the flat problem (al
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -381,10 +384,35 @@ def _cluster(Eg: np.ndarray, clusters: int, seed: int) -> np.ndarray:
     return labels
 
 
+@functools.cache
+def _silence_highs_banner() -> None:
+    """HiGHS writes its copyright banner to the process's stdout (file descriptor 1, below Python) the first time
+    a solver object is made, whatever `msg` says; a CLI's stdout may be a JSON pipe. Make that first object here with
+    descriptor 1 pointed at /dev/null: later ones print nothing."""
+    try:
+        import highspy
+    except ImportError:  # reported by _pulp_solver's availability check
+        return
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 to redirect (an embedded interpreter): leave the banner be
+        highspy.Highs()
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _pulp_solver(solver: str, time_limit, mip_gap: float | None):
     import pulp
 
     if solver == "highs":
+        _silence_highs_banner()
         s = pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=mip_gap)  # highspy in-process
     else:
         with warnings.catch_warnings():

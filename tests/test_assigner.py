@@ -416,3 +416,21 @@ def test_parameter_counts_beyond_64_bits_are_refused(sizes):
     """They used to wrap in the int64 cast and end in 'internal error: greedy used 256 bits, budget allows -1.6e19'."""
     with pytest.raises(ValueError, match="too many to count their bits"):
         assign_precisions(np.ones((2, 3)), np.array(sizes), 1.75, (1, 2, 4))
+
+
+def test_ilp_highs_keeps_stdout_clean():
+    # HiGHS prints a copyright banner on file descriptor 1 the first time a solver is made in a process, whatever
+    # PuLP's msg says; a CLI whose stdout is JSON would break. A fresh process, so an earlier test cannot have made
+    # the first solver already.
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np; from bitsandbytes_lowra.assigner import assign_precisions; "
+        "E = np.sort(np.random.default_rng(0).random((500, 3)), axis=1)[:, ::-1].copy(); "
+        "a = assign_precisions(E, np.full(500, 64), 1.75, method='ilp', clusters=16, solver='highs'); "
+        "print('bits', a.bits.mean())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.splitlines() and out.stdout.splitlines()[0].startswith("bits ")
+    assert "HiGHS" not in out.stdout, out.stdout
