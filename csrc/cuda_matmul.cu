@@ -37,6 +37,11 @@ constexpr int kSegRows = kSegQuads * 4 * kTileRows;
 constexpr int kSmemBudget = 74 * 1024;  // 3 CTAs (12 warps) per H100/H200 multiprocessor
 constexpr unsigned kFull = 0xffffffffu;
 
+// Activation rows padded to the mma's n: one 8-row tile up to m = 8, two up to 16. The staging pass, the workspace
+// and the kernels' shared memory all size the 1-bit sums S, S2 by it.
+constexpr int act_tiles(int64_t m) { return m <= 8 ? 1 : 2; }
+constexpr int act_pad(int64_t m) { return 8 * act_tiles(m); }
+
 struct RowInfo {
   int64_t off;  // byte offset of the row in `packed` (0 when !ok)
   int32_t row;  // output channel (0 when !ok: a safe index)
@@ -774,7 +779,7 @@ bool make_plan(const void* A, int dtype, int64_t m, const uint8_t* packed, const
     sum += group_rows[p];
   }
   if (sum != rows) return false;
-  const int nt = m <= 8 ? 1 : 2, npad = 8 * nt;
+  const int nt = act_tiles(m), npad = act_pad(m);
   const int sms = sm_count();
   const int depth = g_tuning.depth == 2 ? 2 : 3;
   int64_t start = 0;
@@ -845,7 +850,7 @@ TiledWorkspace tiled_workspace(const Plan& plan, int64_t m, int64_t rows, int64_
     if (plan.grp[p].fn) at += up(cols * m * 2);
   }
   w.ss = plan.grp[0].fn ? at : -1;
-  if (plan.grp[0].fn) at += up(cols / kUnitCols * (m <= 8 ? 8 : 16) * (int64_t)sizeof(float2));
+  if (plan.grp[0].fn) at += up(cols / kUnitCols * act_pad(m) * (int64_t)sizeof(float2));
   w.total = at;
   return w;
 }
@@ -911,7 +916,7 @@ int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int6
     const TiledWorkspace w = tiled_workspace(plan, m, rows, cols);
     if (!workspace || workspace_bytes < w.total || !aligned(workspace, 16)) return LOWRA_ERR_ARGUMENT;
     char* ws = (char*)workspace;
-    StageArgs sa{A, (int)m, m <= 8 ? 8 : 16, cols, {}, w.ss >= 0 ? (float2*)(ws + w.ss) : nullptr};
+    StageArgs sa{A, (int)m, act_pad(m), cols, {}, w.ss >= 0 ? (float2*)(ws + w.ss) : nullptr};
     for (int p = 0; p < 3; ++p) sa.img[p] = w.img[p] >= 0 ? (uint16_t*)(ws + w.img[p]) : nullptr;
     // small CTAs spread the pass over more SMs: at m = 4 on 8192 columns it took 3.2 us under ncu in 64-thread CTAs,
     // 4.1 in 16 CTAs of 256 threads (thirty-second round)
