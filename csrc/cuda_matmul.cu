@@ -5,7 +5,8 @@
 // order of `row_order` (rows grouped by precision, see matmul_plan in _ops.py), 16 rows of one precision form a
 // tile, and tiles are multiplied on tensor cores (mma.m16n8k16, fp32 accumulation) with the decoders of
 // matmul_layout.h. A staging pass (matmul_stage) first writes the activations in each present precision's column
-// order into the workspace. Then one launch per precision group: a CTA (4 warps) owns a contiguous, cost-balanced
+// order into the workspace. Then one launch per precision group, each a programmatic dependent of the launch before
+// it so that the groups' tails and starts overlap (kPdl* below): a CTA (4 warps) owns a contiguous, cost-balanced
 // range of (K split, 4 tiles) items; it copies its K split's slice of the staged activations into shared memory,
 // and each warp multiplies one tile of an item over that split. Weights stream through registers with a D-deep
 // prefetch ring; every warp reads 16 rows x 256 columns per stage. With several K splits the partial sums go to a
@@ -42,6 +43,15 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr int act_tiles(int64_t m) { return m <= 8 ? 1 : 2; }
 constexpr int act_pad(int64_t m) { return 8 * act_tiles(m); }
 
+// Every group's kernel is a programmatic dependent of the launch before it (the staging pass, or the previous
+// group), so that a group's CTAs take the SMs the previous group's CTAs leave instead of waiting for its last one.
+// The groups write disjoint rows and read only the staging pass's image, so only the first waits for its
+// predecessor before it reads (kPdlWaitFirst); a group with a successor group lets it launch as soon as its own CTAs
+// run past that point (kPdlTriggerEarly); the later groups wait for their predecessor at their very end
+// (kPdlWaitAtEnd), so that the last group's completion, which the finalize pass and the stream wait for, implies
+// every group's.
+constexpr int kPdlWaitFirst = 1, kPdlTriggerEarly = 2, kPdlWaitAtEnd = 4;
+
 struct RowInfo {
   int64_t off;  // byte offset of the row in `packed` (0 when !ok)
   int32_t row;  // output channel (0 when !ok: a safe index)
@@ -67,6 +77,7 @@ struct MatmulArgs {
   const void* bias;
   void* out;
   float* ws;
+  int pdl;                // kPdl* flags: how this group's launch overlaps the launches around it
   const uint16_t* img;    // the activations staged in this precision's column order (matmul_stage), all of K
   const float2* img_ss;   // 1 bit: their per-unit sums S, S2
   int sm_bs, sm_ss, sm_ri, sm_cb, sm_lut;  // shared-memory offsets in bytes
@@ -184,7 +195,10 @@ struct Fast {
   // Activations of K split s in the column order of precision P (plus per-unit sums S, S2 for 1-bit tiles): the
   // split's slice of the image matmul_stage wrote, copied as it lies.
   __device__ void stage_activations(int64_t s) {
-    griddep_wait();  // the image is the output of the launch before (a programmatic dependency for the first group)
+    if (a.pdl & kPdlWaitFirst) {
+      griddep_wait();  // the image is the output of the staging pass, the launch before the first group
+      if (a.pdl & kPdlTriggerEarly) griddep_launch_dependents();  // the next group reads the image only once this ran
+    }
     const int64_t u0 = s * a.krange / kUnitCols;
     const int nu = (int)(min(a.cols - s * a.krange, a.krange) / kUnitCols);
     const uint4* src = reinterpret_cast<const uint4*>(a.img + u0 * a.m * 64);
@@ -513,16 +527,18 @@ struct Fast {
     const int64_t quads = (a.grp_tiles + 3) / 4, items = quads * a.ks, C = gridDim.x, c = blockIdx.x;
     const int64_t lo = items * c / C, hi = items * (c + 1) / C;
     int64_t staged_s = -1;
+    if ((a.pdl & kPdlTriggerEarly) && !(a.pdl & kPdlWaitFirst)) griddep_launch_dependents();
     for (int64_t l = lo; l < hi;) {
       const int64_t s = l / quads, q0 = l % quads;
       const int nq = (int)min(min(hi - l, quads - q0), (int64_t)kSegQuads);
       const int ntl = (int)min((int64_t)nq * 4, a.grp_tiles - q0 * 4);
-      // the finalize pass (K splits) may launch once every CTA is in its last segment; it waits for this grid to
-      // finish. Not earlier: its CTAs would sit resident beside the segments still to run
+      // the last group's successor, the finalize pass (K splits), may launch once every CTA is in its last segment;
+      // it waits for this grid to finish. Not earlier: its CTAs would sit resident beside the segments still to run
       if (l + nq >= hi) griddep_launch_dependents();
       segment(s, q0, ntl, staged_s);
       l += nq;
     }
+    if (a.pdl & kPdlWaitAtEnd) griddep_wait();  // this grid completes only after the previous group's
   }
 };
 
@@ -926,7 +942,7 @@ int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int6
     else matmul_stage<__nv_bfloat16><<<sgrid, kStageThreads, 0, stream>>>(sa);
     int st = launch_status("lowra matmul staging kernel");
     if (st != LOWRA_OK) return st;
-    bool first = true;  // the first group's kernel starts as a programmatic dependent of the staging pass
+    bool first = true;  // the first group's kernel waits for the staging pass; the others start early (kPdl*)
     FinalizeArgs f{};
     for (int p = 0; p < 3; ++p) {
       GroupPlan& gp = plan.grp[p];
@@ -943,13 +959,11 @@ int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int6
       a.absmax = absmax;
       a.img = sa.img[p];
       a.img_ss = sa.ss;
-      if (first) {
-        st = record_cuda(launch_dependent(gp.fn, gp.nctas, kThreads, gp.smem, stream, a), "lowra matmul kernel");
-        first = false;
-      } else {
-        gp.fn<<<gp.nctas, kThreads, gp.smem, stream>>>(a);
-        st = launch_status("lowra matmul kernel");
-      }
+      bool more = false;  // a later group follows
+      for (int q = p + 1; q < 3; ++q) more |= plan.grp[q].fn != nullptr;
+      a.pdl = (first ? kPdlWaitFirst : kPdlWaitAtEnd) | (more ? kPdlTriggerEarly : 0);
+      first = false;
+      st = record_cuda(launch_dependent(gp.fn, gp.nctas, kThreads, gp.smem, stream, a), "lowra matmul kernel");
       if (st != LOWRA_OK) return st;
     }
     if (plan.ks_max == 1) return LOWRA_OK;
