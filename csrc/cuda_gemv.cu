@@ -419,7 +419,7 @@ __global__ void __launch_bounds__(kGvThreads, R == 4 && M <= 2 ? 3 : 2) gemv_ker
   }
 }
 
-int g_gemv_max_rows = 2;  // 3-4 rows: the tensor-core path was faster (28672x8192, m = 4: 102 us vs 154-180)
+int g_gemv_max_rows = 0;  // benchmark knob: 0 automatic (gemv_max_rows), -1 none, 1-4
 int g_gemv_r = 0, g_gemv_wk = 0;  // benchmark knobs: rows per warp (4 or 8), warps along K (0: automatic)
 
 using GvFn = void (*)(const GvArgs);
@@ -463,6 +463,17 @@ int gemv_occupancy(GvFn fn, size_t smem) {
   return occ;
 }
 
+// Most activation rows this kernel takes; beyond them the tensor-core path runs. 3-4 rows go to the tensor cores on
+// large layers (28672x8192, m = 4: 102 us vs 154-180, eighth round; 1.75-bit mix 82 vs 131, thirty-third), but on
+// layers of at most 2^24 weights their fixed costs (the staging pass, a launch per precision group, the K-split
+// finalize) outweigh them. H200, 4096x4096, m = 3 / 4, tensor cores vs here, us (thirty-third round): 1.75-bit mix
+// 19.0 / 19.8 vs 14.2 / 16.0, all 4-bit 18.1 / 18.2 vs 16.2 / 17.3; at 11008x4096 the mix was already 4-19% slower
+// here.
+int gemv_max_rows(int64_t rows, int64_t cols) {
+  if (g_gemv_max_rows != 0) return g_gemv_max_rows < 0 ? 0 : g_gemv_max_rows;
+  return rows * cols <= ((int64_t)1 << 24) ? 4 : 2;
+}
+
 struct GvPlan {
   GvArgs a{};
   size_t smem = 0;
@@ -472,7 +483,7 @@ struct GvPlan {
 bool gemv_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize, const void* A,
                const uint8_t* packed, const uint16_t* codebook, GvPlan* plan) {
   if (dtype != LOWRA_F16 && dtype != LOWRA_BF16) return false;
-  if (m < 1 || m > 4 || m > g_gemv_max_rows) return false;
+  if (m < 1 || m > 4 || m > gemv_max_rows(rows, cols)) return false;
   if (cols % 128 != 0 || blocksize < 32 || (blocksize & (blocksize - 1)) != 0 || cols % blocksize != 0) return false;
   if (!aligned(A, 16) || !aligned(packed, 16) || !aligned(codebook, 8) || cols > ((int64_t)1 << 30)) return false;
   GvArgs& a = plan->a;
@@ -516,7 +527,7 @@ int64_t take_gemv_skipped_rows() {
 }
 
 void gemv_set_tuning(int max_rows, int rows_per_warp, int wk, int batch1, int wide) {
-  g_gemv_max_rows = max_rows < 0 ? 0 : max_rows == 0 ? 2 : max_rows;
+  g_gemv_max_rows = max_rows < 0 ? -1 : max_rows;
   g_gemv_r = rows_per_warp;
   g_gemv_wk = wk;
   gemv1_set_tuning(batch1, wide);

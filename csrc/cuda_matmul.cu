@@ -36,6 +36,11 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kSegQuads = 4;  // groups of 4 tiles (one per warp) whose row metadata is staged at once
 constexpr int kSegRows = kSegQuads * 4 * kTileRows;
 constexpr int kSmemBudget = 74 * 1024;  // 3 CTAs (12 warps) per H100/H200 multiprocessor
+// Items (4 tiles x one K split) per resident CTA that the automatic K split aims for: more balance the CTAs, fewer
+// mean longer splits (fewer segment prologues and ring refills). 2 measured worse overall (H200, thirty-third round,
+// m = 3-16 against 4: 1.75 bits 3-4% less time on 8192x28672 at m = 3-4 but 2-5% more on 28672x8192; all-4-bit
+// 4-27% more on 28672x8192, 4096x11008 and 11008x4096 at several m).
+constexpr int kItemsPerCta = 4;
 constexpr unsigned kFull = 0xffffffffu;
 
 // Activation rows padded to the mma's n: one 8-row tile up to m = 8, two up to 16. The staging pass, the workspace
@@ -821,9 +826,9 @@ bool make_plan(const void* A, int dtype, int64_t m, const uint8_t* packed, const
     if (g_tuning.ks > 0) {
       ks = g_tuning.ks;
     } else {
-      // enough items (4 tiles x one K split) for ~4 per resident CTA, keeping >= 512 columns per split
+      // enough items (4 tiles x one K split) for ~kItemsPerCta per resident CTA, keeping >= 512 columns per split
       const int occ0 = occupancy(gp.fn, (size_t)(fixed + (cols < kmax ? cols : kmax) / 64 * per64));
-      const int64_t want = (int64_t)4 * sms * (occ0 > 0 ? occ0 : 1);
+      const int64_t want = (int64_t)kItemsPerCta * sms * (occ0 > 0 ? occ0 : 1);
       while ((int64_t)ks * quads < want && cols / (ks + 1) >= 2 * kStageCols) ++ks;
     }
     int64_t krange = ((cols + ks - 1) / ks + kStageCols - 1) / kStageCols * kStageCols;

@@ -277,10 +277,11 @@ def test_cuda_matmul_fast_path(shape, m, dtype):
         ref = reference.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], b)
         order, groups = matmul_plan(bits)
         out = torch.full_like(ref, float("nan"))
-        torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], b, order, groups, out=out)
-        assert rel_err(out, ref) < TOL[dtype], f"mix {mix}: {rel_err(out, ref)}"
-        # without a plan the op derives it (same kernels)
-        out2 = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], b)
+        with matmul_tuning(gemv_max_rows=-1):  # the tensor cores at every m: these small layers take the GEMV to m = 4
+            torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], b, order, groups, out=out)
+            assert rel_err(out, ref) < TOL[dtype], f"mix {mix}: {rel_err(out, ref)}"
+            # without a plan the op derives it (same kernels)
+            out2 = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, bs, [rows, cols], b)
         assert torch.equal(out2, out)
 
 
@@ -298,7 +299,7 @@ def test_cuda_matmul_launch_shapes(ks, depth):
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
-# GEMV path (1-2 activation rows by default, up to 4 forced here): cols % 128 == 0, power-of-two blocksize >= 32; partial 1024-column steps
+# GEMV path (1-2 activation rows by default, 1-4 on layers of at most 2^24 weights; up to 4 forced here): cols % 128 == 0, power-of-two blocksize >= 32; partial 1024-column steps
 # (2304, 11008, 128), K splits through the workspace (28672 columns with 2-4 rows), row counts that leave partial
 # row groups
 GEMV_SHAPES = [(1, 128, 32), (7, 1024, 64), (45, 2304, 128), (130, 4096, 64), (64, 11008, 64), (33, 28672, 64)]
@@ -320,6 +321,22 @@ def test_cuda_matmul_gemv_path(shape, m, dtype):
         with matmul_tuning(gemv_max_rows=4):
             torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, bs, [rows, cols], b, order, groups, out=out)
         assert rel_err(out, ref) < TOL[dtype], f"mix {mix}: {rel_err(out, ref)}"
+
+
+@cuda
+@pytest.mark.parametrize("m", [3, 4])
+def test_cuda_matmul_path_by_layer_size_at_3_4_rows(m):
+    """At 3-4 activation rows a layer of at most 2^24 weights takes the GEMV, a larger one the tensor cores: the
+    automatic result is bit-identical to the forced path's (the two paths round differently)."""
+    for rows, cols, path in ((4096, 4096, dict(gemv_max_rows=4)), (4104, 4096, dict(gemv_max_rows=-1))):
+        A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, 64, torch.bfloat16, seed=m, m=m)
+        order, groups = matmul_plan(bits)
+        auto = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [rows, cols], bias, order, groups)
+        with matmul_tuning(**path):
+            forced = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [rows, cols], bias, order, groups)
+        assert torch.equal(auto, forced), (rows, cols)
+        ref = reference.matmul(A, packed, absmax, bits, code, off, 64, [rows, cols], bias)
+        assert rel_err(auto, ref) < TOL[torch.bfloat16]
 
 
 @cuda

@@ -95,9 +95,10 @@ def set_matmul_tuning(ksplit: int = 0, ctas_per_sm: int = 0, depth: int = 0, gem
                       gemv_rows_per_warp: int = 0, gemv_wk: int = 0, nested_prepass: int = 0,
                       gemv_batch1: int = 0, gemv_wide: int = 0) -> None:
     """Benchmark knobs of the fused CUDA matmul (0 = automatic). Tensor-core path (3+ activation rows): K splits,
-    resident CTAs per SM, prefetch depth 2/3. GEMV path: the most activation rows it takes (default 2, at most 4;
-    -1 sends every m to the tensor-core path), rows per warp (4 or 8), warps along K (1, 2, 4, 8); nested_prepass=1:
-    double-quantized scales decoded in a pass of their own before the GEMV instead of inside it;
+    resident CTAs per SM, prefetch depth 2/3. GEMV path: the most activation rows it takes (automatic: 4 on layers
+    of at most 2^24 weights, else 2; at most 4; -1 sends every m to the tensor-core path), rows per warp (4 or 8),
+    warps along K (1, 2, 4, 8); nested_prepass=1: double-quantized scales decoded in a pass of their own before the
+    GEMV instead of inside it;
     gemv_batch1: the batch-1 kernel (one activation row, subset-sum tables): 0 automatic, -1 off (the multi-row
     GEMV serves m = 1), 2 or 4 rows per warp task; gemv_wide: its wide steps (float16 pair sums for 2-bit rows),
     0 automatic (large layers with 1- or 2-bit rows), 1 wherever it runs, -1 never.
