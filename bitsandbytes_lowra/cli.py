@@ -306,8 +306,8 @@ def _cmd_finetune(args) -> int:
     import torch
 
     from .eval.perplexity import perplexity
-    from .finetune import (FinetuneArgs, add_lora, base_fingerprint, check_fsdp_offload, distributed, load_quantized,
-                           main_process_first, train, write_outputs)  # fmt: skip
+    from .finetune import (FinetuneArgs, add_lora, base_fingerprint, check_fsdp_offload, distributed, end_distributed,
+                           load_quantized, main_process_first, train, write_outputs)  # fmt: skip
     from .sweep import plan_record, resolve_checkpoint, versions
 
     check_fsdp_offload()
@@ -364,6 +364,7 @@ def _cmd_finetune(args) -> int:
                              adapter_dir=out / "adapter" if multi and fa.steps else None)  # fmt: skip
     ppl("finetuned")
     if not dist["is_main"]:
+        end_distributed()  # waits for rank 0's outputs below
         return 0
     if not multi or not fa.steps:
         write_outputs(pm, out / "adapter", metrics)
@@ -391,6 +392,7 @@ def _cmd_finetune(args) -> int:
     text.append("wrote " + ", ".join(wrote) + f", {out}/metrics.json")
     text.append(f"evaluate: {evaluate}")
     _emit(args, metrics, "\n".join(text))
+    end_distributed()
     return 0
 
 

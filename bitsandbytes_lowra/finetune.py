@@ -163,6 +163,17 @@ def distributed() -> dict:
     }
 
 
+def end_distributed() -> None:
+    """Under `accelerate launch` / torchrun: wait for every rank, then leave the process group, so that no rank exits
+    while the group is alive. A rank that returned with it alive while rank 0 was still writing its outputs aborted
+    once in gloo's teardown ("terminate called without an active exception", CI, a loaded 2-core machine)."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.barrier()
+        td.destroy_process_group()
+
+
 def main_process_first():
     """Context: the main process runs the body first (planning fills the on-disk plan cache), then the others."""
     import contextlib
@@ -447,5 +458,6 @@ def write_outputs(peft_model, output_dir, metrics: dict) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
 
-__all__ = ["DATASETS", "SCHEDULERS", "FinetuneArgs", "add_lora", "base_fingerprint", "distributed", "load_quantized",
+__all__ = ["DATASETS", "SCHEDULERS", "FinetuneArgs", "add_lora", "base_fingerprint", "distributed", "end_distributed",
+           "load_quantized",
            "main_process_first", "optimizer_names", "train", "train_blocks", "write_outputs"]
