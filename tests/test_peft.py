@@ -490,6 +490,53 @@ def test_dense_unload_computes_in_the_models_dtype(tiny_checkpoint, tmp_path, mo
     assert (y - y_lora).abs().max() < (1e-5 if prepare else 0.03)
 
 
+def test_dense_unload_of_every_layer_leaves_a_dense_model_that_saves_and_reloads(tiny_checkpoint, tmp_path,
+                                                                                monkeypatch):
+    """merge_and_unload(dense=True) over every LowRA layer leaves what model.dequantize() leaves: no quantizer and no
+    quantization config, so it casts like a dense model and what it saves reloads (config.json said LowRA beside a
+    checkpoint without LowRA state, which from_pretrained refused). A merge that leaves LowRA layers keeps them."""
+    from transformers import AutoModelForCausalLM
+
+    from bitsandbytes_lowra import LowRAConfig
+    from bitsandbytes_lowra.integrations.transformers import LowRAHfQuantizer
+
+    monkeypatch.setenv("LOWRA_PLAN_CACHE", str(tmp_path / "plans"))
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+
+    def load():
+        with _quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(tiny_checkpoint, quantization_config=LowRAConfig(bits=2),
+                                                        device_map="cpu")  # fmt: skip
+
+    def logits(m):
+        with torch.no_grad():
+            return m(ids).logits
+
+    pm = get_peft_model(load(), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    _randomize_lora(pm)
+    y_lora = logits(pm)
+    dense = lowra_peft.merge_and_unload(pm, dense=True)
+    assert getattr(dense, "hf_quantizer", None) is None and getattr(dense.config, "quantization_config", None) is None
+    assert not getattr(dense, "is_loaded_in_4bit", False) and not getattr(dense, "is_quantized", False)
+    y = logits(dense)
+    torch.testing.assert_close(y, y_lora, rtol=1e-4, atol=1e-4)
+    dense.save_pretrained(tmp_path / "dense")
+    with _quiet_transformers():
+        back = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map="cpu")
+    assert torch.equal(logits(back), y)
+    assert dense.double().model.layers[0].mlp.down_proj.weight.dtype == torch.float64  # refused while LowRA
+
+    part = lowra_peft.merge_and_unload(get_peft_model(load(), LoraConfig(r=4, target_modules=["q_proj"])), dense=True)
+    assert isinstance(part.hf_quantizer, LowRAHfQuantizer) and part.config.quantization_config is not None
+    assert isinstance(part.model.layers[0].mlp.down_proj, LinearLowRA)
+    with pytest.raises(ValueError, match="cast"):
+        part.double()
+
+    deq = load()
+    deq.dequantize()
+    assert deq.double().model.layers[0].mlp.down_proj.weight.dtype == torch.float64  # the guards go with dequantize
+
+
 # -- several adapters, save / load ---------------------------------------------------------------------------------
 
 

@@ -492,7 +492,8 @@ def merge_and_unload(peft_model, *, dense: bool = False, progressbar: bool = Fal
     """peft's merge_and_unload, with `dense=True` giving plain nn.Linear layers (dequantized base + exact deltas)
     instead of re-quantized LinearLowRA ones. They take the dtype of the model's input embeddings, the dtype the
     rest of the model computes in (float32 after prepare_model_for_kbit_training, whatever the load dtype):
-    LinearLowRA computes in its input's dtype, an nn.Linear only in its weight's."""
+    LinearLowRA computes in its input's dtype, an nn.Linear only in its weight's. A transformers model left with no
+    LinearLowRA becomes a plain dense one, as after model.dequantize(): it saves, reloads and casts like one."""
     layers = lowra_lora_layers(peft_model).values() if dense else ()
     embeddings = peft_model.get_input_embeddings() if hasattr(peft_model, "get_input_embeddings") else None
     dtype = getattr(getattr(embeddings, "weight", None), "dtype", None)
@@ -500,10 +501,15 @@ def merge_and_unload(peft_model, *, dense: bool = False, progressbar: bool = Fal
     for layer in layers:
         layer._dense_unload, layer._dense_dtype = True, dtype
     try:
-        return peft_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        merged = peft_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
     finally:
         for layer in layers:
             layer._dense_unload, layer._dense_dtype = False, None
+    if dense:
+        from .transformers import release_if_dense
+
+        release_if_dense(merged)
+    return merged
 
 
 def _weight_source(weights) -> Callable[[str], torch.Tensor]:

@@ -702,9 +702,32 @@ class LowRAHfQuantizer(HfQuantizer):
                     dense.bias.copy_(module.bias)
             parent, child = get_module_from_name(model, name)
             parent._modules[child] = dense
-        for attr in ("is_loaded_in_4bit", "is_lowra_quantized", "to", "bfloat16"):
-            model.__dict__.pop(attr, None)
+        _drop_lowra_attributes(model)  # transformers' dequantize then removes the quantizer and its config
         return model
+
+
+# Methods _guard_dtype_casts binds on the model instance (popping them restores the class's own).
+_GUARDED_CASTS = ("to", "bfloat16", "double", "type")
+
+
+def _drop_lowra_attributes(model) -> None:
+    """The flags and dtype-cast guards _process_model_after_weight_loading set, for a model with no LinearLowRA left."""
+    for attr in ("is_loaded_in_4bit", "is_lowra_quantized", *_GUARDED_CASTS):
+        model.__dict__.pop(attr, None)
+
+
+def release_if_dense(model) -> bool:
+    """After layers were swapped for dense ones outside model.dequantize() (peft's merge_and_unload(dense=True)): if
+    no LinearLowRA is left, drop what made the model LowRA-quantized, as dequantize() does: the flags, the cast
+    guards, the quantizer and config.quantization_config. Otherwise save_pretrained would write a config that says
+    LowRA beside a checkpoint with no LowRA state, which from_pretrained refuses. Returns whether it did."""
+    if not isinstance(getattr(model, "hf_quantizer", None), LowRAHfQuantizer):
+        return False
+    if any(isinstance(m, LinearLowRA) for m in model.modules()):
+        return False
+    _drop_lowra_attributes(model)
+    model.hf_quantizer.remove_quantization_config(model)
+    return True
 
 
 def _is_ours(conversion) -> bool:
@@ -737,7 +760,7 @@ def _guard_dtype_casts(model) -> None:
     # Bound per instance (deepcopy rebinds bound methods to the copy). `.type()` and `.double()` cast the packed
     # codes themselves (uint8 to float), which no later call can undo.
     model.to = types.MethodType(to, model)
-    for name in ("bfloat16", "double", "type"):
+    for name in _GUARDED_CASTS[1:]:
         setattr(model, name, types.MethodType(refused(name), model))
 
 
