@@ -333,6 +333,25 @@ def test_a_refused_merge_changes_nothing(model, batch):
     assert torch.equal(_logits(pm, batch), y_lora)
 
 
+@pytest.mark.parametrize("safe_merge", [False, True])
+def test_a_broken_adapter_is_refused_by_a_merge_into_codes(model, batch, safe_merge):
+    """NaN in an adapter: no code represents it (searchsorted gave it the outermost level, a silent constant row), so
+    merging into LowRA codes refuses it with or without safe_merge, and nothing changes."""
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    _randomize_lora(pm)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = float("nan")
+    before = _packed_snapshot(pm)
+    with pytest.raises(ValueError, match="seem to be broken"):
+        pm.merge_adapter(safe_merge=safe_merge)
+    assert all(torch.equal(_packed_snapshot(pm)[n][0], p) for n, (p, _) in before.items())
+    assert not layer.merged
+    with pytest.raises(ValueError, match="NaN or inf in 1 row"):
+        lowra_peft.encode_with_scales(torch.full(layer.get_base_layer().weight.quant_state.shape, 0.0).index_fill_(
+            0, torch.tensor([3]), float("inf")), layer.get_base_layer().weight.quant_state)
+
+
 class _Biased(nn.Module):
     def __init__(self):
         super().__init__()

@@ -51,11 +51,13 @@ def encode_with_scales(W: torch.Tensor, state: QuantStateLowRA, chunk_elements: 
 
     Same arithmetic as the quantize kernels (docs/format.md): v = w / absmax in float32 (0 where absmax is 0),
     code = number of the row's thresholds strictly below v, codes packed little-endian within each byte. Values
-    beyond +-absmax take the outermost code; a block whose stored scale is 0 stays 0.
+    beyond +-absmax take the outermost code; a block whose stored scale is 0 stays 0. NaN or inf is refused: no code
+    represents it, and searchsorted would silently give NaN the outermost one.
     """
     rows, cols = state.shape
     if tuple(W.shape) != (rows, cols):
         raise ValueError(f"weight has shape {tuple(W.shape)}, the quantization state describes {(rows, cols)}")
+    _check_finite(W, "the weight to re-quantize")
     bs = state.blocksize
     pc = padded_cols(cols, bs)
     dev = state.device
@@ -81,6 +83,14 @@ def encode_with_scales(W: torch.Tensor, state: QuantStateLowRA, chunk_elements: 
             where = offsets[r0 + idx][:, None] + torch.arange(pc * p // 8, device=dev)[None, :]
             packed[where] = byte_vals
     return packed
+
+
+def _check_finite(W: torch.Tensor, what: str) -> None:
+    bad = ~torch.isfinite(W)
+    if bad.any():
+        rows = bad.reshape(W.shape[0], -1).any(1).nonzero().flatten()
+        raise ValueError(f"{what} holds NaN or inf in {rows.numel()} row(s) (first: {rows[:5].tolist()}); the codes "
+                         "cannot represent them")
 
 
 def requantize_in_place(layer: LinearLowRA, W: torch.Tensor) -> None:
@@ -236,8 +246,10 @@ class LowRALoraLinear(nn.Module, LoraLayer):
             warnings.warn(_ROUNDING_WARNING.format("Merging"))
             # All adapters in one re-quantization: one rounding, not one per adapter.
             W = self.quantization_backend.get_base_weight(base) + self._delta_sum(adapter_names)
-            if safe_merge and not torch.isfinite(W).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapters {adapter_names} seem to be broken")
+            # always, not only with safe_merge: re-quantized NaN would be a finite code, the breakage invisible after
+            if not torch.isfinite(W).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapters {adapter_names} seem to be broken "
+                                 "(nothing was merged)")
             self._snapshot(base, adapter_names)
             requantize_in_place(base, W)
         else:  # a dense base (merge_and_unload(dense=True)): exact
