@@ -226,10 +226,16 @@ def checkpoint_files(source) -> list[Path]:
 
 def _read_header(path: Path) -> bytes:
     with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
+        size = fh.read(8)
+        if len(size) < 8:
+            raise LowRAFormatError(f"{path}: {len(size)} bytes; not a safetensors file")
+        (n,) = struct.unpack("<Q", size)
         if n > 100_000_000:
             raise LowRAFormatError(f"{path}: safetensors header of {n} bytes; not a safetensors file")
-        return fh.read(n)
+        header = fh.read(n)
+        if len(header) < n:
+            raise LowRAFormatError(f"{path}: its safetensors header is cut short ({len(header)} of {n} bytes)")
+        return header
 
 
 def fingerprint(files: Iterable[Path], samples: int = 64, sample_bytes: int = 4096) -> str:
@@ -255,7 +261,13 @@ def checkpoint_headers(files: Iterable[Path]) -> dict[str, tuple[Path, dict]]:
     """{tensor name: (file, its header entry: "dtype", "shape", "data_offsets")}; no tensor is read."""
     out = {}
     for path in files:
-        header = json.loads(_read_header(Path(path)))
+        try:
+            header = json.loads(_read_header(Path(path)))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LowRAFormatError(f"{path}: its safetensors header is not valid JSON ({e}); the file is damaged") \
+                from None
+        if not isinstance(header, dict):
+            raise LowRAFormatError(f"{path}: its safetensors header is a JSON {type(header).__name__}, not an object")
         for k, info in header.items():
             if k != "__metadata__":
                 out[k] = (Path(path), info)

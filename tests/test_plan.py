@@ -347,3 +347,23 @@ def test_a_nan_weight_is_named_by_its_checkpoint_key():
     with pytest.raises(LowRAFormatError, match=r"model\.layers\.7\.mlp\.down_proj\.weight contains 256 NaN"):
         P.make_plan({"model.layers.7.mlp.down_proj.weight": torch.full((4, 64), float("nan"))}, {"bits": 1.75},
                   progress=False, cache=False)
+
+
+def test_damaged_checkpoint_headers_are_named_errors(tmp_path):
+    """Planning reads the safetensors headers itself, before transformers' loader: a damaged header is a
+    LowRAFormatError naming the file, not a bare UnicodeDecodeError / JSONDecodeError / struct.error."""
+    good = tmp_path / "model.safetensors"
+    save_file({"a.weight": torch.zeros(4, 8)}, str(good))
+    assert set(P.checkpoint_headers([good])) == {"a.weight"}
+    raw = good.read_bytes()
+    cases = {
+        "garbled": raw[:20] + b"\xff" * 20 + raw[40:],  # not UTF-8
+        "not_json": raw[:8] + b"[" + raw[9:],
+        "short": raw[:5],
+        "cut": raw[:30],
+    }
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(LowRAFormatError, match=name):
+            P.checkpoint_headers([path])
