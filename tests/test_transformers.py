@@ -650,11 +650,12 @@ INIT_A = "model.layers.0.self_attn.q_proj.lowra_init_A"
         (lambda sd: sd.pop(INIT_A), "lacks one or both"),
         (lambda sd: sd.__setitem__(INIT_A, sd[INIT_A][:2].clone()), "LoftQ initialization of shapes"),
         (lambda sd: sd.__setitem__(INIT_A, torch.full_like(sd[INIT_A], float("nan"))), "NaN or inf"),
+        (lambda sd: sd.__setitem__(INIT_A, sd[INIT_A].to(torch.int32)), "must be floating point"),
     ],
 )
 def test_corrupt_loftq_init_fails(saved_loftq, tmp_path, fn, message):
     """A layer whose saved LoftQ init is gone would start LoRA at zero on a base that lacks its low-rank part; a NaN
-    one would make every output NaN. Neither may load."""
+    one would make every output NaN; an integer one loaded as zeros. None may load."""
     assert _load(saved_loftq) is not None  # the intact checkpoint loads
     bad = _corrupt(saved_loftq, tmp_path / "bad", fn)
     with pytest.raises(LowRAFormatError, match=message) as info:

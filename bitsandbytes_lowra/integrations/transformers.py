@@ -582,6 +582,10 @@ class LowRAHfQuantizer(HfQuantizer):
                     f"[{module.out_features}, {module.in_features}] needs [r, {module.in_features}] and "
                     f"[{module.out_features}, r]"
                 )
+            dtypes = {a[1].get("dtype"), b[1].get("dtype")}
+            if not dtypes <= {"F16", "BF16", "F32", "F64"}:  # an integer tensor would load as zeros into float buffers
+                raise LowRAFormatError(f"{ckpt_layer}: LoftQ initialization stored as {sorted(map(str, dtypes))}; "
+                                       "it must be floating point (F16, BF16, F32 or F64)")
             _loftq.register_init_buffers(module, int(rank), device=module.weight.device)
 
     # -- loading --------------------------------------------------------------------------------------------------
