@@ -215,9 +215,11 @@ def run_one(method: str, bits: float, checkpoint, protocol: Protocol, progress: 
     return run_group([method], bits, checkpoint, protocol, progress)[0]
 
 
-def run_group(methods, bits: float, checkpoint, protocol: Protocol, progress: bool = True) -> list[dict]:
+def run_group(methods, bits: float, checkpoint, protocol: Protocol, progress: bool = True,
+              on_record=None) -> list[dict]:
     """Records of methods that share one plan (qlora and loftq: the same NormalFloat layer-wise mix). The model is
-    quantized and evaluated once; each method then gets its own copy for its LoRA initialization and training."""
+    quantized and evaluated once; each method then gets its own copy for its LoRA initialization and training.
+    on_record(rec) is called as each record is complete (the sweep saves it then, not after the whole group)."""
     import copy
 
     from .finetune import add_lora, load_quantized
@@ -265,6 +267,8 @@ def run_group(methods, bits: float, checkpoint, protocol: Protocol, progress: bo
             del pm, work
         rec["seconds"] = times
         records.append(rec)
+        if on_record is not None:
+            on_record(rec)
     del model
     gc.collect()
     return records
@@ -327,9 +331,13 @@ def run_sweep(
     grid = plan_grid(methods, bits_list)
     doc = load_results(output) if (output and resume) else {"records": []}
     key = protocol.key()
-    done = {(r["method"], r["bits"]) for r in doc.get("records", []) if r.get("protocol") == key}
-    if resume:
-        doc["records"] = [r for r in doc.get("records", []) if r.get("protocol") == key]
+    other = [r for r in doc.get("records", []) if r.get("protocol") != key]
+    if other:  # resuming with a changed flag must not drop (or mix in) the records of another protocol
+        theirs = other[0].get("protocol") or {}
+        diff = sorted(k for k in set(key) | set(theirs) if key.get(k) != theirs.get(k))
+        raise ValueError(f"{output} holds {len(other)} record(s) of another protocol (differing in {', '.join(diff)}): "
+                         "resume with the same flags, or write to a new -o")
+    done = {(r["method"], r["bits"]) for r in doc.get("records", [])}
     doc.update(
         {
             "description": "LowRA vs QLoRA / LoftQ on one harness (bitsandbytes_lowra.sweep); see docs/results.md",
@@ -362,19 +370,22 @@ def run_sweep(
         if not todo:
             continue
         t0 = time.perf_counter()
-        if todo == ["fp32"]:
-            recs = [run_dense(checkpoint, protocol, progress)]
-        else:
-            recs = run_group(todo, bits, checkpoint, protocol, progress)
-        for rec in recs:
+
+        def keep(rec):  # saved as soon as it is complete: an interrupted group keeps its finished records
+            nonlocal n
             rec.update(common)
-            rec["group_wall_seconds"] = time.perf_counter() - t0
+            rec["group_wall_seconds"] = time.perf_counter() - t0  # from the group's start to this record
             doc["records"].append(rec)
             n += 1
             log(f"[{n}/{total}] {describe(rec)}  ({rec['group_wall_seconds']:.0f} s)")
-        doc["sweep_wall_seconds"] = time.perf_counter() - sweep_start
-        if output:
-            _save(output, doc)
+            doc["sweep_wall_seconds"] = time.perf_counter() - sweep_start
+            if output:
+                _save(output, doc)
+
+        if todo == ["fp32"]:
+            keep(run_dense(checkpoint, protocol, progress))
+        else:
+            run_group(todo, bits, checkpoint, protocol, progress, on_record=keep)
     return doc["records"]
 
 

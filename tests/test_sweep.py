@@ -14,6 +14,38 @@ def _protocol(path, steps=2):
     return sweep.Protocol(model=str(path), eval_tokens=256, context=64, finetune_steps=steps, finetune=ft)
 
 
+def test_an_interrupted_group_keeps_its_finished_records_and_resume_keeps_other_protocols(tiny_checkpoint, tmp_path,
+                                                                                           monkeypatch):
+    """Records are saved as each finishes, not when its group (qlora and loftq share one plan) ends; resuming with a
+    changed flag is refused before any work, the file untouched (it used to drop the other protocol's records)."""
+    import json
+
+    from bitsandbytes_lowra import finetune
+
+    monkeypatch.setenv("LOWRA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "sweep.json"
+    real = finetune.add_lora
+
+    def add_lora(model, checkpoint, init, *a, **k):
+        if init == "loftq":
+            raise KeyboardInterrupt  # the run is stopped while the group's second method starts
+        return real(model, checkpoint, init, *a, **k)
+
+    monkeypatch.setattr(finetune, "add_lora", add_lora)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(["qlora", "loftq"], [4], _protocol(tiny_checkpoint, steps=1), output=out,
+                        include_dense=False, progress=False, log=lambda s: None)  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert [(r["method"], r["bits"]) for r in saved["records"]] == [("qlora", 4.0)]
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match="another protocol.*eval_tokens"):
+        changed = _protocol(tiny_checkpoint, steps=1)
+        changed.eval_tokens = 128
+        sweep.run_sweep(["qlora", "loftq"], [4], changed, output=out, resume=True, include_dense=False,
+                        progress=False, log=lambda s: None)  # fmt: skip
+    assert out.read_bytes() == before
+
+
 @pytest.mark.slow
 def test_sweep_runs_every_stage_and_resumes(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("LOWRA_CACHE", str(tmp_path / "cache"))  # plans learned here, not from a user's cache
