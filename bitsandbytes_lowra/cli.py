@@ -135,17 +135,18 @@ def _cmd_plan(args) -> int:
     from .sweep import plan_record, resolve_checkpoint
 
     _check_method_bits(args)
+    out = _plan_output(args)  # before any work
     checkpoint = resolve_checkpoint(args.model)
     t0 = time.perf_counter()
     plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args))
     rec = {"method": args.method, "bits": args.bits, **plan_record(plan), "plan_origin": plan.origin,
            "seconds": time.perf_counter() - t0, "checkpoint": str(checkpoint)}  # fmt: skip
     extra = [f"\nplan {plan.origin} in {rec['seconds']:.1f} s"]
-    if args.output:
-        out = Path(args.output)
-        if out.is_dir() or not out.suffix:
-            out = out / f"lowra-plan-{args.method}-{args.bits:g}.safetensors"
-        plan.save(out)
+    if out is not None:
+        try:
+            plan.save(out)
+        except Exception as e:  # safetensors' own error type for a failed write (a full disk, say)
+            raise ValueError(f"cannot write the plan to {out}: {e}") from None
         rec["plan_path"] = str(out)
         rec["plan_file_bytes"] = out.stat().st_size
         extra.append(f"saved {out} ({_mib(out.stat().st_size)}); use it with LowRAConfig(bits={args.bits:g}, "
@@ -154,11 +155,56 @@ def _cmd_plan(args) -> int:
     return 0
 
 
-def _fresh_output(args) -> Path:
-    """args.output as a Path; refused if it holds files and --overwrite was not given (checked before any work)."""
+def _plan_output(args) -> Path | None:
+    """Where `plan -o` writes, checked before planning: a directory (or a path without a suffix) gets
+    lowra-plan-<method>-<bits>.safetensors in it. An existing plan file there is replaced (re-planning), any other
+    existing file is refused."""
+    if not args.output:
+        return None
     out = Path(args.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    if out.is_dir() or (not out.suffix and not out.exists()):
+        out = out / f"lowra-plan-{args.method}-{args.bits:g}.safetensors"
+    elif not out.suffix:
+        raise ValueError(f"{out} is a file: -o takes a directory or a .safetensors path")
+    if out.exists() and not _is_plan_file(out):
+        raise ValueError(f"{out} exists and is not a LowRA plan: pick another path (only a plan file is replaced)")
+    _writable_dir(out.parent)
+    return out
+
+
+def _is_plan_file(path: Path) -> bool:
+    from safetensors import safe_open
+
+    from .plan import PLAN_FORMAT
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == PLAN_FORMAT
+    except Exception:  # not a safetensors file at all
+        return False
+
+
+def _writable_dir(d: Path) -> None:
+    """Creates d (and its parents) and checks a file can be written there: before any work, not after it."""
+    import tempfile
+
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write to {d}: {e.strerror or e}") from None
+
+
+def _fresh_output(args) -> Path:
+    """args.output as a directory, created now: refused if it is a file, if it holds files and --overwrite was not
+    given, or if it cannot be written (all before any work)."""
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: -o takes a directory")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"{out} exists and is not an empty directory (pass --overwrite to write into it)")
+    _writable_dir(out)
     return out
 
 
@@ -541,16 +587,19 @@ def _bits(s: str) -> float:
     return v
 
 
-def _count(minimum: int, zero_too: bool = False):
-    """argparse type: an integer >= minimum (or 0, with zero_too)."""
-    allowed = f"0 or an integer >= {minimum}" if zero_too else f"an integer >= {minimum}"
+def _count(minimum: int, zero_too: bool = False, maximum: int | None = None):
+    """argparse type: an integer >= minimum (or 0, with zero_too), <= maximum when given."""
+    if maximum is not None:
+        allowed = f"an integer in [{minimum}, {maximum}]"
+    else:
+        allowed = f"0 or an integer >= {minimum}" if zero_too else f"an integer >= {minimum}"
 
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {s!r}") from None
-        if v < minimum and not (zero_too and v == 0):
+        if (v < minimum and not (zero_too and v == 0)) or (maximum is not None and v > maximum):
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {v}")
         return v
 
@@ -558,31 +607,30 @@ def _count(minimum: int, zero_too: bool = False):
     return parse
 
 
+def _number(s: str, allowed: str, ok) -> float:
+    """A finite float for which ok(v) holds, else an argparse error that states `allowed`."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {s!r}") from None
+    if not math.isfinite(v) or not ok(v):
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {s}")
+    return v
+
+
 def _fraction(s: str) -> float:
     """argparse type: a number in [0, 1)."""
-    v = _non_negative(s)
-    if v >= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
-    return v
+    return _number(s, "a number in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def _positive(s: str) -> float:
     """argparse type: a finite number > 0."""
-    v = _non_negative(s)
-    if v == 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {s}")
-    return v
+    return _number(s, "a number > 0", lambda v: v > 0)
 
 
 def _non_negative(s: str) -> float:
     """argparse type: a finite number >= 0."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s}")
-    return v
+    return _number(s, "a number >= 0", lambda v: v >= 0)
 
 
 _fraction.range = ("[0, 1)", "in [0, 1)")
@@ -628,7 +676,8 @@ def _add_lora_flags(p, steps_default: int, seq_len_default: int = 256) -> None:
     p.add_argument("--seq-len", type=_count(2), default=seq_len_default,
                    help=f"tokens per training sequence (default {seq_len_default})")
     p.add_argument("--steps", type=_count(0), default=steps_default, help=f"optimizer steps (default {steps_default})")
-    p.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order and dropout (default 0)")
+    p.add_argument("--seed", type=_count(0, maximum=2**32 - 1), default=0,
+                   help="seed of LoRA init, data order and dropout (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -791,11 +840,20 @@ def main(argv: list[str] | None = None) -> int:
         # addressed to library code (peft's prepare_model_for_kbit_training asks for it), not to our user
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
     try:
-        return _run_command(args)
+        rc = _run_command(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught below, not at interpreter exit
+        return rc
     except (ValueError, FileNotFoundError) as e:
         from .format import LowRAFormatError
 
         if isinstance(e, LowRAFormatError) and os.environ.get("LOWRA_DEBUG"):
+            raise
+        return _error(args, e)
+    except BrokenPipeError:  # stdout closed early (`lowra ... --json | head`): stop quietly, as Python's docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:  # permission denied, no space left, a file where a directory goes: the user's to fix
+        if os.environ.get("LOWRA_DEBUG"):
             raise
         return _error(args, e)
     except RuntimeError as e:  # a checkpoint whose LowRA state transformers could not convert

@@ -356,10 +356,10 @@ FINETUNE = ["finetune", "--model", "/nonexistent/model", "--bits", "2", "-q"]
 
 
 @pytest.mark.parametrize("argv, message", [
-    ([*FINETUNE, "--lora-dropout", "1.5"], "argument --lora-dropout: must be in [0, 1), got 1.5"),
-    ([*FINETUNE, "--warmup-ratio", "1"], "argument --warmup-ratio: must be in [0, 1), got 1"),
-    ([*FINETUNE, "--warmup-ratio", "3"], "argument --warmup-ratio: must be in [0, 1), got 3"),
-    ([*FINETUNE, "--warmup-ratio", "-0.1"], "argument --warmup-ratio: must be a number >= 0, got -0.1"),
+    ([*FINETUNE, "--lora-dropout", "1.5"], "argument --lora-dropout: must be a number in [0, 1), got 1.5"),
+    ([*FINETUNE, "--warmup-ratio", "1"], "argument --warmup-ratio: must be a number in [0, 1), got 1"),
+    ([*FINETUNE, "--warmup-ratio", "3"], "argument --warmup-ratio: must be a number in [0, 1), got 3"),
+    ([*FINETUNE, "--warmup-ratio", "-0.1"], "argument --warmup-ratio: must be a number in [0, 1), got -0.1"),
     ([*FINETUNE, "--scheduler", "bogus"], "argument --scheduler: invalid choice: 'bogus'"),
     ([*FINETUNE, "--optim", "bogus"], "argument --optim: unknown optimizer 'bogus'"),
     ([*FINETUNE, "--eval-tokens", "-3"], "argument --eval-tokens: must be 0 or an integer >= 2, got -3"),
@@ -374,6 +374,10 @@ FINETUNE = ["finetune", "--model", "/nonexistent/model", "--bits", "2", "-q"]
     ([*FINETUNE, "--steps", "-1"], "argument --steps: must be an integer >= 0, got -1"),
     ([*FINETUNE, "--lora-r", "0"], "argument --lora-r: must be an integer >= 1, got 0"),
     ([*FINETUNE, "--lr", "0"], "argument --lr: must be a number > 0, got 0"),
+    ([*FINETUNE, "--lr", "-1"], "argument --lr: must be a number > 0, got -1"),  # not ">= 0"
+    ([*FINETUNE, "--lr", "nan"], "argument --lr: must be a number > 0, got nan"),
+    ([*FINETUNE, "--seed", "-1"], "argument --seed: must be an integer in [0, 4294967295], got -1"),
+    (["sweep", "--model", "/nonexistent/model", "--seed", "4294967296", "-q"], "argument --seed: must be an integer"),
     ([*FINETUNE, "--seq-len", "1"], "argument --seq-len: must be an integer >= 2, got 1"),
     ([*FINETUNE, "--grad-accum", "0"], "argument --grad-accum: must be an integer >= 1, got 0"),
     (["sweep", "--model", "/nonexistent/model", "--steps", "-1", "-q"], "argument --steps: must be an integer >= 0"),
@@ -384,6 +388,43 @@ def test_argument_ranges_are_checked_by_the_parser(capsys, monkeypatch, tmp_path
                                                                     if argv[0] == "finetune" else []))  # fmt: skip
     assert rc == 2 and message in err
     assert not (tmp_path / "run").exists()
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(capsys, monkeypatch, tmp_path):
+    """A file where -o takes a directory, an existing non-plan file as plan -o (it was silently replaced), and an
+    output nobody can write are one-line errors (exit 2) before the model is resolved, not tracebacks after the run
+    (finetune used to find out after training)."""
+    note = tmp_path / "notes.txt"
+    note.write_text("keep me")
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a parent directory would have to be")
+    cases = [
+        (["quantize", "smollm2-135m", "--bits", "2", "-o", str(note), "--overwrite"], f"{note} is a file"),
+        ([*FINETUNE, "-o", str(note)], f"{note} is a file"),
+        (["plan", "smollm2-135m", "--bits", "2", "-o", str(note)], "is not a LowRA plan"),
+        (["plan", "smollm2-135m", "--bits", "2", "-o", str(blocked)], f"{blocked} is a file"),
+        ([*FINETUNE, "-o", str(blocked / "run")], f"cannot write to {blocked / 'run'}"),
+        (["quantize", "smollm2-135m", "--bits", "2", "-o", str(blocked / "q")], f"cannot write to {blocked / 'q'}"),
+        (["plan", "smollm2-135m", "--bits", "2", "-o", str(blocked / "p.safetensors")], f"cannot write to {blocked}"),
+    ]
+    for argv, message in cases:
+        rc, err = _refused_before_loading(capsys, monkeypatch, *argv, "-q")
+        assert rc == 2 and message in err and "Traceback" not in err, (argv, err)
+    assert note.read_text() == "keep me"
+
+
+def test_a_closed_stdout_pipe_ends_quietly(tmp_path):
+    """`lowra ... --json | head -1`: the reader goes away; no BrokenPipeError traceback."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "bitsandbytes_lowra", "memory", "llama-2-7b", "--json"], stdout=w,
+                           stderr=subprocess.PIPE, text=True, timeout=300)  # fmt: skip
+    finally:
+        os.close(w)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
 
 
 @pytest.mark.parametrize("argv", [
