@@ -290,6 +290,20 @@ def _load_for_eval(args):
     return model.eval(), AutoTokenizer.from_pretrained(path), {"model": str(path), **desc}
 
 
+def _check_adapter_dir(adapter) -> None:
+    """--adapter must be a local peft adapter directory, checked before the model loads: given anything else, peft
+    takes it for a Hub repository id and tries the network (retrying for ~25 s), which we never use."""
+    if adapter is None:
+        return
+    d = Path(adapter)
+    if (d / "adapter_config.json").is_file():
+        return
+    if (d / "adapter" / "adapter_config.json").is_file():  # a `lowra finetune` output directory
+        raise ValueError(f"{d} is a finetune run; its adapter is {d / 'adapter'}: pass --adapter {d / 'adapter'}")
+    what = "does not exist" if not d.exists() else "is a file" if not d.is_dir() else "holds no adapter_config.json"
+    raise ValueError(f"--adapter {d} {what}: pass a peft adapter directory (e.g. OUT/adapter of `lowra finetune`)")
+
+
 def _adapter_fits(base, adapter: Path, args) -> bool | None:
     """Whether `base` is the quantized base the adapter was trained on (its metrics.json from `lowra finetune`
     records a fingerprint; None when it records none). A mismatch is reported, not refused: the numbers are then
@@ -325,6 +339,7 @@ def _cmd_eval(args) -> int:
     from .eval.perplexity import perplexity
 
     _check_method_bits(args)  # the other flags' ranges are checked by the parser (_count and friends)
+    _check_adapter_dir(args.adapter)
     model, tok, desc = _load_for_eval(args)
     result = {**desc}
     result["perplexity"] = perplexity(model, tok, context=args.context, max_tokens=args.eval_tokens or None,

@@ -73,6 +73,11 @@ def test_eval_tells_whether_an_adapter_fits_its_base(capsys, tmp_path, monkeypat
                         "--eval-tokens", "64", "--json", "-q")  # fmt: skip
     assert rc == 0 and json.loads(out)["adapter_base_matches"] is False
     assert "warning" in err and "trained on another quantized base" in err
+    # a wrong --adapter is refused before the model loads (peft would take it for a Hub id and try the network)
+    for adapter, message in ((run, f"pass --adapter {run / 'adapter'}"), (tmp_path / "nope", "does not exist"),
+                             (run / "metrics.json", "is a file"), (run / "base", "holds no adapter_config.json")):
+        rc, err = _refused_before_loading(capsys, monkeypatch, "eval", "smollm2-135m", "--adapter", str(adapter), "-q")
+        assert rc == 2 and message in err, err
 
 
 def test_finetune_checks_its_arguments_before_touching_the_model(capsys, tmp_path):
