@@ -305,6 +305,7 @@ def plan_grid(methods, bits_list) -> list[tuple[str, float]]:
     """(method, bits) pairs the methods support, in bits-descending then method order; unsupported are skipped."""
     for m in methods:
         baselines.get_method(m)
+    methods = list(dict.fromkeys(methods))  # a method named twice is run once
     out = []
     for b in sorted({float(b) for b in bits_list}, reverse=True):
         for m in methods:
@@ -327,8 +328,11 @@ def run_sweep(
     """Run every supported (method, bits), writing `output` (JSON) after each record; returns the records."""
     if output is not None and Path(output).is_dir():  # found now, not after the first record's hours
         raise ValueError(f"output {output} is a directory: pass a JSON file path")
-    checkpoint = resolve_checkpoint(protocol.model)
     grid = plan_grid(methods, bits_list)
+    if not grid and not include_dense:  # found now, before the checkpoint is resolved
+        raise ValueError(f"nothing to run: no method of {list(methods)} supports the bits {list(bits_list)} (qlora and "
+                         "loftq need 2 or more), and the fp32 reference is off")
+    checkpoint = resolve_checkpoint(protocol.model)
     doc = load_results(output) if (output and resume) else {"records": []}
     key = protocol.key()
     other = [r for r in doc.get("records", []) if r.get("protocol") != key]

@@ -210,6 +210,16 @@ def test_grid_skips_unsupported_pairs():
     assert grid == [("qlora", 4.0), ("lowra", 4.0), ("qlora", 2.0), ("lowra", 2.0), ("lowra", 1.75)]
     with pytest.raises(ValueError, match="unknown method"):
         sweep.plan_grid(["nf4"], [4])
+    assert sweep.plan_grid(["lowra", "lowra"], [2]) == [("lowra", 2.0)]  # named twice, run once
+
+
+def test_sweep_with_nothing_to_run_and_conflicting_keep_flags_are_refused(capsys, monkeypatch, tmp_path):
+    out = tmp_path / "s.json"
+    rc, err = _refused_before_loading(capsys, monkeypatch, "sweep", "--methods", "qlora", "--bits", "1.5",
+                                      "--no-dense", "-o", str(out), "-q")  # fmt: skip
+    assert rc == 2 and "nothing to run" in err and not out.exists()
+    rc, err = _refused_before_loading(capsys, monkeypatch, "sweep", "--resume", "--overwrite", "-o", str(out), "-q")
+    assert rc == 2 and "not allowed with argument" in err
 
 
 def test_markdown_report_has_tables_and_bits():
