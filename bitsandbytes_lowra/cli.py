@@ -43,7 +43,10 @@ def _emit(args, payload: dict, text: str) -> None:
     if getattr(args, "json", False):
         # the real stdout: while a --json command runs, sys.stdout is stderr (_run_command)
         out = getattr(args, "json_stdout", None) or sys.stdout
-        print(json.dumps(payload, indent=2, default=_json_default), file=out)
+        # NaN / Infinity (a diverged perplexity) are not JSON: strict parsers refuse them. null instead
+        text_json = json.dumps(_finite_or_null(json.loads(json.dumps(payload, default=_json_default))), indent=2,
+                               allow_nan=False)  # fmt: skip
+        print(text_json, file=out)
     else:
         print(text)
 
@@ -57,6 +60,16 @@ def _run_command(args) -> int:
     args.json_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
         return args.func(args)
+
+
+def _finite_or_null(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite_or_null(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_finite_or_null(v) for v in o]
+    return o
 
 
 def _json_default(o):

@@ -290,6 +290,9 @@ def load_results(path) -> dict:
         raise ValueError(f"{path} is not a sweep's JSON file ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("records", []), list):
         raise ValueError(f"{path} is not a sweep's JSON file (no list of records)")
+    for i, r in enumerate(doc.get("records", [])):
+        if not isinstance(r, dict) or not {"method", "bits"} <= r.keys():
+            raise ValueError(f"{path}: record {i} is not a sweep record (each has at least 'method' and 'bits')")
     return doc
 
 

@@ -428,6 +428,28 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(capsys, monk
     assert note.read_text() == "keep me"
 
 
+def test_malformed_report_and_memory_inputs_are_named_errors(capsys, tmp_path):
+    cases = {"list.json": ("memory", b"[1, 2]", "its JSON is a list"),
+             "text.json": ("memory", b"root:x:0:0", "is not a JSON model config"),
+             "binary.json": ("memory", b"\xff\xfe\x00", "is not a JSON model config"),
+             "record.json": ("report", b'{"records": [{"bits": 2}]}', "record 0 is not a sweep record")}  # fmt: skip
+    for name, (command, data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        rc, _, err = _run(capsys, command, str(tmp_path / name))
+        assert rc == 2 and message in err and str(tmp_path / name) in err, err
+
+
+def test_json_output_has_null_for_non_finite_numbers(capsys):
+    """A diverged perplexity is NaN or inf: not JSON, which strict parsers refuse; --json writes null."""
+    import argparse
+
+    args = argparse.Namespace(json=True)
+    cli._emit(args, {"ppl": float("nan"), "inner": [float("inf"), 1.5], "ok": 2.0}, "unused")
+    out = capsys.readouterr().out
+    assert json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in --json output")) == \
+        {"ppl": None, "inner": [None, 1.5], "ok": 2.0}
+
+
 def test_a_closed_stdout_pipe_ends_quietly(tmp_path):
     """`lowra ... --json | head -1`: the reader goes away; no BrokenPipeError traceback."""
     import os

@@ -77,7 +77,12 @@ def load_config(config_or_path):
             path = path / "config.json"
         if not path.is_file():
             raise ValueError(f"no config file at {str(config_or_path)!r}; shipped configs: {available_configs()}")
-        d = json.loads(path.read_text())
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a JSON model config ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} is not a model config: its JSON is a {type(d).__name__}, not an object")
     elif isinstance(config_or_path, dict):
         d = dict(config_or_path)
     else:
