@@ -43,10 +43,7 @@ def _emit(args, payload: dict, text: str) -> None:
     if getattr(args, "json", False):
         # the real stdout: while a --json command runs, sys.stdout is stderr (_run_command)
         out = getattr(args, "json_stdout", None) or sys.stdout
-        # NaN / Infinity (a diverged perplexity) are not JSON: strict parsers refuse them. null instead
-        text_json = json.dumps(_finite_or_null(json.loads(json.dumps(payload, default=_json_default))), indent=2,
-                               allow_nan=False)  # fmt: skip
-        print(text_json, file=out)
+        print(json.dumps(_jsonable(payload), indent=2, allow_nan=False), file=out)
     else:
         print(text)
 
@@ -62,14 +59,18 @@ def _run_command(args) -> int:
         return args.func(args)
 
 
-def _finite_or_null(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
+def _jsonable(o):
+    """o as plain JSON values: other objects through _json_default, and NaN / inf (a diverged perplexity) as null,
+    since they are not JSON and strict parsers refuse them."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if o is None or isinstance(o, (str, int)):
+        return o
     if isinstance(o, dict):
-        return {k: _finite_or_null(v) for k, v in o.items()}
-    if isinstance(o, list):
-        return [_finite_or_null(v) for v in o]
-    return o
+        return {k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    return _jsonable(_json_default(o))
 
 
 def _json_default(o):
