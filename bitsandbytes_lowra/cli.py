@@ -150,7 +150,7 @@ def _cmd_plan(args) -> int:
 
     _check_method_bits(args)
     out = _plan_output(args)  # before any work
-    checkpoint = resolve_checkpoint(args.model)
+    checkpoint = _dense_checkpoint(resolve_checkpoint(args.model))
     t0 = time.perf_counter()
     plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args))
     rec = {"method": args.method, "bits": args.bits, **plan_record(plan), "plan_origin": plan.origin,
@@ -228,7 +228,7 @@ def _cmd_quantize(args) -> int:
 
     _check_method_bits(args)
     out = _fresh_output(args)  # before the model is resolved (which may convert the packaged GGUF)
-    checkpoint = resolve_checkpoint(args.model)
+    checkpoint = _dense_checkpoint(resolve_checkpoint(args.model))
     t0 = time.perf_counter()
     plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args))
     t_plan = time.perf_counter() - t0
@@ -270,15 +270,12 @@ def _cmd_quantize(args) -> int:
 def _load_for_eval(args):
     """(model, tokenizer, description) for `lowra eval`."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .sweep import resolve_checkpoint
 
     path = resolve_checkpoint(args.model)
-    qc = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
-    prequantized = (isinstance(qc, dict) and qc.get("quant_method") == "lowra"
-                    or getattr(qc, "quant_method", None) == "lowra")  # fmt: skip
-    if prequantized:
+    if _quant_method(path) == "lowra":
         if args.bits is not None:
             raise ValueError(f"{path} is already LowRA-quantized; drop --bits")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu"
@@ -335,6 +332,26 @@ def _adapter_fits(base, adapter: Path, args) -> bool | None:
           f"fingerprint {recorded} recorded, {here} here); a LoftQ-initialized adapter only fits the base saved "
           "with it (`lowra finetune` writes OUT/base)", file=sys.stderr)
     return False
+
+
+def _quant_method(checkpoint) -> str | None:
+    """quantization_config.quant_method of a checkpoint's config.json; None for a dense checkpoint."""
+    try:
+        qc = json.loads((Path(checkpoint) / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):  # unreadable: transformers reports it when it loads
+        return None
+    return qc.get("quant_method") if isinstance(qc, dict) else None
+
+
+def _dense_checkpoint(checkpoint: Path) -> Path:
+    """plan, quantize and finetune start from a dense checkpoint: a quantized one holds codes where they look for
+    weights (they said "must be 2-D [out_features, in_features]")."""
+    method = _quant_method(checkpoint)
+    if method is not None:
+        raise ValueError(f"{checkpoint} is already quantized ({method}): plan, quantize and finetune take the dense "
+                         "checkpoint it was made from")
+    _refuse_lowra_state_without_config(Path(checkpoint))
+    return checkpoint
 
 
 def _refuse_lowra_state_without_config(path: Path) -> None:
@@ -409,7 +426,7 @@ def _cmd_finetune(args) -> int:
     fa.resolved_optim()  # refuses a bitsandbytes optimizer under FSDP2
     out = _fresh_output(args)
     # arguments are checked above, before the model is resolved (which may convert the packaged GGUF)
-    checkpoint = resolve_checkpoint(args.model)
+    checkpoint = _dense_checkpoint(resolve_checkpoint(args.model))
     with main_process_first():  # rank 0 plans and fills the plan cache, the others read it
         plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args) and dist["is_main"])
     model, tok = load_quantized(checkpoint, plan, dtype=dtype, quant_storage=getattr(torch, quant_storage))

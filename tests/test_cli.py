@@ -450,6 +450,19 @@ def test_json_output_has_null_for_non_finite_numbers(capsys):
         {"ppl": None, "inner": [None, 1.5], "ok": 2.0}
 
 
+def test_commands_that_quantize_refuse_an_already_quantized_checkpoint(capsys, tmp_path):
+    """plan / quantize / finetune on a quantized checkpoint: named as such, before any planning (it said "must be
+    2-D [out_features, in_features]" of the first layer's packed codes)."""
+    ckpt = tmp_path / "q"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "lowra", "bits": 2}}))  # fmt: skip
+    for argv in (["plan", str(ckpt), "--bits", "2"], ["quantize", str(ckpt), "--bits", "2", "-o", str(tmp_path / "o")],
+                 ["finetune", "--model", str(ckpt), "--bits", "2", "-o", str(tmp_path / "f")]):
+        rc, _, err = _run(capsys, *argv, "-q")
+        assert rc == 2 and f"{ckpt} is already quantized (lowra)" in err, err
+
+
 def test_a_closed_stdout_pipe_ends_quietly(tmp_path):
     """`lowra ... --json | head -1`: the reader goes away; no BrokenPipeError traceback."""
     import os
