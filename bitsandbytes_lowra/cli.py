@@ -369,6 +369,9 @@ def _refuse_lowra_state_without_config(path: Path) -> None:
 def _cmd_eval(args) -> int:
     from .eval.perplexity import perplexity
 
+    if args.method is not None and args.bits is None:  # it would evaluate the dense model, quietly
+        raise ValueError(f"--method {args.method} needs --bits: it picks how a dense checkpoint is quantized on load")
+    args.method = args.method or "lowra"
     _check_method_bits(args)  # the other flags' ranges are checked by the parser (_count and friends)
     _check_adapter_dir(args.adapter)
     model, tok, desc = _load_for_eval(args)
@@ -590,8 +593,12 @@ def _cmd_report(args) -> int:
     stages = [s for s in ("ppl_quantized", "ppl_init", "ppl_finetuned") if any(r.get(s) is not None for r in records)]
     text = _report(args, records, args.output, None, stages)
     if args.plot:
+        pattern = args.plot
+        if len(stages) > 1 and "{stage}" not in pattern:  # one file per stage, not each stage over the last
+            p = Path(pattern)
+            pattern = str(p.with_name(f"{p.stem}-{{stage}}{p.suffix}"))
         for stage in stages:
-            path = Path(args.plot.replace("{stage}", stage.removeprefix("ppl_")))
+            path = Path(pattern.replace("{stage}", stage.removeprefix("ppl_")))
             plot(records, path, stage=stage)
             text += f"\nplot: {path}"
     if args.markdown:
@@ -771,7 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help=f"checkpoint directory (dense or LowRA) or {DEFAULT_MODEL!r}")
     ev.add_argument("--bits", type=_bits, default=None,
                     help=f"quantize a dense checkpoint on load at these bits, {BITS_RANGE}")
-    ev.add_argument("--method", type=_method, default="lowra", help=METHOD_HELP + " (with --bits)")
+    ev.add_argument("--method", type=_method, default=None, help=METHOD_HELP + " (with --bits; default lowra)")
     ev.add_argument("--adapter", default=None, help="a peft LoRA adapter directory to apply")
     ev.add_argument("--rouge", type=_count(0), default=0, metavar="N",
                     help="also ROUGE on the first N ACLSum test papers (default 0: no ROUGE)")
@@ -825,7 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or {DEFAULT_MODEL!r} (default)")
     sw.add_argument("--methods", nargs="+", type=_method, default=list(baselines.METHODS), help=METHOD_HELP)
     sw.add_argument("--bits", nargs="+", type=_bits, default=list(DEFAULT_BITS),
-                    help="bit budgets (default " + " ".join(f"{b:g}" for b in DEFAULT_BITS) + ")")
+                    help=f"bit budgets, each {BITS_RANGE} (default " + " ".join(f"{b:g}" for b in DEFAULT_BITS) + ")")
     sw.add_argument("--no-finetune", action="store_true", help="quantization + LoRA initialization only")
     sw.add_argument("--no-init", action="store_true", help="quantization only (implies --no-finetune; the fastest)")
     # 40 steps x 4 x 128 tokens, no checkpoint recompute: what lets the whole sweep fit 3 hours on 2 CPU cores.

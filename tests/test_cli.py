@@ -463,6 +463,22 @@ def test_commands_that_quantize_refuse_an_already_quantized_checkpoint(capsys, t
         assert rc == 2 and f"{ckpt} is already quantized (lowra)" in err, err
 
 
+def test_report_plot_without_stage_writes_one_file_per_stage(capsys, tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"records": _records()}))
+    rc, out, err = _run(capsys, "report", str(tmp_path / "r.json"), "--plot", str(tmp_path / "ppl.png"))
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["ppl-init.png", "ppl-quantized.png"]
+
+
+def test_eval_method_without_bits_and_sweep_bits_range(capsys, monkeypatch):
+    rc, err = _refused_before_loading(capsys, monkeypatch, "eval", "smollm2-135m", "--method", "qlora", "-q")
+    assert rc == 2 and "--method qlora needs --bits" in err  # it evaluated the dense model, quietly
+    with pytest.raises(SystemExit):
+        cli.main(["sweep", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "bit budgets, each in [1, 4]" in help_text
+
+
 def test_a_closed_stdout_pipe_ends_quietly(tmp_path):
     """`lowra ... --json | head -1`: the reader goes away; no BrokenPipeError traceback."""
     import os
