@@ -272,10 +272,11 @@ def _load_for_eval(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .integrations.transformers import QUANT_METHOD
     from .sweep import resolve_checkpoint
 
     path = resolve_checkpoint(args.model)
-    if _quant_method(path) == "lowra":
+    if _quant_method(path) == QUANT_METHOD:
         if args.bits is not None:
             raise ValueError(f"{path} is already LowRA-quantized; drop --bits")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu"
