@@ -34,6 +34,9 @@ BITS_RANGE = "in [1, 4]" + "".join(
     f" ({' and '.join(m.name for m in baselines.METHODS.values() if m.min_bits == lo)}: at least {lo:g})"
     for lo in sorted({m.min_bits for m in baselines.METHODS.values() if m.min_bits > 1})
 )
+# sweep's default steps: 40 x 4 x 128 tokens, no checkpoint recompute, what lets the whole sweep fit 3 hours on 2 CPU
+# cores
+SWEEP_STEPS = 40
 
 
 # ------------------------------------------------------------------------------------------------------ output
@@ -228,7 +231,7 @@ def _cmd_quantize(args) -> int:
 
     _check_method_bits(args)
     out = _fresh_output(args)  # before the model is resolved (which may convert the packaged GGUF)
-    checkpoint = _dense_checkpoint(resolve_checkpoint(args.model))
+    checkpoint = _dense_checkpoint(resolve_checkpoint(args.model), out)
     t0 = time.perf_counter()
     plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args))
     t_plan = time.perf_counter() - t0
@@ -344,9 +347,12 @@ def _quant_method(checkpoint) -> str | None:
     return qc.get("quant_method") if isinstance(qc, dict) else None
 
 
-def _dense_checkpoint(checkpoint: Path) -> Path:
+def _dense_checkpoint(checkpoint: Path, out: Path | None = None) -> Path:
     """plan, quantize and finetune start from a dense checkpoint: a quantized one holds codes where they look for
-    weights (they said "must be 2-D [out_features, in_features]")."""
+    weights (they said "must be 2-D [out_features, in_features]"). `out`, the command's output directory, must not be
+    the checkpoint: --overwrite would write over the model being read."""
+    if out is not None and Path(checkpoint).resolve() == out.resolve():
+        raise ValueError(f"-o {out} is the input checkpoint: its files would be overwritten; pass another directory")
     method = _quant_method(checkpoint)
     if method is not None:
         raise ValueError(f"{checkpoint} is already quantized ({method}): plan, quantize and finetune take the dense "
@@ -430,7 +436,7 @@ def _cmd_finetune(args) -> int:
     fa.resolved_optim()  # refuses a bitsandbytes optimizer under FSDP2
     out = _fresh_output(args)
     # arguments are checked above, before the model is resolved (which may convert the packaged GGUF)
-    checkpoint = _dense_checkpoint(resolve_checkpoint(args.model))
+    checkpoint = _dense_checkpoint(resolve_checkpoint(args.model), out)
     with main_process_first():  # rank 0 plans and fills the plan cache, the others read it
         plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args) and dist["is_main"])
     model, tok = load_quantized(checkpoint, plan, dtype=dtype, quant_storage=getattr(torch, quant_storage))
@@ -495,6 +501,15 @@ def _cmd_finetune(args) -> int:
 # ------------------------------------------------------------------------------------------------------ sweep / demo
 
 
+def _sweep_steps(args) -> int:
+    """sweep's fine-tuning steps: 0 under --no-finetune / --no-init, which refuse an explicit --steps (it would be
+    recorded as 0 silently), else --steps or SWEEP_STEPS."""
+    if args.steps is not None and (args.no_finetune or args.no_init):
+        flag = "--no-init" if args.no_init else "--no-finetune"
+        raise ValueError(f"--steps {args.steps} with {flag}: {flag} trains nothing, drop one of them")
+    return 0 if (args.no_finetune or args.no_init) else SWEEP_STEPS if args.steps is None else args.steps
+
+
 def _protocol(args, finetune_steps: int):
     from .sweep import Protocol
 
@@ -541,7 +556,7 @@ def _cmd_sweep(args) -> int:
     if not (args.resume or args.overwrite) and load_results(args.output)["records"]:
         raise ValueError(f"{args.output} already holds sweep records: pass --resume to continue it or --overwrite "
                          "to replace it")
-    steps = 0 if (args.no_finetune or args.no_init) else args.steps
+    steps = _sweep_steps(args)
     protocol = _protocol(args, steps)
     protocol.with_init = not args.no_init
     t0 = time.perf_counter()
@@ -836,8 +851,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"bit budgets, each {BITS_RANGE} (default " + " ".join(f"{b:g}" for b in DEFAULT_BITS) + ")")
     sw.add_argument("--no-finetune", action="store_true", help="quantization + LoRA initialization only")
     sw.add_argument("--no-init", action="store_true", help="quantization only (implies --no-finetune; the fastest)")
-    # 40 steps x 4 x 128 tokens, no checkpoint recompute: what lets the whole sweep fit 3 hours on 2 CPU cores.
-    _add_lora_flags(sw, 40, seq_len_default=128)
+    _add_lora_flags(sw, SWEEP_STEPS, seq_len_default=128)
+    sw.set_defaults(steps=None)  # None: not given (refused beside --no-finetune / --no-init), else SWEEP_STEPS
     sw.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                     help="recompute activations in backward (default off: SmolLM2 fits without it)")
     _add_eval_flags(sw, DEFAULT_EVAL_TOKENS)

@@ -339,14 +339,19 @@ def _checkpointing_kwargs(enabled: bool) -> dict:
     return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
-def _warmup_kwargs(ratio: float) -> dict:
+def _warmup_kwargs(ratio: float, steps: int) -> dict:
     """TrainingArguments' warmup as a ratio of the total steps. transformers 5 has no `warmup_ratio`: a float
     `warmup_steps` below 1 is the ratio there (ceil(ratio x max_steps) steps; 1 or more is a number of steps, which is
-    why FinetuneArgs refuses ratios outside [0, 1)). Versions with an integer `warmup_steps` take `warmup_ratio`."""
+    why FinetuneArgs refuses ratios outside [0, 1)). Versions with an integer `warmup_steps` take `warmup_ratio`.
+    A warmup that would take every step is cut to steps - 1: warmup starts at lr 0, so a 1-step run would not train
+    at all, and no run would reach the peak rate."""
     import dataclasses
+    import math
 
     from transformers import TrainingArguments
 
+    if math.ceil(steps * ratio) >= steps:
+        return {"warmup_steps": max(steps - 1, 0)}  # an int: a number of steps in every version
     fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
     if "warmup_ratio" in fields and "float" not in str(fields["warmup_steps"].type):
         return {"warmup_ratio": float(ratio)}
@@ -381,7 +386,7 @@ def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: 
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr,
         lr_scheduler_type=args.scheduler,
-        **_warmup_kwargs(args.warmup_ratio),
+        **_warmup_kwargs(args.warmup_ratio, args.steps),
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
         optim=args.resolved_optim(),

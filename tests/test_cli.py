@@ -174,6 +174,9 @@ def test_sweep_report_and_demo_refuse_outputs_that_would_lose_work(capsys, tmp_p
     for flag in ("--resume", "--overwrite"):  # past the check: then the bad model is what is reported
         rc, _, err = _run(capsys, "sweep", "--no-init", "--model", "/nonexistent/model", "-o", str(earlier), flag, "-q")
         assert rc == 2 and "neither 'smollm2-135m' nor a local checkpoint" in err
+    for flag in ("--no-init", "--no-finetune"):  # --steps would be recorded as 0 silently
+        rc, _, err = _run(capsys, "sweep", flag, "--steps", "5", "-o", str(tmp_path / "new.json"), "-q")
+        assert rc == 2 and f"--steps 5 with {flag}" in err and not (tmp_path / "new.json").exists()
     rc, _, err = _run(capsys, "report", str(tmp_path / "missing.json"), "-q")
     assert rc == 2 and "missing.json does not exist" in err
     (tmp_path / "bad.json").write_text("{not json")
@@ -253,11 +256,11 @@ def test_finetune_args_validation_and_optimizer():
 def test_sweep_protocol_defaults_fit_the_cpu_budget():
     # The documented sweep protocol: 40 steps x 4 x 128 tokens without checkpoint recompute; flags reach the trainer.
     args = cli.build_parser().parse_args(["sweep"])
-    p = cli._protocol(args, args.steps)
+    p = cli._protocol(args, cli._sweep_steps(args))
     assert (p.finetune_steps, p.finetune["batch_size"], p.finetune["seq_len"]) == (40, 4, 128)
     assert p.finetune_args().gradient_checkpointing is False
     args = cli.build_parser().parse_args(["sweep", "--gradient-checkpointing", "--seq-len", "256"])
-    p = cli._protocol(args, args.steps)
+    p = cli._protocol(args, cli._sweep_steps(args))
     assert p.finetune_args().gradient_checkpointing is True and p.finetune_args().seq_len == 256
     assert p.key()["finetune"]["gradient_checkpointing"] is True  # part of the protocol: --resume keeps them apart
 
@@ -463,6 +466,19 @@ def test_commands_that_quantize_refuse_an_already_quantized_checkpoint(capsys, t
         assert rc == 2 and f"{ckpt} is already quantized (lowra)" in err, err
 
 
+def test_quantize_and_finetune_refuse_to_write_over_their_input(capsys, tmp_path):
+    """-o naming the input checkpoint with --overwrite wrote the quantized model over the dense one being read."""
+    ckpt = tmp_path / "dense"
+    ckpt.mkdir()
+    config = json.dumps({"model_type": "llama"})
+    (ckpt / "config.json").write_text(config)
+    for argv in (["quantize", str(ckpt), "--bits", "2", "-o", str(ckpt)],
+                 ["finetune", "--model", str(ckpt), "--bits", "2", "-o", str(tmp_path / "." / "dense")]):
+        rc, _, err = _run(capsys, *argv, "--overwrite", "-q")
+        assert rc == 2 and "is the input checkpoint: its files would be overwritten" in err, err
+    assert [p.name for p in ckpt.iterdir()] == ["config.json"] and (ckpt / "config.json").read_text() == config
+
+
 def test_report_plot_without_stage_writes_one_file_per_stage(capsys, tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"records": _records()}))
     rc, out, err = _run(capsys, "report", str(tmp_path / "r.json"), "--plot", str(tmp_path / "ppl.png"))
@@ -528,14 +544,16 @@ def test_finetune_args_refuse_out_of_range_training_settings():
     assert {"adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit"} <= set(optimizer_names())
 
 
-@pytest.mark.parametrize("ratio, steps, warmup", [(0.03, 40, 2), (0.5, 40, 20), (0.0, 40, 0), (0.99, 10, 10)])
+@pytest.mark.parametrize("ratio, steps, warmup",
+                         [(0.03, 40, 2), (0.5, 40, 20), (0.0, 40, 0), (0.99, 10, 9), (0.03, 1, 0), (0.5, 2, 1)])
 def test_warmup_ratio_reaches_the_trainer_as_a_ratio(tmp_path, ratio, steps, warmup):
+    """ceil(ratio x steps) warmup steps, but never all of them (warmup starts at lr 0: a 1-step run would not train)"""
     from transformers import TrainingArguments
 
     from bitsandbytes_lowra.finetune import _warmup_kwargs
 
     targs = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=steps,
-                              **_warmup_kwargs(ratio))  # fmt: skip
+                              **_warmup_kwargs(ratio, steps))  # fmt: skip
     assert targs.get_warmup_steps(steps) == warmup
 
 
