@@ -1030,7 +1030,65 @@ __global__ void decode_absmax_kernel(const AbsmaxSrc src, int64_t n, float* __re
 }
 }  // namespace
 
+namespace {
+// Double-quantized scales, 4 per thread and item: a warp's 4-byte code loads read 128 contiguous bytes and its
+// 16-byte stores write 512, both whole lines; each thread issues its items' loads (kDecodeItems) before any store.
+// The nested scale once per item where its block holds all 4 (ONE_NEST: nested blocksize >= 4); the code table in
+// shared memory; the arithmetic is nested_finish's (bit-identical). The last n % 4 scales go in the first thread.
+// H200, 28672x8192 (3.67 M scales), ncu: 6.7 us, against 18.9 for one 4-byte store per scale (decode_absmax_kernel)
+// and 12.6 for 16 scales per thread, whose 16-byte stores wrote each line in quarters (thirty-fourth round).
+constexpr int kDecodeItems = 4;
+template <bool ONE_NEST>
+__global__ void decode_absmax_vec4(const AbsmaxSrc src, int64_t n, float* __restrict__ out) {
+  // the tiled matmul's staging pass (which does not read the scales) may launch now; it waits for this grid at its
+  // end, so the first group, which waits for it, reads the scales decoded
+  griddep_launch_dependents();
+  __shared__ float code[256];
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = __ldg(src.nested.code + i);
+  const float off = __ldg(src.nested.offset);
+  __syncthreads();
+  const int64_t n4 = n / 4, stride = (int64_t)gridDim.x * blockDim.x;
+  const int sh = src.nested_shift;
+  const uint32_t* q4 = reinterpret_cast<const uint32_t*>(src.nested.q);
+  float4* o4 = reinterpret_cast<float4*>(out);
+  auto finish = [&](uint32_t q, float nest) { return fmaxf(__fadd_rn(__fmul_rn(code[q], nest), off), 0.0f); };
+  for (int64_t t0 = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t0 < n4; t0 += kDecodeItems * stride) {
+    uint32_t w[kDecodeItems];
+    float nest[kDecodeItems][ONE_NEST ? 1 : 4];
+#pragma unroll
+    for (int k = 0; k < kDecodeItems; ++k) {
+      const int64_t t = t0 + k * stride;
+      if (t < n4) {
+        w[k] = __ldg(q4 + t);
+#pragma unroll
+        for (int j = 0; j < (ONE_NEST ? 1 : 4); ++j) nest[k][j] = __ldg(src.nested.nested + ((4 * t + j) >> sh));
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kDecodeItems; ++k) {
+      const int64_t t = t0 + k * stride;
+      if (t < n4) {
+        float v[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = finish((w[k] >> (8 * j)) & 0xffu, nest[k][ONE_NEST ? 0 : j]);
+        o4[t] = make_float4(v[0], v[1], v[2], v[3]);
+      }
+    }
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0)
+    for (int64_t i = n4 * 4; i < n; ++i) out[i] = finish(__ldg(src.nested.q + i), __ldg(src.nested.nested + (i >> sh)));
+}
+}  // namespace
+
 int decode_absmax_cuda(const AbsmaxSrc& absmax, int64_t n, float* out, void* stream) {
+  if (!absmax.f32 && aligned(absmax.nested.q, 4) && aligned(out, 16) && n >= 4) {
+    // kDecodeItems items of 4 scales per thread, up to 8 CTAs per SM, then a grid-stride loop
+    const int64_t want = (n / 4 + 256 * kDecodeItems - 1) / (256 * kDecodeItems), cap = 8 * (int64_t)sm_count();
+    const int grid = (int)(want < cap ? want : cap);
+    if (absmax.nested_shift >= 2) decode_absmax_vec4<true><<<grid, 256, 0, (cudaStream_t)stream>>>(absmax, n, out);
+    else decode_absmax_vec4<false><<<grid, 256, 0, (cudaStream_t)stream>>>(absmax, n, out);
+    return launch_status("lowra absmax decode kernel");
+  }
   // 4 scales per thread (a grid-stride loop only past 2^32 of them): each decode is a chain of two dependent loads,
   // so many chains in flight, not a loop per thread, hide the latency
   const int64_t want = (n + 1023) / 1024, cap = (int64_t)1 << 22;

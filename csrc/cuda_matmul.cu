@@ -565,6 +565,7 @@ struct StageArgs {
   int64_t cols;
   uint16_t* img[3];  // per precision group (1, 2, 4 bit); NULL where the group is empty
   float2* ss;        // with img[0]
+  int wait_at_end;   // launched as a programmatic dependent of the scales' decode pass: complete only after it
 };
 
 constexpr int kStageThreads = 64;
@@ -611,6 +612,7 @@ __global__ void __launch_bounds__(kStageThreads) matmul_stage(const __grid_const
       }
     }
   }
+  if (s.wait_at_end) griddep_wait();
 }
 
 struct FinalizeArgs {
@@ -917,7 +919,8 @@ int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int6
   cudaStream_t stream = (cudaStream_t)stream_;
   AbsmaxSrc src = amsrc;
   const bool gemv = gemv_workspace_size(dtype, m, rows, cols, blocksize) >= 0;
-  if (!src.f32 && (!gemv || g_tuning.nested_prepass)) {  // decode once into the workspace's front, the rest after
+  const bool decode = !src.f32 && (!gemv || g_tuning.nested_prepass);
+  if (decode) {  // decode once into the workspace's front, the rest after
     const int64_t dec = decoded_absmax_bytes(rows, cols, blocksize);
     if (!workspace || workspace_bytes < dec || !aligned(workspace, 256)) return LOWRA_ERR_ARGUMENT;
     const int st = decode_absmax_cuda(amsrc, rows * (padded_cols(cols, blocksize) / blocksize), (float*)workspace,
@@ -937,15 +940,24 @@ int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int6
     const TiledWorkspace w = tiled_workspace(plan, m, rows, cols);
     if (!workspace || workspace_bytes < w.total || !aligned(workspace, 16)) return LOWRA_ERR_ARGUMENT;
     char* ws = (char*)workspace;
-    StageArgs sa{A, (int)m, act_pad(m), cols, {}, w.ss >= 0 ? (float2*)(ws + w.ss) : nullptr};
+    StageArgs sa{A, (int)m, act_pad(m), cols, {}, w.ss >= 0 ? (float2*)(ws + w.ss) : nullptr, decode};
     for (int p = 0; p < 3; ++p) sa.img[p] = w.img[p] >= 0 ? (uint16_t*)(ws + w.img[p]) : nullptr;
     // small CTAs spread the pass over more SMs: at m = 4 on 8192 columns it took 3.2 us under ncu in 64-thread CTAs,
     // 4.1 in 16 CTAs of 256 threads (thirty-second round)
     const int64_t chunks = m * (cols / 8);
     const int sgrid = (int)std::min<int64_t>((chunks + kStageThreads - 1) / kStageThreads, 16 * (int64_t)sm_count());
-    if (dtype == LOWRA_F16) matmul_stage<__half><<<sgrid, kStageThreads, 0, stream>>>(sa);
-    else matmul_stage<__nv_bfloat16><<<sgrid, kStageThreads, 0, stream>>>(sa);
-    int st = launch_status("lowra matmul staging kernel");
+    // After the scales' decode pass the staging pass runs beside it (it reads only A, complete before that pass
+    // started) and completes after it (wait_at_end). H200, 28672x8192 at m = 4, 1.75 bits, double-quantized: see
+    // docs/benchmarks.md, thirty-fourth round.
+    auto stage = dtype == LOWRA_F16 ? matmul_stage<__half> : matmul_stage<__nv_bfloat16>;
+    const char* what = "lowra matmul staging kernel";
+    int st;
+    if (decode) {
+      st = record_cuda(launch_dependent(stage, sgrid, kStageThreads, 0, stream, sa), what);
+    } else {
+      stage<<<sgrid, kStageThreads, 0, stream>>>(sa);
+      st = launch_status(what);
+    }
     if (st != LOWRA_OK) return st;
     bool first = true;  // the first group's kernel waits for the staging pass; the others start early (kPdl*)
     FinalizeArgs f{};
