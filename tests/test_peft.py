@@ -665,6 +665,27 @@ def test_loftq_rank_mismatch_and_missing_init_are_clear_errors(model, smol):
                                          loftq_config={"loftq_bits": 4}))
 
 
+def test_loftq_bases_left_without_an_adapter_warn(model, smol, tmp_path):
+    """LoftQ stores every base as W - B0 A0: a layer that gets no adapter keeps a base without its low-rank part
+    (worse than plain quantization). Every injection path says so, naming how many and one of them."""
+    _loftq_model(model, smol[2], rank=4, names=("k_proj", "v_proj"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # all LoftQ layers adapted: no warning
+        get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["k_proj", "v_proj"]))
+    base = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=rf"{LAYERS} LowRA layers hold a LoftQ.*e\.g\. model\.layers\.0\.self_attn"
+                                         r"\.k_proj.*target every quantized layer") as record:
+        pm = get_peft_model(model, LoraConfig(r=4, target_modules=["v_proj"]))
+    assert sum("LoftQ/PiSSA initialization but got no LoRA" in str(w.message) for w in record) == 1  # once
+    assert lowra_peft.loftq_bases_without_adapter(pm) == [f"base_model.model.model.layers.{i}.self_attn.k_proj"
+                                                          for i in range(LAYERS)]
+    pm.save_pretrained(tmp_path / "adapter")
+    with pytest.warns(UserWarning, match="got no LoRA adapter"):
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
+    with pytest.warns(UserWarning, match="got no LoRA adapter"):
+        base.load_adapter(str(tmp_path / "adapter"))
+
+
 def test_merge_and_unload_drops_the_stale_init(model, smol):
     _loftq_model(model, smol[2], rank=4, names=("v_proj",))
     pm = get_peft_model(model, LoraConfig(r=4, target_modules=["v_proj"]))
