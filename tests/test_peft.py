@@ -6,6 +6,7 @@ LinearLowRA by convert_to_lowra at 1.75 bits (1/2/4 bits per output channel, lea
 
 import contextlib
 import copy
+import re
 import warnings
 
 import pytest
@@ -609,6 +610,31 @@ def test_adapter_save_and_load_give_identical_outputs(model, smol, batch, tmp_pa
     base_copy2.load_adapter(str(tmp_path / "adapter"))
     assert {type(m) for m in base_copy2.modules() if hasattr(m, "lora_A")} == {LowRALoraLinear}
     assert torch.equal(_logits(base_copy2, batch), y)
+
+
+def test_transformers_add_adapter_needs_peft_0_22(model, batch):
+    """transformers 5.2x refuses its own add_adapter / enable_adapters / ... with peft < 0.22 (docs/peft.md says so):
+    the refusal is asserted as it is, so this test notices the day the installed versions allow it; then add_adapter
+    must dispatch to LowRALoraLinear like every other path."""
+    import peft
+    from packaging.version import Version
+    from transformers.integrations import peft as hf_peft
+
+    min_version = getattr(hf_peft, "MIN_PEFT_VERSION", "0.0.0")
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    if Version(peft.__version__) < Version(min_version):
+        refusal = f"The version of PEFT you are using is not compatible, please use a version >= {min_version}"
+        for call in (lambda: model.add_adapter(config), model.enable_adapters, model.disable_adapters,
+                     model.active_adapters):
+            with pytest.raises(ValueError, match=f"^{re.escape(refusal)}$"):
+                call()
+        return
+    model.add_adapter(config)
+    assert {type(m) for m in model.modules() if hasattr(m, "lora_A")} == {LowRALoraLinear}
+    y = _logits(model, batch)
+    model.disable_adapters()
+    model.enable_adapters()
+    assert torch.equal(_logits(model, batch), y)
 
 
 # -- LoftQ through peft ---------------------------------------------------------------------------------------------
