@@ -473,6 +473,23 @@ def test_trainer_accepts_lowra_with_adapters_only(tiny_dir, plan_cache):
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
 
 
+def test_num_parameters_counts_lowra_weights_as_weights(tiny_dir, plan_cache):
+    """num_parameters() is the model's parameter count, whatever `bits` (transformers corrects only bnb's packed
+    Params4bit), and agrees with peft's count."""
+    from peft import LoraConfig, get_peft_model
+
+    path, ref = tiny_dir["llama"]
+    for bits in (1.75, 4.0):
+        q = _load(path, quantization_config=LowRAConfig(bits=bits))
+        for kwargs in ({}, {"exclude_embeddings": True}):
+            assert q.num_parameters(**kwargs) == ref.num_parameters(**kwargs)
+    pm = get_peft_model(q, LoraConfig(r=4, target_modules="all-linear"))
+    trainable, total = pm.get_nb_trainable_parameters()
+    assert pm.num_parameters() == total and pm.num_parameters(only_trainable=True) == trainable < total
+    q = _load(path, quantization_config=LowRAConfig(bits=2.0)).dequantize()
+    assert "num_parameters" not in vars(q) and q.num_parameters() == ref.num_parameters()
+
+
 def test_dequantize(tiny_dir, plan_cache):
     path, _ = tiny_dir["llama"]
     q = _load(path, quantization_config=LowRAConfig(bits=4.0))

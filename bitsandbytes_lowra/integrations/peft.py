@@ -32,6 +32,7 @@ from .. import loftq as _loftq
 from ..format import FLOAT_DTYPES, padded_cols
 from ..functional import QuantStateLowRA
 from ..nn import LinearLowRA, ParamsLowRA
+from ..nn.modules import logical_numel
 
 # init_lora_weights values that only touch the adapter (or, for "loftq", use what LoftQ stored on the base).
 _SUPPORTED_INITS = (True, False, "gaussian", "eva", "loftq")
@@ -480,11 +481,9 @@ def _count_quantized_parameters() -> None:
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable, total = original(self)
         for _, param in self.named_parameters():
-            state = getattr(param, "quant_state", None) if isinstance(param, ParamsLowRA) else None
-            if state is not None:
-                extra = math.prod(state.shape) - param.numel()
-                total += extra
-                trainable += extra if param.requires_grad else 0
+            extra = logical_numel(param) - param.numel()
+            total += extra
+            trainable += extra if param.requires_grad else 0
         return trainable, total
 
     get_nb_trainable_parameters._lowra_count = True

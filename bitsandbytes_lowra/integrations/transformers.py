@@ -37,7 +37,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .. import plan as _plan
 from ..format import LowRAFormatError
 from ..functional import BLOB_KEY, STATE_TENSOR_KEYS
-from ..nn.modules import LinearLowRA, ParamsLowRA, check_quant_storage
+from ..nn.modules import LinearLowRA, ParamsLowRA, check_quant_storage, logical_numel
 
 logger = logging.getLogger(__name__)
 
@@ -659,6 +659,7 @@ class LowRAHfQuantizer(HfQuantizer):
         if conversions:
             model._weight_conversions = [c for c in conversions if not _is_ours(c)]
         _guard_dtype_casts(model)
+        _bind_accounting(model)
         return model
 
     def _check_loftq_init(self, model) -> None:
@@ -710,14 +711,31 @@ class LowRAHfQuantizer(HfQuantizer):
         return model
 
 
-# Methods _guard_dtype_casts binds on the model instance (popping them restores the class's own).
+# Methods _guard_dtype_casts and _bind_accounting bind on the model instance (popping them restores the class's own).
 _GUARDED_CASTS = ("to", "bfloat16", "double", "type")
+_ACCOUNTING = ("num_parameters",)
 
 
 def _drop_lowra_attributes(model) -> None:
-    """The flags and dtype-cast guards _process_model_after_weight_loading set, for a model with no LinearLowRA left."""
-    for attr in ("is_loaded_in_4bit", "is_lowra_quantized", *_GUARDED_CASTS):
+    """The flags, dtype-cast guards and counters _process_model_after_weight_loading set, for a model with no
+    LinearLowRA left."""
+    for attr in ("is_loaded_in_4bit", "is_lowra_quantized", *_GUARDED_CASTS, *_ACCOUNTING):
         model.__dict__.pop(attr, None)
+
+
+def _bind_accounting(model) -> None:
+    """transformers' num_parameters counts a weight's elements, which for LowRA are packed bytes (51.6 M for
+    SmolLM2-135M at 1.75 bits, changing with `bits`); it corrects only bnb's Params4bit. Count [out, in] per
+    quantized layer instead, as it does for bnb and as peft's counter does for us."""
+    cls = type(model)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        count = cls.num_parameters(self, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        # LinearLowRA weights are never embeddings: exclude_embeddings leaves them in
+        return count + sum(logical_numel(p) - p.numel() for p in self.parameters()
+                           if isinstance(p, ParamsLowRA) and (p.requires_grad or not only_trainable))
+
+    model.num_parameters = types.MethodType(num_parameters, model)  # bound per instance, as the cast guards
 
 
 def release_if_dense(model) -> bool:

@@ -18,6 +18,7 @@ parameter object FSDP hands the module (docs/distributed.md).
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 from typing import Any
 
@@ -107,6 +108,13 @@ def packed_bytes(weight: torch.Tensor, state: QuantStateLowRA, quant_storage: to
             "(mismatched weight and state, or the stored codes were cast to another dtype)"
         )
     return data
+
+
+def logical_numel(param: torch.Tensor) -> int:
+    """The number of parameters a weight stands for: [out, in] for a quantized ParamsLowRA (whose elements are
+    packed bytes), numel() for any other tensor. Parameter counters use it (model.num_parameters, peft's)."""
+    state = getattr(param, "quant_state", None) if isinstance(param, ParamsLowRA) else None
+    return math.prod(state.shape) if state is not None else param.numel()
 
 
 class ParamsLowRA(nn.Parameter):
