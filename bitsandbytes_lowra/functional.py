@@ -282,6 +282,18 @@ class QuantStateLowRA(QuantState):
         return self.packed_nbytes + sum(t.numel() * t.element_size() for t in self.as_dict(packed=True).values())
 
     @property
+    def held_nbytes(self) -> int:
+        """Memory the state's tensors occupy beside the packed codes: scales, tables, offsets (each storage counted
+        once and whole: the kernel operands are views of one buffer). What get_memory_footprint adds per weight."""
+        tensors = [t for t in self.as_dict().values() if isinstance(t, torch.Tensor)]
+        tensors += [self.offset] if self.nested else []
+        storages = {}
+        for t in tensors:
+            st = t.untyped_storage()
+            storages[id(t) if t.device.type == "meta" else (t.device, st.data_ptr())] = st.nbytes()
+        return sum(storages.values())
+
+    @property
     def effective_bits(self) -> float:
         """Every stored bit divided by the number of quantized parameters (docs/format.md "Bits accounting")."""
         return 8.0 * self.nbytes / (self.rows * self.cols)

@@ -490,6 +490,29 @@ def test_num_parameters_counts_lowra_weights_as_weights(tiny_dir, plan_cache):
     assert "num_parameters" not in vars(q) and q.num_parameters() == ref.num_parameters()
 
 
+@pytest.mark.parametrize("compress_statistics", [True, False])
+def test_memory_footprint_counts_the_quant_state(tiny_dir, tmp_path, plan_cache, compress_statistics):
+    """get_memory_footprint() holds what save_pretrained writes (codes, scales, per-row tables), not the codes alone.
+    Beyond the file it holds only the non-persistent buffers and
+    each layer's operand-buffer extras (the CUDA row order, 16-byte alignment of its fields)."""
+    from bitsandbytes_lowra._ops import OPERAND_ALIGN
+    from bitsandbytes_lowra.functional import BLOB_KEY
+
+    path, _ = tiny_dir["llama"]
+    q = _load(path, quantization_config=LowRAConfig(bits=1.75, compress_statistics=compress_statistics))
+    q.save_pretrained(tmp_path / "q")
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        saved = sum(f.get_tensor(k).nbytes for k in f.keys() if not k.endswith(BLOB_KEY))  # the blob: JSON, not held
+    persistent = set(q.state_dict())
+    transient = sum(b.nbytes for n, b in q.named_buffers() if n not in persistent)
+    layers = [q.get_submodule(n) for n in q.hf_quantizer.lowra_modules]
+    extras = sum(m.out_features * 4 + 8 * OPERAND_ALIGN for m in layers)
+    footprint = q.get_memory_footprint()
+    assert saved + transient <= footprint <= saved + transient + extras
+    codes, tables = sum(m.weight.nbytes for m in layers), sum(m.quant_state.held_nbytes for m in layers)
+    assert footprint == type(q).get_memory_footprint(q) + tables and tables > codes / 3  # not a rounding error
+
+
 def test_dequantize(tiny_dir, plan_cache):
     path, _ = tiny_dir["llama"]
     q = _load(path, quantization_config=LowRAConfig(bits=4.0))

@@ -713,7 +713,7 @@ class LowRAHfQuantizer(HfQuantizer):
 
 # Methods _guard_dtype_casts and _bind_accounting bind on the model instance (popping them restores the class's own).
 _GUARDED_CASTS = ("to", "bfloat16", "double", "type")
-_ACCOUNTING = ("num_parameters",)
+_ACCOUNTING = ("num_parameters", "get_memory_footprint")
 
 
 def _drop_lowra_attributes(model) -> None:
@@ -726,8 +726,17 @@ def _drop_lowra_attributes(model) -> None:
 def _bind_accounting(model) -> None:
     """transformers' num_parameters counts a weight's elements, which for LowRA are packed bytes (51.6 M for
     SmolLM2-135M at 1.75 bits, changing with `bits`); it corrects only bnb's Params4bit. Count [out, in] per
-    quantized layer instead, as it does for bnb and as peft's counter does for us."""
+    quantized layer instead, as it does for bnb and as peft's counter does for us.
+    get_memory_footprint sums parameters and buffers, and a LowRA weight's scales and per-row tables live on its
+    quant_state (about a third of a quantized layer's bytes at 576 columns): add them, whatever return_buffers
+    says (they are part of the weight, not buffers)."""
     cls = type(model)
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        states = {id(m.quant_state): m.quant_state for m in self.modules()
+                  if isinstance(m, LinearLowRA) and m.quant_state is not None}
+        return cls.get_memory_footprint(self, return_buffers=return_buffers) + sum(
+            s.held_nbytes for s in states.values())
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         count = cls.num_parameters(self, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
@@ -735,7 +744,9 @@ def _bind_accounting(model) -> None:
         return count + sum(logical_numel(p) - p.numel() for p in self.parameters()
                            if isinstance(p, ParamsLowRA) and (p.requires_grad or not only_trainable))
 
-    model.num_parameters = types.MethodType(num_parameters, model)  # bound per instance, as the cast guards
+    # bound per instance, as the cast guards
+    model.num_parameters = types.MethodType(num_parameters, model)
+    model.get_memory_footprint = types.MethodType(get_memory_footprint, model)
 
 
 def release_if_dense(model) -> bool:
