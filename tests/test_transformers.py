@@ -125,6 +125,25 @@ def test_config_rejects_bad_options(kwargs, message):
         LowRAConfig(**kwargs)
 
 
+def test_config_update_and_from_dict_overrides_are_validated():
+    """update() and from_dict(**kwargs) go through __init__'s checks: a bad value fails at once (not after planning)
+    and changes nothing; names are normalized as in __init__; non-options come back unused, as in transformers."""
+    cfg = LowRAConfig(bits=2)
+    for bad, message in (({"compute_dtype": "fp16"}, "compute_dtype"), ({"blocksize": -3}, "blocksize"),
+                         ({"bits": 2.0, "loftq_rank": -1}, "loftq_rank")):
+        with pytest.raises(ValueError, match=message):
+            cfg.update(**bad)
+        with pytest.raises(ValueError, match=message):
+            LowRAConfig.from_dict({"bits": 2}, **bad)
+    assert cfg == LowRAConfig(bits=2)  # the refused updates left it as it was
+    assert cfg.update(compute_dtype="bfloat16", bits=3, precisions=(4, 2), foo=1) == {"foo": 1}
+    assert cfg.compute_dtype is torch.bfloat16 and cfg.bits == 3.0 and isinstance(cfg.bits, float)
+    assert cfg.precisions == [2, 4]
+    back, unused = LowRAConfig.from_dict({"bits": 2}, return_unused_kwargs=True, compute_dtype="torch.float16", foo=3)
+    assert back.compute_dtype is torch.float16 and unused == {"foo": 3}
+    assert LowRAConfig.from_dict(cfg.to_dict()) == cfg
+
+
 # ------------------------------------------------------------------------------------------------------ load/save
 
 

@@ -181,6 +181,23 @@ class LowRAConfig(QuantizationConfigMixin):
         d["quant_storage"] = str(d["quant_storage"]).removeprefix("torch.")
         return d
 
+    def update(self, **kwargs) -> dict:
+        """Set the given options and return the ones that are not options, as QuantizationConfigMixin.update, but
+        validated and normalized as in __init__ (the inherited update only setattr's: a bad value surfaced after the
+        whole planning pass, and compute_dtype="bfloat16" stayed a string). A refused value changes nothing."""
+        known = {k: v for k, v in kwargs.items() if k in self._FIELDS}
+        if known:
+            checked = type(self)(**{**self.to_dict(), **known})  # __init__ + post_init: the same checks
+            self.__dict__.update(checked.__dict__)
+        return {k: v for k, v in kwargs.items() if k not in known}
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        """QuantizationConfigMixin.from_dict, with the keyword overrides validated (through `update`)."""
+        config = cls(**config_dict)
+        unused = config.update(**kwargs)
+        return (config, unused) if return_unused_kwargs else config
+
     def __eq__(self, other) -> bool:
         return isinstance(other, LowRAConfig) and self.to_dict() == other.to_dict()
 
