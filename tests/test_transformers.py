@@ -125,6 +125,29 @@ def test_config_rejects_bad_options(kwargs, message):
         LowRAConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "bnb, hint",
+    [
+        ({"bnb_4bit_compute_dtype": torch.bfloat16}, "bnb_4bit_compute_dtype: use compute_dtype="),
+        ({"bnb_4bit_use_double_quant": True}, "bnb_4bit_use_double_quant: use compress_statistics="),
+        ({"bnb_4bit_quant_storage": torch.bfloat16}, "bnb_4bit_quant_storage: use quant_storage="),
+        ({"llm_int8_skip_modules": ["lm_head"]}, "llm_int8_skip_modules: use modules_to_not_convert="),
+        ({"load_in_4bit": True}, "load_in_4bit: implied"),
+        ({"bnb_4bit_quant_type": "nf4"}, "bnb_4bit_quant_type: none"),
+        ({"llm_int8_threshold": 6.0}, "llm_int8_threshold: none"),
+    ],
+)
+def test_bitsandbytes_options_are_refused_with_their_lowra_name(bnb, hint):
+    """A QLoRA script's BitsAndBytesConfig keywords, passed to LowRAConfig: the refusal says what to write instead."""
+    with pytest.raises(ValueError, match="unknown options") as info:
+        LowRAConfig(bits=2, **bnb)
+    assert hint in str(info.value)
+    with pytest.raises(ValueError) as info:  # several at once: one line each, other unknown keys named too
+        LowRAConfig(bits=2, load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, foo=1)
+    assert "['bnb_4bit_compute_dtype', 'foo', 'load_in_4bit']" in str(info.value)
+    assert "use compute_dtype=" in str(info.value) and "load_in_4bit: implied" in str(info.value)
+
+
 def test_config_update_and_from_dict_overrides_are_validated():
     """update() and from_dict(**kwargs) go through __init__'s checks: a bad value fails at once (not after planning)
     and changes nothing; names are normalized as in __init__; non-options come back unused, as in transformers."""

@@ -52,6 +52,30 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 # ------------------------------------------------------------------------------------------------------ config
 
+# BitsAndBytesConfig's options, for a QLoRA script whose config was renamed to LowRAConfig: what to write instead.
+_BNB_EQUIVALENTS = {
+    "load_in_4bit": "implied: LowRA is a 1-4-bit format; drop it and give the budget as bits=...",
+    "load_in_8bit": "none: LowRA quantizes to 1, 2 or 4 bits per channel (bits=... up to 4)",
+    "bnb_4bit_compute_dtype": "use compute_dtype=...",
+    "bnb_4bit_use_double_quant": "use compress_statistics=... (True by default)",
+    "bnb_4bit_quant_storage": "use quant_storage=...",
+    "bnb_4bit_quant_type": "none: LowRA learns per-channel codebooks; learner_mode='fixed_mapping' keeps NormalFloat "
+                           "levels",
+    "llm_int8_skip_modules": "use modules_to_not_convert=...",
+    "llm_int8_threshold": "none: LowRA has no int8 outlier path",
+    "llm_int8_has_fp16_weight": "none: LowRA has no int8 mode",
+    "llm_int8_enable_fp32_cpu_offload": "none: LowRA refuses CPU offload (load entirely on the GPUs or the CPU)",
+}
+
+
+def _unknown_options_message(kwargs) -> str:
+    message = f"LowRAConfig got unknown options {sorted(kwargs)}"
+    hints = [f"  {k}: {_BNB_EQUIVALENTS[k]}" for k in sorted(kwargs) if k in _BNB_EQUIVALENTS]
+    if hints:
+        message += "; bitsandbytes' options and their LowRA equivalents (docs/transformers.md):\n" + "\n".join(hints)
+    return message
+
+
 
 class LowRAConfig(QuantizationConfigMixin):
     """Quantization config of LowRA (arXiv 2502.08141): per-output-channel 1/2/4-bit precision under a global budget.
@@ -113,7 +137,7 @@ class LowRAConfig(QuantizationConfigMixin):
     ):
         kwargs.pop("quant_method", None)  # from_dict passes the stored dict back, quant_method included
         if kwargs:
-            raise ValueError(f"LowRAConfig got unknown options {sorted(kwargs)}")
+            raise ValueError(_unknown_options_message(kwargs))
         if bits is None:
             raise ValueError("LowRAConfig needs the bit budget: LowRAConfig(bits=1.75) (average bits per parameter)")
         self.quant_method = QUANT_METHOD
