@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -481,6 +482,21 @@ def test_model_flags_and_dtype_guard(tiny_dir, plan_cache):
     with torch.no_grad():
         assert torch.equal(c(x).logits, q(x).logits)
     assert c.to("cpu") is c  # the guard is bound to the copy, not the original
+
+
+def test_quant_storage_other_than_the_load_dtype_warns(tiny_dir, tmp_path, plan_cache):
+    """A float quant_storage (for FSDP) that is not the load dtype is a mistake: said at load, on reload too."""
+    path, _ = tiny_dir["llama"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the default uint8 storage or the load dtype: no warning
+        _load(path, quantization_config=LowRAConfig(bits=2.0), dtype=torch.float16)
+        _load(path, quantization_config=LowRAConfig(bits=2.0, quant_storage=torch.bfloat16), dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"quant_storage=torch\.bfloat16 differs from the load dtype torch\.float32"
+                                         r".*dtype=torch\.bfloat16"):
+        q = _load(path, quantization_config=LowRAConfig(bits=2.0, quant_storage=torch.bfloat16), dtype=torch.float32)
+    q.save_pretrained(tmp_path / "q")
+    with pytest.warns(UserWarning, match="differs from the load dtype torch.float16"):
+        _load(tmp_path / "q", dtype=torch.float16)
 
 
 def test_prepare_model_for_kbit_training(tiny_dir, plan_cache):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import types
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -460,6 +461,17 @@ class LowRAHfQuantizer(HfQuantizer):
         if dtype not in _DTYPES.values():
             raise ValueError(
                 f"LowRA loads models in float32, float16 or bfloat16 (from_pretrained(..., dtype=...)), got {dtype}"
+            )
+        storage = self.quantization_config.quant_storage
+        if storage != torch.uint8 and storage != dtype:
+            # A float quant_storage exists for FSDP, which needs every parameter of a unit in one dtype; anything
+            # that casts parameters to one dtype (FSDP mixed precision, peft's upcast) would convert the codes.
+            warnings.warn(
+                f"LowRA quant_storage={storage} differs from the load dtype {dtype}: FSDP would not flatten the packed "
+                f"codes with the other parameters, and a cast of the parameters to one dtype converts the codes (the "
+                f"first forward then refuses them). Load with dtype={storage}, or keep quant_storage=torch.uint8 "
+                "(the default) when not training with FSDP.",
+                stacklevel=2,
             )
         return dtype
 
