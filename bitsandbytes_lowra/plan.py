@@ -720,6 +720,11 @@ def _load(path, fmt: str) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():  # exists, so "does not exist" would mislead
+        inside = sorted(p.name for p in path.glob("*.safetensors") if p.name.startswith("lowra-plan"))
+        hint = f" (it holds {inside[:3]})" if inside else ""
+        raise IsADirectoryError(f"LowRA plan file {path} is a directory, not a plan file: give the .safetensors file "
+                                f"write_plan / Plan.save wrote{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"LowRA plan file {path} does not exist")
     try:

@@ -312,6 +312,14 @@ def test_not_safetensors(tmp_path):
         P.make_plan(tmp_path / "missing", {"bits": 2.0}, progress=False)
 
 
+def test_plan_path_that_is_a_directory_is_named_as_such(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        P.Plan.load(tmp_path / "missing.safetensors")
+    (tmp_path / "lowra-plan-2.safetensors").write_bytes(b"x")
+    with pytest.raises(IsADirectoryError, match=r"is a directory, not a plan file.*lowra-plan-2\.safetensors"):
+        P.Plan.load(tmp_path)
+
+
 def test_assign_matches_assigner_on_concatenated_errors(checkpoint, tmp_path):
     # The global assignment is one assign_precisions over all rows of all layers (sizes = columns).
     from bitsandbytes_lowra.assigner import assign_precisions

@@ -434,10 +434,16 @@ def test_offload_is_refused(tiny_dir, plan_cache):
     path, _ = tiny_dir["llama"]
     device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
                   "lm_head": "cpu"}  # fmt: skip
-    with pytest.raises(ValueError, match="does not support CPU or disk offload"):
+    # no accelerator in the map: the message does not mention one
+    with pytest.raises(ValueError, match="does not support disk offload: the device map puts some modules on disk and "
+                                         r"the rest on the CPU \(.*entirely on the CPU") as info:
         AutoModelForCausalLM.from_pretrained(path, quantization_config=LowRAConfig(bits=2.0), device_map=device_map)
+    assert "accelerator" not in str(info.value)
     quantizer = lt.LowRAHfQuantizer(LowRAConfig(bits=2.0), pre_quantized=False)
-    with pytest.raises(ValueError, match="offload"):
+    with pytest.raises(ValueError, match=r"does not support disk offload: the device map puts some modules on disk \("):
+        quantizer.validate_environment(device_map={"": "disk"})
+    with pytest.raises(ValueError, match=r"CPU or disk offload: .* on \['cpu'\] and others on \['cuda:0'\].*"
+                                         "on the accelerator"):
         quantizer.validate_environment(device_map={"model.layers.0": 0, "model.layers.1": "cpu"})
     quantizer.validate_environment(device_map={"": "cpu"})  # all on the CPU is fine
     assert quantizer.is_compileable

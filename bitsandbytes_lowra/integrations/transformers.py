@@ -481,12 +481,21 @@ class LowRAHfQuantizer(HfQuantizer):
         if isinstance(device_map, dict):
             values = {f"cuda:{v}" if isinstance(v, int) else str(v) for v in device_map.values()}  # 0 is cuda:0
             self._several_devices = len(values) > 1  # see is_compileable
-            if "disk" in values or ("cpu" in values and values != {"cpu"}):
+            accelerators = sorted(values - {"cpu", "disk"})
+            if "disk" in values or ("cpu" in values and accelerators):
+                # Worded by what the map holds: a CPU-only machine has no accelerator to mention.
+                if accelerators:
+                    where = f"some modules on {sorted(values & {'cpu', 'disk'})} and others on {accelerators}"
+                else:
+                    where = "some modules on disk" + (" and the rest on the CPU" if "cpu" in values else "")
+                advice = ("Load the whole model on the accelerator(s) (reduce max_memory elsewhere or use more GPUs), "
+                          "or entirely on the CPU with device_map='cpu'." if accelerators else
+                          "Load it entirely on the CPU with device_map='cpu' (no max_memory limit that sends modules "
+                          "to disk).")
                 raise ValueError(
-                    "LowRA does not support CPU or disk offload: the device map puts some modules on "
-                    f"{sorted(values & {'cpu', 'disk'})} and others on an accelerator (accelerate's offload hooks "
-                    "rebuild parameters without their quantization state). Load the whole model on the accelerator(s) "
-                    "(reduce max_memory elsewhere or use more GPUs), or entirely on the CPU with device_map='cpu'."
+                    f"LowRA does not support {'CPU or disk' if accelerators else 'disk'} offload: the device map puts "
+                    f"{where} (accelerate's offload hooks rebuild parameters without their quantization state). "
+                    + advice
                 )
 
     def update_device_map(self, device_map):
