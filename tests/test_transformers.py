@@ -94,7 +94,7 @@ def test_config_roundtrips_through_json():
                       compute_dtype=torch.bfloat16, learner_mode="shared", learner_iterations=3, weight_power=2.0,
                       assigner_method="ilp", clusters=64, solver="cbc", time_limit=5.0, seed=3, loftq_rank=16,
                       loftq_iterations=2, modules_to_not_convert=["mlp.down_proj"], plan_path="/x/plan.safetensors",
-                      plan_cache=False)  # fmt: skip
+                      plan_cache=False, loftq_svd_niter=2)  # fmt: skip
     d = json.loads(json.dumps(cfg.to_dict()))
     assert d["quant_method"] == "lowra" and d["compute_dtype"] == "bfloat16" and d["precisions"] == [1, 2, 4]
     assert "load_in_4bit" not in d and "load_in_8bit" not in d  # would reroute the dict to bitsandbytes
@@ -110,6 +110,8 @@ def test_config_roundtrips_through_json():
         ({"bits": 2, "learner_mode": "x"}, "learner_mode"),
         ({"bits": 2, "compute_dtype": "int8"}, "compute_dtype"),
         ({"bits": 2, "loftq_rank": -1}, "loftq_rank"),
+        ({"bits": 2, "loftq_svd_niter": -1}, "loftq_svd_niter"),
+        ({"bits": 2, "loftq_svd_niter": 2.0}, "loftq_svd_niter"),
         ({"bits": 2, "modules_to_not_convert": [1]}, "modules_to_not_convert"),
         ({"bits": 2, "unknown_option": 1}, "unknown options"),
         ({"bits": 2, "precisions": [2.7, 4]}, "precisions"),  # not quietly 2
@@ -728,6 +730,26 @@ def test_loftq_through_from_pretrained_save_reload_and_peft(tiny_dir, tmp_path, 
     assert not torch.allclose(lora_logits, base_logits)
     with pytest.raises(ValueError, match="rank"):
         get_peft_model(_load(out), LoraConfig(r=8, target_modules="all-linear"))
+
+
+def test_loftq_svd_niter_reaches_the_svd_and_is_saved(tiny_dir, tmp_path, plan_cache, monkeypatch):
+    """LowRAConfig(loftq_svd_niter=k): from_pretrained's LoftQ runs the randomized SVD (k subspace iterations) instead
+    of the exact one; the option is saved in config.json. Default None: exact."""
+    from bitsandbytes_lowra import loftq
+
+    calls = []
+    real = loftq.low_rank_factors
+    monkeypatch.setattr(loftq, "low_rank_factors", lambda *a, **k: calls.append(a[3] if len(a) > 3 else None)
+                        or real(*a, **k))
+    path, _ = tiny_dir["llama"]
+    q = _load(path, quantization_config=LowRAConfig(bits=2.0, loftq_rank=4, loftq_iterations=2, loftq_svd_niter=1))
+    assert len(calls) == 2 * len(q.hf_quantizer.lowra_modules) and set(calls) == {1}
+    q.save_pretrained(tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["loftq_svd_niter"] == 1
+    assert _load(tmp_path / "q").config.quantization_config.loftq_svd_niter == 1
+    calls.clear()
+    _load(path, quantization_config=LowRAConfig(bits=2.0, loftq_rank=4, loftq_iterations=1))
+    assert calls and set(calls) == {None}
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,8 @@ class LowRAConfig(QuantizationConfigMixin):
         loftq_rank, loftq_iterations, loftq_init: with loftq_rank > 0 every weight is quantized with LoftQ ("loftq",
             5 alternating steps by default, as the paper) or PiSSA ("pissa") against the plan; the quantized residual
             becomes the base and the rank-r initialization is stored on the layer (saved with the model), where
-            get_peft_model picks it up (matching rank required).
+            get_peft_model picks it up (matching rank required). loftq_svd_niter: None (exact SVD, the default) or
+            the subspace iterations of a randomized SVD (torch.svd_lowrank), much faster on large layers.
         modules_to_not_convert: module names or patterns kept in full precision (the output head and tied
             embeddings always are).
         plan_path: a plan saved by `write_plan` / `Plan.save`: used instead of planning.
@@ -109,7 +110,7 @@ class LowRAConfig(QuantizationConfigMixin):
         "bits", "precisions", "blocksize", "compress_statistics", "compute_dtype", "learner_mode",
         "learner_iterations", "weight_power", "assigner_method", "clusters", "solver", "time_limit", "seed",
         "loftq_rank", "loftq_iterations", "loftq_init", "modules_to_not_convert", "plan_path", "plan_cache",
-        "quant_storage",
+        "quant_storage", "loftq_svd_niter",
     )  # fmt: skip
 
     def __init__(
@@ -134,6 +135,7 @@ class LowRAConfig(QuantizationConfigMixin):
         plan_path: str | None = None,
         plan_cache: bool = True,
         quant_storage=torch.uint8,
+        loftq_svd_niter: int | None = None,
         **kwargs,
     ):
         kwargs.pop("quant_method", None)  # from_dict passes the stored dict back, quant_method included
@@ -164,6 +166,7 @@ class LowRAConfig(QuantizationConfigMixin):
         self.plan_path = None if plan_path is None else os.fspath(plan_path)
         self.plan_cache = plan_cache
         self.quant_storage = quant_storage
+        self.loftq_svd_niter = loftq_svd_niter
         self.post_init()
 
     def post_init(self):
@@ -186,6 +189,7 @@ class LowRAConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if self.loftq_init not in ("loftq", "pissa"):
             raise ValueError(f"loftq_init must be 'loftq' or 'pissa', got {self.loftq_init!r}")
+        self._check_loftq_svd_niter()
         try:
             self.quant_storage = check_quant_storage(self.quant_storage)  # also accepts its name (from config.json)
         except LowRAFormatError as e:
@@ -193,6 +197,12 @@ class LowRAConfig(QuantizationConfigMixin):
         m = self.modules_to_not_convert
         if m is not None and not all(isinstance(x, str) for x in m):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {m!r}")
+
+    def _check_loftq_svd_niter(self) -> None:
+        n = self.loftq_svd_niter
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"loftq_svd_niter must be None (exact SVD) or an integer >= 0 (subspace iterations of the "
+                             f"randomized SVD), got {n!r}")
 
     def plan_settings(self) -> _plan.PlanSettings:
         return _plan.PlanSettings.from_config(self)
@@ -667,7 +677,7 @@ class LowRAHfQuantizer(HfQuantizer):
 
             _loftq.loftq_linear(
                 module, value, config.loftq_rank, iterations=config.loftq_iterations, init=config.loftq_init,
-                plan=LowRAPlan(lp.bits, lp.codebook, lp.thresholds),
+                plan=LowRAPlan(lp.bits, lp.codebook, lp.thresholds), svd_niter=config.loftq_svd_niter,
             )
             module.set_quant_storage(config.quant_storage)  # LoftQ installs uint8 codes
             module._is_hf_initialized = True
