@@ -77,7 +77,6 @@ def _unknown_options_message(kwargs) -> str:
     return message
 
 
-
 class LowRAConfig(QuantizationConfigMixin):
     """Quantization config of LowRA (arXiv 2502.08141): per-output-channel 1/2/4-bit precision under a global budget.
 
