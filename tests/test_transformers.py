@@ -387,6 +387,34 @@ def test_conversion_ops_share_the_live_quantizer():
         assert type(dup) is type(op) and dup is not op and dup.hf_quantizer is q
 
 
+def _edited_config(saved, dst, **changes):
+    import shutil
+
+    shutil.copytree(saved, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"].update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("field, value, saved", [("blocksize", 128, 64), ("compress_statistics", False, True)])
+def test_saved_model_refuses_a_config_that_misdescribes_its_layers(saved_llama, tmp_path, field, value, saved):
+    """The weights come from the layers' saved states: a hand-edited config.json was accepted and then described the
+    model wrongly (and was saved again so)."""
+    bad = _edited_config(saved_llama, tmp_path / "bad", **{field: value})
+    message = f"says {field}={value!r}, but the saved layers .* hold {field}={saved!r}"
+    with pytest.raises(LowRAFormatError, match=message):
+        AutoModelForCausalLM.from_pretrained(bad, device_map="cpu")
+
+
+def test_saved_model_names_a_budget_far_from_its_layers_bits(saved_llama, tmp_path):
+    with pytest.warns(UserWarning, match="says bits=4.0, but the saved layers average 2.0000 bits"):
+        AutoModelForCausalLM.from_pretrained(_edited_config(saved_llama, tmp_path / "b", bits=4.0), device_map="cpu")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*saved layers average")
+        AutoModelForCausalLM.from_pretrained(saved_llama, device_map="cpu")  # the config as saved: no warning
+
+
 def test_unknown_state_tensor_fails_before_loading(saved_llama, tmp_path):
     bad = _corrupt(saved_llama, tmp_path / "bad", lambda sd: sd.__setitem__(f"{LAYER}.lowra_future", torch.zeros(3)))
     with pytest.raises(LowRAFormatError, match="unknown LowRA state tensors"):

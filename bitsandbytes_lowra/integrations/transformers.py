@@ -53,6 +53,10 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 # ------------------------------------------------------------------------------------------------------ config
 
+# How far a saved model's average bits may sit from its config's budget before _check_saved_config names it: the
+# greedy assigner meets a budget to ~1e-5 bits, the ILP within ~1% (docs/assigner.md).
+_BITS_TOLERANCE = 0.05
+
 # BitsAndBytesConfig's options, for a QLoRA script whose config was renamed to LowRAConfig: what to write instead.
 _BNB_EQUIVALENTS = {
     "load_in_4bit": "implied: LowRA is a 1-4-bit format; drop it and give the budget as bits=...",
@@ -720,6 +724,8 @@ class LowRAHfQuantizer(HfQuantizer):
                 f"(first: {failed[:3]})" + ("\n" + "\n".join(reasons) if reasons else "")
             )
         self._check_loftq_init(model)
+        if self.pre_quantized:
+            self._check_saved_config(model)
         # peft's prepare_model_for_kbit_training enables input grads / checkpointing only for these flags, and
         # Trainer skips DataParallel for them. LowRA is a 1-4-bit weight format, so "4bit" is accurate enough.
         model.is_loaded_in_4bit = True
@@ -732,6 +738,28 @@ class LowRAHfQuantizer(HfQuantizer):
         _guard_dtype_casts(model)
         _bind_accounting(model)
         return model
+
+    def _check_saved_config(self, model) -> None:
+        """A saved model's weights come from its layers' states, not from config.json: a config whose blocksize or
+        scale form differs from theirs (hand-edited, or copied from another model) would misdescribe the model it
+        is saved with again, so it is refused; a budget far from the layers' average bits is named."""
+        from ..convert import model_bits_report
+
+        config = self.quantization_config
+        for name in self.lowra_modules:
+            state = model.get_submodule(name).weight.quant_state
+            for field, saved, said in (("blocksize", state.blocksize, config.blocksize),
+                                       ("compress_statistics", state.nested, config.compress_statistics)):
+                if saved != said:
+                    raise LowRAFormatError(
+                        f"config.json's quantization_config says {field}={said!r}, but the saved layers (first: "
+                        f"{name}) hold {field}={saved!r}: the config was edited or belongs to another model; restore "
+                        f"{field}={saved!r}")  # fmt: skip
+        nominal = model_bits_report(model)["nominal_bits"]
+        if abs(nominal - config.bits) > _BITS_TOLERANCE:
+            warnings.warn(f"config.json's quantization_config says bits={config.bits}, but the saved layers average "
+                          f"{nominal:.4f} bits per parameter: the config was edited or belongs to another model",
+                          stacklevel=2)
 
     def _check_loftq_init(self, model) -> None:
         """Saved LoftQ initializations must be finite: get_peft_model would copy NaN into lora_A / lora_B."""
