@@ -462,6 +462,10 @@ def learn_fits(
     for target, W in tensors:
         if target.transpose:
             W = W.t()
+        if W.dtype == torch.float64:
+            # The learner takes the kernels' dtypes only, and LowRA loads models in float32 at most: a float64
+            # checkpoint is planned as the float32 weights it will be quantized from.
+            W = W.float()
         fits = learn_layer(
             W,
             precisions=LEARNED_PRECISIONS,

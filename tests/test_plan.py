@@ -197,6 +197,18 @@ def test_state_iterator_source():
     assert plan.key is None
 
 
+def test_float64_weights_are_planned_as_float32(tmp_path):
+    """The learner takes float32/16/bf16 only; a float64 checkpoint plans as its float32 cast (it loads as that)."""
+    w = {k: v for k, v in _weights().items() if k.startswith("a.")}
+    ref = P.make_plan(w, {"bits": 1.75}, progress=False)
+    w64 = {k: v.double() for k, v in w.items()}
+    save_file(w64, str(tmp_path / "model.safetensors"))
+    for source in (w64, tmp_path / "model.safetensors"):
+        plan = P.make_plan(source, {"bits": 1.75}, progress=False, cache=False)
+        for n in ref:
+            assert torch.equal(plan[n].bits, ref[n].bits) and torch.equal(plan[n].codebook, ref[n].codebook)
+
+
 def test_ilp_assigner_and_shared_modes(checkpoint, tmp_path):
     greedy = P.make_plan(checkpoint, {"bits": 1.75}, progress=False, cache_dir=tmp_path)
     ilp = P.make_plan(checkpoint, {"bits": 1.75, "assigner_method": "ilp", "clusters": 8}, progress=False,

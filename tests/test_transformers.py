@@ -289,6 +289,17 @@ def test_unsupported_dtype_refused_before_planning(tiny_dir, plan_cache, learn_c
     assert learn_calls == []
 
 
+def test_float64_checkpoint_loads_as_float32(tiny_dir, tmp_path, plan_cache):
+    """Planning reads the checkpoint's own tensors: float64 ones are planned as the float32 weights they load as."""
+    path, model = tiny_dir["llama"]
+    copy.deepcopy(model).double().save_pretrained(tmp_path / "f64")
+    q = _load(tmp_path / "f64", dtype=torch.float32, quantization_config=LowRAConfig(bits=2.0))
+    ref = _load(path, quantization_config=LowRAConfig(bits=2.0))
+    assert q.hf_quantizer.lowra_modules == ref.hf_quantizer.lowra_modules
+    with torch.no_grad():
+        assert torch.equal(q(_x()).logits, ref(_x()).logits)
+
+
 def test_modules_to_not_convert(tiny_dir, plan_cache):
     path, _ = tiny_dir["llama"]
     skip = ["mlp.down_proj", "model.layers.1"]
