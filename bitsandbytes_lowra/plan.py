@@ -283,12 +283,18 @@ def checkpoint_keys(files: Iterable[Path]) -> dict[str, Path]:
 _NOT_LINEAR = re.compile(r"(embed|wte|wpe|lm_head|norm|ln_)", re.IGNORECASE)
 
 
-def _is_default_target(key: str) -> bool:
-    return key.endswith(".weight") and not _NOT_LINEAR.search(key)
+def _is_default_target(key: str, shape) -> bool:
+    """A linear layer's weight by its name and its [out, in] shape (convolutions and biases are not 2-D)."""
+    return len(shape) == 2 and key.endswith(".weight") and not _NOT_LINEAR.search(key)
 
 
-def _default_targets(keys: dict[str, Path]) -> list[Target]:
-    return [Target(k.removesuffix(".weight"), k) for k in sorted(keys) if _is_default_target(k)]
+def _default_targets(headers: dict[str, tuple[Path, dict]]) -> list[Target]:
+    """The default targets of a checkpoint, selected from its safetensors headers' names and shapes."""
+    return [
+        Target(k.removesuffix(".weight"), k)
+        for k in sorted(headers)
+        if _is_default_target(k, headers[k][1].get("shape", ()))
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------ fits
@@ -773,6 +779,25 @@ def _digest(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _is_file_source(source) -> bool:
+    """Whether make_plan's source names safetensors files (a path, or a list / tuple of paths) rather than holding
+    tensors (a mapping, or an iterable of (name, tensor) pairs; a list of pairs is as valid as a generator)."""
+    if isinstance(source, (str, os.PathLike)):
+        return True
+    if isinstance(source, Mapping) or not isinstance(source, (list, tuple)):
+        return False
+    if all(isinstance(x, (str, os.PathLike)) for x in source):
+        return True  # an empty list too: checkpoint_files says there are no files
+    bad = next((x for x in source if not (isinstance(x, (list, tuple)) and len(x) == 2
+                                          and isinstance(x[1], torch.Tensor))), None)  # fmt: skip
+    if bad is not None:
+        raise TypeError(
+            "a list source must hold either checkpoint file paths or (name, tensor) pairs, not a mix or anything "
+            f"else; got an element of type {type(bad).__name__}"
+        )
+    return False
+
+
 def make_plan(
     source,
     config,
@@ -796,14 +821,14 @@ def make_plan(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    if isinstance(source, Mapping) or not isinstance(source, (str, os.PathLike, list, tuple)):
+    if not _is_file_source(source):
         items = source.items() if isinstance(source, Mapping) else source
         by_key = {t.key: t for t in targets} if targets is not None else None
 
         def pairs():
             for name, tensor in items:
                 if by_key is None:
-                    if tensor.dim() == 2 and _is_default_target(name):
+                    if _is_default_target(name, tensor.shape):
                         yield Target(name.removesuffix(".weight"), name), tensor
                 elif name in by_key:
                     yield by_key[name], tensor
@@ -816,7 +841,7 @@ def make_plan(
 
     files = checkpoint_files(source)
     if targets is None:
-        targets = _default_targets(checkpoint_keys(files))
+        targets = _default_targets(checkpoint_headers(files))
         if not targets:
             raise ValueError(f"no quantizable 2-D weights found in {source}")
     fits_key = _digest(

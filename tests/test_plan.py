@@ -197,6 +197,28 @@ def test_state_iterator_source():
     assert plan.key is None
 
 
+def test_list_of_pairs_source_is_tensors_not_files():
+    """A list of (name, tensor) pairs is an iterable of pairs, as a generator is; it was taken for a list of files."""
+    w = _weights()
+    ref = P.make_plan(iter(w.items()), {"bits": 2.0}, progress=False)
+    for source in (list(w.items()), tuple(w.items())):
+        plan = P.make_plan(source, {"bits": 2.0}, progress=False)
+        assert sorted(plan) == sorted(ref) and all(torch.equal(plan[n].bits, ref[n].bits) for n in ref)
+    with pytest.raises(TypeError, match=r"file paths or \(name, tensor\) pairs.*type str"):
+        P.make_plan([("a.q_proj.weight", w["a.q_proj.weight"]), "model.safetensors"], {"bits": 2.0}, progress=False)
+
+
+def test_file_source_selects_only_2d_weights(tmp_path):
+    """A file plans the same layers as its dict: a conv1d "*.weight" (3-D) is not a linear layer."""
+    g = torch.Generator().manual_seed(0)
+    w = {"m.in_proj.weight": torch.randn(32, 64, generator=g), "m.conv1d.weight": torch.randn(16, 1, 4, generator=g),
+         "m.out_proj.weight": torch.randn(64, 16, generator=g), "m.D": torch.randn(16, generator=g)}  # fmt: skip
+    save_file(w, str(tmp_path / "model.safetensors"))
+    from_file = P.make_plan(tmp_path / "model.safetensors", {"bits": 2.0}, progress=False, cache=False)
+    from_dict = P.make_plan(w, {"bits": 2.0}, progress=False)
+    assert sorted(from_file) == sorted(from_dict) == ["m.in_proj", "m.out_proj"]
+
+
 def test_float64_weights_are_planned_as_float32(tmp_path):
     """The learner takes float32/16/bf16 only; a float64 checkpoint plans as its float32 cast (it loads as that)."""
     w = {k: v for k, v in _weights().items() if k.startswith("a.")}
