@@ -149,6 +149,7 @@ def _check_method_bits(args) -> None:
 
 
 def _cmd_plan(args) -> int:
+    from .plan import FIT_SETTINGS, PlanSettings
     from .sweep import plan_record, resolve_checkpoint
 
     _check_method_bits(args)
@@ -166,8 +167,12 @@ def _cmd_plan(args) -> int:
             raise ValueError(f"cannot write the plan to {out}: {e}") from None
         rec["plan_path"] = str(out)
         rec["plan_file_bytes"] = out.stat().st_size
+        # The quantizer refuses a plan made for other settings than its config's: name those that are not defaults.
+        default = PlanSettings(bits=args.bits).recorded_fields()
+        kw = "".join(f"{k}={v!r}, " for k, v in plan.settings.items()
+                     if k in ("precisions", *FIT_SETTINGS) and default[k] != v)  # fmt: skip
         extra.append(f"saved {out} ({_mib(out.stat().st_size)}); use it with LowRAConfig(bits={args.bits:g}, "
-                     f"plan_path='{out}')")  # fmt: skip
+                     f"{kw}plan_path='{out}')")  # fmt: skip
     _emit(args, rec, _plan_text(rec, extra))
     return 0
 

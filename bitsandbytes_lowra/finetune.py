@@ -212,8 +212,10 @@ def load_quantized(checkpoint, plan, dtype=torch.float32, plan_path=None, quant_
         remove = False
     try:
         plan.save(plan_path)
-        config = LowRAConfig(bits=float(plan.settings["bits"]), blocksize=plan.blocksize, plan_path=str(plan_path),
-                             quant_storage=quant_storage)  # fmt: skip
+        # The config describes the plan (the quantizer refuses a plan made for other settings): its recorded ones.
+        recorded = {k: v for k, v in plan.settings.items() if k in LowRAConfig._FIELDS}
+        config = LowRAConfig(**{**recorded, "bits": float(plan.settings["bits"]), "blocksize": plan.blocksize},
+                             plan_path=str(plan_path), quant_storage=quant_storage)  # fmt: skip
         model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config, dtype=dtype,
                                                      device_map=_device_map())
     finally:

@@ -57,6 +57,8 @@ ASSIGNER_METHODS = ("greedy", "ilp")
 ASSIGNER_SOLVERS = ("highs", "cbc")
 # Fits are always learned for every storable precision, so any budget (and any `precisions` subset) reuses them.
 LEARNED_PRECISIONS = tuple(ALLOWED_BITS)
+# The settings learned fits depend on (PlanSettings.fit_fields, bar the always-equal learned_precisions).
+FIT_SETTINGS = ("blocksize", "learner_mode", "learner_iterations", "weight_power")
 
 
 # ------------------------------------------------------------------------------------------------------ settings
@@ -146,6 +148,24 @@ class PlanSettings:
             "weight_power": float(self.weight_power),
             "learned_precisions": list(LEARNED_PRECISIONS),
         }
+
+    def check_made_with(self, recorded: Mapping, keys: Iterable[str], what: str) -> None:
+        """Raise unless `recorded` (the settings a plan or fits file was made with) agrees with these settings on
+        `keys`; keys it does not record (a baseline's plan) are not compared. `what`: "the plan P was made". A plan
+        made for other settings would quietly break them (1-bit rows under precisions (2, 4)) while the saved config
+        describes the model wrongly."""
+        wanted = self.recorded_fields()
+        differ = [k for k in keys if k in recorded and recorded[k] != wanted[k]]
+        if differ:
+            default = f" (its default for bits={self.bits})" if self.precisions is None else ""
+            raise ValueError(f"{what} for " + "; ".join(
+                f"{k}={recorded[k]!r}, the config asks for {k}={wanted[k]!r}{default if k == 'precisions' else ''}"
+                for k in differ
+            ))  # fmt: skip
+
+    def recorded_fields(self) -> dict:
+        """These settings as a plan records them (Plan.settings)."""
+        return {**self.fit_fields(), **self.assign_fields()}
 
     def assign_fields(self) -> dict:
         """The options the assignment depends on (with the fits key, the plan's cache key)."""
@@ -238,17 +258,18 @@ def _read_header(path: Path) -> bytes:
         return header
 
 
-def fingerprint(files: Iterable[Path], samples: int = 64, sample_bytes: int = 4096) -> str:
+def fingerprint(files: Iterable[Path], samples: int = 64, sample_bytes: int = 4096, stat: bool = True) -> str:
     """sha256 over each file's name, size, mtime, safetensors header and `samples` evenly spaced content chunks.
 
     Cheap (reads about samples * sample_bytes per file) and changes when any file is rewritten; copying the
     checkpoint elsewhere keeps the names and content but changes mtimes, which only costs a re-plan.
+    stat=False: sizes and content only, the same for a copy (what a plan records of the checkpoint it was made for).
     """
     h = hashlib.sha256()
-    for path in files:
+    for path in files if stat else sorted(files, key=lambda f: Path(f).name):  # by name: any listing order agrees
         path = Path(path)
         st = path.stat()
-        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode() if stat else f"{st.st_size}\0".encode())
         h.update(hashlib.sha256(_read_header(path)).digest())
         with open(path, "rb") as fh:
             for i in range(samples):
@@ -329,9 +350,7 @@ class ModelFits:
         from .learner import PrecisionFit, tables_for_bits
 
         settings = PlanSettings.from_config(settings)
-        if settings.blocksize != self.fit_settings["blocksize"]:
-            learned = self.fit_settings["blocksize"]
-            raise ValueError(f"fits were learned with blocksize {learned}, not {settings.blocksize}")
+        settings.check_made_with(self.fit_settings, FIT_SETTINGS, "the fits were learned")
         allowed = settings.allowed_precisions()
         missing = [p for p in allowed if p not in self.precisions]
         if missing:
@@ -540,6 +559,7 @@ class Plan:
     assignment: dict = field(default_factory=dict)
     key: str | None = None
     origin: str = "computed"  # computed | fits-cache | plan-cache | file
+    checkpoint: str | None = None  # fingerprint(files, stat=False) of the checkpoint planned; None: not from files
 
     def __getitem__(self, name: str) -> LayerPlan:
         return self.layers[name]
@@ -637,6 +657,7 @@ class Plan:
             "settings": self.settings,
             "assignment": self.assignment,
             "key": self.key,
+            "checkpoint": self.checkpoint,
             "nominal_bits_exact": [exact.numerator, exact.denominator],
             "layers": layers_meta,
         }
@@ -676,7 +697,8 @@ class Plan:
         if not layers:
             raise LowRAFormatError(f"{path}: the plan has no layers")
         assignment = dict(meta.get("assignment") or {})
-        plan = cls(layers=layers, settings=settings, assignment=assignment, key=meta.get("key"), origin="file")
+        plan = cls(layers=layers, settings=settings, assignment=assignment, key=meta.get("key"), origin="file",
+                   checkpoint=meta.get("checkpoint"))  # fmt: skip
         if plan.nominal_bits_exact() != Fraction(int(num), int(den)):
             raise LowRAFormatError(
                 f"{path}: bits do not add up to the recorded {num}/{den} nominal bits (corrupt plan)"
@@ -855,6 +877,7 @@ def make_plan(
     plan_key = _digest(
         {"fits": fits_key, "assign": settings.assign_fields(), "assigner": _source_digest(f"{__package__}.assigner")}
     )
+    source = fingerprint(files, stat=False)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     plan_path, fits_path = root / f"plan-{plan_key[:32]}.safetensors", root / f"fits-{fits_key[:32]}.safetensors"
 
@@ -862,7 +885,7 @@ def make_plan(
         try:
             plan = Plan.load(plan_path)
             if plan.key == plan_key:
-                plan.origin = "plan-cache"
+                plan.origin, plan.checkpoint = "plan-cache", source  # a plan cached before plans recorded it
                 logger.info("LowRA plan read from cache %s", plan_path)
                 return plan
         except LowRAFormatError as e:
@@ -885,6 +908,7 @@ def make_plan(
             fits.save(fits_path)
     plan = fits.assign(settings, progress=progress)
     plan.key = plan_key
+    plan.checkpoint = source
     plan.origin = "computed" if fits.origin == "computed" else "fits-cache"
     if cache:
         plan.save(plan_path)

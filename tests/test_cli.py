@@ -1,6 +1,7 @@
 """The `lowra` command line: help, argument errors, plan / quantize / eval / memory on the real default model (tiny
 eval budgets), and the harness' table / plot / grid helpers on synthetic records."""
 
+import ast
 import json
 import re
 import subprocess
@@ -652,3 +653,22 @@ def test_eval_names_a_lowra_checkpoint_that_lost_its_quantization_config(capsys,
     (out / "config.json").write_text(json.dumps(config))
     rc, _, err = _run(capsys, "eval", str(out), "--eval-tokens", "64", "--context", "32", "-q")
     assert rc == 2 and "holds LowRA-quantized layers but its config.json has no LowRA quantization_config" in err
+
+
+def test_plan_hint_names_the_settings_the_plan_was_made_for(capsys, tmp_path, monkeypatch, tiny_checkpoint):
+    """The quantizer refuses a plan made for other settings than its config's: the LowRAConfig `plan` suggests for
+    a LowRA-PA plan (fixed NF levels) must say learner_mode='fixed_mapping', and load."""
+    from transformers import AutoModelForCausalLM
+
+    from bitsandbytes_lowra import LowRAConfig
+
+    monkeypatch.setenv("LOWRA_PLAN_CACHE", str(tmp_path / "plans"))
+    out_file = tmp_path / "pa.safetensors"
+    rc, out, err = _run(capsys, "plan", str(tiny_checkpoint), "--bits", "1.5", "--method", "lowra-pa", "-o",
+                        str(out_file), "-q")  # fmt: skip
+    assert rc == 0, err
+    hint = re.search(r"LowRAConfig\((.*)\)", out).group(1)
+    assert "learner_mode='fixed_mapping'" in hint
+    call = ast.parse(f"LowRAConfig({hint})").body[0].value  # the suggestion as a user would paste it
+    config = LowRAConfig(**{k.arg: ast.literal_eval(k.value) for k in call.keywords})
+    AutoModelForCausalLM.from_pretrained(tiny_checkpoint, quantization_config=config, device_map="cpu")

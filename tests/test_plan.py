@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -366,6 +367,20 @@ def test_assign_matches_assigner_on_concatenated_errors(checkpoint, tmp_path):
     a = assign_precisions(errors, sizes, 1.75, precisions=(1, 2, 4))
     assert np.array_equal(np.concatenate([plan[n].bits.numpy() for n in fits.layers]), a.bits)
     assert plan.assignment["total_error"] == pytest.approx(a.total_error)
+
+
+def test_fits_refuse_settings_they_were_not_learned_with():
+    """assign checked only blocksize: other learner settings were ignored and the fits' plan returned as theirs."""
+    fits = P.learn_fits(((P.Target("a", "a.weight"), _weights()["a.q_proj.weight"]),), {"bits": 2.0}, progress=False)
+    for kw, message in [
+        ({"learner_mode": "shared"}, "learner_mode='per_channel', the config asks for learner_mode='shared'"),
+        ({"learner_iterations": 5}, "learner_iterations=2, the config asks for learner_iterations=5"),
+        ({"weight_power": 0.5}, "weight_power=1.0, the config asks for weight_power=0.5"),
+        ({"blocksize": 128}, "blocksize=64, the config asks for blocksize=128"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(f"the fits were learned for {message}")):
+            fits.assign({"bits": 2.0, **kw})
+    assert fits.assign({"bits": 2.0, "assigner_method": "ilp", "clusters": 4}).nominal_bits() <= 2.0
 
 
 def test_progress_bar(checkpoint, capsys):

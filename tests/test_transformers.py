@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -267,6 +268,49 @@ def test_precomputed_plan(tiny_dir, tmp_path, plan_cache, learn_calls):
     # A plan for another model fails before any weight is quantized.
     with pytest.raises(ValueError, match="does not match the model"):
         _load(tiny_dir["opt"][0], quantization_config=LowRAConfig(bits=2.0, plan_path=tmp_path / "plan.safetensors"))
+
+
+def test_plan_made_for_other_settings_or_weights(tiny_dir, tmp_path, plan_cache):
+    """plan_path compared only bits: a (1, 4) plan loaded under the default (2, 4) gave 1-bit rows while the saved
+    config said precisions=None, and a plan for other weights of the same shapes loaded without a word."""
+    path, model = tiny_dir["llama"]
+    plan = tmp_path / "plan.safetensors"
+    lt.write_plan(path, LowRAConfig(bits=2.5, precisions=[1, 4]), output=plan, progress=False)
+    cases = {
+        "precisions=[1, 4], the config asks for precisions=[2, 4] (its default for bits=2.5)": {},
+        "learner_mode='per_channel', the config asks for learner_mode='shared'": dict(learner_mode="shared"),
+        "weight_power=1.0, the config asks for weight_power=2.0": dict(weight_power=2.0),
+    }
+    for message, kw in cases.items():
+        with pytest.raises(ValueError, match=re.escape(f"the plan {plan} was made for ") + ".*" + re.escape(message)):
+            _load(path, quantization_config=LowRAConfig(bits=2.5, plan_path=plan, **kw))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*made from another checkpoint")  # its own checkpoint: no warning
+        q = _load(path, quantization_config=LowRAConfig(bits=2.5, precisions=[1, 4], plan_path=plan))
+    assert {b for m in q.modules() if isinstance(m, LinearLowRA) for b in m.quant_state.bits.tolist()} <= {1, 4}
+    other = tmp_path / "other"
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        perturbed.model.layers[0].mlp.up_proj.weight.mul_(2)
+    perturbed.save_pretrained(other)
+    with pytest.warns(UserWarning, match="was made from another checkpoint than this one"):
+        _load(other, quantization_config=LowRAConfig(bits=2.5, precisions=[1, 4], plan_path=plan))
+
+
+def test_load_quantized_describes_the_plan_it_loads(tiny_checkpoint, tmp_path, plan_cache):
+    """finetune.load_quantized builds the config from the plan's recorded settings (LowRA-PA plans are
+    fixed_mapping), so the quantizer's settings check accepts the plans the sweep makes."""
+    from bitsandbytes_lowra import finetune
+    from bitsandbytes_lowra import plan as P
+
+    cfg = LowRAConfig(bits=1.5, learner_mode="fixed_mapping")
+    plan = P.make_plan(tiny_checkpoint, cfg, progress=False, cache=False, modules=[
+        f"model.layers.{i}.mlp.{n}_proj.weight" for i in range(2) for n in ("gate", "up", "down")] + [
+        f"model.layers.{i}.self_attn.{n}_proj.weight" for i in range(2) for n in "qkvo"])  # fmt: skip
+    model, _ = finetune.load_quantized(tiny_checkpoint, plan)
+    qc = model.config.quantization_config
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    assert qc["learner_mode"] == "fixed_mapping" and qc["precisions"] == [1, 2, 4] and qc["bits"] == 1.5
 
 
 def test_config_precisions_normalized():

@@ -558,11 +558,11 @@ class LowRAHfQuantizer(HfQuantizer):
         shapes = {n: _shape(m) for n, m in targets.items()}
         if config.plan_path is not None:
             plan = _plan.Plan.load(config.plan_path)
-            if float(plan.settings.get("bits", float("nan"))) != float(config.bits):
-                raise ValueError(
-                    f"the plan {config.plan_path} was made for bits={plan.settings.get('bits')}, the config asks for "
-                    f"bits={config.bits}"
-                )
+            if "bits" not in plan.settings:
+                raise LowRAFormatError(f"the plan {config.plan_path} does not record the bit budget it was made for")
+            config.plan_settings().check_made_with(
+                plan.settings, ("bits", "precisions", *_plan.FIT_SETTINGS), f"the plan {config.plan_path} was made"
+            )
         else:
             if not files:
                 raise ValueError(
@@ -582,6 +582,15 @@ class LowRAHfQuantizer(HfQuantizer):
         plan.check_targets(shapes)
         if plan.blocksize != config.blocksize:
             raise ValueError(f"the plan uses blocksize {plan.blocksize}, the config {config.blocksize}")
+        if config.plan_path is not None and plan.checkpoint and files:
+            if plan.checkpoint != _plan.fingerprint(files, stat=False):
+                # Same layers and shapes, other weights: the precisions and tables were fitted to those. Reusing a
+                # plan may be intended (and a re-saved or re-sharded copy of the same weights lands here too).
+                warnings.warn(
+                    f"the LowRA plan {config.plan_path} was made from another checkpoint than this one (its content "
+                    "fingerprint differs): its precisions and tables were fitted to those weights, not these",
+                    stacklevel=2,
+                )
         return plan
 
     def _prepare_prequantized(self, model, files, prefix) -> None:
