@@ -344,6 +344,15 @@ def test_float64_checkpoint_loads_as_float32(tiny_dir, tmp_path, plan_cache):
         assert torch.equal(q(_x()).logits, ref(_x()).logits)
 
 
+def test_loftq_rank_above_a_layers_size_refused_before_planning(tiny_dir, plan_cache, learn_calls):
+    """It failed only after the whole planning pass, as one traceback per layer and transformers' generic error."""
+    with pytest.raises(ValueError, match=r"loftq_rank=100 exceeds min\(out_features, in_features\) of 4 of the 14 "
+                                         r"layers.*smallest: model\.layers\.0\.self_attn\.k_proj, 64"):
+        AutoModelForCausalLM.from_pretrained(tiny_dir["llama"][0], device_map="cpu",
+                                             quantization_config=LowRAConfig(bits=2.0, loftq_rank=100))  # fmt: skip
+    assert learn_calls == []
+
+
 def test_modules_to_not_convert(tiny_dir, plan_cache):
     path, _ = tiny_dir["llama"]
     skip = ["mlp.down_proj", "model.layers.1"]

@@ -362,6 +362,19 @@ def select_targets(model, config: LowRAConfig) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if _is_target(m) and should_convert_module(n, skip)}
 
 
+def _check_loftq_rank(rank: int, targets: dict[str, nn.Module]) -> None:
+    """Before planning, not as one failure per layer after the whole learner pass: a rank-r LoftQ initialization
+    needs r <= min(out_features, in_features) of every layer it initializes."""
+    small = {n: min(_shape(m)) for n, m in targets.items() if rank > min(_shape(m))}
+    if small:
+        name = min(small, key=small.get)
+        raise ValueError(
+            f"loftq_rank={rank} exceeds min(out_features, in_features) of {len(small)} of the {len(targets)} layers "
+            f"to quantize (smallest: {name}, {small[name]}); use loftq_rank <= {min(small.values())}, or skip those "
+            "layers with modules_to_not_convert"
+        )
+
+
 def checkpoint_targets(targets: dict[str, nn.Module], keys, prefix: str) -> list[_plan.Target]:
     """Planner Targets for the modules select_targets chose: each layer's checkpoint tensor (with or without the
     model's base prefix) and whether it is a Conv1D stored [in, out]."""
@@ -545,6 +558,7 @@ class LowRAHfQuantizer(HfQuantizer):
         targets = select_targets(model, config)
         if not targets:
             raise ValueError("LowRA found no nn.Linear / Conv1D layer to quantize in this model")
+        _check_loftq_rank(config.loftq_rank, targets)
         with _plain_torch():
             self.plan = self._get_plan(targets, files, prefix, device_map)
         logger.info("LowRA plan (%s): %.4f nominal bits over %d layers", self.plan.origin, self.plan.nominal_bits(),
