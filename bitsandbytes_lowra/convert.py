@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .assigner import assign_precisions, default_precisions
+from .assigner import assign_precisions
 from .format import DEFAULT_BLOCKSIZE, check_weight
 from .functional import bits_report
 from .learner import learn_layer, tables_for_bits
 from .nn import LinearLowRA
+from .plan import PlanSettings
 
 DEFAULT_SKIP = ("lm_head",)  # as transformers' quantizers: the output head stays dense
 
@@ -50,6 +51,7 @@ def convert_to_lowra(
     compute_dtype: torch.dtype | None = None,
     compress_statistics: bool = True,
     device=None,
+    progress: bool = True,
     **assign_kwargs,
 ) -> nn.Module:
     """Replace every nn.Linear of `model` (see linear_targets for `skip`) by a LinearLowRA, `bits` average code bits
@@ -57,17 +59,22 @@ def convert_to_lowra(
 
     precisions: allowed per-row bit widths (default assigner.default_precisions(bits)); iterations / mode: the
     learner's; method and assign_kwargs: the assigner's ("greedy" or "ilp"); device: where the quantized layers
-    live (default: each weight's device). Converts in place and returns the model (a bare nn.Linear is returned
-    converted). model_bits_report(model) gives the nominal and effective bits afterwards.
+    live (default: each weight's device); progress: tqdm bars over the layers, learning then quantizing.
+    Converts in place and returns the model (a bare nn.Linear is returned converted). model_bits_report(model)
+    gives the nominal and effective bits afterwards.
     """
+    from tqdm.auto import tqdm
+
     names = [""] if type(model) is nn.Linear else linear_targets(model, skip)
     if not names:
         raise ValueError("convert_to_lowra found no nn.Linear to convert (all skipped, or none in the model)")
-    precisions = tuple(default_precisions(bits) if precisions is None else precisions)
+    # Every option the assigner would otherwise check only after the last layer is learned.
+    settings = PlanSettings.of_call(bits, precisions, blocksize, iterations, mode, method, assign_kwargs)
+    precisions = settings.allowed_precisions()
 
     # 1. learn every layer (tables + per-row error at each precision)
     fits, errors, sizes = [], [], []
-    for name in names:
+    for name in tqdm(names, desc="LowRA learning", unit="layer", disable=not progress):
         W = model.get_submodule(name).weight.detach()
         check_weight(W, name=f"{name or 'model'}.weight")
         f = learn_layer(W, precisions, blocksize=blocksize, iterations=iterations, mode=mode)
@@ -77,13 +84,14 @@ def convert_to_lowra(
 
     # 2. one assignment over all rows of all layers
     assignment = assign_precisions(
-        torch.cat(errors).numpy(), np.concatenate(sizes), bits, precisions, method=method, **assign_kwargs
+        torch.cat(errors).numpy(), np.concatenate(sizes), bits, precisions, method=method, progress=progress,
+        **assign_kwargs,
     )
     row_bits = torch.from_numpy(assignment.bits.astype(np.uint8))
 
     # 3. quantize layer by layer with the assigned rows' tables
     start = 0
-    for name, f, s in zip(names, fits, sizes):
+    for name, f, s in zip(tqdm(names, desc="LowRA quantizing", unit="layer", disable=not progress), fits, sizes):
         b = row_bits[start : start + len(s)]
         start += len(s)
         old = model.get_submodule(name)

@@ -1108,11 +1108,13 @@ def quantize_lowra_at_bits(
     (2, 4) from 2 bits on. The nominal bits of the result never exceed `bits`."""
     import numpy as np
 
-    from .assigner import assign_precisions, default_precisions
+    from .assigner import assign_precisions
     from .learner import learn_layer, tables_for_bits
+    from .plan import PlanSettings
 
     check_weight(W)
-    precisions = tuple(default_precisions(bits) if precisions is None else precisions)
+    settings = PlanSettings.of_call(bits, precisions, blocksize, iterations, mode, method, assign_kwargs)
+    precisions = settings.allowed_precisions()
     fits = learn_layer(W, precisions, blocksize=blocksize, iterations=iterations, mode=mode)
     errors = torch.stack([fits[p].error for p in precisions], dim=1).cpu().numpy()
     sizes = np.full(W.shape[0], W.shape[1], dtype=np.int64)

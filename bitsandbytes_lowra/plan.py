@@ -132,6 +132,20 @@ class PlanSettings:
             values["precisions"] = tuple(values["precisions"])
         return cls(**values)
 
+    @classmethod
+    def of_call(cls, bits, precisions, blocksize, iterations, mode, method, assign_kwargs) -> "PlanSettings":
+        """The options of a learn-then-assign call (convert_to_lowra, quantize_lowra_at_bits), validated as planning
+        does them, before anything is learned. assign_kwargs: the call's extra assign_precisions options."""
+        unknown = sorted(set(assign_kwargs) - {"clusters", "solver", "time_limit", "seed", "progress"})
+        if unknown:
+            raise TypeError(f"unknown assigner options {unknown}: assign_precisions takes clusters, solver, "
+                            "time_limit, seed and progress")  # fmt: skip
+        options = {k: _py(v) for k, v in assign_kwargs.items() if k != "progress"}
+        # numpy scalars (which the assigner took) as Python numbers, which the settings check for
+        return cls(bits=_py(bits), precisions=None if precisions is None else tuple(map(_py, precisions)),
+                   blocksize=_py(blocksize), learner_mode=mode, learner_iterations=_py(iterations),
+                   assigner_method=method, **options)  # fmt: skip
+
     def allowed_precisions(self) -> tuple[int, ...]:
         from .assigner import default_precisions
 
@@ -177,6 +191,10 @@ class PlanSettings:
         if self.assigner_method == "ilp":
             fields.update(clusters=self.clusters, solver=self.solver, time_limit=self.time_limit, seed=self.seed)
         return fields
+
+
+def _py(value):
+    return value.item() if isinstance(value, np.generic) else value
 
 
 # ------------------------------------------------------------------------------------------------------ targets

@@ -475,6 +475,49 @@ def test_convert_toy_model():
         convert_to_lowra(model, bits=2)  # nothing left to convert
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(bits=0.5), ValueError, r"bits must be in \[1, 4\], got 0.5"),
+        (dict(bits=3.0, precisions=(1, 2)), ValueError, r"bits=3.0 is outside what precisions \(1, 2\) can meet"),
+        (dict(bits=1.75, method="anneal"), ValueError, "assigner_method must be one of"),
+        (dict(bits=1.75, method="ilp", clusters=0), ValueError, "clusters must be a positive integer, got 0"),
+        (dict(bits=1.75, method="ilp", solver="gurobi"), ValueError, "solver must be one of"),
+        (dict(bits=1.75, method="ilp", time_limit=-1), ValueError, "time_limit must be None or a positive number"),
+        (dict(bits=1.75, cluster=8), TypeError, r"unknown assigner options \['cluster'\]"),
+    ],
+)
+def test_budget_and_assigner_options_refused_before_learning(monkeypatch, kwargs, error, message):
+    """The assigner checked these only after every layer was learned (minutes for a 7B model)."""
+    from bitsandbytes_lowra import convert, learner
+
+    def refuse(*args, **kw):
+        raise AssertionError("learned a layer before the options were checked")
+
+    monkeypatch.setattr(convert, "learn_layer", refuse)
+    monkeypatch.setattr(learner, "learn_layer", refuse)  # quantize_lowra_at_bits imports it at call time
+    with pytest.raises(error, match=message):
+        convert_to_lowra(Toy(), progress=False, **kwargs)
+    with pytest.raises(error, match=message):
+        quantize_lowra_at_bits(dense().weight.detach(), **kwargs)
+
+
+def test_numpy_budget_and_precisions_still_accepted():
+    """The up-front check takes what the assigner took: numpy scalars and arrays."""
+    import numpy as np
+
+    _, state = quantize_lowra_at_bits(dense().weight.detach(), np.float32(3.0), precisions=np.array([4, 2]))
+    assert set(state.bits.unique().tolist()) == {2, 4} and state.nominal_bits <= 3.0
+
+
+def test_convert_progress_bars(capsys):
+    convert_to_lowra(Toy(), bits=2.0, progress=False)
+    assert capsys.readouterr().err == ""
+    convert_to_lowra(Toy(), bits=2.0)
+    err = capsys.readouterr().err
+    assert "LowRA learning" in err and "LowRA quantizing" in err and "2/2" in err
+
+
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
