@@ -363,6 +363,20 @@ def test_modules_to_not_convert(tiny_dir, plan_cache):
     assert type(q.lm_head) is torch.nn.Linear  # default skips still apply
 
 
+def test_modules_to_not_convert_matching_nothing_warns(tiny_dir):
+    """A typo or a non-matching name kept nothing dense without a word while the config still listed it."""
+    model = tiny_dir["llama"][1]
+    cfg = LowRAConfig(bits=2.0, modules_to_not_convert=["q_prj", "layers.0.mlp", "mlp.down_proj", "model.layers.1"])
+    with pytest.warns(UserWarning, match=re.escape("entries ['q_prj', 'layers.0.mlp'] match no linear layer")):
+        targets = lt.select_targets(model, cfg)
+    assert sorted(targets) == [f"model.layers.0.{n}" for n in ("mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
+                                                                 "self_attn.o_proj", "self_attn.q_proj",
+                                                                 "self_attn.v_proj")]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lt.select_targets(model, LowRAConfig(bits=2.0, modules_to_not_convert=["mlp.down_proj"]))
+
+
 # ------------------------------------------------------------------------------------------------------ failures
 
 

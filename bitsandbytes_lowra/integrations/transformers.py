@@ -359,7 +359,18 @@ def select_targets(model, config: LowRAConfig) -> dict[str, nn.Module]:
     skip = HfQuantizer.get_modules_to_not_convert(
         model, config.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None), add_default_skips=True
     )
-    return {n: m for n, m in model.named_modules() if _is_target(m) and should_convert_module(n, skip)}
+    linear = {n: m for n, m in model.named_modules() if _is_target(m)}
+    # A typo ("q_prj") or a name that is no prefix, regex or suffix match of a layer's name ("layers.0.mlp" matches
+    # the block "model.layers.0.mlp" as a suffix, not its layers) would keep nothing dense while the config still
+    # lists it: the model would be quantized more than asked without a word.
+    unmatched = [p for p in config.modules_to_not_convert or () if all(should_convert_module(n, [p]) for n in linear)]
+    if unmatched:
+        warnings.warn(
+            f"LowRA: modules_to_not_convert entries {unmatched} match no linear layer of this model, so they keep "
+            "nothing dense (an entry matches a layer's name from its start up to a '.', as a regex, or as its suffix)",
+            stacklevel=2,
+        )
+    return {n: m for n, m in linear.items() if should_convert_module(n, skip)}
 
 
 def _check_loftq_rank(rank: int, targets: dict[str, nn.Module]) -> None:
