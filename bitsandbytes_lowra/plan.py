@@ -895,7 +895,7 @@ def make_plan(
     plan_key = _digest(
         {"fits": fits_key, "assign": settings.assign_fields(), "assigner": _source_digest(f"{__package__}.assigner")}
     )
-    source = fingerprint(files, stat=False)
+    planned_from = fingerprint(files, stat=False)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     plan_path, fits_path = root / f"plan-{plan_key[:32]}.safetensors", root / f"fits-{fits_key[:32]}.safetensors"
 
@@ -903,7 +903,7 @@ def make_plan(
         try:
             plan = Plan.load(plan_path)
             if plan.key == plan_key:
-                plan.origin, plan.checkpoint = "plan-cache", source  # a plan cached before plans recorded it
+                plan.origin, plan.checkpoint = "plan-cache", planned_from  # a plan cached before plans recorded it
                 logger.info("LowRA plan read from cache %s", plan_path)
                 return plan
         except LowRAFormatError as e:
@@ -926,7 +926,7 @@ def make_plan(
             fits.save(fits_path)
     plan = fits.assign(settings, progress=progress)
     plan.key = plan_key
-    plan.checkpoint = source
+    plan.checkpoint = planned_from
     plan.origin = "computed" if fits.origin == "computed" else "fits-cache"
     if cache:
         plan.save(plan_path)
