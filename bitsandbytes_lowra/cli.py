@@ -493,9 +493,9 @@ def _cmd_finetune(args) -> int:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
     text = [f"{args.method} {args.bits:g} bits, {init} init: {metrics['train']['steps']} steps, "
             f"train loss {metrics['train']['train_loss']}"]  # fmt: skip
-    for tag in ("init", "finetuned"):
+    for tag, stage in (("init", "LoRA initialization"), ("finetuned", "fine-tuning")):
         if f"ppl_{tag}" in metrics:
-            text.append(f"perplexity after {tag}: {metrics[f'ppl_{tag}']:.3f}")
+            text.append(f"perplexity after {stage}: {metrics[f'ppl_{tag}']:.3f}")
     text.append("wrote " + ", ".join(wrote) + f", {out}/metrics.json")
     text.append(f"evaluate: {evaluate}")
     _emit(args, metrics, "\n".join(text))
