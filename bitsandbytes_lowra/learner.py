@@ -162,7 +162,21 @@ def _row_error(rows: _Rows, codebook: torch.Tensor, thresholds: torch.Tensor) ->
     levels = _expand_rows(codebook.float(), r)
     recon = torch.repeat_interleave(levels.reshape(-1), counts.reshape(-1), output_size=r * n).view(r, n)
     diff = torch.sub(rows.x, recon.mul_(rows.a))  # the float32 product, promoted exactly
-    return torch.einsum("ij,ij->i", diff, diff)
+    return _row_square_sums(diff)
+
+
+# Columns per first-level partial sum of _row_square_sums.
+_SUM_BLOCK = 1024
+
+
+def _row_square_sums(d: torch.Tensor) -> torch.Tensor:
+    """float64 [r]: sum(d * d, dim=1) in an order that does not depend on r, so errors are bit-identical whatever the
+    chunking. torch reduces a long row alone (one output) split across threads, but the same row among others in one
+    piece; einsum takes another path for one row. Partial sums of fixed blocks, then their sum, keep every reduction
+    either short or with many outputs."""
+    r, n = d.shape
+    sq = torch.nn.functional.pad(d.mul_(d), (0, -n % _SUM_BLOCK))  # zero padding adds exact zeros
+    return sq.view(r, -1, _SUM_BLOCK).sum(dim=2).sum(dim=1)
 
 
 def _fp16_tables(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
