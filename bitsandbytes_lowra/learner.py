@@ -321,6 +321,9 @@ def _learn_per_row(W, precs, blocksize, iterations, weight_power, bounds, dev, m
 
 
 def _learn_shared(W, precs, blocksize, iterations, weight_power, bounds, dev) -> dict[int, PrecisionFit]:
+    """All precisions advance in lockstep, one pass over the chunks per Lloyd step: a chunk is prepared (sorted, the
+    costly part) 1 + iterations times in all, not once per precision, step and error pass. Keeping every chunk's
+    prepared rows instead would give up the memory bound that chunking exists for (about 40 bytes per element)."""
     rows = W.shape[0]
     cached = _prepare(W, blocksize, weight_power, dev) if len(bounds) == 1 else None
 
@@ -328,38 +331,41 @@ def _learn_shared(W, precs, blocksize, iterations, weight_power, bounds, dev) ->
         for r0, r1 in bounds:
             yield r0, r1, cached if cached is not None else _prepare(W[r0:r1], blocksize, weight_power, dev)
 
-    def layer_sums(t16):
-        return sum(_bin_sums(chunk, t16).sum(dim=0) for _, _, chunk in chunks())
-
-    def row_errors(c16, t16):
-        err = torch.empty(rows, dtype=torch.float64, device=dev)
+    def layer_pass(tables: dict) -> tuple[dict, dict]:
+        """Layer bin sums (at the thresholds) and row errors of each precision's (codebook, thresholds)."""
+        sums, errs = {}, {p: torch.empty(rows, dtype=torch.float64, device=dev) for p in tables}
         for r0, r1, chunk in chunks():
-            err[r0:r1] = _row_error(chunk, c16, t16)
-        return err
+            for p, (c16, t16) in tables.items():
+                # The same order of additions as a sum over the chunks (0 + s0 + s1 + ...): bit-identical totals.
+                sums[p] = sums.get(p, 0) + _bin_sums(chunk, t16).sum(dim=0)
+                errs[p][r0:r1] = _row_error(chunk, c16, t16)
+        return sums, errs
 
+    init = {p: _initial_tables(p, dev, "shared") for p in precs}
+    # Each step's errors are computed in its pass (cheap next to preparing the chunk), so no pass is left for them.
+    sums, init_err = layer_pass(init)
+    best, err, ran = dict(init), dict(init_err), dict.fromkeys(precs, 0)
+    if iterations > 0:
+        best_obj = {p: _objective(sums[p], init[p][0]) for p in precs}
+        cur = dict(init)
+        for it in range(iterations):
+            if not cur:
+                break
+            cur = {p: _lloyd_update(c16, sums[p]) for p, (c16, _) in cur.items()}
+            sums, cur_err = layer_pass(cur)
+            for p in list(cur):
+                obj = _objective(sums[p], cur[p][0])
+                ran[p] = it + 1
+                if not bool(obj < best_obj[p]):  # the layer stops at the first step whose objective does not fall
+                    del cur[p]
+                    continue
+                best[p], best_obj[p], err[p] = cur[p], obj, cur_err[p]
     res = {}
     for p in precs:
-        init = _initial_tables(p, dev, "shared")
-        best, ran = init, 0
-        if iterations > 0:
-            sums = layer_sums(init[1])
-            best_obj = _objective(sums, init[0])
-            cur_c = init[0]
-            for it in range(iterations):
-                cur_c, cur_t = _lloyd_update(cur_c, sums)
-                sums = layer_sums(cur_t)
-                obj = _objective(sums, cur_c)
-                ran = it + 1
-                if not bool(obj < best_obj):
-                    break
-                best, best_obj = (cur_c, cur_t), obj
-        err = row_errors(*best)
-        if best is not init:
-            init_err = row_errors(*init)
-            if bool(err.sum() > init_err.sum()):
-                best, err = init, init_err
-        c16, t16 = best
-        res[p] = PrecisionFit(p, c16.expand(rows, -1).contiguous(), t16.expand(rows, -1).contiguous(), err, ran)
+        if best[p] is not init[p] and bool(err[p].sum() > init_err[p].sum()):
+            best[p], err[p] = init[p], init_err[p]
+        c16, t16 = best[p]
+        res[p] = PrecisionFit(p, c16.expand(rows, -1).contiguous(), t16.expand(rows, -1).contiguous(), err[p], ran[p])
     return res
 
 

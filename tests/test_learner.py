@@ -318,6 +318,19 @@ def test_row_square_sums_do_not_depend_on_the_row_count():
     torch.testing.assert_close(together, (d * d).sum(1), rtol=1e-13, atol=0)
 
 
+@pytest.mark.parametrize("iterations", [0, 2, 5])
+def test_shared_mode_prepares_each_chunk_once_per_pass(monkeypatch, iterations):
+    # Preparing (sorting) a chunk is the costly step: once per Lloyd pass over the layer (all precisions together,
+    # errors included), not once per precision, step and error pass (9x slower once a layer needed two chunks).
+    calls = []
+    prepare = learner._prepare
+    monkeypatch.setattr(learner, "_prepare", lambda W, *a: calls.append(W.shape[0]) or prepare(W, *a))
+    W = _weights(rows=50, cols=192, seed=4)
+    fits = learn_layer(W, mode="shared", iterations=iterations, chunk_rows=7)
+    chunks = math.ceil(50 / 7)
+    assert len(calls) <= chunks * (1 + max(f.iterations for f in fits.values()))
+
+
 def test_deterministic():
     W = _weights(rows=40, cols=256, seed=6)
     a, b = learn_layer(W), learn_layer(W.clone())
