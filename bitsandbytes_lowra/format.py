@@ -6,6 +6,8 @@ One place for every fact about the byte layout (docs/format.md is the prose vers
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 ALLOWED_BITS = (1, 2, 4)
@@ -31,9 +33,24 @@ def blocksize_ok(blocksize: int) -> bool:
     return 8 <= blocksize <= 4096 and blocksize % 8 == 0
 
 
-def check_blocksize(blocksize: int) -> None:
-    if not isinstance(blocksize, int) or not blocksize_ok(blocksize):
+def plain_number(value):
+    """A numpy integer or floating scalar as the Python int or float it holds; anything else unchanged. Options take
+    numpy scalars like Python numbers and store plain values (JSON-able, compared by type in isinstance checks)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):  # np.int64 etc. (numpy's bool_ is not Integral: still refused)
+        return int(value)
+    if isinstance(value, numbers.Real):  # np.float64 is a float subclass: stored as a plain float too
+        return float(value)
+    return value
+
+
+def check_blocksize(blocksize) -> int:
+    """The blocksize as a Python int (numpy integers accepted), or LowRAFormatError."""
+    blocksize = plain_number(blocksize)
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not blocksize_ok(blocksize):
         raise LowRAFormatError(f"blocksize must be {BLOCKSIZE_RULE}, got {blocksize!r}")
+    return blocksize
 
 
 def padded_cols(cols: int, blocksize: int) -> int:
@@ -74,6 +91,8 @@ def check_weight(W: torch.Tensor, name: str = "weight") -> None:
         raise LowRAFormatError(f"{name} must be float32, float16 or bfloat16, got {W.dtype}")
     if W.shape[0] == 0 or W.shape[1] == 0:
         raise LowRAFormatError(f"{name} is empty: shape {tuple(W.shape)}")
+    if W.is_meta:  # else the NaN check below fails on .item() of a meta tensor
+        raise LowRAFormatError(f"{name} is on the meta device and holds no values: load the weights first")
     if not torch.isfinite(W).all():
         n = int((~torch.isfinite(W)).sum())
         raise LowRAFormatError(f"{name} contains {n} NaN/Inf values; refusing to quantize")

@@ -352,7 +352,7 @@ class QuantStateLowRA(QuantState):
 
     def __setattr__(self, name: str, value) -> None:
         if name == "blocksize":
-            check_blocksize(value)  # named now, not later as an absmax that no longer fits the shape
+            value = check_blocksize(value)  # named now, not later as an absmax that no longer fits the shape
         if name in self._OPERAND_FIELDS:
             self.__dict__["operands_stamp"] = next(_STAMPS)
             drop_kept_operands(self)
@@ -822,7 +822,7 @@ def quantize_lowra(
     See the module docstring and `make_plan` for the accepted forms of bits, codebooks and thresholds.
     """
     check_weight(W)
-    check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
     rows, cols = W.shape
     if isinstance(bits, LowRAPlan):  # e.g. a parameter's pending plan; normalized again (cheap, per-row tables)
         if codebooks is not None or thresholds is not None:

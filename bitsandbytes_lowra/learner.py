@@ -46,6 +46,7 @@ from .format import (
     check_blocksize,
     check_weight,
     padded_cols,
+    plain_number,
 )
 
 MODES = ("per_channel", "shared", "fixed_mapping")
@@ -201,26 +202,59 @@ def _initial_tables(bits: int, device, mode: str) -> tuple[torch.Tensor, torch.T
     return c16, codebooks.initial_thresholds(bits).to(device=device, dtype=META_DTYPE)
 
 
-def _check_args(W, name, precisions, blocksize, iterations, mode, weight_power, chunk_rows) -> tuple[int, ...]:
+def _bit_width(p) -> int | None:
+    """p as an int bit width: any integer type (numpy, 0-d tensors) or an integral float (2.0, as LowRAConfig takes
+    it); None for anything else (bools, 2.5, strings)."""
+    p = plain_number(p)
+    if isinstance(p, bool):
+        return None
+    if isinstance(p, float):
+        return int(p) if p.is_integer() else None
+    try:
+        return operator.index(p)
+    except TypeError:
+        return None
+
+
+def _check_args(W, name, precisions, blocksize, iterations, mode, weight_power, chunk_rows, device):
+    """The arguments of learn_layer, checked, as plain Python values: (precisions, blocksize, iterations,
+    weight_power, chunk_rows, device)."""
     check_weight(W, name)
-    check_blocksize(blocksize)
-    try:  # any integer type (numpy, 0-d tensors), never floats or bools
+    dev = _check_device(device, W)
+    blocksize = check_blocksize(blocksize)
+    try:
         items = tuple(precisions)
-        precs = tuple(operator.index(p) for p in items if not isinstance(p, bool))
-        ok = len(precs) == len(items)
-    except TypeError as e:
-        raise ValueError(f"precisions must be an iterable of bit widths, got {precisions!r}") from e
-    if not precs or not ok or len(set(precs)) != len(precs) or any(p not in ALLOWED_BITS for p in precs):
+    except TypeError:
+        raise ValueError(f"precisions must be an iterable of bit widths, got {precisions!r}") from None
+    precs = tuple(_bit_width(p) for p in items)
+    if not precs or len(set(precs)) != len(precs) or any(p not in ALLOWED_BITS for p in precs):
         raise ValueError(f"precisions must be distinct values from {ALLOWED_BITS}, got {precisions!r}")
+    iterations, weight_power, chunk_rows = (plain_number(v) for v in (iterations, weight_power, chunk_rows))
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(weight_power, (int, float)) or not math.isfinite(weight_power) or weight_power < 0:
+    if isinstance(weight_power, bool) or not isinstance(weight_power, (int, float)) or not math.isfinite(weight_power) \
+            or weight_power < 0:
         raise ValueError(f"weight_power must be a finite number >= 0, got {weight_power!r}")
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
-    return precs
+    return precs, blocksize, iterations, float(weight_power), chunk_rows, dev
+
+
+def _check_device(device, W: torch.Tensor) -> torch.device:
+    """Where to compute, named when it cannot be used (torch's own messages are a bare AssertionError or a list of
+    every device type)."""
+    try:
+        dev = torch.device(device) if device is not None else W.device
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device (e.g. 'cpu', 'cuda'), got {device!r}") from e
+    if dev.type == "meta":
+        raise ValueError("device='meta' holds no data: the learner needs a real device such as 'cpu' or 'cuda'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asks for CUDA, which this torch build or machine does not have; "
+                         "use device='cpu'")
+    return dev
 
 
 def _chunk_bounds(rows: int, cols: int, blocksize: int, chunk_rows: int | None, device: torch.device):
@@ -253,14 +287,15 @@ def learn_layer(
     device: where to compute (default W.device); results are returned on W.device.
     name: what to call W in errors (a checkpoint key).
     """
-    precs = _check_args(W, name, precisions, blocksize, iterations, mode, weight_power, chunk_rows)
-    dev = torch.device(device) if device is not None else W.device
+    precs, blocksize, iterations, weight_power, chunk_rows, dev = _check_args(
+        W, name, precisions, blocksize, iterations, mode, weight_power, chunk_rows, device
+    )
     bounds = _chunk_bounds(W.shape[0], W.shape[1], blocksize, chunk_rows, dev)
     if mode == "shared":
-        fits = _learn_shared(W, precs, blocksize, iterations, float(weight_power), bounds, dev)
+        fits = _learn_shared(W, precs, blocksize, iterations, weight_power, bounds, dev)
     else:
         iters = 0 if mode == "fixed_mapping" else iterations
-        fits = _learn_per_row(W, precs, blocksize, iters, float(weight_power), bounds, dev, mode)
+        fits = _learn_per_row(W, precs, blocksize, iters, weight_power, bounds, dev, mode)
     out = W.device
     return {
         p: PrecisionFit(f.bits, f.codebook.to(out), f.thresholds.to(out), f.error.to(out), f.iterations)

@@ -122,7 +122,7 @@ def lowra_loftq(
     {-1, +1}, the error can grow from step to step). So the lowest-error step is returned, never a worse one.
     """
     check_weight(W)
-    check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
     check_loftq_args(W, rank, iterations, scaling, init, svd_niter)
     if isinstance(bits, LowRAPlan) and codebooks is None and thresholds is None:
         plan = make_plan(bits.bits, bits.codebook, bits.thresholds, rows=W.shape[0])

@@ -45,6 +45,7 @@ from .format import (
     check_codebook,
     check_thresholds,
     padded_cols,
+    plain_number,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,25 +81,29 @@ class PlanSettings:
     time_limit: float | None = None
     seed: int = 0
 
+    # Numeric options: numpy scalars count as the Python numbers they hold, and are stored as those (plans are JSON).
+    _NUMBERS = ("bits", "blocksize", "learner_iterations", "weight_power", "clusters", "time_limit", "seed")
+
     def __post_init__(self):
+        for name in self._NUMBERS:
+            object.__setattr__(self, name, plain_number(getattr(self, name)))
         if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not math.isfinite(self.bits):
             raise ValueError(f"bits (the average bit budget) must be a finite number, got {self.bits!r}")
         if not (min(ALLOWED_BITS) <= self.bits <= max(ALLOWED_BITS)):
             raise ValueError(f"bits must be in [{min(ALLOWED_BITS)}, {max(ALLOWED_BITS)}], got {self.bits}")
         if self.precisions is not None:
             # exact values only: int(2.7) would quietly make it 2
-            bad = isinstance(self.precisions, (str, bytes)) or any(
-                isinstance(p, bool) or not isinstance(p, (int, float)) or p not in ALLOWED_BITS
-                for p in self.precisions
-            )
-            precs = () if bad else tuple(sorted({int(p) for p in self.precisions}))
+            iterable = isinstance(self.precisions, Iterable) and not isinstance(self.precisions, (str, bytes))
+            items = [plain_number(p) for p in self.precisions] if iterable else []
+            bad = any(isinstance(p, bool) or not isinstance(p, (int, float)) or p not in ALLOWED_BITS for p in items)
+            precs = () if bad else tuple(sorted({int(p) for p in items}))
             if not precs:
                 raise ValueError(f"precisions must be a non-empty subset of {ALLOWED_BITS}, got {self.precisions!r}")
             if not precs[0] <= self.bits <= precs[-1]:  # the assigner would say so only after every fit is learned
                 raise ValueError(f"bits={self.bits} is outside what precisions {precs} can meet: "
                                  f"[{precs[0]}, {precs[-1]}]")
             object.__setattr__(self, "precisions", precs)
-        check_blocksize(self.blocksize)
+        object.__setattr__(self, "blocksize", check_blocksize(self.blocksize))
         if self.learner_mode not in LEARNER_MODES:
             raise ValueError(f"learner_mode must be one of {LEARNER_MODES}, got {self.learner_mode!r}")
         it = self.learner_iterations
@@ -128,8 +133,9 @@ class PlanSettings:
             values = {k: getattr(config, k) for k in names if hasattr(config, k)}
         if "bits" not in values:
             raise ValueError("the plan needs a bit budget: the config has no `bits`")
-        if values.get("precisions") is not None:
-            values["precisions"] = tuple(values["precisions"])
+        precs = values.get("precisions")
+        if isinstance(precs, Iterable) and not isinstance(precs, (str, bytes)):  # else __post_init__ names it
+            values["precisions"] = tuple(precs)
         return cls(**values)
 
     @classmethod

@@ -517,7 +517,9 @@ def test_tables_for_bits_errors():
         (dict(precisions=(3,)), "precisions"),
         (dict(precisions=()), "precisions"),
         (dict(precisions=(2, 2)), "precisions"),
-        (dict(precisions=(2.0,)), "precisions"),
+        (dict(precisions=(2.5,)), "precisions"),
+        (dict(precisions=(True,)), "precisions"),
+        (dict(precisions=2), "iterable"),
         (dict(blocksize=10), "blocksize"),
         (dict(iterations=-1), "iterations"),
         (dict(iterations=1.5), "iterations"),
@@ -542,6 +544,34 @@ def test_accepts_parameters_numpy_precisions_and_non_contiguous_weights():
     for p in (1, 4):
         assert not param[p].error.requires_grad
         assert torch.equal(param[p].codebook, ref[p].codebook) and torch.equal(transposed[p].error, ref[p].error)
+
+
+def test_accepts_integral_float_precisions_and_numpy_scalars():
+    # As LowRAConfig / PlanSettings take them: precisions=(2.0,) was refused as "not an iterable of bit widths".
+    import numpy as np
+
+    W = _weights(rows=12, cols=128)
+    ref = learn_layer(W, (2, 4), blocksize=32, iterations=1, weight_power=2.0, chunk_rows=5)
+    got = learn_layer(W, (2.0, np.float64(4)), blocksize=np.int64(32), iterations=np.int64(1),
+                      weight_power=np.float32(2), chunk_rows=np.int32(5))
+    assert sorted(got) == [2, 4] and all(type(p) is int for p in got)
+    for p in (2, 4):
+        assert torch.equal(got[p].codebook, ref[p].codebook) and torch.equal(got[p].error, ref[p].error)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is missing")
+def test_cuda_device_without_cuda_is_named():
+    with pytest.raises(ValueError, match="asks for CUDA"):  # was torch's bare "Torch not compiled with CUDA enabled"
+        learn_layer(_weights(rows=4, cols=64), device="cuda")
+
+
+def test_meta_weight_and_meta_device_are_named():
+    with pytest.raises(LowRAFormatError, match="meta device"):  # was "Tensor.item() cannot be called on meta tensors"
+        learn_layer(torch.empty(4, 64, device="meta"))
+    with pytest.raises(ValueError, match="meta"):
+        learn_layer(_weights(rows=4, cols=64), device="meta")
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        learn_layer(_weights(rows=4, cols=64), device="tpu")
 
 
 def test_bad_weights():

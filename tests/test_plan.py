@@ -327,6 +327,7 @@ def test_check_targets(checkpoint):
         ({"bits": float("nan")}, "finite"),
         ({"bits": 1.5, "precisions": [2, 4]}, r"outside what precisions \(2, 4\) can meet"),
         ({"bits": 2.0, "precisions": [3]}, "subset"),
+        ({"bits": 2.0, "precisions": 4}, "subset"),
         ({"bits": 2.0, "blocksize": 12}, "blocksize"),
         ({"bits": 2.0, "learner_mode": "magic"}, "learner_mode"),
         ({"bits": 2.0, "assigner_method": "anneal"}, "assigner_method"),
@@ -337,6 +338,14 @@ def test_check_targets(checkpoint):
 def test_settings_validation(settings, message):
     with pytest.raises(ValueError, match=message):
         P.PlanSettings.from_config(settings)
+
+
+def test_settings_take_numpy_scalars_as_python_numbers():
+    s = P.PlanSettings.from_config({"bits": np.float32(2.5), "precisions": np.array([2, 4]), "blocksize": np.int64(32),
+                                    "learner_iterations": np.int64(1), "seed": np.uint32(7)})
+    assert (s.bits, s.precisions, s.blocksize, s.learner_iterations, s.seed) == (2.5, (2, 4), 32, 1, 7)
+    assert [type(v) for v in (s.bits, s.blocksize, s.learner_iterations, s.seed)] == [float, int, int, int]
+    assert type(s.precisions[0]) is int and s.assign_fields()["precisions"] == [2, 4]
 
 
 def test_not_safetensors(tmp_path):

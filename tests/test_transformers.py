@@ -12,6 +12,7 @@ import math
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -117,6 +118,7 @@ def test_config_roundtrips_through_json():
         ({"bits": 2, "unknown_option": 1}, "unknown options"),
         ({"bits": 2, "precisions": [2.7, 4]}, "precisions"),  # not quietly 2
         ({"bits": 2, "precisions": "24"}, "precisions"),
+        ({"bits": 3, "precisions": 4}, "precisions must be a non-empty subset"),  # one number: not a raw TypeError
         # the ILP's own options, refused before any fit is learned
         ({"bits": 2, "assigner_method": "ilp", "clusters": 0}, "clusters"),
         ({"bits": 2, "assigner_method": "ilp", "time_limit": -1}, "time_limit"),
@@ -315,6 +317,23 @@ def test_load_quantized_describes_the_plan_it_loads(tiny_checkpoint, tmp_path, p
 
 def test_config_precisions_normalized():
     assert LowRAConfig(bits=2, precisions=(4, 2.0, 2)).precisions == [2, 4]
+
+
+def test_config_takes_numpy_scalars_as_python_numbers():
+    # np.float32 bits, np.int64 blocksize and seed were refused ("not a multiple of 8 ... got np.int64(64)") while
+    # np.float64 bits was kept as np.float64; all are taken now, and stored as plain int / float.
+    cfg = LowRAConfig(bits=np.float32(1.75), precisions=np.array([1, 2, 4]), blocksize=np.int64(64),
+                      learner_iterations=np.int32(3), weight_power=np.float64(2), clusters=np.int64(8),
+                      time_limit=np.float32(5), seed=np.int64(3), loftq_rank=np.int64(2), loftq_iterations=np.int8(4))
+    expected = {"bits": 1.75, "precisions": [1, 2, 4], "blocksize": 64, "learner_iterations": 3, "weight_power": 2.0,
+                "clusters": 8, "time_limit": 5.0, "seed": 3, "loftq_rank": 2, "loftq_iterations": 4}
+    for name, value in expected.items():
+        got = getattr(cfg, name)
+        assert got == value and type(got) is type(value), (name, got)
+    assert type(LowRAConfig(bits=np.float64(1.75)).bits) is float
+    assert LowRAConfig(bits=np.int64(2)).bits == 2.0
+    with pytest.raises(ValueError, match="blocksize"):
+        LowRAConfig(bits=2, blocksize=np.int64(60))
 
 
 def test_modules_to_not_convert_one_name_as_a_string(tiny_dir, plan_cache):

@@ -189,7 +189,7 @@ def memory_breakdown(
             kind = "non-negative" if name == "lora_r" else "positive"
             raise ValueError(f"{name} must be a {kind} integer, got {v!r}")
     try:
-        check_blocksize(blocksize)
+        blocksize = check_blocksize(blocksize)
     except LowRAFormatError as e:
         raise ValueError(str(e)) from None
     if not isinstance(dq_blocksize, int) or dq_blocksize < 1:

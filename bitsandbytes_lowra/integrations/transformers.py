@@ -24,6 +24,7 @@ import logging
 import os
 import types
 import warnings
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import plan as _plan
-from ..format import LowRAFormatError
+from ..format import LowRAFormatError, plain_number
 from ..functional import BLOB_KEY, STATE_TENSOR_KEYS
 from ..nn.modules import LinearLowRA, ParamsLowRA, check_quant_storage, logical_numel
 
@@ -147,8 +148,11 @@ class LowRAConfig(QuantizationConfigMixin):
         if bits is None:
             raise ValueError("LowRAConfig needs the bit budget: LowRAConfig(bits=1.75) (average bits per parameter)")
         self.quant_method = QUANT_METHOD
+        bits = plain_number(bits)
         self.bits = float(bits) if isinstance(bits, int) and not isinstance(bits, bool) else bits
-        self.precisions = None if precisions is None else list(precisions)  # post_init checks, then sorts them
+        if isinstance(precisions, Iterable) and not isinstance(precisions, (str, bytes)):
+            precisions = list(precisions)
+        self.precisions = precisions  # post_init checks (a named error for a lone number too), then sorts them
         self.blocksize = blocksize
         self.compress_statistics = compress_statistics
         self.compute_dtype = compute_dtype
@@ -176,6 +180,8 @@ class LowRAConfig(QuantizationConfigMixin):
         settings = _plan.PlanSettings.from_config(self)  # validates every planning option, one message per problem
         if settings.precisions is not None:
             self.precisions = list(settings.precisions)
+        for name in settings._NUMBERS:  # numpy scalars stored as the Python numbers they hold
+            setattr(self, name, getattr(settings, name))
         if isinstance(self.compute_dtype, str):
             if self.compute_dtype.removeprefix("torch.") not in _DTYPES:
                 raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {self.compute_dtype!r}")
@@ -187,7 +193,8 @@ class LowRAConfig(QuantizationConfigMixin):
         if not isinstance(self.plan_cache, bool):
             raise ValueError(f"plan_cache must be a bool, got {self.plan_cache!r}")
         for name, low in (("loftq_rank", 0), ("loftq_iterations", 1)):
-            v = getattr(self, name)
+            v = plain_number(getattr(self, name))
+            setattr(self, name, v)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if self.loftq_init not in ("loftq", "pissa"):

@@ -523,7 +523,7 @@ class LinearLowRA(nn.Linear):
         device=None,
         quant_storage: torch.dtype = torch.uint8,
     ):
-        check_blocksize(blocksize)
+        blocksize = check_blocksize(blocksize)
         quant_storage = check_quant_storage(quant_storage)
         if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:  # a string or int32 failed at forward
             raise ValueError(f"compute_dtype must be None (the input's dtype), torch.float32, torch.float16 or "
