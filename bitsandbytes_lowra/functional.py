@@ -178,10 +178,12 @@ def make_plan(bits, codebooks=None, thresholds=None, rows: int | None = None) ->
         code = _expand(codebooks, b, CODEBOOK_SLOTS, lambda p: 2**p, "codebooks")
     _check_fits_float16(code, "codebooks")
     code16 = code.to(META_DTYPE)
+    check_codebook(code16, b)  # NaN named as such, before the ascending check below would call it unsorted
+    n = 2 ** b.to(torch.int64)
+    used = torch.arange(CODEBOOK_SLOTS)[None, :] < n[:, None]
+    _check_levels_stay_distinct(code, code16, used)
     if thresholds is None:
         # Midpoints of the float16 levels, so encoding is nearest-level for the stored codebook.
-        n = 2 ** b.to(torch.int64)
-        used = torch.arange(CODEBOOK_SLOTS)[None, :] < n[:, None]
         c = code16.float()
         if not ((c[:, 1:] >= c[:, :-1]) | ~used[:, 1:]).all():  # else the derived thresholds are what is unsorted
             raise LowRAFormatError("codebooks must be ascending when the thresholds are derived from them (their "
@@ -193,7 +195,6 @@ def make_plan(bits, codebooks=None, thresholds=None, rows: int | None = None) ->
         thr = _expand(thresholds, b, THRESHOLD_SLOTS, lambda p: 2**p - 1, "thresholds")
         _check_fits_float16(thr, "thresholds")
     thr16 = thr.to(META_DTYPE)
-    check_codebook(code16, b)
     check_thresholds(thr16, b)
     return LowRAPlan(b, code16, thr16)
 
@@ -204,6 +205,21 @@ def _check_fits_float16(t: torch.Tensor, name: str) -> None:
     if big.any():
         raise LowRAFormatError(f"{name} must fit float16, the format's storage width (|value| <= 65504); got "
                                f"{float(t[big].abs().max()):.4g}")
+
+
+def _check_levels_stay_distinct(code: torch.Tensor, code16: torch.Tensor, used: torch.Tensor) -> None:
+    """Levels that differ but round to one float16 value (e.g. 1e-8 and 2e-8 both become 0) would leave codes that
+    decode alike: the table silently loses its resolution, or every level of the row."""
+    both = used[:, :, None] & used[:, None, :]
+    c16 = code16.float()
+    merged = both & (code[:, :, None] != code[:, None, :]) & (c16[:, :, None] == c16[:, None, :])
+    if merged.any():
+        r, i, j = (int(x) for x in merged.nonzero()[0])
+        raise LowRAFormatError(
+            f"codebooks row {r}: levels {float(code[r, i]):.6g} and {float(code[r, j]):.6g} differ but both become "
+            f"{float(c16[r, i]):.6g} in float16, the format's storage width; scale the levels into [-1, 1] (float16 "
+            "keeps 11 significant bits there, and nothing below 6e-8)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -854,6 +870,8 @@ def dequantize_lowra(
     packed: torch.Tensor, quant_state: QuantStateLowRA, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """The dense [rows, cols] weight, in `dtype` (default: the original dtype), each value rounded once from float32."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:  # named here, not as the op's schema mismatch or RuntimeError
+        raise LowRAFormatError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
     _check_pair(packed, quant_state)
     qs = quant_state
     absmax, *nested = qs.scale_args()

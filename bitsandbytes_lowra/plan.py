@@ -652,15 +652,24 @@ class Plan:
             "origin": self.origin,
         }
 
-    def check_targets(self, shapes: Mapping[str, tuple[int, int]]) -> None:
-        """Raise unless the plan covers exactly these layers with these [out, in] shapes."""
+    def check_targets(self, shapes: Mapping[str, tuple[int, int]], kept_dense: Iterable[str] = ()) -> None:
+        """Raise unless the plan covers exactly these layers with these [out, in] shapes. kept_dense: layers the
+        model has but the config keeps in full precision, named as such rather than as layers the model lacks."""
         missing = sorted(set(shapes) - set(self.layers))
         extra = sorted(set(self.layers) - set(shapes))
+        dense = sorted(set(extra) & set(kept_dense))
+        lacks = sorted(set(extra) - set(dense))
+
+        def some(names):
+            return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+
         if missing or extra:
             raise ValueError(
                 "the LowRA plan does not match the model: "
-                + (f"no plan for {missing[:5]}{' ...' if len(missing) > 5 else ''} " if missing else "")
-                + (f"plan has layers the model lacks: {extra[:5]}{' ...' if len(extra) > 5 else ''}" if extra else "")
+                + (f"no plan for {some(missing)} " if missing else "")
+                + (f"plan has layers the config keeps in full precision (modules_to_not_convert or transformers' "
+                   f"default skips): {some(dense)} " if dense else "")
+                + (f"plan has layers the model lacks: {some(lacks)}" if lacks else "")
             )
         for name, (rows, cols) in shapes.items():
             lp = self.layers[name]

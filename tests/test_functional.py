@@ -459,6 +459,34 @@ def test_repr_of_a_state_on_meta():
     assert "rows per bits=?" in repr(s.to("meta")) and "device=meta" in repr(s.to("meta"))
 
 
+def test_nan_codebook_is_named_as_nan():
+    # It was refused as "codebooks must be ascending" (NaN compares false), a problem the caller did not have.
+    with pytest.raises(LowRAFormatError, match="NaN"):
+        quantize_lowra(torch.randn(4, 64), 2, codebooks={2: torch.tensor([float("nan"), 0.0, 0.5, 1.0])})
+
+
+def test_levels_that_merge_in_float16_are_refused():
+    # 1e-8 and 2e-8 underflow to 0 in float16 storage: every level of the row became (nearly) zero, silently.
+    W = torch.randn(4, 64)
+    with pytest.raises(LowRAFormatError, match="differ but both become .* in float16"):
+        quantize_lowra(W, 2, codebooks={2: torch.tensor([-1e-8, 0.0, 1e-8, 2e-8])})
+    with pytest.raises(LowRAFormatError, match="row 2: levels"):  # two levels 1e-4 apart near 1 round together
+        quantize_lowra(W, 2, codebooks=torch.tensor([[-1.0, 0.0, 0.5, 1.0] + [0.0] * 12] * 2
+                                                    + [[-1.0, 0.0, 1.0, 1.0001] + [0.0] * 12] * 2),
+                       thresholds={2: torch.tensor([-0.5, 0.5, 0.9])})
+    # Equal levels as given stay allowed, as do levels float16 keeps apart.
+    quantize_lowra(W, 2, codebooks={2: torch.tensor([-1.0, 0.0, 0.0, 1.0])})
+    quantize_lowra(W, 2, codebooks={2: torch.tensor([-1.0, 0.0, 1e-3, 1.0])})
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, "float16"])
+def test_dequantize_to_a_bad_dtype_is_named(dtype):
+    # Was the op's RuntimeError, or a schema-mismatch dump for a string.
+    packed, state = quantize_lowra(torch.randn(4, 64), 2)
+    with pytest.raises(LowRAFormatError, match=f"dtype must be torch.float32.*got {dtype!r}"):
+        dequantize_lowra(packed, state, dtype)
+
+
 def test_user_tables_beyond_float16_or_unsorted_are_named_for_what_they_are():
     """A codebook entry of 1e6 overflowed to Inf in storage and was refused as 'NaN/Inf'; an unsorted codebook was
     refused as unsorted thresholds (its midpoints), tables the caller never passed."""

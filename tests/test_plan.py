@@ -313,6 +313,11 @@ def test_check_targets(checkpoint):
     plan = P.make_plan(checkpoint, {"bits": 2.0}, progress=False, cache=False)
     shapes = {n: (lp.rows, lp.cols) for n, lp in plan.layers.items()}
     plan.check_targets(shapes)
+    fewer = {n: s for n, s in shapes.items() if n != "a.q_proj"}
+    with pytest.raises(ValueError, match=r"model lacks: \['a.q_proj'\]"):
+        plan.check_targets(fewer)
+    with pytest.raises(ValueError, match=r"keeps in full precision .*\['a.q_proj'\] $"):
+        plan.check_targets(fewer, kept_dense=["a.q_proj", "lm_head"])
     with pytest.raises(ValueError, match="no plan for"):
         plan.check_targets({**shapes, "c.q_proj": (4, 4)})
     with pytest.raises(ValueError, match="shape"):

@@ -315,6 +315,16 @@ def test_load_quantized_describes_the_plan_it_loads(tiny_checkpoint, tmp_path, p
     assert qc["learner_mode"] == "fixed_mapping" and qc["precisions"] == [1, 2, 4] and qc["bits"] == 1.5
 
 
+def test_plan_for_layers_the_config_keeps_dense_says_so(tiny_dir, tmp_path, plan_cache):
+    # The model has q_proj; modules_to_not_convert keeps it dense: not "plan has layers the model lacks".
+    path, _ = tiny_dir["llama"]
+    lt.write_plan(path, LowRAConfig(bits=2.0), output=tmp_path / "plan.safetensors", progress=False)
+    cfg = LowRAConfig(bits=2.0, plan_path=tmp_path / "plan.safetensors", modules_to_not_convert=["q_proj"])
+    with pytest.raises(ValueError, match=r"keeps in full precision .*q_proj") as e:
+        _load(path, quantization_config=cfg)
+    assert "the model lacks" not in str(e.value)
+
+
 def test_config_precisions_normalized():
     assert LowRAConfig(bits=2, precisions=(4, 2.0, 2)).precisions == [2, 4]
 

@@ -577,6 +577,8 @@ class LowRAHfQuantizer(HfQuantizer):
         if not targets:
             raise ValueError("LowRA found no nn.Linear / Conv1D layer to quantize in this model")
         _check_loftq_rank(config.loftq_rank, targets)
+        # For a saved plan's check: layers the model has that the config (or transformers' defaults) keeps dense.
+        self._kept_dense = {n for n, m in model.named_modules() if _is_target(m)} - set(targets)
         with _plain_torch():
             self.plan = self._get_plan(targets, files, prefix, device_map)
         logger.info("LowRA plan (%s): %.4f nominal bits over %d layers", self.plan.origin, self.plan.nominal_bits(),
@@ -611,7 +613,7 @@ class LowRAHfQuantizer(HfQuantizer):
                 cache_dir=_plan_cache_dir(),
                 device=_planning_device(device_map),
             )
-        plan.check_targets(shapes)
+        plan.check_targets(shapes, getattr(self, "_kept_dense", ()))
         if plan.blocksize != config.blocksize:
             raise ValueError(f"the plan uses blocksize {plan.blocksize}, the config {config.blocksize}")
         if config.plan_path is not None and plan.checkpoint and files:
