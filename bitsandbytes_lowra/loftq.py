@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .format import DEFAULT_BLOCKSIZE, check_blocksize, check_weight
+from .format import DEFAULT_BLOCKSIZE, check_blocksize, check_weight, plain_number
 from .functional import LowRAPlan, QuantStateLowRA, dequantize_lowra, make_plan, quantize_lowra
 
 INITS = ("loftq", "pissa")
@@ -90,8 +90,15 @@ def check_loftq_args(W, rank, iterations, scaling, init, svd_niter=None) -> None
         raise ValueError(f"rank {rank} exceeds min(out_features, in_features) = {min(W.shape)} of the weight")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-    if not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or scaling <= 0:
+    scaling = plain_number(scaling)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or scaling <= 0:
         raise ValueError(f"scaling (lora_alpha / r) must be a finite positive number, got {scaling!r}")
+    # The factors hold sqrt(S / scaling) in float32: outside float32's normal range that overflows or flushes to 0,
+    # and the weight was then refused as containing NaN/Inf.
+    f32 = torch.finfo(torch.float32)
+    if not f32.tiny <= scaling <= f32.max:
+        raise ValueError(f"scaling (lora_alpha / r) = {scaling!r} is outside float32's normal range "
+                         f"[{f32.tiny:.4g}, {f32.max:.4g}], where the adapter factors are computed")
     if svd_niter is not None and (not isinstance(svd_niter, int) or svd_niter < 0):
         raise ValueError(f"svd_niter must be None (exact SVD) or a non-negative integer, got {svd_niter!r}")
 
@@ -136,7 +143,9 @@ def lowra_loftq(
         return packed, state, dequantize_lowra(packed, state, torch.float32)
 
     def err(deq, low):
-        return float(torch.linalg.norm(Wf - deq - low))
+        # float64: float32 squares overflow to inf past |W| ~ 1e19 and vanish below ~1e-19, which made every step
+        # tie (best_step 0 whatever the steps did).
+        return float(torch.linalg.norm((Wf.double() - deq).sub_(low)))
 
     packed, state, deq = quantize(Wf)
     baseline = err(deq, 0.0)

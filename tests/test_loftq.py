@@ -155,6 +155,24 @@ def test_bad_arguments_are_refused(smollm2_weights):
         loftq.lowra_loftq(W, make_plan(2, rows=3), rank=1)
 
 
+@pytest.mark.parametrize("scaling", [1e40, 1e-40])
+def test_scaling_outside_float32_is_refused_by_name(scaling):
+    # Was "weight contains 3072 NaN/Inf values": the overflow was S / scaling in float32, not the user's weight.
+    with pytest.raises(ValueError, match="outside float32's normal range"):
+        loftq.lowra_loftq(torch.randn(32, 96), 2, rank=4, scaling=scaling)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_errors_are_measured_in_float64(scale):
+    # float32 norms gave inf (|W| ~ 1e30) or 0.0 (|W| ~ 1e-30) for every step, so best_step was always 0.
+    W = torch.randn(32, 96, generator=torch.Generator().manual_seed(0))
+    ref = loftq.lowra_loftq(W, 2, rank=4)
+    got = loftq.lowra_loftq(W * scale, 2, rank=4)
+    assert got.best_step == ref.best_step
+    assert got.baseline_error == pytest.approx(ref.baseline_error * scale, rel=1e-4)
+    assert got.errors == pytest.approx([e * scale for e in ref.errors], rel=1e-4)
+
+
 def test_randomized_svd_option_tracks_the_exact_one(fitted):
     W, fits = fitted[LAYERS[0]]
     plan = plan_at(W, fits, 2)
