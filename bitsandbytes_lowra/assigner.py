@@ -117,6 +117,7 @@ def assign_precisions(
         name = "greedy"
     else:
         choice = _two_level(E, sizes, prec, budget, int(clusters), solver, time_limit, seed, progress)
+        choice = _spend_leftover(E, sizes, prec, choice, cap)
         name = f"ilp-{solver}"
 
     used = int(np.dot(prec[choice], sizes))
@@ -356,6 +357,43 @@ def _two_level(E, sizes, prec, budget, clusters, solver, time_limit, seed, progr
     if bar is not None:
         bar.close()
     return choice  # Step 6
+
+
+def _spend_leftover(E, sizes, prec, choice, cap) -> np.ndarray:
+    """Hand back the bits Step 2's per-group floors leave unused, best error saved per bit first, while they fit.
+
+    Each size group gets floor(budget * n_k) units of its size: a group of one channel at 1.75 bits gets 1 unit, so
+    with many small groups the two-level result used 74 % of the budget at 2.5x the optimal error. A round takes each
+    channel's best upgrade (any higher precision that saves error) in decreasing gain per bit while it fits; rounds
+    repeat until no upgrade fits. Only upgrades that lower the error are taken and the capacity is counted exactly,
+    so the result is never worse than the ILP's and never over budget.
+    """
+    choice = choice.copy()
+    rows = np.arange(len(choice))
+    left = cap - int(np.dot(prec[choice], sizes))
+    while left >= int(sizes.min()):
+        dbits = (prec[None, :] - prec[choice][:, None]) * sizes[:, None]  # [N, P] bits of each move
+        gain = E[rows, choice][:, None] - E
+        ok = (dbits > 0) & (dbits <= left) & (gain > 0)
+        if not ok.any():
+            break
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.where(ok, gain / np.where(ok, dbits, 1), -np.inf)
+        to = ratio.argmax(axis=1)
+        cand = np.flatnonzero(ok.any(axis=1))
+        cand = cand[np.argsort(-ratio[cand, to[cand]], kind="stable")]
+        cost = dbits[cand, to[cand]]
+        smallest, moved = int(cost.min()), False
+        for i, d in zip(cand.tolist(), cost.tolist()):
+            if left < smallest:
+                break
+            if d <= left:
+                choice[i] = to[i]
+                left -= d
+                moved = True
+        if not moved:
+            break
+    return choice
 
 
 def _tick(bar, text: str) -> None:

@@ -143,12 +143,12 @@ def test_tiny_instances_against_brute_force():
         g = assign_precisions(errors, sizes, budget, precisions=precisions)
         assert opt * (1 - 1e-12) <= g.total_error <= g.lower_bound + max_step_gain(errors) * (1 + 1e-12)
         assert g.lower_bound <= opt * (1 + 1e-12)
-        # With a cluster per channel the two-level pipeline is exact up to the paper's per-group budget split.
+        # With a cluster per channel the two-level pipeline is exact up to the paper's per-group budget split; the
+        # bits the split's floors leave are then spent, which can only lower the error.
         opt_split = brute_force(errors, sizes, budget, precisions, group_budgets=True)
         for solver in ("highs", "cbc"):
             t = assign_precisions(errors, sizes, budget, precisions=precisions, method="ilp", solver=solver)
-            assert t.total_error == pytest.approx(opt_split, rel=1e-9)
-            assert t.total_error >= opt * (1 - 1e-12)
+            assert opt * (1 - 1e-12) <= t.total_error <= opt_split * (1 + 1e-9)
 
 
 def test_one_size_group_with_singleton_clusters_is_the_exact_optimum():
@@ -397,6 +397,24 @@ def test_bad_inputs_raise_clear_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         assign_precisions(**args)
+
+
+def test_ilp_spends_the_bits_the_per_group_floors_leave():
+    # Many size groups (the review's case): each group got floor(1.75 * n_k) units, one-channel groups 1 bit, and
+    # the result used 1.288 of 1.75 bits at 2.5x the optimal error (gap 1.50).
+    rng = np.random.default_rng(0)
+    E = np.sort(rng.random((3000, 3)), axis=1)[:, ::-1] * np.logspace(-8, 8, 3000)[:, None]
+    rng.choice([576, 1536], 3000)  # the review's draws, in its order
+    sizes = rng.integers(1, 4000, 3000)
+    ilp = assign_precisions(E, sizes, 1.75, method="ilp")
+    assert 1.7499 < ilp.average_bits <= 1.75
+    assert ilp.gap < 0.3
+    # Only error-saving upgrades are added to the two-level answer: never worse, never over budget.
+    E2, s2, prec, cap = assigner._validate(E, sizes, 1.75, None)
+    before = assigner._two_level(E2, s2, prec, 1.75, 128, "highs", None, 0, False)
+    after = assigner._spend_leftover(E2, s2, prec, before, cap)
+    assert (prec[after] >= prec[before]).all() and int(np.dot(prec[after], s2)) <= cap
+    assert E2[np.arange(3000), after].sum() <= E2[np.arange(3000), before].sum()
 
 
 def test_ilp_answer_does_not_depend_on_the_scale_of_the_errors():
