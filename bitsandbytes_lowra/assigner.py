@@ -67,7 +67,12 @@ class Assignment:
 
 
 def default_precisions(budget: float) -> tuple[int, ...]:
-    """(1, 2, 4) below 2 bits, (2, 4) at or above (the paper's footnote 4: 1-bit channels hurt LLaMA above 2 bits)."""
+    """(1, 2, 4) below 2 bits, (2, 4) at or above (the paper's footnote 4: 1-bit channels hurt LLaMA above 2 bits).
+
+    The weight error is therefore not monotone across 2.0: losing the 1-bit choice costs more than the extra budget
+    buys (SmolLM2-135M: 527,779 at 1.999 bits, 560,142 at 2.0; docs/assigner.md). For a budget sweep that is
+    monotone, pass precisions=(1, 2, 4) explicitly.
+    """
     budget = _check_budget(budget)
     return (1, 2, 4) if budget < 2 else (2, 4)
 

@@ -87,7 +87,8 @@ class LowRAConfig(QuantizationConfigMixin):
 
     Args:
         bits: the global budget, average code bits per quantized parameter over the whole model (e.g. 1.75).
-        precisions: allowed per-channel precisions, a subset of (1, 2, 4); None: (1, 2, 4) below 2 bits, else (2, 4).
+        precisions: allowed per-channel precisions, a subset of (1, 2, 4); None: (1, 2, 4) below 2 bits, else (2, 4)
+            (the paper's footnote; the weight error jumps up at 2.0, docs/assigner.md: give [1, 2, 4] to sweep budgets).
         blocksize: elements per absmax block, within a row (default 64).
         compress_statistics: double-quantize absmax to 8 bits (as bitsandbytes' double quantization).
         compute_dtype: dtype of the matmul (default: the input's dtype).
