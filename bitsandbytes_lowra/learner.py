@@ -176,7 +176,9 @@ def _row_square_sums(d: torch.Tensor) -> torch.Tensor:
     piece; einsum takes another path for one row. Partial sums of fixed blocks, then their sum, keep every reduction
     either short or with many outputs."""
     r, n = d.shape
-    sq = torch.nn.functional.pad(d.mul_(d), (0, -n % _SUM_BLOCK))  # zero padding adds exact zeros
+    sq = d.mul_(d)
+    if n % _SUM_BLOCK:  # zero padding adds exact zeros; a copy only where the columns need it
+        sq = torch.nn.functional.pad(sq, (0, -n % _SUM_BLOCK))
     return sq.view(r, -1, _SUM_BLOCK).sum(dim=2).sum(dim=1)
 
 
