@@ -146,10 +146,10 @@ class PlanSettings:
         if unknown:
             raise TypeError(f"unknown assigner options {unknown}: assign_precisions takes clusters, solver, "
                             "time_limit, seed and progress")  # fmt: skip
-        options = {k: _py(v) for k, v in assign_kwargs.items() if k != "progress"}
+        options = {k: plain_number(v) for k, v in assign_kwargs.items() if k != "progress"}
         # numpy scalars (which the assigner took) as Python numbers, which the settings check for
-        return cls(bits=_py(bits), precisions=None if precisions is None else tuple(map(_py, precisions)),
-                   blocksize=_py(blocksize), learner_mode=mode, learner_iterations=_py(iterations),
+        return cls(bits=plain_number(bits), precisions=None if precisions is None else tuple(map(plain_number, precisions)),
+                   blocksize=plain_number(blocksize), learner_mode=mode, learner_iterations=plain_number(iterations),
                    assigner_method=method, **options)  # fmt: skip
 
     def allowed_precisions(self) -> tuple[int, ...]:
@@ -197,10 +197,6 @@ class PlanSettings:
         if self.assigner_method == "ilp":
             fields.update(clusters=self.clusters, solver=self.solver, time_limit=self.time_limit, seed=self.seed)
         return fields
-
-
-def _py(value):
-    return value.item() if isinstance(value, np.generic) else value
 
 
 # ------------------------------------------------------------------------------------------------------ targets
