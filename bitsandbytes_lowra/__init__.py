@@ -1,9 +1,24 @@
 """bitsandbytes-lowra: LoRA fine-tuning on 1-4-bit mixed-precision base weights (LowRA, arXiv 2502.08141)."""
 
-from . import _ops  # noqa: F401  (defines the lowra:: op schemas)
-from .backends import reference as _reference  # noqa: F401  (default kernels)
-from .backends import native as _native_backend
-from .format import LowRAFormatError
+import logging as _logging
+
+# The first `import bitsandbytes` (below, through _ops) logs "Failed to load CPU gemm_4bit_forward from
+# kernels-community" on CPUs with AVX512-BF16 unless the optional `kernels` package can fetch a hub kernel. LowRA
+# layers never call that bitsandbytes kernel, yet the line opened every `lowra` command like a broken install (and
+# came before `-q` could be parsed). Only that one message is dropped; the logger's other records pass.
+_BNB_HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _not_bnb_hub_kernel_notice(record: _logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_BNB_HUB_KERNEL_NOTICE)
+
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_bnb_hub_kernel_notice)
+
+from . import _ops  # noqa: E402, F401  (defines the lowra:: op schemas)
+from .backends import reference as _reference  # noqa: E402, F401  (default kernels)
+from .backends import native as _native_backend  # noqa: E402
+from .format import LowRAFormatError  # noqa: E402
 
 # Native kernels override the reference for cpu (and cuda) when the library is built; see _native.py.
 NATIVE_DEVICES = _native_backend.register()

@@ -672,3 +672,24 @@ def test_plan_hint_names_the_settings_the_plan_was_made_for(capsys, tmp_path, mo
     call = ast.parse(f"LowRAConfig({hint})").body[0].value  # the suggestion as a user would paste it
     config = LowRAConfig(**{k.arg: ast.literal_eval(k.value) for k in call.keywords})
     AutoModelForCausalLM.from_pretrained(tiny_checkpoint, quantization_config=config, device_map="cpu")
+
+
+def test_import_drops_only_bitsandbytes_hub_kernel_notice():
+    """`import bitsandbytes_lowra` keeps bitsandbytes' kernels-community notice (a bnb CPU kernel LowRA never calls)
+    off stderr, and nothing else that bitsandbytes' CPU backend logs."""
+    import logging
+
+    r = subprocess.run([sys.executable, "-c", "import bitsandbytes_lowra"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "kernels-community" not in r.stderr
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger.addHandler(handler)
+    try:
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "x")
+        logger.warning("some other bitsandbytes CPU notice")
+    finally:
+        logger.removeHandler(handler)
+    assert [rec.getMessage() for rec in seen] == ["some other bitsandbytes CPU notice"]
