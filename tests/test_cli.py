@@ -693,3 +693,20 @@ def test_import_drops_only_bitsandbytes_hub_kernel_notice():
     finally:
         logger.removeHandler(handler)
     assert [rec.getMessage() for rec in seen] == ["some other bitsandbytes CPU notice"]
+
+
+def test_demo_says_its_table_is_before_lora(capsys, tmp_path, monkeypatch):
+    """The demo's table is of quantized weights alone; its output says so and points at the sweep that fine-tunes
+    (the records come from the recorded sweep, so the table is a real one without minutes of planning)."""
+    from pathlib import Path
+
+    from bitsandbytes_lowra import sweep
+
+    recorded = json.loads((Path(__file__).parents[1] / "docs/results/quality.json").read_text())
+    recorded = recorded["records"] if isinstance(recorded, dict) else recorded
+    picked = [r for r in recorded if r["method"] in ("fp32", "qlora", "lowra") and r["bits"] in (32, 4, 1.75)]
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: picked)
+    rc, out, err = _run(capsys, "demo", "-o", str(tmp_path / "demo"), "-q")
+    assert rc == 0, err
+    assert "before any LoRA" in out and "lowra sweep" in out
+    assert "19.31" in out  # the table itself is still printed (QLoRA at 4 bits, from the recorded records)
