@@ -414,7 +414,7 @@ def _cmd_finetune(args) -> int:
 
     from .eval.perplexity import perplexity
     from .finetune import (FinetuneArgs, add_lora, base_fingerprint, check_fsdp_offload, distributed, end_distributed,
-                           load_quantized, main_process_first, train, write_outputs)  # fmt: skip
+                           load_quantized, main_process_first, train, train_blocks, write_outputs)  # fmt: skip
     from .sweep import plan_record, resolve_checkpoint, versions
 
     check_fsdp_offload()
@@ -436,12 +436,19 @@ def _cmd_finetune(args) -> int:
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, warmup_ratio=args.warmup_ratio,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, scheduler=args.scheduler, optim=args.optim,
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, dataset=args.dataset,
-        logging_steps=args.logging_steps,
+        logging_steps=args.logging_steps, allow_repeat=args.allow_repeat,
     )  # fmt: skip
     fa.resolved_optim()  # refuses a bitsandbytes optimizer under FSDP2
     out = _fresh_output(args)
     # arguments are checked above, before the model is resolved (which may convert the packaged GGUF)
     checkpoint = _dense_checkpoint(resolve_checkpoint(args.model), out)
+    blocks = None
+    if fa.steps:  # the data before the planning: too little of it for --steps is refused without --allow-repeat
+        from transformers import AutoTokenizer
+
+        blocks = train_blocks(AutoTokenizer.from_pretrained(checkpoint), fa, dist["num_processes"])
+        if dist["is_main"]:
+            _log(args, _data_summary(blocks.info, fa.seq_len))
     with main_process_first():  # rank 0 plans and fills the plan cache, the others read it
         plan = baselines.method_plan(args.method, checkpoint, args.bits, progress=_progress(args) and dist["is_main"])
     model, tok = load_quantized(checkpoint, plan, dtype=dtype, quant_storage=getattr(torch, quant_storage))
@@ -465,10 +472,11 @@ def _cmd_finetune(args) -> int:
     ppl("init")
     if dist["is_main"]:
         _log(args, f"training {fa.steps} steps (batch {fa.batch_size} x {fa.grad_accum} x {fa.seq_len} tokens x "
-                   f"{dist['num_processes']} processes, optim {fa.resolved_optim()}) ...")  # fmt: skip
+                   f"{dist['num_processes']} processes, optim {fa.resolved_optim()})"
+                   + (f", {blocks.info['epochs']:.2f} epochs ..." if blocks is not None else " ..."))  # fmt: skip
     multi = dist["num_processes"] > 1
     metrics["train"] = train(pm, tok, fa, progress=_progress(args) and dist["is_main"],
-                             adapter_dir=out / "adapter" if multi and fa.steps else None)  # fmt: skip
+                             adapter_dir=out / "adapter" if multi and fa.steps else None, blocks=blocks)  # fmt: skip
     ppl("finetuned")
     if not dist["is_main"]:
         end_distributed()  # waits for rank 0's outputs below
@@ -491,8 +499,9 @@ def _cmd_finetune(args) -> int:
         wrote.append(f"{out}/base (LowRA base it was trained on)")
         evaluate = f"lowra eval {out}/base --adapter {out}/adapter"
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
-    text = [f"{args.method} {args.bits:g} bits, {init} init: {metrics['train']['steps']} steps, "
-            f"train loss {metrics['train']['train_loss']}"]  # fmt: skip
+    text = [f"{args.method} {args.bits:g} bits, {init} init: {metrics['train']['steps']} steps"
+            + (f" ({metrics['train']['epochs']:.2f} epochs of {args.dataset})" if fa.steps else "")
+            + f", train loss {metrics['train']['train_loss']}"]  # fmt: skip
     for tag, stage in (("init", "LoRA initialization"), ("finetuned", "fine-tuning")):
         if f"ppl_{tag}" in metrics:
             text.append(f"perplexity after {stage}: {metrics[f'ppl_{tag}']:.3f}")
@@ -501,6 +510,16 @@ def _cmd_finetune(args) -> int:
     _emit(args, metrics, "\n".join(text))
     end_distributed()
     return 0
+
+
+def _data_summary(info: dict, seq_len: int) -> str:
+    """One line on the training data train_blocks built: sequences, and for aclsum what did not fit."""
+    line = f"{info['dataset']}: {info['sequences']} training sequences of {seq_len} tokens"
+    if info["dataset"] == "aclsum":
+        line += (f" (one per train paper; loss on the summary only): {info['truncated']} of {info['papers']} "
+                 f"abstracts cut to fit ({info['abstract_tokens_dropped']:,} tokens dropped), {info['skipped']} papers "
+                 "skipped (summary longer than fits)")  # fmt: skip
+    return line + f"; the steps take {info['epochs']:.2f} epochs"
 
 
 # ------------------------------------------------------------------------------------------------------ sweep / demo
@@ -816,7 +835,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description="LoRA fine-tuning on a quantized base; the only difference from a QLoRA run is the "
                         "quantization config. Writes OUT/adapter, OUT/base and OUT/metrics.json.")  # fmt: skip
     ft.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or {DEFAULT_MODEL!r} (default)")
-    ft.add_argument("--dataset", default="wiki", choices=["wiki", "aclsum"], help="training data (default wiki)")
+    ft.add_argument("--dataset", default="wiki", choices=["wiki", "aclsum"],
+                    help="training data (default wiki): wiki, packed blocks of Wikipedia leads, loss on every token; "
+                    "aclsum, one paper per sequence (prompt, summary, EOS, padding), loss on the summary only, an "
+                    "abstract longer than fits --seq-len cut, never the summary")  # fmt: skip
+    ft.add_argument("--allow-repeat", action="store_true",
+                    help="let --steps take more than one pass over the training data (refused otherwise; the epochs "
+                    "are logged and recorded in metrics.json either way)")  # fmt: skip
     ft.add_argument("--bits", type=_bits, required=True, help=f"average bits per quantized parameter, {BITS_RANGE}")
     ft.add_argument("--method", type=_method, default="lowra", help=METHOD_HELP + " (default lowra)")
     ft.add_argument("--init", choices=["zero", "loftq"], default=None, help="LoRA init (default: the method's)")

@@ -8,8 +8,10 @@ baselines use the same path with a NormalFloat plan (baselines.py). The steps:
 2. `add_lora`: prepare_model_for_kbit_training, get_peft_model(LoraConfig(r, lora_alpha, all linear layers)); then
    the method's initialization: zero B (peft's default, QLoRA) or LoftQ (5 alternating steps with the real lowra::
    quantizer, which re-quantizes the base to the residual: replace_lora_weights_lowra_loftq).
-3. `train`: Trainer on fixed-length blocks of the Wikipedia train split (eval.perplexity.train_chunks; the eval
-   split never shares a title with it), causal LM loss on every token.
+3. `train`: Trainer on fixed-length training sequences (`train_blocks`): wiki, blocks of the Wikipedia train split
+   (eval.perplexity.train_chunks; the eval split never shares a title with it), causal LM loss on every token; aclsum,
+   one paper per sequence (ROUGE prompt, reference summary, EOS, padding), loss on the summary only. Every sequence is
+   seen at most once unless `allow_repeat`; the epochs run are recorded.
 
 Multi-GPU: the same script runs under `accelerate launch` (docs/distributed.md); accelerate and Trainer do the
 distributing. DDP: every rank loads the quantized base on its own GPU, only the LoRA parameters train and DDP averages
@@ -54,6 +56,7 @@ class FinetuneArgs:
     seed: int = 0
     dataset: str = "wiki"
     logging_steps: int = 5
+    allow_repeat: bool = False  # let the steps take more than one pass over the training data
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -66,6 +69,8 @@ class FinetuneArgs:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not isinstance(self.allow_repeat, bool):
+            raise ValueError(f"allow_repeat must be a bool, got {self.allow_repeat!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         for name, below_one in (("lora_dropout", True), ("warmup_ratio", True), ("weight_decay", False),
@@ -290,40 +295,112 @@ def _float_storage(model) -> bool:
 # ------------------------------------------------------------------------------------------------------ data
 
 
-class _Blocks(torch.utils.data.Dataset):
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks
+class TrainBlocks(torch.utils.data.Dataset):
+    """Fixed-length training sequences for Trainer: input_ids [n, seq_len], labels and attention_mask of that shape.
+
+    Plain causal LM (the wiki path's packed chunks): labels = input_ids, no padding (labels and attention_mask left
+    None). Prompt/target data (aclsum): labels -100 on the prompt and the padding, attention_mask 0 on the padding.
+    `info`: what the data is and how it was built (recorded in the run's metrics under train.data).
+    """
+
+    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, info: dict | None = None):  # fmt: skip
+        self.input_ids = input_ids
+        self.labels = input_ids if labels is None else labels
+        self.attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        self.info = {"sequences": len(self), **(info or {})}
 
     def __len__(self):
-        return self.blocks.shape[0]
+        return self.input_ids.shape[0]
 
     def __getitem__(self, i):
-        ids = self.blocks[i]
-        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "attention_mask": self.attention_mask[i]}
 
 
-def train_blocks(tokenizer, args: FinetuneArgs, num_processes: int = 1) -> torch.Tensor:
-    """[n, seq_len] training blocks, enough for `steps` optimizer steps of the global batch (batch_size x grad_accum
-    x num_processes; every block seen at most once)."""
-    n = max(1, args.steps * args.batch_size * args.grad_accum * num_processes)
+def train_blocks(tokenizer, args: FinetuneArgs, num_processes: int = 1) -> TrainBlocks:
+    """The training sequences for `steps` optimizer steps of the global batch (batch_size x grad_accum x
+    num_processes), each seen once. wiki: that many packed blocks of the train split (eval.perplexity.train_chunks);
+    aclsum: one sequence per train paper (aclsum_blocks), all of them. Too few for the steps: see check_epochs.
+    """
     if args.dataset == "wiki":
         from .eval.perplexity import train_chunks
 
-        return train_chunks(tokenizer, context=args.seq_len, max_chunks=n)
-    # aclsum: the ROUGE prompt (eval.rouge.build_prompt) followed by the reference summary, joined by EOS.
-    from .eval.rouge import aclsum_examples, build_prompt
+        needed = args.steps * args.batch_size * args.grad_accum * num_processes
+        blocks = TrainBlocks(train_chunks(tokenizer, context=args.seq_len, max_chunks=max(1, needed)),
+                             info={"dataset": "wiki", "split": "train", "layout": "train-split leads joined by EOS, "
+                                   "cut every seq_len tokens; every token a target"})  # fmt: skip
+    else:
+        blocks = aclsum_blocks(tokenizer, args.seq_len)
+    check_epochs(blocks, args, num_processes)
+    return blocks
+
+
+def check_epochs(blocks: TrainBlocks, args: FinetuneArgs, num_processes: int = 1) -> float:
+    """Passes over `blocks` that args.steps optimizer steps of the global batch take, also set as
+    blocks.info["epochs"]. More than one is refused unless args.allow_repeat: Trainer would start the next epoch
+    silently (it did: 122 aclsum blocks for the 160 sequences of 40 default steps)."""
+    per_step = args.batch_size * args.grad_accum * num_processes
+    needed = args.steps * per_step
+    epochs = blocks.info["epochs"] = needed / len(blocks)
+    if epochs > 1 and not args.allow_repeat:
+        raise ValueError(f"{blocks.info.get('dataset', 'the data')} gives {len(blocks)} training sequences of "
+                         f"{blocks.input_ids.shape[1]} tokens; {args.steps} steps x {per_step} sequences per step "
+                         f"need {needed} ({epochs:.2f} epochs): take at most {len(blocks) // per_step} steps, a "
+                         "smaller batch, or allow repeating the data (--allow-repeat; FinetuneArgs.allow_repeat)")
+    return epochs
+
+
+def aclsum_blocks(tokenizer, seq_len: int) -> TrainBlocks:
+    """One sequence per ACLSum train paper: the ROUGE prompt (eval.rouge.prompt_ids: what generation sees), the
+    reference summary, EOS; right-padded to seq_len. Labels: the summary and its EOS only (-100 on the prompt and the
+    padding), so the model learns to summarize, not to reproduce the abstract.
+
+    Longer than seq_len: the abstract is cut from its end (whole tokens) until the example fits; the summary is never
+    cut. A paper whose summary leaves no room for a single token of its abstract is skipped. info counts both.
+    """
+    from .eval.rouge import aclsum_examples, build_prompt, prompt_ids
 
     eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for ex in aclsum_examples("train", None):
-        text = build_prompt(tokenizer, ex["source"]) + ex["reference"]
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
-        if len(ids) >= n * args.seq_len:
-            break
-    usable = len(ids) // args.seq_len
-    if usable == 0:
-        raise ValueError("the aclsum train split gave fewer tokens than one block")
-    return torch.tensor(ids[: usable * args.seq_len]).view(usable, args.seq_len)
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token: aclsum summaries need one to end on")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    rows: list[tuple[list[int], list[int]]] = []  # (prompt ids, target ids)
+    truncated = skipped = dropped = 0
+    examples = aclsum_examples("train", None)
+    spacer = "" if build_prompt(tokenizer, "").endswith((" ", "\n")) else " "  # "Summary:" + " text"
+    for ex in examples:
+        target = tokenizer(spacer + ex["reference"], add_special_tokens=False)["input_ids"] + [eos]
+        room = seq_len - len(target)  # for the prompt
+        prompt = prompt_ids(tokenizer, ex["source"])
+        if len(prompt) > room:
+            source = tokenizer(ex["source"], add_special_tokens=False)["input_ids"]
+            keep = len(source) - (len(prompt) - room)
+            while keep > 0:  # re-tokenized in the prompt, a cut abstract can merge differently: re-check
+                prompt = prompt_ids(tokenizer, tokenizer.decode(source[:keep]).rstrip())
+                if len(prompt) <= room:
+                    break
+                keep -= len(prompt) - room
+            if keep <= 0:  # not one token of the abstract fits beside the summary
+                skipped += 1
+                continue
+            truncated += 1
+            dropped += len(source) - keep
+        rows.append((prompt, target))
+    if not rows:
+        raise ValueError(f"no ACLSum summary fits in seq_len={seq_len} tokens with its prompt")
+    ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (prompt, target) in enumerate(rows):
+        n = len(prompt) + len(target)
+        ids[i, :n] = torch.tensor(prompt + target)
+        labels[i, len(prompt) : n] = torch.tensor(target)
+        mask[i, :n] = 1
+    info = {"dataset": "aclsum", "split": "train", "papers": len(examples), "skipped": skipped,
+            "truncated": truncated, "abstract_tokens_dropped": dropped, "target_tokens": int((labels != -100).sum()),
+            "tokens": int(mask.sum()), "layout": "one paper per sequence: prompt, summary, EOS, padding; loss on the "
+            "summary and EOS only; an abstract too long for seq_len is cut from its end, a summary never"}  # fmt: skip
+    return TrainBlocks(ids, labels, mask, info)
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -361,12 +438,13 @@ def _warmup_kwargs(ratio: float, steps: int) -> dict:
 
 
 def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: bool = True, adapter_dir=None,
-          blocks: torch.Tensor | None = None) -> dict:
+          blocks: TrainBlocks | None = None) -> dict:
     """Train the adapters for args.steps optimizer steps with transformers' Trainer; returns the metrics.
 
     Under `accelerate launch` Trainer runs DDP or FSDP (whichever accelerate configured); args.batch_size is per
     process. adapter_dir: save the adapter there with Trainer.save_model (gathers FSDP shards; main process writes).
-    blocks: training blocks [n, seq_len] (default: train_blocks).
+    blocks: the training sequences (default: train_blocks, which refuses too little data unless args.allow_repeat).
+    The metrics record the epochs Trainer ran and the data's info (train.data).
     """
     from transformers import Trainer, TrainingArguments, default_data_collator
 
@@ -375,6 +453,8 @@ def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: 
     world = distributed()["num_processes"]
     if blocks is None:
         blocks = train_blocks(tokenizer, args, world)
+    else:
+        check_epochs(blocks, args, world)
     import tempfile
 
     tmp = None
@@ -406,7 +486,7 @@ def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: 
     trainer = Trainer(
         model=peft_model,
         args=targs,
-        train_dataset=_Blocks(blocks),
+        train_dataset=blocks,
         data_collator=default_data_collator,
     )
     if not progress:
@@ -430,6 +510,8 @@ def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: 
         "loss_curve": losses,
         "tokens_seen": int(result.global_step) * args.batch_size * args.grad_accum * world * args.seq_len,
         "num_processes": world,
+        "epochs": float(trainer.state.epoch or 0.0),
+        "data": blocks.info,
         "seconds": seconds,
     }
 
@@ -465,6 +547,6 @@ def write_outputs(peft_model, output_dir, metrics: dict) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
 
-__all__ = ["DATASETS", "SCHEDULERS", "FinetuneArgs", "add_lora", "base_fingerprint", "distributed", "end_distributed",
-           "load_quantized",
-           "main_process_first", "optimizer_names", "train", "train_blocks", "write_outputs"]
+__all__ = ["DATASETS", "SCHEDULERS", "FinetuneArgs", "TrainBlocks", "aclsum_blocks", "add_lora", "base_fingerprint",
+           "check_epochs", "distributed", "end_distributed", "load_quantized", "main_process_first", "optimizer_names",
+           "train", "train_blocks", "write_outputs"]

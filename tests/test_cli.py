@@ -710,3 +710,30 @@ def test_demo_says_its_table_is_before_lora(capsys, tmp_path, monkeypatch):
     assert rc == 0, err
     assert "before any LoRA" in out and "lowra sweep" in out
     assert "19.31" in out  # the table itself is still printed (QLoRA at 4 bits, from the recorded records)
+
+
+def test_finetune_aclsum_refuses_a_second_epoch_before_planning(capsys, tmp_path, monkeypatch, tiny_checkpoint):
+    """The default 40 steps x 4 sequences would take 1.6 passes over the 100 ACLSum train papers: refused before the
+    plan is made (Trainer used to start the second epoch silently)."""
+    from bitsandbytes_lowra import baselines
+
+    monkeypatch.setattr(baselines, "method_plan", lambda *a, **k: pytest.fail("planned before refusing the data"))
+    rc, _, err = _run(capsys, "finetune", "--model", str(tiny_checkpoint), "--bits", "2", "--dataset", "aclsum",
+                      "-o", str(tmp_path / "run"), "-q")  # fmt: skip
+    assert rc == 2 and "need 160 (1.60 epochs): take at most 25 steps" in err and "--allow-repeat" in err
+
+
+def test_finetune_aclsum_logs_and_records_its_data_and_epochs(capsys, tmp_path, monkeypatch, tiny_checkpoint):
+    monkeypatch.setenv("LOWRA_PLAN_CACHE", str(tmp_path / "plans"))
+    rc, out, err = _run(capsys, "finetune", "--model", str(tiny_checkpoint), "--bits", "2", "--method", "qlora",
+                        "--dataset", "aclsum", "--steps", "2", "--batch-size", "1", "--seq-len", "192",
+                        "--no-gradient-checkpointing", "-o", str(tmp_path / "run"), "--json")  # fmt: skip
+    assert rc == 0, err
+    metrics = json.loads(out)
+    data = metrics["train"]["data"]
+    assert metrics["train"]["epochs"] == 0.02 and data["epochs"] == 0.02 and metrics["args"]["allow_repeat"] is False
+    assert data["dataset"] == "aclsum" and data["sequences"] + data["skipped"] == data["papers"] == 100
+    assert data["truncated"] > 50 and data["target_tokens"] < data["tokens"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]["data"] == data
+    assert f"{data['truncated']} of 100 abstracts cut to fit" in err and "the steps take 0.02 epochs" in err
+

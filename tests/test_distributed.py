@@ -154,7 +154,7 @@ def _fsdp_worker(rank: int, world: int, port: int, tiny_dir: str, plan_path: str
         pm, _ = add_lora(model, None, "zero", args)
         lowra = {n: m for n, m in pm.named_modules() if isinstance(m, LinearLowRA)}
         report["storage"] = sorted({str(m.weight.dtype) for m in lowra.values()})
-        blocks = train_blocks(tok, args, world)  # global batch: rows [2 step r + ...]: each rank its half
+        blocks = train_blocks(tok, args, world).input_ids  # global batch: rows [2 step r + ...]: each rank its half
         probe = blocks[:2]
         with torch.no_grad():
             ref = pm(input_ids=probe, labels=probe).loss.float().item()

@@ -70,6 +70,17 @@ def build_prompt(tokenizer, source: str) -> str:
     return INSTRUCTION + "Abstract: " + source + "\n\nSummary:"
 
 
+def adds_special_tokens(tokenizer) -> bool:
+    """Whether prompts are tokenized with the tokenizer's special tokens: not under a chat template, which holds any
+    the model expects already."""
+    return not getattr(tokenizer, "chat_template", None)
+
+
+def prompt_ids(tokenizer, source: str) -> list[int]:
+    """The prompt's token ids as generation sees them (fine-tuning on aclsum trains on exactly these)."""
+    return tokenizer(build_prompt(tokenizer, source), add_special_tokens=adds_special_tokens(tokenizer))["input_ids"]
+
+
 @torch.no_grad()
 def generate_summaries(
     model, tokenizer, sources: list[str], max_new_tokens: int = 128, batch_size: int = 4
@@ -87,8 +98,7 @@ def generate_summaries(
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad
     )
-    # The chat template already holds any special tokens the model expects.
-    add_special = not getattr(tokenizer, "chat_template", None)
+    add_special = adds_special_tokens(tokenizer)
     device = model_device(model)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
