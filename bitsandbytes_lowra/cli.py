@@ -399,7 +399,7 @@ def _cmd_eval(args) -> int:
         from .eval.rouge import rouge_eval
 
         r = rouge_eval(model, tok, n_examples=args.rouge, max_new_tokens=args.max_new_tokens, progress=_progress(args))
-        result["rouge"] = {k: v for k, v in r.items() if k != "examples"}
+        result["rouge"] = r  # with each paper's prediction, reference and scores: the spot check can be audited
         lines.append(f"ACLSum ROUGE-1/2/L {100 * r['rouge1']:.2f} / {100 * r['rouge2']:.2f} / {100 * r['rougeL']:.2f} "
                      f"on {r['n_examples']} test papers")  # fmt: skip
     _emit(args, result, "\n".join(lines))

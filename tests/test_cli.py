@@ -737,3 +737,17 @@ def test_finetune_aclsum_logs_and_records_its_data_and_epochs(capsys, tmp_path, 
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]["data"] == data
     assert f"{data['truncated']} of 100 abstracts cut to fit" in err and "the steps take 0.02 epochs" in err
 
+
+def test_eval_rouge_json_keeps_each_prediction_and_reference(capsys, tmp_path, tiny_checkpoint):
+    """The ROUGE spot check can be audited: the JSON holds every generated summary with its reference and scores."""
+    from bitsandbytes_lowra.eval.rouge import aclsum_examples
+
+    rc, out, err = _run(capsys, "eval", str(tiny_checkpoint), "--rouge", "2", "--max-new-tokens", "3", "--eval-tokens",
+                        "64", "--context", "32", "--json", "-q")  # fmt: skip
+    assert rc == 0, err
+    r = json.loads(out)["rouge"]
+    assert r["n_examples"] == 2 and len(r["examples"]) == 2
+    refs = [e["reference"] for e in aclsum_examples("test", 2)]
+    for ex, ref in zip(r["examples"], refs):
+        assert set(ex) == {"id", "prediction", "reference", "rouge1", "rouge2", "rougeL"} and ex["reference"] == ref
+    assert r["rouge1"] == pytest.approx(sum(e["rouge1"] for e in r["examples"]) / 2)

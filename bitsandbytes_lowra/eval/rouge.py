@@ -191,15 +191,14 @@ def main(argv=None) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--show", type=int, default=2, help="print this many predictions")
+    p.add_argument("--show", type=int, default=2, help="also print this many predictions as text")
     args = p.parse_args(argv)
     model, tokenizer = data.load_smollm2()
     result = rouge_eval(
         model, tokenizer, args.n_examples, args.split, args.max_new_tokens, args.batch_size, progress=False
     )
-    shown = result.pop("examples")[: args.show]
-    print(json.dumps(result, indent=2))
-    for ex in shown:
+    print(json.dumps(result, indent=2))  # every prediction, reference and score: the numbers can be audited
+    for ex in result["examples"][: args.show]:
         print(f"--- {ex['id']}\nPRED: {ex['prediction']}\nREF:  {ex['reference']}")
 
 
