@@ -478,6 +478,7 @@ def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: 
         logging_steps=args.logging_steps,
         save_strategy="no",
         report_to=[],
+        include_num_input_tokens_seen="non_padding",  # attention-mask sums over every process: aclsum is padded
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
@@ -508,7 +509,7 @@ def train(peft_model, tokenizer, args: FinetuneArgs, output_dir=None, progress: 
         "steps": int(result.global_step),
         "train_loss": float(result.training_loss),
         "loss_curve": losses,
-        "tokens_seen": int(result.global_step) * args.batch_size * args.grad_accum * world * args.seq_len,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "num_processes": world,
         "epochs": float(trainer.state.epoch or 0.0),
         "data": blocks.info,

@@ -82,7 +82,7 @@ def test_steps_beyond_one_pass_over_the_data_are_refused_unless_allowed(tok):
 
 def test_trainer_gets_the_labels_and_records_the_epochs(tok, tiny_checkpoint):
     """What reaches the model under Trainer: the aclsum labels (-100 on prompt and padding) and attention mask; the
-    metrics say how many passes over the data ran."""
+    metrics say how many passes over the data ran and count the tokens without the padding."""
     from transformers import AutoModelForCausalLM
 
     full = aclsum_blocks(tok, 256)
@@ -99,6 +99,7 @@ def test_trainer_gets_the_labels_and_records_the_epochs(tok, tiny_checkpoint):
     metrics = train(pm, tok, args, progress=False, blocks=small)
     assert metrics["steps"] == 3 and metrics["epochs"] == 1.5 and metrics["data"]["epochs"] == 1.5
     assert len(seen) == 3
+    assert metrics["tokens_seen"] == sum(int(m.sum()) for _, m in seen) < 3 * 2 * 256  # real tokens, not padding
     rows = {tuple(r.tolist()): i for i, r in enumerate(small.labels)}
     for labels, mask in seen:
         for lab, m in zip(labels, mask):
