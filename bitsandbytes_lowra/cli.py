@@ -518,7 +518,7 @@ def _data_summary(info: dict, seq_len: int) -> str:
     if info["dataset"] == "aclsum":
         line += (f" (one per train paper; loss on the summary only): {info['truncated']} of {info['papers']} "
                  f"abstracts cut to fit ({info['abstract_tokens_dropped']:,} tokens dropped), {info['skipped']} papers "
-                 "skipped (summary longer than fits)")  # fmt: skip
+                 "skipped (no room for any abstract beside the summary)")  # fmt: skip
     return line + f"; the steps take {info['epochs']:.2f} epochs"
 
 
