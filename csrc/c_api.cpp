@@ -7,6 +7,15 @@
 #define LOWRA_VERSION "unknown"
 #endif
 
+namespace {
+
+// Activation rows of a matmul: at least one, at most 2^30, and m x rows outputs countable in int64.
+bool activation_rows_ok(int64_t m, int64_t rows) {
+  return m > 0 && m <= ((int64_t)1 << 30) && rows > 0 && m <= INT64_MAX / rows;
+}
+
+}  // namespace
+
 extern "C" {
 
 int lowra_abi_version(void) { return LOWRA_ABI_VERSION; }
@@ -24,7 +33,7 @@ int lowra_has_cuda(void) {
 int lowra_quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
                        const uint16_t* thresholds, const int64_t* row_offsets, uint8_t* packed, int64_t packed_bytes,
                        float* absmax) {
-  if (!W || !bits || !thresholds || !row_offsets || !packed || !absmax || dtype < 0 || dtype > 2)
+  if (!W || !bits || !thresholds || !row_offsets || !packed || !absmax || !lowra::valid_dtype(dtype))
     return LOWRA_ERR_ARGUMENT;
   int st = lowra::check_layout_host(rows, cols, blocksize, bits, row_offsets, packed_bytes);
   if (st != LOWRA_OK) return st;
@@ -36,8 +45,8 @@ int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, const floa
                          const int64_t* row_offsets, int64_t rows, int64_t cols, int64_t blocksize, int dtype,
                          void* out) {
   lowra::AbsmaxSrc am;
-  if (!packed || !lowra::absmax_src(absmax, nested, &am) || !bits || !codebook || !row_offsets || !out || dtype < 0 ||
-      dtype > 2)
+  if (!packed || !lowra::absmax_src(absmax, nested, &am) || !bits || !codebook || !row_offsets || !out ||
+      !lowra::valid_dtype(dtype))
     return LOWRA_ERR_ARGUMENT;
   int st = lowra::check_layout_host(rows, cols, blocksize, bits, row_offsets, packed_bytes);
   if (st != LOWRA_OK) return st;
@@ -49,8 +58,8 @@ int lowra_matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed,
                      const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
                      int64_t blocksize, const void* bias, void* out) {
   lowra::AbsmaxSrc am;
-  if (!A || m <= 0 || m > ((int64_t)1 << 30) || !packed || !lowra::absmax_src(absmax, nested, &am) || !bits ||
-      !codebook || !row_offsets || !out || dtype < 0 || dtype > 2)
+  if (!A || !activation_rows_ok(m, rows) || !packed || !lowra::absmax_src(absmax, nested, &am) || !bits ||
+      !codebook || !row_offsets || !out || !lowra::valid_dtype(dtype))
     return LOWRA_ERR_ARGUMENT;
   int st = lowra::check_layout_host(rows, cols, blocksize, bits, row_offsets, packed_bytes);
   if (st != LOWRA_OK) return st;
@@ -66,8 +75,8 @@ int lowra_quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, in
                         const uint16_t* thresholds, const int64_t* row_offsets, uint8_t* packed, int64_t packed_bytes,
                         float* absmax, void* stream) {
 #ifdef LOWRA_WITH_CUDA
-  if (!W || !bits || !thresholds || !row_offsets || !packed || !absmax || dtype < 0 || dtype > 2 || rows <= 0 ||
-      cols <= 0 || blocksize < 8 || blocksize % 8 != 0)
+  if (!W || !bits || !thresholds || !row_offsets || !packed || !absmax || !lowra::valid_dtype(dtype) ||
+      !lowra::shape_ok(rows, cols, blocksize) || packed_bytes < 0)
     return LOWRA_ERR_ARGUMENT;
   return lowra::quantize_cuda(W, dtype, rows, cols, blocksize, bits, thresholds, row_offsets, packed, packed_bytes,
                               absmax, stream);
@@ -84,8 +93,8 @@ int lowra_dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const flo
                           void* out, void* stream) {
 #ifdef LOWRA_WITH_CUDA
   lowra::AbsmaxSrc am;
-  if (!packed || !lowra::absmax_src(absmax, nested, &am) || !bits || !codebook || !row_offsets || !out || dtype < 0 ||
-      dtype > 2 || rows <= 0 || cols <= 0 || blocksize < 8 || blocksize % 8 != 0)
+  if (!packed || !lowra::absmax_src(absmax, nested, &am) || !bits || !codebook || !row_offsets || !out ||
+      !lowra::valid_dtype(dtype) || !lowra::shape_ok(rows, cols, blocksize) || packed_bytes < 0)
     return LOWRA_ERR_ARGUMENT;
   return lowra::dequantize_cuda(packed, packed_bytes, am, bits, codebook, row_offsets, rows, cols, blocksize, dtype,
                                 out, stream);
@@ -112,8 +121,8 @@ int lowra_matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed
 #ifdef LOWRA_WITH_CUDA
   lowra::AbsmaxSrc am;
   if (!A || !packed || !lowra::absmax_src(absmax, nested, &am) || !bits || !codebook || !row_offsets || !out ||
-      dtype < 0 || dtype > 2 || m <= 0 || rows <= 0 || cols <= 0 || blocksize < 8 || blocksize % 8 != 0 ||
-      (row_order && !group_rows) || workspace_bytes < 0)
+      !lowra::valid_dtype(dtype) || !lowra::shape_ok(rows, cols, blocksize) || !activation_rows_ok(m, rows) ||
+      packed_bytes < 0 || (row_order && !group_rows) || workspace_bytes < 0)
     return LOWRA_ERR_ARGUMENT;
   return lowra::matmul_cuda(A, dtype, m, packed, packed_bytes, am, bits, codebook, row_offsets, rows, cols,
                             blocksize, row_order, group_rows, bias, out, workspace, workspace_bytes, stream);
@@ -128,7 +137,7 @@ int lowra_matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed
 int64_t lowra_matmul_cuda_workspace_size(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize,
                                          const int64_t* group_rows, int nested) {
 #ifdef LOWRA_WITH_CUDA
-  if (!group_rows || m <= 0 || rows <= 0 || cols <= 0 || blocksize < 8) return 0;
+  if (!group_rows || !lowra::shape_ok(rows, cols, blocksize) || !activation_rows_ok(m, rows)) return 0;
   return lowra::matmul_cuda_workspace_size(dtype, m, rows, cols, blocksize, group_rows, nested != 0);
 #else
   (void)dtype, (void)m, (void)rows, (void)cols, (void)blocksize, (void)group_rows, (void)nested;

@@ -15,10 +15,25 @@ namespace lowra {
 
 constexpr int kCodebookSlots = 16;
 constexpr int kThresholdSlots = 15;
+// The format's blocksize rule (format.py BLOCKSIZE_RULE): a multiple of 8 in [8, kMaxBlocksize].
+constexpr int64_t kMaxBlocksize = 4096;
+// Columns of one weight: far beyond any layer, and few enough that a row's element, bit and byte indices (padded to
+// the blocksize) cannot overflow, not even where a CUDA kernel keeps them in 32 bits.
+constexpr int64_t kMaxCols = ((int64_t)1 << 31) - 1;
 
 LOWRA_HD int64_t padded_cols(int64_t cols, int64_t blocksize) { return (cols + blocksize - 1) / blocksize * blocksize; }
 LOWRA_HD bool valid_bits(int b) { return b == 1 || b == 2 || b == 4; }
 LOWRA_HD int64_t row_bytes(int64_t pc, int bits) { return pc * bits / 8; }
+
+LOWRA_HD bool valid_dtype(int dtype) { return dtype == LOWRA_F32 || dtype == LOWRA_F16 || dtype == LOWRA_BF16; }
+
+// Sizes every entry point checks first: at least one row, 1 .. kMaxCols columns, the format's blocksize, and
+// rows x padded_cols elements countable in int64 (so every element, scale and code index is).
+inline bool shape_ok(int64_t rows, int64_t cols, int64_t blocksize) {
+  if (rows <= 0 || cols <= 0 || cols > kMaxCols || blocksize < 8 || blocksize > kMaxBlocksize || blocksize % 8 != 0)
+    return false;
+  return rows <= INT64_MAX / padded_cols(cols, blocksize);
+}
 
 // Where kernels read the block scales: plain float32 (f32 != NULL) or double-quantized (nested.q != NULL; see
 // LowraNestedAbsmax). Built on the host by absmax_src, read on the device by absmax_issue / absmax_finish
@@ -42,17 +57,20 @@ inline bool absmax_src(const float* f32, const LowraNestedAbsmax* nested, Absmax
   return true;
 }
 
-// Host-side layout check shared by the C API entry points: O(rows), reads host memory only.
+// Host-side layout check shared by the CPU entry points: O(rows), reads host memory only. The offsets are compared
+// with their prefix sum, which is checked for overflow (a difference of two stored offsets could itself overflow).
 inline int check_layout_host(int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
                              const int64_t* row_offsets, int64_t packed_bytes) {
-  if (rows <= 0 || cols <= 0 || blocksize < 8 || blocksize % 8 != 0) return LOWRA_ERR_ARGUMENT;
+  if (!shape_ok(rows, cols, blocksize)) return LOWRA_ERR_ARGUMENT;
   const int64_t pc = padded_cols(cols, blocksize);
+  int64_t end = 0;
   if (row_offsets[0] != 0) return LOWRA_ERR_OFFSETS;
   for (int64_t r = 0; r < rows; ++r) {
     if (!valid_bits(bits[r])) return LOWRA_ERR_BITS;
-    if (row_offsets[r + 1] - row_offsets[r] != row_bytes(pc, bits[r])) return LOWRA_ERR_OFFSETS;
+    if (__builtin_add_overflow(end, row_bytes(pc, bits[r]), &end) || row_offsets[r + 1] != end)
+      return LOWRA_ERR_OFFSETS;
   }
-  return row_offsets[rows] == packed_bytes ? LOWRA_OK : LOWRA_ERR_OFFSETS;
+  return end == packed_bytes ? LOWRA_OK : LOWRA_ERR_OFFSETS;
 }
 
 #if !defined(__CUDACC__)

@@ -29,7 +29,7 @@ extern "C" {
 
 typedef enum {
   LOWRA_OK = 0,
-  LOWRA_ERR_ARGUMENT = 1,     // null pointer, bad sizes, blocksize
+  LOWRA_ERR_ARGUMENT = 1,     // null pointer, bad sizes (1 .. 2^31 - 1 columns), blocksize (multiple of 8, <= 4096)
   LOWRA_ERR_BITS = 2,         // a row's bits is not 1, 2 or 4
   LOWRA_ERR_OFFSETS = 3,      // row_offsets inconsistent with bits / buffer size
   LOWRA_ERR_CUDA = 4,         // a CUDA call failed (lowra_last_cuda_error tells which)

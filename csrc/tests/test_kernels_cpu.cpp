@@ -151,11 +151,48 @@ static void test_rejects_bad_metadata() {
   CHECK(lowra_abi_version() == LOWRA_ABI_VERSION, "ABI version");
 }
 
+// Sizes past the format's bounds are refused before any kernel runs: blocksize above kMaxBlocksize, columns above
+// kMaxCols, offsets that only add up by wrapping around int64 (32 rows of 2^59 bytes), a stored offset whose
+// difference with the previous one would overflow.
+static void test_rejects_out_of_bounds_sizes() {
+  std::mt19937 rng(11);
+  Layout L = make_layout(2, 64, 64, rng);
+  std::vector<uint16_t> thr, code;
+  make_tables(L, rng, thr, code);
+  std::vector<float> W(2 * 64, 0.5f), absmax(2 * 64), out(2 * 64);
+  std::vector<uint8_t> packed(2 * 4104), bits4(32, 4);
+  const int64_t big_bs = lowra::kMaxBlocksize + 8;
+  const int64_t off_big_bs[3] = {0, big_bs / 2, big_bs};
+  CHECK(lowra_quantize_cpu(W.data(), LOWRA_F32, 2, 64, big_bs, bits4.data(), thr.data(), off_big_bs, packed.data(),
+                           big_bs, absmax.data()) == LOWRA_ERR_ARGUMENT, "blocksize above kMaxBlocksize accepted");
+  CHECK(lowra_dequantize_cpu(packed.data(), big_bs, absmax.data(), nullptr, bits4.data(), code.data(), off_big_bs, 2,
+                             64, big_bs, LOWRA_F32, out.data()) == LOWRA_ERR_ARGUMENT,
+        "dequantize: blocksize above kMaxBlocksize accepted");
+  const int64_t wide = lowra::kMaxCols + 1, wide_bytes = lowra::padded_cols(wide, 64) / 2;
+  const int64_t off_wide[3] = {0, wide_bytes, 2 * wide_bytes};
+  CHECK(lowra_dequantize_cpu(packed.data(), 2 * wide_bytes, absmax.data(), nullptr, bits4.data(), code.data(),
+                             off_wide, 2, wide, 64, LOWRA_F32, out.data()) == LOWRA_ERR_ARGUMENT,
+        "columns above kMaxCols accepted");
+  std::vector<int64_t> wrap(33);
+  for (int64_t r = 0; r <= 32; ++r) wrap[r] = (int64_t)((uint64_t)r << 59);  // 32 x 2^59 = 2^64 wraps to 0
+  CHECK(lowra_dequantize_cpu(packed.data(), 0, absmax.data(), nullptr, bits4.data(), code.data(), wrap.data(), 32,
+                             (int64_t)1 << 60, 8, LOWRA_F32, out.data()) == LOWRA_ERR_ARGUMENT,
+        "offsets that wrap around int64 accepted");
+  const int64_t off_min[3] = {0, 32, INT64_MIN};
+  CHECK(lowra_dequantize_cpu(packed.data(), 64, absmax.data(), nullptr, L.bits.data(), code.data(), off_min, 2, 64,
+                             64, LOWRA_F32, out.data()) == LOWRA_ERR_OFFSETS, "offset INT64_MIN accepted");
+  std::vector<float> A(64, 1.f);
+  CHECK(lowra_matmul_cpu(A.data(), LOWRA_F32, 1, packed.data(), L.offsets.back(), absmax.data(), nullptr,
+                         L.bits.data(), code.data(), L.offsets.data(), 0, 64, 64, nullptr, out.data()) ==
+            LOWRA_ERR_ARGUMENT, "matmul of zero rows accepted");
+}
+
 int main() {
   const int64_t shapes[][3] = {{1, 64, 64}, {3, 100, 64}, {17, 576, 64}, {33, 1536, 64}, {5, 8, 8}, {9, 130, 32}, {2, 4096, 128}};
   uint32_t seed = 1;
   for (auto& s : shapes) test_roundtrip(s[0], s[1], s[2], seed++);
   test_rejects_bad_metadata();
+  test_rejects_out_of_bounds_sizes();
   if (failures) {
     fprintf(stderr, "%d failures\n", failures);
     return 1;
