@@ -17,7 +17,7 @@ import torch
 _DIR = Path(__file__).resolve().parent
 STATUS = {
     0: "ok",
-    1: "invalid argument (null pointer, sizes or blocksize)",
+    1: "invalid argument (null pointer, sizes, blocksize or a pointer off its element's alignment)",
     2: "a row's bits is not 1, 2 or 4",
     3: "row offsets inconsistent with bits or the packed buffer (corrupt or mismatched state)",
     4: "CUDA error",

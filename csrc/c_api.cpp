@@ -33,7 +33,8 @@ int lowra_has_cuda(void) {
 int lowra_quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int64_t blocksize, const uint8_t* bits,
                        const uint16_t* thresholds, const int64_t* row_offsets, uint8_t* packed, int64_t packed_bytes,
                        float* absmax) {
-  if (!W || !bits || !thresholds || !row_offsets || !packed || !absmax || !lowra::valid_dtype(dtype))
+  if (!W || !bits || !thresholds || !row_offsets || !packed || !absmax || !lowra::valid_dtype(dtype) ||
+      !lowra::data_aligned(dtype, W, nullptr) || !lowra::metadata_aligned(thresholds, row_offsets, absmax, nullptr))
     return LOWRA_ERR_ARGUMENT;
   int st = lowra::check_layout_host(rows, cols, blocksize, bits, row_offsets, packed_bytes);
   if (st != LOWRA_OK) return st;
@@ -46,7 +47,8 @@ int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, const floa
                          void* out) {
   lowra::AbsmaxSrc am;
   if (!packed || !lowra::absmax_src(absmax, nested, &am) || !bits || !codebook || !row_offsets || !out ||
-      !lowra::valid_dtype(dtype))
+      !lowra::valid_dtype(dtype) || !lowra::data_aligned(dtype, out, nullptr) ||
+      !lowra::metadata_aligned(codebook, row_offsets, absmax, nested))
     return LOWRA_ERR_ARGUMENT;
   int st = lowra::check_layout_host(rows, cols, blocksize, bits, row_offsets, packed_bytes);
   if (st != LOWRA_OK) return st;
@@ -59,7 +61,8 @@ int lowra_matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed,
                      int64_t blocksize, const void* bias, void* out) {
   lowra::AbsmaxSrc am;
   if (!A || !activation_rows_ok(m, rows) || !packed || !lowra::absmax_src(absmax, nested, &am) || !bits ||
-      !codebook || !row_offsets || !out || !lowra::valid_dtype(dtype))
+      !codebook || !row_offsets || !out || !lowra::valid_dtype(dtype) || !lowra::data_aligned(dtype, A, out, bias) ||
+      !lowra::metadata_aligned(codebook, row_offsets, absmax, nested))
     return LOWRA_ERR_ARGUMENT;
   int st = lowra::check_layout_host(rows, cols, blocksize, bits, row_offsets, packed_bytes);
   if (st != LOWRA_OK) return st;
@@ -76,7 +79,8 @@ int lowra_quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, in
                         float* absmax, void* stream) {
 #ifdef LOWRA_WITH_CUDA
   if (!W || !bits || !thresholds || !row_offsets || !packed || !absmax || !lowra::valid_dtype(dtype) ||
-      !lowra::shape_ok(rows, cols, blocksize) || packed_bytes < 0)
+      !lowra::shape_ok(rows, cols, blocksize) || packed_bytes < 0 || !lowra::data_aligned(dtype, W, nullptr) ||
+      !lowra::metadata_aligned(thresholds, row_offsets, absmax, nullptr))
     return LOWRA_ERR_ARGUMENT;
   return lowra::quantize_cuda(W, dtype, rows, cols, blocksize, bits, thresholds, row_offsets, packed, packed_bytes,
                               absmax, stream);
@@ -94,7 +98,8 @@ int lowra_dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const flo
 #ifdef LOWRA_WITH_CUDA
   lowra::AbsmaxSrc am;
   if (!packed || !lowra::absmax_src(absmax, nested, &am) || !bits || !codebook || !row_offsets || !out ||
-      !lowra::valid_dtype(dtype) || !lowra::shape_ok(rows, cols, blocksize) || packed_bytes < 0)
+      !lowra::valid_dtype(dtype) || !lowra::shape_ok(rows, cols, blocksize) || packed_bytes < 0 ||
+      !lowra::data_aligned(dtype, out, nullptr) || !lowra::metadata_aligned(codebook, row_offsets, absmax, nested))
     return LOWRA_ERR_ARGUMENT;
   return lowra::dequantize_cuda(packed, packed_bytes, am, bits, codebook, row_offsets, rows, cols, blocksize, dtype,
                                 out, stream);
@@ -122,7 +127,9 @@ int lowra_matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed
   lowra::AbsmaxSrc am;
   if (!A || !packed || !lowra::absmax_src(absmax, nested, &am) || !bits || !codebook || !row_offsets || !out ||
       !lowra::valid_dtype(dtype) || !lowra::shape_ok(rows, cols, blocksize) || !activation_rows_ok(m, rows) ||
-      packed_bytes < 0 || (row_order && !group_rows) || workspace_bytes < 0)
+      packed_bytes < 0 || (row_order && !group_rows) || workspace_bytes < 0 ||
+      !lowra::data_aligned(dtype, A, out, bias) || !lowra::aligned(row_order, 4) ||
+      !lowra::metadata_aligned(codebook, row_offsets, absmax, nested))
     return LOWRA_ERR_ARGUMENT;
   return lowra::matmul_cuda(A, dtype, m, packed, packed_bytes, am, bits, codebook, row_offsets, rows, cols,
                             blocksize, row_order, group_rows, bias, out, workspace, workspace_bytes, stream);

@@ -25,7 +25,13 @@ LOWRA_HD int64_t padded_cols(int64_t cols, int64_t blocksize) { return (cols + b
 LOWRA_HD bool valid_bits(int b) { return b == 1 || b == 2 || b == 4; }
 LOWRA_HD int64_t row_bytes(int64_t pc, int bits) { return pc * bits / 8; }
 
+// Whether p is a multiple of `a` bytes (a power of two). The kernels index typed operands (float32 scales, int64
+// offsets, float16 tables, activations), which needs their element's alignment: unaligned, that is undefined
+// behaviour on the CPU and a sticky "misaligned address" fault of the CUDA context. Wider vector accesses (16 bytes
+// on CUDA) check their own alignment and fall back to narrower ones.
+LOWRA_HD bool aligned(const void* p, unsigned a) { return ((uintptr_t)p & (a - 1)) == 0; }
 LOWRA_HD bool valid_dtype(int dtype) { return dtype == LOWRA_F32 || dtype == LOWRA_F16 || dtype == LOWRA_BF16; }
+LOWRA_HD unsigned dtype_size(int dtype) { return dtype == LOWRA_F32 ? 4u : 2u; }
 
 // Sizes every entry point checks first: at least one row, 1 .. kMaxCols columns, the format's blocksize, and
 // rows x padded_cols elements countable in int64 (so every element, scale and code index is).
@@ -33,6 +39,20 @@ inline bool shape_ok(int64_t rows, int64_t cols, int64_t blocksize) {
   if (rows <= 0 || cols <= 0 || cols > kMaxCols || blocksize < 8 || blocksize > kMaxBlocksize || blocksize % 8 != 0)
     return false;
   return rows <= INT64_MAX / padded_cols(cols, blocksize);
+}
+
+// Activations, weights, outputs and bias of `dtype` at its element's alignment (NULL passes: checked elsewhere).
+inline bool data_aligned(int dtype, const void* a, const void* b, const void* c = nullptr) {
+  const unsigned es = dtype_size(dtype);
+  return aligned(a, es) && aligned(b, es) && aligned(c, es);
+}
+
+// The metadata at its elements' alignment: float16 codebooks or thresholds, int64 offsets, float32 scales (plain or
+// the nested form's; its 8-bit codes need none).
+inline bool metadata_aligned(const uint16_t* tables, const int64_t* row_offsets, const float* absmax,
+                             const LowraNestedAbsmax* nested) {
+  if (!aligned(tables, 2) || !aligned(row_offsets, 8) || !aligned(absmax, 4)) return false;
+  return !nested || (aligned(nested->nested, 4) && aligned(nested->code, 4) && aligned(nested->offset, 4));
 }
 
 // Where kernels read the block scales: plain float32 (f32 != NULL) or double-quantized (nested.q != NULL; see

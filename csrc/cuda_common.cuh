@@ -116,8 +116,6 @@ __device__ __forceinline__ float absmax_finish(const AbsmaxSrc& s, AbsmaxRaw r) 
   return s.f32 ? r.v : nested_finish(s, r);
 }
 
-inline bool aligned(const void* p, unsigned a) { return ((uintptr_t)p & (a - 1)) == 0; }
-
 // The operands every fused-matmul launch carries (GvArgs in cuda_gemv.cu, MatmulArgs in cuda_matmul.cu; each sets
 // its own form of the scales).
 template <typename Args>

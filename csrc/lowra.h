@@ -13,7 +13,10 @@
 //   absmax == 0), so a NaN element gets code 0. Dequantize: out = (T)(codebook[r][code] * absmax) computed in float32, rounded to nearest even.
 //
 // Every function validates what it can cheaply (sizes, bits values, offsets) and returns a LowraStatus; the
-// Python side validates everything before calling, so a non-zero status is a bug or a corrupt state.
+// Python side validates everything before calling, so a non-zero status is a bug or a corrupt state. Typed pointers
+// (float32 scales, int64 offsets, float16 tables, activations and outputs of `dtype`) must be aligned to their
+// element: a misaligned one is LOWRA_ERR_ARGUMENT (the CPU kernels' vector loads take any address, but their
+// typed scalar accesses do not; the CUDA vector paths check their own 16-byte alignment and fall back).
 #pragma once
 #include <stdint.h>
 

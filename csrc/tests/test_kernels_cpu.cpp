@@ -187,12 +187,62 @@ static void test_rejects_out_of_bounds_sizes() {
             LOWRA_ERR_ARGUMENT, "matmul of zero rows accepted");
 }
 
+// Typed operands off their element's alignment are refused (undefined behaviour in the kernels' typed loads).
+static void test_rejects_misaligned_operands() {
+  std::mt19937 rng(12);
+  Layout L = make_layout(4, 64, 64, rng);
+  std::vector<uint16_t> thr, code;
+  make_tables(L, rng, thr, code);
+  std::vector<float> W(4 * 64 + 1, 0.5f), absmax(4 + 1), out(4 * 64 + 1), A(64 + 1, 1.f);
+  std::vector<uint8_t> packed(L.offsets.back());
+  std::vector<uint16_t> code1(code.size() + 1);
+  std::vector<int64_t> off1(L.offsets.size() + 1);
+  auto shift = [](const void* p, int bytes) { return (void*)((uintptr_t)p + (uintptr_t)bytes); };
+  const int64_t nbytes = L.offsets.back();
+  // the aligned call works: the refusals below are the misalignment's
+  CHECK(lowra_quantize_cpu(W.data(), LOWRA_F32, 4, 64, 64, L.bits.data(), thr.data(), L.offsets.data(), packed.data(),
+                           nbytes, absmax.data()) == LOWRA_OK, "aligned quantize refused");
+  CHECK(lowra_quantize_cpu(shift(W.data(), 2), LOWRA_F32, 4, 64, 64, L.bits.data(), thr.data(), L.offsets.data(),
+                           packed.data(), nbytes, absmax.data()) == LOWRA_ERR_ARGUMENT, "misaligned weights accepted");
+  CHECK(lowra_quantize_cpu(W.data(), LOWRA_F32, 4, 64, 64, L.bits.data(), thr.data(), L.offsets.data(), packed.data(),
+                           nbytes, (float*)shift(absmax.data(), 1)) == LOWRA_ERR_ARGUMENT,
+        "misaligned absmax accepted");
+  memcpy(shift(off1.data(), 4), L.offsets.data(), L.offsets.size() * 8);
+  CHECK(lowra_dequantize_cpu(packed.data(), nbytes, absmax.data(), nullptr, L.bits.data(), code.data(),
+                             (const int64_t*)shift(off1.data(), 4), 4, 64, 64, LOWRA_F32, out.data()) ==
+            LOWRA_ERR_ARGUMENT, "misaligned row offsets accepted");
+  memcpy(shift(code1.data(), 1), code.data(), code.size() * 2);
+  CHECK(lowra_dequantize_cpu(packed.data(), nbytes, absmax.data(), nullptr, L.bits.data(),
+                             (const uint16_t*)shift(code1.data(), 1), L.offsets.data(), 4, 64, 64, LOWRA_F32,
+                             out.data()) == LOWRA_ERR_ARGUMENT, "misaligned codebook accepted");
+  CHECK(lowra_dequantize_cpu(packed.data(), nbytes, absmax.data(), nullptr, L.bits.data(), code.data(),
+                             L.offsets.data(), 4, 64, 64, LOWRA_BF16, shift(out.data(), 1)) == LOWRA_ERR_ARGUMENT,
+        "misaligned bfloat16 output accepted");
+  CHECK(lowra_dequantize_cpu(packed.data(), nbytes, absmax.data(), nullptr, L.bits.data(), code.data(),
+                             L.offsets.data(), 4, 64, 64, LOWRA_BF16, shift(out.data(), 2)) == LOWRA_OK,
+        "2-byte aligned bfloat16 output refused");
+  std::vector<uint8_t> q(4, 0);
+  std::vector<float> nested(2, 1.f), table(256 + 1, 0.5f), offset(1, 0.f);
+  LowraNestedAbsmax ns{q.data(), nested.data(), (const float*)shift(table.data(), 2), offset.data(), 4};
+  CHECK(lowra_dequantize_cpu(packed.data(), nbytes, nullptr, &ns, L.bits.data(), code.data(), L.offsets.data(), 4, 64,
+                             64, LOWRA_F32, out.data()) == LOWRA_ERR_ARGUMENT, "misaligned nested code accepted");
+  for (int which = 0; which < 3; ++which) {  // activations, bias, output
+    const void* a = which == 0 ? shift(A.data(), 2) : A.data();
+    const void* bias = which == 1 ? shift(A.data(), 2) : nullptr;
+    void* o = which == 2 ? shift(out.data(), 2) : out.data();
+    CHECK(lowra_matmul_cpu(a, LOWRA_F32, 1, packed.data(), nbytes, absmax.data(), nullptr, L.bits.data(), code.data(),
+                           L.offsets.data(), 4, 64, 64, bias, o) == LOWRA_ERR_ARGUMENT,
+          "misaligned matmul operand %d accepted", which);
+  }
+}
+
 int main() {
   const int64_t shapes[][3] = {{1, 64, 64}, {3, 100, 64}, {17, 576, 64}, {33, 1536, 64}, {5, 8, 8}, {9, 130, 32}, {2, 4096, 128}};
   uint32_t seed = 1;
   for (auto& s : shapes) test_roundtrip(s[0], s[1], s[2], seed++);
   test_rejects_bad_metadata();
   test_rejects_out_of_bounds_sizes();
+  test_rejects_misaligned_operands();
   if (failures) {
     fprintf(stderr, "%d failures\n", failures);
     return 1;
