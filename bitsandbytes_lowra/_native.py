@@ -22,6 +22,8 @@ STATUS = {
     3: "row offsets inconsistent with bits or the packed buffer (corrupt or mismatched state)",
     4: "CUDA error",
     5: "the native library was built without CUDA",
+    6: "out of host memory (a scratch allocation failed)",
+    7: "internal error (an unexpected C++ exception in the native library: a bug)",
 }
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ABI_VERSION = 3  # csrc/lowra.h LOWRA_ABI_VERSION: the entry points' arguments as _declare states them

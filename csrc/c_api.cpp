@@ -1,4 +1,6 @@
 // The C ABI (lowra.h): argument validation, then dispatch to the CPU or CUDA kernels.
+#include <new>
+
 #include "common.h"
 #include "cpu_simd.h"
 #include "kernels.h"
@@ -12,6 +14,21 @@ namespace {
 // Activation rows of a matmul: at least one, at most 2^30, and m x rows outputs countable in int64.
 bool activation_rows_ok(int64_t m, int64_t rows) {
   return m > 0 && m <= ((int64_t)1 << 30) && rows > 0 && m <= INT64_MAX / rows;
+}
+
+// A kernel call with its C++ exceptions turned into statuses: none may cross the C ABI (ctypes cannot catch one; the
+// process would abort). std::bad_alloc is a scratch allocation that failed, anything else a bug. The validation
+// around the calls throws nothing, nor do the other entry points (plain reads and stores of settings).
+template <typename F>
+auto guarded(F&& kernel, decltype(kernel()) memory = LOWRA_ERR_MEMORY,
+             decltype(kernel()) internal = LOWRA_ERR_INTERNAL) noexcept -> decltype(kernel()) {
+  try {
+    return kernel();
+  } catch (const std::bad_alloc&) {
+    return memory;
+  } catch (...) {
+    return internal;
+  }
 }
 
 }  // namespace
@@ -38,7 +55,9 @@ int lowra_quantize_cpu(const void* W, int dtype, int64_t rows, int64_t cols, int
     return LOWRA_ERR_ARGUMENT;
   int st = lowra::check_layout_host(rows, cols, blocksize, bits, row_offsets, packed_bytes);
   if (st != LOWRA_OK) return st;
-  return lowra::quantize_cpu(W, dtype, rows, cols, blocksize, bits, thresholds, row_offsets, packed, absmax);
+  return guarded([&] {
+    return lowra::quantize_cpu(W, dtype, rows, cols, blocksize, bits, thresholds, row_offsets, packed, absmax);
+  });
 }
 
 int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, const float* absmax,
@@ -52,7 +71,9 @@ int lowra_dequantize_cpu(const uint8_t* packed, int64_t packed_bytes, const floa
     return LOWRA_ERR_ARGUMENT;
   int st = lowra::check_layout_host(rows, cols, blocksize, bits, row_offsets, packed_bytes);
   if (st != LOWRA_OK) return st;
-  return lowra::dequantize_cpu(packed, am, bits, codebook, row_offsets, rows, cols, blocksize, dtype, out);
+  return guarded([&] {
+    return lowra::dequantize_cpu(packed, am, bits, codebook, row_offsets, rows, cols, blocksize, dtype, out);
+  });
 }
 
 int lowra_matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed, int64_t packed_bytes,
@@ -66,7 +87,9 @@ int lowra_matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed,
     return LOWRA_ERR_ARGUMENT;
   int st = lowra::check_layout_host(rows, cols, blocksize, bits, row_offsets, packed_bytes);
   if (st != LOWRA_OK) return st;
-  return lowra::matmul_cpu(A, dtype, m, packed, am, bits, codebook, row_offsets, rows, cols, blocksize, bias, out);
+  return guarded([&] {
+    return lowra::matmul_cpu(A, dtype, m, packed, am, bits, codebook, row_offsets, rows, cols, blocksize, bias, out);
+  });
 }
 
 int lowra_cpu_isa(void) { return lowra::cpu_isa(); }
@@ -82,8 +105,10 @@ int lowra_quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, in
       !lowra::shape_ok(rows, cols, blocksize) || packed_bytes < 0 || !lowra::data_aligned(dtype, W, nullptr) ||
       !lowra::metadata_aligned(thresholds, row_offsets, absmax, nullptr))
     return LOWRA_ERR_ARGUMENT;
-  return lowra::quantize_cuda(W, dtype, rows, cols, blocksize, bits, thresholds, row_offsets, packed, packed_bytes,
-                              absmax, stream);
+  return guarded([&] {
+    return lowra::quantize_cuda(W, dtype, rows, cols, blocksize, bits, thresholds, row_offsets, packed, packed_bytes,
+                                absmax, stream);
+  });
 #else
   (void)W, (void)dtype, (void)rows, (void)cols, (void)blocksize, (void)bits, (void)thresholds, (void)row_offsets,
       (void)packed, (void)packed_bytes, (void)absmax, (void)stream;
@@ -101,8 +126,10 @@ int lowra_dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const flo
       !lowra::valid_dtype(dtype) || !lowra::shape_ok(rows, cols, blocksize) || packed_bytes < 0 ||
       !lowra::data_aligned(dtype, out, nullptr) || !lowra::metadata_aligned(codebook, row_offsets, absmax, nested))
     return LOWRA_ERR_ARGUMENT;
-  return lowra::dequantize_cuda(packed, packed_bytes, am, bits, codebook, row_offsets, rows, cols, blocksize, dtype,
-                                out, stream);
+  return guarded([&] {
+    return lowra::dequantize_cuda(packed, packed_bytes, am, bits, codebook, row_offsets, rows, cols, blocksize, dtype,
+                                  out, stream);
+  });
 #else
   (void)packed, (void)packed_bytes, (void)absmax, (void)nested, (void)bits, (void)codebook, (void)row_offsets,
       (void)rows, (void)cols, (void)blocksize, (void)dtype, (void)out, (void)stream;
@@ -112,7 +139,7 @@ int lowra_dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const flo
 
 int64_t lowra_cuda_take_skipped_rows(void) {
 #ifdef LOWRA_WITH_CUDA
-  return lowra::take_skipped_rows();
+  return guarded([] { return lowra::take_skipped_rows(); }, (int64_t)-1, (int64_t)-1);
 #else
   return 0;
 #endif
@@ -131,8 +158,10 @@ int lowra_matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed
       !lowra::data_aligned(dtype, A, out, bias) || !lowra::aligned(row_order, 4) ||
       !lowra::metadata_aligned(codebook, row_offsets, absmax, nested))
     return LOWRA_ERR_ARGUMENT;
-  return lowra::matmul_cuda(A, dtype, m, packed, packed_bytes, am, bits, codebook, row_offsets, rows, cols,
-                            blocksize, row_order, group_rows, bias, out, workspace, workspace_bytes, stream);
+  return guarded([&] {
+    return lowra::matmul_cuda(A, dtype, m, packed, packed_bytes, am, bits, codebook, row_offsets, rows, cols,
+                              blocksize, row_order, group_rows, bias, out, workspace, workspace_bytes, stream);
+  });
 #else
   (void)A, (void)dtype, (void)m, (void)packed, (void)packed_bytes, (void)absmax, (void)nested, (void)bits,
       (void)codebook, (void)row_offsets, (void)rows, (void)cols, (void)blocksize, (void)row_order, (void)group_rows,
@@ -145,7 +174,9 @@ int64_t lowra_matmul_cuda_workspace_size(int dtype, int64_t m, int64_t rows, int
                                          const int64_t* group_rows, int nested) {
 #ifdef LOWRA_WITH_CUDA
   if (!group_rows || !lowra::shape_ok(rows, cols, blocksize) || !activation_rows_ok(m, rows)) return 0;
-  return lowra::matmul_cuda_workspace_size(dtype, m, rows, cols, blocksize, group_rows, nested != 0);
+  return guarded(
+      [&] { return lowra::matmul_cuda_workspace_size(dtype, m, rows, cols, blocksize, group_rows, nested != 0); },
+      (int64_t)-1, (int64_t)-1);
 #else
   (void)dtype, (void)m, (void)rows, (void)cols, (void)blocksize, (void)group_rows, (void)nested;
   return 0;

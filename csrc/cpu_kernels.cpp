@@ -4,12 +4,37 @@
 #include <algorithm>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "common.h"
 #include "cpu_simd.h"
 
 namespace lowra {
 
 namespace {
+
+// Per-thread float scratch, allocated before the parallel region that uses it: an exception cannot leave an OpenMP
+// region (the process terminates), so a failed allocation must happen out here, where the C API turns it into
+// LOWRA_ERR_MEMORY. Slices are padded to 64 bytes: threads do not share cache lines.
+class ThreadScratch {
+ public:
+  explicit ThreadScratch(size_t per_thread)
+      : per_((per_thread + 15) / 16 * 16), buf_(per_ * (size_t)threads()) {}
+  float* mine() { return buf_.data() + per_ * (size_t)thread(); }  // inside the region
+
+ private:
+#ifdef _OPENMP
+  static int threads() { return omp_get_max_threads(); }  // a region's team is never larger
+  static int thread() { return omp_get_thread_num(); }
+#else
+  static int threads() { return 1; }
+  static int thread() { return 0; }
+#endif
+  size_t per_;
+  std::vector<float> buf_;
+};
 
 // code = number of used thresholds strictly below v (thresholds sorted ascending).
 inline uint32_t encode(float v, const float* t, int n) {
@@ -205,11 +230,12 @@ void store_as(void* out, int dtype, int64_t i, float v) {
 int dequantize_cpu(const uint8_t* packed, const AbsmaxSrc& absmax, const uint8_t* bits, const uint16_t* codebook,
                    const int64_t* row_offsets, int64_t rows, int64_t cols, int64_t blocksize, int dtype, void* out) {
   const RowDecoder decode(packed, absmax, bits, codebook, row_offsets, cols, blocksize, dtype);
+  ThreadScratch scratch(decode.scale_buffer());
 #pragma omp parallel
   {
-    std::vector<float> scales(decode.scale_buffer());
+    float* scales = scratch.mine();
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) decode(r, scales.data(), (char*)out + r * cols * elem_size(dtype));
+    for (int64_t r = 0; r < rows; ++r) decode(r, scales, (char*)out + r * cols * elem_size(dtype));
   }
   return LOWRA_OK;
 }
@@ -236,9 +262,14 @@ void matmul_fused_rows(const RowDecoder& decode, const DecodeDotFn fused[3], con
                        const void* bias, int dtype, void* out) {
   const int64_t cols = decode.cols, bs = decode.blocksize, nb = decode.nb;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(nb, kActivationPassBytes / (m * bs * 4)));
+  const size_t nscales = decode.scale_buffer(), ncode = kTileRows * kCodebookSlots, nacc = (size_t)(kTileRows * m);
+  ThreadScratch scratch(nscales + ncode + nacc + (size_t)m);
 #pragma omp parallel
   {
-    std::vector<float> scales(decode.scale_buffer()), code(kTileRows * kCodebookSlots), acc(kTileRows * m), part(m);
+    float* const scales = scratch.mine();
+    float* const code = scales + nscales;
+    float* const acc = code + ncode;
+    float* const part = acc + nacc;
 #pragma omp for schedule(static)
     for (int64_t t0 = 0; t0 < rows; t0 += kTileRows) {
       const int64_t t1 = std::min(rows, t0 + kTileRows);
@@ -248,10 +279,10 @@ void matmul_fused_rows(const RowDecoder& decode, const DecodeDotFn fused[3], con
         for (int64_t r = t0; r < t1; ++r) {
           const int bits = decode.bits[r];
           const DecodeDotFn f = fused[bits == 1 ? 0 : bits == 2 ? 1 : 2];
-          const float* am = decode.scales_of(r, b0, n, scales.data());
+          const float* am = decode.scales_of(r, b0, n, scales);
           float* row_acc = &acc[(r - t0) * m];
           f(decode.packed + decode.row_offsets[r] + b0 * bs * bits / 8, &code[(r - t0) * kCodebookSlots], am, n, bs,
-            a + b0 * bs, cols, b0 == 0 ? row_acc : part.data());
+            a + b0 * bs, cols, b0 == 0 ? row_acc : part);
           if (b0 != 0)
             for (int64_t i = 0; i < m; ++i) row_acc[i] += part[i];
         }
@@ -283,14 +314,18 @@ int matmul_cpu(const void* A, int dtype, int64_t m, const uint8_t* packed, const
     return LOWRA_OK;
   }
   const DotFn dot = dot_fn();
+  const size_t nscales = decode.scale_buffer();
+  ThreadScratch scratch(nscales + (size_t)cols + (size_t)m);
 #pragma omp parallel
   {
-    std::vector<float> scales(decode.scale_buffer()), w((size_t)cols), acc((size_t)m);
+    float* const scales = scratch.mine();
+    float* const w = scales + nscales;
+    float* const acc = w + cols;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-      decode(r, scales.data(), w.data());
-      dot(w.data(), a, cols, (int)m, cols, acc.data());
-      store_row_results(acc.data(), m, r, rows, bias, dtype, out);
+      decode(r, scales, w);
+      dot(w, a, cols, (int)m, cols, acc);
+      store_row_results(acc, m, r, rows, bias, dtype, out);
     }
   }
   return LOWRA_OK;

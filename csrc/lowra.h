@@ -37,6 +37,8 @@ typedef enum {
   LOWRA_ERR_OFFSETS = 3,      // row_offsets inconsistent with bits / buffer size
   LOWRA_ERR_CUDA = 4,         // a CUDA call failed (lowra_last_cuda_error tells which)
   LOWRA_ERR_NO_CUDA = 5,      // library built without CUDA
+  LOWRA_ERR_MEMORY = 6,       // a host allocation failed (std::bad_alloc: scratch buffers)
+  LOWRA_ERR_INTERNAL = 7,     // any other C++ exception: a bug (no exception ever crosses this ABI)
 } LowraStatus;
 
 // dtype codes shared with Python (bitsandbytes_lowra/_native.py)
@@ -107,7 +109,7 @@ LOWRA_API const char* lowra_last_cuda_error(void);
 
 // The CUDA kernels never synchronize the host: a row whose metadata would leave the packed buffer (or, for the
 // fused matmul, does not match its precision group) is skipped and counted. This synchronizes the device, returns
-// the number of skips since the last call and resets it (-1 on a CUDA error; 0 without CUDA).
+// the number of skips since the last call and resets it (-1 on a CUDA error or a failed allocation; 0 without CUDA).
 LOWRA_API int64_t lowra_cuda_take_skipped_rows(void);
 
 // Fused y = A W^T (+ bias) without materializing W (the decode regime: few activation rows).
@@ -115,7 +117,8 @@ LOWRA_API int64_t lowra_cuda_take_skipped_rows(void);
 // row_order: device int32 [rows], the output channels sorted by precision (all 1-bit rows, then 2-bit, then 4-bit;
 // any order inside a group), and group_rows: HOST int64[3], the number of 1-, 2- and 4-bit rows. Both are derived
 // from `bits` (bitsandbytes_lowra._ops.matmul_plan); with row_order == NULL the generic kernel runs.
-// workspace: device scratch of at least lowra_matmul_cuda_workspace_size(...) bytes (NULL when that is 0).
+// workspace: device scratch of at least lowra_matmul_cuda_workspace_size(...) bytes (NULL when that is 0; the size
+// is 0 for sizes the matmul refuses, -1 when a host allocation failed).
 // nested: as for dequantize (absmax NULL then); the GEMV decodes it in the kernel, the other paths into workspace.
 // Fast path: fp16/bf16, 1 <= m <= 16, blocksize a multiple of 64, cols a multiple of 256 and of blocksize,
 // 16-byte aligned A / packed / absmax; otherwise a generic kernel (any dtype, m, shape) computes the same product.

@@ -459,6 +459,23 @@ def test_native_rejects_corrupt_offsets():
         torch.ops.lowra.matmul(A, packed, absmax, bad_bits, code, off, 64, [4, 64])
 
 
+def test_native_failed_allocation_is_a_status():
+    """No C++ exception crosses the C ABI (ctypes cannot catch one): an allocation that fails is status 6, named.
+    2^30 float16 activation rows of 2^20 columns need 4 PiB of float32 scratch, past any address space."""
+    cols, m = 1 << 20, 1 << 30
+    bits, off = torch.ones(1, dtype=torch.uint8), torch.tensor([0, cols // 8])
+    A, code, out = torch.zeros(16, dtype=torch.float16), torch.zeros(1, 16, dtype=torch.float16), torch.zeros(16)
+    packed, absmax = torch.zeros(cols // 8, dtype=torch.uint8), torch.zeros(cols // 64)
+    p = _native.ptr
+    status = _native.load().lowra_matmul_cpu(p(A), _native.DTYPE_CODE[torch.float16], m, p(packed), cols // 8,
+                                             p(absmax), None, p(bits), p(code), p(off), 1, cols, 64, None, p(out))
+    assert status == 6
+    with pytest.raises(_native.NativeLibraryError, match="out of host memory"):
+        _native.check(status, "lowra matmul")
+    with pytest.raises(_native.NativeLibraryError, match="internal error"):
+        _native.check(7, "lowra matmul")
+
+
 def test_format_validation_messages():
     with pytest.raises(LowRAFormatError, match="NaN/Inf"):
         check_weight(torch.tensor([[1.0, float("nan")]]))
