@@ -151,6 +151,79 @@ static void test_rejects_bad_metadata() {
   CHECK(lowra_abi_version() == LOWRA_ABI_VERSION, "ABI version");
 }
 
+// lowra_matmul_cpu against lowra_dequantize_cpu's float32 weight and a naive double-precision matmul, at every
+// instruction-set level: whole blocks of 16s (the fused decode-dot pass, up to 8 activation rows) and the rest (the
+// decode-then-dot path), float32 and double-quantized scales, float32 and float16 activations, with and without bias.
+// The kernel sums in float32 in its own order, so the bound is relative to the sum of |products|.
+static void test_matmul_matches_dequantize(int64_t rows, int64_t cols, int64_t bs, int64_t m, bool nested_scales,
+                                           uint32_t seed) {
+  std::mt19937 rng(seed);
+  Layout L = make_layout(rows, cols, bs, rng);
+  std::vector<uint16_t> thr, code;
+  make_tables(L, rng, thr, code);
+  std::normal_distribution<float> g(0.f, 1.f);
+  std::vector<float> W(rows * cols), A(m * cols), bias(rows);
+  for (auto& x : W) x = g(rng);
+  for (auto& x : A) x = g(rng);
+  for (auto& x : bias) x = g(rng);
+  const int64_t nb = L.pc / bs;
+  std::vector<uint8_t> packed(L.offsets.back());
+  std::vector<float> absmax(rows * nb);
+  CHECK(lowra_quantize_cpu(W.data(), LOWRA_F32, rows, cols, bs, L.bits.data(), thr.data(), L.offsets.data(),
+                           packed.data(), (int64_t)packed.size(), absmax.data()) == LOWRA_OK, "quantize");
+  // double-quantized scales: random codes into a table of positive values, per-group scales, an offset
+  std::vector<uint8_t> q(rows * nb);
+  std::vector<float> table(256), nested((rows * nb + 3) / 4), offset(1, 0.01f);
+  for (auto& x : q) x = (uint8_t)(rng() & 255u);
+  for (auto& x : table) x = fabsf(g(rng));
+  for (auto& x : nested) x = 0.5f + fabsf(g(rng));
+  const LowraNestedAbsmax ns{q.data(), nested.data(), table.data(), offset.data(), 4};
+  const float* f32 = nested_scales ? nullptr : absmax.data();
+  const LowraNestedAbsmax* nsp = nested_scales ? &ns : nullptr;
+  std::vector<float> Wq(rows * cols);
+  CHECK(lowra_dequantize_cpu(packed.data(), (int64_t)packed.size(), f32, nsp, L.bits.data(), code.data(),
+                             L.offsets.data(), rows, cols, bs, LOWRA_F32, Wq.data()) == LOWRA_OK, "dequantize");
+  std::vector<uint16_t> A16(m * cols);
+  for (int64_t i = 0; i < m * cols; ++i) A16[i] = float_to_half(A[i]);
+  std::vector<uint16_t> bias16(rows);
+  for (int64_t r = 0; r < rows; ++r) bias16[r] = float_to_half(bias[r]);
+  const int best = lowra_cpu_set_isa(-1);
+  for (int isa = 0; isa <= best; ++isa) {
+    lowra_cpu_set_isa(isa);
+    for (int dtype : {LOWRA_F32, LOWRA_F16})
+      for (bool with_bias : {false, true}) {
+        const bool f16 = dtype == LOWRA_F16;
+        std::vector<float> out(m * rows);
+        std::vector<uint16_t> out16(m * rows);
+        const void* b = with_bias ? (f16 ? (const void*)bias16.data() : (const void*)bias.data()) : nullptr;
+        const int st = lowra_matmul_cpu(f16 ? (const void*)A16.data() : (const void*)A.data(), dtype, m, packed.data(),
+                                        (int64_t)packed.size(), f32, nsp, L.bits.data(), code.data(), L.offsets.data(),
+                                        rows, cols, bs, b, f16 ? (void*)out16.data() : (void*)out.data());
+        CHECK(st == LOWRA_OK, "matmul status %d", st);
+        int bad = 0;
+        for (int64_t i = 0; i < m && !bad; ++i)
+          for (int64_t r = 0; r < rows && !bad; ++r) {
+            double ref = 0, mag = 0;
+            for (int64_t j = 0; j < cols; ++j) {
+              const double a = f16 ? half_to_float(A16[i * cols + j]) : A[i * cols + j];
+              ref += a * Wq[r * cols + j];
+              mag += fabs(a * Wq[r * cols + j]);
+            }
+            if (with_bias) ref += f16 ? half_to_float(bias16[r]) : bias[r];
+            const double got = f16 ? half_to_float(out16[i * rows + r]) : out[i * rows + r];
+            const double tol = 1e-5 * (mag + 1) + (f16 ? fabs(ref) / 1024 : 0);
+            if (fabs(got - ref) > tol) {
+              bad = 1;
+              CHECK(false, "matmul (%lld x %lld, bs %lld, m %lld, nested %d, isa %d, dtype %d, bias %d) at "
+                    "(%lld, %lld): %g, expected %g", (long long)rows, (long long)cols, (long long)bs, (long long)m,
+                    (int)nested_scales, isa, dtype, (int)with_bias, (long long)i, (long long)r, got, ref);
+            }
+          }
+      }
+  }
+  lowra_cpu_set_isa(-1);
+}
+
 // Sizes past the format's bounds are refused before any kernel runs: blocksize above kMaxBlocksize, columns above
 // kMaxCols, offsets that only add up by wrapping around int64 (32 rows of 2^59 bytes), a stored offset whose
 // difference with the previous one would overflow.
@@ -257,6 +330,11 @@ int main() {
   const int64_t shapes[][3] = {{1, 64, 64}, {3, 100, 64}, {17, 576, 64}, {33, 1536, 64}, {5, 8, 8}, {9, 130, 32}, {2, 4096, 128}};
   uint32_t seed = 1;
   for (auto& s : shapes) test_roundtrip(s[0], s[1], s[2], seed++);
+  const int64_t matmul_cases[][4] = {{19, 256, 64, 1}, {7, 1536, 128, 8}, {33, 576, 64, 3}, {5, 100, 32, 2},
+                                     {9, 130, 8, 9}, {3, 64, 16, 12}};
+  for (auto& c : matmul_cases)
+    for (bool nested_scales : {false, true})
+      test_matmul_matches_dequantize(c[0], c[1], c[2], c[3], nested_scales, seed++);
   test_rejects_bad_metadata();
   test_rejects_out_of_bounds_sizes();
   test_rejects_misaligned_operands();
