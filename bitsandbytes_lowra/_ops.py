@@ -8,9 +8,10 @@ Kernels are registered per device in backends/: "default" (the pure-PyTorch refe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import lru_cache, wraps
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .format import BLOCKSIZE_RULE, CODEBOOK_SLOTS, FLOAT_DTYPES, THRESHOLD_SLOTS, blocks_per_row, blocksize_ok
 
@@ -125,6 +126,54 @@ def check_out(out: torch.Tensor, shape, dtype, device) -> None:
     torch._check(out.dtype == dtype, lambda: f"out has dtype {out.dtype}, expected {dtype}")
     torch._check(out.device == device, lambda: f"out is on {out.device}, expected {device}")
     torch._check(out.is_contiguous(), lambda: "out must be contiguous")
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) addresses of a non-empty tensor's elements (a strided tensor's gaps included)."""
+    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def _has_memory(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.numel() > 0 and not t.is_meta and not is_fake(t)
+
+
+def check_no_overlap(outs: dict[str, torch.Tensor], inputs: dict) -> None:
+    """Refuse out= tensors that share memory with an input tensor or with each other, by name: the kernels read their
+    inputs while they write (a dequantize into its own codes reads codes it has already overwritten), and a CUDA
+    kernel's writes race its reads. Tensors without memory (meta, fake) are skipped: a trace cannot tell."""
+    named = [(k, v) for k, v in outs.items() if _has_memory(v)]
+    others = named + [(k, v) for k, v in inputs.items() if _has_memory(v)]
+    for i, (out_name, out) in enumerate(named):
+        lo, hi = _byte_span(out)
+        for name, t in others[i + 1:]:
+            t_lo, t_hi = _byte_span(t)
+            torch._check(hi <= t_lo or t_hi <= lo,
+                         lambda: f"out= tensor {out_name} overlaps {name} in memory; pass a tensor of its own")
+
+
+@lru_cache(maxsize=None)
+def _out_arguments(op: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the input arguments' names, the written (out=) arguments' names), in schema order, of lowra::`op`."""
+    name, overload = op.split(".")
+    arguments = getattr(getattr(torch.ops.lowra, name), overload)._schema.arguments
+    outs = tuple(a.name for a in arguments if a.alias_info is not None and a.alias_info.is_write)
+    return tuple(a.name for a in arguments if a.name not in outs), outs
+
+
+def refusing_overlap(op: str, kernel):
+    """`kernel` of the out= op lowra::`op` (e.g. "dequantize.out") with check_no_overlap first: every backend
+    registers its out= kernels through this."""
+    names, out_names = _out_arguments(op)
+
+    @wraps(kernel)
+    def checked(*args, **kwargs):
+        inputs = dict(zip(names, args))
+        inputs.update((k, v) for k, v in kwargs.items() if k not in out_names)
+        check_no_overlap({k: kwargs[k] for k in out_names if k in kwargs}, inputs)
+        return kernel(*args, **kwargs)
+
+    return checked
 
 
 # ---- fused matmul (decode regime) and quantize.out ----

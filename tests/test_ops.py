@@ -411,6 +411,50 @@ def test_dequantize_out_variant():
         torch.ops.lowra.dequantize.out(packed, absmax, bits, code, off, 32, [4, 96], torch.bfloat16, out=out[:2])
 
 
+def run_on_reference(case: str) -> None:
+    """tests.test_ops.`case`() in a fresh process without the native library: the reference kernels serve the CPU."""
+    script = f"import warnings; warnings.simplefilter('ignore'); from tests.test_ops import {case}; {case}()"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "LOWRA_LIBRARY": "/nonexistent/lowra.so"},
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def out_overlap_case() -> None:
+    """Every out= op refuses an output that shares memory with an input, or with its other output, by name."""
+    W, bits, code, thr, off = make_case(4, 64, 64, torch.float32, seed=3)
+    packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, 64)
+    shape = [4, 64]
+    scratch = torch.zeros(4 * 64)
+    scales = scratch[-4:].view(4, 1)  # the scales in the last 4 floats of the would-be output
+    scales.copy_(absmax)
+    with pytest.raises(RuntimeError, match="out= tensor out overlaps absmax"):
+        torch.ops.lowra.dequantize.out(packed, scales, bits, code, off, 64, shape, torch.float32,
+                                       out=scratch.view(4, 64))
+    A = torch.randn(4 * 64 + 16)
+    with pytest.raises(RuntimeError, match="out= tensor out overlaps A"):
+        torch.ops.lowra.matmul.out(A[:256].view(4, 64), packed, absmax, bits, code, off, 64, shape,
+                                   out=A[240:256].view(4, 4))
+    out = A[256:].view(4, 4)  # right after A in the same storage: disjoint, so fine
+    torch.ops.lowra.matmul.out(A[:256].view(4, 64), packed, absmax, bits, code, off, 64, shape, out=out)
+    assert torch.equal(out, torch.ops.lowra.matmul(A[:256].view(4, 64), packed, absmax, bits, code, off, 64, shape))
+    with pytest.raises(RuntimeError, match="out= tensor absmax overlaps A"):
+        torch.ops.lowra.quantize.out(W, bits, thr, off, 64, packed=torch.empty_like(packed),
+                                     absmax=W.view(-1)[:4].view(4, 1))
+    both = torch.empty(packed.numel() // 4 + 2)  # absmax (the last 4 floats) takes the last 8 bytes of packed
+    with pytest.raises(RuntimeError, match="out= tensor packed overlaps absmax"):
+        torch.ops.lowra.quantize.out(W, bits, thr, off, 64, packed=both.view(torch.uint8)[:packed.numel()],
+                                     absmax=both[-4:].view(4, 1))
+
+
+def test_out_variants_refuse_an_output_that_overlaps_an_input():
+    out_overlap_case()
+
+
+def test_reference_out_variants_refuse_an_output_that_overlaps_an_input():
+    run_on_reference("out_overlap_case")
+
+
 def test_opcheck():
     W, bits, code, thr, off = make_case(5, 130, 64, torch.float16, seed=5)
     torch.library.opcheck(torch.ops.lowra.quantize.default, (W, bits, thr, off, 64),

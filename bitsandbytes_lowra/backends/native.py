@@ -579,9 +579,9 @@ def register() -> list[str]:
     for device in devices:
         torch.library.register_kernel("lowra::quantize", device, quantize)
         torch.library.register_kernel("lowra::dequantize", device, dequantize)
-        torch.library.register_kernel("lowra::dequantize.out", device, dequantize_out)
-        torch.library.register_kernel("lowra::quantize.out", device, quantize_out)
         torch.library.register_kernel("lowra::matmul", device, matmul)
-        torch.library.register_kernel("lowra::matmul.out", device, matmul_out)
+        for op, kernel in (("dequantize.out", dequantize_out), ("quantize.out", quantize_out),
+                           ("matmul.out", matmul_out)):
+            torch.library.register_kernel(f"lowra::{op}", device, _ops.refusing_overlap(op, kernel))
         torch.library.register_kernel("lowra::matmul_buffered", device, matmul_buffered)
     return devices

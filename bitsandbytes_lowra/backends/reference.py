@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from .._ops import refusing_overlap
 from ..format import padded_cols
 
 
@@ -186,4 +187,6 @@ def _fallback_message(device_type: str) -> str:
 for _op, _kernel in (("quantize", _quantize_kernel), ("quantize.out", _quantize_out_kernel),
                      ("dequantize", _dequantize_kernel), ("dequantize.out", _dequantize_out_kernel),
                      ("matmul", _matmul_kernel), ("matmul.out", _matmul_out_kernel)):
+    if _op.endswith(".out"):
+        _kernel = refusing_overlap(_op, _kernel)
     torch.library.register_kernel(f"lowra::{_op}", "default", _as_fallback(_kernel))
