@@ -13,7 +13,15 @@ from functools import lru_cache, wraps
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from .format import BLOCKSIZE_RULE, CODEBOOK_SLOTS, FLOAT_DTYPES, THRESHOLD_SLOTS, blocks_per_row, blocksize_ok
+from .format import (
+    BLOCKSIZE_RULE,
+    CODEBOOK_SLOTS,
+    FLOAT_DTYPES,
+    THRESHOLD_SLOTS,
+    blocks_per_row,
+    blocksize_ok,
+    nested_blocksize_ok,
+)
 
 torch.library.define(
     "lowra::quantize",
@@ -37,8 +45,14 @@ torch.library.define(
 
 
 def check_blocksize_arg(blocksize) -> None:
-    """First: the shape checks after it divide by the blocksize."""
-    torch._check(blocksize_ok(blocksize), lambda: f"blocksize must be {BLOCKSIZE_RULE}, got {blocksize}")
+    """First: the shape checks after it divide by the blocksize. A ValueError, as for any bad argument value."""
+    torch._check_value(blocksize_ok(blocksize), lambda: f"blocksize must be {BLOCKSIZE_RULE}, got {blocksize}")
+
+
+def check_nested_blocksize_arg(nested_blocksize) -> None:
+    """Before anything divides by it (the nested scales' count, an operand buffer's layout)."""
+    torch._check_value(nested_blocksize_ok(nested_blocksize),
+                       lambda: f"nested_blocksize must be a power of two, got {nested_blocksize}")
 
 
 def check_same_device(ref_name: str, ref: torch.Tensor, **tensors) -> None:
@@ -71,8 +85,7 @@ def check_absmax_args(packed, absmax, nested_absmax, nested_code, nested_offset,
     torch._check(absmax.dtype == torch.uint8, lambda: f"double-quantized absmax must be uint8, got {absmax.dtype}")
     torch._check(nested_code is not None and nested_offset is not None,
                  lambda: "nested_absmax needs nested_code and nested_offset")
-    torch._check(nested_blocksize >= 1 and nested_blocksize & (nested_blocksize - 1) == 0,
-                 lambda: f"nested_blocksize must be a power of two, got {nested_blocksize}")
+    check_nested_blocksize_arg(nested_blocksize)
     for name, t, n in (("nested_absmax", nested_absmax, -(-absmax.numel() // nested_blocksize)),
                        ("nested_code", nested_code, 256), ("nested_offset", nested_offset, 1)):
         torch._check(t.dtype == torch.float32, lambda: f"{name} must be float32, got {t.dtype}")
@@ -311,10 +324,14 @@ torch.library.define(
 
 def check_operand_buffer(packed, operands, shape, blocksize, nested, nested_blocksize) -> None:
     torch._check(len(shape) == 2, lambda: f"shape must be [rows, cols], got {shape}")
-    check_blocksize_arg(blocksize)
+    check_blocksize_arg(blocksize)  # both before operand_layout divides by them
+    check_nested_blocksize_arg(nested_blocksize)
     _, size = operand_layout(shape[0], shape[1], blocksize, nested, nested_blocksize)
     torch._check(operands.dtype == torch.uint8 and operands.dim() == 1 and operands.is_contiguous(),
                  lambda: "operands must be a contiguous 1-D uint8 buffer")
+    # the fields' offsets keep them aligned for their dtypes (and the kernels' vector loads) from an aligned start
+    torch._check(not _has_memory(operands) or operands.data_ptr() % OPERAND_ALIGN == 0,
+                 lambda: f"operands must start {OPERAND_ALIGN}-byte aligned, got address {operands.data_ptr():#x}")
     torch._check(operands.numel() == size, lambda: f"operands must hold {size} bytes for this shape, got "
                                                    f"{operands.numel()}")
     torch._check(operands.device == packed.device, lambda: f"operands are on {operands.device}, the codes on "

@@ -33,6 +33,11 @@ def blocksize_ok(blocksize: int) -> bool:
     return 8 <= blocksize <= 4096 and blocksize % 8 == 0
 
 
+def nested_blocksize_ok(nested_blocksize: int) -> bool:
+    """The ops' rule for the double-quantized scales' group size, a power of two (the kernels shift by its log)."""
+    return nested_blocksize >= 1 and nested_blocksize & (nested_blocksize - 1) == 0
+
+
 def plain_number(value):
     """A numpy integer or floating scalar as the Python int or float it holds; anything else unchanged. Options take
     numpy scalars like Python numbers and store plain values (JSON-able, compared by type in isinstance checks)."""

@@ -108,7 +108,7 @@ def test_nested_argument_errors_name_the_problem():
         deq(dec, None, n_code, offset)
     with pytest.raises(RuntimeError, match="nested_absmax must have 1 elements"):
         deq(q, torch.cat([n_absmax, n_absmax]), n_code, offset, 256)
-    with pytest.raises(RuntimeError, match="power of two"):
+    with pytest.raises(ValueError, match="power of two"):
         deq(q, n_absmax, n_code, offset, 100)
     with pytest.raises(RuntimeError, match="nested_code must be float32"):
         deq(q, n_absmax, n_code.half(), offset, nbs)

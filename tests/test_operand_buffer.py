@@ -140,6 +140,28 @@ def test_matmul_buffered_names_a_buffer_that_does_not_fit():
             torch.ops.lowra.matmul_buffered(A, packed, bad, [8, 64], 64, True, 256)
 
 
+def test_matmul_buffered_refuses_a_buffer_off_its_alignment():
+    """The fields' offsets keep them aligned only from a 16-byte aligned start: a buffer copied to an odd address
+    would hand the kernels misaligned scales and offsets."""
+    packed, state = state_of(8, 64)
+    buffer = state.operand_buffer()
+    shifted = torch.zeros(buffer.numel() + 16, dtype=torch.uint8)[1:buffer.numel() + 1]
+    shifted.copy_(buffer)
+    for rows in (1, 64):  # the fused path and the dense one
+        with pytest.raises(RuntimeError, match="16-byte aligned"):
+            torch.ops.lowra.matmul_buffered(torch.randn(rows, 64), packed, shifted, [8, 64], 64, True, 256)
+
+
+@pytest.mark.parametrize("blocksize, nested_blocksize, what", [
+    (0, 256, "blocksize must be"), (12, 256, "blocksize must be"), (8192, 256, "blocksize must be"),
+    (64, 0, "nested_blocksize must be a power of two"), (64, 100, "nested_blocksize must be a power of two")])
+def test_matmul_buffered_checks_blocksizes_before_dividing_by_them(blocksize, nested_blocksize, what):
+    packed, state = state_of(8, 64)
+    with pytest.raises(ValueError, match=what):
+        torch.ops.lowra.matmul_buffered(torch.randn(1, 64), packed, state.operand_buffer(), [8, 64], blocksize, True,
+                                        nested_blocksize)
+
+
 @pytest.mark.parametrize("device", devices())
 def test_a_move_keeps_the_views_and_an_in_place_edit_reaches_the_buffer(device):
     packed, state = state_of(16, 128)

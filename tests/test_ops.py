@@ -584,9 +584,9 @@ def test_a_blocksize_outside_the_format_is_refused_before_any_shape_check(blocks
     inconsistent"; the ops now name the format's rule first."""
     p, s = _small_state()
     args = (s.absmax, s.bits, s.code, s.row_offsets, blocksize, [4, 64])
-    with pytest.raises(RuntimeError, match=rf"blocksize must be a multiple of 8 in \[8, 4096\], got {blocksize}"):
+    with pytest.raises(ValueError, match=rf"blocksize must be a multiple of 8 in \[8, 4096\], got {blocksize}"):
         torch.ops.lowra.dequantize(p, *args, torch.float32)
-    with pytest.raises(RuntimeError, match=r"blocksize must be a multiple of 8 in \[8, 4096\]"):
+    with pytest.raises(ValueError, match=r"blocksize must be a multiple of 8 in \[8, 4096\]"):
         torch.ops.lowra.matmul(torch.randn(2, 64), p, *args)
-    with pytest.raises(RuntimeError, match=r"blocksize must be a multiple of 8 in \[8, 4096\]"):
+    with pytest.raises(ValueError, match=r"blocksize must be a multiple of 8 in \[8, 4096\]"):
         torch.ops.lowra.quantize(torch.randn(4, 64), s.bits, s.thresholds, s.row_offsets, blocksize)

@@ -23,7 +23,7 @@ from .._ops import (
     matmul_plan,
     operand_layout,
 )
-from ..format import CODEBOOK_SLOTS, FLOAT_DTYPES, blocks_per_row, blocksize_ok, padded_cols
+from ..format import CODEBOOK_SLOTS, FLOAT_DTYPES, blocks_per_row, blocksize_ok, nested_blocksize_ok, padded_cols
 
 # The fused matmul streams the packed weight once per call; above this many activation rows, dequantizing once and
 # using the dense GEMM is faster (training, prefill).
@@ -168,7 +168,7 @@ def _absmax_ok(packed, absmax, nested) -> bool:
         return absmax.dtype == torch.float32 and code is None and offset is None
     dev = packed.device
     return (
-        absmax.dtype == torch.uint8 and code is not None and offset is not None and nbs >= 1 and nbs & (nbs - 1) == 0
+        absmax.dtype == torch.uint8 and code is not None and offset is not None and nested_blocksize_ok(nbs)
         and nested_absmax.dtype == code.dtype == offset.dtype == torch.float32
         and nested_absmax.numel() == -(-absmax.numel() // nbs) and code.numel() == 256 and offset.numel() == 1
         and nested_absmax.device == code.device == offset.device == dev
@@ -539,7 +539,8 @@ def matmul_buffered(A, packed, operands, shape, blocksize, nested, nested_blocks
     if not (0 < m <= (MAX_FUSED_ROWS if cuda else CPU_MAX_FUSED_ROWS) and A.dim() >= 1 and A.shape[-1] == cols
             and A.dtype in dtypes and A.device == packed.device == operands.device
             and packed.dtype == torch.uint8 and packed.is_contiguous() and operands.dtype == torch.uint8
-            and operands.dim() == 1 and operands.is_contiguous()
+            and operands.dim() == 1 and operands.is_contiguous() and operands.data_ptr() % _ops.OPERAND_ALIGN == 0
+            and blocksize_ok(blocksize) and nested_blocksize_ok(nested_blocksize)  # before the layout divides
             and operands.numel() == operand_layout(rows, cols, blocksize, nested, nested_blocksize)[1]
             and (bias is None or (bias.dtype == A.dtype and bias.shape == (rows,) and bias.device == A.device))
             and (not cuda or (group_rows is not None and len(group_rows) == 3))):
