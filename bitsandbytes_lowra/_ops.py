@@ -20,6 +20,8 @@ from .format import (
     THRESHOLD_SLOTS,
     blocks_per_row,
     blocksize_ok,
+    check_bits,
+    check_row_offsets,
     nested_blocksize_ok,
 )
 
@@ -74,6 +76,14 @@ def check_quantize_args(A, bits, thresholds, row_offsets, blocksize) -> None:
     torch._check(thresholds.shape == (A.shape[0], THRESHOLD_SLOTS), lambda: "thresholds must be [rows, 15]")
     torch._check(row_offsets.dtype == torch.int64, lambda: "row_offsets must be int64")
     torch._check(row_offsets.shape == (A.shape[0] + 1,), lambda: "row_offsets must be [rows + 1]")
+
+
+def check_quantize_layout(A, bits, row_offsets, blocksize) -> None:
+    """The values of bits and row_offsets (after check_quantize_args), before quantize allocates its outputs: it
+    sizes the packed buffer from the last offset, so a wrong one would allocate garbage (or terabytes) before the
+    kernel refused it. Reads both on the host (a sync on CUDA; quantize syncs for the size anyway)."""
+    check_bits(bits, A.shape[0])
+    check_row_offsets(row_offsets, bits, A.shape[1], blocksize)
 
 
 def check_absmax_args(packed, absmax, nested_absmax, nested_code, nested_offset, nested_blocksize) -> None:

@@ -72,6 +72,21 @@ def row_offsets(bits: torch.Tensor, cols: int, blocksize: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(row_bytes, 0)]).to(bits.device)
 
 
+def check_row_offsets(offsets: torch.Tensor, bits: torch.Tensor, cols: int, blocksize: int,
+                      name: str = "row_offsets") -> None:
+    """`offsets` must be row_offsets(bits, cols, blocksize) (bits already checked); the first entry that differs is
+    named, with what the layout puts there."""
+    expected, given = row_offsets(bits.cpu(), cols, blocksize), offsets.cpu()
+    if given.shape != expected.shape:
+        raise LowRAFormatError(f"{name} must have {expected.numel()} entries (rows + 1), got {tuple(given.shape)}")
+    if not torch.equal(given, expected):
+        r = int((given != expected).nonzero()[0])
+        where = "the end of the buffer" if r == bits.numel() else f"row {r}"
+        raise LowRAFormatError(
+            f"{name} do not match the per-row bits (corrupt or mismatched state): {name}[{r}] = {int(given[r])}, but "
+            f"the bits with {cols} columns in blocks of {blocksize} put {where} at byte {int(expected[r])}")
+
+
 def check_bits(bits: torch.Tensor, rows: int | None = None, allowed=ALLOWED_BITS) -> None:
     if not isinstance(bits, torch.Tensor):
         raise LowRAFormatError(f"bits must be a tensor, got {type(bits).__name__}")
@@ -148,11 +163,9 @@ def validate_layout(
         raise LowRAFormatError(f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
     if offsets.dtype != torch.int64 or tuple(offsets.shape) != (rows + 1,):
         raise LowRAFormatError(f"row offsets must be int64 of shape ({rows + 1},), got {offsets.dtype} {tuple(offsets.shape)}")
-    expected = row_offsets(bits.cpu(), cols, blocksize)
-    if not torch.equal(offsets.cpu(), expected):
-        raise LowRAFormatError("row offsets do not match the per-row bits (corrupt or mismatched state)")
-    if packed.numel() != int(expected[-1]):
-        raise LowRAFormatError(f"packed buffer has {packed.numel()} bytes, the layout needs {int(expected[-1])}")
+    check_row_offsets(offsets, bits, cols, blocksize, "row offsets")
+    if packed.numel() != int(offsets[-1]):
+        raise LowRAFormatError(f"packed buffer has {packed.numel()} bytes, the layout needs {int(offsets[-1])}")
     nb = blocks_per_row(cols, blocksize)
     if absmax.dtype != torch.float32 or absmax.numel() != rows * nb:
         raise LowRAFormatError(f"absmax must be float32 with {rows}x{nb} entries, got {absmax.dtype} with {absmax.numel()}")

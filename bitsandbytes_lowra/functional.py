@@ -40,6 +40,7 @@ from .format import (
     check_bits,
     check_blocksize,
     check_codebook,
+    check_row_offsets,
     check_thresholds,
     check_weight,
     row_offsets,
@@ -486,8 +487,7 @@ class QuantStateLowRA(QuantState):
         check_bits(self.bits, rows)
         check_codebook(self.code, self.bits)
         check_thresholds(self.thresholds, self.bits)
-        if not torch.equal(self.row_offsets.cpu(), row_offsets(self.bits.cpu(), cols, self.blocksize)):
-            raise LowRAFormatError("lowra_row_offsets do not match the per-row bits (corrupt or mismatched state)")
+        check_row_offsets(self.row_offsets, self.bits, cols, self.blocksize, "lowra_row_offsets")
         if self.nested:
             s2 = self.state2
             if s2.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096) or isinstance(s2.blocksize, bool):

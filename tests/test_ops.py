@@ -455,6 +455,38 @@ def test_reference_out_variants_refuse_an_output_that_overlaps_an_input():
     run_on_reference("out_overlap_case")
 
 
+def quantize_offsets_case() -> None:
+    """lowra::quantize checks bits and row_offsets against the layout before it sizes its buffer from the last offset,
+    naming the first entry that differs."""
+    W, bits, code, thr, off = make_case(4, 64, 64, torch.float32, seed=5)
+    bad = off.clone()
+    bad[2] += 8
+    expected = int(off[2])
+    with pytest.raises(LowRAFormatError, match=rf"row_offsets\[2\] = {expected + 8}, but the bits with 64 columns in "
+                                               rf"blocks of 64 put row 2 at byte {expected}"):
+        torch.ops.lowra.quantize(W, bits, thr, bad, 64)
+    huge = off.clone()
+    huge[-1] = 1 << 50  # a petabyte to allocate before the kernel would have refused it
+    with pytest.raises(LowRAFormatError, match=r"row_offsets\[4\] = 1125899906842624, .* put the end of the buffer"):
+        torch.ops.lowra.quantize(W, bits, thr, huge, 64)
+    bad_bits = bits.clone()
+    bad_bits[1] = 3
+    with pytest.raises(LowRAFormatError, match=r"bits\[1\] = 3"):
+        torch.ops.lowra.quantize(W, bad_bits, thr, off, 64)
+    # quantize.out allocates nothing natively and stays free of host syncs: the C entry point refuses the offsets
+    with pytest.raises((LowRAFormatError, _native.NativeLibraryError), match=r"row(_| )offsets"):
+        torch.ops.lowra.quantize.out(W, bits, thr, bad, 64, packed=torch.empty(int(off[-1]), dtype=torch.uint8),
+                                     absmax=torch.empty(4, 1))
+
+
+def test_quantize_checks_row_offsets_before_allocating():
+    quantize_offsets_case()
+
+
+def test_reference_quantize_checks_row_offsets_before_allocating():
+    run_on_reference("quantize_offsets_case")
+
+
 def test_opcheck():
     W, bits, code, thr, off = make_case(5, 130, 64, torch.float16, seed=5)
     torch.library.opcheck(torch.ops.lowra.quantize.default, (W, bits, thr, off, 64),

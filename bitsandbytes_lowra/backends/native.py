@@ -19,6 +19,7 @@ from .._ops import (
     check_matmul_args,
     check_out,
     check_quantize_args,
+    check_quantize_layout,
     check_quantize_out,
     matmul_plan,
     operand_layout,
@@ -139,9 +140,9 @@ def _quantize_into(A, bits, thresholds, row_offsets, blocksize, packed, absmax):
 
 def quantize(A, bits, thresholds, row_offsets, blocksize):
     check_quantize_args(A, bits, thresholds, row_offsets, blocksize)
+    check_quantize_layout(A, bits, row_offsets, blocksize)  # host syncs, as for the size (quantize.out has none)
     A, bits, thresholds, row_offsets = (t.contiguous() for t in (A, bits, thresholds, row_offsets))
     rows, cols = A.shape
-    # The buffer size comes from the offsets' last entry: the only host sync of this op (quantize.out has none).
     nbytes = int(row_offsets[-1])
     packed = torch.empty(nbytes, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(rows, padded_cols(cols, blocksize) // blocksize, dtype=torch.float32, device=A.device)

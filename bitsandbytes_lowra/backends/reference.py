@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from .._ops import refusing_overlap
+from .._ops import check_quantize_layout, refusing_overlap
 from ..format import padded_cols
 
 
@@ -95,6 +95,7 @@ def dequantize(
 
 # Op kernels (registered below for every device type; native backends override cpu and cuda).
 def _quantize_kernel(A, bits, thresholds, row_offsets, blocksize):
+    check_quantize_layout(A, bits, row_offsets, blocksize)  # before quantize sizes its buffer from the offsets
     return quantize(A, bits, thresholds, row_offsets, blocksize)
 
 
@@ -140,6 +141,7 @@ def _quantize_out_kernel(A, bits, thresholds, row_offsets, blocksize, *, packed,
     from .._ops import check_quantize_out
 
     check_quantize_out(A, blocksize, packed, absmax)
+    check_quantize_layout(A, bits, row_offsets, blocksize)
     p, a = quantize(A, bits, thresholds, row_offsets, blocksize)
     torch._check(packed.numel() == p.numel(), lambda: f"packed has {packed.numel()} bytes, the layout needs {p.numel()}")
     packed.copy_(p)
