@@ -487,6 +487,40 @@ def test_reference_quantize_checks_row_offsets_before_allocating():
     run_on_reference("quantize_offsets_case")
 
 
+def empty_weights_case() -> None:
+    """A weight of 0 rows or 0 columns quantizes to no codes and dequantizes to an empty tensor; its matmul is empty
+    (0 rows) or the bias alone (0 columns: sums over nothing), for the fused row counts and the dense ones."""
+    for rows, cols in ((0, 64), (5, 0), (0, 0)):
+        bits = torch.tensor([1, 2, 4, 2, 1], dtype=torch.uint8)[:rows]
+        code, thr = random_tables(bits, torch.Generator().manual_seed(0))
+        off = row_offsets(bits, cols, 64)
+        packed, absmax = torch.ops.lowra.quantize(torch.randn(rows, cols), bits, thr, off, 64)
+        assert packed.shape == (0,) and absmax.shape == (rows, -(-cols // 64))
+        torch.ops.lowra.quantize.out(torch.randn(rows, cols), bits, thr, off, 64, packed=packed, absmax=absmax)
+        for dtype in DTYPES:
+            W = torch.ops.lowra.dequantize(packed, absmax, bits, code, off, 64, [rows, cols], dtype)
+            assert W.shape == (rows, cols) and W.dtype == dtype
+            torch.ops.lowra.dequantize.out(packed, absmax, bits, code, off, 64, [rows, cols], dtype, out=W)
+            bias = torch.randn(rows).to(dtype)
+            for lead in ((1,), (3,), (2, 20), (0,)):
+                A = torch.randn(*lead, cols).to(dtype)
+                y = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [rows, cols])
+                assert torch.equal(y, torch.zeros(*lead, rows, dtype=dtype))
+                y = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [rows, cols], bias)
+                assert torch.equal(y, bias.expand(*lead, rows))
+                out = torch.full((*lead, rows), float("nan"), dtype=dtype)
+                torch.ops.lowra.matmul.out(A, packed, absmax, bits, code, off, 64, [rows, cols], bias, out=out)
+                assert torch.equal(out, bias.expand(*lead, rows))
+
+
+def test_empty_weights_give_empty_results():
+    empty_weights_case()
+
+
+def test_reference_empty_weights_give_empty_results():
+    run_on_reference("empty_weights_case")
+
+
 def test_opcheck():
     W, bits, code, thr, off = make_case(5, 130, 64, torch.float16, seed=5)
     torch.library.opcheck(torch.ops.lowra.quantize.default, (W, bits, thr, off, 64),

@@ -9,6 +9,7 @@ contiguous tensors of the documented dtypes.
 from __future__ import annotations
 
 import contextlib
+import math
 from functools import lru_cache
 
 import torch
@@ -129,6 +130,8 @@ def set_quantize_tuning(task_bytes: int = 0, run: int = 0) -> None:
 
 def _quantize_into(A, bits, thresholds, row_offsets, blocksize, packed, absmax):
     rows, cols = A.shape
+    if rows == 0 or cols == 0:  # an empty weight: no codes, no scales (the C entry points take 1 row and column up)
+        return
     with _on(A.device):
         status = _entry("quantize", A.device)(
             _native.ptr(A), _native.DTYPE_CODE[A.dtype], rows, cols, blocksize, _native.ptr(bits),
@@ -241,6 +244,8 @@ def dequantize_into(packed, absmax, bits, codebook, row_offsets, blocksize, shap
             and _out_ok(out, shape, dtype, packed.device)):
         check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize, shape, dtype, *nested)
         check_out(out, shape, dtype, packed.device)
+    if out.numel() == 0:  # an empty weight (the C entry points take 1 row and column up)
+        return out
     PreparedDequantize(packed, absmax, bits, codebook, row_offsets, blocksize, shape, nested, checked=True).launch(out)
     return out
 
@@ -432,11 +437,18 @@ def matmul_into(A, packed, absmax, bits, codebook, row_offsets, blocksize, shape
                           group_rows, *nested)
         check_out(out, (*A.shape[:-1], shape[0]), A.dtype, A.device)
     rows, cols = shape
-    A2 = A.reshape(-1, cols).contiguous()
+    m = math.prod(A.shape[:-1])
+    A2 = A.reshape(m, cols).contiguous()
     packed, bits, codebook, row_offsets = (t.contiguous() for t in (packed, bits, codebook, row_offsets))
     bias = None if bias is None else bias.contiguous()
-    out2 = out.view(-1, rows)
-    if A2.shape[0] == 0:
+    out2 = out.view(m, rows)
+    if m == 0 or rows == 0:
+        return out
+    if cols == 0:  # an empty weight: sums over no columns (the C entry points take 1 row and column up)
+        if bias is None:
+            out2.zero_()
+        else:
+            out2.copy_(bias.expand(m, rows))
         return out
     if A.device.type == "cpu" and A2.shape[0] <= CPU_MAX_FUSED_ROWS:
         _matmul_cpu(A2, packed, absmax, bits, codebook, row_offsets, blocksize, shape, bias, out2, nested)

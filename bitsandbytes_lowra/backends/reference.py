@@ -89,7 +89,7 @@ def dequantize(
     pc = padded_cols(cols, blocksize)
     codes = unpack_codes(packed, bits, offsets, rows, pc)
     values = torch.gather(codebook.float(), 1, codes)  # [rows, pc]
-    scale = absmax.reshape(rows, -1).repeat_interleave(blocksize, dim=1)
+    scale = absmax.reshape(rows, pc // blocksize).repeat_interleave(blocksize, dim=1)  # (not -1: rows may be 0)
     return (values * scale)[:, :cols].to(dtype)
 
 
