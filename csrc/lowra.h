@@ -17,6 +17,28 @@
 // (float32 scales, int64 offsets, float16 tables, activations and outputs of `dtype`) must be aligned to their
 // element: a misaligned one is LOWRA_ERR_ARGUMENT (the CPU kernels' vector loads take any address, but their
 // typed scalar accesses do not; the CUDA vector paths check their own 16-byte alignment and fall back).
+//
+// Validation at each layer (docs/format.md, "Validation at each layer"; "-": not checked there):
+//   check                         | C API (this file)              | _ops.py (every backend)  | functional, format.py
+//   ------------------------------+--------------------------------+--------------------------+----------------------
+//   null pointers, dtype code     | yes                            | dtypes, shapes, devices  | the same, on states
+//   blocksize (8 | b, <= 4096)    | yes (kMaxBlocksize)            | yes (ValueError)         | yes (LowRAFormatError)
+//   sizes: 1..2^31-1 cols, int64  | yes                            | -                        | -
+//   element alignment             | yes (LOWRA_ERR_ARGUMENT)       | operand buffer: 16 bytes | -
+//   bits in {1, 2, 4}             | CPU: yes; CUDA: row skipped    | quantize: yes            | yes (state, load)
+//   row offsets = prefix sum      | CPU: yes (overflow-checked);   | quantize: yes, before    | yes (state, load)
+//                                 | CUDA: each row bound-checked,  | allocating               |
+//                                 | skipped and counted            |                          |
+//   out= overlapping an input     | -                              | yes, named               | -
+//   empty shapes (0 rows / cols)  | refused                        | empty results (backends) | quantize_lowra refuses
+//   C++ exceptions                | statuses 6 and 7               | -                        | -
+//   codebooks, thresholds, absmax | -                              | -                        | finite, sorted, >= 0
+//   non-finite weights            | not refused: NaN -> code 0;    | -                        | check_weight refuses
+//                                 | +-inf -> its block's absmax is |                          |
+//                                 | inf, the block decodes to      |                          |
+//                                 | +-inf or NaN                   |                          |
+// The CUDA kernels never synchronize, so a row whose metadata does not fit is skipped without an error status (only
+// lowra_cuda_take_skipped_rows counts it): the Python checks above are what keeps such rows from reaching them.
 #pragma once
 #include <stdint.h>
 
