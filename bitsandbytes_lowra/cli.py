@@ -378,6 +378,20 @@ def _refuse_lowra_state_without_config(path: Path) -> None:
                          "(it was removed or overwritten): restore it from the saved model")  # fmt: skip
 
 
+def _ppl_words(p: dict) -> str:
+    """A perplexity result in one line: ppl, text only, the tokens, the mean NLL's standard error, and what a
+    truncated evaluation left out of the eval split."""
+    from .eval.perplexity import truncation_note
+
+    line = f"perplexity {p['ppl']:.3f}" + (f" (text only {p['ppl_text']:.3f})" if p.get("ppl_text") else "")
+    line += (f" on {p['tokens']:,} held-out Wikipedia tokens ({p['windows']} windows of {p['context']}, "
+             f"{p['seconds']:.0f} s)")
+    if p.get("nll_se") is not None:
+        line += f"; mean NLL {p['nll']:.4f} +- {p['nll_se']:.4f} (standard error, {p['clusters']} {p['se_clusters']}s)"
+    note = truncation_note(p)
+    return line + (f"; {note} of the eval split (--eval-tokens 0: all)" if note else "")
+
+
 def _cmd_eval(args) -> int:
     from .eval.perplexity import perplexity
 
@@ -388,13 +402,11 @@ def _cmd_eval(args) -> int:
     _check_adapter_dir(args.adapter)
     model, tok, desc = _load_for_eval(args)
     result = {**desc}
-    result["perplexity"] = perplexity(model, tok, context=args.context, max_tokens=args.eval_tokens or None,
-                                      batch_size=args.eval_batch_size, progress=_progress(args))  # fmt: skip
     lines = [f"model {desc['model']} ({desc['kind']}" + (f", {desc['method']} {desc['bits']:g} bits" if "bits" in desc
                                                           else "") + ")"]  # fmt: skip
-    p = result["perplexity"]
-    lines.append(f"perplexity {p['ppl']:.3f} on {p['tokens']:,} held-out Wikipedia tokens "
-                 f"({p['windows']} windows of {p['context']}, {p['seconds']:.0f} s)")  # fmt: skip
+    result["perplexity"] = perplexity(model, tok, context=args.context, max_tokens=args.eval_tokens or None,
+                                      batch_size=args.eval_batch_size, progress=_progress(args))  # fmt: skip
+    lines.append(_ppl_words(result["perplexity"]))
     if args.rouge:
         from .eval.rouge import rouge_eval
 
@@ -465,7 +477,7 @@ def _cmd_finetune(args) -> int:
         if args.eval_tokens and dist["num_processes"] == 1:
             r = perplexity(pm, tok, context=512, max_tokens=args.eval_tokens, progress=_progress(args))
             metrics[f"ppl_{tag}"] = r["ppl"]
-            _log(args, f"perplexity {tag}: {r['ppl']:.3f}")
+            _log(args, f"{tag}: {_ppl_words(r)}")
 
     if args.eval_tokens and dist["num_processes"] > 1 and dist["is_main"]:
         _log(args, "--eval-tokens is skipped in multi-process runs: evaluate the saved adapter with `lowra eval`")

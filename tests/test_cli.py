@@ -3,6 +3,7 @@ eval budgets), and the harness' table / plot / grid helpers on synthetic records
 
 import ast
 import json
+import math
 import re
 import subprocess
 import sys
@@ -751,3 +752,19 @@ def test_eval_rouge_json_keeps_each_prediction_and_reference(capsys, tmp_path, t
     for ex, ref in zip(r["examples"], refs):
         assert set(ex) == {"id", "prediction", "reference", "rouge1", "rouge2", "rougeL"} and ex["reference"] == ref
     assert r["rouge1"] == pytest.approx(sum(e["rouge1"] for e in r["examples"]) / 2)
+
+
+def test_eval_says_when_it_truncated_the_eval_split(capsys, tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    from bitsandbytes_lowra.eval.perplexity import wiki_eval_tokens
+
+    rc, out, err = _run(capsys, "eval", str(tiny_checkpoint), "--eval-tokens", "64", "--context", "32", "-q")
+    assert rc == 0, err
+    available = wiki_eval_tokens(AutoTokenizer.from_pretrained(tiny_checkpoint)).numel()
+    assert f"truncated to the first 64 of {available:,} tokens of the eval split" in out
+    rc, out, err = _run(capsys, "eval", str(tiny_checkpoint), "--eval-tokens", "0", "--context", "512", "--json", "-q")
+    assert rc == 0, err
+    p = json.loads(out)["perplexity"]
+    assert p["input_tokens"] == p["available_tokens"] == available and p["truncated"] is False
+

@@ -125,6 +125,18 @@ def test_perplexity_rejects_bad_arguments(smollm2):
         perplexity(model, tokens, context=4, batch_size=0, progress=False)
 
 
+def test_perplexity_says_how_much_of_the_stream_it_used(smollm2):
+    """The default budget cuts the eval split: the result says so (it used to cut silently)."""
+    model, tok = smollm2
+    r = perplexity(model, tok, context=32, max_tokens=64, progress=False)
+    assert (r["available_tokens"], r["input_tokens"], r["truncated"]) == (wiki_eval_tokens(tok).numel(), 64, True)
+    tokens = wiki_eval_tokens(tok, max_tokens=100)
+    r = perplexity(model, tokens, context=32, max_tokens=64, progress=False)
+    assert (r["available_tokens"], r["input_tokens"], r["truncated"]) == (100, 64, True)
+    r = perplexity(model, tokens, context=32, max_tokens=None, progress=False)
+    assert (r["available_tokens"], r["input_tokens"], r["truncated"]) == (100, 100, False)
+
+
 def test_default_budget_is_a_fixed_prefix():
     assert DEFAULT_MAX_TOKENS % DEFAULT_CONTEXT == 0  # whole windows only
 
