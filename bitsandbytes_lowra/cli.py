@@ -476,7 +476,8 @@ def _cmd_finetune(args) -> int:
     def ppl(tag):
         if args.eval_tokens and dist["num_processes"] == 1:
             r = perplexity(pm, tok, context=512, max_tokens=args.eval_tokens, progress=_progress(args))
-            metrics[f"ppl_{tag}"] = r["ppl"]
+            metrics[f"ppl_{tag}"], metrics[f"ppl_text_{tag}"] = r["ppl"], r["ppl_text"]
+            metrics.setdefault("evals", {})[tag] = r
             _log(args, f"{tag}: {_ppl_words(r)}")
 
     if args.eval_tokens and dist["num_processes"] > 1 and dist["is_main"]:

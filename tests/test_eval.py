@@ -11,6 +11,7 @@ from bitsandbytes_lowra.eval import memory, rouge
 from bitsandbytes_lowra.eval.perplexity import (
     DEFAULT_CONTEXT,
     DEFAULT_MAX_TOKENS,
+    _cluster_se,
     _windows,
     perplexity,
     train_chunks,
@@ -135,6 +136,58 @@ def test_perplexity_says_how_much_of_the_stream_it_used(smollm2):
     assert (r["available_tokens"], r["input_tokens"], r["truncated"]) == (100, 64, True)
     r = perplexity(model, tokens, context=32, max_tokens=None, progress=False)
     assert (r["available_tokens"], r["input_tokens"], r["truncated"]) == (100, 100, False)
+
+
+def test_text_only_perplexity_leaves_out_separators_and_lead_starts(smollm2):
+    """ppl_text scores the leads' own text: not the EOS separator targets, nor the first target after each (a new
+    lead's first token, which has nothing of its lead before it). ppl keeps every target."""
+    model, tok = smollm2
+    eos, context = tok.eos_token_id, 64
+    tokens = wiki_eval_tokens(tok, max_tokens=8 * context)
+    assert (tokens == eos).sum() >= 3  # the first leads are short enough: some separators are scored
+    res = perplexity(model, tokens, context=context, progress=False, separator=eos)
+    nll = {}
+    with torch.no_grad():
+        for begin in range(0, tokens.numel(), context):
+            w = tokens[begin : begin + context]
+            logp = torch.log_softmax(model(w[None]).logits[0, :-1].double(), -1)
+            for j, v in enumerate((-logp.gather(1, w[1:, None])[:, 0]).tolist()):
+                nll[begin + 1 + j] = v
+    sep = [t for t in nll if tokens[t] == eos]
+    start = [t for t in nll if tokens[t - 1] == eos and tokens[t] != eos]
+    text = [t for t in nll if t not in sep and t not in start]
+    assert res["excluded"]["separator"]["tokens"] == len(sep) and res["excluded"]["lead_start"]["tokens"] == len(start)
+    assert res["tokens_text"] == len(text) == res["tokens"] - len(sep) - len(start)
+    assert res["total_nll_text"] == pytest.approx(sum(nll[t] for t in text), rel=1e-5)
+    assert res["ppl_text"] == pytest.approx(math.exp(sum(nll[t] for t in text) / len(text)), rel=1e-5)
+    assert res["excluded"]["separator"]["total_nll"] == pytest.approx(sum(nll[t] for t in sep), rel=1e-5)
+    assert res["ppl"] == pytest.approx(math.exp(sum(nll.values()) / len(nll)), rel=1e-5)  # unchanged
+    # a tokenizer's stream gets its EOS as the separator; a bare tensor without one gets no text-only numbers
+    from_tok = perplexity(model, tok, context=context, max_tokens=8 * context, progress=False)
+    assert from_tok["ppl_text"] == res["ppl_text"]
+    bare = perplexity(model, tokens, context=context, progress=False)
+    assert bare["ppl_text"] is None and bare["nll_text_se"] is None and bare["se_clusters"] == "window"
+
+
+def test_standard_error_is_clustered():
+    """One value per cluster: the textbook standard error of a mean; equal cluster means: none at all, however
+    spread the values inside them are (what correlated tokens of one lead look like is the cluster's business)."""
+    x = torch.tensor([1.0, 4.0, 2.0, 7.0, 3.0], dtype=torch.float64)
+    assert _cluster_se(x, torch.arange(5)) == pytest.approx(float(x.std() / math.sqrt(5)))
+    assert _cluster_se(torch.tensor([1.0, 3.0, 0.0, 4.0]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.0)
+    assert _cluster_se(x, torch.zeros(5, dtype=torch.long)) is None  # one cluster: no spread to measure
+    # the same values in 2 clusters of correlated runs: a larger error than as 5 independent values
+    y = torch.tensor([1.0, 1.0, 1.0, 5.0, 5.0, 5.0], dtype=torch.float64)
+    assert _cluster_se(y, torch.tensor([0, 0, 0, 1, 1, 1])) > _cluster_se(y, torch.arange(6))
+
+
+def test_perplexity_standard_errors_cluster_by_lead(smollm2):
+    model, tok = smollm2
+    tokens = wiki_eval_tokens(tok, max_tokens=256)
+    r = perplexity(model, tokens, context=128, progress=False, separator=tok.eos_token_id)
+    leads = int((tokens[1:-1] == tok.eos_token_id).sum()) + 1  # leads that have a scored target
+    assert r["se_clusters"] == "lead" and r["clusters"] == leads
+    assert 0 < r["nll_se"] < r["nll"] and 0 < r["nll_text_se"] < r["nll_text"]
 
 
 def test_default_budget_is_a_fixed_prefix():

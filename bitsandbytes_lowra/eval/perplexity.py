@@ -13,6 +13,10 @@ Protocol (fixed so numbers are comparable across runs, models and quantizers; do
   (the usual sliding-window evaluation), so more tokens have long context, at more compute.
 - The model runs in eval mode under no_grad on its own device; logits are upcast to float32 for the log-softmax and
   the token NLLs are summed in float64. ppl = exp(total NLL / scored tokens).
+- Text only (`ppl_text`): the same, without the targets that are the separator (EOS) and the first target after each
+  separator (a lead's first token, which has no in-lead context): what is left is the leads' own text.
+- Spread (`nll_se`, `nll_text_se`): standard error of the mean NLL with the leads as clusters (tokens of one lead are
+  correlated; leads are nearly independent), without a separator: with the windows as clusters.
 """
 
 from __future__ import annotations
@@ -127,13 +131,17 @@ def perplexity(
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
     batch_size: int = 4,
     progress: bool = True,
+    separator: int | None = None,
 ) -> dict:
     """Perplexity of a causal LM on the held-out Wikipedia leads (module docstring: the protocol).
 
     `tokenizer_or_tokens` is a tokenizer (the eval stream is built with `wiki_eval_tokens`) or a 1-D LongTensor of
-    token ids to evaluate instead (cut to max_tokens as well). Returns a dict with ppl, nll (mean per scored token),
-    total_nll, tokens (scored), available_tokens (in the given stream or the whole eval split), input_tokens (used),
-    truncated, windows, context, stride, seconds and device.
+    token ids to evaluate instead (cut to max_tokens as well). `separator`: the token that joins the leads (default:
+    the tokenizer's EOS; with a tensor, None leaves the text-only numbers out). Returns a dict with ppl, nll (mean
+    per scored token), total_nll, tokens (scored), available_tokens (in the given stream or the whole eval split),
+    input_tokens (used), truncated, the text-only ppl_text, nll_text, total_nll_text, tokens_text and what they leave
+    out (excluded), the standard errors nll_se, nll_text_se (se_clusters, clusters), windows, context, stride,
+    seconds and device.
     """
     if not isinstance(context, int) or context < 2:
         raise ValueError(f"context must be an integer >= 2, got {context!r}")
@@ -150,6 +158,7 @@ def perplexity(
             raise ValueError(f"tokens must be a 1-D LongTensor, got {tokens.dtype} of shape {tuple(tokens.shape)}")
         available = tokens.numel()
     else:
+        separator = _eos_id(tokenizer_or_tokens) if separator is None else separator
         tokens = wiki_eval_tokens(tokenizer_or_tokens)  # the whole split, to report its size: 0.35 s (prefix: 0.16)
         available = tokens.numel()
     if max_tokens is not None:
@@ -163,7 +172,7 @@ def perplexity(
     was_training = model.training
     model.eval()
     total_nll = torch.zeros((), dtype=torch.float64)
-    scored = 0
+    nlls, targets = [], []  # per scored target: its NLL and its position in the stream
     start = time.perf_counter()
     try:
         it = batches
@@ -179,12 +188,15 @@ def perplexity(
                 # logits[j] predicts token b + j + 1; score targets first .. e-1.
                 lg = logits[row, first - b - 1 : e - b - 1].float()
                 tgt = ids[row, first - b : e - b]
-                nll = F.cross_entropy(lg, tgt, reduction="none")
-                total_nll += nll.double().sum().cpu()
-                scored += tgt.numel()
+                nll = F.cross_entropy(lg, tgt, reduction="none").double().cpu()
+                total_nll += nll.sum()
+                nlls.append(nll)
+                targets.append(torch.arange(first, e))
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
+    nll, pos = torch.cat(nlls), torch.cat(targets)
+    scored = nll.numel()
     mean = float(total_nll) / scored
     return {
         "ppl": math.exp(mean),
@@ -194,12 +206,57 @@ def perplexity(
         "available_tokens": available,
         "input_tokens": int(tokens.numel()),
         "truncated": int(tokens.numel()) < available,
+        **_text_and_spread(tokens, nll, pos, separator, windows),
         "windows": len(windows),
         "context": context,
         "stride": stride,
         "seconds": seconds,
         "device": str(device),
     }
+
+
+def _text_and_spread(tokens, nll, pos, separator, windows) -> dict:
+    """The text-only numbers (targets that are the separator, or the first after one, left out) and the clustered
+    standard errors of the mean NLLs. Clusters: leads (a separator belongs to the lead it ends), else windows."""
+    if separator is None:
+        window = torch.searchsorted(torch.tensor([w[2] for w in windows]), pos, right=True) - 1
+        return {"ppl_text": None, "nll_text": None, "total_nll_text": None, "tokens_text": None, "excluded": None,
+                "nll_se": _cluster_se(nll, window), "nll_text_se": None, "se_clusters": "window",
+                "clusters": len(windows)}  # fmt: skip
+    is_sep = tokens == separator
+    lead = torch.cumsum(is_sep.long(), 0) - is_sep.long()
+    after = torch.zeros_like(is_sep)
+    after[1:] = is_sep[:-1]
+    sep, start = is_sep[pos], after[pos] & ~is_sep[pos]
+    text = ~(sep | start)
+    n_text = int(text.sum())
+    total_text = float(nll[text].sum())
+    mean_text = total_text / n_text if n_text else None
+    return {
+        "ppl_text": math.exp(mean_text) if n_text else None,
+        "nll_text": mean_text,
+        "total_nll_text": total_text,
+        "tokens_text": n_text,
+        "excluded": {"separator": {"tokens": int(sep.sum()), "total_nll": float(nll[sep].sum())},
+                     "lead_start": {"tokens": int(start.sum()), "total_nll": float(nll[start].sum())}},  # fmt: skip
+        "nll_se": _cluster_se(nll, lead[pos]),
+        "nll_text_se": _cluster_se(nll[text], lead[pos][text]),
+        "se_clusters": "lead",
+        "clusters": len(torch.unique(lead[pos])),
+    }
+
+
+def _cluster_se(values: torch.Tensor, clusters: torch.Tensor) -> float | None:
+    """Standard error of mean(values) with correlated clusters: the ratio estimator's linearization,
+    sqrt(G/(G-1) * sum_g (S_g - mean * n_g)^2) / N over G clusters of sums S_g and sizes n_g. None below 2 clusters."""
+    ids, inverse = torch.unique(clusters, return_inverse=True)
+    g = ids.numel()
+    if g < 2:
+        return None
+    sums = torch.zeros(g, dtype=torch.float64).index_add_(0, inverse, values.double())
+    sizes = torch.zeros(g, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(values, dtype=torch.float64))
+    mean = sums.sum() / sizes.sum()
+    return float(torch.sqrt(g / (g - 1) * ((sums - mean * sizes) ** 2).sum()) / sizes.sum())
 
 
 def truncation_note(result: dict) -> str:
