@@ -559,18 +559,11 @@ def _protocol(args, finetune_steps: int):
 
 
 def _report(args, records, output_json, plot_path, stages) -> str:
-    from .sweep import plot, results_table
+    from .sweep import dense_summary, eval_note, plot, results_table, stage_tables
 
-    text = []
-    dense = [r for r in records if r["method"] == "fp32"]
-    if dense:
-        text.append(f"full precision (fp32) perplexity: {dense[0]['ppl_quantized']:.2f}")
-    for stage in stages:
-        if any(r.get(stage) is not None for r in records if r["method"] != "fp32"):
-            from .sweep import STAGES
-
-            text += ["", f"{STAGES[stage]} (cell: perplexity (nominal bits))",
-                     results_table(records, stage, markdown=False)]  # fmt: skip
+    text = [line for line in (dense_summary(records, markdown=False), eval_note(records)) if line]
+    for key, title in stage_tables(records, stages):  # the text-only tables after the others
+        text += ["", f"{title} (cell: perplexity (nominal bits))", results_table(records, key, markdown=False)]
     if plot_path:
         stage = next((s for s in reversed(stages) if any(r.get(s) is not None for r in records)), "ppl_quantized")
         plot(records, plot_path, stage=stage)

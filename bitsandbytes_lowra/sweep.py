@@ -156,18 +156,20 @@ class Protocol:
         return FinetuneArgs(**{**self.finetune, "steps": self.finetune_steps, "seed": self.seed})
 
 
-def _ppl(model, tokens, protocol: Protocol, progress: bool) -> dict:
+def _ppl(model, tok, tokens, protocol: Protocol, progress: bool) -> dict:
+    """eval.perplexity's result on the first protocol.eval_tokens of `tokens`, the whole eval split (wiki_eval_tokens):
+    the record says how much of it that is."""
     from .eval.perplexity import perplexity
 
-    r = perplexity(model, tokens, context=protocol.context, max_tokens=None, batch_size=protocol.eval_batch_size,
-                   progress=progress)  # fmt: skip
-    return {k: r[k] for k in ("ppl", "nll", "tokens", "seconds")}
+    return perplexity(model, tokens, context=protocol.context, max_tokens=protocol.eval_tokens or None,
+                      batch_size=protocol.eval_batch_size, progress=progress, separator=tok.eos_token_id)  # fmt: skip
 
 
-def eval_tokens(tokenizer, protocol: Protocol) -> torch.Tensor:
-    from .eval.perplexity import wiki_eval_tokens
-
-    return wiki_eval_tokens(tokenizer, protocol.eval_tokens)
+def _stage(rec: dict, stage: str, r: dict) -> None:
+    """A stage's perplexity in the record: ppl_<stage>, ppl_text_<stage> and the whole result under evals[stage]."""
+    rec[f"ppl_{stage}"] = r["ppl"]
+    rec[f"ppl_text_{stage}"] = r.get("ppl_text")
+    rec.setdefault("evals", {})[stage] = r
 
 
 def _finetune(pm, tok, args, tokens, protocol: Protocol, progress: bool, rec: dict) -> dict:
@@ -176,8 +178,8 @@ def _finetune(pm, tok, args, tokens, protocol: Protocol, progress: bool, rec: di
 
     metrics = train(pm, tok, args, progress=progress)
     rec["finetune"] = {k: v for k, v in metrics.items() if k != "seconds"}
-    r = _ppl(pm, tokens, protocol, progress)
-    rec["ppl_finetuned"] = r["ppl"]
+    r = _ppl(pm, tok, tokens, protocol, progress)
+    _stage(rec, "finetuned", r)
     return {"finetune": metrics["seconds"], "eval_finetuned": r["seconds"]}
 
 
@@ -186,22 +188,23 @@ def run_dense(checkpoint, protocol: Protocol, progress: bool = True) -> dict:
     on the unquantized model as well: the ceiling the quantized methods are trained towards (16-bit LoRA)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .eval.perplexity import wiki_eval_tokens
     from .finetune import add_lora
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(checkpoint)
-    tokens = eval_tokens(tok, protocol)
-    ppl = _ppl(model, tokens, protocol, progress)
+    tokens = wiki_eval_tokens(tok)
+    ppl = _ppl(model, tok, tokens, protocol, progress)
     rec = {
         "method": "fp32", "label": "full precision (fp32)", "bits": 32.0, "nominal_bits": 32.0, "effective_bits": 32.0,
-        "ppl_quantized": ppl["ppl"], "ppl_init": None, "ppl_finetuned": None, "eval": ppl,
-        "memory_bytes": model_memory_bytes(model),
+        "ppl_init": None, "ppl_finetuned": None, "eval": ppl, "memory_bytes": model_memory_bytes(model),
     }  # fmt: skip
+    _stage(rec, "quantized", ppl)
     if protocol.finetune_steps > 0:
         args = protocol.finetune_args()
         pm, _ = add_lora(model, checkpoint, "zero", args, prepare=False)  # nothing quantized: no k-bit preparation
-        rec["ppl_init"] = rec["ppl_quantized"]  # B = 0
+        _stage(rec, "init", ppl)  # B = 0
         _finetune(pm, tok, args, tokens, protocol, progress, rec)
         del pm
     rec["seconds"] = time.perf_counter() - t0
@@ -222,6 +225,7 @@ def run_group(methods, bits: float, checkpoint, protocol: Protocol, progress: bo
     on_record(rec) is called as each record is complete (the sweep saves it then, not after the whole group)."""
     import copy
 
+    from .eval.perplexity import wiki_eval_tokens
     from .finetune import add_lora, load_quantized
 
     ms = [baselines.get_method(name) for name in methods]
@@ -236,17 +240,18 @@ def run_group(methods, bits: float, checkpoint, protocol: Protocol, progress: bo
     model, tok = load_quantized(checkpoint, plan)
     t_quant = time.perf_counter() - t0
     memory = model_memory_bytes(model)
-    tokens = eval_tokens(tok, protocol)
-    q = _ppl(model, tokens, protocol, progress)
+    tokens = wiki_eval_tokens(tok)
+    q = _ppl(model, tok, tokens, protocol, progress)
     base = {"bits": float(bits), **plan_record(plan), "plan_origin": plan.origin, "memory_bytes": memory,
-            "ppl_quantized": q["ppl"], "eval": {"tokens": q["tokens"], "context": protocol.context}}  # fmt: skip
+            "eval": {"tokens": q["tokens"], "context": protocol.context}}  # fmt: skip
     records = []
     for i, m in enumerate(ms):
         times = {"plan": t_plan, "quantize": t_quant, "eval_quantized": q["seconds"]}
         rec = {"method": m.name, "label": m.label, "init": m.init, **base, "ppl_init": None, "ppl_finetuned": None}
+        _stage(rec, "quantized", q)
         need_lora = protocol.finetune_steps > 0 or (m.init == "loftq" and protocol.with_init)
         if protocol.with_init and m.init == "zero":
-            rec["ppl_init"] = rec["ppl_quantized"]  # B = 0: the adapters add exactly nothing
+            _stage(rec, "init", q)  # B = 0: the adapters add exactly nothing
         if need_lora:
             # LoftQ re-quantizes the base in place: later methods of the group start from a pristine copy.
             work = copy.deepcopy(model) if i < len(ms) - 1 else model
@@ -257,10 +262,10 @@ def run_group(methods, bits: float, checkpoint, protocol: Protocol, progress: bo
             times["init"] = time.perf_counter() - t0
             rec["init_report"] = report
             if m.init == "zero":
-                rec["ppl_init"] = rec["ppl_quantized"]  # B = 0: the adapters add exactly nothing
+                _stage(rec, "init", q)  # B = 0: the adapters add exactly nothing
             else:
-                r = _ppl(pm, tokens, protocol, progress)
-                rec["ppl_init"] = r["ppl"]
+                r = _ppl(pm, tok, tokens, protocol, progress)
+                _stage(rec, "init", r)
                 times["eval_init"] = r["seconds"]
             if protocol.finetune_steps > 0:
                 times.update(_finetune(pm, tok, args, tokens, protocol, progress, rec))
@@ -515,18 +520,52 @@ def merge_results(paths) -> dict:
             "sources": sources, "records": records}  # fmt: skip
 
 
+def stage_tables(records, stages=None) -> list[tuple[str, str]]:
+    """(record key, title) of each table a report shows: each of `stages` (default all) that a quantized record has,
+    then the same stages text only (ppl_text_<stage>) where any record has those; records without them show '-'."""
+    recs = [r for r in records if r["method"] != "fp32"]
+    full = [(k, t) for k, t in STAGES.items() if (stages is None or k in stages) and any(r.get(k) is not None
+                                                                                         for r in recs)]  # fmt: skip
+    text = [(text_key(k), f"{t}, text only") for k, t in full if any(r.get(text_key(k)) is not None for r in recs)]
+    return full + text
+
+
+def text_key(stage: str) -> str:
+    """ppl_<stage> -> ppl_text_<stage>: the same perplexity without separator and lead-start targets."""
+    return stage.replace("ppl_", "ppl_text_", 1)
+
+
+def dense_summary(records, markdown: bool = True) -> str | None:
+    """The fp32 reference in one line (after LoRA too, and text only, where the record has those)."""
+    dense = [r for r in records if r["method"] == "fp32"]
+    if not dense:
+        return None
+    d = dense[0]
+    fmt = (lambda x: f"**{x:.2f}**") if markdown else (lambda x: f"{x:.2f}")
+    line = f"{'Full' if markdown else 'full'} precision (fp32) perplexity: {fmt(d['ppl_quantized'])}"
+    if d.get("ppl_finetuned") is not None:
+        line += f"; after LoRA fine-tuning with the same protocol: {fmt(d['ppl_finetuned'])}"
+    if d.get("ppl_text_quantized") is not None:
+        tuned = d.get("ppl_text_finetuned")
+        line += (f". Text only (separator and lead-start targets left out): {fmt(d['ppl_text_quantized'])}"
+                 + ("" if tuned is None else f"; after LoRA: {fmt(tuned)}"))  # fmt: skip
+    return line
+
+
+def eval_note(records) -> str | None:
+    """How much of the eval split the records' perplexities used, when they say (newer records) and it was cut."""
+    from .eval.perplexity import truncation_note
+
+    notes = sorted({truncation_note(e) for r in records for e in (r.get("evals") or {}).values()} - {""})
+    return f"perplexity {'; '.join(notes)} (the same tokens for every record)" if notes else None
+
+
 def markdown_report(records, plot_name: str | None = None) -> str:
     """Generated tables (one per stage that has numbers) for docs/results: cells are perplexity (nominal bits)."""
-    lines = []
-    dense = [r for r in records if r["method"] == "fp32"]
-    if dense:
-        tuned = dense[0].get("ppl_finetuned")
-        after = f"; after LoRA fine-tuning with the same protocol: **{tuned:.2f}**" if tuned is not None else ""
-        lines.append(f"Full precision (fp32) perplexity: **{dense[0]['ppl_quantized']:.2f}**{after}\n")
-    for stage, title in STAGES.items():
-        if any(r.get(stage) is not None for r in records if r["method"] != "fp32"):
-            lines += [f"### {title[0].upper() + title[1:]}", "", "Cell: perplexity (nominal bits); '-': not supported (QLoRA / LoftQ below 2 bits) or not run.",
-                      "", results_table(records, stage, markdown=True), ""]  # fmt: skip
+    lines = [f"{line[0].upper()}{line[1:]}\n" for line in (dense_summary(records), eval_note(records)) if line]
+    for stage, title in stage_tables(records):
+        lines += [f"### {title[0].upper() + title[1:]}", "", "Cell: perplexity (nominal bits); '-': not supported "
+                  "(QLoRA / LoftQ below 2 bits) or not run.", "", results_table(records, stage, markdown=True), ""]
     eff = [r for r in records if r["method"] != "fp32"]
     if eff:
         header = ["method", "bits", "nominal", "effective", "mix (share of parameters at 1/2/4 bits)"]

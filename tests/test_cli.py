@@ -754,6 +754,25 @@ def test_eval_rouge_json_keeps_each_prediction_and_reference(capsys, tmp_path, t
     assert r["rouge1"] == pytest.approx(sum(e["rouge1"] for e in r["examples"]) / 2)
 
 
+def test_report_adds_text_only_tables_where_records_have_them(capsys, tmp_path):
+    """Records with ppl_text get a second, text-only table; older records without it show '-' there."""
+    recs = _records()
+    for r in recs:
+        if r["method"] == "lowra":
+            r["ppl_text_quantized"] = r["ppl_quantized"] * 0.9
+    recs[0].update(ppl_text_quantized=11.0, ppl_finetuned=10.5, ppl_text_finetuned=10.25)
+    (tmp_path / "s.json").write_text(json.dumps({"records": recs}))
+    rc, out, err = _run(capsys, "report", str(tmp_path / "s.json"), "--markdown", str(tmp_path / "r.md"))
+    assert rc == 0, err
+    table = out.split("perplexity after quantization, text only")[1]
+    assert "after LoRA initialization, text only" not in out  # no record has that stage text only
+    row = next(line for line in table.splitlines() if line.startswith("4 "))
+    assert row.split()[1:] == ["-", "12.60", "(4.000)"]  # QLoRA: an older record
+    assert "fp32) perplexity: 12.00; after LoRA fine-tuning with the same protocol: 10.50. Text only" in out
+    md = (tmp_path / "r.md").read_text()
+    assert "### Perplexity after quantization, text only" in md and "after LoRA: **10.25**" in md
+
+
 def test_eval_says_when_it_truncated_the_eval_split(capsys, tiny_checkpoint):
     from transformers import AutoTokenizer
 

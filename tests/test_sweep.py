@@ -37,6 +37,11 @@ def test_an_interrupted_group_keeps_its_finished_records_and_resume_keeps_other_
                         include_dense=False, progress=False, log=lambda s: None)  # fmt: skip
     saved = json.loads(out.read_text())
     assert [(r["method"], r["bits"]) for r in saved["records"]] == [("qlora", 4.0)]
+    (rec,) = saved["records"]  # each stage's text-only perplexity and whole eval result are in the record
+    assert set(rec["evals"]) == {"quantized", "init", "finetuned"} and rec["evals"]["init"] == rec["evals"]["quantized"]
+    for stage, r in rec["evals"].items():
+        assert rec[f"ppl_{stage}"] == r["ppl"] and rec[f"ppl_text_{stage}"] == r["ppl_text"] > 1
+        assert r["input_tokens"] == 256 and r["truncated"] and r["available_tokens"] > 10**5 and r["nll_se"] > 0
     before = out.read_bytes()
     with pytest.raises(ValueError, match="another protocol.*eval_tokens"):
         changed = _protocol(tiny_checkpoint, steps=1)
@@ -55,7 +60,8 @@ def test_sweep_runs_every_stage_and_resumes(tiny_checkpoint, tmp_path, monkeypat
     by = {(r["method"], r["bits"]): r for r in records}
     assert set(by) == {("fp32", 32.0), *((m, b) for m in ("qlora", "loftq", "lowra") for b in (4.0, 2.0))}
     for r in records:
-        for stage in ("ppl_quantized", "ppl_init", "ppl_finetuned"):
+        for stage in ("ppl_quantized", "ppl_init", "ppl_finetuned", "ppl_text_quantized", "ppl_text_init",
+                      "ppl_text_finetuned"):  # fmt: skip
             assert math.isfinite(r[stage]) and r[stage] > 1, (r["method"], r["bits"], stage, r[stage])
         assert r["steps"] == 2 and r["protocol"]["finetune"]["seq_len"] == 32
     # The fp32 record is trained with the same protocol (the 16-bit LoRA reference).
