@@ -553,6 +553,8 @@ def _protocol(args, finetune_steps: int):
     ft = {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lr": args.lr, "batch_size": args.batch_size,
           "seq_len": args.seq_len, "grad_accum": 1,
           "gradient_checkpointing": getattr(args, "gradient_checkpointing", True)}  # fmt: skip
+    if getattr(args, "allow_repeat", False):  # only when given: records made before the flag keep their protocol key
+        ft["allow_repeat"] = True
     return Protocol(model=args.model, eval_tokens=args.eval_tokens, context=args.context,
                     eval_batch_size=args.eval_batch_size, finetune_steps=finetune_steps, finetune=ft,
                     seed=args.seed)  # fmt: skip
@@ -895,6 +897,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(steps=None)  # None: not given (refused beside --no-finetune / --no-init), else SWEEP_STEPS
     sw.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                     help="recompute activations in backward (default off: SmolLM2 fits without it)")
+    sw.add_argument("--allow-repeat", action="store_true",
+                    help="let --steps take more than one pass over the training data (refused otherwise, before any "
+                    "quantization)")  # fmt: skip
     _add_eval_flags(sw, DEFAULT_EVAL_TOKENS)
     sw.add_argument("-o", "--output", default="lowra-sweep.json", help="records JSON (default lowra-sweep.json)")
     sw.add_argument("--plot", default="lowra-sweep.png", help="PNG plot path (default lowra-sweep.png)")

@@ -172,20 +172,21 @@ def _stage(rec: dict, stage: str, r: dict) -> None:
     rec.setdefault("evals", {})[stage] = r
 
 
-def _finetune(pm, tok, args, tokens, protocol: Protocol, progress: bool, rec: dict) -> dict:
+def _finetune(pm, tok, args, tokens, protocol: Protocol, progress: bool, rec: dict, blocks=None) -> dict:
     """Train the adapters, record the training metrics and the perplexity after it in `rec`; returns stage seconds."""
     from .finetune import train
 
-    metrics = train(pm, tok, args, progress=progress)
+    metrics = train(pm, tok, args, progress=progress, blocks=blocks)
     rec["finetune"] = {k: v for k, v in metrics.items() if k != "seconds"}
     r = _ppl(pm, tok, tokens, protocol, progress)
     _stage(rec, "finetuned", r)
     return {"finetune": metrics["seconds"], "eval_finetuned": r["seconds"]}
 
 
-def run_dense(checkpoint, protocol: Protocol, progress: bool = True) -> dict:
+def run_dense(checkpoint, protocol: Protocol, progress: bool = True, blocks=None) -> dict:
     """The full-precision reference record (float32 weights). With fine-tuning in the protocol, the same LoRA training
-    on the unquantized model as well: the ceiling the quantized methods are trained towards (16-bit LoRA)."""
+    on the unquantized model as well: the ceiling the quantized methods are trained towards (16-bit LoRA).
+    blocks: the training sequences (default: finetune.train_blocks)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .eval.perplexity import wiki_eval_tokens
@@ -205,7 +206,7 @@ def run_dense(checkpoint, protocol: Protocol, progress: bool = True) -> dict:
         args = protocol.finetune_args()
         pm, _ = add_lora(model, checkpoint, "zero", args, prepare=False)  # nothing quantized: no k-bit preparation
         _stage(rec, "init", ppl)  # B = 0
-        _finetune(pm, tok, args, tokens, protocol, progress, rec)
+        _finetune(pm, tok, args, tokens, protocol, progress, rec, blocks)
         del pm
     rec["seconds"] = time.perf_counter() - t0
     del model
@@ -219,10 +220,11 @@ def run_one(method: str, bits: float, checkpoint, protocol: Protocol, progress: 
 
 
 def run_group(methods, bits: float, checkpoint, protocol: Protocol, progress: bool = True,
-              on_record=None) -> list[dict]:
+              on_record=None, blocks=None) -> list[dict]:
     """Records of methods that share one plan (qlora and loftq: the same NormalFloat layer-wise mix). The model is
     quantized and evaluated once; each method then gets its own copy for its LoRA initialization and training.
-    on_record(rec) is called as each record is complete (the sweep saves it then, not after the whole group)."""
+    on_record(rec) is called as each record is complete (the sweep saves it then, not after the whole group).
+    blocks: the training sequences (default: finetune.train_blocks)."""
     import copy
 
     from .eval.perplexity import wiki_eval_tokens
@@ -268,7 +270,7 @@ def run_group(methods, bits: float, checkpoint, protocol: Protocol, progress: bo
                 _stage(rec, "init", r)
                 times["eval_init"] = r["seconds"]
             if protocol.finetune_steps > 0:
-                times.update(_finetune(pm, tok, args, tokens, protocol, progress, rec))
+                times.update(_finetune(pm, tok, args, tokens, protocol, progress, rec, blocks))
             del pm, work
         rec["seconds"] = times
         records.append(rec)
@@ -350,6 +352,14 @@ def run_sweep(
         raise ValueError(f"{output} holds {len(other)} record(s) of another protocol (differing in {', '.join(diff)}): "
                          "resume with the same flags, or write to a new -o")
     done = {(r["method"], r["bits"]) for r in doc.get("records", [])}
+    blocks = None
+    if protocol.finetune_steps > 0:  # the training data now, not after the first (slow) quantization: too little of
+        # it for the steps is refused before any work; every training then takes these same blocks
+        from transformers import AutoTokenizer
+
+        from .finetune import train_blocks
+
+        blocks = train_blocks(AutoTokenizer.from_pretrained(checkpoint), protocol.finetune_args())
     doc.update(
         {
             "description": "LowRA vs QLoRA / LoftQ on one harness (bitsandbytes_lowra.sweep); see docs/results.md",
@@ -395,9 +405,9 @@ def run_sweep(
                 _save(output, doc)
 
         if todo == ["fp32"]:
-            keep(run_dense(checkpoint, protocol, progress))
+            keep(run_dense(checkpoint, protocol, progress, blocks))
         else:
-            run_group(todo, bits, checkpoint, protocol, progress, on_record=keep)
+            run_group(todo, bits, checkpoint, protocol, progress, on_record=keep, blocks=blocks)
     return doc["records"]
 
 

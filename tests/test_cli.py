@@ -754,6 +754,21 @@ def test_eval_rouge_json_keeps_each_prediction_and_reference(capsys, tmp_path, t
     assert r["rouge1"] == pytest.approx(sum(e["rouge1"] for e in r["examples"]) / 2)
 
 
+def test_sweep_refuses_too_many_steps_before_quantizing_unless_allowed(capsys, tmp_path, monkeypatch, tiny_checkpoint):
+    """`lowra sweep` checks its training data up front (it used to, only when the first training started: after the
+    first quantization); --allow-repeat reaches FinetuneArgs and the protocol key, left alone unless it is given."""
+    from bitsandbytes_lowra import baselines
+
+    monkeypatch.setattr(baselines, "method_plan", lambda *a, **k: pytest.fail("planned before refusing the data"))
+    rc, _, err = _run(capsys, "sweep", "--model", str(tiny_checkpoint), "--methods", "qlora", "--bits", "4", "--steps",
+                      "100000", "--no-dense", "-o", str(tmp_path / "s.json"), "-q")  # fmt: skip
+    assert rc == 2 and "epochs): take at most" in err and "--allow-repeat" in err
+    args = cli.build_parser().parse_args(["sweep", "--allow-repeat"])
+    assert cli._protocol(args, cli._sweep_steps(args)).finetune_args().allow_repeat is True
+    args = cli.build_parser().parse_args(["sweep"])
+    assert "allow_repeat" not in cli._protocol(args, cli._sweep_steps(args)).key()["finetune"]
+
+
 def test_report_adds_text_only_tables_where_records_have_them(capsys, tmp_path):
     """Records with ppl_text get a second, text-only table; older records without it show '-' there."""
     recs = _records()

@@ -51,12 +51,28 @@ def test_an_interrupted_group_keeps_its_finished_records_and_resume_keeps_other_
     assert out.read_bytes() == before
 
 
+def test_a_sweep_with_too_many_steps_for_its_data_fails_before_quantizing(tiny_checkpoint, monkeypatch):
+    """The training blocks are built and checked before the first (slow) quantization, not when training starts."""
+    from bitsandbytes_lowra import baselines
+
+    monkeypatch.setattr(baselines, "method_plan", lambda *a, **k: pytest.fail("planned before refusing the data"))
+    monkeypatch.setattr(sweep, "run_dense", lambda *a, **k: pytest.fail("evaluated before refusing the data"))
+    with pytest.raises(ValueError, match=r"epochs\): take at most .*--allow-repeat"):
+        sweep.run_sweep(["qlora"], [4], _protocol(tiny_checkpoint, steps=10**5), progress=False, log=lambda s: None)
+
+
 @pytest.mark.slow
 def test_sweep_runs_every_stage_and_resumes(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("LOWRA_CACHE", str(tmp_path / "cache"))  # plans learned here, not from a user's cache
     out = tmp_path / "sweep.json"
+    from bitsandbytes_lowra import finetune
+
+    built = []
+    real = finetune.train_blocks
+    monkeypatch.setattr(finetune, "train_blocks", lambda *a, **k: built.append(1) or real(*a, **k))
     records = sweep.run_sweep(["qlora", "loftq", "lowra"], [4, 2], _protocol(tiny_checkpoint), output=out,
                               progress=False, log=lambda s: None)  # fmt: skip
+    assert len(built) == 1  # once, up front: every training takes the same blocks
     by = {(r["method"], r["bits"]): r for r in records}
     assert set(by) == {("fp32", 32.0), *((m, b) for m in ("qlora", "loftq", "lowra") for b in (4.0, 2.0))}
     for r in records:
