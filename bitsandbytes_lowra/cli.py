@@ -392,6 +392,31 @@ def _ppl_words(p: dict) -> str:
     return line + (f"; {note} of the eval split (--eval-tokens 0: all)" if note else "")
 
 
+def _eval_slices(args, model, tok) -> tuple[dict, list[str]]:
+    """`lowra eval --slices N`: perplexity on N disjoint slices spread over the eval split (eval_slices), each
+    --eval-tokens long; per slice and pooled (total NLL over total tokens)."""
+    from .eval.perplexity import eval_slices, perplexity
+    from .sweep import _fmt, format_table
+
+    slices = eval_slices(tok, args.slices, args.eval_tokens or None)
+    out = []
+    for s in slices:
+        r = perplexity(model, s.pop("tokens"), context=args.context, max_tokens=None, batch_size=args.eval_batch_size,
+                       progress=False, separator=tok.eos_token_id)  # fmt: skip
+        out.append({**s, **r})
+        _log(args, f"slice {s['index'] + 1}/{len(slices)} ({s['lead']!r}...): {_ppl_words(r)}")
+    pooled = {"slices": len(out), "tokens": sum(r["tokens"] for r in out),
+              "tokens_text": sum(r["tokens_text"] for r in out), "seconds": sum(r["seconds"] for r in out)}  # fmt: skip
+    pooled["ppl"] = math.exp(sum(r["total_nll"] for r in out) / pooled["tokens"])
+    pooled["ppl_text"] = math.exp(sum(r["total_nll_text"] for r in out) / pooled["tokens_text"])
+    rows = [[s["index"], s["lead"], f"{s['input_tokens']:,}", _fmt(s["ppl"], 3), _fmt(s["ppl_text"], 3),
+             _fmt(s["nll_se"], 4)] for s in out]  # fmt: skip
+    lines = [format_table(["slice", "first lead", "tokens", "ppl", "ppl text", "NLL SE"], rows, markdown=False),
+             f"pooled over {len(out)} slices ({pooled['tokens']:,} scored tokens): perplexity {pooled['ppl']:.3f}, "
+             f"text only {pooled['ppl_text']:.3f}"]  # fmt: skip
+    return {"slices": out, "pooled": pooled}, lines
+
+
 def _cmd_eval(args) -> int:
     from .eval.perplexity import perplexity
 
@@ -404,9 +429,13 @@ def _cmd_eval(args) -> int:
     result = {**desc}
     lines = [f"model {desc['model']} ({desc['kind']}" + (f", {desc['method']} {desc['bits']:g} bits" if "bits" in desc
                                                           else "") + ")"]  # fmt: skip
-    result["perplexity"] = perplexity(model, tok, context=args.context, max_tokens=args.eval_tokens or None,
-                                      batch_size=args.eval_batch_size, progress=_progress(args))  # fmt: skip
-    lines.append(_ppl_words(result["perplexity"]))
+    if args.slices:
+        result["slices"], more = _eval_slices(args, model, tok)
+        lines += more
+    else:
+        result["perplexity"] = perplexity(model, tok, context=args.context, max_tokens=args.eval_tokens or None,
+                                          batch_size=args.eval_batch_size, progress=_progress(args))  # fmt: skip
+        lines.append(_ppl_words(result["perplexity"]))
     if args.rouge:
         from .eval.rouge import rouge_eval
 
@@ -835,6 +864,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rouge", type=_count(0), default=0, metavar="N",
                     help="also ROUGE on the first N ACLSum test papers (default 0: no ROUGE)")
     ev.add_argument("--max-new-tokens", type=_count(1), default=128, help="summary length for --rouge (default 128)")
+    ev.add_argument("--slices", type=_count(0), default=0, metavar="N",
+                    help="perplexity on N disjoint slices spread over the whole eval split, each starting at a lead "
+                    "and --eval-tokens long (0: the rest up to the next slice), instead of its first --eval-tokens "
+                    "(default 0: no slices)")  # fmt: skip
     _add_eval_flags(ev, 32768)
     _add_common(ev)
     ev.set_defaults(func=_cmd_eval)

@@ -802,3 +802,15 @@ def test_eval_says_when_it_truncated_the_eval_split(capsys, tiny_checkpoint):
     p = json.loads(out)["perplexity"]
     assert p["input_tokens"] == p["available_tokens"] == available and p["truncated"] is False
 
+
+def test_eval_slices_json(capsys, tiny_checkpoint):
+    """`lowra eval --slices N`: N disjoint lead-aligned slices of --eval-tokens each, per slice and pooled."""
+    rc, out, err = _run(capsys, "eval", str(tiny_checkpoint), "--slices", "3", "--eval-tokens", "40", "--context",
+                        "32", "--json", "-q")  # fmt: skip
+    assert rc == 0, err
+    doc = json.loads(out)["slices"]
+    assert [s["index"] for s in doc["slices"]] == [0, 1, 2] and doc["slices"][0]["start"] == 0
+    assert all(s["input_tokens"] == 40 and not s["truncated"] and s["ppl_text"] > 1 for s in doc["slices"])
+    assert doc["pooled"]["tokens"] == sum(s["tokens"] for s in doc["slices"])
+    assert doc["pooled"]["ppl"] == pytest.approx(
+        math.exp(sum(s["total_nll"] for s in doc["slices"]) / doc["pooled"]["tokens"]))

@@ -13,6 +13,7 @@ from bitsandbytes_lowra.eval.perplexity import (
     DEFAULT_MAX_TOKENS,
     _cluster_se,
     _windows,
+    eval_slices,
     perplexity,
     train_chunks,
     wiki_eval_tokens,
@@ -188,6 +189,25 @@ def test_perplexity_standard_errors_cluster_by_lead(smollm2):
     leads = int((tokens[1:-1] == tok.eos_token_id).sum()) + 1  # leads that have a scored target
     assert r["se_clusters"] == "lead" and r["clusters"] == leads
     assert 0 < r["nll_se"] < r["nll"] and 0 < r["nll_text_se"] < r["nll_text"]
+
+
+def test_eval_slices_are_disjoint_lead_aligned_and_spread_over_the_split(smollm2):
+    _, tok = smollm2
+    stream = wiki_eval_tokens(tok)
+    slices = eval_slices(tok, 6, 100)
+    starts = [s["start"] for s in slices]
+    assert starts[0] == 0 and all(a + 100 <= b for a, b in zip(starts, starts[1:]))  # disjoint
+    assert starts[-1] >= stream.numel() * 5 // 6  # spread over the whole split, not its first part
+    leads = data.wiki_leads("eval")
+    for s in slices:
+        assert s["tokens"].numel() == 100 and torch.equal(s["tokens"], stream[s["start"] : s["start"] + 100])
+        assert s["start"] == 0 or stream[s["start"] - 1] == tok.eos_token_id  # a lead's first token
+        first = tok(leads[s["first_lead"]], add_special_tokens=False)["input_ids"]
+        assert s["tokens"][:10].tolist() == first[:10] and s["lead"] == leads[s["first_lead"]][:40]
+    whole = eval_slices(tok, 4)  # default length: up to the next slice, the whole split covered
+    assert sum(s["tokens"].numel() for s in whole) == stream.numel() - whole[0]["start"]
+    with pytest.raises(ValueError, match="at most"):
+        eval_slices(tok, 24, 10**5)
 
 
 def test_default_budget_is_a_fixed_prefix():

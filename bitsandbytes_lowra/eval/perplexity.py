@@ -69,6 +69,37 @@ def wiki_eval_tokens(tokenizer, max_tokens: int | None = None) -> torch.Tensor:
     return _concat_leads(tokenizer, data.wiki_leads("eval"), max_tokens)
 
 
+def eval_slices(tokenizer, n_slices: int, slice_tokens: int | None = None) -> list[dict]:
+    """`n_slices` disjoint slices of the eval stream spread evenly over the whole split (it is in title order, so each
+    covers its own alphabetic range): slice k starts at the first lead that starts at or after k/n_slices of the
+    stream and takes `slice_tokens` tokens (default: all up to the next slice; never past it).
+
+    Each slice: {"index", "start" (stream position), "tokens" (LongTensor), "first_lead" (index in the split),
+    "lead" (its first 40 characters)}. Evaluate one with perplexity(model, s["tokens"], max_tokens=None,
+    separator=tokenizer.eos_token_id)."""
+    if isinstance(n_slices, bool) or not isinstance(n_slices, int) or n_slices < 1:
+        raise ValueError(f"n_slices must be a positive integer, got {n_slices!r}")
+    _check_max_tokens(slice_tokens)
+    stream = wiki_eval_tokens(tokenizer)
+    n = stream.numel()
+    if slice_tokens is not None and slice_tokens * n_slices > n:
+        raise ValueError(f"{n_slices} slices of {slice_tokens} tokens do not fit the eval split's {n} tokens: at most "
+                         f"{n // n_slices} tokens each")  # fmt: skip
+    lead_starts = torch.cat([torch.zeros(1, dtype=torch.long), (stream == _eos_id(tokenizer)).nonzero().flatten() + 1])
+    lead_starts = lead_starts[lead_starts < n]
+    idx = torch.searchsorted(lead_starts, torch.tensor([k * n // n_slices for k in range(n_slices)]))
+    if int(idx[-1]) >= lead_starts.numel() or len(set(idx.tolist())) < n_slices:
+        raise ValueError(f"the eval split's {lead_starts.numel()} leads cannot start {n_slices} slices: use fewer")
+    starts = lead_starts[idx].tolist() + [n]
+    leads = data.wiki_leads("eval")
+    out = []
+    for k in range(n_slices):
+        end = starts[k + 1] if slice_tokens is None else min(starts[k] + slice_tokens, starts[k + 1])
+        out.append({"index": k, "start": starts[k], "tokens": stream[starts[k] : end], "first_lead": int(idx[k]),
+                    "lead": leads[int(idx[k])][:40]})  # fmt: skip
+    return out
+
+
 def train_chunks(tokenizer, context: int = DEFAULT_CONTEXT, max_chunks: int | None = None) -> torch.Tensor:
     """Training blocks [n, context] (LongTensor) cut without overlap from the train-split leads joined by EOS.
 
