@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 JOBS   ?= $(shell nproc)
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv build test test-python test-native demo gpu-check sass clean
+.PHONY: venv build test test-python test-native test-sanitize demo gpu-check sass clean
 
 # CPU torch from the local wheel cache where present (pip picks it), then our package with its extras.
 $(STAMP): pyproject.toml
@@ -30,7 +30,14 @@ test-native: build
 test-python: build
 	$(PY) -m pytest -q
 
-test: test-native test-python
+# The C++ CPU tests again under AddressSanitizer + UBSan (any report fails them), in a build directory of their own.
+test-sanitize:
+	cmake -S . -B build-sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLOWRA_SANITIZE=ON -DLOWRA_CUDA=OFF >/dev/null
+	cmake --build build-sanitize -j $(JOBS)
+	cd build-sanitize && ASAN_OPTIONS=detect_leaks=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+		ctest --output-on-failure
+
+test: test-native test-sanitize test-python
 
 demo: build
 	$(PY) -m bitsandbytes_lowra demo
@@ -45,4 +52,4 @@ sass: $(STAMP)
 	$(PY) -m bitsandbytes_lowra.bench.sass $(SASS_ARGS)
 
 clean:
-	rm -rf build build-cuda bitsandbytes_lowra/*.so
+	rm -rf build build-cuda build-sanitize bitsandbytes_lowra/*.so
