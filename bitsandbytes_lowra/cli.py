@@ -456,7 +456,7 @@ def _cmd_finetune(args) -> int:
     from .eval.perplexity import perplexity
     from .finetune import (FinetuneArgs, add_lora, base_fingerprint, check_fsdp_offload, distributed, end_distributed,
                            load_quantized, main_process_first, train, train_blocks, write_outputs)  # fmt: skip
-    from .sweep import plan_record, resolve_checkpoint, versions
+    from .sweep import plan_record, record_stage, resolve_checkpoint, versions
 
     check_fsdp_offload()
     dist = distributed()  # under `accelerate launch`: DDP or FSDP, run by Trainer
@@ -505,8 +505,7 @@ def _cmd_finetune(args) -> int:
     def ppl(tag):
         if args.eval_tokens and dist["num_processes"] == 1:
             r = perplexity(pm, tok, context=512, max_tokens=args.eval_tokens, progress=_progress(args))
-            metrics[f"ppl_{tag}"], metrics[f"ppl_text_{tag}"] = r["ppl"], r["ppl_text"]
-            metrics.setdefault("evals", {})[tag] = r
+            record_stage(metrics, tag, r)  # ppl_<tag>, ppl_text_<tag>, evals[tag]: the sweep records' fields
             _log(args, f"{tag}: {_ppl_words(r)}")
 
     if args.eval_tokens and dist["num_processes"] > 1 and dist["is_main"]:

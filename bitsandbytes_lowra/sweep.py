@@ -165,7 +165,7 @@ def _ppl(model, tok, tokens, protocol: Protocol, progress: bool) -> dict:
                       batch_size=protocol.eval_batch_size, progress=progress, separator=tok.eos_token_id)  # fmt: skip
 
 
-def _stage(rec: dict, stage: str, r: dict) -> None:
+def record_stage(rec: dict, stage: str, r: dict) -> None:
     """A stage's perplexity in the record: ppl_<stage>, ppl_text_<stage> and the whole result under evals[stage]."""
     rec[f"ppl_{stage}"] = r["ppl"]
     rec[f"ppl_text_{stage}"] = r.get("ppl_text")
@@ -179,7 +179,7 @@ def _finetune(pm, tok, args, tokens, protocol: Protocol, progress: bool, rec: di
     metrics = train(pm, tok, args, progress=progress, blocks=blocks)
     rec["finetune"] = {k: v for k, v in metrics.items() if k != "seconds"}
     r = _ppl(pm, tok, tokens, protocol, progress)
-    _stage(rec, "finetuned", r)
+    record_stage(rec, "finetuned", r)
     return {"finetune": metrics["seconds"], "eval_finetuned": r["seconds"]}
 
 
@@ -201,11 +201,11 @@ def run_dense(checkpoint, protocol: Protocol, progress: bool = True, blocks=None
         "method": "fp32", "label": "full precision (fp32)", "bits": 32.0, "nominal_bits": 32.0, "effective_bits": 32.0,
         "ppl_init": None, "ppl_finetuned": None, "eval": ppl, "memory_bytes": model_memory_bytes(model),
     }  # fmt: skip
-    _stage(rec, "quantized", ppl)
+    record_stage(rec, "quantized", ppl)
     if protocol.finetune_steps > 0:
         args = protocol.finetune_args()
         pm, _ = add_lora(model, checkpoint, "zero", args, prepare=False)  # nothing quantized: no k-bit preparation
-        _stage(rec, "init", ppl)  # B = 0
+        record_stage(rec, "init", ppl)  # B = 0
         _finetune(pm, tok, args, tokens, protocol, progress, rec, blocks)
         del pm
     rec["seconds"] = time.perf_counter() - t0
@@ -250,10 +250,10 @@ def run_group(methods, bits: float, checkpoint, protocol: Protocol, progress: bo
     for i, m in enumerate(ms):
         times = {"plan": t_plan, "quantize": t_quant, "eval_quantized": q["seconds"]}
         rec = {"method": m.name, "label": m.label, "init": m.init, **base, "ppl_init": None, "ppl_finetuned": None}
-        _stage(rec, "quantized", q)
+        record_stage(rec, "quantized", q)
         need_lora = protocol.finetune_steps > 0 or (m.init == "loftq" and protocol.with_init)
         if protocol.with_init and m.init == "zero":
-            _stage(rec, "init", q)  # B = 0: the adapters add exactly nothing
+            record_stage(rec, "init", q)  # B = 0: the adapters add exactly nothing
         if need_lora:
             # LoftQ re-quantizes the base in place: later methods of the group start from a pristine copy.
             work = copy.deepcopy(model) if i < len(ms) - 1 else model
@@ -264,10 +264,10 @@ def run_group(methods, bits: float, checkpoint, protocol: Protocol, progress: bo
             times["init"] = time.perf_counter() - t0
             rec["init_report"] = report
             if m.init == "zero":
-                _stage(rec, "init", q)  # B = 0: the adapters add exactly nothing
+                record_stage(rec, "init", q)  # B = 0: the adapters add exactly nothing
             else:
                 r = _ppl(pm, tok, tokens, protocol, progress)
-                _stage(rec, "init", r)
+                record_stage(rec, "init", r)
                 times["eval_init"] = r["seconds"]
             if protocol.finetune_steps > 0:
                 times.update(_finetune(pm, tok, args, tokens, protocol, progress, rec, blocks))

@@ -814,3 +814,17 @@ def test_eval_slices_json(capsys, tiny_checkpoint):
     assert doc["pooled"]["tokens"] == sum(s["tokens"] for s in doc["slices"])
     assert doc["pooled"]["ppl"] == pytest.approx(
         math.exp(sum(s["total_nll"] for s in doc["slices"]) / doc["pooled"]["tokens"]))
+
+
+def test_finetune_eval_tokens_records_each_stage_as_the_sweep_does(capsys, tmp_path, monkeypatch, tiny_checkpoint):
+    """--eval-tokens: the metrics carry ppl_<stage>, ppl_text_<stage> and evals[<stage>], the sweep records' fields."""
+    monkeypatch.setenv("LOWRA_PLAN_CACHE", str(tmp_path / "plans"))
+    rc, out, err = _run(capsys, "finetune", "--model", str(tiny_checkpoint), "--bits", "2", "--method", "qlora",
+                        "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64",
+                        "--no-gradient-checkpointing", "-o", str(tmp_path / "run"), "--json", "-q")  # fmt: skip
+    assert rc == 0, err
+    metrics = json.loads(out)
+    for stage in ("init", "finetuned"):
+        ev = metrics["evals"][stage]
+        assert metrics[f"ppl_{stage}"] == ev["ppl"] and metrics[f"ppl_text_{stage}"] == ev["ppl_text"]
+        assert ev["input_tokens"] == 64 and ev["truncated"] and ev["tokens_text"] < ev["tokens"]
