@@ -22,6 +22,7 @@ from .format import (
     blocksize_ok,
     check_bits,
     check_row_offsets,
+    cols_error,
     nested_blocksize_ok,
 )
 
@@ -57,6 +58,12 @@ def check_nested_blocksize_arg(nested_blocksize) -> None:
                        lambda: f"nested_blocksize must be a power of two, got {nested_blocksize}")
 
 
+def check_cols_arg(cols, name: str) -> None:
+    """Columns within the native library's 32-bit column index (format.MAX_COLS), named rather than left to the C
+    API's generic refusal. A ValueError, as for the blocksize."""
+    torch._check_value(cols_error(cols, name) is None, lambda: cols_error(cols, name))
+
+
 def check_same_device(ref_name: str, ref: torch.Tensor, **tensors) -> None:
     """Every given tensor on ref's device. A tensor on meta among real ones would otherwise send the call to the fake
     kernel, which hands back an uninitialized real tensor; on CUDA a CPU tensor would reach the kernel as a pointer."""
@@ -69,6 +76,7 @@ def check_quantize_args(A, bits, thresholds, row_offsets, blocksize) -> None:
     check_blocksize_arg(blocksize)
     check_same_device("A", A, bits=bits, thresholds=thresholds, row_offsets=row_offsets)
     torch._check(A.dim() == 2, lambda: f"A must be 2-D, got {A.dim()}-D")
+    check_cols_arg(A.shape[1], "A")
     torch._check(A.dtype in FLOAT_DTYPES, lambda: f"A must be float32/float16/bfloat16, got {A.dtype}")
     torch._check(bits.dtype == torch.uint8, lambda: f"bits must be uint8, got {bits.dtype}")
     torch._check(bits.shape == (A.shape[0],), lambda: f"bits must have shape ({A.shape[0]},)")
@@ -107,6 +115,7 @@ def check_dequantize_args(packed, absmax, bits, codebook, row_offsets, blocksize
                           nested_code=None, nested_offset=None, nested_blocksize=256) -> None:
     torch._check(len(shape) == 2, lambda: f"shape must be [rows, cols], got {shape}")
     rows, cols = shape
+    check_cols_arg(cols, "the weight")
     check_blocksize_arg(blocksize)
     check_same_device("the codes", packed, absmax=absmax, bits=bits, codebook=codebook, row_offsets=row_offsets)
     torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
@@ -238,6 +247,7 @@ def check_matmul_args(A, packed, absmax, bits, codebook, row_offsets, blocksize,
                       group_rows, *nested) -> None:
     torch._check(len(shape) == 2, lambda: f"shape must be [rows, cols], got {shape}")
     rows, cols = shape
+    check_cols_arg(cols, "the weight")
     torch._check(A.dim() >= 1, lambda: "A must have at least one dimension")
     torch._check(A.dtype in FLOAT_DTYPES, lambda: f"A must be float32/float16/bfloat16, got {A.dtype}")
     torch._check(A.shape[-1] == cols, lambda: f"A has {A.shape[-1]} features, the weight has {cols} columns")

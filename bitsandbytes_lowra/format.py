@@ -33,6 +33,18 @@ def blocksize_ok(blocksize: int) -> bool:
     return 8 <= blocksize <= 4096 and blocksize % 8 == 0
 
 
+# The native library indexes a row's columns in 32 bits (csrc/common.h kMaxCols); wider weights are refused by name
+# here, before the C API's generic "invalid argument".
+MAX_COLS = 2**31 - 1
+
+
+def cols_error(cols: int, name: str = "the weight") -> str | None:
+    """Why `cols` columns do not fit the format, or None."""
+    if cols > MAX_COLS:
+        return f"{name} has {cols} columns; the format allows at most {MAX_COLS} (2^31 - 1)"
+    return None
+
+
 def nested_blocksize_ok(nested_blocksize: int) -> bool:
     """The ops' rule for the double-quantized scales' group size, a power of two (the kernels shift by its log)."""
     return nested_blocksize >= 1 and nested_blocksize & (nested_blocksize - 1) == 0
@@ -111,6 +123,8 @@ def check_weight(W: torch.Tensor, name: str = "weight") -> None:
         raise LowRAFormatError(f"{name} must be float32, float16 or bfloat16, got {W.dtype}")
     if W.shape[0] == 0 or W.shape[1] == 0:
         raise LowRAFormatError(f"{name} is empty: shape {tuple(W.shape)}")
+    if (err := cols_error(W.shape[1], name)) is not None:
+        raise LowRAFormatError(err)
     if W.is_meta:  # else the NaN check below fails on .item() of a meta tensor
         raise LowRAFormatError(f"{name} is on the meta device and holds no values: load the weights first")
     if not torch.isfinite(W).all():
@@ -158,6 +172,8 @@ def validate_layout(
     if len(shape) != 2 or shape[0] <= 0 or shape[1] <= 0:
         raise LowRAFormatError(f"shape must be (rows, cols) with positive sizes, got {tuple(shape)}")
     rows, cols = shape
+    if (err := cols_error(cols)) is not None:
+        raise LowRAFormatError(err)
     check_bits(bits, rows)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise LowRAFormatError(f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")

@@ -23,7 +23,7 @@
 //   ------------------------------+--------------------------------+--------------------------+----------------------
 //   null pointers, dtype code     | yes                            | dtypes, shapes, devices  | the same, on states
 //   blocksize (8 | b, <= 4096)    | yes (kMaxBlocksize)            | yes (ValueError)         | yes (LowRAFormatError)
-//   sizes: 1..2^31-1 cols, int64  | yes                            | -                        | -
+//   sizes: 1..2^31-1 cols, int64  | yes                            | cols (ValueError, named) | cols (format.MAX_COLS)
 //   element alignment             | yes (LOWRA_ERR_ARGUMENT)       | operand buffer: 16 bytes | -
 //   bits in {1, 2, 4}             | CPU: yes; CUDA: row skipped    | quantize: yes            | yes (state, load)
 //   row offsets = prefix sum      | CPU: yes (overflow-checked);   | quantize: yes, before    | yes (state, load)

@@ -16,7 +16,9 @@ from bitsandbytes_lowra import _native
 from bitsandbytes_lowra.backends import native, reference
 from bitsandbytes_lowra.codebooks import nf_tables
 from bitsandbytes_lowra.format import (
+    MAX_COLS,
     LowRAFormatError,
+    blocks_per_row,
     check_bits,
     check_thresholds,
     check_weight,
@@ -656,3 +658,30 @@ def test_a_blocksize_outside_the_format_is_refused_before_any_shape_check(blocks
         torch.ops.lowra.matmul(torch.randn(2, 64), p, *args)
     with pytest.raises(ValueError, match=r"blocksize must be a multiple of 8 in \[8, 4096\]"):
         torch.ops.lowra.quantize(torch.randn(4, 64), s.bits, s.thresholds, s.row_offsets, blocksize)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_more_columns_than_the_native_index_allows_are_refused_by_name(device):
+    """The C API refuses more than 2^31 - 1 columns with a generic "invalid argument"; the ops, the quantizer's weight
+    check and the layout check now say what is wrong first. Stride-0 and meta tensors: nothing of that size exists."""
+    cols = MAX_COLS + 1
+    rows = torch.zeros(1, dtype=torch.uint8, device=device)
+    bits, off = rows + 1, torch.zeros(2, dtype=torch.int64, device=device)
+    thresholds = torch.zeros(1, 15, dtype=torch.float16, device=device)
+    A = torch.zeros(1, 1, device=device).expand(1, cols)
+    with pytest.raises(ValueError, match=rf"A has {cols} columns; the format allows at most {MAX_COLS}"):
+        torch.ops.lowra.quantize(A, bits, thresholds, off, 64)
+    packed = torch.zeros(1, dtype=torch.uint8, device=device)
+    absmax = torch.zeros(1, device=device).expand(blocks_per_row(cols, 64))
+    codebook = torch.zeros(1, 16, dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match=rf"the weight has {cols} columns"):
+        torch.ops.lowra.dequantize(packed, absmax, bits, codebook, off, 64, [1, cols], torch.bfloat16)
+    with pytest.raises(ValueError, match=rf"the weight has {cols} columns"):
+        torch.ops.lowra.matmul(A, packed, absmax, bits, codebook, off, 64, [1, cols])
+    # one column fewer passes the column check and meets the next one (here the scales' count)
+    with pytest.raises(RuntimeError, match="absmax size does not match shape"):
+        torch.ops.lowra.dequantize(packed, absmax[:1], bits, codebook, off, 64, [1, MAX_COLS], torch.bfloat16)
+    with pytest.raises(LowRAFormatError, match=rf"weight has {cols} columns"):
+        check_weight(torch.zeros(1, cols, device="meta"))
+    with pytest.raises(LowRAFormatError, match=rf"the weight has {cols} columns"):
+        validate_layout(packed, absmax, bits, off, (1, cols), 64)

@@ -25,7 +25,15 @@ from .._ops import (
     matmul_plan,
     operand_layout,
 )
-from ..format import CODEBOOK_SLOTS, FLOAT_DTYPES, blocks_per_row, blocksize_ok, nested_blocksize_ok, padded_cols
+from ..format import (
+    CODEBOOK_SLOTS,
+    FLOAT_DTYPES,
+    MAX_COLS,
+    blocks_per_row,
+    blocksize_ok,
+    nested_blocksize_ok,
+    padded_cols,
+)
 
 # The fused matmul streams the packed weight once per call; above this many activation rows, dequantizing once and
 # using the dense GEMM is faster (training, prefill).
@@ -186,6 +194,7 @@ def _dequantize_args_ok(packed, absmax, bits, codebook, row_offsets, blocksize, 
     dev = packed.device
     return (
         blocksize_ok(blocksize)  # first: blocks_per_row divides by it
+        and cols <= MAX_COLS
         and packed.dtype == torch.uint8
         and absmax.device == bits.device == codebook.device == row_offsets.device == dev
         and _absmax_ok(packed, absmax, nested)
