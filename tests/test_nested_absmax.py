@@ -10,9 +10,9 @@ import bitsandbytes_lowra  # noqa: F401  (registers the ops)
 from bitsandbytes_lowra._ops import matmul_plan
 from bitsandbytes_lowra.backends import reference
 from bitsandbytes_lowra.backends.reference import decode_absmax
-from bitsandbytes_lowra.functional import double_quantize_absmax, quantize_lowra
+from bitsandbytes_lowra.functional import dequantize_lowra, double_quantize_absmax, quantize_lowra
 
-from .conftest import matmul_tuning
+from .conftest import assert_sums_close, matmul_tuning
 from .test_ops import DTYPES, make_case
 
 cuda = pytest.mark.cuda
@@ -154,7 +154,7 @@ def test_linear_forward_backward_with_nested_scales_equals_decoded():
     y2.square().sum().backward()
     assert torch.equal(y, y2) and torch.equal(g, x.grad)
     with torch.no_grad():  # 5 rows: the fused CPU matmul, float32 sums in another order than the GEMM's
-        torch.testing.assert_close(matmul_lowra(x, packed, qs), y, rtol=1e-5, atol=1e-5)
+        assert_sums_close(matmul_lowra(x, packed, qs), y, x, dequantize_lowra(packed, qs))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from bitsandbytes_lowra.functional import CPU_FUSED_DECODE_MAX_TOKENS, MatMulLow
 from bitsandbytes_lowra.loftq import loftq_linear
 from bitsandbytes_lowra.nn import LinearLowRA
 
-from .conftest import mixed_bits
+from .conftest import assert_sums_close, mixed_bits
 
 
 def quantized(nested=True, seed=0, in_f=200, out_f=48):
@@ -187,7 +187,7 @@ def test_native_fast_checks_still_raise_the_specific_message():
     with pytest.raises(RuntimeError, match="row_order and group_rows together"):
         native.matmul(A, *args, row_order=torch.zeros(16, dtype=torch.int32))
     y = native.matmul(A, *args, bias=torch.ones(16))  # 2 rows: the CPU matmul, float32 sums in its own order
-    torch.testing.assert_close(y, torch.nn.functional.linear(A, out, torch.ones(16)), rtol=1e-5, atol=1e-5)
+    assert_sums_close(y, torch.nn.functional.linear(A, out, torch.ones(16)), A, out, torch.ones(16))
 
 
 def test_bias_cast_is_kept_for_a_frozen_bias_and_follows_it():
