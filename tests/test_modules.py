@@ -565,7 +565,8 @@ def test_convert_smollm2_layers(smollm2_attention, budget, tmp_path):
     # forward = the dense layers of the dequantized weights; state survives safetensors into a fresh model
     x = torch.randn(3, 576)
     for n in ("q_proj", "o_proj"):
-        assert_sums_close(model[n](x), x @ model[n].dequantize().T, x, model[n].dequantize())
+        W = model[n].dequantize()
+        assert_sums_close(model[n](x), x @ W.T, x, W)
     if budget == 1.75:
         save_file(model.state_dict(), tmp_path / "model.safetensors")
         fresh = nn.ModuleDict({n: LinearLowRA(576, model[n].out_features, bias=False) for n in ATTENTION})
