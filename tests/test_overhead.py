@@ -186,8 +186,9 @@ def test_native_fast_checks_still_raise_the_specific_message():
         native.matmul(A, *args, bias=torch.zeros(16, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="row_order and group_rows together"):
         native.matmul(A, *args, row_order=torch.zeros(16, dtype=torch.int32))
-    y = native.matmul(A, *args, bias=torch.ones(16))  # 2 rows: the CPU matmul, float32 sums in its own order
-    assert_sums_close(y, torch.nn.functional.linear(A, out, torch.ones(16)), A, out, torch.ones(16))
+    bias = torch.ones(16)
+    y = native.matmul(A, *args, bias=bias)  # 2 rows: the CPU matmul, float32 sums in its own order
+    assert_sums_close(y, torch.nn.functional.linear(A, out, bias), A, out, bias)
 
 
 def test_bias_cast_is_kept_for_a_frozen_bias_and_follows_it():
