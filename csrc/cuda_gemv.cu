@@ -419,7 +419,7 @@ __global__ void __launch_bounds__(kGvThreads, R == 4 && M <= 2 ? 3 : 2) gemv_ker
   }
 }
 
-int g_gemv_max_rows = 0;  // benchmark knob: 0 automatic (gemv_max_rows), -1 none, 1-4
+int g_gemv_max_rows = 0;  // benchmark knob: 0 automatic (gemv_takes), -1 none, 1-4: up to this many rows
 int g_gemv_r = 0, g_gemv_wk = 0;  // benchmark knobs: rows per warp (4 or 8), warps along K (0: automatic)
 
 using GvFn = void (*)(const GvArgs);
@@ -463,15 +463,32 @@ int gemv_occupancy(GvFn fn, size_t smem) {
   return occ;
 }
 
-// Most activation rows this kernel takes; beyond them the tensor-core path runs. 3-4 rows go to the tensor cores on
-// large layers (28672x8192, m = 4: 102 us vs 154-180, eighth round; 1.75-bit mix 82 vs 131, thirty-third), but on
-// layers of at most 2^24 weights their fixed costs (the staging pass, a launch per precision group, the K-split
+// K splits of this kernel's staged activations (m rows of 16-bit values, at most kGvXBudget bytes per split):
+// spl 1024-column steps per split, ks splits.
+struct GvSplit {
+  int64_t spl, ks;
+};
+GvSplit gemv_split(int64_t m, int64_t cols) {
+  const int64_t steps = (cols + kGvStep - 1) / kGvStep;
+  const int64_t steps_max = kGvXBudget / (m * 32 * 4 * 16);  // staged bytes per step: m * 4 quads * 32 lanes * 16
+  const int64_t ks = (steps + steps_max - 1) / steps_max;
+  const int64_t spl = (steps + ks - 1) / ks;
+  return {spl, (cols + spl * kGvStep - 1) / (spl * kGvStep)};
+}
+
+// Whether this kernel takes m activation rows; otherwise the tensor-core path runs. 3-4 rows go to the tensor cores
+// on large layers (28672x8192, m = 4: 102 us vs 154-180, eighth round; 1.75-bit mix 82 vs 131, thirty-third), but
+// on layers of at most 2^24 weights their fixed costs (the staging pass, a launch per precision group, the K-split
 // finalize) outweigh them. H200, 4096x4096, m = 3 / 4, tensor cores vs here, us (thirty-third round): 1.75-bit mix
 // 19.0 / 19.8 vs 14.2 / 16.0, all 4-bit 18.1 / 18.2 vs 16.2 / 17.3; at 11008x4096 the mix was already 4-19% slower
-// here.
-int gemv_max_rows(int64_t rows, int64_t cols) {
-  if (g_gemv_max_rows != 0) return g_gemv_max_rows < 0 ? 0 : g_gemv_max_rows;
-  return rows * cols <= ((int64_t)1 << 24) ? 4 : 2;
+// here. Two rows on a large layer stay here while their activations fit two K splits: each split re-reads every
+// row's metadata and their sums need a finalize pass. H200, m = 2, 1.75-bit mix, here vs tensor cores, us
+// (thirty-ninth round, bench.dispatch): 28672x8192 (1 split) 70.4 vs 84.3, 5120x13824 (2) 36.4 vs 42.1,
+// 4096x14336 (2) 29.1 vs 32.8, 8192x28672 (3) 94.9 vs 79.0; all rows 4-bit at 3 splits 116.9 vs 124.4.
+bool gemv_takes(int64_t m, int64_t rows, int64_t cols) {
+  if (g_gemv_max_rows != 0) return g_gemv_max_rows > 0 && m <= g_gemv_max_rows;
+  if (rows * cols <= ((int64_t)1 << 24)) return m <= 4;
+  return m <= 2 && gemv_split(m, cols).ks <= 2;
 }
 
 struct GvPlan {
@@ -483,16 +500,13 @@ struct GvPlan {
 bool gemv_plan(int dtype, int64_t m, int64_t rows, int64_t cols, int64_t blocksize, const void* A,
                const uint8_t* packed, const uint16_t* codebook, GvPlan* plan) {
   if (dtype != LOWRA_F16 && dtype != LOWRA_BF16) return false;
-  if (m < 1 || m > 4 || m > gemv_max_rows(rows, cols)) return false;
+  if (m < 1 || m > 4 || !gemv_takes(m, rows, cols)) return false;
   if (cols % 128 != 0 || blocksize < 32 || (blocksize & (blocksize - 1)) != 0 || cols % blocksize != 0) return false;
   if (!aligned(A, 16) || !aligned(packed, 16) || !aligned(codebook, 8) || cols > ((int64_t)1 << 30)) return false;
   GvArgs& a = plan->a;
-  const int64_t steps = (cols + kGvStep - 1) / kGvStep;
-  const int64_t steps_max = kGvXBudget / (m * 32 * 4 * 16);  // staged bytes per step: m * 4 quads * 32 lanes * 16
-  int64_t ks = (steps + steps_max - 1) / steps_max;
-  const int64_t spl = (steps + ks - 1) / ks;
+  const GvSplit split = gemv_split(m, cols);
+  const int64_t spl = split.spl, ks = split.ks;
   a.krange = spl * kGvStep;
-  ks = (cols + a.krange - 1) / a.krange;
   a.ks = (int)ks;
   plan->r = g_gemv_r == 4 || g_gemv_r == 8 ? g_gemv_r : (m <= 2 ? 8 : 4);  // 8 rows spill with 3-4 activations
   // Warps along K: as few as leave each CTA slot (~2 per SM) 6 or more tasks, for balance; fewer K warps mean

@@ -933,7 +933,7 @@ int matmul_cuda(const void* A, int dtype, int64_t m, const uint8_t* packed, int6
   }
   const int gv = gemv_cuda(A, dtype, m, packed, packed_bytes, src, bits, codebook, row_offsets, rows, cols,
                            blocksize, row_order, group_rows, bias, out, workspace, workspace_bytes, stream_);
-  if (gv >= 0) return gv;  // 1-2 activation rows: the CUDA-core GEMV (cuda_gemv.cu)
+  if (gv >= 0) return gv;  // 1-4 activation rows where gemv_takes: the CUDA-core GEMV (cuda_gemv.cu)
   const float* absmax = src.f32;
   Plan plan;
   if (make_plan(A, dtype, m, packed, absmax, rows, cols, blocksize, row_order, group_rows, &plan)) {

@@ -155,8 +155,9 @@ LOWRA_API int64_t lowra_matmul_cuda_workspace_size(int dtype, int64_t m, int64_t
 // (2 or 3 stages); nested_prepass = 1: the GEMV too takes double-quantized scales decoded in a pass of their own.
 // Process-wide; not for production use.
 LOWRA_API void lowra_matmul_cuda_set_tuning(int ksplit, int ctas_per_sm, int depth, int nested_prepass);
-// Knobs of the GEMV path (1 to 4 activation rows): max_rows = the most rows it takes (0: default 2; -1: none, every
-// m takes the tensor-core path), rows_per_warp 4 or 8 (0: 8 for 1-2 rows, else 4), wk = warps along K (1, 2, 4, 8; 0: automatic),
+// Knobs of the GEMV path (1 to 4 activation rows): max_rows = the most rows it takes (0: automatic, gemv_takes in
+// cuda_gemv.cu; -1: none, every m takes the tensor-core path), rows_per_warp 4 or 8 (0: 8 for 1-2 rows, else 4),
+// wk = warps along K (1, 2, 4, 8; 0: automatic),
 // batch1 = the one-row kernel (0: automatic, -1: off, 2 or 4: rows per warp task), wide = its wide steps (0: automatic,
 // 1: wherever it runs, -1: never). Process-wide; for benchmarks and tests.
 LOWRA_API void lowra_matmul_cuda_set_gemv_tuning(int max_rows, int rows_per_warp, int wk, int batch1, int wide);

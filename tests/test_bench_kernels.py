@@ -109,3 +109,30 @@ def test_bench_main_says_why_it_cannot_run(monkeypatch, capsys):
     assert "bench: needs a CUDA GPU" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench_main.main(["--train-tokens", "0"])
+
+
+def test_dispatch_table_marks_an_automatic_choice_slower_than_the_best_path():
+    from bitsandbytes_lowra.bench import dispatch
+
+    rows = [dict(shape=[8192, 28672], m=2, state="1.75", ms=dict(auto=0.0953, gemv=0.0953, tensor=0.0800)),
+            dict(shape=[28672, 8192], m=2, state="1.75", ms=dict(auto=0.0704, gemv=0.0704, tensor=0.0847))]
+    lines = dispatch.table(rows).splitlines()
+    assert "8192x28672" in lines[1] and "1.191" in lines[1] and "not the faster path" in lines[1]
+    assert "28672x8192" in lines[2] and "1.000" in lines[2] and "not the faster path" not in lines[2]
+
+
+def test_dispatch_refuses_bad_shapes():
+    from bitsandbytes_lowra.bench import dispatch
+
+    with pytest.raises(SystemExit):
+        dispatch.main(["--batches", "0"])
+
+
+@cuda
+def test_dispatch_times_every_path_on_a_small_layer():
+    from bitsandbytes_lowra.bench import dispatch
+
+    res = dispatch.run([(256, 1024)], [2, 4], replays=2, min_calls=2)
+    assert [(r["m"], r["state"]) for r in res] == [(m, s) for m in (2, 4) for s in ("1.75", "4", "1.75-dq")]
+    for r in res:
+        assert set(r["ms"]) == {"auto", "gemv", "tensor"} and min(r["ms"].values()) > 0

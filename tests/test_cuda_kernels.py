@@ -323,18 +323,30 @@ def test_cuda_matmul_gemv_path(shape, m, dtype):
         assert rel_err(out, ref) < TOL[dtype], f"mix {mix}: {rel_err(out, ref)}"
 
 
+GEMV, TENSOR = dict(gemv_max_rows=4), dict(gemv_max_rows=-1)
+
+
 @cuda
-@pytest.mark.parametrize("m", [3, 4])
-def test_cuda_matmul_path_by_layer_size_at_3_4_rows(m):
-    """At 3-4 activation rows a layer of at most 2^24 weights takes the GEMV, a larger one the tensor cores: the
-    automatic result is bit-identical to the forced path's (the two paths round differently)."""
-    for rows, cols, path in ((4096, 4096, dict(gemv_max_rows=4)), (4104, 4096, dict(gemv_max_rows=-1))):
+@pytest.mark.parametrize("m,cases", [
+    # 3-4 rows: the GEMV on layers of at most 2^24 weights, the tensor cores above
+    (3, ((4096, 4096, GEMV), (4104, 4096, TENSOR))),
+    (4, ((4096, 4096, GEMV), (4104, 4096, TENSOR))),
+    # 2 rows above 2^24 weights: the GEMV while the activations fit two K splits (12 steps of 1024 columns each)
+    (2, ((1280, 13312, GEMV), (768, 25600, TENSOR), (4096, 4096, GEMV))),
+])
+def test_cuda_matmul_path_by_layer_size(m, cases):
+    """The automatic choice of path: its result is bit-identical to the forced path's (the two paths round
+    differently)."""
+    for rows, cols, path in cases:
         A, packed, absmax, bits, code, off, bias = matmul_case(rows, cols, 64, torch.bfloat16, seed=m, m=m)
         order, groups = matmul_plan(bits)
         auto = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [rows, cols], bias, order, groups)
         with matmul_tuning(**path):
             forced = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [rows, cols], bias, order, groups)
+        with matmul_tuning(**(TENSOR if path is GEMV else GEMV)):
+            other = torch.ops.lowra.matmul(A, packed, absmax, bits, code, off, 64, [rows, cols], bias, order, groups)
         assert torch.equal(auto, forced), (rows, cols)
+        assert not torch.equal(auto, other), (rows, cols)  # else this test could not tell the paths apart
         ref = reference.matmul(A, packed, absmax, bits, code, off, 64, [rows, cols], bias)
         assert rel_err(auto, ref) < TOL[torch.bfloat16]
 

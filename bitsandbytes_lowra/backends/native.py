@@ -106,7 +106,8 @@ def set_matmul_tuning(ksplit: int = 0, ctas_per_sm: int = 0, depth: int = 0, gem
                       gemv_batch1: int = 0, gemv_wide: int = 0) -> None:
     """Benchmark knobs of the fused CUDA matmul (0 = automatic). Tensor-core path (3+ activation rows): K splits,
     resident CTAs per SM, prefetch depth 2/3. GEMV path: the most activation rows it takes (automatic: 4 on layers
-    of at most 2^24 weights, else 2; at most 4; -1 sends every m to the tensor-core path), rows per warp (4 or 8),
+    of at most 2^24 weights, else 2 where their activations fit two K splits, else 1; at most 4; -1 sends every m to
+    the tensor-core path), rows per warp (4 or 8),
     warps along K (1, 2, 4, 8); nested_prepass=1: double-quantized scales decoded in a pass of their own before the
     GEMV instead of inside it;
     gemv_batch1: the batch-1 kernel (one activation row, subset-sum tables): 0 automatic, -1 off (the multi-row
