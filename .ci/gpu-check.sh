@@ -19,10 +19,11 @@ step() { echo "== $1"; shift; "$@" 2>&1 | tee -a "$OUT/gpu-check.log"; local rc=
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 step "build" bash -c "cmake -S . -B build-gpu -G Ninja -DLOWRA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build-gpu -j 16"
 step "ctest" bash -c "cd build-gpu && ctest --output-on-failure"
-if [ -n "${LOWRA_PYTEST_ARGS+set}" ]; then pytest_args=${LOWRA_PYTEST_ARGS}
-elif python3 -c "import xdist" 2>/dev/null; then pytest_args="-n 8"  # the suite takes ~2 min this way on the H200
-else pytest_args=""; fi
-step "pytest (cuda + kernels)" python3 -m pytest -q -m "cuda" tests $pytest_args
+# LOWRA_PYTEST_ARGS is split as shell words with their quotes kept: LOWRA_PYTEST_ARGS='-n 8 -k "gemv or dispatch"'
+if [ -n "${LOWRA_PYTEST_ARGS+set}" ]; then eval "pytest_args=(${LOWRA_PYTEST_ARGS})"
+elif python3 -c "import xdist" 2>/dev/null; then pytest_args=(-n 8)  # the suite takes ~2 min this way on the H200
+else pytest_args=(); fi
+step "pytest (cuda + kernels)" python3 -m pytest -q -m "cuda" tests "${pytest_args[@]}"
 if [ -n "${LOWRA_MEMCHECK:-}" ]; then  # compute-sanitizer over the C++ tests and the CUDA suite
   cs=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" .device/site/nvidia/cu*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [ -z "$cs" ]; then
