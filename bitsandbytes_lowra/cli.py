@@ -613,6 +613,8 @@ def _cmd_sweep(args) -> int:
     from .sweep import load_results, run_sweep
 
     _not_a_directory(args.output, args.plot, args.markdown)
+    if args.plot is None:
+        args.plot = str(Path(args.output).with_suffix(".png"))
     if not (args.resume or args.overwrite) and load_results(args.output)["records"]:
         raise ValueError(f"{args.output} already holds sweep records: pass --resume to continue it or --overwrite "
                          "to replace it")
@@ -934,7 +936,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "quantization)")  # fmt: skip
     _add_eval_flags(sw, DEFAULT_EVAL_TOKENS)
     sw.add_argument("-o", "--output", default="lowra-sweep.json", help="records JSON (default lowra-sweep.json)")
-    sw.add_argument("--plot", default="lowra-sweep.png", help="PNG plot path (default lowra-sweep.png)")
+    sw.add_argument("--plot", default=None,
+                    help="PNG plot path (default: --output's path with .png, so two sweeps never share a plot)")
     sw.add_argument("--markdown", default=None, help="also write the tables as markdown to this file")
     keep = sw.add_mutually_exclusive_group()
     keep.add_argument("--resume", action="store_true", help="keep records of the same protocol already in --output")

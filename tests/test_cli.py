@@ -593,6 +593,19 @@ def test_finetune_json_stdout_is_valid_json(capsys, tmp_path, monkeypatch, tiny_
     assert ("'loss'" in err) is not quiet
 
 
+def test_sweep_plots_next_to_its_records_by_default(capsys, tmp_path, monkeypatch):
+    """Without --plot the PNG goes beside --output (runs/a.json -> runs/a.png), so two sweeps side by side in one
+    directory do not overwrite one plot."""
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: _records())
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    for name in ("a", "b"):
+        rc, out, err = _run(capsys, "sweep", "--no-init", "-o", str(runs / f"{name}.json"), "-q")
+        assert rc == 0, err
+        assert f"plot: {runs / f'{name}.png'}" in out and (runs / f"{name}.png").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing written to the working directory
+
+
 def test_sweep_json_stdout_is_valid_json(capsys, tmp_path, monkeypatch, tiny_checkpoint):
     """The sweep fine-tunes through the same Trainer: its --json output is one JSON document too."""
     monkeypatch.setenv("LOWRA_PLAN_CACHE", str(tmp_path / "plans"))
