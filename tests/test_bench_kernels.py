@@ -136,3 +136,20 @@ def test_dispatch_times_every_path_on_a_small_layer():
     assert [(r["m"], r["state"]) for r in res] == [(m, s) for m in (2, 4) for s in ("1.75", "4", "1.75-dq")]
     for r in res:
         assert set(r["ms"]) == {"auto", "gemv", "tensor"} and min(r["ms"].values()) > 0
+
+
+def test_bench_descriptions_are_whole_prose_paragraphs():
+    """`--help` of a bench module shows its docstring's first prose paragraph whole (not a usage line, not half a
+    sentence)."""
+    from bitsandbytes_lowra.bench import describe
+
+    doc = '''`python -m x [--a]`
+
+    Times one thing
+    against another.
+
+        python -m x --a   # an example
+    '''
+    assert describe(doc) == "Times one thing against another."
+    assert describe("One line only.") == "One line only."
+    assert describe("Prose first\n    python -m x  # example\nmore") == "Prose first"

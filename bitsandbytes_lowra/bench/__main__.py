@@ -15,11 +15,11 @@ import argparse
 import json
 import sys
 
-from . import e2e, kernels
+from . import describe, e2e, kernels
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench", description=describe(__doc__))
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in kernels.SHAPES),
                     help="weight shapes out_features x in_features, comma separated")

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import describe
+
 
 def parse_lib(spec: str) -> tuple[str, Path]:
     """`name=path` -> (name, path); the path must be an existing file."""
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, bench_args = argv[:i], argv[i + 1:]
-    ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.ab", description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.ab", description=describe(__doc__),
                                  epilog="Arguments after -- go to python -m bitsandbytes_lowra.bench (not --json).")
     ap.add_argument("--lib", action="append", type=parse_lib, required=True, metavar="NAME=PATH",
                     help="a build of the native library; the first is the baseline (give two or more)")

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from ..assigner import assign_precisions, default_precisions
+from . import describe
 
 LLAMA2_7B_LAYERS = 32
 # (rows, parameters per row) of the linear layers of one Llama-2-7B decoder layer
@@ -110,7 +111,7 @@ def _print_row(r: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=describe(__doc__))
     p.add_argument("--budgets", type=float, nargs="*", default=[1.15, 1.5, 1.75, 2.0, 2.5, 3.0],
                    help="budgets for the greedy fast path")
     p.add_argument("--ilp-budgets", type=float, nargs="*", default=[1.75, 2.5],

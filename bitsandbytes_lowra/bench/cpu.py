@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from . import describe
+
 DEQUANTIZE_SHAPES = ((1536, 576), (4096, 4096))
 DECODE_ROWS = (1, 8)
 TRAIN_SHAPE, TRAIN_TOKENS, LORA_R = (1536, 576), 512, 16
@@ -239,7 +241,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.cpu", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.cpu", description=describe(__doc__))
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
     ap.add_argument("--generate", type=int, default=0, metavar="N",

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from . import kernels
+from . import describe, kernels
 
 # Llama-2-7B / 13B, Llama-3-8B and Llama-70B projections (out_features x in_features)
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (5120, 5120), (13824, 5120), (5120, 13824), (14336, 4096),
@@ -80,9 +80,7 @@ def table(rows_out: list) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.dispatch",
-                                 description="Where each fused-matmul path wins (CUDA GPU): the CUDA-core GEMV and the "
-                                             "tensor-core kernels, both forced, timed beside the automatic choice "
-                                             "per layer shape and token count.")
+                                 description=describe(__doc__))
     ap.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES),
                     help="weight shapes out_features x in_features, comma separated")
     ap.add_argument("--batches", default="2,3,4", help="activation rows (tokens), comma separated")

@@ -35,6 +35,8 @@ import time
 import torch
 from torch import nn
 
+from . import describe
+
 
 def _timeit(fn, x, calls: int, repeats: int, device: torch.device) -> float:
     """Median microseconds per call of fn(x)."""
@@ -194,7 +196,7 @@ def table(results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.overhead",
-                                 description=__doc__.splitlines()[0])
+                                 description=describe(__doc__))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--size", type=int, default=64, help="in = out features of the layer")
     ap.add_argument("--calls", type=int, default=2000, help="forward calls per timed run")

@@ -25,6 +25,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import describe
+
 ROOT = Path(__file__).resolve().parents[2]
 _FUNC = re.compile(r"^\.text\.(\S+):")
 _LABEL = re.compile(r"^(\.L_\S+):")
@@ -148,7 +150,7 @@ def report(kernels: list[Kernel], match: str | None, top: int = 12) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.sass", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.sass", description=describe(__doc__))
     ap.add_argument("--src", default="csrc/cuda_gemv1.cu", help="CUDA source, relative to the repository root")
     ap.add_argument("--kernel", help="only kernels whose (mangled) name contains this")
     ap.add_argument("--arch", default="sm_90", help="target, as nvcc's -arch (default: sm_90, the H200)")

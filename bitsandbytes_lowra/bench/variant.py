@@ -29,6 +29,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from . import describe
+
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = {"cuda": "bitsandbytes_lowra_cuda", "cpu": "bitsandbytes_lowra_cpu"}
 HEADER_SUFFIXES = (".h", ".cuh", ".hpp")
@@ -231,7 +233,7 @@ def parse_file(spec: str) -> tuple[str, bytes]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bitsandbytes_lowra.bench.variant",
-                                 description=__doc__.splitlines()[0])
+                                 description=describe(__doc__))
     ap.add_argument("--build", type=Path, required=True, help="a configured, built CMake directory (the baseline)")
     ap.add_argument("--target", choices=sorted(TARGETS), default="cuda", help="which library (default cuda)")
     src = ap.add_mutually_exclusive_group(required=True)
