@@ -3,7 +3,7 @@
 Where each fused-matmul path wins: on every layer shape and token count, the CUDA-core GEMV (`gemv_max_rows=4`,
 forced) and the tensor-core kernels (`gemv_max_rows=-1`) timed side by side with the automatic choice, on the
 1.75-bit mix, all rows 4-bit, and the mix on double-quantized scales. The automatic choice (csrc/cuda_gemv.cu,
-`gemv_max_rows`) is tuned from this table; a row where "auto" is not the faster path is marked. Device time as in
+`gemv_takes`) is tuned from this table; a row where "auto" is not the faster path is marked. Device time as in
 bench.kernels (CUDA graphs of many calls, weights rotated out of L2). m = 1 takes the batch-1 kernel either way.
 """
 
