@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 import torch
@@ -33,21 +32,7 @@ def states_for(rows: int, cols: int, gen: torch.Generator) -> dict:
 
 def time_paths(s: dict, A: torch.Tensor, replays: int, min_calls: int) -> dict:
     """Device ms of one matmul of A by state s under each CONFIGS entry."""
-    from ..backends import native
-
-    rs = [kernels.clone_state(s) for _ in range(kernels.copies_for(kernels.state_bytes(s)["total"]))]
-    fns = [(lambda r=r: torch.ops.lowra.matmul(A, r["packed"], r["absmax"], r["bits"], r["code"], r["off"],
-                                               kernels.BLOCKSIZE, r["shape"], None, r["order"], r["groups"],
-                                               *r["nested"])) for r in rs]
-    fns = fns * max(1, math.ceil(min_calls / len(fns)))
-    out = {}
-    for name, cfg in CONFIGS.items():
-        native.set_matmul_tuning(**cfg)
-        try:
-            out[name], _ = kernels.time_calls(fns, replays)
-        finally:
-            native.set_matmul_tuning()
-    return out
+    return dict(zip(CONFIGS, kernels.time_tunings(s, A, CONFIGS.values(), replays, min_calls)))
 
 
 def run(shapes, batches, replays: int = 10, min_calls: int = 24) -> list:

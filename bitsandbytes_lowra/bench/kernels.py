@@ -408,26 +408,34 @@ SWEEP = {
 
 def matmul_sweep(rows: int, cols: int, replays: int, min_calls: int, bits=None) -> list:
     """Launch shapes of the fused matmul (SWEEP) on one layer (1.75-bit mix unless `bits` is given)."""
-    from ..backends import native
-
     gen = torch.Generator().manual_seed(5)
     W = (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16).cuda()
     s = lowra_state(W, mixed_bits(rows, gen) if bits is None else torch.full((rows,), bits, dtype=torch.uint8))
-    rs = [clone_state(s) for _ in range(copies_for(state_bytes(s)["total"]))]
     out = []
     for m, configs in SWEEP.items():
         A = torch.randn(m, cols, generator=gen).to(torch.bfloat16).cuda()
-        for cfg in configs:
-            native.set_matmul_tuning(**cfg)
-            try:
-                fns = [(lambda r=r: torch.ops.lowra.matmul(A, r["packed"], r["absmax"], r["bits"], r["code"], r["off"],
-                                                           BLOCKSIZE, r["shape"], None, r["order"], r["groups"]))
-                       for r in rs]
-                ms, _ = time_calls(fns * max(1, math.ceil(min_calls / len(fns))), replays)
-            finally:
-                native.set_matmul_tuning()
+        for cfg, ms in zip(configs, time_tunings(s, A, configs, replays, min_calls)):
             out.append(dict(shape=[rows, cols], avg_bits=s["avg_bits"], m=m, tuning=cfg, ms=ms))
     return out
+
+
+def time_tunings(s: dict, A: torch.Tensor, tunings, replays: int, min_calls: int) -> list:
+    """Device ms of one lowra::matmul of A by state s under each native.set_matmul_tuning keywords in `tunings`
+    (the state rotated out of L2; the automatic choice restored after each)."""
+    from ..backends import native
+
+    rs = [clone_state(s) for _ in range(copies_for(state_bytes(s)["total"]))]
+    fns = [(lambda r=r: torch.ops.lowra.matmul(A, r["packed"], r["absmax"], r["bits"], r["code"], r["off"], BLOCKSIZE,
+                                               r["shape"], None, r["order"], r["groups"], *r["nested"])) for r in rs]
+    fns = fns * max(1, math.ceil(min_calls / len(fns)))
+    times = []
+    for cfg in tunings:
+        native.set_matmul_tuning(**cfg)
+        try:
+            times.append(time_calls(fns, replays)[0])
+        finally:
+            native.set_matmul_tuning()
+    return times
 
 
 def environment() -> dict:
