@@ -612,9 +612,9 @@ def _not_a_directory(*paths) -> None:
 def _cmd_sweep(args) -> int:
     from .sweep import load_results, run_sweep
 
-    _not_a_directory(args.output, args.plot, args.markdown)
     if args.plot is None:
         args.plot = str(Path(args.output).with_suffix(".png"))
+    _not_a_directory(args.output, args.plot, args.markdown)
     if not (args.resume or args.overwrite) and load_results(args.output)["records"]:
         raise ValueError(f"{args.output} already holds sweep records: pass --resume to continue it or --overwrite "
                          "to replace it")
