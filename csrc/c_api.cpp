@@ -191,6 +191,14 @@ void lowra_matmul_cuda_set_tuning(int ksplit, int ctas_per_sm, int depth, int ne
 #endif
 }
 
+void lowra_dequantize_cuda_set_tuning(int run, int pdl) {
+#ifdef LOWRA_WITH_CUDA
+  lowra::dequantize_cuda_set_tuning(run, pdl);
+#else
+  (void)run, (void)pdl;
+#endif
+}
+
 void lowra_quantize_cuda_set_tuning(int task_bytes, int run) {
 #ifdef LOWRA_WITH_CUDA
   lowra::quantize_cuda_set_tuning(task_bytes, run);

@@ -17,6 +17,7 @@ int quantize_cuda(const void* W, int dtype, int64_t rows, int64_t cols, int64_t 
                   const uint16_t* thresholds, const int64_t* row_offsets, uint8_t* packed, int64_t packed_bytes,
                   float* absmax, void* stream);
 void quantize_cuda_set_tuning(int task_bytes, int run);  // as lowra_quantize_cuda_set_tuning
+void dequantize_cuda_set_tuning(int run, int pdl);  // as lowra_dequantize_cuda_set_tuning
 int dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const AbsmaxSrc& absmax, const uint8_t* bits,
                     const uint16_t* codebook, const int64_t* row_offsets, int64_t rows, int64_t cols,
                     int64_t blocksize, int dtype, void* out, void* stream);

@@ -54,6 +54,25 @@ def quantize_tuning(task_bytes: int, run: int = 0):
         native.set_quantize_tuning()
 
 
+# The streamed dequantize's knobs (run, pdl), each away from what the automatic choice takes at the tests' sizes (one
+# task per warp; PDL only past one resident wave): an even split over a resident grid, with and without PDL, and runs
+# of 3 tasks (they straddle rows and segments) as a programmatic dependent. Outputs are bit-identical at every one.
+DEQUANTIZE_TUNINGS = ((-1, -1), (-1, 1), (3, 1), (1, 1))
+
+
+@contextlib.contextmanager
+def dequantize_tuning(run: int, pdl: int = 0):
+    """The streamed CUDA dequantize with these knobs (native.set_dequantize_tuning) within the block; automatic
+    after."""
+    from bitsandbytes_lowra.backends import native
+
+    native.set_dequantize_tuning(run, pdl)
+    try:
+        yield
+    finally:
+        native.set_dequantize_tuning()
+
+
 @contextlib.contextmanager
 def matmul_tuning(**knobs):
     """The fused CUDA matmul with these knobs (native.set_matmul_tuning keywords) within the block; automatic after."""

@@ -138,6 +138,35 @@ def test_dispatch_times_every_path_on_a_small_layer():
         assert set(r["ms"]) == {"auto", "gemv", "tensor"} and min(r["ms"].values()) > 0
 
 
+def test_dequant_launch_table_marks_an_automatic_launch_slower_than_the_best():
+    from bitsandbytes_lowra.bench import dequant_launch
+
+    rows = [dict(shape=[4096, 4096], state="4", ms=dict(auto=0.01303, resident=0.01379, one_task=0.01382),
+                 bnb_nf4_ms=0.02038, copy_1to4_ms=0.01095),
+            dict(shape=[2048, 2048], state="4", ms=dict(auto=0.0064, resident=0.00554, one_task=0.00554),
+                 bnb_nf4_ms=0.00687, copy_1to4_ms=None)]
+    lines = dequant_launch.table(rows).splitlines()
+    assert "4096x4096" in lines[1] and "1.000" in lines[1] and "1.56" in lines[1] and "fastest" not in lines[1]
+    assert "2048x2048" in lines[2] and "1.155" in lines[2] and "not the fastest launch" in lines[2]
+
+
+def test_dequant_launch_refuses_bad_shapes():
+    from bitsandbytes_lowra.bench import dequant_launch
+
+    with pytest.raises(SystemExit):
+        dequant_launch.main(["--shapes", "0x64"])
+
+
+@cuda
+def test_dequant_launch_times_every_launch_on_a_small_layer():
+    from bitsandbytes_lowra.bench import dequant_launch
+
+    res = dequant_launch.run([(256, 2048)], replays=2, min_calls=2)
+    assert [r["state"] for r in res] == ["4", "1.75"]
+    for r in res:
+        assert set(r["ms"]) == set(dequant_launch.LAUNCHES) and min(r["ms"].values()) > 0 and r["bnb_nf4_ms"] > 0
+
+
 def test_bench_descriptions_are_whole_prose_paragraphs():
     """`--help` of a bench module shows its docstring's first prose paragraph whole (not a usage line, not half a
     sentence)."""

@@ -11,7 +11,7 @@ from bitsandbytes_lowra import _native
 from bitsandbytes_lowra._ops import matmul_plan
 from bitsandbytes_lowra.backends import native, reference
 
-from .conftest import QUANTIZE_TUNINGS, matmul_tuning, quantize_tuning
+from .conftest import DEQUANTIZE_TUNINGS, QUANTIZE_TUNINGS, dequantize_tuning, matmul_tuning, quantize_tuning
 from .test_ops import DTYPES, make_case
 
 cuda = pytest.mark.cuda
@@ -139,6 +139,19 @@ def test_cuda_quantize_dequantize_bit_identical(shape, dtype):
             assert torch.equal(absmax.cpu(), ref_absmax), f"absmax differs, mix {mix}, tuning {tuning}"
         out = torch.ops.lowra.dequantize(packed, absmax, d[1], d[2], d[4], bs, [rows, cols], dtype)
         assert torch.equal(out.cpu(), ref_out), f"dequantized differs, mix {mix}"
+        for tuning in DEQUANTIZE_TUNINGS:
+            with dequantize_tuning(*tuning):
+                out = torch.ops.lowra.dequantize(packed, absmax, d[1], d[2], d[4], bs, [rows, cols], dtype)
+            assert torch.equal(out.cpu(), ref_out), f"dequantized differs, mix {mix}, tuning {tuning}"
+
+
+def test_set_dequantize_tuning_takes_only_valid_runs_and_pdl_modes():
+    with pytest.raises(ValueError, match=r"run must be 0 \(automatic\), -1 \(resident grid\) or a positive task count"):
+        native.set_dequantize_tuning(-3)
+    with pytest.raises(ValueError, match="pdl must be 0 .automatic., 1 .always. or -1 .never., got 2"):
+        native.set_dequantize_tuning(1, 2)
+    native.set_dequantize_tuning(4, 1)  # accepted with or without CUDA
+    native.set_dequantize_tuning()
 
 
 def test_set_quantize_tuning_takes_only_the_two_task_widths_and_valid_runs():
@@ -246,6 +259,41 @@ def test_cuda_dequantize_rows_off_the_16_byte_grid(dtype):
     assert native.skipped_rows() == 1
     keep = [r for r in range(rows) if r != 4]
     assert torch.equal(out.cpu()[keep], ref[keep])
+
+
+@cuda
+@pytest.mark.parametrize("hazard", ["reads what the kernel before wrote", "overwrites what the kernel before reads"])
+@pytest.mark.parametrize("tuning", [(0, 1), (-1, 1), (0, 0)])
+def test_cuda_dequantize_as_a_programmatic_dependent_in_a_graph(hazard, tuning):
+    """Launched as a programmatic dependent (PDL) inside a captured CUDA graph, the streamed dequantize starts only
+    after the kernel right before it: it decodes the codes a quantize just wrote, and the kernel before it still reads
+    the old contents of the output it overwrites. Large enough (6144 x 2048: 6144 warp tasks, more than the H200's
+    5280 resident warps) that the automatic choice takes PDL too."""
+    rows, cols, bs = 6144, 2048, 64
+    W, bits, code, thr, off = (t.cuda() for t in make_case(rows, cols, bs, torch.bfloat16, seed=5))
+    W2 = torch.randn(rows, cols, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16).cuda()
+    packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, bs)
+    p2, a2 = torch.empty_like(packed), torch.empty_like(absmax)
+    out = torch.ops.lowra.dequantize(packed, absmax, bits, code, off, bs, [rows, cols], torch.bfloat16)
+    old = out.clone()
+    y = torch.empty_like(out)
+    steps = [lambda: torch.ops.lowra.quantize.out(W2, bits, thr, off, bs, packed=p2, absmax=a2),
+             lambda: torch.mul(out, 2.0, out=y)]
+    if hazard.startswith("reads"):
+        steps.reverse()  # the quantize right before the dequantize
+    with dequantize_tuning(*tuning):
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for step in steps:
+                step()
+            torch.ops.lowra.dequantize.out(p2, a2, bits, code, off, bs, [rows, cols], torch.bfloat16, out=out)
+        graph.replay()
+        torch.cuda.synchronize()
+    p_ref, a_ref = reference.quantize(W2.cpu(), bits.cpu(), thr.cpu(), off.cpu(), bs)
+    want = reference.dequantize(p_ref, a_ref, bits.cpu(), code.cpu(), off.cpu(), bs, [rows, cols], torch.bfloat16)
+    assert torch.equal(out.cpu(), want), f"the dependent dequantize decoded stale codes ({hazard})"
+    assert torch.equal(y, old * 2.0), f"the kernel before read the dequantize's output ({hazard})"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -137,6 +137,22 @@ def set_quantize_tuning(task_bytes: int = 0, run: int = 0) -> None:
         _fn("lowra_quantize_cuda_set_tuning", [i32, i32], None)(task_bytes, min(run, 2**31 - 1))
 
 
+def set_dequantize_tuning(run: int = 0, pdl: int = 0) -> None:
+    """Knobs of the streamed CUDA dequantize (16-bit outputs, float32 scales). run: tasks per warp, 0 = automatic
+    (one, on as many CTAs as that takes, which the block scheduler hands to SMs as they free up), -1 = an even split
+    over a resident grid, n > 0 = n tasks per warp. pdl: 0 = automatic (a programmatic dependent of the stream's
+    previous kernel where the grid is more than one resident wave: only its launch overlaps that kernel's tail),
+    1 = always, -1 = never. Every setting writes the same output; the knobs are for benchmarks and tests.
+    Process-wide; called without arguments it restores the automatic choices."""
+    if not isinstance(run, int) or run < -1:
+        raise ValueError(f"run must be 0 (automatic), -1 (resident grid) or a positive task count, got {run!r}")
+    if pdl not in (-1, 0, 1):
+        raise ValueError(f"pdl must be 0 (automatic), 1 (always) or -1 (never), got {pdl!r}")
+    if _native.has_cuda():
+        i32 = _native.ctypes.c_int
+        _fn("lowra_dequantize_cuda_set_tuning", [i32, i32], None)(min(run, 2**31 - 1), pdl)
+
+
 def _quantize_into(A, bits, thresholds, row_offsets, blocksize, packed, absmax):
     rows, cols = A.shape
     if rows == 0 or cols == 0:  # an empty weight: no codes, no scales (the C entry points take 1 row and column up)

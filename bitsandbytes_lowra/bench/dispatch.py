@@ -10,7 +10,6 @@ bench.kernels (CUDA graphs of many calls, weights rotated out of L2). m = 1 take
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -76,16 +75,8 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b]
     if any(b < 1 for b in batches) or any(r < 1 or c < 1 for r, c in shapes):
         ap.error("shapes and batches must be positive")
-    try:
-        res = run(shapes, batches, *((3, 8) if args.quick else (10, 24)))
-    except kernels.BenchUnavailable as e:
-        print(f"bench.dispatch: {e}", file=sys.stderr)
-        return 2
-    print(table(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=kernels.environment(), rows=res), f, indent=1)
-    return 0
+    reps = (3, 8) if args.quick else (10, 24)
+    return kernels.report("dispatch", lambda: run(shapes, batches, *reps), table, args.json)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ placed at random, blocksize 64 everywhere (as bitsandbytes' default).
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import platform
 import statistics
+import sys
 
 import torch
 
@@ -463,6 +465,21 @@ def require_gpu_bench():
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise BenchUnavailable(f"bitsandbytes is not importable: {e}") from e
     return bnb
+
+
+def report(name: str, measure, table, json_path: str | None) -> int:
+    """A bench module's end: run measure(), print table(rows) and write {environment, rows} to json_path; exit status
+    2 with the reason where this machine cannot run it."""
+    try:
+        rows = measure()
+    except BenchUnavailable as e:
+        print(f"bench.{name}: {e}", file=sys.stderr)
+        return 2
+    print(table(rows))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(environment=environment(), rows=rows), f, indent=1)
+    return 0
 
 
 def run(shapes, batches, quick: bool = False, sweep: bool = True, only: str | None = None) -> dict:
