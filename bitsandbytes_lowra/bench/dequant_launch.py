@@ -36,8 +36,9 @@ def time_launches(s: dict, replays: int, min_calls: int) -> dict:
 
     def call(i):
         r = reps[i]
-        return torch.ops.lowra.dequantize.out(r["packed"], r["absmax"], r["bits"], r["code"], r["off"],
-                                              kernels.BLOCKSIZE, r["shape"], torch.bfloat16, out=outs[i])
+        torch.ops.lowra.dequantize.out(r["packed"], r["absmax"], r["bits"], r["code"], r["off"], kernels.BLOCKSIZE,
+                                       r["shape"], torch.bfloat16, out=outs[i])
+        return outs[i]
 
     fns = [(lambda i=i: call(i)) for i in range(len(reps))] * max(1, math.ceil(min_calls / len(reps)))
     ms = {name: math.inf for name in LAUNCHES}
