@@ -368,7 +368,8 @@ __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict
 // (34.1 / 35.4), 28672x8192 162.9 / 148.7 (163.5 / 148.7). 3 stages, 4 at 64 registers, or 3 at 6 CTAs per SM
 // measured level on the large layers and up to 8% slower on 11008x4096. Double-quantized scales keep
 // dequantize_fast: decoding them from the stage measured 4% slower on the large layers (at most 5% faster on the
-// small ones).
+// small ones). Those figures are for an even split over a resident grid; since the fortieth round (stream_launch)
+// a warp takes one task, so only its first stage fills unless the knobs ask for more tasks per warp.
 constexpr int kDqStages = 4;
 // Stage layout: the codes (a 4-bit segment: 1 KB), up to 64 scales, the codebook's 16 halves, and the task's
 // precision (0: nothing to write). 5 CTAs of 8 warps fit an SM's shared memory.
@@ -1163,8 +1164,9 @@ int dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const AbsmaxSrc
 #undef LOWRA_DS
     return launch_status("lowra dequantize kernel");
   }
-  // no more CTAs than are resident (both kernels): every warp walks several tasks, each one's metadata loaded
-  // during the previous one, instead of CTAs of one task each running in waves
+  // no more CTAs than are resident: every warp walks several tasks, each one's metadata loaded during the previous
+  // one, instead of CTAs of one task each running in waves (the streamed kernel above measured the opposite since:
+  // stream_launch; here unmeasured)
   const int grid = dtype == LOWRA_F16 ? resident_grid(dequantize_fast<__half>, rows * segs, 8)
                    : dtype == LOWRA_BF16 ? resident_grid(dequantize_fast<__nv_bfloat16>, rows * segs, 8)
                                          : resident_grid(dequantize_fast<float>, rows * segs, 8);
