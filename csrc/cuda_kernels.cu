@@ -1122,7 +1122,8 @@ struct StreamLaunch {
 template <typename K>
 StreamLaunch stream_launch(K kernel, int64_t tasks) {
   const int64_t wave = resident_grid(kernel, INT64_MAX / 2, 8);  // CTAs resident at once
-  const int64_t run = g_dq_run < 0 ? (tasks + 8 * wave - 1) / (8 * wave) : g_dq_run > 0 ? g_dq_run : 1;
+  const int64_t even = std::max<int64_t>(1, (tasks + 8 * wave - 1) / (8 * wave));  // tasks per warp, resident
+  const int64_t run = g_dq_run < 0 ? even : g_dq_run > 0 ? g_dq_run : 1;
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>((tasks + 8 * run - 1) / (8 * run), INT32_MAX));
   return {grid, g_dq_pdl > 0 || (g_dq_pdl == 0 && grid > wave)};
 }
