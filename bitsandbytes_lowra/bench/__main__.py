@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if min(args.train_tokens) < 1:
         ap.error("--train-tokens must be positive")
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    shapes = kernels.parse_shapes(args.shapes)
     batches = [int(b) for b in args.batches.split(",") if b]
 
     def dump(results):  # after each part: a failure later keeps what was measured

@@ -56,17 +56,6 @@ def time_launches(s: dict, replays: int, min_calls: int) -> dict:
     return ms
 
 
-def time_bnb(bnb, W: torch.Tensor, replays: int, min_calls: int) -> float:
-    rows, cols = W.shape
-    packed, qs = bnb.functional.quantize_4bit(W, blocksize=kernels.BLOCKSIZE, quant_type="nf4")
-    pk = [(packed.clone(), qs.absmax.clone()) for _ in range(kernels.copies_for(packed.numel() + rows * cols * 2))]
-    outs = [torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda") for _ in pk]
-    deq = torch.ops.bitsandbytes.dequantize_4bit.out
-    fns = [(lambda i=i: deq(pk[i][0], pk[i][1], kernels.BLOCKSIZE, "nf4", [rows, cols], torch.bfloat16, out=outs[i]))
-           for i in range(len(pk))] * max(1, math.ceil(min_calls / len(pk)))
-    return kernels.time_calls(fns, replays)[0]
-
-
 def run(shapes, replays: int = 20, min_calls: int = 64) -> list:
     bnb = kernels.require_gpu_bench()
     rows_out = []
@@ -75,7 +64,8 @@ def run(shapes, replays: int = 20, min_calls: int = 64) -> list:
         W = (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16).cuda()
         states = {"4": kernels.lowra_state(W, torch.full((rows,), 4, dtype=torch.uint8)),
                   "1.75": kernels.lowra_state(W, kernels.mixed_bits(rows, gen))}
-        bnb_ms = time_bnb(bnb, W, replays, min_calls)
+        packed, qs = bnb.functional.quantize_4bit(W, blocksize=kernels.BLOCKSIZE, quant_type="nf4")
+        bnb_ms = kernels.time_bnb_dequantize(packed, qs.absmax, rows, cols, replays, min_calls)[0]
         mix = kernels.copy_dequant_mix(rows * cols * 2, min_calls, replays)
         for name, s in states.items():
             rows_out.append(dict(shape=[rows, cols], state=name, ms=time_launches(s, replays, min_calls),
@@ -109,7 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    shapes = kernels.parse_shapes(args.shapes)
     if any(r < 1 or c < 1 for r, c in shapes):
         ap.error("shapes must be positive")
     reps = (3, 8) if args.quick else (20, 64)

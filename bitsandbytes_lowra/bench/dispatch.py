@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    shapes = kernels.parse_shapes(args.shapes)
     batches = [int(b) for b in args.batches.split(",") if b]
     if any(b < 1 for b in batches) or any(r < 1 or c < 1 for r, c in shapes):
         ap.error("shapes and batches must be positive")

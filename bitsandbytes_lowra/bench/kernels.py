@@ -211,6 +211,24 @@ def clone_state(s: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # measurements
 
+def time_bnb_dequantize(packed: torch.Tensor, absmax: torch.Tensor, rows: int, cols: int, replays: int,
+                        min_calls: int) -> tuple[float, str]:
+    """Device ms of bitsandbytes' NF4 dequantize (float32 absmax) of a rows x cols weight to bf16, timed like every
+    contender, and how it was timed."""
+    pk = [(packed.clone(), absmax.clone()) for _ in range(copies_for(packed.numel() + absmax.numel() * 4
+                                                                     + rows * cols * 2))]
+    outs = [torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda") for _ in pk]
+    deq = torch.ops.bitsandbytes.dequantize_4bit.out
+    fns = [(lambda i=i: deq(pk[i][0], pk[i][1], BLOCKSIZE, "nf4", [rows, cols], torch.bfloat16, out=outs[i]))
+           for i in range(len(pk))] * max(1, math.ceil(min_calls / len(pk)))
+    return time_calls(fns, replays)
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """A bench module's --shapes: "R1xC1,R2xC2" -> [(R1, C1), (R2, C2)]."""
+    return [tuple(int(x) for x in s.split("x")) for s in text.split(",") if s]
+
+
 def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min_calls: int, bnb,
                 only: str | None = None) -> dict:
     gen = torch.Generator().manual_seed(rows * 31 + cols)
@@ -278,15 +296,9 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
         d[name] = dict(ms=ms, tb_s=bw / 1e12, frac_of_copy=bw / copy_bw, timing=how)
         del reps, outs
     if only in (None, "dequantize"):
-        pk = [(bnb_packed.clone(), bnb_qs.absmax.clone()) for _ in range(copies_for(bnb_bytes + out_bytes))]
-        outs = [torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda") for _ in pk]
-        deq = torch.ops.bitsandbytes.dequantize_4bit.out
-        fns = [(lambda i=i: deq(pk[i][0], pk[i][1], BLOCKSIZE, "nf4", [rows, cols], torch.bfloat16, out=outs[i]))
-               for i in range(len(pk))] * max(1, math.ceil(min_calls / len(pk)))
-        ms, how = time_calls(fns, replays)
+        ms, how = time_bnb_dequantize(bnb_packed, bnb_qs.absmax, rows, cols, replays, min_calls)
         bw = (bnb_bytes + out_bytes) / (ms * 1e-3)
         d["bnb_nf4"] = dict(ms=ms, tb_s=bw / 1e12, frac_of_copy=bw / copy_bw, timing=how)
-        del pk, outs
         d["speedup_4bit_vs_bnb"] = d["bnb_nf4"]["ms"] / d["lowra_4bit"]["ms"]
         # A copy moving as many bytes as the 4-bit dequantize (read + written), timed the same way: at small sizes
         # launch ramp-up and the tail take a share that the 2 GiB ceiling does not see. An elementwise kernel (the
