@@ -30,25 +30,15 @@ def time_launches(s: dict, replays: int, min_calls: int) -> dict:
     from ..backends import native
 
     rows, cols = s["shape"]
-    nbytes = kernels.state_bytes(s)["total"] + rows * cols * 2
-    reps = [kernels.clone_state(s) for _ in range(kernels.copies_for(nbytes))]
-    outs = [torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda") for _ in reps]
-
-    def call(i):
-        r = reps[i]
-        torch.ops.lowra.dequantize.out(r["packed"], r["absmax"], r["bits"], r["code"], r["off"], kernels.BLOCKSIZE,
-                                       r["shape"], torch.bfloat16, out=outs[i])
-        return outs[i]
-
-    fns = [(lambda i=i: call(i)) for i in range(len(reps))] * max(1, math.ceil(min_calls / len(reps)))
+    fns = kernels.dequantize_calls(s, min_calls)
     ms = {name: math.inf for name in LAUNCHES}
     try:
         native.set_dequantize_tuning()
-        ref = call(0).clone()
+        ref = fns[0]().clone()
         for order in (list(LAUNCHES), list(LAUNCHES)[::-1]):
             for name in order:
                 native.set_dequantize_tuning(*LAUNCHES[name])
-                if not torch.equal(call(0), ref):
+                if not torch.equal(fns[0](), ref):
                     raise AssertionError(f"launch {name!r} wrote another output on {rows}x{cols}")
                 ms[name] = min(ms[name], kernels.time_calls(fns, replays)[0])
     finally:

@@ -211,6 +211,22 @@ def clone_state(s: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # measurements
 
+def dequantize_calls(s: dict, min_calls: int) -> list:
+    """At least min_calls zero-argument calls, each a bf16 lowra::dequantize of a copy of state s (the copies rotate
+    out of L2) into a buffer of its own, which the call returns."""
+    rows, cols = s["shape"]
+    reps = [clone_state(s) for _ in range(copies_for(state_bytes(s)["total"] + rows * cols * 2))]
+    outs = [torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda") for _ in reps]
+
+    def call(r, out):
+        torch.ops.lowra.dequantize.out(r["packed"], r["absmax"], r["bits"], r["code"], r["off"], BLOCKSIZE, r["shape"],
+                                       torch.bfloat16, *r["nested"], out=out)
+        return out
+
+    fns = [(lambda r=r, out=out: call(r, out)) for r, out in zip(reps, outs)]
+    return fns * max(1, math.ceil(min_calls / len(fns)))
+
+
 def time_bnb_dequantize(packed: torch.Tensor, absmax: torch.Tensor, rows: int, cols: int, replays: int,
                         min_calls: int) -> tuple[float, str]:
     """Device ms of bitsandbytes' NF4 dequantize (float32 absmax) of a rows x cols weight to bf16, timed like every
@@ -281,20 +297,9 @@ def bench_shape(rows: int, cols: int, batches, copy_bw: float, replays: int, min
     # (and on double-quantized scales, which dequantize decodes in the kernel)
     for name, s in ({**states, **dq_states}.items() if only in (None, "dequantize") else ()):
         sb = state_bytes(s)
-        reps = [clone_state(s) for _ in range(copies_for(sb["total"] + out_bytes))]
-        outs = [torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda") for _ in reps]
-
-        def make(i, reps=reps, outs=outs):
-            r = reps[i]
-            return lambda: torch.ops.lowra.dequantize.out(r["packed"], r["absmax"], r["bits"], r["code"], r["off"],
-                                                          BLOCKSIZE, r["shape"], torch.bfloat16, *r["nested"],
-                                                          out=outs[i])
-
-        fns = [make(i) for i in range(len(reps))] * max(1, math.ceil(min_calls / len(reps)))
-        ms, how = time_calls(fns, replays)
+        ms, how = time_calls(dequantize_calls(s, min_calls), replays)
         bw = (sb["total"] + out_bytes) / (ms * 1e-3)
         d[name] = dict(ms=ms, tb_s=bw / 1e12, frac_of_copy=bw / copy_bw, timing=how)
-        del reps, outs
     if only in (None, "dequantize"):
         ms, how = time_bnb_dequantize(bnb_packed, bnb_qs.absmax, rows, cols, replays, min_calls)
         bw = (bnb_bytes + out_bytes) / (ms * 1e-3)
