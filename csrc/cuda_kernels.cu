@@ -5,8 +5,8 @@
 // multiple of 8) and map to whole packed bytes (8 * bits / 8 = bits bytes), so loads and stores are wide.
 // Dequantize looks codebook entries up in a per-warp shared table (on full segments of 16-bit outputs it scales the
 // 1- and 2-bit codebooks once per chunk and selects or byte-permutes the results) and streams its output. On the
-// common layout with float32 scales (dequantize_stream) each warp copies its next tasks' codes, scales and
-// codebook into shared memory with cp.async while it decodes the current one; elsewhere (dequantize_fast) it
+// common layout (dequantize_stream) each warp copies its next tasks' codes, scales and codebook into shared
+// memory with cp.async while it decodes the current one; elsewhere (dequantize_fast) it
 // loads each task's row metadata one task ahead and its codes into registers. Quantize reduces block absmax with
 // shuffles inside the lanes of one block, multiplies by its reciprocal and encodes through a per-row lookup table
 // of bins (4 bits) or one or two comparisons (1 and 2 bits); the rare element whose code that could get wrong (one
@@ -360,16 +360,18 @@ __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict
   }
 }
 
-// Streamed dequantize, the common layout (16-bit outputs, float32 scales, power-of-two blocksizes of 32 to 2048,
-// columns a multiple of 256): tasks as in dequantize_fast, but each warp copies the codes, scales and codebook of
+// Streamed dequantize, the common layout (16-bit outputs, float32 or double-quantized scales, power-of-two
+// blocksizes of 32 to 2048, columns a multiple of 256): tasks as in dequantize_fast, but each warp copies the codes, scales and codebook of
 // its next kDqStages - 1 tasks into its own shared stages with cp.async while it decodes the current one, so the
 // loads in flight hold no registers. H200, bf16 out, us (4-bit / 1.75-bit), against dequantize_fast in the same
 // call: 4096x4096 14.5 / 12.5 (15.5 / 13.3), 11008x4096 31.7 / 29.3 (33.9 / 30.7), 4096x11008 33.7 / 30.9
 // (34.1 / 35.4), 28672x8192 162.9 / 148.7 (163.5 / 148.7). 3 stages, 4 at 64 registers, or 3 at 6 CTAs per SM
-// measured level on the large layers and up to 8% slower on 11008x4096. Double-quantized scales keep
-// dequantize_fast: decoding them from the stage measured 4% slower on the large layers (at most 5% faster on the
-// small ones). Those figures are for an even split over a resident grid; since the fortieth round (stream_launch)
-// a warp takes one task, so only its first stage fills unless the knobs ask for more tasks per warp.
+// measured level on the large layers and up to 8% slower on 11008x4096. Those figures are for an even split over a
+// resident grid; since the fortieth round (stream_launch) a warp takes one task, so only its first stage fills unless
+// the knobs ask for more tasks per warp. Double-quantized scales (NESTED) are decoded as the task is staged (the
+// loads wait while the codes' copies fly) and staged as float32: under the even split, decoding them from the stage
+// had measured 4% slower than dequantize_fast on the large layers, but that kernel does not gain from stream_launch
+// (dequantize-fast-launch.diff, forty-first round: 3-9% slower).
 constexpr int kDqStages = 4;
 // Stage layout: the codes (a 4-bit segment: 1 KB), up to 64 scales, the codebook's 16 halves, and the task's
 // precision (0: nothing to write). 5 CTAs of 8 warps fit an SM's shared memory.
@@ -409,10 +411,9 @@ __device__ __forceinline__ void decode_stage(uint32_t stg, int nq, uint32_t j0, 
   }
 }
 
-template <typename T>
+template <typename T, bool NESTED>
 __global__ void __launch_bounds__(256, 5) dequantize_stream(const uint8_t* __restrict__ packed, int64_t packed_bytes,
-                                                            const float* __restrict__ absmax,
-                                                            const uint8_t* __restrict__ bits,
+                                                            const AbsmaxSrc absmax, const uint8_t* __restrict__ bits,
                                                             const uint16_t* __restrict__ codebook,
                                                             const int64_t* __restrict__ row_offsets, int64_t rows,
                                                             int64_t cols, int bs_shift, int64_t pc, int64_t segs,
@@ -454,9 +455,16 @@ __global__ void __launch_bounds__(256, 5) dequantize_stream(const uint8_t* __res
           for (int i = lane; i < nbytes; i += 32)
             asm volatile("st.shared.u8 [%0], %1;" ::"r"(stg + i), "r"((uint32_t)__ldg(src + i)));
         }
-        const float* am = absmax + cw.r * nb + (j >> bs_shift);
+        const int64_t a0 = cw.r * nb + (j >> bs_shift);
         const int ns = (int)(((j + len - 1) >> bs_shift) - (j >> bs_shift)) + 1;
-        for (int i = lane; i < ns; i += 32) cp_async4(stg + kStScales + 4 * i, am + i);
+        if (NESTED) {  // decoded here, into the stage as float32: the loads wait while the codes' copies fly
+          for (int i = lane; i < ns; i += 32) {
+            const float v = nested_finish(absmax, nested_issue(absmax, a0 + i));
+            asm volatile("st.shared.f32 [%0], %1;" ::"r"(stg + kStScales + 4 * i), "f"(v) : "memory");
+          }
+        } else {
+          for (int i = lane; i < ns; i += 32) cp_async4(stg + kStScales + 4 * i, absmax.f32 + a0 + i);
+        }
         if (lane < 2) cp_async16(stg + kStCodebook + 16 * lane, codebook + cw.r * kCodebookSlots + 8 * lane);
       }
     }
@@ -1127,6 +1135,33 @@ StreamLaunch stream_launch(K kernel, int64_t tasks) {
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>((tasks + 8 * run - 1) / (8 * run), INT32_MAX));
   return {grid, g_dq_pdl > 0 || (g_dq_pdl == 0 && grid > wave)};
 }
+
+// dequantize_stream's operands, and its launch on stream_launch's grid.
+struct StreamArgs {
+  const uint8_t* packed;
+  int64_t packed_bytes;
+  AbsmaxSrc absmax;
+  const uint8_t* bits;
+  const uint16_t* codebook;
+  const int64_t* row_offsets;
+  int64_t rows, cols;
+  int bs_shift;
+  int64_t pc, segs;
+  void* out;
+};
+template <typename T, bool NESTED>
+int launch_stream(const StreamArgs& a, cudaStream_t stream) {
+  const StreamLaunch l = stream_launch(dequantize_stream<T, NESTED>, a.rows * a.segs);
+  if (l.pdl)
+    return record_cuda(launch_dependent(dequantize_stream<T, NESTED>, l.grid, 256, 0, stream, a.packed,
+                                        a.packed_bytes, a.absmax, a.bits, a.codebook, a.row_offsets, a.rows, a.cols,
+                                        a.bs_shift, a.pc, a.segs, (T*)a.out),
+                       "lowra dequantize kernel");
+  dequantize_stream<T, NESTED><<<l.grid, 256, 0, stream>>>(a.packed, a.packed_bytes, a.absmax, a.bits, a.codebook,
+                                                           a.row_offsets, a.rows, a.cols, a.bs_shift, a.pc, a.segs,
+                                                           (T*)a.out);
+  return LOWRA_OK;
+}
 }  // namespace
 
 void dequantize_cuda_set_tuning(int run, int pdl) {
@@ -1147,23 +1182,14 @@ int dequantize_cuda(const uint8_t* packed, int64_t packed_bytes, const AbsmaxSrc
   // the full-segment path: 32-bit element indices, power-of-two blocks, 16-byte stores
   const bool full_ok = vec && bs_shift >= 3 && cols < ((int64_t)1 << 31) - kSegElems;
   // the streamed kernel where the layout allows (16-byte aligned codebook rows for its 16-byte copies)
-  if (dtype != LOWRA_F32 && vec && absmax.f32 && bs_shift >= 5 && bs_shift <= 11 && cols % 256 == 0 &&
+  if (dtype != LOWRA_F32 && vec && bs_shift >= 5 && bs_shift <= 11 && cols % 256 == 0 &&
       cols < ((int64_t)1 << 31) - kSegElems && aligned(codebook, 16)) {
-#define LOWRA_DS(T)                                                                                              \
-  {                                                                                                              \
-    const StreamLaunch l = stream_launch(dequantize_stream<T>, rows * segs);                                    \
-    if (l.pdl)                                                                                                   \
-      return record_cuda(launch_dependent(dequantize_stream<T>, l.grid, 256, 0, stream, packed, packed_bytes,   \
-                                          absmax.f32, bits, codebook, row_offsets, rows, cols, bs_shift, pc,    \
-                                          segs, (T*)out),                                                       \
-                         "lowra dequantize kernel");                                                            \
-    dequantize_stream<T><<<l.grid, 256, 0, stream>>>(packed, packed_bytes, absmax.f32, bits, codebook,          \
-                                                     row_offsets, rows, cols, bs_shift, pc, segs, (T*)out);     \
-  }
-    if (dtype == LOWRA_F16) LOWRA_DS(__half)
-    else LOWRA_DS(__nv_bfloat16)
-#undef LOWRA_DS
-    return launch_status("lowra dequantize kernel");
+    const StreamArgs a{packed, packed_bytes, absmax, bits, codebook, row_offsets, rows, cols, bs_shift, pc, segs, out};
+    const int rc = dtype == LOWRA_F16 ? (absmax.f32 ? launch_stream<__half, false>(a, stream)
+                                                    : launch_stream<__half, true>(a, stream))
+                                      : (absmax.f32 ? launch_stream<__nv_bfloat16, false>(a, stream)
+                                                    : launch_stream<__nv_bfloat16, true>(a, stream));
+    return rc != LOWRA_OK ? rc : launch_status("lowra dequantize kernel");
   }
   // no more CTAs than are resident: every warp walks several tasks, each one's metadata loaded during the previous
   // one, instead of CTAs of one task each running in waves (the streamed kernel above measured the opposite since:

@@ -264,16 +264,24 @@ def test_cuda_dequantize_rows_off_the_16_byte_grid(dtype):
 @cuda
 @pytest.mark.parametrize("hazard", ["reads what the kernel before wrote", "overwrites what the kernel before reads"])
 @pytest.mark.parametrize("tuning", [(0, 1), (-1, 1), (0, 0)])
-def test_cuda_dequantize_as_a_programmatic_dependent_in_a_graph(hazard, tuning):
+@pytest.mark.parametrize("nested", [False, True], ids=["float32-scales", "double-quantized-scales"])
+def test_cuda_dequantize_as_a_programmatic_dependent_in_a_graph(hazard, tuning, nested):
     """Launched as a programmatic dependent (PDL) inside a captured CUDA graph, the streamed dequantize starts only
     after the kernel right before it: it decodes the codes a quantize just wrote, and the kernel before it still reads
     the old contents of the output it overwrites. Large enough (6144 x 2048: 6144 warp tasks, more than the H200's
-    5280 resident warps) that the automatic choice takes PDL too."""
+    5280 resident warps) that the automatic choice takes PDL too. Double-quantized scales: those of W2's own
+    quantize, double-quantized before the capture (the codes are still the ones the quantize in the graph writes)."""
+    from bitsandbytes_lowra.functional import double_quantize_absmax
+
     rows, cols, bs = 6144, 2048, 64
     W, bits, code, thr, off = (t.cuda() for t in make_case(rows, cols, bs, torch.bfloat16, seed=5))
     W2 = torch.randn(rows, cols, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16).cuda()
     packed, absmax = torch.ops.lowra.quantize(W, bits, thr, off, bs)
     p2, a2 = torch.empty_like(packed), torch.empty_like(absmax)
+    scales = (a2,)  # what the dequantize in the graph reads: the quantize's float32 scales, or W2's nested ones
+    if nested:
+        q, s2, offset = double_quantize_absmax(torch.ops.lowra.quantize(W2, bits, thr, off, bs)[1])
+        scales = (q, s2.absmax, s2.code, offset, s2.blocksize)
     out = torch.ops.lowra.dequantize(packed, absmax, bits, code, off, bs, [rows, cols], torch.bfloat16)
     old = out.clone()
     y = torch.empty_like(out)
@@ -287,10 +295,13 @@ def test_cuda_dequantize_as_a_programmatic_dependent_in_a_graph(hazard, tuning):
         with torch.cuda.graph(graph):
             for step in steps:
                 step()
-            torch.ops.lowra.dequantize.out(p2, a2, bits, code, off, bs, [rows, cols], torch.bfloat16, out=out)
+            torch.ops.lowra.dequantize.out(p2, scales[0], bits, code, off, bs, [rows, cols], torch.bfloat16,
+                                           *scales[1:], out=out)
         graph.replay()
         torch.cuda.synchronize()
     p_ref, a_ref = reference.quantize(W2.cpu(), bits.cpu(), thr.cpu(), off.cpu(), bs)
+    if nested:
+        a_ref = reference.decode_absmax(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in scales))
     want = reference.dequantize(p_ref, a_ref, bits.cpu(), code.cpu(), off.cpu(), bs, [rows, cols], torch.bfloat16)
     assert torch.equal(out.cpu(), want), f"the dependent dequantize decoded stale codes ({hazard})"
     assert torch.equal(y, old * 2.0), f"the kernel before read the dequantize's output ({hazard})"

@@ -12,7 +12,7 @@ from bitsandbytes_lowra.backends import reference
 from bitsandbytes_lowra.backends.reference import decode_absmax
 from bitsandbytes_lowra.functional import dequantize_lowra, double_quantize_absmax, quantize_lowra
 
-from .conftest import assert_sums_close, matmul_tuning
+from .conftest import DEQUANTIZE_TUNINGS, assert_sums_close, dequantize_tuning, matmul_tuning
 from .test_ops import DTYPES, make_case
 
 cuda = pytest.mark.cuda
@@ -164,19 +164,24 @@ def test_linear_forward_backward_with_nested_scales_equals_decoded():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 8), (3, 7, 8), (33, 100, 64), (9, 130, 32), (4, 4100, 128),
                                    (6, 200, 24), (64, 4096, 64), (2, 65536, 256), (9, 2056, 8), (5, 6144, 32),
-                                   (3, 2304, 128), (7, 768, 256), (5, 11008, 64)])
+                                   (3, 2304, 128), (7, 768, 256), (5, 11008, 64), (2, 4096, 2048),
+                                   (300, 1536, 32)])
 def test_cuda_nested_dequantize_bit_identical(shape, dtype):
-    """The last three: last segments of 256 and 768 columns (2304; 11008, a Llama MLP width) and rows shorter than a
-    segment (768), on double-quantized scales (dequantize_fast serves them; only float32 scales are streamed)."""
+    """16-bit outputs of the shapes with columns a multiple of 256 take the streamed kernel, which decodes the scales
+    as it stages a task: last segments of 256 and 768 columns (2304; 11008, a Llama MLP width), rows shorter than a
+    segment (768), one block per segment (4096 x 2048), 64 blocks per segment and more tasks than one CTA's warps
+    (300 x 1536); every launch knob alike. The others (float32 outputs too) take dequantize_fast."""
     rows, cols, bs = shape
     for nbs in (64, 256):
         for i, mix in enumerate(MIXES):
             packed, q, nested, bits, code, off = case(rows, cols, bs, dtype, seed=rows + cols + i, mix=mix,
                                                       nested_blocksize=nbs, device="cuda")
-            got = torch.ops.lowra.dequantize(packed, q, bits, code, off, bs, [rows, cols], dtype, *nested)
             cpu = [t.cpu() if isinstance(t, torch.Tensor) else t for t in (packed, q, bits, code, off, *nested)]
             ref = reference._dequantize_kernel(*cpu[:5], bs, [rows, cols], dtype, *cpu[5:])
-            assert torch.equal(got.cpu(), ref), f"mix {mix}, nested blocksize {nbs}"
+            for tuning in ((0, 0), *DEQUANTIZE_TUNINGS):
+                with dequantize_tuning(*tuning):
+                    got = torch.ops.lowra.dequantize(packed, q, bits, code, off, bs, [rows, cols], dtype, *nested)
+                assert torch.equal(got.cpu(), ref), f"mix {mix}, nested blocksize {nbs}, tuning {tuning}"
 
 
 @cuda
