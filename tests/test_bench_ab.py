@@ -61,6 +61,15 @@ def test_timings_flatten_every_timed_figure_and_label_batches():
     assert ab.timings(res) == {"quantize/2x3/x": 1.5, "matmul/2x3/m=4/y": 0.25}
 
 
+def test_timings_take_the_training_steps_and_skip_a_failed_graph():
+    res = {"training": [{"shape": "4x8", "tokens": 512, "base": "bf16", "fwd_bwd_ms": 0.5, "graph_ms": 0.25,
+                         "graph_vs_bf16": 1.0},
+                        {"shape": "4x8", "tokens": 512, "base": "lowra-1.75", "fwd_bwd_ms": 0.75,
+                         "graph_error": "RuntimeError: capture failed"}]}
+    assert ab.timings(res) == {"training/4x8/512tok/bf16/eager": 0.5, "training/4x8/512tok/bf16/graph": 0.25,
+                               "training/4x8/512tok/lowra-1.75/eager": 0.75}
+
+
 def test_runs_alternate_with_each_library_and_report_means(fake, tmp_path, capsys):
     lib, calls = fake
     out = tmp_path / "ab.json"

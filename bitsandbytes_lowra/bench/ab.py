@@ -44,7 +44,8 @@ def schedule(names: list[str], rounds: int) -> list[str]:
 
 
 def timings(res: dict) -> dict[str, float]:
-    """Every timed figure of a bench result, flattened: "matmul/28672x8192/m=1/lowra_1.75bit" -> ms."""
+    """Every timed figure of a bench result, flattened: "matmul/28672x8192/m=1/lowra_1.75bit" -> ms, and the training
+    steps: "training/4096x4096/512tok/lowra-1.75/graph" -> ms."""
     out: dict[str, float] = {}
 
     def walk(node, path):
@@ -66,6 +67,10 @@ def timings(res: dict) -> dict[str, float]:
                     walk(per_m, [kind, tag, f"m={m}"])
             elif kind != "shape":
                 walk(block, [kind, tag])
+    for row in res.get("training", []):  # bench's training step: eager and graph-replayed, per shape, tokens, layer
+        for key, label in (("fwd_bwd_ms", "eager"), ("graph_ms", "graph")):
+            if isinstance(row.get(key), (int, float)):
+                out[f"training/{row['shape']}/{row['tokens']}tok/{row['base']}/{label}"] = float(row[key])
     return out
 
 
