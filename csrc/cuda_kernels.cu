@@ -371,7 +371,7 @@ __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict
 // the knobs ask for more tasks per warp. Double-quantized scales (NESTED) are decoded as the task is staged (the
 // loads wait while the codes' copies fly) and staged as float32: under the even split, decoding them from the stage
 // had measured 4% slower than dequantize_fast on the large layers, but that kernel does not gain from stream_launch
-// (dequantize-fast-launch.diff, forty-first round: 3-9% slower).
+// (forty-first round: 3-10% slower on that launch; docs/benchmarks.md).
 constexpr int kDqStages = 4;
 // Stage layout: the codes (a 4-bit segment: 1 KB), up to 64 scales, the codebook's 16 halves, and the task's
 // precision (0: nothing to write). 5 CTAs of 8 warps fit an SM's shared memory.
