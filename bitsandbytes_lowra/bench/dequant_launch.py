@@ -3,8 +3,8 @@
 How the streamed dequantize is best launched: on every layer shape, its automatic launch (one warp task per warp on
 as many CTAs as that takes, as a programmatic dependent where the grid is more than one resident wave), an even
 split over a resident grid, and one task per warp without PDL, timed side by side in two rounds (A B C, C B A) with
-bitsandbytes' NF4 dequantize and a copy with dequantize's 1:4 read:write mix. 4-bit rows and the 1.75-bit mix,
-bf16 out. The automatic choice (csrc/cuda_kernels.cu, `stream_launch`) is tuned from this table; a row where it is
+bitsandbytes' NF4 dequantize and a copy with dequantize's 1:4 read:write mix. 4-bit rows and the 1.75-bit mix
+with float32 scales, and the mix with double-quantized scales (LowRAConfig's default; "1.75dq"), bf16 out. The automatic choice (csrc/cuda_kernels.cu, `stream_launch`) is tuned from this table; a row where it is
 not the fastest launch is marked. Device time as in bench.kernels (CUDA graphs of many calls, weights rotated out
 of L2); every launch's output is checked equal to the automatic one's first.
 """
@@ -52,8 +52,10 @@ def run(shapes, replays: int = 20, min_calls: int = 64) -> list:
     for rows, cols in shapes:
         gen = torch.Generator().manual_seed(rows * 31 + cols)
         W = (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16).cuda()
+        mix_bits = kernels.mixed_bits(rows, gen)
         states = {"4": kernels.lowra_state(W, torch.full((rows,), 4, dtype=torch.uint8)),
-                  "1.75": kernels.lowra_state(W, kernels.mixed_bits(rows, gen))}
+                  "1.75": kernels.lowra_state(W, mix_bits),
+                  "1.75dq": kernels.lowra_state(W, mix_bits, double_quant=True)}
         packed, qs = bnb.functional.quantize_4bit(W, blocksize=kernels.BLOCKSIZE, quant_type="nf4")
         bnb_ms = kernels.time_bnb_dequantize(packed, qs.absmax, rows, cols, replays, min_calls)[0]
         mix = kernels.copy_dequant_mix(rows * cols * 2, min_calls, replays)
@@ -67,14 +69,14 @@ def run(shapes, replays: int = 20, min_calls: int = 64) -> list:
 
 
 def table(rows_out: list) -> str:
-    lines = ["       shape      state |  auto us  resident us  one task us |  bnb us  1:4 copy us | auto / best  "
+    lines = ["      shape    state |  auto us  resident us  one task us |  bnb us  1:4 copy us | auto / best  "
              "bnb / auto"]
     for r in rows_out:
         ms = r["ms"]
         best = min(ms.values())
         mark = "  <- not the fastest launch" if ms["auto"] > 1.02 * best else ""
         copy = f"{1e3 * r['copy_1to4_ms']:12.2f}" if r["copy_1to4_ms"] else f"{'-':>12}"
-        lines.append(f"{r['shape'][0]:>6}x{r['shape'][1]:<6} {r['state']:>5} | {1e3 * ms['auto']:8.2f} "
+        lines.append(f"{r['shape'][0]:>6}x{r['shape'][1]:<6} {r['state']:>6} | {1e3 * ms['auto']:8.2f} "
                      f"{1e3 * ms['resident']:12.2f} {1e3 * ms['one_task']:12.2f} | {1e3 * r['bnb_nf4_ms']:7.2f} "
                      f"{copy} | "
                      f"{ms['auto'] / best:11.3f} {r['bnb_nf4_ms'] / ms['auto']:10.2f}{mark}")
