@@ -360,18 +360,18 @@ __global__ void __launch_bounds__(256) dequantize_fast(const uint8_t* __restrict
   }
 }
 
-// Streamed dequantize, the common layout (16-bit outputs, float32 or double-quantized scales, power-of-two
-// blocksizes of 32 to 2048, columns a multiple of 256): tasks as in dequantize_fast, but each warp copies the codes, scales and codebook of
-// its next kDqStages - 1 tasks into its own shared stages with cp.async while it decodes the current one, so the
-// loads in flight hold no registers. H200, bf16 out, us (4-bit / 1.75-bit), against dequantize_fast in the same
-// call: 4096x4096 14.5 / 12.5 (15.5 / 13.3), 11008x4096 31.7 / 29.3 (33.9 / 30.7), 4096x11008 33.7 / 30.9
-// (34.1 / 35.4), 28672x8192 162.9 / 148.7 (163.5 / 148.7). 3 stages, 4 at 64 registers, or 3 at 6 CTAs per SM
-// measured level on the large layers and up to 8% slower on 11008x4096. Those figures are for an even split over a
-// resident grid; since the fortieth round (stream_launch) a warp takes one task, so only its first stage fills unless
-// the knobs ask for more tasks per warp. Double-quantized scales (NESTED) are decoded as the task is staged (the
-// loads wait while the codes' copies fly) and staged as float32: under the even split, decoding them from the stage
-// had measured 4% slower than dequantize_fast on the large layers, but that kernel does not gain from stream_launch
-// (forty-first round: 3-10% slower on that launch; docs/benchmarks.md).
+// Streamed dequantize, the common layout (16-bit outputs, float32 or double-quantized scales, power-of-two blocksizes
+// of 32 to 2048, columns a multiple of 256): tasks as in dequantize_fast, but each warp copies the codes, scales and
+// codebook of its next kDqStages - 1 tasks into its own shared stages with cp.async while it decodes the current one,
+// so the loads in flight hold no registers. H200, bf16 out, us (4-bit / 1.75-bit), against dequantize_fast in the same
+// call: 4096x4096 14.5 / 12.5 (15.5 / 13.3), 11008x4096 31.7 / 29.3 (33.9 / 30.7), 4096x11008 33.7 / 30.9 (34.1 /
+// 35.4), 28672x8192 162.9 / 148.7 (163.5 / 148.7). 3 stages, 4 at 64 registers, or 3 at 6 CTAs per SM measured level on
+// the large layers and up to 8% slower on 11008x4096. Those figures are for an even split over a resident grid; since
+// the fortieth round (stream_launch) a warp takes one task, so only its first stage fills unless the knobs ask for more
+// tasks per warp. Double-quantized scales (NESTED) are decoded as the task is staged (the loads wait while the codes'
+// copies fly) and staged as float32: under the even split, decoding them from the stage had measured 4% slower than
+// dequantize_fast on the large layers, but that kernel does not gain from stream_launch (forty-first round: 3-10%
+// slower on that launch; docs/benchmarks.md).
 constexpr int kDqStages = 4;
 // Stage layout: the codes (a 4-bit segment: 1 KB), up to 64 scales, the codebook's 16 halves, and the task's
 // precision (0: nothing to write). 5 CTAs of 8 warps fit an SM's shared memory.

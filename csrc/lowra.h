@@ -165,10 +165,10 @@ LOWRA_API void lowra_matmul_cuda_set_gemv_tuning(int max_rows, int rows_per_warp
 // precisions); tasks per warp run (0: automatic; -1: an even split over a resident grid; n > 0: runs of n tasks).
 // Process-wide; for benchmarks and tests.
 LOWRA_API void lowra_quantize_cuda_set_tuning(int task_bytes, int run);
-// Knobs of the streamed dequantize (16-bit outputs, float32 scales): tasks per warp (0: automatic, one; -1: an even
-// split over a resident grid; n > 0: n tasks per warp on as many CTAs as that takes); pdl (0: automatic, where the
-// grid is more than one resident wave; 1: always a programmatic dependent of the stream's previous kernel; -1:
-// never). Every setting writes the same output. Process-wide; for benchmarks and tests.
+// Knobs of the streamed dequantize (16-bit outputs, float32 or double-quantized scales): tasks per warp (0:
+// automatic, one; -1: an even split over a resident grid; n > 0: n tasks per warp on as many CTAs as that takes);
+// pdl (0: automatic, where the grid is more than one resident wave; 1: always a programmatic dependent of the
+// stream's previous kernel; -1: never). Every setting writes the same output. Process-wide; for benchmarks and tests.
 LOWRA_API void lowra_dequantize_cuda_set_tuning(int run, int pdl);
 
 #ifdef __cplusplus

@@ -138,11 +138,11 @@ def set_quantize_tuning(task_bytes: int = 0, run: int = 0) -> None:
 
 
 def set_dequantize_tuning(run: int = 0, pdl: int = 0) -> None:
-    """Knobs of the streamed CUDA dequantize (16-bit outputs, float32 scales). run: tasks per warp, 0 = automatic
-    (one, on as many CTAs as that takes, which the block scheduler hands to SMs as they free up), -1 = an even split
-    over a resident grid, n > 0 = n tasks per warp. pdl: 0 = automatic (a programmatic dependent of the stream's
-    previous kernel where the grid is more than one resident wave: only its launch overlaps that kernel's tail),
-    1 = always, -1 = never. Every setting writes the same output; the knobs are for benchmarks and tests.
+    """Knobs of the streamed CUDA dequantize (16-bit outputs, float32 or double-quantized scales). run: tasks per warp,
+    0 = automatic (one, on as many CTAs as that takes, which the block scheduler hands to SMs as they free up), -1 = an
+    even split over a resident grid, n > 0 = n tasks per warp. pdl: 0 = automatic (a programmatic dependent of the
+    stream's previous kernel where the grid is more than one resident wave: only its launch overlaps that kernel's
+    tail), 1 = always, -1 = never. Every setting writes the same output; the knobs are for benchmarks and tests.
     Process-wide; called without arguments it restores the automatic choices."""
     if not isinstance(run, int) or run < -1:
         raise ValueError(f"run must be 0 (automatic), -1 (resident grid) or a positive task count, got {run!r}")

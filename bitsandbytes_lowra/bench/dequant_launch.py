@@ -4,8 +4,9 @@ How the streamed dequantize is best launched: on every layer shape, its automati
 as many CTAs as that takes, as a programmatic dependent where the grid is more than one resident wave), an even
 split over a resident grid, and one task per warp without PDL, timed side by side in two rounds (A B C, C B A) with
 bitsandbytes' NF4 dequantize and a copy with dequantize's 1:4 read:write mix. 4-bit rows and the 1.75-bit mix
-with float32 scales, and the mix with double-quantized scales (LowRAConfig's default; "1.75dq"), bf16 out. The automatic choice (csrc/cuda_kernels.cu, `stream_launch`) is tuned from this table; a row where it is
-not the fastest launch is marked. Device time as in bench.kernels (CUDA graphs of many calls, weights rotated out
+with float32 scales, and the mix with double-quantized scales (LowRAConfig's default; "1.75dq"), bf16 out. The
+automatic choice (csrc/cuda_kernels.cu, `stream_launch`) is tuned from this table; a row where it is not the
+fastest launch is marked. Device time as in bench.kernels (CUDA graphs of many calls, weights rotated out
 of L2); every launch's output is checked equal to the automatic one's first.
 """
 
